@@ -1,0 +1,1 @@
+"""Corral's GraphQL schema (Strawberry): types, queries, mutations, dataloaders."""

@@ -1,0 +1,108 @@
+"""The per-request GraphQL context: settings, one DB session (serialised), secrets, loaders."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from strawberry.types import Info as StrawberryInfo
+
+from server.errors import ErrorCode, InvalidInput, UserError
+from server.secretbox import SecretBox
+from server.settings import Settings
+
+if TYPE_CHECKING:
+    from graphql_schema.loaders import Loaders
+
+
+@dataclass
+class AppServices:
+    """What the app hands every request: settings, the sessionmaker and the key ring."""
+
+    settings: Settings
+    sessionmaker: async_sessionmaker[AsyncSession]
+    secret_box: SecretBox
+
+
+@dataclass
+class Context:
+    """One request's context. GraphQL resolves fields concurrently, and an AsyncSession
+    allows one operation at a time, so every use of the session holds `lock`."""
+
+    app: AppServices
+    request: Any = None
+    response: Any = None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _session: AsyncSession | None = None
+    _loaders: Loaders | None = None
+
+    @property
+    def settings(self) -> Settings:
+        return self.app.settings
+
+    @property
+    def secret_box(self) -> SecretBox:
+        return self.app.secret_box
+
+    @property
+    def session(self) -> AsyncSession:
+        """The request's session, opened on first use (closed by `close`)."""
+        if self._session is None:
+            self._session = self.app.sessionmaker()
+        return self._session
+
+    @property
+    def loaders(self) -> Loaders:
+        if self._loaders is None:
+            from graphql_schema.loaders import Loaders
+
+            self._loaders = Loaders(self)
+        return self._loaders
+
+    @asynccontextmanager
+    async def reading(self) -> AsyncIterator[AsyncSession]:
+        """The session, held alone for the duration of one read."""
+        async with self.lock:
+            yield self.session
+
+    @asynccontextmanager
+    async def writing(self) -> AsyncIterator[AsyncSession]:
+        """A unit of work: commit on success; roll back on InvalidInput or a constraint race."""
+        async with self.lock:
+            session = self.session
+            try:
+                yield session
+                await session.commit()
+            except InvalidInput:
+                await session.rollback()
+                raise
+            except IntegrityError as exc:
+                await session.rollback()
+                raise InvalidInput(
+                    [UserError((), _integrity_message(exc), ErrorCode.TAKEN)]
+                ) from exc
+            except BaseException:
+                await session.rollback()
+                raise
+        # Fresh loaders: the payload must show what was just written, not cached rows.
+        self._loaders = None
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _integrity_message(exc: IntegrityError) -> str:
+    text = str(exc.orig).lower()
+    if "unique" in text:
+        return "that conflicts with an existing record (a name already in use?)"
+    return "that refers to a record that no longer exists or is still in use"
+
+
+Info = StrawberryInfo[Context, None]

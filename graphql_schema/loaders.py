@@ -1,0 +1,120 @@
+"""DataLoaders: every nested list costs one query per batch, not one per parent."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from sqlalchemy import Select, func, select
+from strawberry.dataloader import DataLoader
+
+from server.models import (
+    Base,
+    CommandService,
+    CommandTemplate,
+    Profile,
+    ProfileProxy,
+    ProfileService,
+    Proxy,
+    Service,
+    ServiceUsage,
+)
+
+if TYPE_CHECKING:
+    from graphql_schema.context import Context
+
+M = TypeVar("M", bound=Base)
+
+
+class Loaders:
+    """The request's loaders, built lazily by the context."""
+
+    def __init__(self, context: Context) -> None:
+        self._context = context
+        self.profile = DataLoader(self._by_id(Profile))
+        self.service = DataLoader(self._by_id(Service))
+        self.proxy = DataLoader(self._by_id(Proxy))
+        self.template = DataLoader(self._by_id(CommandTemplate))
+        self.profile_services = DataLoader(self._profile_services)
+        self.profile_proxies = DataLoader(self._profile_proxies)
+        self.service_profiles = DataLoader(self._service_profiles)
+        self.proxy_profiles = DataLoader(self._proxy_profiles)
+        self.command_services = DataLoader(self._command_services)
+        self.service_usage = DataLoader(self._service_usage)
+
+    async def _rows(self, stmt: Select[Any]) -> Sequence[Any]:
+        async with self._context.reading() as session:
+            return (await session.execute(stmt)).all()
+
+    def _by_id(self, model: type[M]) -> Any:
+        async def load(ids: list[int]) -> list[M | None]:
+            rows = await self._rows(select(model).where(model.id.in_(ids)))  # type: ignore[attr-defined]
+            found = {row[0].id: row[0] for row in rows}
+            return [found.get(pk) for pk in ids]
+
+        return load
+
+    async def _grouped(self, keys: list[int], stmt: Select[Any]) -> list[list[Any]]:
+        groups: dict[int, list[Any]] = defaultdict(list)
+        for row in await self._rows(stmt):
+            key, *values = row
+            groups[key].append(values[0] if len(values) == 1 else tuple(values))
+        return [groups.get(key, []) for key in keys]
+
+    async def _profile_services(self, ids: list[int]) -> list[list[tuple[ProfileService, Service]]]:
+        stmt = (
+            select(ProfileService.profile_id, ProfileService, Service)
+            .join(Service, Service.id == ProfileService.service_id)
+            .where(ProfileService.profile_id.in_(ids))
+            .order_by(Service.name)
+        )
+        return await self._grouped(ids, stmt)
+
+    async def _profile_proxies(self, ids: list[int]) -> list[list[tuple[ProfileProxy, Proxy]]]:
+        stmt = (
+            select(ProfileProxy.profile_id, ProfileProxy, Proxy)
+            .join(Proxy, Proxy.id == ProfileProxy.proxy_id)
+            .where(ProfileProxy.profile_id.in_(ids))
+            .order_by(Proxy.name)
+        )
+        return await self._grouped(ids, stmt)
+
+    async def _service_profiles(self, ids: list[int]) -> list[list[Profile]]:
+        stmt = (
+            select(ProfileService.service_id, Profile)
+            .join(Profile, Profile.id == ProfileService.profile_id)
+            .where(ProfileService.service_id.in_(ids))
+            .order_by(Profile.name)
+        )
+        return await self._grouped(ids, stmt)
+
+    async def _proxy_profiles(self, ids: list[int]) -> list[list[Profile]]:
+        stmt = (
+            select(ProfileProxy.proxy_id, Profile)
+            .join(Profile, Profile.id == ProfileProxy.profile_id)
+            .where(ProfileProxy.proxy_id.in_(ids))
+            .order_by(Profile.name)
+        )
+        return await self._grouped(ids, stmt)
+
+    async def _command_services(self, ids: list[int]) -> list[list[Service]]:
+        stmt = (
+            select(CommandService.command_id, Service)
+            .join(Service, Service.id == CommandService.service_id)
+            .where(CommandService.command_id.in_(ids))
+            .order_by(Service.name)
+        )
+        return await self._grouped(ids, stmt)
+
+    async def _service_usage(self, ids: list[int]) -> list[ServiceUsage | None]:
+        """The latest observation of each service's shared token."""
+        latest = (
+            select(ServiceUsage.service_id, func.max(ServiceUsage.id).label("last_id"))
+            .where(ServiceUsage.service_id.in_(ids), ServiceUsage.profile_id.is_(None))
+            .group_by(ServiceUsage.service_id)
+            .subquery()
+        )
+        stmt = select(ServiceUsage).join(latest, ServiceUsage.id == latest.c.last_id)
+        found = {row[0].service_id: row[0] for row in await self._rows(stmt)}
+        return [found.get(pk) for pk in ids]

@@ -1,0 +1,210 @@
+"""GraphQL: profiles, their service links and proxies."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Annotated
+
+import strawberry
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from graphql_schema.context import Info
+from graphql_schema.mutation import perform, provided
+from graphql_schema.relay import (
+    Connection,
+    DeletePayload,
+    Node,
+    UserError,
+    encode_id,
+    paginate,
+    pk_of,
+)
+from server import models
+from server import profiles as profile_service
+from server.secretbox import token_preview
+
+if TYPE_CHECKING:
+    from graphql_schema.commands import Command
+    from graphql_schema.proxies import Proxy
+    from graphql_schema.services import Service
+
+ProxyRef = Annotated["Proxy", strawberry.lazy("graphql_schema.proxies")]
+ServiceRef = Annotated["Service", strawberry.lazy("graphql_schema.services")]
+CommandRef = Annotated["Command", strawberry.lazy("graphql_schema.commands")]
+
+
+@strawberry.type(description="A profile's link to a service, with the profile's own account token.")
+class ProfileServiceLink:
+    service: ServiceRef
+    has_token: bool = strawberry.field(description="Whether the profile has its own token.")
+    token_preview: str | None = strawberry.field(description="e.g. `ghp_…a1b2`; never the token.")
+    created_at: datetime
+
+
+@strawberry.type(description="A Chrome profile: a user-data-dir with its browser settings.")
+class Profile(Node):
+    id: strawberry.ID
+    name: str
+    user_agent: str | None
+    locale: str | None
+    timezone: str | None
+    viewport_width: int | None
+    viewport_height: int | None
+    headless: bool
+    tags: list[str]
+    notes: str | None
+    runner_affinity: str | None = strawberry.field(
+        description="The runner host that owns this profile's directory (null: any)."
+    )
+    created_at: datetime
+    updated_at: datetime
+    row: strawberry.Private[models.Profile]
+
+    @classmethod
+    def from_row(cls, row: models.Profile) -> Profile:
+        return cls(
+            id=encode_id("Profile", row.id),
+            name=row.name,
+            user_agent=row.user_agent,
+            locale=row.locale,
+            timezone=row.timezone,
+            viewport_width=row.viewport_width,
+            viewport_height=row.viewport_height,
+            headless=row.headless,
+            tags=list(row.tags),
+            notes=row.notes,
+            runner_affinity=row.runner_affinity,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            row=row,
+        )
+
+    @strawberry.field(description="The Chrome user-data-dir (default: <data dir>/profiles/<id>).")
+    def user_data_dir(self, info: Info) -> str:
+        return profile_service.user_data_dir(self.row, info.context.settings)
+
+    @strawberry.field
+    async def services(self, info: Info) -> list[ProfileServiceLink]:
+        from graphql_schema.services import Service
+
+        links = await info.context.loaders.profile_services.load(self.row.id)
+        box = info.context.secret_box
+        return [
+            ProfileServiceLink(
+                service=Service.from_row(service, box),
+                has_token=link.token_encrypted is not None,
+                token_preview=(
+                    token_preview(box.decrypt(link.token_encrypted))
+                    if link.token_encrypted is not None
+                    else None
+                ),
+                created_at=link.created_at,
+            )
+            for link, service in links
+        ]
+
+    @strawberry.field(description="The proxies this profile may use.")
+    async def proxies(self, info: Info) -> list[ProxyRef]:
+        from graphql_schema.proxies import Proxy
+
+        links = await info.context.loaders.profile_proxies.load(self.row.id)
+        return [Proxy.from_row(proxy) for _link, proxy in links]
+
+    @strawberry.field(description="The proxy a run uses when none is named.")
+    async def default_proxy(self, info: Info) -> ProxyRef | None:
+        from graphql_schema.proxies import Proxy
+
+        links = await info.context.loaders.profile_proxies.load(self.row.id)
+        return next((Proxy.from_row(proxy) for link, proxy in links if link.is_default), None)
+
+    @strawberry.field
+    async def commands(
+        self, info: Info, first: int | None = None, after: str | None = None
+    ) -> Connection[CommandRef]:
+        from graphql_schema.commands import Command
+
+        stmt = select(models.Command).where(models.Command.profile_id == self.row.id)
+        return await paginate(info, stmt, models.Command.id, Command.from_row, first, after)
+
+
+@strawberry.input
+class CreateProfileInput:
+    name: str
+    user_data_dir: str | None = strawberry.field(
+        default=strawberry.UNSET, description="Absolute path; default <data dir>/profiles/<id>."
+    )
+    user_agent: str | None = strawberry.UNSET
+    locale: str | None = strawberry.UNSET
+    timezone: str | None = strawberry.UNSET
+    viewport_width: int | None = strawberry.UNSET
+    viewport_height: int | None = strawberry.UNSET
+    headless: bool | None = strawberry.UNSET
+    tags: list[str] | None = strawberry.UNSET
+    notes: str | None = strawberry.UNSET
+    runner_affinity: str | None = strawberry.UNSET
+
+
+@strawberry.input
+class UpdateProfileInput:
+    id: strawberry.ID
+    name: str | None = strawberry.UNSET
+    user_data_dir: str | None = strawberry.UNSET
+    user_agent: str | None = strawberry.UNSET
+    locale: str | None = strawberry.UNSET
+    timezone: str | None = strawberry.UNSET
+    viewport_width: int | None = strawberry.UNSET
+    viewport_height: int | None = strawberry.UNSET
+    headless: bool | None = strawberry.UNSET
+    tags: list[str] | None = strawberry.UNSET
+    notes: str | None = strawberry.UNSET
+    runner_affinity: str | None = strawberry.UNSET
+
+
+@strawberry.type
+class ProfilePayload:
+    profile: Profile | None = None
+    user_errors: list[UserError] = strawberry.field(default_factory=list)
+
+
+async def resolve_profiles(
+    info: Info, first: int | None = None, after: str | None = None, search: str | None = None
+) -> Connection[Profile]:
+    """Profiles by creation order; `search` matches names (case-insensitive substring)."""
+    stmt = select(models.Profile)
+    if search:
+        stmt = stmt.where(models.Profile.name.ilike(f"%{_escape_like(search)}%", escape="\\"))
+    return await paginate(info, stmt, models.Profile.id, Profile.from_row, first, after)
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+@strawberry.type
+class ProfileMutations:
+    @strawberry.mutation
+    async def create_profile(self, info: Info, input: CreateProfileInput) -> ProfilePayload:
+        row, errors = await perform(
+            info, lambda session: profile_service.create_profile(session, provided(input))
+        )
+        return ProfilePayload(profile=None if row is None else Profile.from_row(row), user_errors=errors)
+
+    @strawberry.mutation
+    async def update_profile(self, info: Info, input: UpdateProfileInput) -> ProfilePayload:
+        async def work(session: AsyncSession) -> models.Profile:
+            pk = pk_of(input.id, "Profile", field="id")
+            return await profile_service.update_profile(session, pk, provided(input))
+
+        row, errors = await perform(info, work)
+        return ProfilePayload(profile=None if row is None else Profile.from_row(row), user_errors=errors)
+
+    @strawberry.mutation
+    async def delete_profile(self, info: Info, id: strawberry.ID) -> DeletePayload:
+        async def work(session: AsyncSession) -> list[str]:
+            return await profile_service.delete_profile(session, pk_of(id, "Profile", field="id"))
+
+        notices, errors = await perform(info, work)
+        if errors:
+            return DeletePayload(user_errors=errors)
+        return DeletePayload(deleted_id=id, notices=notices or [])

@@ -1,0 +1,254 @@
+"""GraphQL: proxies (credentials write-only), chains and profiles' use of them."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime
+from typing import TYPE_CHECKING, Annotated
+
+import strawberry
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+from strawberry.scalars import JSON
+
+from graphql_schema.context import Info
+from graphql_schema.mutation import perform, provided
+from graphql_schema.relay import (
+    Connection,
+    DeletePayload,
+    Node,
+    UserError,
+    encode_id,
+    optional_pk,
+    paginate,
+    pk_of,
+)
+from server import models
+from server import proxies as proxy_domain
+
+if TYPE_CHECKING:
+    from graphql_schema.profiles import Profile
+
+ProfileRef = Annotated["Profile", strawberry.lazy("graphql_schema.profiles")]
+
+
+@strawberry.enum
+class ProxyProtocol(enum.Enum):
+    HTTP = "http"
+    HTTPS = "https"
+    SOCKS5 = "socks5"
+    SHADOWSOCKS = "shadowsocks"
+    VMESS = "vmess"
+    VLESS = "vless"
+    TROJAN = "trojan"
+
+
+@strawberry.type(description="The last health check of a proxy.")
+class ProxyHealth:
+    ok: bool
+    latency_ms: float | None
+    error: str | None
+    exit_ip: str | None
+    checked_at: datetime
+
+
+@strawberry.type(description="An upstream proxy; chained through `via` when set.")
+class Proxy(Node):
+    id: strawberry.ID
+    name: str
+    protocol: ProxyProtocol
+    host: str
+    port: int
+    has_credentials: bool = strawberry.field(description="Credentials are write-only.")
+    settings: JSON = strawberry.field(description="Transport/TLS settings (no secrets).")
+    created_at: datetime
+    updated_at: datetime
+    row: strawberry.Private[models.Proxy]
+
+    @classmethod
+    def from_row(cls, row: models.Proxy) -> Proxy:
+        return cls(
+            id=encode_id("Proxy", row.id),
+            name=row.name,
+            protocol=ProxyProtocol(row.protocol),
+            host=row.host,
+            port=row.port,
+            has_credentials=row.credentials_encrypted is not None,
+            settings=row.settings,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            row=row,
+        )
+
+    @strawberry.field(description="The proxy this hop is dialed through.")
+    async def via(self, info: Info) -> Proxy | None:
+        if self.row.via_id is None:
+            return None
+        row = await info.context.loaders.proxy.load(self.row.via_id)
+        return None if row is None else Proxy.from_row(row)
+
+    @strawberry.field
+    def health(self) -> ProxyHealth | None:
+        row = self.row
+        if row.health_checked_at is None or row.health_ok is None:
+            return None
+        return ProxyHealth(
+            ok=row.health_ok,
+            latency_ms=row.health_latency_ms,
+            error=row.health_error,
+            exit_ip=row.health_exit_ip,
+            checked_at=row.health_checked_at,
+        )
+
+    @strawberry.field(description="Profiles that may use this proxy.")
+    async def profiles(self, info: Info) -> list[ProfileRef]:
+        from graphql_schema.profiles import Profile
+
+        rows = await info.context.loaders.proxy_profiles.load(self.row.id)
+        return [Profile.from_row(row) for row in rows]
+
+
+PROTOCOL_HELP = "http, https, socks5, shadowsocks, vmess, vless or trojan (any case)."
+PASSWORD_HELP = (
+    "Write-only. The password (http/https/socks5/shadowsocks/trojan) or the user UUID "
+    "(vmess/vless); null removes it."
+)
+
+
+@strawberry.input
+class CreateProxyInput:
+    name: str
+    protocol: str = strawberry.field(description=PROTOCOL_HELP)
+    host: str
+    port: int
+    username: str | None = strawberry.field(default=strawberry.UNSET, description="Write-only.")
+    password: str | None = strawberry.field(default=strawberry.UNSET, description=PASSWORD_HELP)
+    settings: JSON | None = strawberry.UNSET
+    via_id: strawberry.ID | None = strawberry.field(
+        default=strawberry.UNSET, description="Dial this proxy through another one."
+    )
+
+
+@strawberry.input
+class UpdateProxyInput:
+    id: strawberry.ID
+    name: str | None = strawberry.UNSET
+    protocol: str | None = strawberry.field(default=strawberry.UNSET, description=PROTOCOL_HELP)
+    host: str | None = strawberry.UNSET
+    port: int | None = strawberry.UNSET
+    username: str | None = strawberry.field(default=strawberry.UNSET, description="Write-only.")
+    password: str | None = strawberry.field(default=strawberry.UNSET, description=PASSWORD_HELP)
+    settings: JSON | None = strawberry.UNSET
+    via_id: strawberry.ID | None = strawberry.UNSET
+
+
+@strawberry.input
+class AttachProxyInput:
+    profile_id: strawberry.ID
+    proxy_id: strawberry.ID
+    is_default: bool | None = strawberry.field(
+        default=None,
+        description="Make it the profile's default (unset: only when it has none yet).",
+    )
+
+
+@strawberry.type
+class ProxyPayload:
+    proxy: Proxy | None = None
+    user_errors: list[UserError] = strawberry.field(default_factory=list)
+
+
+@strawberry.type
+class AttachProxyPayload:
+    profile: ProfileRef | None = None
+    proxy: Proxy | None = None
+    user_errors: list[UserError] = strawberry.field(default_factory=list)
+
+
+async def resolve_proxies(
+    info: Info, first: int | None = None, after: str | None = None
+) -> Connection[Proxy]:
+    """Proxies by creation order."""
+    return await paginate(info, select(models.Proxy), models.Proxy.id, Proxy.from_row, first, after)
+
+
+def _proxy_values(data: CreateProxyInput | UpdateProxyInput) -> dict[str, object]:
+    values = provided(data)
+    if "viaId" in values:
+        values["viaId"] = optional_pk(values["viaId"], "Proxy", field="viaId")
+    return values
+
+
+async def _profile_and_proxy(
+    session: AsyncSession, profile_pk: int, proxy_pk: int
+) -> tuple[models.Profile, models.Proxy]:
+    return (
+        await session.get_one(models.Profile, profile_pk),
+        await session.get_one(models.Proxy, proxy_pk),
+    )
+
+
+def _attach_payload(
+    result: tuple[models.Profile, models.Proxy] | None, errors: list[UserError]
+) -> AttachProxyPayload:
+    from graphql_schema.profiles import Profile
+
+    if result is None:
+        return AttachProxyPayload(user_errors=errors)
+    return AttachProxyPayload(profile=Profile.from_row(result[0]), proxy=Proxy.from_row(result[1]))
+
+
+@strawberry.type
+class ProxyMutations:
+    @strawberry.mutation
+    async def create_proxy(self, info: Info, input: CreateProxyInput) -> ProxyPayload:
+        box = info.context.secret_box
+
+        async def work(session: AsyncSession) -> models.Proxy:
+            return await proxy_domain.create_proxy(session, box, _proxy_values(input))
+
+        row, errors = await perform(info, work)
+        return ProxyPayload(proxy=None if row is None else Proxy.from_row(row), user_errors=errors)
+
+    @strawberry.mutation
+    async def update_proxy(self, info: Info, input: UpdateProxyInput) -> ProxyPayload:
+        box = info.context.secret_box
+
+        async def work(session: AsyncSession) -> models.Proxy:
+            pk = pk_of(input.id, "Proxy", field="id")
+            return await proxy_domain.update_proxy(session, box, pk, _proxy_values(input))
+
+        row, errors = await perform(info, work)
+        return ProxyPayload(proxy=None if row is None else Proxy.from_row(row), user_errors=errors)
+
+    @strawberry.mutation(description="Delete a proxy; profiles using it are detached (see notices).")
+    async def delete_proxy(self, info: Info, id: strawberry.ID) -> DeletePayload:
+        async def work(session: AsyncSession) -> list[str]:
+            return await proxy_domain.delete_proxy(session, pk_of(id, "Proxy", field="id"))
+
+        notices, errors = await perform(info, work)
+        if errors:
+            return DeletePayload(user_errors=errors)
+        return DeletePayload(deleted_id=id, notices=notices or [])
+
+    @strawberry.mutation(description="Let a profile use a proxy.")
+    async def attach_proxy(self, info: Info, input: AttachProxyInput) -> AttachProxyPayload:
+        async def work(session: AsyncSession) -> tuple[models.Profile, models.Proxy]:
+            profile_pk = pk_of(input.profile_id, "Profile", field="profileId")
+            proxy_pk = pk_of(input.proxy_id, "Proxy", field="proxyId")
+            await proxy_domain.attach_proxy(session, profile_pk, proxy_pk, input.is_default)
+            return await _profile_and_proxy(session, profile_pk, proxy_pk)
+
+        return _attach_payload(*await perform(info, work))
+
+    @strawberry.mutation(description="Stop a profile from using a proxy.")
+    async def detach_proxy(
+        self, info: Info, profile_id: strawberry.ID, proxy_id: strawberry.ID
+    ) -> AttachProxyPayload:
+        async def work(session: AsyncSession) -> tuple[models.Profile, models.Proxy]:
+            profile_pk = pk_of(profile_id, "Profile", field="profileId")
+            proxy_pk = pk_of(proxy_id, "Proxy", field="proxyId")
+            await proxy_domain.detach_proxy(session, profile_pk, proxy_pk)
+            return await _profile_and_proxy(session, profile_pk, proxy_pk)
+
+        return _attach_payload(*await perform(info, work))

@@ -1,0 +1,156 @@
+"""Relay plumbing: the Node interface, global IDs, cursor connections, user errors."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, Generic, TypeVar
+
+import strawberry
+from graphql import GraphQLError
+from sqlalchemy import Select, func, select
+
+from graphql_schema.context import Info
+from server.errors import ErrorCode, InvalidInput
+from server.errors import UserError as UserErrorValue
+
+DEFAULT_PAGE_SIZE = 50
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@strawberry.interface(description="An object with a global ID.")
+class Node:
+    id: strawberry.ID
+
+
+@strawberry.type(description="A problem with the input that the client can fix.")
+class UserError:
+    field: list[str] | None = strawberry.field(description="Path to the input field at fault.")
+    message: str
+    code: str
+
+    @classmethod
+    def from_value(cls, error: UserErrorValue) -> UserError:
+        return cls(field=list(error.field) or None, message=error.message, code=error.code.value)
+
+
+def user_errors(exc: InvalidInput) -> list[UserError]:
+    """The GraphQL form of a domain InvalidInput."""
+    return [UserError.from_value(error) for error in exc.errors]
+
+
+def encode_id(type_name: str, pk: int) -> strawberry.ID:
+    """Relay global ID: base64 of `Type:pk`."""
+    return strawberry.ID(base64.b64encode(f"{type_name}:{pk}".encode()).decode())
+
+
+def decode_id(global_id: str) -> tuple[str, int] | None:
+    """(type name, pk) of a global ID, or None when it is not one of ours."""
+    try:
+        type_name, _, raw = base64.b64decode(global_id, validate=True).decode().partition(":")
+        return (type_name, int(raw)) if type_name and raw.isdigit() else None
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        return None
+
+
+def pk_of(global_id: str, type_name: str, *, field: str) -> int:
+    """The primary key of a global ID of the given type, or a NOT_FOUND user error on `field`."""
+    decoded = decode_id(global_id)
+    if decoded is None or decoded[0] != type_name:
+        raise InvalidInput.one(field, f"not a {type_name} ID: {global_id!r}", ErrorCode.NOT_FOUND)
+    return decoded[1]
+
+
+def optional_pk(global_id: str | None, type_name: str, *, field: str) -> int | None:
+    return None if global_id is None else pk_of(global_id, type_name, field=field)
+
+
+@strawberry.type
+class PageInfo:
+    has_next_page: bool
+    has_previous_page: bool
+    start_cursor: str | None
+    end_cursor: str | None
+
+
+@strawberry.type
+class Edge(Generic[T]):
+    cursor: str
+    node: T
+
+
+@strawberry.type(description="A page of results; page on with `after: pageInfo.endCursor`.")
+class Connection(Generic[T]):
+    edges: list[Edge[T]]
+    page_info: PageInfo
+    _count: strawberry.Private[Callable[[], Awaitable[int]]]
+
+    @strawberry.field(description="How many items match, over all pages.")
+    async def total_count(self) -> int:
+        return await self._count()
+
+    @strawberry.field(description="The items of this page (the edges' nodes).")
+    def nodes(self) -> list[T]:
+        return [edge.node for edge in self.edges]
+
+
+def encode_cursor(pk: int) -> str:
+    return base64.b64encode(f"cursor:{pk}".encode()).decode()
+
+
+def decode_cursor(cursor: str) -> int:
+    try:
+        prefix, _, raw = base64.b64decode(cursor, validate=True).decode().partition(":")
+        if prefix == "cursor" and raw.isdigit():
+            return int(raw)
+    except (binascii.Error, UnicodeDecodeError):
+        pass
+    raise GraphQLError(f"invalid cursor {cursor!r}")
+
+
+async def paginate(
+    info: Info,
+    stmt: Select[tuple[R]],
+    id_column: Any,
+    convert: Callable[[R], T],
+    first: int | None,
+    after: str | None,
+) -> Connection[T]:
+    """Keyset pagination by primary key (stable under inserts), `first` items after `after`."""
+    limit = DEFAULT_PAGE_SIZE if first is None else first
+    maximum = info.context.settings.page_size_max
+    if not 0 <= limit <= maximum:
+        raise GraphQLError(f"first must be between 0 and {maximum}")
+    page_stmt = stmt.order_by(id_column).limit(limit + 1)
+    if after is not None:
+        page_stmt = page_stmt.where(id_column > decode_cursor(after))
+    async with info.context.reading() as session:
+        rows: Sequence[R] = (await session.scalars(page_stmt)).all()
+
+    async def count() -> int:
+        async with info.context.reading() as session:
+            return int(await session.scalar(select(func.count()).select_from(stmt.subquery())) or 0)
+
+    edges = [
+        Edge(cursor=encode_cursor(getattr(row, "id")), node=convert(row))  # noqa: B009
+        for row in rows[:limit]
+    ]
+    return Connection(
+        edges=edges,
+        page_info=PageInfo(
+            has_next_page=len(rows) > limit,
+            has_previous_page=after is not None,
+            start_cursor=edges[0].cursor if edges else None,
+            end_cursor=edges[-1].cursor if edges else None,
+        ),
+        _count=count,
+    )
+
+
+@strawberry.type(description="The result of a delete: the deleted object's ID and what else changed.")
+class DeletePayload:
+    deleted_id: strawberry.ID | None = None
+    notices: list[str] = strawberry.field(default_factory=list)
+    user_errors: list[UserError] = strawberry.field(default_factory=list)

@@ -1,0 +1,88 @@
+"""The schema: Query and Mutation assembled from the feature modules, with limits."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import strawberry
+from strawberry.extensions import MaxAliasesLimiter, QueryDepthLimiter
+from strawberry.schema.config import StrawberryConfig
+
+from graphql_schema.commands import Command, resolve_commands
+from graphql_schema.context import Info
+from graphql_schema.profiles import Profile, ProfileMutations, resolve_profiles
+from graphql_schema.proxies import Proxy, ProxyMutations, resolve_proxies
+from graphql_schema.relay import Connection, Node, decode_id
+from graphql_schema.services import Service, ServiceMutations, resolve_services
+from graphql_schema.templates import (
+    CommandTemplate,
+    CommandTemplateMutations,
+    resolve_command_templates,
+)
+from server.settings import Settings
+
+
+async def _load_node(info: Info, type_name: str, pk: int) -> Node | None:
+    loaders = info.context.loaders
+    box = info.context.secret_box
+    lookups: dict[str, tuple[Any, Callable[[Any], Node]]] = {
+        "Profile": (loaders.profile, Profile.from_row),
+        "Service": (loaders.service, lambda row: Service.from_row(row, box)),
+        "Proxy": (loaders.proxy, Proxy.from_row),
+        "CommandTemplate": (loaders.template, CommandTemplate.from_row),
+    }
+    if type_name == "Command":
+        async with info.context.reading() as session:
+            from server.models import Command as CommandRow
+
+            row = await session.get(CommandRow, pk)
+        return None if row is None else Command.from_row(row)
+    if type_name not in lookups:
+        return None
+    loader, convert = lookups[type_name]
+    found = await loader.load(pk)
+    return None if found is None else convert(found)
+
+
+@strawberry.type
+class Query:
+    @strawberry.field(description="Any object by its global ID (null when there is none).")
+    async def node(self, info: Info, id: strawberry.ID) -> Node | None:
+        decoded = decode_id(id)
+        return None if decoded is None else await _load_node(info, *decoded)
+
+    profiles: Connection[Profile] = strawberry.field(resolver=resolve_profiles)
+    services: Connection[Service] = strawberry.field(resolver=resolve_services)
+    proxies: Connection[Proxy] = strawberry.field(resolver=resolve_proxies)
+    command_templates: Connection[CommandTemplate] = strawberry.field(
+        resolver=resolve_command_templates
+    )
+    commands: Connection[Command] = strawberry.field(resolver=resolve_commands)
+
+
+@strawberry.type
+class Mutation(ProfileMutations, ServiceMutations, ProxyMutations, CommandTemplateMutations):
+    pass
+
+
+def build_schema(settings: Settings | None = None) -> strawberry.Schema:
+    """The schema, with depth and alias limits from settings."""
+    settings = settings or Settings()
+    return strawberry.Schema(
+        query=Query,
+        mutation=Mutation,
+        types=[Profile, Service, Proxy, CommandTemplate, Command],
+        extensions=[
+            QueryDepthLimiter(max_depth=settings.graphql_max_depth),
+            MaxAliasesLimiter(max_alias_count=settings.graphql_max_aliases),
+        ],
+        config=StrawberryConfig(),
+    )
+
+
+def schema_sdl() -> str:
+    """The schema in SDL, as exported to `schema.graphql`."""
+    return build_schema().as_str() + "\n"
+
+

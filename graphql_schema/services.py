@@ -1,0 +1,238 @@
+"""GraphQL: services, their shared tokens (write-only) and profiles' links to them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING, Annotated
+
+import strawberry
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+from strawberry.scalars import JSON
+
+from graphql_schema.context import Info
+from graphql_schema.mutation import perform, provided
+from graphql_schema.relay import (
+    Connection,
+    DeletePayload,
+    Node,
+    UserError,
+    encode_id,
+    paginate,
+    pk_of,
+)
+from server import models
+from server import services as service_domain
+from server.secretbox import SecretBox, token_preview
+
+if TYPE_CHECKING:
+    from graphql_schema.profiles import Profile
+
+ProfileRef = Annotated["Profile", strawberry.lazy("graphql_schema.profiles")]
+
+
+@strawberry.type(description="The latest known budget of a token at its provider.")
+class ServiceUsage:
+    remaining: int | None
+    limit: int | None
+    reset_at: datetime | None
+    observed_at: datetime
+    token_valid: bool | None
+
+
+@strawberry.type(description="An outside provider (GitHub, OpenAI, ...) whose token a child gets.")
+class Service(Node):
+    id: strawberry.ID
+    name: str
+    kind: str
+    base_url: str | None
+    env_var: str = strawberry.field(description="The variable a child receives the token in.")
+    has_token: bool = strawberry.field(description="Whether a shared token is set.")
+    token_preview: str | None = strawberry.field(description="e.g. `ghp_…a1b2`; never the token.")
+    settings: JSON
+    rate_limit_policy: JSON
+    created_at: datetime
+    updated_at: datetime
+    row: strawberry.Private[models.Service]
+
+    @classmethod
+    def from_row(cls, row: models.Service, box: SecretBox) -> Service:
+        token = row.token_encrypted
+        return cls(
+            id=encode_id("Service", row.id),
+            name=row.name,
+            kind=row.kind,
+            base_url=row.base_url,
+            env_var=row.env_var,
+            has_token=token is not None,
+            token_preview=None if token is None else token_preview(box.decrypt(token)),
+            settings=row.settings,
+            rate_limit_policy=row.rate_limit_policy,
+            created_at=row.created_at,
+            updated_at=row.updated_at,
+            row=row,
+        )
+
+    @strawberry.field(description="Profiles linked to this service.")
+    async def profiles(self, info: Info) -> list[ProfileRef]:
+        from graphql_schema.profiles import Profile
+
+        rows = await info.context.loaders.service_profiles.load(self.row.id)
+        return [Profile.from_row(row) for row in rows]
+
+    @strawberry.field(description="The latest known budget of the shared token.")
+    async def usage(self, info: Info) -> ServiceUsage | None:
+        row = await info.context.loaders.service_usage.load(self.row.id)
+        if row is None:
+            return None
+        return ServiceUsage(
+            remaining=row.remaining,
+            limit=row.limit,
+            reset_at=row.reset_at,
+            observed_at=row.observed_at,
+            token_valid=row.token_valid,
+        )
+
+
+@strawberry.input
+class CreateServiceInput:
+    name: str
+    env_var: str = strawberry.field(description="e.g. GITHUB_TOKEN")
+    kind: str | None = strawberry.UNSET
+    base_url: str | None = strawberry.UNSET
+    token: str | None = strawberry.field(
+        default=strawberry.UNSET, description="Shared token; write-only."
+    )
+    settings: JSON | None = strawberry.UNSET
+    rate_limit_policy: JSON | None = strawberry.UNSET
+
+
+@strawberry.input
+class UpdateServiceInput:
+    id: strawberry.ID
+    name: str | None = strawberry.UNSET
+    env_var: str | None = strawberry.UNSET
+    kind: str | None = strawberry.UNSET
+    base_url: str | None = strawberry.UNSET
+    token: str | None = strawberry.field(
+        default=strawberry.UNSET, description="Shared token; write-only; null removes it."
+    )
+    settings: JSON | None = strawberry.UNSET
+    rate_limit_policy: JSON | None = strawberry.UNSET
+
+
+@strawberry.input
+class LinkServiceInput:
+    profile_id: strawberry.ID
+    service_id: strawberry.ID
+    token: str | None = strawberry.field(
+        default=strawberry.UNSET,
+        description="The profile's own account token (overrides the shared one); write-only.",
+    )
+
+
+@strawberry.type
+class ServicePayload:
+    service: Service | None = None
+    user_errors: list[UserError] = strawberry.field(default_factory=list)
+
+
+@strawberry.type
+class LinkServicePayload:
+    profile: ProfileRef | None = None
+    service: Service | None = None
+    user_errors: list[UserError] = strawberry.field(default_factory=list)
+
+
+async def resolve_services(
+    info: Info, first: int | None = None, after: str | None = None
+) -> Connection[Service]:
+    """Services by creation order."""
+    box = info.context.secret_box
+    return await paginate(
+        info,
+        select(models.Service),
+        models.Service.id,
+        lambda row: Service.from_row(row, box),
+        first,
+        after,
+    )
+
+
+@strawberry.type
+class ServiceMutations:
+    @strawberry.mutation
+    async def create_service(self, info: Info, input: CreateServiceInput) -> ServicePayload:
+        box = info.context.secret_box
+        row, errors = await perform(
+            info, lambda session: service_domain.create_service(session, box, provided(input))
+        )
+        return ServicePayload(
+            service=None if row is None else Service.from_row(row, box), user_errors=errors
+        )
+
+    @strawberry.mutation
+    async def update_service(self, info: Info, input: UpdateServiceInput) -> ServicePayload:
+        box = info.context.secret_box
+
+        async def work(session: AsyncSession) -> models.Service:
+            pk = pk_of(input.id, "Service", field="id")
+            return await service_domain.update_service(session, box, pk, provided(input))
+
+        row, errors = await perform(info, work)
+        return ServicePayload(
+            service=None if row is None else Service.from_row(row, box), user_errors=errors
+        )
+
+    @strawberry.mutation
+    async def delete_service(self, info: Info, id: strawberry.ID) -> DeletePayload:
+        async def work(session: AsyncSession) -> list[str]:
+            return await service_domain.delete_service(session, pk_of(id, "Service", field="id"))
+
+        notices, errors = await perform(info, work)
+        if errors:
+            return DeletePayload(user_errors=errors)
+        return DeletePayload(deleted_id=id, notices=notices or [])
+
+    @strawberry.mutation(description="Link a profile to a service, optionally with its own token.")
+    async def link_service(self, info: Info, input: LinkServiceInput) -> LinkServicePayload:
+        from graphql_schema.profiles import Profile
+
+        box = info.context.secret_box
+
+        async def work(session: AsyncSession) -> tuple[models.Profile, models.Service]:
+            profile_pk = pk_of(input.profile_id, "Profile", field="profileId")
+            service_pk = pk_of(input.service_id, "Service", field="serviceId")
+            values = provided(input, skip=("profile_id", "service_id"))
+            link = await service_domain.link_service(session, box, profile_pk, service_pk, values)
+            profile = await session.get_one(models.Profile, link.profile_id)
+            return profile, await session.get_one(models.Service, link.service_id)
+
+        result, errors = await perform(info, work)
+        if result is None:
+            return LinkServicePayload(user_errors=errors)
+        return LinkServicePayload(
+            profile=Profile.from_row(result[0]), service=Service.from_row(result[1], box)
+        )
+
+    @strawberry.mutation(description="Remove a profile's link to a service (and its own token).")
+    async def unlink_service(
+        self, info: Info, profile_id: strawberry.ID, service_id: strawberry.ID
+    ) -> LinkServicePayload:
+        from graphql_schema.profiles import Profile
+
+        box = info.context.secret_box
+
+        async def work(session: AsyncSession) -> tuple[models.Profile, models.Service]:
+            profile_pk = pk_of(profile_id, "Profile", field="profileId")
+            service_pk = pk_of(service_id, "Service", field="serviceId")
+            await service_domain.unlink_service(session, profile_pk, service_pk)
+            profile = await session.get_one(models.Profile, profile_pk)
+            return profile, await session.get_one(models.Service, service_pk)
+
+        result, errors = await perform(info, work)
+        if result is None:
+            return LinkServicePayload(user_errors=errors)
+        return LinkServicePayload(
+            profile=Profile.from_row(result[0]), service=Service.from_row(result[1], box)
+        )

@@ -1,0 +1,1 @@
+"""Alembic migration tree (SQLite and PostgreSQL)."""

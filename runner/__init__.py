@@ -1,0 +1,1 @@
+"""Command composition and the supervisor (queue claims, spawn, kill, retries, log pump)."""

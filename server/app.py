@@ -1,0 +1,109 @@
+"""The ASGI app: `create_app(settings)` wires the database, secrets and routes in one lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route, WebSocketRoute
+from starlette.types import Receive, Scope, Send
+from starlette.websockets import WebSocket
+from strawberry.asgi import GraphQL
+
+from graphql_schema.context import AppServices, Context
+from graphql_schema.schema import build_schema
+from server import migrate
+from server.db import create_engine, create_sessionmaker
+from server.secretbox import SecretBox, load_secret_box, verify_secret_box
+from server.settings import Settings
+
+log = logging.getLogger("corral.app")
+CONTEXT_SCOPE_KEY = "corral.graphql_context"
+
+
+class StartupError(Exception):
+    """Corral cannot start; the message says what to do."""
+
+
+async def prepare_database(settings: Settings, engine: AsyncEngine) -> SecretBox:
+    """Migrate (when configured to), then check the secret key against the database."""
+    try:
+        if settings.should_auto_migrate:
+            await migrate.upgrade(engine)
+        elif not await migrate.is_up_to_date(engine):
+            raise StartupError("the database is not migrated to this version: run `corral migrate`")
+    except OSError as exc:
+        raise StartupError(f"cannot reach the database: {exc}") from exc
+    box = load_secret_box(settings)
+    async with create_sessionmaker(engine)() as session:
+        await verify_secret_box(session, box)
+        await session.commit()
+    return box
+
+
+class GraphQLEndpoint(GraphQL[Context, None]):
+    """Strawberry's ASGI app, with Corral's per-request context (closed after the request)."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            context: Context | None = scope.get(CONTEXT_SCOPE_KEY)
+            if context is not None:
+                await context.close()
+
+    async def get_context(self, request: Request | WebSocket, response: Any) -> Context:
+        services: AppServices = request.app.state.services
+        context = Context(app=services, request=request, response=response)
+        request.scope[CONTEXT_SCOPE_KEY] = context
+        return context
+
+
+async def healthz(_request: Request) -> Response:
+    return PlainTextResponse("ok")
+
+
+async def readyz(request: Request) -> Response:
+    engine: AsyncEngine = request.app.state.engine
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(text("SELECT 1"))
+        if not await migrate.is_up_to_date(engine):
+            return PlainTextResponse("database not migrated", status_code=503)
+    except Exception as exc:
+        log.warning("readiness check failed: %s", exc)
+        return PlainTextResponse("database unreachable", status_code=503)
+    return PlainTextResponse("ready")
+
+
+def create_app(settings: Settings) -> Starlette:
+    """Build the Corral ASGI app; resources start and stop in its lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        engine = create_engine(settings)
+        try:
+            box = await prepare_database(settings, engine)
+            app.state.engine = engine
+            app.state.services = AppServices(
+                settings=settings, sessionmaker=create_sessionmaker(engine), secret_box=box
+            )
+            yield
+        finally:
+            await engine.dispose()
+
+    graphql = GraphQLEndpoint(build_schema(settings), graphql_ide="graphiql")
+    routes = [
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/graphql", graphql, methods=["GET", "POST"]),
+        WebSocketRoute("/graphql", graphql),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)

@@ -1,0 +1,132 @@
+"""The `corral` command: serve, migrate, genkey, schema."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+
+from pydantic import ValidationError
+
+from server import __version__, migrate
+from server.app import StartupError, create_app, prepare_database
+from server.db import create_engine
+from server.secretbox import SecretKeyError, generate_key
+from server.settings import Settings
+
+
+class CliError(Exception):
+    """A problem the user can fix; printed as one line, exit status 1."""
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Settings from the environment, with command-line overrides; one readable error."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "settings"
+        raise CliError(f"invalid setting CORRAL_{where.upper()}: {first['msg']}") from exc
+
+
+async def _prepare(settings: Settings) -> None:
+    engine = create_engine(settings)
+    try:
+        await prepare_database(settings, engine)
+    finally:
+        await engine.dispose()
+
+
+def _describe_database(settings: Settings) -> str:
+    if settings.is_embedded:
+        return f"embedded SQLite in {settings.data_dir.resolve()}"
+    from sqlalchemy.engine import make_url
+
+    return make_url(settings.resolved_database_url).render_as_string(hide_password=True)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    settings = load_settings(host=args.host, port=args.port)
+    asyncio.run(_prepare(settings))
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    print(f"Corral {__version__}: database {_describe_database(settings)}", flush=True)
+    if settings.port:
+        print(f"Corral listening on http://{settings.host}:{settings.port}/ "
+              f"(GraphQL at /graphql)", flush=True)
+    server.run()
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    settings = load_settings()
+
+    async def run() -> str | None:
+        engine = create_engine(settings)
+        try:
+            if args.down:
+                await migrate.downgrade(engine, args.down)
+            else:
+                await migrate.upgrade(engine, args.revision)
+            return await migrate.current_revision(engine)
+        finally:
+            await engine.dispose()
+
+    revision = asyncio.run(run())
+    print(f"database {_describe_database(settings)} is at revision {revision or 'base (empty)'}")
+
+
+def cmd_genkey(_args: argparse.Namespace) -> None:
+    print(generate_key())
+
+
+def cmd_schema(_args: argparse.Namespace) -> None:
+    from graphql_schema.schema import schema_sdl
+
+    sys.stdout.write(schema_sdl())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="corral", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"corral {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the API and panel (migrates embedded SQLite)")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    serve.set_defaults(func=cmd_serve)
+
+    mig = commands.add_parser("migrate", help="migrate the database (to the newest revision)")
+    mig.add_argument("revision", nargs="?", default="head", help="revision to upgrade to")
+    mig.add_argument("--down", metavar="REVISION", help="downgrade to REVISION (base: empty)")
+    mig.set_defaults(func=cmd_migrate)
+
+    commands.add_parser("genkey", help="print a new secret key").set_defaults(func=cmd_genkey)
+    commands.add_parser("schema", help="print the GraphQL schema (SDL)").set_defaults(
+        func=cmd_schema
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `corral` console script."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        args.func(args)
+    except (CliError, StartupError, SecretKeyError) as exc:
+        print(f"corral: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,323 @@
+"""Corral's relational model (SQLAlchemy 2 typed ORM), the same on SQLite and PostgreSQL.
+
+Deletion rules, chosen on purpose:
+- deleting a profile cascades its links (services, proxies) and sets its commands'
+  `profile_id` to NULL; a command keeps `profile_name`, so history stays readable;
+- deleting a proxy detaches it from profiles (the delete payload says which) and
+  sets commands' `proxy_id` to NULL; a proxy that is another proxy's `via` hop
+  cannot be deleted (RESTRICT), since the chain would silently lose a hop;
+- deleting a service cascades its profile links and usage rows;
+- deleting a template sets commands' `template_id` to NULL.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    text,
+)
+from sqlalchemy.engine import Dialect
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAME_MAX = 200
+HOST_MAX = 255
+PATH_MAX = 1024
+URL_MAX = 2048
+ENV_VAR_MAX = 128
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """Timezone-aware now, the only clock the models use."""
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A DateTime that is always stored and read back as timezone-aware UTC.
+
+    SQLite has no time zones: values are stored naive in UTC and tagged on the way out.
+    """
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON, list[str]: JSON}
+
+
+class TimestampMixin:
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class ProxyProtocol(enum.StrEnum):
+    HTTP = "http"
+    HTTPS = "https"
+    SOCKS5 = "socks5"
+    SHADOWSOCKS = "shadowsocks"
+    VMESS = "vmess"
+    VLESS = "vless"
+    TROJAN = "trojan"
+
+
+class CommandStatus(enum.StrEnum):
+    QUEUED = "QUEUED"
+    WAITING = "WAITING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    TIMED_OUT = "TIMED_OUT"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+FINAL_STATUSES = frozenset(
+    {CommandStatus.SUCCEEDED, CommandStatus.FAILED, CommandStatus.TIMED_OUT, CommandStatus.CANCELLED}
+)
+
+
+class LogStream(enum.StrEnum):
+    STDOUT = "stdout"
+    STDERR = "stderr"
+    SYSTEM = "system"
+
+
+class Meta(Base):
+    """Key/value facts about this database (e.g. the secret-key check value)."""
+
+    __tablename__ = "corral_meta"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class Profile(TimestampMixin, Base):
+    __tablename__ = "profiles"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_MAX), unique=True)
+    user_data_dir: Mapped[str | None] = mapped_column(String(PATH_MAX))
+    user_agent: Mapped[str | None] = mapped_column(String(1024))
+    locale: Mapped[str | None] = mapped_column(String(35))
+    timezone: Mapped[str | None] = mapped_column(String(64))
+    viewport_width: Mapped[int | None]
+    viewport_height: Mapped[int | None]
+    headless: Mapped[bool] = mapped_column(Boolean, default=True)
+    tags: Mapped[list[str]] = mapped_column(default=list)
+    notes: Mapped[str | None] = mapped_column(Text)
+    runner_affinity: Mapped[str | None] = mapped_column(String(NAME_MAX))
+
+
+class Service(TimestampMixin, Base):
+    __tablename__ = "services"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_MAX), unique=True)
+    kind: Mapped[str] = mapped_column(String(64), default="generic")
+    base_url: Mapped[str | None] = mapped_column(String(URL_MAX))
+    env_var: Mapped[str] = mapped_column(String(ENV_VAR_MAX))
+    token_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
+    settings: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    rate_limit_policy: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class ProfileService(Base):
+    """A profile's use of a service, with the profile's own account token (encrypted)."""
+
+    __tablename__ = "profile_services"
+
+    profile_id: Mapped[int] = mapped_column(
+        ForeignKey("profiles.id", ondelete="CASCADE"), primary_key=True
+    )
+    service_id: Mapped[int] = mapped_column(
+        ForeignKey("services.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    token_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Proxy(TimestampMixin, Base):
+    __tablename__ = "proxies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_MAX), unique=True)
+    protocol: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(HOST_MAX))
+    port: Mapped[int]
+    # JSON {"username": ..., "password": ...} (or the protocol's id/password), Fernet-encrypted.
+    credentials_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # Transport/TLS settings (network, path, sni, cipher, ...); never secrets.
+    settings: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    via_id: Mapped[int | None] = mapped_column(
+        ForeignKey("proxies.id", ondelete="RESTRICT"), index=True
+    )
+    health_ok: Mapped[bool | None]
+    health_latency_ms: Mapped[float | None] = mapped_column(Float)
+    health_error: Mapped[str | None] = mapped_column(Text)
+    health_exit_ip: Mapped[str | None] = mapped_column(String(64))
+    health_checked_at: Mapped[datetime | None]
+
+
+class ProfileProxy(Base):
+    """Which proxies a profile may use; at most one is its default."""
+
+    __tablename__ = "profile_proxies"
+    __table_args__ = (
+        Index(
+            "uq_profile_proxies_one_default",
+            "profile_id",
+            unique=True,
+            sqlite_where=text("is_default"),
+            postgresql_where=text("is_default"),
+        ),
+    )
+
+    profile_id: Mapped[int] = mapped_column(
+        ForeignKey("profiles.id", ondelete="CASCADE"), primary_key=True
+    )
+    proxy_id: Mapped[int] = mapped_column(
+        ForeignKey("proxies.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    is_default: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class CommandTemplate(TimestampMixin, Base):
+    __tablename__ = "command_templates"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_MAX), unique=True)
+    description: Mapped[str | None] = mapped_column(Text)
+    template: Mapped[str] = mapped_column(Text)
+    # [{"name", "type": string|int|bool|choice, "default", "required", "choices", "description"}]
+    parameters: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    timeout_seconds: Mapped[int | None]
+    max_attempts: Mapped[int] = mapped_column(default=1)
+    backoff_seconds: Mapped[float] = mapped_column(Float, default=5.0)
+    env: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class Command(Base):
+    __tablename__ = "commands"
+    __table_args__ = (
+        # The claim query: runnable commands by priority, then FIFO.
+        Index("ix_commands_claim", "status", "priority", "id"),
+        Index("ix_commands_profile_status", "profile_id", "status"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    template_id: Mapped[int | None] = mapped_column(
+        ForeignKey("command_templates.id", ondelete="SET NULL"), index=True
+    )
+    command_string: Mapped[str | None] = mapped_column(Text)
+    argv: Mapped[list[str]] = mapped_column(default=list)
+    profile_id: Mapped[int | None] = mapped_column(ForeignKey("profiles.id", ondelete="SET NULL"))
+    profile_name: Mapped[str | None] = mapped_column(String(NAME_MAX))
+    proxy_id: Mapped[int | None] = mapped_column(
+        ForeignKey("proxies.id", ondelete="SET NULL"), index=True
+    )
+    params: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    status: Mapped[str] = mapped_column(String(16), default=CommandStatus.QUEUED.value)
+    priority: Mapped[int] = mapped_column(default=0)
+    attempts: Mapped[int] = mapped_column(default=0)
+    max_attempts: Mapped[int] = mapped_column(default=1)
+    timeout_seconds: Mapped[int | None]
+    backoff_seconds: Mapped[float] = mapped_column(Float, default=5.0)
+    exit_code: Mapped[int | None]
+    error: Mapped[str | None] = mapped_column(Text)
+    wait_reason: Mapped[str | None] = mapped_column(Text)
+    runner_id: Mapped[str | None] = mapped_column(String(NAME_MAX))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)
+    next_attempt_at: Mapped[datetime | None]
+    last_seq: Mapped[int] = mapped_column(default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class CommandService(Base):
+    __tablename__ = "command_services"
+
+    command_id: Mapped[int] = mapped_column(
+        ForeignKey("commands.id", ondelete="CASCADE"), primary_key=True
+    )
+    service_id: Mapped[int] = mapped_column(
+        ForeignKey("services.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+
+
+class LogLine(Base):
+    """One stored (already redacted) line of a command's output; seq is gapless per command."""
+
+    __tablename__ = "log_lines"
+
+    command_id: Mapped[int] = mapped_column(
+        ForeignKey("commands.id", ondelete="CASCADE"), primary_key=True
+    )
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True)
+    attempt: Mapped[int]
+    stream: Mapped[str] = mapped_column(String(8))
+    ts: Mapped[datetime]
+    text: Mapped[str] = mapped_column(Text)
+
+
+class ServiceUsage(Base):
+    """An observation of a service token's budget (shared token when profile_id is NULL)."""
+
+    __tablename__ = "service_usage"
+    __table_args__ = (Index("ix_service_usage_lookup", "service_id", "profile_id", "observed_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    service_id: Mapped[int] = mapped_column(ForeignKey("services.id", ondelete="CASCADE"))
+    profile_id: Mapped[int | None] = mapped_column(
+        ForeignKey("profiles.id", ondelete="CASCADE"), index=True
+    )
+    command_id: Mapped[int | None] = mapped_column(
+        ForeignKey("commands.id", ondelete="SET NULL"), index=True
+    )
+    units: Mapped[int | None]
+    remaining: Mapped[int | None]
+    limit: Mapped[int | None]
+    reset_at: Mapped[datetime | None]
+    token_valid: Mapped[bool | None]
+    observed_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,282 @@
+"""Proxies: upstream hops (with credentials encrypted), chains via other proxies, and links."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+import uuid
+from typing import Any
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from server.errors import ErrorCode, InvalidInput, UserError
+from server.models import HOST_MAX, NAME_MAX, Profile, ProfileProxy, Proxy, ProxyProtocol
+from server.profiles import get_profile
+from server.secretbox import SecretBox
+from server.validation import (
+    FieldInvalid,
+    FieldSpec,
+    apply_fields,
+    ensure_unique,
+    int_field,
+    json_object_field,
+    text_field,
+)
+
+MAX_CHAIN_HOPS = 8
+CREDENTIAL_MAX = 1024
+USERNAME_PROTOCOLS = {ProxyProtocol.HTTP, ProxyProtocol.HTTPS, ProxyProtocol.SOCKS5}
+PASSWORD_REQUIRED = {
+    ProxyProtocol.SHADOWSOCKS,
+    ProxyProtocol.VMESS,
+    ProxyProtocol.VLESS,
+    ProxyProtocol.TROJAN,
+}
+UUID_PROTOCOLS = {ProxyProtocol.VMESS, ProxyProtocol.VLESS}
+SHADOWSOCKS_METHODS = {
+    "aes-128-gcm",
+    "aes-256-gcm",
+    "chacha20-poly1305",
+    "chacha20-ietf-poly1305",
+    "xchacha20-poly1305",
+    "xchacha20-ietf-poly1305",
+    "2022-blake3-aes-128-gcm",
+    "2022-blake3-aes-256-gcm",
+    "2022-blake3-chacha20-poly1305",
+    "none",
+    "plain",
+}
+HOSTNAME_RE = re.compile(
+    r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)"
+    r"(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)*\.?$"
+)
+
+
+def parse_protocol(value: Any) -> str:
+    """A known protocol name, case-insensitively (`SOCKS5`, `socks5`)."""
+    if not isinstance(value, str) or value.strip().lower() not in ProxyProtocol._value2member_map_:
+        known = ", ".join(p.value for p in ProxyProtocol)
+        raise FieldInvalid(f"unknown protocol {value!r}; use one of {known}")
+    return value.strip().lower()
+
+
+def parse_host(value: Any) -> str:
+    """A hostname or an IP address, without scheme, path or port."""
+    host = text_field(HOST_MAX, label="host")(value)
+    assert host is not None
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        return str(ipaddress.ip_address(bare))
+    except ValueError:
+        pass
+    if not HOSTNAME_RE.match(host):
+        raise FieldInvalid(f"{host!r} is not a hostname or IP address (no scheme, path or port)")
+    return host.lower().rstrip(".")
+
+
+PROXY_FIELDS = [
+    FieldSpec("name", "name", text_field(NAME_MAX, label="name"), required=True),
+    FieldSpec("protocol", "protocol", parse_protocol, required=True),
+    FieldSpec("host", "host", parse_host, required=True),
+    FieldSpec("port", "port", int_field(1, 65535, label="port"), required=True),
+    FieldSpec("settings", "settings", json_object_field),
+]
+
+
+def read_credentials(proxy: Proxy, box: SecretBox) -> dict[str, str]:
+    """The proxy's decrypted credentials ({} when it has none)."""
+    if proxy.credentials_encrypted is None:
+        return {}
+    loaded: dict[str, str] = json.loads(box.decrypt(proxy.credentials_encrypted))
+    return loaded
+
+
+def _set_credentials(proxy: Proxy, box: SecretBox, values: dict[str, Any]) -> None:
+    if "username" not in values and "password" not in values:
+        return
+    credentials = read_credentials(proxy, box)
+    for key in ("username", "password"):
+        if key not in values:
+            continue
+        raw = values[key]
+        if raw is None or raw == "":
+            credentials.pop(key, None)
+            continue
+        if not isinstance(raw, str) or len(raw) > CREDENTIAL_MAX:
+            raise InvalidInput.one(key, f"{key} must be a string of at most {CREDENTIAL_MAX}", ErrorCode.INVALID)
+        credentials[key] = raw
+    proxy.credentials_encrypted = box.encrypt(json.dumps(credentials)) if credentials else None
+
+
+def _check_protocol_rules(proxy: Proxy, box: SecretBox) -> None:
+    protocol = ProxyProtocol(proxy.protocol)
+    credentials = read_credentials(proxy, box)
+    errors: list[UserError] = []
+    if "username" in credentials and protocol not in USERNAME_PROTOCOLS:
+        errors.append(
+            UserError(("username",), f"{protocol.value} proxies take no username", ErrorCode.INVALID)
+        )
+    password = credentials.get("password")
+    if protocol in PASSWORD_REQUIRED and not password:
+        what = "a UUID" if protocol in UUID_PROTOCOLS else "a password"
+        errors.append(
+            UserError(("password",), f"{protocol.value} needs {what} in password", ErrorCode.REQUIRED)
+        )
+    elif protocol in UUID_PROTOCOLS and password:
+        try:
+            uuid.UUID(password)
+        except ValueError:
+            errors.append(
+                UserError(("password",), f"{protocol.value} needs a UUID in password", ErrorCode.INVALID)
+            )
+    if protocol is ProxyProtocol.SHADOWSOCKS:
+        method = proxy.settings.get("method")
+        if method not in SHADOWSOCKS_METHODS:
+            errors.append(
+                UserError(
+                    ("settings", "method"),
+                    f"shadowsocks needs settings.method, one of {', '.join(sorted(SHADOWSOCKS_METHODS))}",
+                    ErrorCode.INVALID,
+                )
+            )
+    if errors:
+        raise InvalidInput(errors)
+
+
+async def get_proxy(session: AsyncSession, proxy_id: int, *, field: str = "id") -> Proxy:
+    """The proxy with this id, or a NOT_FOUND error on `field`."""
+    proxy = await session.get(Proxy, proxy_id)
+    if proxy is None:
+        raise InvalidInput.one(field, "no such proxy", ErrorCode.NOT_FOUND)
+    return proxy
+
+
+async def _set_via(session: AsyncSession, proxy: Proxy, values: dict[str, Any]) -> None:
+    """Point `proxy` at its next hop, refusing loops (A via B via A) and over-long chains."""
+    if "viaId" not in values:
+        return
+    via_id = values["viaId"]
+    if via_id is None:
+        proxy.via_id = None
+        return
+    hop = await get_proxy(session, via_id, field="viaId")
+    seen = {proxy.id} if proxy.id is not None else set()
+    chain = [proxy.name, hop.name]
+    current: Proxy | None = hop
+    while current is not None:
+        if current.id in seen:
+            raise InvalidInput.one(
+                "viaId", "the proxy chain loops: " + " via ".join(chain), ErrorCode.CHAIN_LOOP
+            )
+        seen.add(current.id)
+        if len(seen) > MAX_CHAIN_HOPS:
+            raise InvalidInput.one(
+                "viaId", f"a proxy chain has at most {MAX_CHAIN_HOPS} hops", ErrorCode.INVALID
+            )
+        current = await session.get(Proxy, current.via_id) if current.via_id else None
+        if current is not None:
+            chain.append(current.name)
+    proxy.via_id = hop.id
+
+
+async def create_proxy(session: AsyncSession, box: SecretBox, values: dict[str, Any]) -> Proxy:
+    """Validate and add a proxy; credentials are stored encrypted."""
+    proxy = Proxy(settings={})
+    apply_fields(proxy, values, PROXY_FIELDS, creating=True)
+    _set_credentials(proxy, box, values)
+    _check_protocol_rules(proxy, box)
+    await ensure_unique(session, Proxy.name, proxy.name, field="name", label="proxy")
+    await _set_via(session, proxy, values)
+    session.add(proxy)
+    await session.flush()
+    return proxy
+
+
+async def update_proxy(
+    session: AsyncSession, box: SecretBox, proxy_id: int, values: dict[str, Any]
+) -> Proxy:
+    """Apply changes to a proxy; `username`/`password: null` removes them."""
+    proxy = await get_proxy(session, proxy_id)
+    apply_fields(proxy, values, PROXY_FIELDS, creating=False)
+    _set_credentials(proxy, box, values)
+    _check_protocol_rules(proxy, box)
+    if "name" in values:
+        await ensure_unique(
+            session, Proxy.name, proxy.name, field="name", label="proxy", exclude_id=proxy.id
+        )
+    await _set_via(session, proxy, values)
+    await session.flush()
+    return proxy
+
+
+async def delete_proxy(session: AsyncSession, proxy_id: int) -> list[str]:
+    """Delete a proxy, detaching it from the profiles that use it. Returns notices.
+
+    A proxy that is another proxy's `via` hop is refused: its chain would silently lose a hop.
+    """
+    proxy = await get_proxy(session, proxy_id)
+    dependants = (await session.scalars(select(Proxy.name).where(Proxy.via_id == proxy.id))).all()
+    if dependants:
+        raise InvalidInput.one(
+            "id",
+            f"proxy {proxy.name!r} is the next hop of {', '.join(sorted(dependants))}; "
+            "change their via first",
+            ErrorCode.IN_USE,
+        )
+    users = (
+        await session.scalars(
+            select(Profile.name)
+            .join(ProfileProxy, ProfileProxy.profile_id == Profile.id)
+            .where(ProfileProxy.proxy_id == proxy.id)
+            .order_by(Profile.name)
+        )
+    ).all()
+    await session.execute(delete(Proxy).where(Proxy.id == proxy.id))
+    notices = [f"proxy {proxy.name!r} deleted"]
+    if users:
+        notices.append(f"detached from profile(s): {', '.join(users)}")
+    return notices
+
+
+async def attach_proxy(
+    session: AsyncSession, profile_id: int, proxy_id: int, is_default: bool | None
+) -> ProfileProxy:
+    """Let a profile use a proxy; the first one attached (or `isDefault`) becomes its default."""
+    profile = await get_profile(session, profile_id, field="profileId")
+    proxy = await get_proxy(session, proxy_id, field="proxyId")
+    link = await session.get(ProfileProxy, (profile.id, proxy.id))
+    if is_default is None:
+        has_default = await session.scalar(
+            select(ProfileProxy.proxy_id).where(
+                ProfileProxy.profile_id == profile.id, ProfileProxy.is_default.is_(True)
+            )
+        )
+        is_default = link.is_default if link is not None else has_default is None
+    if is_default:
+        await session.execute(
+            update(ProfileProxy)
+            .where(ProfileProxy.profile_id == profile.id, ProfileProxy.proxy_id != proxy.id)
+            .values(is_default=False)
+        )
+    if link is None:
+        link = ProfileProxy(profile_id=profile.id, proxy_id=proxy.id, is_default=is_default)
+        session.add(link)
+    else:
+        link.is_default = is_default
+    await session.flush()
+    return link
+
+
+async def detach_proxy(session: AsyncSession, profile_id: int, proxy_id: int) -> None:
+    """Stop a profile from using a proxy."""
+    await get_profile(session, profile_id, field="profileId")
+    await get_proxy(session, proxy_id, field="proxyId")
+    result = await session.execute(
+        delete(ProfileProxy).where(
+            ProfileProxy.profile_id == profile_id, ProfileProxy.proxy_id == proxy_id
+        )
+    )
+    if not getattr(result, "rowcount", 0):
+        raise InvalidInput.one("proxyId", "the proxy is not attached to this profile", ErrorCode.NOT_FOUND)

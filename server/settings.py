@@ -1,0 +1,85 @@
+"""Corral's one settings object: every field is an environment variable `CORRAL_<NAME>`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SQLITE_FILENAME = "corral.db"
+
+
+class Settings(BaseSettings):
+    """Typed settings, read from `CORRAL_*` environment variables (or passed explicitly)."""
+
+    model_config = SettingsConfigDict(env_prefix="CORRAL_", extra="forbid")
+
+    data_dir: Path = Field(
+        default=Path(".corral"),
+        description="Folder for the embedded SQLite database, the secret key file "
+        "and profiles' user-data-dirs.",
+    )
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy async URL, e.g. postgresql+asyncpg://user@host/db. "
+        "Unset: SQLite in the data dir (the embedded default).",
+    )
+    secret_key: SecretStr | None = Field(
+        default=None,
+        description="Fernet key(s) that encrypt tokens and proxy credentials at rest; "
+        "comma-separated for rotation (the first encrypts). Unset: the key file "
+        "`secret.key` in the data dir, created (0600) on the embedded default.",
+    )
+    host: str = Field(default="127.0.0.1", description="Address `corral serve` listens on.")
+    port: int = Field(default=8000, ge=0, le=65535, description="Port `corral serve` listens on.")
+    auto_migrate: bool | None = Field(
+        default=None,
+        description="Migrate the database when `corral serve` starts. Unset: yes on the "
+        "embedded SQLite, no on an external database (run `corral migrate`).",
+    )
+    log_level: str = Field(default="info", description="Log level: debug, info, warning, error.")
+    graphql_max_depth: int = Field(
+        default=12, ge=1, description="Deepest GraphQL selection a query may have."
+    )
+    graphql_max_aliases: int = Field(
+        default=30, ge=1, description="Most aliases one GraphQL operation may use."
+    )
+    page_size_max: int = Field(
+        default=1000, ge=1, description="Largest `first` a connection accepts."
+    )
+
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        level = value.lower()
+        if level not in {"debug", "info", "warning", "error", "critical"}:
+            raise ValueError("must be one of debug, info, warning, error, critical")
+        return level
+
+    @property
+    def is_embedded(self) -> bool:
+        """True when Corral runs on its embedded SQLite default."""
+        return self.database_url is None
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL in force (the embedded SQLite file when none is set)."""
+        if self.database_url is not None:
+            return self.database_url
+        return f"sqlite+aiosqlite:///{(self.data_dir / SQLITE_FILENAME).resolve()}"
+
+    @property
+    def secret_key_file(self) -> Path:
+        """Where the embedded default keeps its generated key."""
+        return self.data_dir / "secret.key"
+
+    @property
+    def profiles_dir(self) -> Path:
+        """Parent folder of profiles' default user-data-dirs."""
+        return (self.data_dir / "profiles").resolve()
+
+    @property
+    def should_auto_migrate(self) -> bool:
+        """Whether `corral serve` migrates on start."""
+        return self.is_embedded if self.auto_migrate is None else self.auto_migrate

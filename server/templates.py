@@ -1,0 +1,168 @@
+"""Command templates: a Jinja2 command line with declared, typed parameters."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from sqlalchemy import delete
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from runner.compose import template_syntax_error
+from server.errors import ErrorCode, InvalidInput
+from server.models import NAME_MAX, CommandTemplate
+from server.validation import (
+    TEXT_MAX,
+    FieldInvalid,
+    FieldSpec,
+    apply_fields,
+    ensure_unique,
+    env_var_field,
+    float_field,
+    int_field,
+    text_field,
+)
+
+TEMPLATE_MAX = 100_000
+PARAMETERS_MAX = 100
+PARAMETER_TYPES = ("string", "int", "bool", "choice")
+IDENTIFIER_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
+
+
+def _template_source(value: Any) -> str:
+    source = text_field(TEMPLATE_MAX, label="template")(value)
+    assert source is not None
+    problem = template_syntax_error(source)
+    if problem is not None:
+        raise FieldInvalid(f"template does not parse: {problem}")
+    return source
+
+
+def _default_fits(kind: str, default: Any, choices: list[str]) -> bool:
+    if kind == "string":
+        return isinstance(default, str)
+    if kind == "int":
+        return isinstance(default, int) and not isinstance(default, bool)
+    if kind == "bool":
+        return isinstance(default, bool)
+    return default in choices
+
+
+def _parameter(index: int, raw: Any) -> dict[str, Any]:
+    where = f"parameter {index + 1}"
+    if not isinstance(raw, dict):
+        raise FieldInvalid(f"{where} must be an object")
+    name = raw.get("name")
+    if not isinstance(name, str) or not IDENTIFIER_RE.match(name):
+        raise FieldInvalid(f"{where}: name must be an identifier (letters, digits, _)")
+    kind = raw.get("type", "string")
+    if kind not in PARAMETER_TYPES:
+        raise FieldInvalid(f"{name}: type must be one of {', '.join(PARAMETER_TYPES)}")
+    choices = raw.get("choices") or []
+    if kind == "choice" and (
+        not isinstance(choices, list) or not choices or not all(isinstance(c, str) for c in choices)
+    ):
+        raise FieldInvalid(f"{name}: a choice parameter needs a list of string choices")
+    default = raw.get("default")
+    if default is not None and not _default_fits(kind, default, choices):
+        raise FieldInvalid(f"{name}: default {default!r} is not a valid {kind}")
+    description = raw.get("description")
+    if description is not None and not isinstance(description, str):
+        raise FieldInvalid(f"{name}: description must be a string")
+    return {
+        "name": name,
+        "type": kind,
+        "default": default,
+        "required": bool(raw.get("required", default is None)),
+        "choices": choices if kind == "choice" else [],
+        "description": description,
+    }
+
+
+def _parameters(value: Any) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise FieldInvalid("parameters must be a list")
+    if len(value) > PARAMETERS_MAX:
+        raise FieldInvalid(f"at most {PARAMETERS_MAX} parameters", ErrorCode.TOO_LONG)
+    parsed = [_parameter(index, raw) for index, raw in enumerate(value)]
+    names = [p["name"] for p in parsed]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise FieldInvalid(f"parameter names repeat: {', '.join(duplicates)}")
+    return parsed
+
+
+def _env(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise FieldInvalid("env must be an object of NAME: value")
+    env: dict[str, str] = {}
+    for key, item in value.items():
+        try:
+            name = env_var_field(key)
+        except FieldInvalid as problem:
+            raise FieldInvalid(f"env: {problem.message}") from problem
+        if not isinstance(item, str) or len(item) > 4096:
+            raise FieldInvalid(f"env {name}: value must be a string of at most 4096 characters")
+        env[name] = item
+    return env
+
+
+TEMPLATE_FIELDS = [
+    FieldSpec("name", "name", text_field(NAME_MAX, label="name"), required=True),
+    FieldSpec("template", "template", _template_source, required=True),
+    FieldSpec("description", "description", text_field(TEXT_MAX, blank_ok=True, label="description")),
+    FieldSpec("parameters", "parameters", _parameters),
+    FieldSpec(
+        "timeoutSeconds", "timeout_seconds", int_field(1, MAX_TIMEOUT_SECONDS, label="timeoutSeconds")
+    ),
+    FieldSpec("maxAttempts", "max_attempts", int_field(1, 100, label="maxAttempts")),
+    FieldSpec("backoffSeconds", "backoff_seconds", float_field(0, 86_400, label="backoffSeconds")),
+    FieldSpec("env", "env", _env),
+]
+
+
+async def get_template(session: AsyncSession, template_id: int, *, field: str = "id") -> CommandTemplate:
+    """The template with this id, or a NOT_FOUND error on `field`."""
+    template = await session.get(CommandTemplate, template_id)
+    if template is None:
+        raise InvalidInput.one(field, "no such command template", ErrorCode.NOT_FOUND)
+    return template
+
+
+async def create_template(session: AsyncSession, values: dict[str, Any]) -> CommandTemplate:
+    """Validate (including Jinja2 syntax) and add a command template."""
+    template = CommandTemplate(parameters=[], env={}, max_attempts=1, backoff_seconds=5.0)
+    apply_fields(template, values, TEMPLATE_FIELDS, creating=True)
+    await ensure_unique(
+        session, CommandTemplate.name, template.name, field="name", label="command template"
+    )
+    session.add(template)
+    await session.flush()
+    return template
+
+
+async def update_template(
+    session: AsyncSession, template_id: int, values: dict[str, Any]
+) -> CommandTemplate:
+    """Apply changes to a command template."""
+    template = await get_template(session, template_id)
+    apply_fields(template, values, TEMPLATE_FIELDS, creating=False)
+    if "name" in values:
+        await ensure_unique(
+            session,
+            CommandTemplate.name,
+            template.name,
+            field="name",
+            label="command template",
+            exclude_id=template.id,
+        )
+    await session.flush()
+    return template
+
+
+async def delete_template(session: AsyncSession, template_id: int) -> list[str]:
+    """Delete a template; commands made from it keep their argv and history."""
+    template = await get_template(session, template_id)
+    await session.execute(delete(CommandTemplate).where(CommandTemplate.id == template.id))
+    return [f"command template {template.name!r} deleted; commands made from it are kept"]

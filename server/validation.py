@@ -1,0 +1,204 @@
+"""Field checks shared by the domain services; each returns the cleaned value or raises."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import InstrumentedAttribute
+
+from server.errors import ErrorCode, InvalidInput, UserError
+
+TEXT_MAX = 20_000
+TAGS_MAX = 50
+JSON_MAX_BYTES = 64_000
+
+
+class FieldInvalid(Exception):  # noqa: N818 - internal signal, never leaves this module's callers
+    def __init__(self, message: str, code: ErrorCode = ErrorCode.INVALID) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+Check = Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """How one input field maps to a column: API name, column name and its check."""
+
+    api_name: str
+    column: str
+    check: Check
+    required: bool = False
+
+
+def apply_fields(
+    target: object, values: Mapping[str, Any], specs: list[FieldSpec], *, creating: bool
+) -> None:
+    """Check every given value and set it on `target`; collect all problems, then raise once."""
+    errors: list[UserError] = []
+    for spec in specs:
+        if spec.api_name not in values:
+            if creating and spec.required:
+                errors.append(
+                    UserError((spec.api_name,), f"{spec.api_name} is required", ErrorCode.REQUIRED)
+                )
+            continue
+        raw = values[spec.api_name]
+        if raw is None and (spec.required or not _nullable(target, spec.column)):
+            errors.append(
+                UserError((spec.api_name,), f"{spec.api_name} cannot be null", ErrorCode.REQUIRED)
+            )
+            continue
+        try:
+            value = None if raw is None else spec.check(raw)
+        except FieldInvalid as problem:
+            errors.append(UserError((spec.api_name,), problem.message, problem.code))
+            continue
+        setattr(target, spec.column, value)
+    if errors:
+        raise InvalidInput(errors)
+
+
+def _nullable(target: object, column: str) -> bool:
+    table = getattr(type(target), "__table__", None)
+    return table is None or bool(table.c[column].nullable)
+
+
+def text_field(max_length: int, *, blank_ok: bool = False, label: str = "value") -> Check:
+    """A trimmed string of at most `max_length` characters; blank is an error unless allowed."""
+
+    def check(value: Any) -> str | None:
+        if not isinstance(value, str):
+            raise FieldInvalid(f"{label} must be a string")
+        cleaned = value.strip()
+        if "\x00" in cleaned:
+            raise FieldInvalid(f"{label} must not contain NUL characters")
+        if not cleaned:
+            if blank_ok:
+                return None
+            raise FieldInvalid(f"{label} cannot be blank", ErrorCode.BLANK)
+        if len(cleaned) > max_length:
+            raise FieldInvalid(
+                f"{label} is too long ({len(cleaned)} characters; at most {max_length})",
+                ErrorCode.TOO_LONG,
+            )
+        return cleaned
+
+    return check
+
+
+def int_field(low: int, high: int, *, label: str = "value") -> Check:
+    """An integer within [low, high]."""
+
+    def check(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise FieldInvalid(f"{label} must be an integer")
+        if not low <= value <= high:
+            raise FieldInvalid(
+                f"{label} must be between {low} and {high} (got {value})", ErrorCode.OUT_OF_RANGE
+            )
+        return value
+
+    return check
+
+
+def float_field(low: float, high: float, *, label: str = "value") -> Check:
+    """A number within [low, high]."""
+
+    def check(value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise FieldInvalid(f"{label} must be a number")
+        if not low <= value <= high:
+            raise FieldInvalid(
+                f"{label} must be between {low} and {high} (got {value})", ErrorCode.OUT_OF_RANGE
+            )
+        return float(value)
+
+    return check
+
+
+def bool_field(value: Any) -> bool:
+    """A boolean."""
+    if not isinstance(value, bool):
+        raise FieldInvalid("must be true or false")
+    return value
+
+
+def tags_field(value: Any) -> list[str]:
+    """A list of distinct, non-blank, short tags (order kept)."""
+    if not isinstance(value, list):
+        raise FieldInvalid("tags must be a list of strings")
+    if len(value) > TAGS_MAX:
+        raise FieldInvalid(f"at most {TAGS_MAX} tags", ErrorCode.TOO_LONG)
+    check = text_field(64, label="a tag")
+    seen: dict[str, None] = {}
+    for tag in value:
+        seen[check(tag)] = None
+    return list(seen)
+
+
+def json_object_field(value: Any) -> dict[str, Any]:
+    """A JSON object of bounded size."""
+    if not isinstance(value, dict):
+        raise FieldInvalid("must be a JSON object")
+    if len(json.dumps(value)) > JSON_MAX_BYTES:
+        raise FieldInvalid(f"is larger than {JSON_MAX_BYTES} bytes", ErrorCode.TOO_LONG)
+    return value
+
+
+ENV_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+RESERVED_ENV_PREFIX = "CORRAL_"
+
+
+def env_var_field(value: Any) -> str:
+    """An environment variable name a child can receive a token under."""
+    name = text_field(128, label="envVar")(value)
+    assert name is not None
+    if not ENV_VAR_RE.match(name):
+        raise FieldInvalid(
+            "envVar must be letters, digits and underscores, not starting with a digit"
+        )
+    if name.upper().startswith(RESERVED_ENV_PREFIX) or name.upper() in {"PATH", "HOME"}:
+        raise FieldInvalid(f"envVar {name} is reserved for Corral and the system")
+    return name
+
+
+URL_RE = re.compile(r"^https?://[^\s/$.?#][^\s]*$", re.IGNORECASE)
+
+
+def url_field(max_length: int) -> Check:
+    """An http(s) URL."""
+
+    def check(value: Any) -> str | None:
+        url = text_field(max_length, blank_ok=True, label="URL")(value)
+        if url is not None and not URL_RE.match(url):
+            raise FieldInvalid("must be an http:// or https:// URL")
+        return url
+
+    return check
+
+
+async def ensure_unique(
+    session: AsyncSession,
+    column: InstrumentedAttribute[str],
+    value: str,
+    *,
+    field: str,
+    label: str,
+    exclude_id: int | None = None,
+) -> None:
+    """Raise a TAKEN error when another row already uses `value` (case-insensitively)."""
+    model = column.class_
+    stmt = select(func.count()).select_from(model).where(func.lower(column) == value.lower())
+    if exclude_id is not None:
+        stmt = stmt.where(model.id != exclude_id)
+    if await session.scalar(stmt):
+        raise InvalidInput.one(field, f"a {label} named {value!r} already exists", ErrorCode.TAKEN)

@@ -1,0 +1,1 @@
+"""Xray/V2Ray sidecars: config generation, share-link import, process management."""
