@@ -95,7 +95,7 @@ class Command(Node):
             id=encode_id("Command", row.id),
             status=CommandStatus(row.status),
             argv=list(row.argv),
-            params=row.params,
+            params=JSON(row.params),
             priority=row.priority,
             attempts=row.attempts,
             max_attempts=row.max_attempts,

@@ -6,7 +6,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from sqlalchemy import Select, func, select
+from sqlalchemy import Row, Select, func, select
 from strawberry.dataloader import DataLoader
 
 from server.models import (
@@ -43,9 +43,10 @@ class Loaders:
         self.command_services = DataLoader(self._command_services)
         self.service_usage = DataLoader(self._service_usage)
 
-    async def _rows(self, stmt: Select[Any]) -> Sequence[Any]:
+    async def _rows(self, stmt: Select[Any]) -> Sequence[Row[Any]]:
         async with self._context.reading() as session:
-            return (await session.execute(stmt)).all()
+            rows: Sequence[Row[Any]] = (await session.execute(stmt)).all()
+            return rows
 
     def _by_id(self, model: type[M]) -> Any:
         async def load(ids: list[int]) -> list[M | None]:
@@ -55,11 +56,12 @@ class Loaders:
 
         return load
 
-    async def _grouped(self, keys: list[int], stmt: Select[Any]) -> list[list[Any]]:
+    async def _grouped(self, keys: list[int], stmt: Any) -> list[list[Any]]:
         groups: dict[int, list[Any]] = defaultdict(list)
         for row in await self._rows(stmt):
-            key, *values = row
-            groups[key].append(values[0] if len(values) == 1 else tuple(values))
+            key: int = row[0]
+            values: tuple[Any, ...] = tuple(row[1:])
+            groups[key].append(values[0] if len(values) == 1 else values)
         return [groups.get(key, []) for key in keys]
 
     async def _profile_services(self, ids: list[int]) -> list[list[tuple[ProfileService, Service]]]:

@@ -51,5 +51,3 @@ def _plain(value: Any) -> Any:
     if hasattr(value, "value") and type(value).__module__.startswith("graphql_schema"):
         return value.value
     return value
-
-

@@ -188,7 +188,9 @@ class ProfileMutations:
         row, errors = await perform(
             info, lambda session: profile_service.create_profile(session, provided(input))
         )
-        return ProfilePayload(profile=None if row is None else Profile.from_row(row), user_errors=errors)
+        return ProfilePayload(
+            profile=None if row is None else Profile.from_row(row), user_errors=errors
+        )
 
     @strawberry.mutation
     async def update_profile(self, info: Info, input: UpdateProfileInput) -> ProfilePayload:
@@ -197,7 +199,9 @@ class ProfileMutations:
             return await profile_service.update_profile(session, pk, provided(input))
 
         row, errors = await perform(info, work)
-        return ProfilePayload(profile=None if row is None else Profile.from_row(row), user_errors=errors)
+        return ProfilePayload(
+            profile=None if row is None else Profile.from_row(row), user_errors=errors
+        )
 
     @strawberry.mutation
     async def delete_profile(self, info: Info, id: strawberry.ID) -> DeletePayload:

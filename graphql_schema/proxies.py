@@ -74,7 +74,7 @@ class Proxy(Node):
             host=row.host,
             port=row.port,
             has_credentials=row.credentials_encrypted is not None,
-            settings=row.settings,
+            settings=JSON(row.settings),
             created_at=row.created_at,
             updated_at=row.updated_at,
             row=row,
@@ -109,7 +109,7 @@ class Proxy(Node):
 
 
 PROTOCOL_HELP = "http, https, socks5, shadowsocks, vmess, vless or trojan (any case)."
-PASSWORD_HELP = (
+CREDENTIAL_HELP = (
     "Write-only. The password (http/https/socks5/shadowsocks/trojan) or the user UUID "
     "(vmess/vless); null removes it."
 )
@@ -122,7 +122,7 @@ class CreateProxyInput:
     host: str
     port: int
     username: str | None = strawberry.field(default=strawberry.UNSET, description="Write-only.")
-    password: str | None = strawberry.field(default=strawberry.UNSET, description=PASSWORD_HELP)
+    password: str | None = strawberry.field(default=strawberry.UNSET, description=CREDENTIAL_HELP)
     settings: JSON | None = strawberry.UNSET
     via_id: strawberry.ID | None = strawberry.field(
         default=strawberry.UNSET, description="Dial this proxy through another one."
@@ -137,7 +137,7 @@ class UpdateProxyInput:
     host: str | None = strawberry.UNSET
     port: int | None = strawberry.UNSET
     username: str | None = strawberry.field(default=strawberry.UNSET, description="Write-only.")
-    password: str | None = strawberry.field(default=strawberry.UNSET, description=PASSWORD_HELP)
+    password: str | None = strawberry.field(default=strawberry.UNSET, description=CREDENTIAL_HELP)
     settings: JSON | None = strawberry.UNSET
     via_id: strawberry.ID | None = strawberry.UNSET
 
@@ -221,7 +221,9 @@ class ProxyMutations:
         row, errors = await perform(info, work)
         return ProxyPayload(proxy=None if row is None else Proxy.from_row(row), user_errors=errors)
 
-    @strawberry.mutation(description="Delete a proxy; profiles using it are detached (see notices).")
+    @strawberry.mutation(
+        description="Delete a proxy; profiles using it are detached (see notices)."
+    )
     async def delete_proxy(self, info: Info, id: strawberry.ID) -> DeletePayload:
         async def work(session: AsyncSession) -> list[str]:
             return await proxy_domain.delete_proxy(session, pk_of(id, "Proxy", field="id"))

@@ -17,7 +17,6 @@ from server.errors import UserError as UserErrorValue
 
 DEFAULT_PAGE_SIZE = 50
 T = TypeVar("T")
-R = TypeVar("R")
 
 
 @strawberry.interface(description="An object with a global ID.")
@@ -112,9 +111,9 @@ def decode_cursor(cursor: str) -> int:
 
 async def paginate(
     info: Info,
-    stmt: Select[tuple[R]],
+    stmt: Select[Any],
     id_column: Any,
-    convert: Callable[[R], T],
+    convert: Callable[[Any], T],
     first: int | None,
     after: str | None,
 ) -> Connection[T]:
@@ -127,7 +126,7 @@ async def paginate(
     if after is not None:
         page_stmt = page_stmt.where(id_column > decode_cursor(after))
     async with info.context.reading() as session:
-        rows: Sequence[R] = (await session.scalars(page_stmt)).all()
+        rows: Sequence[Any] = (await session.scalars(page_stmt)).all()
 
     async def count() -> int:
         async with info.context.reading() as session:
@@ -149,7 +148,9 @@ async def paginate(
     )
 
 
-@strawberry.type(description="The result of a delete: the deleted object's ID and what else changed.")
+@strawberry.type(
+    description="The result of a delete: the deleted object's ID and what else changed."
+)
 class DeletePayload:
     deleted_id: strawberry.ID | None = None
     notices: list[str] = strawberry.field(default_factory=list)

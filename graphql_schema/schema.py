@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import strawberry
@@ -74,8 +74,8 @@ def build_schema(settings: Settings | None = None) -> strawberry.Schema:
         mutation=Mutation,
         types=[Profile, Service, Proxy, CommandTemplate, Command],
         extensions=[
-            QueryDepthLimiter(max_depth=settings.graphql_max_depth),
-            MaxAliasesLimiter(max_alias_count=settings.graphql_max_aliases),
+            lambda: QueryDepthLimiter(max_depth=settings.graphql_max_depth),
+            lambda: MaxAliasesLimiter(max_alias_count=settings.graphql_max_aliases),
         ],
         config=StrawberryConfig(),
     )
@@ -84,5 +84,3 @@ def build_schema(settings: Settings | None = None) -> strawberry.Schema:
 def schema_sdl() -> str:
     """The schema in SDL, as exported to `schema.graphql`."""
     return build_schema().as_str() + "\n"
-
-

@@ -71,7 +71,7 @@ class CommandTemplate(Node):
             timeout_seconds=row.timeout_seconds,
             max_attempts=row.max_attempts,
             backoff_seconds=row.backoff_seconds,
-            env=row.env,
+            env=JSON(row.env),
             created_at=row.created_at,
             updated_at=row.updated_at,
         )
@@ -134,9 +134,7 @@ async def resolve_command_templates(
     )
 
 
-def _payload(
-    row: models.CommandTemplate | None, errors: list[UserError]
-) -> CommandTemplatePayload:
+def _payload(row: models.CommandTemplate | None, errors: list[UserError]) -> CommandTemplatePayload:
     return CommandTemplatePayload(
         command_template=None if row is None else CommandTemplate.from_row(row), user_errors=errors
     )

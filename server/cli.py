@@ -21,14 +21,20 @@ class CliError(Exception):
     """A problem the user can fix; printed as one line, exit status 1."""
 
 
-def load_settings(**overrides: object) -> Settings:
+def load_settings(*, host: str | None = None, port: int | None = None) -> Settings:
     """Settings from the environment, with command-line overrides; one readable error."""
     try:
-        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+        settings = Settings()
+        updates = {
+            key: value for key, value in (("host", host), ("port", port)) if value is not None
+        }
+        if updates:
+            settings = Settings.model_validate({**settings.model_dump(), **updates})
     except ValidationError as exc:
         first = exc.errors()[0]
         where = ".".join(str(part) for part in first["loc"]) or "settings"
         raise CliError(f"invalid setting CORRAL_{where.upper()}: {first['msg']}") from exc
+    return settings
 
 
 async def _prepare(settings: Settings) -> None:
@@ -59,8 +65,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     server = uvicorn.Server(config)
     print(f"Corral {__version__}: database {_describe_database(settings)}", flush=True)
     if settings.port:
-        print(f"Corral listening on http://{settings.host}:{settings.port}/ "
-              f"(GraphQL at /graphql)", flush=True)
+        print(
+            f"Corral listening on http://{settings.host}:{settings.port}/ (GraphQL at /graphql)",
+            flush=True,
+        )
     server.run()
 
 

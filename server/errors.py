@@ -28,7 +28,7 @@ class UserError:
     code: ErrorCode
 
 
-class InvalidInput(Exception):  # noqa: N818 - reads better at raise sites than InvalidInputError
+class InvalidInput(Exception):
     """Raised by domain services; the handler rolls back and returns `errors` as values."""
 
     def __init__(self, errors: Sequence[UserError]) -> None:

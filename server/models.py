@@ -112,7 +112,12 @@ class CommandStatus(enum.StrEnum):
 
 
 FINAL_STATUSES = frozenset(
-    {CommandStatus.SUCCEEDED, CommandStatus.FAILED, CommandStatus.TIMED_OUT, CommandStatus.CANCELLED}
+    {
+        CommandStatus.SUCCEEDED,
+        CommandStatus.FAILED,
+        CommandStatus.TIMED_OUT,
+        CommandStatus.CANCELLED,
+    }
 )
 
 

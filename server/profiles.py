@@ -17,6 +17,7 @@ from server.validation import (
     FieldSpec,
     apply_fields,
     bool_field,
+    clean_text,
     ensure_unique,
     int_field,
     tags_field,
@@ -25,8 +26,10 @@ from server.validation import (
 
 
 def _user_data_dir(value: Any) -> str | None:
-    path = text_field(PATH_MAX, blank_ok=True, label="userDataDir")(value)
-    if path is not None and not Path(path).is_absolute():
+    if isinstance(value, str) and not value.strip():
+        return None
+    path = clean_text(value, PATH_MAX, "userDataDir")
+    if not Path(path).is_absolute():
         raise FieldInvalid("userDataDir must be an absolute path")
     return path
 
@@ -77,7 +80,12 @@ async def update_profile(session: AsyncSession, profile_id: int, values: dict[st
     apply_fields(profile, values, PROFILE_FIELDS, creating=False)
     if "name" in values:
         await ensure_unique(
-            session, Profile.name, profile.name, field="name", label="profile", exclude_id=profile.id
+            session,
+            Profile.name,
+            profile.name,
+            field="name",
+            label="profile",
+            exclude_id=profile.id,
         )
     await session.flush()
     return profile

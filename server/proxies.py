@@ -19,6 +19,7 @@ from server.validation import (
     FieldInvalid,
     FieldSpec,
     apply_fields,
+    clean_text,
     ensure_unique,
     int_field,
     json_object_field,
@@ -64,8 +65,7 @@ def parse_protocol(value: Any) -> str:
 
 def parse_host(value: Any) -> str:
     """A hostname or an IP address, without scheme, path or port."""
-    host = text_field(HOST_MAX, label="host")(value)
-    assert host is not None
+    host = clean_text(value, HOST_MAX, "host")
     bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     try:
         return str(ipaddress.ip_address(bare))
@@ -105,7 +105,9 @@ def _set_credentials(proxy: Proxy, box: SecretBox, values: dict[str, Any]) -> No
             credentials.pop(key, None)
             continue
         if not isinstance(raw, str) or len(raw) > CREDENTIAL_MAX:
-            raise InvalidInput.one(key, f"{key} must be a string of at most {CREDENTIAL_MAX}", ErrorCode.INVALID)
+            raise InvalidInput.one(
+                key, f"{key} must be a string of at most {CREDENTIAL_MAX}", ErrorCode.INVALID
+            )
         credentials[key] = raw
     proxy.credentials_encrypted = box.encrypt(json.dumps(credentials)) if credentials else None
 
@@ -116,20 +118,26 @@ def _check_protocol_rules(proxy: Proxy, box: SecretBox) -> None:
     errors: list[UserError] = []
     if "username" in credentials and protocol not in USERNAME_PROTOCOLS:
         errors.append(
-            UserError(("username",), f"{protocol.value} proxies take no username", ErrorCode.INVALID)
+            UserError(
+                ("username",), f"{protocol.value} proxies take no username", ErrorCode.INVALID
+            )
         )
     password = credentials.get("password")
     if protocol in PASSWORD_REQUIRED and not password:
         what = "a UUID" if protocol in UUID_PROTOCOLS else "a password"
         errors.append(
-            UserError(("password",), f"{protocol.value} needs {what} in password", ErrorCode.REQUIRED)
+            UserError(
+                ("password",), f"{protocol.value} needs {what} in password", ErrorCode.REQUIRED
+            )
         )
     elif protocol in UUID_PROTOCOLS and password:
         try:
             uuid.UUID(password)
         except ValueError:
             errors.append(
-                UserError(("password",), f"{protocol.value} needs a UUID in password", ErrorCode.INVALID)
+                UserError(
+                    ("password",), f"{protocol.value} needs a UUID in password", ErrorCode.INVALID
+                )
             )
     if protocol is ProxyProtocol.SHADOWSOCKS:
         method = proxy.settings.get("method")
@@ -137,7 +145,8 @@ def _check_protocol_rules(proxy: Proxy, box: SecretBox) -> None:
             errors.append(
                 UserError(
                     ("settings", "method"),
-                    f"shadowsocks needs settings.method, one of {', '.join(sorted(SHADOWSOCKS_METHODS))}",
+                    "shadowsocks needs settings.method, one of "
+                    + ", ".join(sorted(SHADOWSOCKS_METHODS)),
                     ErrorCode.INVALID,
                 )
             )
@@ -279,4 +288,6 @@ async def detach_proxy(session: AsyncSession, profile_id: int, proxy_id: int) ->
         )
     )
     if not getattr(result, "rowcount", 0):
-        raise InvalidInput.one("proxyId", "the proxy is not attached to this profile", ErrorCode.NOT_FOUND)
+        raise InvalidInput.one(
+            "proxyId", "the proxy is not attached to this profile", ErrorCode.NOT_FOUND
+        )

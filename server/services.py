@@ -40,7 +40,9 @@ def check_token(value: Any, field: str = "token") -> str:
         raise InvalidInput.one(field, "token must be a string", ErrorCode.INVALID)
     token = value.strip()
     if not token:
-        raise InvalidInput.one(field, "token cannot be blank (use null to remove it)", ErrorCode.BLANK)
+        raise InvalidInput.one(
+            field, "token cannot be blank (use null to remove it)", ErrorCode.BLANK
+        )
     if len(token) > TOKEN_MAX:
         raise InvalidInput.one(field, f"token is longer than {TOKEN_MAX}", ErrorCode.TOO_LONG)
     if any(ch.isspace() for ch in token):
@@ -83,7 +85,12 @@ async def update_service(
     _set_token(service, box, values)
     if "name" in values:
         await ensure_unique(
-            session, Service.name, service.name, field="name", label="service", exclude_id=service.id
+            session,
+            Service.name,
+            service.name,
+            field="name",
+            label="service",
+            exclude_id=service.id,
         )
     await session.flush()
     return service
@@ -128,4 +135,6 @@ async def unlink_service(session: AsyncSession, profile_id: int, service_id: int
         )
     )
     if not getattr(result, "rowcount", 0):
-        raise InvalidInput.one("serviceId", "the profile is not linked to this service", ErrorCode.NOT_FOUND)
+        raise InvalidInput.one(
+            "serviceId", "the profile is not linked to this service", ErrorCode.NOT_FOUND
+        )

@@ -16,6 +16,7 @@ from server.validation import (
     FieldInvalid,
     FieldSpec,
     apply_fields,
+    clean_text,
     ensure_unique,
     env_var_field,
     float_field,
@@ -31,8 +32,7 @@ MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
 
 
 def _template_source(value: Any) -> str:
-    source = text_field(TEMPLATE_MAX, label="template")(value)
-    assert source is not None
+    source = clean_text(value, TEMPLATE_MAX, "template")
     problem = template_syntax_error(source)
     if problem is not None:
         raise FieldInvalid(f"template does not parse: {problem}")
@@ -111,10 +111,14 @@ def _env(value: Any) -> dict[str, str]:
 TEMPLATE_FIELDS = [
     FieldSpec("name", "name", text_field(NAME_MAX, label="name"), required=True),
     FieldSpec("template", "template", _template_source, required=True),
-    FieldSpec("description", "description", text_field(TEXT_MAX, blank_ok=True, label="description")),
+    FieldSpec(
+        "description", "description", text_field(TEXT_MAX, blank_ok=True, label="description")
+    ),
     FieldSpec("parameters", "parameters", _parameters),
     FieldSpec(
-        "timeoutSeconds", "timeout_seconds", int_field(1, MAX_TIMEOUT_SECONDS, label="timeoutSeconds")
+        "timeoutSeconds",
+        "timeout_seconds",
+        int_field(1, MAX_TIMEOUT_SECONDS, label="timeoutSeconds"),
     ),
     FieldSpec("maxAttempts", "max_attempts", int_field(1, 100, label="maxAttempts")),
     FieldSpec("backoffSeconds", "backoff_seconds", float_field(0, 86_400, label="backoffSeconds")),
@@ -122,7 +126,9 @@ TEMPLATE_FIELDS = [
 ]
 
 
-async def get_template(session: AsyncSession, template_id: int, *, field: str = "id") -> CommandTemplate:
+async def get_template(
+    session: AsyncSession, template_id: int, *, field: str = "id"
+) -> CommandTemplate:
     """The template with this id, or a NOT_FOUND error on `field`."""
     template = await session.get(CommandTemplate, template_id)
     if template is None:

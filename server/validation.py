@@ -19,7 +19,7 @@ TAGS_MAX = 50
 JSON_MAX_BYTES = 64_000
 
 
-class FieldInvalid(Exception):  # noqa: N818 - internal signal, never leaves this module's callers
+class FieldInvalid(Exception):
     def __init__(self, message: str, code: ErrorCode = ErrorCode.INVALID) -> None:
         super().__init__(message)
         self.message = message
@@ -72,25 +72,30 @@ def _nullable(target: object, column: str) -> bool:
     return table is None or bool(table.c[column].nullable)
 
 
+def clean_text(value: Any, max_length: int, label: str) -> str:
+    """A trimmed, non-blank string of at most `max_length` characters."""
+    if not isinstance(value, str):
+        raise FieldInvalid(f"{label} must be a string")
+    cleaned = value.strip()
+    if "\x00" in cleaned:
+        raise FieldInvalid(f"{label} must not contain NUL characters")
+    if not cleaned:
+        raise FieldInvalid(f"{label} cannot be blank", ErrorCode.BLANK)
+    if len(cleaned) > max_length:
+        raise FieldInvalid(
+            f"{label} is too long ({len(cleaned)} characters; at most {max_length})",
+            ErrorCode.TOO_LONG,
+        )
+    return cleaned
+
+
 def text_field(max_length: int, *, blank_ok: bool = False, label: str = "value") -> Check:
-    """A trimmed string of at most `max_length` characters; blank is an error unless allowed."""
+    """Check for `clean_text`; with `blank_ok`, a blank string means null."""
 
     def check(value: Any) -> str | None:
-        if not isinstance(value, str):
-            raise FieldInvalid(f"{label} must be a string")
-        cleaned = value.strip()
-        if "\x00" in cleaned:
-            raise FieldInvalid(f"{label} must not contain NUL characters")
-        if not cleaned:
-            if blank_ok:
-                return None
-            raise FieldInvalid(f"{label} cannot be blank", ErrorCode.BLANK)
-        if len(cleaned) > max_length:
-            raise FieldInvalid(
-                f"{label} is too long ({len(cleaned)} characters; at most {max_length})",
-                ErrorCode.TOO_LONG,
-            )
-        return cleaned
+        if blank_ok and isinstance(value, str) and not value.strip():
+            return None
+        return clean_text(value, max_length, label)
 
     return check
 
@@ -160,8 +165,7 @@ RESERVED_ENV_PREFIX = "CORRAL_"
 
 def env_var_field(value: Any) -> str:
     """An environment variable name a child can receive a token under."""
-    name = text_field(128, label="envVar")(value)
-    assert name is not None
+    name = clean_text(value, 128, "envVar")
     if not ENV_VAR_RE.match(name):
         raise FieldInvalid(
             "envVar must be letters, digits and underscores, not starting with a digit"
@@ -178,8 +182,10 @@ def url_field(max_length: int) -> Check:
     """An http(s) URL."""
 
     def check(value: Any) -> str | None:
-        url = text_field(max_length, blank_ok=True, label="URL")(value)
-        if url is not None and not URL_RE.match(url):
+        if isinstance(value, str) and not value.strip():
+            return None
+        url = clean_text(value, max_length, "URL")
+        if not URL_RE.match(url):
             raise FieldInvalid("must be an http:// or https:// URL")
         return url
 

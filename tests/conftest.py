@@ -1,0 +1,196 @@
+"""Shared fixtures: the same tests on SQLite and PostgreSQL, each test on a clean database.
+
+PostgreSQL comes from CORRAL_TEST_POSTGRES_URL (the README's test command and .ci/run set
+it to the local server). When it is set, an unreachable server fails the run: never a skip.
+Each test session gets its own database (created, migrated, dropped), and each test starts
+from empty tables. SQLite tests copy a migrated database file, so each starts fresh too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from starlette.applications import Starlette
+
+from server import migrate
+from server.app import create_app
+from server.db import create_engine
+from server.models import Base
+from server.secretbox import generate_key
+from server.settings import Settings
+
+PG_ENV = "CORRAL_TEST_POSTGRES_URL"
+TEST_KEY = generate_key()
+
+
+def postgres_admin_url() -> str | None:
+    url = os.environ.get(PG_ENV, "").strip()
+    return url or None
+
+
+async def _create_database(admin_url: str, name: str) -> str:
+    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(text(f'CREATE DATABASE "{name}"'))
+    finally:
+        await engine.dispose()
+    return make_url(admin_url).set(database=name).render_as_string(hide_password=False)
+
+
+async def _drop_database(admin_url: str, name: str) -> None:
+    engine = create_async_engine(admin_url, isolation_level="AUTOCOMMIT")
+    try:
+        async with engine.connect() as connection:
+            await connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    finally:
+        await engine.dispose()
+
+
+async def _migrated(settings: Settings) -> None:
+    engine = create_engine(settings)
+    try:
+        await migrate.upgrade(engine)
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(scope="session")
+def postgres_databases() -> Iterator[Any]:
+    """Makes throwaway PostgreSQL databases on the test server; drops them at the end."""
+    admin = postgres_admin_url()
+    created: list[str] = []
+
+    def make(prefix: str = "corral_test") -> str:
+        if admin is None:
+            pytest.skip(f"{PG_ENV} is not set (the README's test command sets it)")
+        name = f"{prefix}_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+        try:
+            url = asyncio.run(_create_database(admin, name))
+        except OSError as exc:  # unreachable server: fail, never skip
+            pytest.fail(f"PostgreSQL at {admin} is unreachable: {exc}")
+        created.append(name)
+        return url
+
+    yield make
+    for name in created:
+        asyncio.run(_drop_database(admin or "", name))
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_databases: Any) -> str:
+    """One migrated PostgreSQL database for the session's tests (emptied before each)."""
+    url: str = postgres_databases()
+    asyncio.run(_migrated(Settings(database_url=url, secret_key=TEST_KEY)))
+    return url
+
+
+@pytest.fixture(scope="session")
+def sqlite_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A migrated SQLite file that each test copies."""
+    folder = tmp_path_factory.mktemp("sqlite-template")
+    asyncio.run(_migrated(Settings(data_dir=folder, secret_key=TEST_KEY)))
+    return folder / "corral.db"
+
+
+async def _empty_tables(url: str) -> None:
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as connection:
+            names = ", ".join(f'"{table.name}"' for table in Base.metadata.sorted_tables)
+            await connection.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """The database backend under test (every test using `settings` runs on both)."""
+    return str(request.param)
+
+
+@pytest.fixture
+def settings(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Settings:
+    """Settings for a clean, migrated database of the current backend."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    if backend == "sqlite":
+        shutil.copy(request.getfixturevalue("sqlite_template"), data_dir / "corral.db")
+        return Settings(data_dir=data_dir, secret_key=TEST_KEY, auto_migrate=False)
+    url = request.getfixturevalue("postgres_url")
+    asyncio.run(_empty_tables(url))
+    return Settings(data_dir=data_dir, database_url=url, secret_key=TEST_KEY)
+
+
+@pytest.fixture
+async def app(settings: Settings) -> AsyncIterator[Starlette]:
+    """The app with its lifespan running."""
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+@pytest.fixture
+async def client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://corral.test") as http:
+        yield http
+
+
+class GraphQLError(AssertionError):
+    pass
+
+
+@dataclass
+class GraphQLClient:
+    """Posts operations to /graphql; `errors` in a response fail the test unless expected."""
+
+    http: httpx.AsyncClient
+
+    async def __call__(self, query: str, **variables: Any) -> dict[str, Any]:
+        body = await self.raw(query, **variables)
+        if body.get("errors"):
+            raise GraphQLError(body["errors"])
+        data: dict[str, Any] = body["data"]
+        return data
+
+    async def raw(self, query: str, **variables: Any) -> dict[str, Any]:
+        response = await self.http.post("/graphql", json={"query": query, "variables": variables})
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+
+@pytest.fixture
+def gql(client: httpx.AsyncClient) -> GraphQLClient:
+    return GraphQLClient(client)
+
+
+@dataclass
+class StatementCounter:
+    statements: list[str] = field(default_factory=list)
+
+    def __call__(self, _conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        self.statements.append(statement)
+
+
+@pytest.fixture
+def count_statements(app: Starlette) -> Iterator[StatementCounter]:
+    """Records every SQL statement the app's engine sends."""
+    engine: AsyncEngine = app.state.engine
+    counter = StatementCounter()
+    event.listen(engine.sync_engine, "before_cursor_execute", counter)
+    yield counter
+    event.remove(engine.sync_engine, "before_cursor_execute", counter)
