@@ -90,6 +90,12 @@ def cmd_migrate(args: argparse.Namespace) -> None:
     print(f"database {_describe_database(settings)} is at revision {revision or 'base (empty)'}")
 
 
+def cmd_check(_args: argparse.Namespace) -> None:
+    settings = load_settings()
+    asyncio.run(_prepare(settings))
+    print(f"ok: database {_describe_database(settings)} is migrated and the secret key fits")
+
+
 def cmd_genkey(_args: argparse.Namespace) -> None:
     print(generate_key())
 
@@ -115,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     mig.add_argument("--down", metavar="REVISION", help="downgrade to REVISION (base: empty)")
     mig.set_defaults(func=cmd_migrate)
 
+    commands.add_parser(
+        "check", help="check settings, database, migrations and secret key (as serve would)"
+    ).set_defaults(func=cmd_check)
     commands.add_parser("genkey", help="print a new secret key").set_defaults(func=cmd_genkey)
     commands.add_parser("schema", help="print the GraphQL schema (SDL)").set_defaults(
         func=cmd_schema
@@ -126,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `corral` console script."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         args.func(args)
     except (CliError, StartupError, SecretKeyError) as exc:

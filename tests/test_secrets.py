@@ -1,0 +1,100 @@
+"""Secrets at rest: Fernet with the configured key; wrong or missing keys fail clearly."""
+
+import os
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from server.db import create_engine, create_sessionmaker
+from server.models import Service
+from server.secretbox import (
+    SecretBox,
+    SecretKeyError,
+    generate_key,
+    load_secret_box,
+    token_preview,
+    verify_secret_box,
+)
+from server.settings import Settings
+from tests.conftest import GraphQLClient
+
+TOKEN = "ghp_" + "S3cr3tT0k3nValue" * 2 + "a1b2"
+
+
+def test_embedded_default_creates_a_private_key_file(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data")
+    box = load_secret_box(settings)
+    key_file = settings.secret_key_file
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    again = load_secret_box(settings)
+    assert again.decrypt(box.encrypt("x")) == "x"
+
+
+def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path)
+    load_secret_box(settings)
+    os.chmod(settings.secret_key_file, 0o644)
+    with pytest.raises(SecretKeyError, match="chmod 600"):
+        load_secret_box(settings)
+
+
+def test_external_database_requires_a_key(tmp_path: Path) -> None:
+    settings = Settings(data_dir=tmp_path, database_url="postgresql+asyncpg://u@h/db")
+    with pytest.raises(SecretKeyError, match="CORRAL_SECRET_KEY is required"):
+        load_secret_box(settings)
+
+
+def test_malformed_key_is_a_clear_error() -> None:
+    with pytest.raises(SecretKeyError, match="not a valid Fernet key"):
+        load_secret_box(Settings(secret_key="not-a-key"))
+
+
+def test_rotation_decrypts_with_old_keys() -> None:
+    old, new = generate_key(), generate_key()
+    ciphertext = SecretBox([old.encode()]).encrypt("t")
+    rotated = load_secret_box(Settings(secret_key=f"{new},{old}"))
+    assert rotated.decrypt(ciphertext) == "t"
+
+
+@pytest.mark.parametrize(
+    ("secret", "preview"),
+    [(TOKEN, "ghp_…a1b2"), ("sk-12345678", "…78"), ("abc", "…")],
+)
+def test_token_preview(secret: str, preview: str) -> None:
+    assert token_preview(secret) == preview
+
+
+async def test_wrong_key_is_refused_at_start(settings: Settings) -> None:
+    engine = create_engine(settings)
+    try:
+        async with create_sessionmaker(engine)() as session:
+            await verify_secret_box(session, load_secret_box(settings))
+            await session.commit()
+        wrong = SecretBox([generate_key().encode()])
+        async with create_sessionmaker(engine)() as session:
+            with pytest.raises(SecretKeyError, match="not the key this database"):
+                await verify_secret_box(session, wrong)
+    finally:
+        await engine.dispose()
+
+
+async def test_token_plaintext_is_never_stored(gql: GraphQLClient, settings: Settings) -> None:
+    data = await gql(
+        'mutation($t: String!) { createService(input: {name: "GitHub", envVar: "GITHUB_TOKEN",'
+        " token: $t}) { service { hasToken tokenPreview } userErrors { message } } }",
+        t=TOKEN,
+    )
+    assert data["createService"]["service"] == {"hasToken": True, "tokenPreview": "ghp_…a1b2"}
+    engine = create_engine(settings)
+    try:
+        async with create_sessionmaker(engine)() as session:
+            stored = await session.scalar(select(Service.token_encrypted))
+        assert stored is not None
+        assert TOKEN.encode() not in stored
+        assert load_secret_box(settings).decrypt(stored) == TOKEN
+    finally:
+        await engine.dispose()
+    if settings.is_embedded:
+        for path in settings.data_dir.glob("corral.db*"):
+            assert TOKEN.encode() not in path.read_bytes()
