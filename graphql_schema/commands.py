@@ -3,17 +3,35 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import AsyncGenerator
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import strawberry
+from graphql import GraphQLError
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 from strawberry.scalars import JSON
 
 from graphql_schema.context import Info
-from graphql_schema.relay import Connection, Node, encode_id, paginate, pk_of
+from graphql_schema.mutation import perform
+from graphql_schema.relay import (
+    Connection,
+    Node,
+    UserError,
+    encode_id,
+    optional_pk,
+    paginate,
+    pk_of,
+    user_errors,
+)
+from runner.logwriter import StoredLine
+from server import commands as command_domain
 from server import models
+from server.broker import CANCEL_TOPIC, QUEUE_TOPIC, STATUS_TOPIC, StatusChange, command_topic
+from server.commands import RunRequest
 from server.errors import InvalidInput
+from server.streams import follow_command
 
 if TYPE_CHECKING:
     from graphql_schema.profiles import Profile
@@ -178,3 +196,187 @@ async def resolve_commands(
         except InvalidInput:
             stmt = stmt.where(models.Command.id.is_(None))
     return await paginate(info, stmt, models.Command.id, Command.from_row, first, after)
+
+
+@strawberry.input(description="What to run: a template (or an ad-hoc commandString) for a profile.")
+class RunCommandInput:
+    template_id: strawberry.ID | None = None
+    command_string: str | None = strawberry.field(
+        default=None, description="An ad-hoc command line, rendered like a template."
+    )
+    profile_id: strawberry.ID | None = None
+    proxy_id: strawberry.ID | None = strawberry.field(
+        default=None, description="Default: the profile's default proxy."
+    )
+    service_ids: list[strawberry.ID] | None = strawberry.field(
+        default=None, description="Default: every service linked to the profile."
+    )
+    params: JSON | None = None
+    timeout_seconds: int | None = None
+    max_attempts: int | None = None
+    priority: int = strawberry.field(default=0, description="Higher runs first (-1000..1000).")
+
+
+@strawberry.type(description="A composed command, previewed: nothing runs.")
+class ComposedCommand:
+    argv: list[str]
+    env: list[str] = strawberry.field(description="Environment variable names (values hidden).")
+    errors: list[UserError]
+
+
+@strawberry.type
+class CommandPayload:
+    command: Command | None = None
+    user_errors: list[UserError] = strawberry.field(default_factory=list)
+
+
+@strawberry.type(description="A command's status changed.")
+class CommandEvent:
+    command: Command
+    status: CommandStatus
+
+
+def run_request(data: RunCommandInput) -> RunRequest:
+    """Decode a RunCommandInput's IDs (NOT_FOUND user errors for foreign ones)."""
+    params: Any = data.params if data.params is not None else {}
+    return RunRequest(
+        template_id=optional_pk(data.template_id, "CommandTemplate", field="templateId"),
+        command_string=data.command_string,
+        profile_id=optional_pk(data.profile_id, "Profile", field="profileId"),
+        proxy_id=optional_pk(data.proxy_id, "Proxy", field="proxyId"),
+        service_ids=None
+        if data.service_ids is None
+        else [
+            pk_of(sid, "Service", field=f"serviceIds.{i}") for i, sid in enumerate(data.service_ids)
+        ],
+        params=params,
+        timeout_seconds=data.timeout_seconds,
+        max_attempts=data.max_attempts,
+        priority=data.priority,
+    )
+
+
+async def resolve_compose_command(info: Info, input: RunCommandInput) -> ComposedCommand:
+    """Preview argv and env var names for a run; runs and stores nothing."""
+    ctx = info.context
+    try:
+        async with ctx.reading() as session:
+            composed = await command_domain.compose_command(
+                session, ctx.settings, ctx.secret_box, run_request(input)
+            )
+    except InvalidInput as exc:
+        return ComposedCommand(argv=[], env=[], errors=user_errors(exc))
+    return ComposedCommand(argv=composed.argv, env=composed.env_names, errors=[])
+
+
+def _command_payload(row: models.Command | None, errors: list[UserError]) -> CommandPayload:
+    return CommandPayload(
+        command=None if row is None else Command.from_row(row), user_errors=errors
+    )
+
+
+@strawberry.type
+class CommandMutations:
+    @strawberry.mutation(description="Compose a command and queue it.")
+    async def run_command(self, info: Info, input: RunCommandInput) -> CommandPayload:
+        ctx = info.context
+
+        async def work(session: AsyncSession) -> models.Command:
+            request = run_request(input)
+            return await command_domain.create_command(
+                session, ctx.settings, ctx.secret_box, request
+            )
+
+        row, errors = await perform(info, work)
+        if row is not None:
+            ctx.broker.publish(QUEUE_TOPIC, row.id)
+            ctx.broker.publish_status(row.id, row.status)
+        return _command_payload(row, errors)
+
+    @strawberry.mutation(description="Cancel a queued or running command (its process group).")
+    async def cancel_command(self, info: Info, id: strawberry.ID) -> CommandPayload:
+        async def work(session: AsyncSession) -> tuple[models.Command, bool]:
+            return await command_domain.cancel_command(session, pk_of(id, "Command", field="id"))
+
+        result, errors = await perform(info, work)
+        if result is None:
+            return _command_payload(None, errors)
+        row, running = result
+        if running:
+            info.context.broker.publish(CANCEL_TOPIC, row.id)
+        else:
+            info.context.broker.publish_status(row.id, row.status)
+        return _command_payload(row, [])
+
+    @strawberry.mutation(description="Queue a finished command once more.")
+    async def retry_command(self, info: Info, id: strawberry.ID) -> CommandPayload:
+        async def work(session: AsyncSession) -> models.Command:
+            return await command_domain.retry_command(session, pk_of(id, "Command", field="id"))
+
+        row, errors = await perform(info, work)
+        if row is not None:
+            info.context.broker.publish(QUEUE_TOPIC, row.id)
+            info.context.broker.publish_status(row.id, row.status)
+        return _command_payload(row, errors)
+
+
+def _command_pk(command_id: str) -> int:
+    try:
+        return pk_of(command_id, "Command", field="commandId")
+    except InvalidInput as exc:
+        raise GraphQLError(f"no such command: {command_id!r}") from exc
+
+
+async def _load_command(info: Info, pk: int) -> models.Command | None:
+    async with info.context.app.sessionmaker() as session:
+        return await session.get(models.Command, pk)
+
+
+@strawberry.type
+class Subscription:
+    @strawberry.subscription(
+        description="A command's log lines after afterSeq (stored ones first), then live; "
+        "completes when the command is final and every line was sent."
+    )
+    async def command_logs(
+        self, info: Info, command_id: strawberry.ID, after_seq: int | None = None
+    ) -> AsyncGenerator[LogLine, None]:
+        pk = _command_pk(command_id)
+        if await _load_command(info, pk) is None:
+            raise GraphQLError(f"no such command: {command_id!r}")
+        app = info.context.app
+        async for item in follow_command(
+            app.sessionmaker, app.broker, pk, after_seq or 0, app.metrics
+        ):
+            if isinstance(item, StoredLine):
+                yield LogLine(
+                    seq=item.seq,
+                    attempt=item.attempt,
+                    stream=LogStream(item.stream),
+                    ts=item.ts,
+                    text=item.text,
+                )
+
+    @strawberry.subscription(description="Status changes of one command, or of all commands.")
+    async def command_events(
+        self, info: Info, command_id: strawberry.ID | None = None
+    ) -> AsyncGenerator[CommandEvent, None]:
+        app = info.context.app
+        topic = STATUS_TOPIC if command_id is None else command_topic(_command_pk(command_id))
+        app.metrics.subscribers.inc()
+        try:
+            async with app.broker.subscribe(topic) as subscription:
+                while True:
+                    message = await subscription.get()
+                    if message is None:
+                        subscription.resync()
+                        continue
+                    if not isinstance(message, StatusChange):
+                        continue
+                    row = await _load_command(info, message.command_id)
+                    if row is not None:
+                        yield CommandEvent(
+                            command=Command.from_row(row), status=CommandStatus(message.status)
+                        )
+        finally:
+            app.metrics.subscribers.dec()

@@ -12,7 +12,9 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from strawberry.types import Info as StrawberryInfo
 
+from server.broker import Broker
 from server.errors import ErrorCode, InvalidInput, UserError
+from server.metrics import Metrics
 from server.secretbox import SecretBox
 from server.settings import Settings
 
@@ -22,11 +24,13 @@ if TYPE_CHECKING:
 
 @dataclass
 class AppServices:
-    """What the app hands every request: settings, the sessionmaker and the key ring."""
+    """What the app hands every request: settings, sessions, key ring, broker, metrics."""
 
     settings: Settings
     sessionmaker: async_sessionmaker[AsyncSession]
     secret_box: SecretBox
+    broker: Broker = field(default_factory=Broker)
+    metrics: Metrics = field(default_factory=Metrics)
 
 
 @dataclass
@@ -48,6 +52,10 @@ class Context:
     @property
     def secret_box(self) -> SecretBox:
         return self.app.secret_box
+
+    @property
+    def broker(self) -> Broker:
+        return self.app.broker
 
     @property
     def session(self) -> AsyncSession:

@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Annotated
 
 import strawberry
-from sqlalchemy import select
+from sqlalchemy import false, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from graphql_schema.context import Info
@@ -172,8 +172,11 @@ async def resolve_profiles(
 ) -> Connection[Profile]:
     """Profiles by creation order; `search` matches names (case-insensitive substring)."""
     stmt = select(models.Profile)
-    if search:
-        stmt = stmt.where(models.Profile.name.ilike(f"%{_escape_like(search)}%", escape="\\"))
+    if search and "\x00" in search:  # no name can contain NUL (and PostgreSQL rejects it)
+        stmt = stmt.where(false())
+    elif search:
+        pattern = f"%{_escape_like(models.name_key(search))}%"
+        stmt = stmt.where(models.Profile.name_key.like(pattern, escape="\\"))
     return await paginate(info, stmt, models.Profile.id, Profile.from_row, first, after)
 
 

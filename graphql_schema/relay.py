@@ -16,6 +16,7 @@ from server.errors import ErrorCode, InvalidInput
 from server.errors import UserError as UserErrorValue
 
 DEFAULT_PAGE_SIZE = 50
+MAX_PK = 2**31 - 1  # primary keys are 32-bit integers on both databases
 T = TypeVar("T")
 
 
@@ -49,7 +50,9 @@ def decode_id(global_id: str) -> tuple[str, int] | None:
     """(type name, pk) of a global ID, or None when it is not one of ours."""
     try:
         type_name, _, raw = base64.b64decode(global_id, validate=True).decode().partition(":")
-        return (type_name, int(raw)) if type_name and raw.isdigit() else None
+        if not (type_name and raw.isascii() and raw.isdigit()) or int(raw) > MAX_PK:
+            return None
+        return type_name, int(raw)
     except (binascii.Error, UnicodeDecodeError, ValueError):
         return None
 
@@ -102,7 +105,7 @@ def encode_cursor(pk: int) -> str:
 def decode_cursor(cursor: str) -> int:
     try:
         prefix, _, raw = base64.b64decode(cursor, validate=True).decode().partition(":")
-        if prefix == "cursor" and raw.isdigit():
+        if prefix == "cursor" and raw.isascii() and raw.isdigit() and int(raw) <= MAX_PK:
             return int(raw)
     except (binascii.Error, UnicodeDecodeError):
         pass

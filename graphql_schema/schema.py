@@ -9,7 +9,14 @@ import strawberry
 from strawberry.extensions import MaxAliasesLimiter, QueryDepthLimiter
 from strawberry.schema.config import StrawberryConfig
 
-from graphql_schema.commands import Command, resolve_commands
+from graphql_schema.commands import (
+    Command,
+    CommandMutations,
+    ComposedCommand,
+    Subscription,
+    resolve_commands,
+    resolve_compose_command,
+)
 from graphql_schema.context import Info
 from graphql_schema.profiles import Profile, ProfileMutations, resolve_profiles
 from graphql_schema.proxies import Proxy, ProxyMutations, resolve_proxies
@@ -59,10 +66,13 @@ class Query:
         resolver=resolve_command_templates
     )
     commands: Connection[Command] = strawberry.field(resolver=resolve_commands)
+    compose_command: ComposedCommand = strawberry.field(resolver=resolve_compose_command)
 
 
 @strawberry.type
-class Mutation(ProfileMutations, ServiceMutations, ProxyMutations, CommandTemplateMutations):
+class Mutation(
+    ProfileMutations, ServiceMutations, ProxyMutations, CommandTemplateMutations, CommandMutations
+):
     pass
 
 
@@ -72,6 +82,7 @@ def build_schema(settings: Settings | None = None) -> strawberry.Schema:
     return strawberry.Schema(
         query=Query,
         mutation=Mutation,
+        subscription=Subscription,
         types=[Profile, Service, Proxy, CommandTemplate, Command],
         extensions=[
             lambda: QueryDepthLimiter(max_depth=settings.graphql_max_depth),

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from sqlalchemy import text
+from sqlalchemy import func, select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 from starlette.requests import Request
@@ -19,8 +19,13 @@ from strawberry.asgi import GraphQL
 
 from graphql_schema.context import AppServices, Context
 from graphql_schema.schema import build_schema
+from runner.supervisor import Supervisor
 from server import migrate
+from server.broker import Broker
 from server.db import create_engine, create_sessionmaker
+from server.logstream import stream_command_logs
+from server.metrics import Metrics
+from server.models import Command
 from server.secretbox import SecretBox, load_secret_box, verify_secret_box
 from server.settings import Settings
 
@@ -83,27 +88,53 @@ async def readyz(request: Request) -> Response:
     return PlainTextResponse("ready")
 
 
+async def metrics_endpoint(request: Request) -> Response:
+    services: AppServices = request.app.state.services
+    async with services.sessionmaker() as session:
+        rows = await session.execute(select(Command.status, func.count()).group_by(Command.status))
+        services.metrics.status_counts = {status: float(count) for status, count in rows.tuples()}
+    return Response(services.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
 def create_app(settings: Settings) -> Starlette:
     """Build the Corral ASGI app; resources start and stop in its lifespan."""
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         engine = create_engine(settings)
+        supervisor: Supervisor | None = None
         try:
             box = await prepare_database(settings, engine)
-            app.state.engine = engine
-            app.state.services = AppServices(
-                settings=settings, sessionmaker=create_sessionmaker(engine), secret_box=box
+            metrics = Metrics()
+            services = AppServices(
+                settings=settings,
+                sessionmaker=create_sessionmaker(engine),
+                secret_box=box,
+                broker=Broker(),
+                metrics=metrics,
             )
+            metrics.watch_status_counts(lambda: services.metrics.status_counts)
+            app.state.engine = engine
+            app.state.services = services
+            if settings.embedded_runner:
+                supervisor = Supervisor(
+                    settings, services.sessionmaker, box, services.broker, metrics
+                )
+                await supervisor.start()
+            app.state.supervisor = supervisor
             yield
         finally:
+            if supervisor is not None:
+                await supervisor.stop()
             await engine.dispose()
 
     graphql = GraphQLEndpoint(build_schema(settings), graphql_ide="graphiql")
     routes = [
         Route("/healthz", healthz),
         Route("/readyz", readyz),
+        Route("/metrics", metrics_endpoint),
         Route("/graphql", graphql, methods=["GET", "POST"]),
         WebSocketRoute("/graphql", graphql),
+        Route("/api/commands/{command_id}/logs/stream", stream_command_logs),
     ]
     return Starlette(routes=routes, lifespan=lifespan)

@@ -13,6 +13,7 @@ Deletion rules, chosen on purpose:
 from __future__ import annotations
 
 import enum
+import unicodedata
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,7 +33,7 @@ from sqlalchemy import (
     text,
 )
 from sqlalchemy.engine import Dialect
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, validates
 
 NAME_MAX = 200
 HOST_MAX = 255
@@ -80,6 +81,11 @@ class UTCDateTime(TypeDecorator[datetime]):
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = {datetime: UTCDateTime(), dict[str, Any]: JSON, list[str]: JSON}
+
+
+def name_key(name: str) -> str:
+    """The form names are unique in: Unicode case-folded (`Straße` = `STRASSE`), NFKC."""
+    return unicodedata.normalize("NFKC", name).casefold()
 
 
 class TimestampMixin:
@@ -140,7 +146,14 @@ class Profile(TimestampMixin, Base):
     __tablename__ = "profiles"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(NAME_MAX), unique=True)
+    name: Mapped[str] = mapped_column(String(NAME_MAX))
+    name_key: Mapped[str] = mapped_column(String(NAME_MAX * 3), unique=True)
+
+    @validates("name")
+    def _set_name_key(self, _key: str, value: str) -> str:
+        self.name_key = name_key(value)
+        return value
+
     user_data_dir: Mapped[str | None] = mapped_column(String(PATH_MAX))
     user_agent: Mapped[str | None] = mapped_column(String(1024))
     locale: Mapped[str | None] = mapped_column(String(35))
@@ -157,7 +170,14 @@ class Service(TimestampMixin, Base):
     __tablename__ = "services"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(NAME_MAX), unique=True)
+    name: Mapped[str] = mapped_column(String(NAME_MAX))
+    name_key: Mapped[str] = mapped_column(String(NAME_MAX * 3), unique=True)
+
+    @validates("name")
+    def _set_name_key(self, _key: str, value: str) -> str:
+        self.name_key = name_key(value)
+        return value
+
     kind: Mapped[str] = mapped_column(String(64), default="generic")
     base_url: Mapped[str | None] = mapped_column(String(URL_MAX))
     env_var: Mapped[str] = mapped_column(String(ENV_VAR_MAX))
@@ -185,7 +205,14 @@ class Proxy(TimestampMixin, Base):
     __tablename__ = "proxies"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(NAME_MAX), unique=True)
+    name: Mapped[str] = mapped_column(String(NAME_MAX))
+    name_key: Mapped[str] = mapped_column(String(NAME_MAX * 3), unique=True)
+
+    @validates("name")
+    def _set_name_key(self, _key: str, value: str) -> str:
+        self.name_key = name_key(value)
+        return value
+
     protocol: Mapped[str] = mapped_column(String(16))
     host: Mapped[str] = mapped_column(String(HOST_MAX))
     port: Mapped[int]
@@ -231,7 +258,14 @@ class CommandTemplate(TimestampMixin, Base):
     __tablename__ = "command_templates"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(NAME_MAX), unique=True)
+    name: Mapped[str] = mapped_column(String(NAME_MAX))
+    name_key: Mapped[str] = mapped_column(String(NAME_MAX * 3), unique=True)
+
+    @validates("name")
+    def _set_name_key(self, _key: str, value: str) -> str:
+        self.name_key = name_key(value)
+        return value
+
     description: Mapped[str | None] = mapped_column(Text)
     template: Mapped[str] = mapped_column(Text)
     # [{"name", "type": string|int|bool|choice, "default", "required", "choices", "description"}]
@@ -248,14 +282,26 @@ class Command(Base):
         # The claim query: runnable commands by priority, then FIFO.
         Index("ix_commands_claim", "status", "priority", "id"),
         Index("ix_commands_profile_status", "profile_id", "status"),
+        # One running command per profile (Chromium locks a user-data-dir): a claim race
+        # between runners fails here instead of running two browsers on one profile.
+        Index(
+            "uq_commands_one_running_per_profile",
+            "profile_id",
+            unique=True,
+            sqlite_where=text("status = 'RUNNING' AND profile_id IS NOT NULL"),
+            postgresql_where=text("status = 'RUNNING' AND profile_id IS NOT NULL"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     template_id: Mapped[int | None] = mapped_column(
         ForeignKey("command_templates.id", ondelete="SET NULL"), index=True
     )
-    command_string: Mapped[str | None] = mapped_column(Text)
+    # The template text (snapshot, so edits don't change queued runs) or the ad-hoc string.
+    source: Mapped[str] = mapped_column(Text)
+    is_ad_hoc: Mapped[bool] = mapped_column(Boolean, default=False)
     argv: Mapped[list[str]] = mapped_column(default=list)
+    env: Mapped[dict[str, Any]] = mapped_column(default=dict)
     profile_id: Mapped[int | None] = mapped_column(ForeignKey("profiles.id", ondelete="SET NULL"))
     profile_name: Mapped[str | None] = mapped_column(String(NAME_MAX))
     proxy_id: Mapped[int | None] = mapped_column(
@@ -272,6 +318,10 @@ class Command(Base):
     error: Mapped[str | None] = mapped_column(Text)
     wait_reason: Mapped[str | None] = mapped_column(Text)
     runner_id: Mapped[str | None] = mapped_column(String(NAME_MAX))
+    # Where the attempt's process group lives, so a restarted runner can stop survivors.
+    runner_host: Mapped[str | None] = mapped_column(String(HOST_MAX))
+    pgid: Mapped[int | None]
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)
     next_attempt_at: Mapped[datetime | None]
     last_seq: Mapped[int] = mapped_column(default=0)
@@ -304,6 +354,22 @@ class LogLine(Base):
     stream: Mapped[str] = mapped_column(String(8))
     ts: Mapped[datetime]
     text: Mapped[str] = mapped_column(Text)
+
+
+class CommandEvent(Base):
+    """A structured `::corral::{json}` event a child printed (usage, progress, artifact)."""
+
+    __tablename__ = "command_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    command_id: Mapped[int] = mapped_column(
+        ForeignKey("commands.id", ondelete="CASCADE"), index=True
+    )
+    attempt: Mapped[int]
+    seq: Mapped[int] = mapped_column(doc="The log seq it came after (its place in the log).")
+    type: Mapped[str] = mapped_column(String(64))
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    ts: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class ServiceUsage(Base):

@@ -68,7 +68,7 @@ async def create_profile(session: AsyncSession, values: dict[str, Any]) -> Profi
     """Validate and add a profile."""
     profile = Profile(tags=[], headless=True)
     apply_fields(profile, values, PROFILE_FIELDS, creating=True)
-    await ensure_unique(session, Profile.name, profile.name, field="name", label="profile")
+    await ensure_unique(session, Profile.name_key, profile.name, field="name", label="profile")
     session.add(profile)
     await session.flush()
     return profile
@@ -81,7 +81,7 @@ async def update_profile(session: AsyncSession, profile_id: int, values: dict[st
     if "name" in values:
         await ensure_unique(
             session,
-            Profile.name,
+            Profile.name_key,
             profile.name,
             field="name",
             label="profile",

@@ -196,7 +196,7 @@ async def create_proxy(session: AsyncSession, box: SecretBox, values: dict[str, 
     apply_fields(proxy, values, PROXY_FIELDS, creating=True)
     _set_credentials(proxy, box, values)
     _check_protocol_rules(proxy, box)
-    await ensure_unique(session, Proxy.name, proxy.name, field="name", label="proxy")
+    await ensure_unique(session, Proxy.name_key, proxy.name, field="name", label="proxy")
     await _set_via(session, proxy, values)
     session.add(proxy)
     await session.flush()
@@ -213,7 +213,7 @@ async def update_proxy(
     _check_protocol_rules(proxy, box)
     if "name" in values:
         await ensure_unique(
-            session, Proxy.name, proxy.name, field="name", label="proxy", exclude_id=proxy.id
+            session, Proxy.name_key, proxy.name, field="name", label="proxy", exclude_id=proxy.id
         )
     await _set_via(session, proxy, values)
     await session.flush()

@@ -70,7 +70,7 @@ async def create_service(session: AsyncSession, box: SecretBox, values: dict[str
     service = Service(kind="generic", settings={}, rate_limit_policy={})
     apply_fields(service, values, SERVICE_FIELDS, creating=True)
     _set_token(service, box, values)
-    await ensure_unique(session, Service.name, service.name, field="name", label="service")
+    await ensure_unique(session, Service.name_key, service.name, field="name", label="service")
     session.add(service)
     await session.flush()
     return service
@@ -86,7 +86,7 @@ async def update_service(
     if "name" in values:
         await ensure_unique(
             session,
-            Service.name,
+            Service.name_key,
             service.name,
             field="name",
             label="service",

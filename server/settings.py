@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 from pydantic import Field, SecretStr, field_validator
@@ -49,6 +50,43 @@ class Settings(BaseSettings):
         default=1000, ge=1, description="Largest `first` a connection accepts."
     )
 
+    embedded_runner: bool = Field(
+        default=True, description="Run commands inside `corral serve` (off: only `corral runner`)."
+    )
+    runner_name: str | None = Field(
+        default=None,
+        description="This runner's name, matched against profiles' runner affinity "
+        "(default: the host name).",
+    )
+    max_concurrency: int = Field(
+        default=4, ge=1, le=256, description="Most commands one runner runs at once."
+    )
+    default_timeout_seconds: int | None = Field(
+        default=3600,
+        ge=1,
+        description="Timeout of a command whose template and request name none (empty: none).",
+    )
+    kill_grace_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="Between SIGTERM and SIGKILL when a command times out, is cancelled "
+        "or the runner stops.",
+    )
+    lease_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="How long a runner's claim on a running command lasts without renewal; "
+        "after that another runner recovers the command.",
+    )
+    backoff_max_seconds: float = Field(
+        default=600.0, ge=0, description="Longest wait between two attempts of a command."
+    )
+    max_line_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Longest stored log line; longer lines are cut with a marker.",
+    )
+
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:
@@ -56,6 +94,11 @@ class Settings(BaseSettings):
         if level not in {"debug", "info", "warning", "error", "critical"}:
             raise ValueError("must be one of debug, info, warning, error, critical")
         return level
+
+    @property
+    def resolved_runner_name(self) -> str:
+        """The runner's name (the host name unless set)."""
+        return self.runner_name or socket.gethostname()
 
     @property
     def is_embedded(self) -> bool:

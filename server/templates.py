@@ -141,7 +141,7 @@ async def create_template(session: AsyncSession, values: dict[str, Any]) -> Comm
     template = CommandTemplate(parameters=[], env={}, max_attempts=1, backoff_seconds=5.0)
     apply_fields(template, values, TEMPLATE_FIELDS, creating=True)
     await ensure_unique(
-        session, CommandTemplate.name, template.name, field="name", label="command template"
+        session, CommandTemplate.name_key, template.name, field="name", label="command template"
     )
     session.add(template)
     await session.flush()
@@ -157,7 +157,7 @@ async def update_template(
     if "name" in values:
         await ensure_unique(
             session,
-            CommandTemplate.name,
+            CommandTemplate.name_key,
             template.name,
             field="name",
             label="command template",

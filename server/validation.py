@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import InstrumentedAttribute
 
 from server.errors import ErrorCode, InvalidInput, UserError
+from server.models import name_key
 
 TEXT_MAX = 20_000
 TAGS_MAX = 50
@@ -201,10 +202,12 @@ async def ensure_unique(
     label: str,
     exclude_id: int | None = None,
 ) -> None:
-    """Raise a TAKEN error when another row already uses `value` (case-insensitively)."""
+    """Raise a TAKEN error when another row already has this name (compared case-folded)."""
     model = column.class_
-    stmt = select(func.count()).select_from(model).where(func.lower(column) == value.lower())
+    stmt = select(func.count()).select_from(model).where(column == name_key(value))
     if exclude_id is not None:
         stmt = stmt.where(model.id != exclude_id)
-    if await session.scalar(stmt):
+    with session.no_autoflush:  # the changed row must not be flushed before the check
+        taken = await session.scalar(stmt)
+    if taken:
         raise InvalidInput.one(field, f"a {label} named {value!r} already exists", ErrorCode.TAKEN)

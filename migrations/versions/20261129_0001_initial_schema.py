@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-29 19:42:07.823476
+Create Date: 2026-11-29 20:01:01.999574
 """
 
 from collections.abc import Sequence
@@ -24,6 +24,7 @@ def upgrade() -> None:
         "command_templates",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("name", sa.String(length=200), nullable=False),
+        sa.Column("name_key", sa.String(length=600), nullable=False),
         sa.Column("description", sa.Text(), nullable=True),
         sa.Column("template", sa.Text(), nullable=False),
         sa.Column("parameters", sa.JSON(), nullable=False),
@@ -34,7 +35,7 @@ def upgrade() -> None:
         sa.Column("created_at", server.models.UTCDateTime(timezone=True), nullable=False),
         sa.Column("updated_at", server.models.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_command_templates")),
-        sa.UniqueConstraint("name", name=op.f("uq_command_templates_name")),
+        sa.UniqueConstraint("name_key", name=op.f("uq_command_templates_name_key")),
     )
     op.create_table(
         "corral_meta",
@@ -46,6 +47,7 @@ def upgrade() -> None:
         "profiles",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("name", sa.String(length=200), nullable=False),
+        sa.Column("name_key", sa.String(length=600), nullable=False),
         sa.Column("user_data_dir", sa.String(length=1024), nullable=True),
         sa.Column("user_agent", sa.String(length=1024), nullable=True),
         sa.Column("locale", sa.String(length=35), nullable=True),
@@ -59,12 +61,13 @@ def upgrade() -> None:
         sa.Column("created_at", server.models.UTCDateTime(timezone=True), nullable=False),
         sa.Column("updated_at", server.models.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_profiles")),
-        sa.UniqueConstraint("name", name=op.f("uq_profiles_name")),
+        sa.UniqueConstraint("name_key", name=op.f("uq_profiles_name_key")),
     )
     op.create_table(
         "proxies",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("name", sa.String(length=200), nullable=False),
+        sa.Column("name_key", sa.String(length=600), nullable=False),
         sa.Column("protocol", sa.String(length=16), nullable=False),
         sa.Column("host", sa.String(length=255), nullable=False),
         sa.Column("port", sa.Integer(), nullable=False),
@@ -82,7 +85,7 @@ def upgrade() -> None:
             ["via_id"], ["proxies.id"], name=op.f("fk_proxies_via_id_proxies"), ondelete="RESTRICT"
         ),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_proxies")),
-        sa.UniqueConstraint("name", name=op.f("uq_proxies_name")),
+        sa.UniqueConstraint("name_key", name=op.f("uq_proxies_name_key")),
     )
     with op.batch_alter_table("proxies", schema=None) as batch_op:
         batch_op.create_index(batch_op.f("ix_proxies_via_id"), ["via_id"], unique=False)
@@ -91,6 +94,7 @@ def upgrade() -> None:
         "services",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("name", sa.String(length=200), nullable=False),
+        sa.Column("name_key", sa.String(length=600), nullable=False),
         sa.Column("kind", sa.String(length=64), nullable=False),
         sa.Column("base_url", sa.String(length=2048), nullable=True),
         sa.Column("env_var", sa.String(length=128), nullable=False),
@@ -100,14 +104,16 @@ def upgrade() -> None:
         sa.Column("created_at", server.models.UTCDateTime(timezone=True), nullable=False),
         sa.Column("updated_at", server.models.UTCDateTime(timezone=True), nullable=False),
         sa.PrimaryKeyConstraint("id", name=op.f("pk_services")),
-        sa.UniqueConstraint("name", name=op.f("uq_services_name")),
+        sa.UniqueConstraint("name_key", name=op.f("uq_services_name_key")),
     )
     op.create_table(
         "commands",
         sa.Column("id", sa.Integer(), nullable=False),
         sa.Column("template_id", sa.Integer(), nullable=True),
-        sa.Column("command_string", sa.Text(), nullable=True),
+        sa.Column("source", sa.Text(), nullable=False),
+        sa.Column("is_ad_hoc", sa.Boolean(), nullable=False),
         sa.Column("argv", sa.JSON(), nullable=False),
+        sa.Column("env", sa.JSON(), nullable=False),
         sa.Column("profile_id", sa.Integer(), nullable=True),
         sa.Column("profile_name", sa.String(length=200), nullable=True),
         sa.Column("proxy_id", sa.Integer(), nullable=True),
@@ -122,6 +128,9 @@ def upgrade() -> None:
         sa.Column("error", sa.Text(), nullable=True),
         sa.Column("wait_reason", sa.Text(), nullable=True),
         sa.Column("runner_id", sa.String(length=200), nullable=True),
+        sa.Column("runner_host", sa.String(length=255), nullable=True),
+        sa.Column("pgid", sa.Integer(), nullable=True),
+        sa.Column("cancel_requested", sa.Boolean(), nullable=False),
         sa.Column("lease_expires_at", server.models.UTCDateTime(timezone=True), nullable=True),
         sa.Column("next_attempt_at", server.models.UTCDateTime(timezone=True), nullable=True),
         sa.Column("last_seq", sa.Integer(), nullable=False),
@@ -157,6 +166,13 @@ def upgrade() -> None:
         batch_op.create_index("ix_commands_profile_status", ["profile_id", "status"], unique=False)
         batch_op.create_index(batch_op.f("ix_commands_proxy_id"), ["proxy_id"], unique=False)
         batch_op.create_index(batch_op.f("ix_commands_template_id"), ["template_id"], unique=False)
+        batch_op.create_index(
+            "uq_commands_one_running_per_profile",
+            ["profile_id"],
+            unique=True,
+            sqlite_where=sa.text("status = 'RUNNING' AND profile_id IS NOT NULL"),
+            postgresql_where=sa.text("status = 'RUNNING' AND profile_id IS NOT NULL"),
+        )
 
     op.create_table(
         "profile_proxies",
@@ -211,6 +227,28 @@ def upgrade() -> None:
     with op.batch_alter_table("profile_services", schema=None) as batch_op:
         batch_op.create_index(
             batch_op.f("ix_profile_services_service_id"), ["service_id"], unique=False
+        )
+
+    op.create_table(
+        "command_events",
+        sa.Column("id", sa.Integer(), nullable=False),
+        sa.Column("command_id", sa.Integer(), nullable=False),
+        sa.Column("attempt", sa.Integer(), nullable=False),
+        sa.Column("seq", sa.Integer(), nullable=False),
+        sa.Column("type", sa.String(length=64), nullable=False),
+        sa.Column("data", sa.JSON(), nullable=False),
+        sa.Column("ts", server.models.UTCDateTime(timezone=True), nullable=False),
+        sa.ForeignKeyConstraint(
+            ["command_id"],
+            ["commands.id"],
+            name=op.f("fk_command_events_command_id_commands"),
+            ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("id", name=op.f("pk_command_events")),
+    )
+    with op.batch_alter_table("command_events", schema=None) as batch_op:
+        batch_op.create_index(
+            batch_op.f("ix_command_events_command_id"), ["command_id"], unique=False
         )
 
     op.create_table(
@@ -311,6 +349,10 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f("ix_command_services_service_id"))
 
     op.drop_table("command_services")
+    with op.batch_alter_table("command_events", schema=None) as batch_op:
+        batch_op.drop_index(batch_op.f("ix_command_events_command_id"))
+
+    op.drop_table("command_events")
     with op.batch_alter_table("profile_services", schema=None) as batch_op:
         batch_op.drop_index(batch_op.f("ix_profile_services_service_id"))
 
@@ -325,6 +367,11 @@ def downgrade() -> None:
 
     op.drop_table("profile_proxies")
     with op.batch_alter_table("commands", schema=None) as batch_op:
+        batch_op.drop_index(
+            "uq_commands_one_running_per_profile",
+            sqlite_where=sa.text("status = 'RUNNING' AND profile_id IS NOT NULL"),
+            postgresql_where=sa.text("status = 'RUNNING' AND profile_id IS NOT NULL"),
+        )
         batch_op.drop_index(batch_op.f("ix_commands_template_id"))
         batch_op.drop_index(batch_op.f("ix_commands_proxy_id"))
         batch_op.drop_index("ix_commands_profile_status")

@@ -1,0 +1,77 @@
+"""Turn a child's byte stream into log lines: split, cut, decode, redact."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Iterator
+from urllib.parse import quote
+
+CUT_MARKER = " …[line cut: {dropped} more bytes]"
+MASK = "[redacted]"
+MIN_SECRET_LENGTH = 4
+
+
+class LineSplitter:
+    """Feed bytes in, get whole lines out (LF or CRLF); lines over `max_bytes` are cut.
+
+    A line is never held whole in memory past `max_bytes`: the rest is counted and dropped.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._buffer = bytearray()
+        self._dropped = 0
+
+    def feed(self, chunk: bytes) -> Iterator[str]:
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            if end == -1:
+                self._keep(chunk[start:])
+                return
+            self._keep(chunk[start:end])
+            yield self._take()
+            start = end + 1
+
+    def close(self) -> Iterator[str]:
+        """The partial last line, if any."""
+        if self._buffer or self._dropped:
+            yield self._take()
+
+    def _keep(self, piece: bytes) -> None:
+        room = self.max_bytes - len(self._buffer)
+        if len(piece) <= room:
+            self._buffer += piece
+        else:
+            self._buffer += piece[: max(room, 0)]
+            self._dropped += len(piece) - max(room, 0)
+
+    def _take(self) -> str:
+        raw = bytes(self._buffer)
+        dropped = self._dropped
+        self._buffer.clear()
+        self._dropped = 0
+        if raw.endswith(b"\r") and not dropped:
+            raw = raw[:-1]
+        text = raw.decode("utf-8", errors="replace")
+        if dropped:
+            text += CUT_MARKER.format(dropped=dropped)
+        return text
+
+
+class Redactor:
+    """Masks every secret value (and its URL-encoded form) in text."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        forms: set[str] = set()
+        for secret in secrets:
+            if len(secret) < MIN_SECRET_LENGTH:
+                continue
+            forms.update({secret, quote(secret, safe=""), quote(secret)})
+        ordered = sorted(forms, key=len, reverse=True)
+        self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
+
+    def __call__(self, text: str) -> str:
+        if self._pattern is None:
+            return text
+        return self._pattern.sub(MASK, text)

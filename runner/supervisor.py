@@ -1,0 +1,673 @@
+"""The supervisor: claims queued commands, runs each as a process group, streams its lines,
+enforces timeouts, cancels, retries with backoff, renews leases and recovers dead runners.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import shlex
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from runner.compose import CompositionError, render_argv
+from runner.lines import LineSplitter, Redactor
+from runner.logwriter import LogWriter
+from runner.process import kill_leftovers, stop_group
+from server.broker import CANCEL_TOPIC, QUEUE_TOPIC, Broker
+from server.commands import PROXY_URL_ENV, command_context, service_tokens
+from server.events import log_event
+from server.metrics import Metrics
+from server.models import (
+    Command,
+    CommandService,
+    CommandStatus,
+    LogStream,
+    Profile,
+    Proxy,
+    Service,
+    utcnow,
+)
+from server.secretbox import SecretBox
+from server.settings import Settings
+
+RUNNER_BIN = Path(__file__).resolve().parent / "bin"
+SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
+READ_CHUNK = 64 * 1024
+TICK_SECONDS = 0.5
+RUNNABLE = (CommandStatus.QUEUED.value, CommandStatus.WAITING.value)
+
+
+class StopReason:
+    CANCEL = "cancel"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass
+class Attempt:
+    """One running attempt, as the supervisor tracks it."""
+
+    command_id: int
+    number: int
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    reason: str | None = None
+    task: asyncio.Task[None] | None = None
+
+    def request_stop(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.stop.set()
+
+
+@dataclass
+class Outcome:
+    status: CommandStatus
+    exit_code: int | None = None
+    error: str | None = None
+    retryable: bool = True
+
+
+@dataclass
+class Prepared:
+    argv: list[str]
+    env: dict[str, str]
+    secrets: list[str]
+    service_ids: dict[str, int]
+    profile_id: int | None
+
+
+def child_path() -> str:
+    """PATH for children: Corral's own tools first (e.g. corral-playwright), then the system."""
+    return f"{RUNNER_BIN}:{SYSTEM_PATH}"
+
+
+def backoff_delay(base: float, attempt: int, ceiling: float) -> float:
+    """Exponential backoff with full jitter: uniform in [base, base * 2**(attempt-1)]."""
+    top = min(ceiling, base * (2 ** max(attempt - 1, 0)))
+    return random.uniform(min(base, top), top)  # noqa: S311 - jitter, not cryptography
+
+
+class Supervisor:
+    """Runs queued commands. One per `corral serve` (embedded) or `corral runner` process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        secret_box: SecretBox,
+        broker: Broker,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.sessionmaker = sessionmaker
+        self.box = secret_box
+        self.broker = broker
+        self.metrics = metrics
+        self.name = settings.resolved_runner_name
+        self.host = socket.gethostname()
+        self.runner_id = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.attempts: dict[int, Attempt] = {}
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+        self._is_postgres = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Recover what a dead runner left, then start the claim loop in the background."""
+        async with self.sessionmaker() as session:
+            self._is_postgres = session.get_bind().dialect.name == "postgresql"
+        await self.recover()
+        self._task = asyncio.create_task(self._main(), name=f"supervisor-{self.runner_id}")
+        log_event("runner_started", runner=self.runner_id, name=self.name)
+
+    async def stop(self) -> None:
+        """Stop claiming; stop every child (TERM, grace, KILL) and put its command back."""
+        self._stopping = True
+        self._wake.set()
+        for attempt in list(self.attempts.values()):
+            attempt.request_stop(StopReason.SHUTDOWN)
+        tasks = [a.task for a in self.attempts.values() if a.task is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        log_event("runner_stopped", runner=self.runner_id)
+
+    def wake(self) -> None:
+        """Look at the queue now (a command was queued or a slot freed)."""
+        self._wake.set()
+
+    async def _main(self) -> None:
+        async with (
+            self.broker.subscribe(QUEUE_TOPIC) as queued,
+            self.broker.subscribe(CANCEL_TOPIC) as cancels,
+        ):
+            listeners = [
+                asyncio.create_task(self._forward_wakeups(queued)),
+                asyncio.create_task(self._listen_cancels(cancels)),
+                asyncio.create_task(self._lease_loop()),
+            ]
+            try:
+                while not self._stopping:
+                    self._wake.clear()
+                    try:
+                        await self.dispatch()
+                    except Exception as exc:  # keep the runner alive; the next tick retries
+                        log_event("dispatch_failed", level="error", error=repr(exc))
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), TICK_SECONDS)
+            finally:
+                for task in listeners:
+                    task.cancel()
+                await asyncio.gather(*listeners, return_exceptions=True)
+
+    async def _forward_wakeups(self, subscription: Any) -> None:
+        while True:
+            await subscription.get()
+            subscription.resync()
+            self._wake.set()
+
+    async def _listen_cancels(self, subscription: Any) -> None:
+        while True:
+            message = await subscription.get()
+            subscription.resync()
+            if isinstance(message, int) and message in self.attempts:
+                self.attempts[message].request_stop(StopReason.CANCEL)
+
+    # -- claiming ----------------------------------------------------------------------
+
+    async def dispatch(self) -> None:
+        """Claim as many runnable commands as there are free slots, and start them."""
+        free = self.settings.max_concurrency - len(self.attempts)
+        if free <= 0 or self._stopping:
+            return
+        try:
+            claimed = await self._claim(free)
+        except IntegrityError:
+            # Another runner took a command of the same profile at the same moment.
+            log_event("claim_conflict", runner=self.runner_id)
+            return
+        for command_id, number, queued_since in claimed:
+            attempt = Attempt(command_id, number)
+            self.attempts[command_id] = attempt
+            attempt.task = asyncio.create_task(self._run_attempt(attempt, queued_since))
+        if self.metrics is not None:
+            self.metrics.running.set(len(self.attempts))
+
+    async def _claim(self, free: int) -> list[tuple[int, int, Any]]:
+        now = utcnow()
+        async with self.sessionmaker() as session, session.begin():
+            stmt = (
+                select(Command)
+                .outerjoin(Profile, Profile.id == Command.profile_id)
+                .where(
+                    Command.status.in_(RUNNABLE),
+                    or_(Command.next_attempt_at.is_(None), Command.next_attempt_at <= now),
+                    or_(Profile.runner_affinity.is_(None), Profile.runner_affinity == self.name),
+                )
+                .order_by(Command.priority.desc(), Command.id)
+                .limit(free * 4 + 16)
+            )
+            if self._is_postgres:
+                stmt = stmt.with_for_update(of=Command, skip_locked=True)
+            candidates = list(await session.scalars(stmt))
+            if not candidates:
+                return []
+            busy = await self._busy_profiles(session)
+            claimed: list[tuple[int, int, Any]] = []
+            waiting: list[int] = []
+            for command in candidates:
+                if command.profile_id is not None and command.profile_id in busy:
+                    if _mark_waiting(command, busy[command.profile_id]):
+                        waiting.append(command.id)
+                    continue
+                if len(claimed) >= free:
+                    continue
+                if command.profile_id is not None:
+                    busy[command.profile_id] = command.id
+                queued_since = command.next_attempt_at or command.created_at
+                command.status = CommandStatus.RUNNING.value
+                command.attempts += 1
+                command.runner_id = self.runner_id
+                command.runner_host = self.host
+                command.lease_expires_at = now + timedelta(seconds=self.settings.lease_seconds)
+                command.started_at = now
+                command.wait_reason = None
+                command.next_attempt_at = None
+                command.pgid = None
+                claimed.append((command.id, command.attempts, queued_since))
+            await session.flush()
+        for command_id in waiting:
+            self.broker.publish_status(command_id, CommandStatus.WAITING.value)
+        for command_id, _number, _since in claimed:
+            self.broker.publish_status(command_id, CommandStatus.RUNNING.value)
+        return claimed
+
+    async def _busy_profiles(self, session: AsyncSession) -> dict[int, int]:
+        rows = await session.execute(
+            select(Command.profile_id, Command.id).where(
+                Command.status == CommandStatus.RUNNING.value, Command.profile_id.is_not(None)
+            )
+        )
+        return {profile_id: command_id for profile_id, command_id in rows.tuples() if profile_id}
+
+    # -- running one attempt -----------------------------------------------------------
+
+    async def _run_attempt(self, attempt: Attempt, queued_since: Any) -> None:
+        started = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.queue_wait.observe(max((utcnow() - queued_since).total_seconds(), 0))
+        writer: LogWriter | None = None
+        outcome = Outcome(CommandStatus.FAILED, error="the runner failed unexpectedly")
+        try:
+            command, prepared = await self._prepare(attempt)
+            writer = LogWriter(
+                self.sessionmaker,
+                self.broker,
+                command.id,
+                attempt.number,
+                command.last_seq,
+                Redactor(prepared.secrets),
+                self.metrics,
+                prepared.service_ids,
+                prepared.profile_id,
+            )
+            writer.start()
+            outcome = await self._execute(attempt, command, prepared, writer)
+        except CompositionError as exc:
+            outcome = Outcome(CommandStatus.FAILED, error=str(exc), retryable=False)
+            writer = await self._system_writer(attempt)
+            await writer.add(LogStream.SYSTEM, f"cannot compose the command: {exc}")
+        except Exception as exc:
+            log_event("attempt_crashed", level="error", command=attempt.command_id, error=repr(exc))
+            outcome = Outcome(CommandStatus.FAILED, error=f"runner error: {exc}")
+        finally:
+            await asyncio.shield(self._finish(attempt, outcome, writer, time.monotonic() - started))
+
+    async def _system_writer(self, attempt: Attempt) -> LogWriter:
+        async with self.sessionmaker() as session:
+            last_seq = await session.scalar(
+                select(Command.last_seq).where(Command.id == attempt.command_id)
+            )
+        writer = LogWriter(
+            self.sessionmaker,
+            self.broker,
+            attempt.command_id,
+            attempt.number,
+            last_seq or 0,
+            Redactor([]),
+            self.metrics,
+        )
+        writer.start()
+        return writer
+
+    async def _prepare(self, attempt: Attempt) -> tuple[Command, Prepared]:
+        """Load the command, re-render its argv, and build the child's environment."""
+        async with self.sessionmaker() as session:
+            command = await session.get_one(Command, attempt.command_id)
+            profile = await session.get(Profile, command.profile_id) if command.profile_id else None
+            proxy = await session.get(Proxy, command.proxy_id) if command.proxy_id else None
+            services = list(
+                await session.scalars(
+                    select(Service)
+                    .join(CommandService, CommandService.service_id == Service.id)
+                    .where(CommandService.command_id == command.id)
+                    .order_by(Service.name)
+                )
+            )
+            tokens = await service_tokens(session, self.box, command.profile_id, services)
+        if command.proxy_id is not None and proxy is None:
+            raise CompositionError("its proxy was deleted; refusing to run without it")
+        context = command_context(self.settings, profile, proxy, services, command.params)
+        argv = render_argv(command.source, context)
+        env = self._child_env(command, tokens)
+        if proxy is not None:
+            env[PROXY_URL_ENV] = context["proxy"]["url"]
+        missing = [name for name, token in tokens.items() if token is None]
+        if missing:
+            raise CompositionError(f"no token any more for {', '.join(missing)}")
+        return command, Prepared(
+            argv=argv,
+            env=env,
+            secrets=[token for token in tokens.values() if token],
+            service_ids={s.name.lower(): s.id for s in services}
+            | {s.kind.lower(): s.id for s in services},
+            profile_id=command.profile_id,
+        )
+
+    def _child_env(self, command: Command, tokens: dict[str, str | None]) -> dict[str, str]:
+        """A minimal environment: no Corral settings or keys, only what the child needs."""
+        env = {
+            "PATH": child_path(),
+            "HOME": os.environ.get("HOME", "/tmp"),  # noqa: S108 - a fallback HOME only
+            "LANG": os.environ.get("LANG", "C.UTF-8"),
+            "CORRAL_COMMAND_ID": str(command.id),
+            "CORRAL_ATTEMPT": str(command.attempts),
+        }
+        env.update({str(k): str(v) for k, v in command.env.items()})
+        env.update({name: token for name, token in tokens.items() if token is not None})
+        return env
+
+    def _workdir(self, command_id: int) -> Path:
+        path = (self.settings.data_dir / "commands" / str(command_id)).resolve()
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    async def _execute(
+        self, attempt: Attempt, command: Command, prepared: Prepared, writer: LogWriter
+    ) -> Outcome:
+        await writer.add(
+            LogStream.SYSTEM,
+            f"attempt {attempt.number} of {command.max_attempts}: {shlex.join(prepared.argv)}",
+        )
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *prepared.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=prepared.env,
+                cwd=self._workdir(command.id),
+                start_new_session=True,
+            )
+        except OSError as exc:
+            message = f"cannot start {prepared.argv[0]!r}: {exc.strerror or exc}"
+            await writer.add(LogStream.SYSTEM, message)
+            return Outcome(CommandStatus.FAILED, error=message, retryable=False)
+        pgid = process.pid
+        await self._record_pgid(command.id, pgid)
+        log_event("started", command=command.id, attempt=attempt.number, pid=process.pid)
+        assert process.stdout is not None
+        assert process.stderr is not None
+        pumps = [
+            asyncio.create_task(self._pump(process.stdout, LogStream.STDOUT, writer)),
+            asyncio.create_task(self._pump(process.stderr, LogStream.STDERR, writer)),
+        ]
+        try:
+            return await self._wait(attempt, command, process, writer)
+        finally:
+            await asyncio.shield(self._reap(pgid, process, pumps))
+
+    async def _reap(
+        self, pgid: int, process: asyncio.subprocess.Process, pumps: list[asyncio.Task[None]]
+    ) -> None:
+        await stop_group(pgid, process, self.settings.kill_grace_seconds)
+        await asyncio.gather(*pumps, return_exceptions=True)
+
+    async def _wait(
+        self,
+        attempt: Attempt,
+        command: Command,
+        process: asyncio.subprocess.Process,
+        writer: LogWriter,
+    ) -> Outcome:
+        exited = asyncio.create_task(process.wait())
+        stop = asyncio.create_task(attempt.stop.wait())
+        timeout = command.timeout_seconds
+        try:
+            done, _ = await asyncio.wait(
+                {exited, stop}, timeout=timeout, return_when="FIRST_COMPLETED"
+            )
+        finally:
+            stop.cancel()
+        if exited in done:
+            code = process.returncode
+            assert code is not None
+            if code == 0:
+                return Outcome(CommandStatus.SUCCEEDED, exit_code=0)
+            return Outcome(CommandStatus.FAILED, exit_code=code, error=_exit_message(code))
+        exited.cancel()
+        if attempt.reason == StopReason.CANCEL:
+            await writer.add(LogStream.SYSTEM, "cancelled: stopping the process group")
+            return Outcome(CommandStatus.CANCELLED, error="cancelled", retryable=False)
+        if attempt.reason == StopReason.SHUTDOWN:
+            await writer.add(
+                LogStream.SYSTEM, "the runner is shutting down: stopping the process group"
+            )
+            return Outcome(CommandStatus.QUEUED, error="interrupted by runner shutdown")
+        await writer.add(
+            LogStream.SYSTEM, f"timed out after {timeout}s: stopping the process group"
+        )
+        return Outcome(CommandStatus.TIMED_OUT, error=f"timed out after {timeout}s")
+
+    async def _pump(self, stream: asyncio.StreamReader, kind: LogStream, writer: LogWriter) -> None:
+        splitter = LineSplitter(self.settings.max_line_bytes)
+        while chunk := await stream.read(READ_CHUNK):
+            for line in splitter.feed(chunk):
+                await writer.add(kind, line)
+        for line in splitter.close():
+            await writer.add(kind, line)
+
+    async def _record_pgid(self, command_id: int, pgid: int) -> None:
+        async with self.sessionmaker() as session, session.begin():
+            await session.execute(update(Command).where(Command.id == command_id).values(pgid=pgid))
+
+    # -- finishing ---------------------------------------------------------------------
+
+    async def _finish(
+        self, attempt: Attempt, outcome: Outcome, writer: LogWriter | None, elapsed: float
+    ) -> None:
+        try:
+            status, values, note = await self._final_values(attempt, outcome)
+            if writer is not None:
+                if note:
+                    await writer.add(LogStream.SYSTEM, note)
+                await writer.close()
+            async with self.sessionmaker() as session, session.begin():
+                await session.execute(
+                    update(Command)
+                    .where(Command.id == attempt.command_id, Command.runner_id == self.runner_id)
+                    .values(**values)
+                )
+            self.broker.publish_status(attempt.command_id, status.value)
+            log_event(
+                "finished" if status.is_final else "requeued",
+                command=attempt.command_id,
+                attempt=attempt.number,
+                status=status.value,
+                exit_code=outcome.exit_code,
+                seconds=round(elapsed, 3),
+            )
+            if self.metrics is not None:
+                self.metrics.run_time.observe(elapsed)
+                self.metrics.attempts.labels(outcome.status.value.lower()).inc()
+        except Exception as exc:
+            log_event("finish_failed", level="error", command=attempt.command_id, error=repr(exc))
+        finally:
+            self.attempts.pop(attempt.command_id, None)
+            if self.metrics is not None:
+                self.metrics.running.set(len(self.attempts))
+            self._wake.set()
+
+    async def _final_values(
+        self, attempt: Attempt, outcome: Outcome
+    ) -> tuple[CommandStatus, dict[str, Any], str | None]:
+        """The command's next state: final, or back in the queue (retry, or shutdown)."""
+        async with self.sessionmaker() as session:
+            command = await session.get_one(Command, attempt.command_id)
+            max_attempts = command.max_attempts
+            backoff = command.backoff_seconds
+        cleared: dict[str, Any] = {"runner_id": None, "lease_expires_at": None, "pgid": None}
+        if outcome.status is CommandStatus.QUEUED:  # shutdown: not the command's fault
+            return (
+                CommandStatus.QUEUED,
+                cleared
+                | {"status": "QUEUED", "max_attempts": max_attempts + 1, "error": outcome.error},
+                "put back in the queue; this attempt is not counted against it",
+            )
+        if (
+            outcome.retryable
+            and outcome.status is not CommandStatus.SUCCEEDED
+            and (attempt.number < max_attempts)
+        ):
+            delay = backoff_delay(backoff, attempt.number, self.settings.backoff_max_seconds)
+            values = cleared | {
+                "status": CommandStatus.QUEUED.value,
+                "next_attempt_at": utcnow() + timedelta(seconds=delay),
+                "exit_code": outcome.exit_code,
+                "error": outcome.error,
+                "wait_reason": f"retrying in {delay:.1f}s (attempt {attempt.number + 1} of "
+                f"{max_attempts})",
+            }
+            return CommandStatus.QUEUED, values, f"{outcome.error}; retrying in {delay:.1f}s"
+        values = cleared | {
+            "status": outcome.status.value,
+            "exit_code": outcome.exit_code,
+            "error": outcome.error,
+            "finished_at": utcnow(),
+            "wait_reason": None,
+            "cancel_requested": False,
+        }
+        note = f"finished: {outcome.status.value}" + (
+            f" ({outcome.error})" if outcome.error else ""
+        )
+        return outcome.status, values, note
+
+    # -- leases and recovery -----------------------------------------------------------
+
+    async def _lease_loop(self) -> None:
+        interval = max(self.settings.lease_seconds / 3, 0.2)
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.renew_leases()
+                await self.recover()
+            except Exception as exc:
+                log_event("lease_pass_failed", level="error", error=repr(exc))
+
+    async def renew_leases(self) -> None:
+        """Extend this runner's leases; stop the attempts someone asked to cancel."""
+        if not self.attempts:
+            return
+        expires = utcnow() + timedelta(seconds=self.settings.lease_seconds)
+        async with self.sessionmaker() as session, session.begin():
+            await session.execute(
+                update(Command)
+                .where(
+                    Command.runner_id == self.runner_id,
+                    Command.status == CommandStatus.RUNNING.value,
+                )
+                .values(lease_expires_at=expires)
+            )
+            cancelled = await session.scalars(
+                select(Command.id).where(
+                    Command.runner_id == self.runner_id, Command.cancel_requested.is_(True)
+                )
+            )
+            for command_id in cancelled:
+                if command_id in self.attempts:
+                    self.attempts[command_id].request_stop(StopReason.CANCEL)
+
+    async def recover(self) -> None:
+        """Re-queue (or fail) commands whose runner died: lease expired, or on this host
+        a runner process that no longer exists. Their leftover processes here are killed."""
+        now = utcnow()
+        async with self.sessionmaker() as session, session.begin():
+            stmt = select(Command).where(
+                Command.status == CommandStatus.RUNNING.value,
+                or_(Command.runner_id.is_(None), Command.runner_id != self.runner_id),
+            )
+            if self._is_postgres:
+                stmt = stmt.with_for_update(skip_locked=True)
+            orphans = [
+                command
+                for command in await session.scalars(stmt)
+                if _lease_expired(command, now) or self._runner_gone(command)
+            ]
+            for command in orphans:
+                await self._recover_one(session, command)
+        for command in orphans:
+            self.broker.publish_status(command.id, command.status)
+        if orphans:
+            self._wake.set()
+
+    def _runner_gone(self, command: Command) -> bool:
+        if command.runner_host != self.host or not command.runner_id:
+            return False
+        try:
+            pid = int(command.runner_id.split(":")[1])
+        except (IndexError, ValueError):
+            return False
+        if pid == os.getpid():
+            return True  # this process, but a runner instance that is gone
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    async def _recover_one(self, session: AsyncSession, command: Command) -> None:
+        killed = 0
+        if command.runner_host == self.host:
+            killed = kill_leftovers(command.id, command.pgid)
+        previous = command.runner_id
+        note = f"runner {previous} stopped renewing its lease"
+        if killed:
+            note += f"; killed {killed} leftover process(es)"
+        if command.attempts < command.max_attempts:
+            command.status = CommandStatus.QUEUED.value
+            command.wait_reason = "recovered from a dead runner"
+            note += "; queued again"
+        else:
+            command.status = CommandStatus.FAILED.value
+            command.error = "its runner died during the last attempt"
+            command.finished_at = utcnow()
+            note += "; no attempts left: failed"
+        command.runner_id = None
+        command.lease_expires_at = None
+        command.pgid = None
+        command.last_seq += 1
+        session.add(
+            _system_line(command.id, command.last_seq, command.attempts, note),
+        )
+        log_event("recovered", command=command.id, previous_runner=previous, status=command.status)
+
+
+def _mark_waiting(command: Command, blocker: int) -> bool:
+    """Show why a runnable command waits (its profile is busy). True when that changed."""
+    reason = f"profile {command.profile_name!r} is busy with command {blocker}"
+    if command.wait_reason == reason and command.status == CommandStatus.WAITING.value:
+        return False
+    command.status = CommandStatus.WAITING.value
+    command.wait_reason = reason
+    return True
+
+
+def _lease_expired(command: Command, now: Any) -> bool:
+    return command.lease_expires_at is None or command.lease_expires_at < now
+
+
+def _system_line(command_id: int, seq: int, attempt: int, text: str) -> Any:
+    from server.models import LogLine
+
+    return LogLine(
+        command_id=command_id,
+        seq=seq,
+        attempt=attempt,
+        stream=LogStream.SYSTEM.value,
+        ts=utcnow(),
+        text=text,
+    )
+
+
+def _exit_message(code: int) -> str:
+    if code < 0:
+        return f"killed by signal {-code}"
+    return f"exited with status {code}"

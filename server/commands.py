@@ -1,0 +1,422 @@
+"""Commands: compose a template + profile + proxy + services into a queued run; cancel, retry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from runner.compose import CompositionError, check_params, render_argv
+from server.errors import ErrorCode, InvalidInput, UserError
+from server.models import (
+    Command,
+    CommandService,
+    CommandStatus,
+    CommandTemplate,
+    Profile,
+    ProfileProxy,
+    ProfileService,
+    Proxy,
+    Service,
+    utcnow,
+)
+from server.profiles import get_profile, user_data_dir
+from server.proxies import get_proxy
+from server.secretbox import SecretBox
+from server.services import get_service
+from server.settings import Settings
+from server.templates import MAX_TIMEOUT_SECONDS, get_template
+from server.validation import JSON_MAX_BYTES
+
+PROXY_URL_ENV = "CORRAL_PROXY_URL"
+COMMAND_STRING_MAX = 100_000
+PRIORITY_RANGE = (-1000, 1000)
+
+
+@dataclass
+class RunRequest:
+    """What a client asks to run (IDs already decoded)."""
+
+    template_id: int | None = None
+    command_string: str | None = None
+    profile_id: int | None = None
+    proxy_id: int | None = None
+    service_ids: list[int] | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    timeout_seconds: int | None = None
+    max_attempts: int | None = None
+    priority: int = 0
+
+
+@dataclass
+class Composition:
+    """A composed command: what would run, and with which environment variable names."""
+
+    source: str
+    argv: list[str]
+    env_names: list[str]
+    params: dict[str, Any]
+    template: CommandTemplate | None
+    profile: Profile | None
+    proxy: Proxy | None
+    services: list[Service]
+    timeout_seconds: int | None
+    max_attempts: int
+    backoff_seconds: float
+    template_env: dict[str, str]
+
+
+def command_context(
+    settings: Settings,
+    profile: Profile | None,
+    proxy: Proxy | None,
+    services: list[Service],
+    params: dict[str, Any],
+    proxy_url: str | None = None,
+) -> dict[str, Any]:
+    """What a template sees: public fields only, never tokens or proxy credentials."""
+    context: dict[str, Any] = {"params": params, "services": [_service_view(s) for s in services]}
+    if profile is not None:
+        context["profile"] = _profile_view(profile, settings)
+    if proxy is not None:
+        context["proxy"] = {
+            "name": proxy.name,
+            "protocol": proxy.protocol,
+            "host": proxy.host,
+            "port": proxy.port,
+            "url": proxy_url or f"{proxy.protocol}://{proxy.host}:{proxy.port}",
+        }
+    return context
+
+
+def _profile_view(profile: Profile, settings: Settings) -> dict[str, Any]:
+    return {
+        "name": profile.name,
+        "dir": user_data_dir(profile, settings),
+        "user_agent": profile.user_agent,
+        "locale": profile.locale,
+        "timezone": profile.timezone,
+        "viewport": {"width": profile.viewport_width, "height": profile.viewport_height},
+        "headless": profile.headless,
+        "tags": list(profile.tags),
+    }
+
+
+def _service_view(service: Service) -> dict[str, Any]:
+    return {
+        "name": service.name,
+        "kind": service.kind,
+        "env_var": service.env_var,
+        "base_url": service.base_url,
+    }
+
+
+async def _source(session: AsyncSession, request: RunRequest) -> tuple[str, CommandTemplate | None]:
+    if (request.template_id is None) == (request.command_string is None):
+        raise InvalidInput.one(
+            "templateId", "give either templateId or commandString", ErrorCode.REQUIRED
+        )
+    if request.template_id is not None:
+        template = await get_template(session, request.template_id, field="templateId")
+        return template.template, template
+    source = (request.command_string or "").strip()
+    if not source:
+        raise InvalidInput.one("commandString", "commandString cannot be blank", ErrorCode.BLANK)
+    if len(source) > COMMAND_STRING_MAX:
+        raise InvalidInput.one("commandString", "commandString is too long", ErrorCode.TOO_LONG)
+    return source, None
+
+
+async def _proxy(
+    session: AsyncSession, request: RunRequest, profile: Profile | None
+) -> Proxy | None:
+    """The named proxy (attached to the profile), else the profile's default, else none."""
+    if request.proxy_id is not None:
+        proxy = await get_proxy(session, request.proxy_id, field="proxyId")
+        if profile is not None and await session.get(ProfileProxy, (profile.id, proxy.id)) is None:
+            raise InvalidInput.one(
+                "proxyId",
+                f"proxy {proxy.name!r} is not attached to profile {profile.name!r}",
+                ErrorCode.INVALID,
+            )
+        return proxy
+    if profile is None:
+        return None
+    return await session.scalar(
+        select(Proxy)
+        .join(ProfileProxy, ProfileProxy.proxy_id == Proxy.id)
+        .where(ProfileProxy.profile_id == profile.id, ProfileProxy.is_default.is_(True))
+    )
+
+
+async def _services(
+    session: AsyncSession, request: RunRequest, profile: Profile | None
+) -> list[Service]:
+    """The named services, else all the profile's linked services."""
+    if request.service_ids is None:
+        if profile is None:
+            return []
+        rows = await session.scalars(
+            select(Service)
+            .join(ProfileService, ProfileService.service_id == Service.id)
+            .where(ProfileService.profile_id == profile.id)
+            .order_by(Service.name)
+        )
+        return list(rows)
+    services: dict[int, Service] = {}
+    for index, service_id in enumerate(request.service_ids):
+        service = await get_service(session, service_id, field=f"serviceIds.{index}")
+        services[service.id] = service
+    return list(services.values())
+
+
+async def service_tokens(
+    session: AsyncSession, box: SecretBox, profile_id: int | None, services: list[Service]
+) -> dict[str, str | None]:
+    """Each service's token for this profile (its own, else the shared one), by env var."""
+    own: dict[int, bytes | None] = {}
+    if profile_id is not None and services:
+        rows = await session.execute(
+            select(ProfileService.service_id, ProfileService.token_encrypted).where(
+                ProfileService.profile_id == profile_id,
+                ProfileService.service_id.in_([s.id for s in services]),
+            )
+        )
+        own = {service_id: token for service_id, token in rows.tuples()}
+    tokens: dict[str, str | None] = {}
+    for service in services:
+        encrypted = own.get(service.id) or service.token_encrypted
+        tokens[service.env_var] = None if encrypted is None else box.decrypt(encrypted)
+    return tokens
+
+
+def _check_env_names(services: list[Service], template_env: dict[str, str]) -> None:
+    seen: dict[str, str] = {}
+    errors = []
+    for service in services:
+        if service.env_var in seen:
+            errors.append(
+                UserError(
+                    ("serviceIds",),
+                    f"services {seen[service.env_var]!r} and {service.name!r} both use "
+                    f"{service.env_var}",
+                    ErrorCode.INVALID,
+                )
+            )
+        seen[service.env_var] = service.name
+    for name in template_env:
+        if name in seen:
+            errors.append(
+                UserError(
+                    ("templateId",),
+                    f"the template's env sets {name}, which carries {seen[name]!r}'s token",
+                    ErrorCode.INVALID,
+                )
+            )
+    if errors:
+        raise InvalidInput(errors)
+
+
+def _limits(
+    settings: Settings, request: RunRequest, template: CommandTemplate | None
+) -> tuple[int | None, int]:
+    errors = []
+    timeout = request.timeout_seconds
+    if timeout is not None and not 1 <= timeout <= MAX_TIMEOUT_SECONDS:
+        errors.append(
+            UserError(
+                ("timeoutSeconds",),
+                f"timeoutSeconds must be between 1 and {MAX_TIMEOUT_SECONDS}",
+                ErrorCode.OUT_OF_RANGE,
+            )
+        )
+    attempts = request.max_attempts
+    if attempts is not None and not 1 <= attempts <= 100:
+        errors.append(
+            UserError(
+                ("maxAttempts",), "maxAttempts must be between 1 and 100", ErrorCode.OUT_OF_RANGE
+            )
+        )
+    if not PRIORITY_RANGE[0] <= request.priority <= PRIORITY_RANGE[1]:
+        errors.append(
+            UserError(
+                ("priority",),
+                f"priority must be between {PRIORITY_RANGE[0]} and {PRIORITY_RANGE[1]}",
+                ErrorCode.OUT_OF_RANGE,
+            )
+        )
+    if errors:
+        raise InvalidInput(errors)
+    if timeout is None:
+        timeout = template.timeout_seconds if template else None
+    if timeout is None:
+        timeout = settings.default_timeout_seconds
+    if attempts is None:
+        attempts = template.max_attempts if template else 1
+    return timeout, attempts
+
+
+def _params(request: RunRequest, template: CommandTemplate | None) -> dict[str, Any]:
+    import json
+
+    if not isinstance(request.params, dict):
+        raise InvalidInput.one("params", "params must be a JSON object", ErrorCode.INVALID)
+    if len(json.dumps(request.params)) > JSON_MAX_BYTES:
+        raise InvalidInput.one("params", "params are too large", ErrorCode.TOO_LONG)
+    if template is None:
+        return dict(request.params)
+    checked = check_params(template.parameters, request.params)
+    if checked.problems:
+        raise InvalidInput(
+            [UserError(("params", p.name), p.message, ErrorCode.INVALID) for p in checked.problems]
+        )
+    return checked.values
+
+
+async def compose_command(
+    session: AsyncSession, settings: Settings, box: SecretBox, request: RunRequest
+) -> Composition:
+    """Resolve and validate everything a run needs, and render its argv (runs nothing)."""
+    source, template = await _source(session, request)
+    profile = (
+        None
+        if request.profile_id is None
+        else await get_profile(session, request.profile_id, field="profileId")
+    )
+    proxy = await _proxy(session, request, profile)
+    services = await _services(session, request, profile)
+    template_env = dict(template.env) if template else {}
+    _check_env_names(services, template_env)
+    tokens = await service_tokens(session, box, profile.id if profile else None, services)
+    missing = [s.name for s in services if tokens.get(s.env_var) is None]
+    if missing:
+        raise InvalidInput.one(
+            "serviceIds",
+            f"no token for {', '.join(missing)}: set the service's shared token or link "
+            "the profile with its own",
+            ErrorCode.REQUIRED,
+        )
+    params = _params(request, template)
+    timeout, attempts = _limits(settings, request, template)
+    context = command_context(settings, profile, proxy, services, params)
+    try:
+        argv = render_argv(source, context)
+    except CompositionError as exc:
+        where = "templateId" if template else "commandString"
+        raise InvalidInput.one(where, str(exc), ErrorCode.INVALID) from exc
+    env_names = sorted({*tokens, *template_env, *([PROXY_URL_ENV] if proxy else [])})
+    return Composition(
+        source=source,
+        argv=argv,
+        env_names=env_names,
+        params=params,
+        template=template,
+        profile=profile,
+        proxy=proxy,
+        services=services,
+        timeout_seconds=timeout,
+        max_attempts=attempts,
+        backoff_seconds=template.backoff_seconds if template else 5.0,
+        template_env=template_env,
+    )
+
+
+async def create_command(
+    session: AsyncSession, settings: Settings, box: SecretBox, request: RunRequest
+) -> Command:
+    """Compose and queue a command."""
+    composed = await compose_command(session, settings, box, request)
+    command = Command(
+        template_id=composed.template.id if composed.template else None,
+        source=composed.source,
+        is_ad_hoc=composed.template is None,
+        argv=composed.argv,
+        env=composed.template_env,
+        profile_id=composed.profile.id if composed.profile else None,
+        profile_name=composed.profile.name if composed.profile else None,
+        proxy_id=composed.proxy.id if composed.proxy else None,
+        params=composed.params,
+        status=CommandStatus.QUEUED.value,
+        priority=request.priority,
+        attempts=0,
+        max_attempts=composed.max_attempts,
+        timeout_seconds=composed.timeout_seconds,
+        backoff_seconds=composed.backoff_seconds,
+        last_seq=0,
+        cancel_requested=False,
+        created_at=utcnow(),
+    )
+    session.add(command)
+    await session.flush()
+    if composed.services:
+        await session.execute(
+            insert(CommandService),
+            [{"command_id": command.id, "service_id": s.id} for s in composed.services],
+        )
+    return command
+
+
+async def get_command(session: AsyncSession, command_id: int, *, field: str = "id") -> Command:
+    """The command with this id, or a NOT_FOUND error on `field`."""
+    command = await session.get(Command, command_id)
+    if command is None:
+        raise InvalidInput.one(field, "no such command", ErrorCode.NOT_FOUND)
+    return command
+
+
+async def cancel_command(session: AsyncSession, command_id: int) -> tuple[Command, bool]:
+    """Cancel a command: a queued one at once; a running one is flagged for its runner to stop.
+
+    Returns the command and whether a runner must act (it was running).
+    """
+    command = await get_command(session, command_id)
+    status = CommandStatus(command.status)
+    if status.is_final:
+        raise InvalidInput.one(
+            "id", f"the command has already finished ({status.value})", ErrorCode.INVALID
+        )
+    if status is CommandStatus.RUNNING:
+        command.cancel_requested = True
+        await session.flush()
+        return command, True
+    result = await session.execute(
+        update(Command)
+        .where(Command.id == command.id, Command.status.in_(["QUEUED", "WAITING"]))
+        .values(
+            status=CommandStatus.CANCELLED.value,
+            finished_at=utcnow(),
+            wait_reason=None,
+            error="cancelled before it started",
+        )
+        .execution_options(synchronize_session=False)
+    )
+    await session.refresh(command)
+    if not getattr(result, "rowcount", 0):  # a runner claimed it meanwhile
+        command.cancel_requested = True
+        await session.flush()
+        return command, True
+    return command, False
+
+
+async def retry_command(session: AsyncSession, command_id: int) -> Command:
+    """Queue a finished command once more (its earlier attempts and logs are kept)."""
+    command = await get_command(session, command_id)
+    status = CommandStatus(command.status)
+    if not status.is_final:
+        raise InvalidInput.one(
+            "id",
+            f"only a finished command can be retried (it is {status.value})",
+            ErrorCode.INVALID,
+        )
+    command.status = CommandStatus.QUEUED.value
+    command.max_attempts = command.attempts + 1
+    command.next_attempt_at = None
+    command.finished_at = None
+    command.exit_code = None
+    command.error = None
+    command.wait_reason = None
+    command.cancel_requested = False
+    await session.flush()
+    return command

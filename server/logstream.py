@@ -1,0 +1,53 @@
+"""SSE: `GET /api/commands/{id}/logs/stream`, one `log` event per line, `status` events."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from sse_starlette import EventSourceResponse
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from graphql_schema.context import AppServices
+from graphql_schema.relay import decode_id
+from runner.logwriter import StoredLine
+from server.broker import StatusChange
+from server.models import Command
+from server.streams import FinalStatus, follow_command
+
+
+def _after_seq(request: Request) -> int | None:
+    raw = request.headers.get("last-event-id") or request.query_params.get("afterSeq") or "0"
+    return int(raw) if raw.isdigit() else None
+
+
+async def stream_command_logs(request: Request) -> Response:
+    """Replay after Last-Event-ID, then live; ends after the command is final and drained."""
+    services: AppServices = request.app.state.services
+    decoded = decode_id(request.path_params["command_id"])
+    if decoded is None or decoded[0] != "Command":
+        return JSONResponse({"error": "not a Command ID"}, status_code=404)
+    after = _after_seq(request)
+    if after is None:
+        return JSONResponse({"error": "Last-Event-ID must be a log seq"}, status_code=400)
+    async with services.sessionmaker() as session:
+        if await session.get(Command, decoded[1]) is None:
+            return JSONResponse({"error": "no such command"}, status_code=404)
+
+    async def events() -> AsyncIterator[dict[str, Any]]:
+        async for item in follow_command(
+            services.sessionmaker, services.broker, decoded[1], after, services.metrics
+        ):
+            if isinstance(item, StoredLine):
+                yield {"event": "log", "id": str(item.seq), "data": json.dumps(item.as_json())}
+            elif isinstance(item, StatusChange):
+                yield {"event": "status", "data": json.dumps({"status": item.status})}
+            elif isinstance(item, FinalStatus):
+                yield {
+                    "event": "status",
+                    "data": json.dumps({"status": item.status, "final": True}),
+                }
+
+    return EventSourceResponse(events(), ping=15)
