@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import strawberry
-from strawberry.extensions import MaxAliasesLimiter, QueryDepthLimiter
+from graphql import GraphQLError
+from strawberry.extensions import MaskErrors, MaxAliasesLimiter, QueryDepthLimiter
 from strawberry.schema.config import StrawberryConfig
 
 from graphql_schema.commands import (
@@ -28,6 +30,8 @@ from graphql_schema.templates import (
     resolve_command_templates,
 )
 from server.settings import Settings
+
+log = logging.getLogger("corral.graphql")
 
 
 async def _load_node(info: Info, type_name: str, pk: int) -> Node | None:
@@ -76,6 +80,20 @@ class Mutation(
     pass
 
 
+def _is_unexpected(error: GraphQLError) -> bool:
+    """Mask errors we did not raise on purpose (they are logged with their context)."""
+    original = error.original_error
+    if original is None or isinstance(original, GraphQLError):
+        return False
+    log.error(
+        "unexpected error in %s: %r",
+        ".".join(map(str, error.path or [])),
+        original,
+        exc_info=original,
+    )
+    return True
+
+
 def build_schema(settings: Settings | None = None) -> strawberry.Schema:
     """The schema, with depth and alias limits from settings."""
     settings = settings or Settings()
@@ -87,6 +105,7 @@ def build_schema(settings: Settings | None = None) -> strawberry.Schema:
         extensions=[
             lambda: QueryDepthLimiter(max_depth=settings.graphql_max_depth),
             lambda: MaxAliasesLimiter(max_alias_count=settings.graphql_max_aliases),
+            lambda: MaskErrors(should_mask_error=_is_unexpected),
         ],
         config=StrawberryConfig(),
     )

@@ -264,7 +264,7 @@ class Supervisor:
                 Command.status == CommandStatus.RUNNING.value, Command.profile_id.is_not(None)
             )
         )
-        return {profile_id: command_id for profile_id, command_id in rows.tuples() if profile_id}
+        return {profile_id: command_id for profile_id, command_id in rows.all() if profile_id}
 
     # -- running one attempt -----------------------------------------------------------
 

@@ -92,7 +92,7 @@ async def metrics_endpoint(request: Request) -> Response:
     services: AppServices = request.app.state.services
     async with services.sessionmaker() as session:
         rows = await session.execute(select(Command.status, func.count()).group_by(Command.status))
-        services.metrics.status_counts = {status: float(count) for status, count in rows.tuples()}
+        services.metrics.status_counts = {status: float(count) for status, count in rows.all()}
     return Response(services.metrics.render(), media_type="text/plain; version=0.0.4")
 
 

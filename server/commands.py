@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -184,7 +185,7 @@ async def service_tokens(
                 ProfileService.service_id.in_([s.id for s in services]),
             )
         )
-        own = {service_id: token for service_id, token in rows.tuples()}
+        own = {service_id: token for service_id, token in rows.all()}
     tokens: dict[str, str | None] = {}
     for service in services:
         encrypted = own.get(service.id) or service.token_encrypted
@@ -259,11 +260,15 @@ def _limits(
 
 
 def _params(request: RunRequest, template: CommandTemplate | None) -> dict[str, Any]:
-    import json
-
     if not isinstance(request.params, dict):
         raise InvalidInput.one("params", "params must be a JSON object", ErrorCode.INVALID)
-    if len(json.dumps(request.params)) > JSON_MAX_BYTES:
+    try:
+        size = len(json.dumps(request.params, allow_nan=False))
+    except ValueError as exc:
+        raise InvalidInput.one(
+            "params", "params must not contain NaN or Infinity", ErrorCode.INVALID
+        ) from exc
+    if size > JSON_MAX_BYTES:
         raise InvalidInput.one("params", "params are too large", ErrorCode.TOO_LONG)
     if template is None:
         return dict(request.params)

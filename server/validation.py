@@ -155,7 +155,11 @@ def json_object_field(value: Any) -> dict[str, Any]:
     """A JSON object of bounded size."""
     if not isinstance(value, dict):
         raise FieldInvalid("must be a JSON object")
-    if len(json.dumps(value)) > JSON_MAX_BYTES:
+    try:
+        size = len(json.dumps(value, allow_nan=False))
+    except ValueError as exc:
+        raise FieldInvalid("must not contain NaN or Infinity (not valid JSON)") from exc
+    if size > JSON_MAX_BYTES:
         raise FieldInvalid(f"is larger than {JSON_MAX_BYTES} bytes", ErrorCode.TOO_LONG)
     return value
 

@@ -9,6 +9,7 @@ from empty tables. SQLite tests copy a migrated database file, so each starts fr
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import uuid
@@ -113,6 +114,18 @@ async def _empty_tables(url: str) -> None:
             await connection.execute(text(f"TRUNCATE {names} RESTART IDENTITY CASCADE"))
     finally:
         await engine.dispose()
+
+
+@pytest.fixture(autouse=True)
+def no_runner_errors(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """A test fails when Corral logged an error (e.g. a runner pass that crashed)."""
+    yield
+    errors = [
+        record.getMessage()
+        for record in caplog.get_records("call")
+        if record.levelno >= logging.ERROR and record.name.startswith("corral")
+    ]
+    assert errors == [], errors
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
