@@ -346,7 +346,7 @@ class Subscription:
             raise GraphQLError(f"no such command: {command_id!r}")
         app = info.context.app
         async for item in follow_command(
-            app.sessionmaker, app.broker, pk, after_seq or 0, app.metrics
+            app.sessionmaker, app.broker, pk, after_seq or 0, app.metrics, app.follow_poll_seconds
         ):
             if isinstance(item, StoredLine):
                 yield LogLine(

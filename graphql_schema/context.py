@@ -32,6 +32,13 @@ class AppServices:
     broker: Broker = field(default_factory=Broker)
     metrics: Metrics = field(default_factory=Metrics)
 
+    @property
+    def follow_poll_seconds(self) -> float | None:
+        """Live followers also re-read the database this often when runners may live in
+        other processes (PostgreSQL), until the LISTEN/NOTIFY broker backend lands."""
+        bind = self.sessionmaker.kw.get("bind")
+        return None if bind is None or bind.dialect.name == "sqlite" else 1.0
+
 
 @dataclass
 class Context:
@@ -74,9 +81,13 @@ class Context:
 
     @asynccontextmanager
     async def reading(self) -> AsyncIterator[AsyncSession]:
-        """The session, held alone for the duration of one read."""
+        """The session, held alone for one read. The transaction ends with the read, so a
+        request never holds SQLite's lock while it does something slow (a proxy check)."""
         async with self.lock:
-            yield self.session
+            try:
+                yield self.session
+            finally:
+                await self.session.commit()
 
     @asynccontextmanager
     async def writing(self) -> AsyncIterator[AsyncSession]:

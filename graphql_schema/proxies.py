@@ -22,9 +22,15 @@ from graphql_schema.relay import (
     optional_pk,
     paginate,
     pk_of,
+    user_errors,
 )
 from server import models
 from server import proxies as proxy_domain
+from server.errors import InvalidInput
+from xray.binary import XrayBinaryError, find_binary
+from xray.health import check_chain
+
+MAX_IMPORT_LINKS = 500
 
 if TYPE_CHECKING:
     from graphql_schema.profiles import Profile
@@ -254,3 +260,64 @@ class ProxyMutations:
             return await _profile_and_proxy(session, profile_pk, proxy_pk)
 
         return _attach_payload(*await perform(info, work))
+
+
+@strawberry.type
+class ImportProxiesPayload:
+    proxies: list[Proxy] = strawberry.field(default_factory=list)
+    user_errors: list[UserError] = strawberry.field(default_factory=list)
+
+
+@strawberry.type
+class ProxyImportMutations:
+    @strawberry.mutation(
+        description="Import share links (vless, vmess, trojan, ss, socks5, http(s)); each bad "
+        "link is its own userError (field [links, index]), the good ones are created."
+    )
+    async def import_proxies(self, info: Info, links: list[str]) -> ImportProxiesPayload:
+        box = info.context.secret_box
+        if len(links) > MAX_IMPORT_LINKS:
+            return ImportProxiesPayload(
+                user_errors=[
+                    UserError(
+                        field=["links"],
+                        message=f"at most {MAX_IMPORT_LINKS} links at once",
+                        code="TOO_LONG",
+                    )
+                ]
+            )
+        async with info.context.writing() as session:
+            created, errors = await proxy_domain.import_proxies(session, box, links)
+        return ImportProxiesPayload(
+            proxies=[Proxy.from_row(row) for row in created],
+            user_errors=[UserError.from_value(error) for error in errors],
+        )
+
+    @strawberry.mutation(description="Fetch the check URL through the proxy now; record health.")
+    async def check_proxy(self, info: Info, id: strawberry.ID) -> ProxyPayload:
+        ctx = info.context
+        try:
+            pk = pk_of(id, "Proxy", field="id")
+            async with ctx.reading() as session:
+                proxy = await proxy_domain.get_proxy(session, pk)
+                chain = await proxy_domain.proxy_chain(session, ctx.secret_box, proxy)
+            binary = find_binary(ctx.settings.xray_bin)
+        except InvalidInput as exc:
+            return ProxyPayload(user_errors=user_errors(exc))
+        except XrayBinaryError as exc:
+            return ProxyPayload(
+                user_errors=[UserError(field=None, message=str(exc), code="INVALID")]
+            )
+        result = await check_chain(
+            binary,
+            chain,
+            ctx.settings.proxy_check_url,
+            start_timeout=ctx.settings.sidecar_start_timeout,
+        )
+
+        async def work(session: AsyncSession) -> models.Proxy:
+            row = await proxy_domain.get_proxy(session, pk)
+            return await proxy_domain.record_health(session, row, result)
+
+        row, errors = await perform(info, work)
+        return ProxyPayload(proxy=None if row is None else Proxy.from_row(row), user_errors=errors)

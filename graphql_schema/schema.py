@@ -21,7 +21,12 @@ from graphql_schema.commands import (
 )
 from graphql_schema.context import Info
 from graphql_schema.profiles import Profile, ProfileMutations, resolve_profiles
-from graphql_schema.proxies import Proxy, ProxyMutations, resolve_proxies
+from graphql_schema.proxies import (
+    Proxy,
+    ProxyImportMutations,
+    ProxyMutations,
+    resolve_proxies,
+)
 from graphql_schema.relay import Connection, Node, decode_id
 from graphql_schema.services import Service, ServiceMutations, resolve_services
 from graphql_schema.templates import (
@@ -75,7 +80,12 @@ class Query:
 
 @strawberry.type
 class Mutation(
-    ProfileMutations, ServiceMutations, ProxyMutations, CommandTemplateMutations, CommandMutations
+    ProfileMutations,
+    ServiceMutations,
+    ProxyMutations,
+    ProxyImportMutations,
+    CommandTemplateMutations,
+    CommandMutations,
 ):
     pass
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import random
 import shlex
@@ -26,7 +27,7 @@ from runner.lines import LineSplitter, Redactor
 from runner.logwriter import LogWriter
 from runner.process import kill_leftovers, stop_group
 from server.broker import CANCEL_TOPIC, QUEUE_TOPIC, Broker
-from server.commands import PROXY_URL_ENV, command_context, service_tokens
+from server.commands import PROXY_URL_ENV, browser_settings, command_context, service_tokens
 from server.events import log_event
 from server.metrics import Metrics
 from server.models import (
@@ -39,8 +40,12 @@ from server.models import (
     Service,
     utcnow,
 )
+from server.proxies import proxy_chain
 from server.secretbox import SecretBox
 from server.settings import Settings
+from xray.binary import XrayBinary, XrayBinaryError, find_binary
+from xray.config import Hop
+from xray.sidecar import SidecarError, SidecarProcess
 
 RUNNER_BIN = Path(__file__).resolve().parent / "bin"
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -79,12 +84,23 @@ class Outcome:
 
 
 @dataclass
+class Loaded:
+    """What an attempt needs from the database, secrets decrypted."""
+
+    command: Command
+    profile: Profile | None
+    proxy: Proxy | None
+    services: list[Service]
+    tokens: dict[str, str | None]
+    chain: list[Hop]
+    secrets: list[str]
+    service_ids: dict[str, int]
+
+
+@dataclass
 class Prepared:
     argv: list[str]
     env: dict[str, str]
-    secrets: list[str]
-    service_ids: dict[str, int]
-    profile_id: int | None
 
 
 def child_path() -> str:
@@ -122,11 +138,13 @@ class Supervisor:
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._is_postgres = False
+        self._xray: XrayBinary | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
         """Recover what a dead runner left, then start the claim loop in the background."""
+        self._stopping = False
         async with self.sessionmaker() as session:
             self._is_postgres = session.get_bind().dialect.name == "postgresql"
         await self.recover()
@@ -275,29 +293,66 @@ class Supervisor:
         writer: LogWriter | None = None
         outcome = Outcome(CommandStatus.FAILED, error="the runner failed unexpectedly")
         try:
-            command, prepared = await self._prepare(attempt)
+            loaded = await self._load(attempt)
             writer = LogWriter(
                 self.sessionmaker,
                 self.broker,
-                command.id,
+                loaded.command.id,
                 attempt.number,
-                command.last_seq,
-                Redactor(prepared.secrets),
+                loaded.command.last_seq,
+                Redactor(loaded.secrets),
                 self.metrics,
-                prepared.service_ids,
-                prepared.profile_id,
+                loaded.service_ids,
+                loaded.command.profile_id,
             )
             writer.start()
-            outcome = await self._execute(attempt, command, prepared, writer)
+            outcome = await self._run_loaded(attempt, loaded, writer)
         except CompositionError as exc:
             outcome = Outcome(CommandStatus.FAILED, error=str(exc), retryable=False)
-            writer = await self._system_writer(attempt)
+            writer = writer or await self._system_writer(attempt)
             await writer.add(LogStream.SYSTEM, f"cannot compose the command: {exc}")
+        except SidecarError as exc:
+            outcome = Outcome(CommandStatus.FAILED, error=str(exc))
+            if writer is not None:
+                await writer.add(LogStream.SYSTEM, f"not started, nothing went out: {exc}")
         except Exception as exc:
             log_event("attempt_crashed", level="error", command=attempt.command_id, error=repr(exc))
             outcome = Outcome(CommandStatus.FAILED, error=f"runner error: {exc}")
         finally:
             await asyncio.shield(self._finish(attempt, outcome, writer, time.monotonic() - started))
+
+    async def _run_loaded(self, attempt: Attempt, loaded: Loaded, writer: LogWriter) -> Outcome:
+        """Start the proxy sidecar (when the command has a proxy), then the child."""
+        async with contextlib.AsyncExitStack() as stack:
+            proxy_url = None
+            if loaded.chain:
+                sidecar = await stack.enter_async_context(self._sidecar(loaded.chain, writer))
+                proxy_url = sidecar.url
+                await writer.add(
+                    LogStream.SYSTEM,
+                    f"proxy sidecar for {loaded.chain[0].name!r} listening on {sidecar.url} "
+                    f"(started in {1000 * (sidecar.started_in or 0):.0f} ms)",
+                )
+            prepared = self._render(loaded, proxy_url)
+            return await self._execute(attempt, loaded.command, prepared, writer)
+        raise AssertionError("unreachable")  # pragma: no cover - the stack never swallows
+
+    def _sidecar(self, chain: list[Hop], writer: LogWriter) -> SidecarProcess:
+        async def on_line(line: str) -> None:
+            await writer.add(LogStream.SYSTEM, line)
+
+        if self._xray is None:
+            try:
+                self._xray = find_binary(self.settings.xray_bin)
+            except XrayBinaryError as exc:
+                raise SidecarError(str(exc)) from exc
+        return SidecarProcess(
+            self._xray,
+            chain,
+            on_line=on_line,
+            start_timeout=self.settings.sidecar_start_timeout,
+            grace=min(self.settings.kill_grace_seconds, 2.0),
+        )
 
     async def _system_writer(self, attempt: Attempt) -> LogWriter:
         async with self.sessionmaker() as session:
@@ -316,8 +371,8 @@ class Supervisor:
         writer.start()
         return writer
 
-    async def _prepare(self, attempt: Attempt) -> tuple[Command, Prepared]:
-        """Load the command, re-render its argv, and build the child's environment."""
+    async def _load(self, attempt: Attempt) -> Loaded:
+        """Load the command with its profile, proxy chain and services' tokens."""
         async with self.sessionmaker() as session:
             command = await session.get_one(Command, attempt.command_id)
             profile = await session.get(Profile, command.profile_id) if command.profile_id else None
@@ -331,24 +386,41 @@ class Supervisor:
                 )
             )
             tokens = await service_tokens(session, self.box, command.profile_id, services)
-        if command.proxy_id is not None and proxy is None:
-            raise CompositionError("its proxy was deleted; refusing to run without it")
-        context = command_context(self.settings, profile, proxy, services, command.params)
-        argv = render_argv(command.source, context)
-        env = self._child_env(command, tokens)
-        if proxy is not None:
-            env[PROXY_URL_ENV] = context["proxy"]["url"]
+            chain = [] if proxy is None else await proxy_chain(session, self.box, proxy)
+        if command.proxy_name is not None and proxy is None:
+            raise CompositionError(
+                f"its proxy {command.proxy_name!r} was deleted; refusing to run without it"
+            )
         missing = [name for name, token in tokens.items() if token is None]
         if missing:
             raise CompositionError(f"no token any more for {', '.join(missing)}")
-        return command, Prepared(
-            argv=argv,
-            env=env,
-            secrets=[token for token in tokens.values() if token],
+        secrets = [token for token in tokens.values() if token]
+        secrets += [secret for hop in chain for secret in (hop.password, hop.username) if secret]
+        return Loaded(
+            command=command,
+            profile=profile,
+            proxy=proxy,
+            services=services,
+            tokens=tokens,
+            chain=chain,
+            secrets=secrets,
             service_ids={s.name.lower(): s.id for s in services}
             | {s.kind.lower(): s.id for s in services},
-            profile_id=command.profile_id,
         )
+
+    def _render(self, loaded: Loaded, proxy_url: str | None) -> Prepared:
+        """Render the argv (with the sidecar's URL) and build the child's environment."""
+        command = loaded.command
+        context = command_context(
+            self.settings, loaded.profile, loaded.proxy, loaded.services, command.params, proxy_url
+        )
+        argv = render_argv(command.source, context)
+        env = self._child_env(command, loaded.tokens)
+        if proxy_url is not None:
+            env[PROXY_URL_ENV] = proxy_url
+        if loaded.profile is not None:
+            env["CORRAL_BROWSER_SETTINGS"] = json.dumps(browser_settings(loaded.profile))
+        return Prepared(argv=argv, env=env)
 
     def _child_env(self, command: Command, tokens: dict[str, str | None]) -> dict[str, str]:
         """A minimal environment: no Corral settings or keys, only what the child needs."""
@@ -358,7 +430,10 @@ class Supervisor:
             "LANG": os.environ.get("LANG", "C.UTF-8"),
             "CORRAL_COMMAND_ID": str(command.id),
             "CORRAL_ATTEMPT": str(command.attempts),
+            "CORRAL_CHROMIUM_PATH": self.settings.chromium_path,
         }
+        if self.settings.scripts_dir is not None:
+            env["CORRAL_SCRIPTS_DIR"] = str(self.settings.scripts_dir.resolve())
         env.update({str(k): str(v) for k, v in command.env.items()})
         env.update({name: token for name, token in tokens.items() if token is not None})
         return env
@@ -390,7 +465,7 @@ class Supervisor:
             await writer.add(LogStream.SYSTEM, message)
             return Outcome(CommandStatus.FAILED, error=message, retryable=False)
         pgid = process.pid
-        await self._record_pgid(command.id, pgid)
+        await self._record_start(command.id, pgid, prepared.argv)
         log_event("started", command=command.id, attempt=attempt.number, pid=process.pid)
         assert process.stdout is not None
         assert process.stderr is not None
@@ -453,9 +528,12 @@ class Supervisor:
         for line in splitter.close():
             await writer.add(kind, line)
 
-    async def _record_pgid(self, command_id: int, pgid: int) -> None:
+    async def _record_start(self, command_id: int, pgid: int, argv: list[str]) -> None:
+        """Remember the process group (for recovery) and the argv that really ran."""
         async with self.sessionmaker() as session, session.begin():
-            await session.execute(update(Command).where(Command.id == command_id).values(pgid=pgid))
+            await session.execute(
+                update(Command).where(Command.id == command_id).values(pgid=pgid, argv=argv)
+            )
 
     # -- finishing ---------------------------------------------------------------------
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -51,6 +53,26 @@ async def prepare_database(settings: Settings, engine: AsyncEngine) -> SecretBox
         await verify_secret_box(session, box)
         await session.commit()
     return box
+
+
+async def run_standalone_runner(settings: Settings) -> None:
+    """`corral runner`: a supervisor without the API, until SIGTERM or SIGINT."""
+    engine = create_engine(settings)
+    try:
+        box = await prepare_database(settings, engine)
+        supervisor = Supervisor(settings, create_sessionmaker(engine), box, Broker(), Metrics())
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await supervisor.start()
+        print(f"Corral runner {supervisor.runner_id} ({supervisor.name}) is running", flush=True)
+        try:
+            await stop.wait()
+        finally:
+            await supervisor.stop()
+    finally:
+        await engine.dispose()
 
 
 class GraphQLEndpoint(GraphQL[Context, None]):

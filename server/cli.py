@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pydantic import ValidationError
 
 from server import __version__, migrate
-from server.app import StartupError, create_app, prepare_database
+from server.app import StartupError, create_app, prepare_database, run_standalone_runner
 from server.db import create_engine
 from server.secretbox import SecretKeyError, generate_key
 from server.settings import Settings
@@ -90,6 +90,16 @@ def cmd_migrate(args: argparse.Namespace) -> None:
     print(f"database {_describe_database(settings)} is at revision {revision or 'base (empty)'}")
 
 
+def cmd_runner(_args: argparse.Namespace) -> None:
+    settings = load_settings()
+    if settings.is_embedded:
+        raise CliError(
+            "`corral runner` needs a shared PostgreSQL (CORRAL_DATABASE_URL); on the embedded "
+            "SQLite, `corral serve` runs commands itself"
+        )
+    asyncio.run(run_standalone_runner(settings))
+
+
 def cmd_check(_args: argparse.Namespace) -> None:
     settings = load_settings()
     asyncio.run(_prepare(settings))
@@ -115,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
     serve.set_defaults(func=cmd_serve)
+
+    commands.add_parser(
+        "runner", help="run commands only (no API), beside `corral serve` on a shared PostgreSQL"
+    ).set_defaults(func=cmd_runner)
 
     mig = commands.add_parser("migrate", help="migrate the database (to the newest revision)")
     mig.add_argument("revision", nargs="?", default="head", help="revision to upgrade to")

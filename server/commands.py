@@ -105,6 +105,20 @@ def _profile_view(profile: Profile, settings: Settings) -> dict[str, Any]:
     }
 
 
+def browser_settings(profile: Profile) -> dict[str, Any]:
+    """The profile's browser settings as the Playwright host reads them (null: its default)."""
+    viewport = None
+    if profile.viewport_width and profile.viewport_height:
+        viewport = {"width": profile.viewport_width, "height": profile.viewport_height}
+    return {
+        "userAgent": profile.user_agent,
+        "locale": profile.locale,
+        "timezone": profile.timezone,
+        "viewport": viewport,
+        "headless": profile.headless,
+    }
+
+
 def _service_view(service: Service) -> dict[str, Any]:
     return {
         "name": service.name,
@@ -342,6 +356,7 @@ async def create_command(
         profile_id=composed.profile.id if composed.profile else None,
         profile_name=composed.profile.name if composed.profile else None,
         proxy_id=composed.proxy.id if composed.proxy else None,
+        proxy_name=composed.proxy.name if composed.proxy else None,
         params=composed.params,
         status=CommandStatus.QUEUED.value,
         priority=request.priority,

@@ -38,7 +38,12 @@ async def stream_command_logs(request: Request) -> Response:
 
     async def events() -> AsyncIterator[dict[str, Any]]:
         async for item in follow_command(
-            services.sessionmaker, services.broker, decoded[1], after, services.metrics
+            services.sessionmaker,
+            services.broker,
+            decoded[1],
+            after,
+            services.metrics,
+            services.follow_poll_seconds,
         ):
             if isinstance(item, StoredLine):
                 yield {"event": "log", "id": str(item.seq), "data": json.dumps(item.as_json())}

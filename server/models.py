@@ -307,6 +307,9 @@ class Command(Base):
     proxy_id: Mapped[int | None] = mapped_column(
         ForeignKey("proxies.id", ondelete="SET NULL"), index=True
     )
+    # Set when the command goes out through a proxy: if that proxy is deleted (proxy_id
+    # becomes NULL), the command fails closed instead of running direct.
+    proxy_name: Mapped[str | None] = mapped_column(String(NAME_MAX))
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
     status: Mapped[str] = mapped_column(String(16), default=CommandStatus.QUEUED.value)
     priority: Mapped[int] = mapped_column(default=0)

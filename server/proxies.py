@@ -12,7 +12,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from server.errors import ErrorCode, InvalidInput, UserError
-from server.models import HOST_MAX, NAME_MAX, Profile, ProfileProxy, Proxy, ProxyProtocol
+from server.models import HOST_MAX, NAME_MAX, Profile, ProfileProxy, Proxy, ProxyProtocol, utcnow
 from server.profiles import get_profile
 from server.secretbox import SecretBox
 from server.validation import (
@@ -25,6 +25,9 @@ from server.validation import (
     json_object_field,
     text_field,
 )
+from xray.config import Hop
+from xray.health import HealthResult
+from xray.links import ShareLinkError, parse_share_link
 
 MAX_CHAIN_HOPS = 8
 CREDENTIAL_MAX = 1024
@@ -291,3 +294,68 @@ async def detach_proxy(session: AsyncSession, profile_id: int, proxy_id: int) ->
         raise InvalidInput.one(
             "proxyId", "the proxy is not attached to this profile", ErrorCode.NOT_FOUND
         )
+
+
+async def proxy_chain(session: AsyncSession, box: SecretBox, proxy: Proxy) -> list[Hop]:
+    """The proxy and the hops it is dialed through (`via`), credentials decrypted."""
+    chain: list[Hop] = []
+    current: Proxy | None = proxy
+    while current is not None and len(chain) < MAX_CHAIN_HOPS:
+        credentials = read_credentials(current, box)
+        chain.append(
+            Hop(
+                name=current.name,
+                protocol=current.protocol,
+                host=current.host,
+                port=current.port,
+                username=credentials.get("username"),
+                password=credentials.get("password"),
+                settings=dict(current.settings),
+            )
+        )
+        current = await session.get(Proxy, current.via_id) if current.via_id else None
+    return chain
+
+
+async def import_proxies(
+    session: AsyncSession, box: SecretBox, links: list[str]
+) -> tuple[list[Proxy], list[UserError]]:
+    """Import share links; each bad link gets its own error, the good ones are created."""
+    created: list[Proxy] = []
+    errors: list[UserError] = []
+    for index, link in enumerate(links):
+        where = ("links", str(index))
+        try:
+            parsed = parse_share_link(link)
+        except ShareLinkError as exc:
+            errors.append(UserError(where, f"link {index + 1}: {exc}", ErrorCode.INVALID))
+            continue
+        values: dict[str, Any] = {
+            "name": parsed.name,
+            "protocol": parsed.protocol,
+            "host": parsed.host,
+            "port": parsed.port,
+            "settings": dict(parsed.settings),
+            "username": parsed.username,
+            "password": parsed.password,
+        }
+        try:
+            async with session.begin_nested():
+                created.append(await create_proxy(session, box, values))
+        except InvalidInput as exc:
+            errors.extend(
+                UserError(where, f"link {index + 1}: {error.message}", error.code)
+                for error in exc.errors
+            )
+    return created, errors
+
+
+async def record_health(session: AsyncSession, proxy: Proxy, result: HealthResult) -> Proxy:
+    """Store the outcome of a health check on the proxy."""
+    proxy.health_ok = result.ok
+    proxy.health_latency_ms = result.latency_ms
+    proxy.health_error = result.error
+    proxy.health_exit_ip = result.exit_ip
+    proxy.health_checked_at = utcnow()
+    await session.flush()
+    return proxy

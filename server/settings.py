@@ -87,6 +87,29 @@ class Settings(BaseSettings):
         description="Longest stored log line; longer lines are cut with a marker.",
     )
 
+    xray_bin: str | None = Field(
+        default=None,
+        description="Xray-compatible binary for proxy sidecars (default: `xray` on PATH, "
+        "else `v2ray`).",
+    )
+    chromium_path: str = Field(
+        default="/usr/bin/chromium",
+        description="Chromium binary the Playwright host launches (CORRAL_CHROMIUM_PATH in "
+        "the child).",
+    )
+    scripts_dir: Path | None = Field(
+        default=None,
+        description="Folder relative script paths of `corral-playwright` resolve in.",
+    )
+    proxy_check_url: str = Field(
+        default="https://api.ipify.org?format=json",
+        description="URL `checkProxy` fetches through a proxy (its exit IP is recorded when "
+        "the answer names one).",
+    )
+    sidecar_start_timeout: float = Field(
+        default=10.0, gt=0, description="How long a proxy sidecar may take to listen."
+    )
+
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:

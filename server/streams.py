@@ -8,6 +8,7 @@ from the database, so memory stays bounded and the runner never waits for it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -56,8 +57,14 @@ async def follow_command(
     command_id: int,
     after_seq: int = 0,
     metrics: Metrics | None = None,
+    poll_seconds: float | None = None,
 ) -> AsyncIterator[StoredLine | StatusChange | FinalStatus]:
-    """Lines after `after_seq` and status changes, ending with FinalStatus once drained."""
+    """Lines after `after_seq` and status changes, ending with FinalStatus once drained.
+
+    `poll_seconds`: also re-read the database that often. Needed while runners in other
+    processes (PostgreSQL scale-out) publish to their own in-process broker; it goes away
+    with the LISTEN/NOTIFY backend.
+    """
     if metrics is not None:
         metrics.subscribers.inc()
     try:
@@ -83,12 +90,18 @@ async def follow_command(
                 yield FinalStatus(status)
                 return
             while True:
-                message = await subscription.get()
-                if message is None:  # lagged: re-read what was missed
+                try:
+                    message = await asyncio.wait_for(subscription.get(), poll_seconds)
+                except TimeoutError:
+                    message = None
+                if message is None:  # lagged (or a poll): re-read what was missed
                     subscription.resync()
                     async for line in catch_up():
                         yield line
-                    status = await _status(sessionmaker, command_id) or status
+                    current = await _status(sessionmaker, command_id) or status
+                    if current == status and not CommandStatus(current).is_final:
+                        continue
+                    status = current
                     message = StatusChange(command_id, status)
                 if isinstance(message, StoredLine):
                     if message.seq <= last:
@@ -100,6 +113,7 @@ async def follow_command(
                     last = message.seq
                     yield message
                 elif isinstance(message, StatusChange):
+                    status = message.status
                     yield message
                     if CommandStatus(message.status).is_final:
                         async for line in catch_up():

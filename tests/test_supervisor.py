@@ -262,6 +262,8 @@ async def test_child_gets_a_minimal_environment_with_its_tokens(
         "GITHUB_TOKEN",
         "CORRAL_COMMAND_ID",
         "CORRAL_ATTEMPT",
+        "CORRAL_CHROMIUM_PATH",
+        "CORRAL_BROWSER_SETTINGS",
         "PWD",
         "LC_CTYPE",
         "SHLVL",

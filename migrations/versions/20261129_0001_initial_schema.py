@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises:
-Create Date: 2026-11-29 20:01:01.999574
+Create Date: 2026-11-29 20:13:22.411397
 """
 
 from collections.abc import Sequence
@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from alembic import op
 
 import server.models
+
 
 revision: str = "0001"
 down_revision: str | None = None
@@ -117,6 +118,7 @@ def upgrade() -> None:
         sa.Column("profile_id", sa.Integer(), nullable=True),
         sa.Column("profile_name", sa.String(length=200), nullable=True),
         sa.Column("proxy_id", sa.Integer(), nullable=True),
+        sa.Column("proxy_name", sa.String(length=200), nullable=True),
         sa.Column("params", sa.JSON(), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("priority", sa.Integer(), nullable=False),

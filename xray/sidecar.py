@@ -1,0 +1,169 @@
+"""A proxy sidecar: one Xray/V2Ray process per proxied run, listening on a local SOCKS port.
+
+Upstream credentials exist only in its config file (mode 0600, in a private folder that
+is removed when the sidecar stops). The process runs in its own process group and is
+stopped like every other child: TERM, grace, KILL, always reaped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from runner.lines import LineSplitter
+from runner.process import stop_group
+from xray.binary import XrayBinary
+from xray.config import ConfigError, Hop, build_config, features_used, write_config
+
+LineSink = Callable[[str], Awaitable[None]]
+CONNECT_TIMEOUT = 3.0
+
+
+class SidecarError(Exception):
+    """The sidecar could not start or its upstream cannot be reached (message for the user)."""
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+async def check_reachable(hop: Hop, timeout: float = CONNECT_TIMEOUT) -> None:
+    """Open (and close) a TCP connection to the hop Xray dials first; SidecarError if not."""
+    try:
+        _reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(hop.host, hop.port), timeout
+        )
+    except (OSError, TimeoutError) as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise SidecarError(
+            f"upstream proxy {hop.name!r} ({hop.host}:{hop.port}) is unreachable: {reason}"
+        ) from exc
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+
+
+class SidecarProcess:
+    """One running sidecar. Use `async with SidecarProcess(...) as sidecar: sidecar.url`."""
+
+    def __init__(
+        self,
+        binary: XrayBinary,
+        chain: Sequence[Hop],
+        *,
+        on_line: LineSink | None = None,
+        start_timeout: float = 10.0,
+        grace: float = 2.0,
+    ) -> None:
+        self.binary = binary
+        self.chain = list(chain)
+        self.on_line = on_line
+        self.start_timeout = start_timeout
+        self.grace = grace
+        self.port = 0
+        self.started_in: float | None = None
+        self._process: asyncio.subprocess.Process | None = None
+        self._folder: Path | None = None
+        self._pumps: list[asyncio.Task[None]] = []
+
+    @property
+    def url(self) -> str:
+        """The local, unauthenticated SOCKS URL children use."""
+        return f"socks5://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> SidecarProcess:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_exc: object) -> None:
+        await asyncio.shield(self.stop())
+
+    async def start(self) -> None:
+        """Write the config, start the binary, and wait until it listens."""
+        began = time.monotonic()
+        if not self.chain:
+            raise SidecarError("a sidecar needs at least one proxy")
+        await check_reachable(self.chain[-1])  # the hop Xray dials first; fail early, closed
+        self._folder = Path(tempfile.mkdtemp(prefix="corral-sidecar-"))
+        try:
+            self.port = free_port()
+            try:
+                unsupported = self.binary.unsupported(features_used(self.chain))
+                config = build_config(self.chain, self.port)
+            except ConfigError as exc:
+                raise SidecarError(f"cannot build the proxy config: {exc}") from exc
+            if unsupported:
+                raise SidecarError(
+                    f"{self.binary.describe()} cannot run {', '.join(unsupported)}; "
+                    "install Xray-core and set CORRAL_XRAY_BIN"
+                )
+            path = write_config(config, self._folder)
+            self._process = await asyncio.create_subprocess_exec(
+                *self.binary.run_args(path),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT,
+                start_new_session=True,
+            )
+            assert self._process.stdout is not None
+            self._pumps.append(asyncio.create_task(self._pump(self._process.stdout)))
+            await self._wait_listening()
+        except BaseException:
+            await asyncio.shield(self.stop())
+            raise
+        self.started_in = time.monotonic() - began
+
+    async def _wait_listening(self) -> None:
+        assert self._process is not None
+        deadline = time.monotonic() + self.start_timeout
+        while time.monotonic() < deadline:
+            if self._process.returncode is not None:
+                await asyncio.gather(*self._pumps, return_exceptions=True)
+                raise SidecarError(
+                    f"the proxy sidecar ({self.binary.flavor}) exited with status "
+                    f"{self._process.returncode} before listening"
+                )
+            try:
+                _reader, writer = await asyncio.open_connection("127.0.0.1", self.port)
+            except OSError:
+                await asyncio.sleep(0.005)
+                continue
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            return
+        raise SidecarError(f"the proxy sidecar did not listen within {self.start_timeout}s")
+
+    async def _pump(self, stream: asyncio.StreamReader) -> None:
+        splitter = LineSplitter(64 * 1024)
+        while chunk := await stream.read(65536):
+            for line in splitter.feed(chunk):
+                await self._emit(line)
+        for line in splitter.close():
+            await self._emit(line)
+
+    async def _emit(self, line: str) -> None:
+        if self.on_line is not None and line.strip():
+            await self.on_line(f"[sidecar] {line}")
+
+    async def stop(self) -> None:
+        """Stop the process group and remove the config (the only copy of the credentials)."""
+        process, self._process = self._process, None
+        if process is not None:
+            await stop_group(process.pid, process, self.grace)
+        if self._pumps:
+            await asyncio.gather(*self._pumps, return_exceptions=True)
+            self._pumps = []
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
