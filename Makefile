@@ -10,14 +10,34 @@ STAMP := $(VENV)/.corral-installed
 CORRAL_TEST_POSTGRES_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/test
 export CORRAL_TEST_POSTGRES_URL
 
-.PHONY: run test setup lint typecheck pytest schema
+NODE_STAMP := runner/js/node_modules/.corral-installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test setup system-deps lint typecheck pytest schema
 
 run: setup
 	$(BIN)/corral serve
 
 test: setup lint typecheck pytest
 
-setup: $(STAMP)
+setup: system-deps $(STAMP) $(NODE_STAMP)
+
+# Debian packages: Chromium for the Playwright host, v2ray as the Xray-compatible sidecar.
+system-deps:
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	command -v xray >/dev/null 2>&1 || command -v v2ray >/dev/null 2>&1 || missing="$$missing v2ray"; \
+	command -v node >/dev/null 2>&1 || missing="$$missing nodejs"; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
+	command -v curl >/dev/null 2>&1 || missing="$$missing curl"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \
+	fi
+
+$(NODE_STAMP): runner/js/package.json runner/js/package-lock.json
+	cd runner/js && npm ci --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

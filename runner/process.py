@@ -51,9 +51,20 @@ async def stop_group(pgid: int, process: asyncio.subprocess.Process | None, grac
         await asyncio.sleep(0.01)
 
 
-def processes_of_command(command_id: int) -> list[int]:
-    """PIDs on this host whose environment marks them as started for `command_id`."""
-    marker = f"CORRAL_COMMAND_ID={command_id}".encode()
+RUN_MARKER = "CORRAL_RUN"  # in the environment of a command's processes
+SIDECAR_MARKER = "CORRAL_SIDECAR_OF"  # in the environment of its proxy sidecar
+
+
+def run_marker(runner_id: str, command_id: int) -> str:
+    """The marker value of one command run by one runner: unique across Corral instances
+    on a host (command ids alone are not: two databases both have a command 1)."""
+    return f"{runner_id}/{command_id}"
+
+
+def marked_processes(name: str, value: str) -> list[int]:
+    """Live PIDs on this host whose environment has `name=value` (zombies are left out:
+    they are dead, only waiting to be reaped)."""
+    marker = f"{name}={value}".encode()
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -62,18 +73,38 @@ def processes_of_command(command_id: int) -> list[int]:
             environ = (entry / "environ").read_bytes()
         except OSError:
             continue
-        if marker in environ.split(b"\0"):
+        if marker in environ.split(b"\0") and not _is_zombie(entry):
             found.append(int(entry.name))
     return found
 
 
-def kill_leftovers(command_id: int, pgid: int | None) -> int:
-    """SIGKILL what survives of a command's processes (after its runner died). Returns count."""
-    pids = processes_of_command(command_id)
+def _is_zombie(entry: Path) -> bool:
+    try:
+        return (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _kill_all(pids: list[int]) -> None:
     for pid in pids:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, signal.SIGKILL)
-    if pgid is not None and pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pgid, signal.SIGKILL)
+
+
+async def sweep_run(marker: str, timeout: float = 2.0) -> int:
+    """SIGKILL what is left of a run outside its process group (e.g. a crash handler that
+    called setsid) and wait until it is gone. Returns how many were found."""
+    found = pids = marked_processes(RUN_MARKER, marker)
+    _kill_all(pids)
+    deadline = asyncio.get_running_loop().time() + timeout
+    while pids and asyncio.get_running_loop().time() < deadline:
+        await asyncio.sleep(0.02)
+        pids = marked_processes(RUN_MARKER, marker)
+    return len(found)
+
+
+def kill_leftovers(marker: str) -> int:
+    """SIGKILL every process of a run and of its sidecar (after its runner died)."""
+    pids = marked_processes(RUN_MARKER, marker) + marked_processes(SIDECAR_MARKER, marker)
+    _kill_all(pids)
     return len(pids)

@@ -25,7 +25,14 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from runner.compose import CompositionError, render_argv
 from runner.lines import LineSplitter, Redactor
 from runner.logwriter import LogWriter
-from runner.process import kill_leftovers, stop_group
+from runner.process import (
+    RUN_MARKER,
+    SIDECAR_MARKER,
+    kill_leftovers,
+    run_marker,
+    stop_group,
+    sweep_run,
+)
 from server.broker import CANCEL_TOPIC, QUEUE_TOPIC, Broker
 from server.commands import PROXY_URL_ENV, browser_settings, command_context, service_tokens
 from server.events import log_event
@@ -326,7 +333,9 @@ class Supervisor:
         async with contextlib.AsyncExitStack() as stack:
             proxy_url = None
             if loaded.chain:
-                sidecar = await stack.enter_async_context(self._sidecar(loaded.chain, writer))
+                sidecar = await stack.enter_async_context(
+                    self._sidecar(loaded.chain, writer, loaded.command.id)
+                )
                 proxy_url = sidecar.url
                 await writer.add(
                     LogStream.SYSTEM,
@@ -337,7 +346,7 @@ class Supervisor:
             return await self._execute(attempt, loaded.command, prepared, writer)
         raise AssertionError("unreachable")  # pragma: no cover - the stack never swallows
 
-    def _sidecar(self, chain: list[Hop], writer: LogWriter) -> SidecarProcess:
+    def _sidecar(self, chain: list[Hop], writer: LogWriter, command_id: int) -> SidecarProcess:
         async def on_line(line: str) -> None:
             await writer.add(LogStream.SYSTEM, line)
 
@@ -352,6 +361,8 @@ class Supervisor:
             on_line=on_line,
             start_timeout=self.settings.sidecar_start_timeout,
             grace=min(self.settings.kill_grace_seconds, 2.0),
+            # The marker lets a restarted runner find and stop it after a kill -9.
+            env={"PATH": SYSTEM_PATH, SIDECAR_MARKER: run_marker(self.runner_id, command_id)},
         )
 
     async def _system_writer(self, attempt: Attempt) -> LogWriter:
@@ -429,6 +440,7 @@ class Supervisor:
             "HOME": os.environ.get("HOME", "/tmp"),  # noqa: S108 - a fallback HOME only
             "LANG": os.environ.get("LANG", "C.UTF-8"),
             "CORRAL_COMMAND_ID": str(command.id),
+            RUN_MARKER: run_marker(self.runner_id, command.id),
             "CORRAL_ATTEMPT": str(command.attempts),
             "CORRAL_CHROMIUM_PATH": self.settings.chromium_path,
         }
@@ -476,12 +488,19 @@ class Supervisor:
         try:
             return await self._wait(attempt, command, process, writer)
         finally:
-            await asyncio.shield(self._reap(pgid, process, pumps))
+            await asyncio.shield(self._reap(command.id, pgid, process, pumps))
 
     async def _reap(
-        self, pgid: int, process: asyncio.subprocess.Process, pumps: list[asyncio.Task[None]]
+        self,
+        command_id: int,
+        pgid: int,
+        process: asyncio.subprocess.Process,
+        pumps: list[asyncio.Task[None]],
     ) -> None:
         await stop_group(pgid, process, self.settings.kill_grace_seconds)
+        escaped = await sweep_run(run_marker(self.runner_id, command_id))
+        if escaped:
+            log_event("killed_escaped", command=command_id, processes=escaped)
         await asyncio.gather(*pumps, return_exceptions=True)
 
     async def _wait(
@@ -694,7 +713,7 @@ class Supervisor:
     async def _recover_one(self, session: AsyncSession, command: Command) -> None:
         killed = 0
         if command.runner_host == self.host:
-            killed = kill_leftovers(command.id, command.pgid)
+            killed = kill_leftovers(run_marker(command.runner_id or "", command.id))
         previous = command.runner_id
         note = f"runner {previous} stopped renewing its lease"
         if killed:

@@ -99,7 +99,8 @@ async def test_kill9_then_restart_recovers_the_command(
     server.start()
     data = server.gql(RUN, input={"commandString": SLEEPERS, "maxAttempts": max_attempts})
     command_id = data["runCommand"]["command"]["id"]
-    pids = await wait_processes(command_id)
+    assert server.process is not None
+    pids = await wait_processes(command_id, runner_pid=server.process.pid)
 
     server.kill9()
     await asyncio.sleep(0.2)

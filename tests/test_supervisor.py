@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import logging
 import os
+import socket
 import time
 from datetime import datetime
 from pathlib import Path
@@ -16,7 +17,7 @@ from sqlalchemy import select
 from starlette.applications import Starlette
 
 from graphql_schema.context import AppServices
-from runner.process import processes_of_command
+from runner.process import RUN_MARKER
 from runner.supervisor import backoff_delay
 from server.models import CommandEvent, ServiceUsage
 from server.settings import Settings
@@ -41,11 +42,37 @@ def pk(command_id: str) -> int:
     return int(base64.b64decode(command_id).decode().split(":")[1])
 
 
-async def wait_processes(command_id: str, timeout: float = 10.0) -> list[int]:
-    """The command's live processes, once they exist (so the test can see them go)."""
+def run_processes(command_pk: int, runner_prefix: str) -> list[int]:
+    """Live processes of a command run by a runner whose id starts with `runner_prefix`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in environ:
+            name, _, value = item.decode(errors="replace").partition("=")
+            if (
+                name == RUN_MARKER
+                and value.startswith(runner_prefix)
+                and value.endswith(f"/{command_pk}")
+                and alive(int(entry.name))
+            ):
+                found.append(int(entry.name))
+    return found
+
+
+async def wait_processes(
+    command_id: str, runner_pid: int | None = None, timeout: float = 10.0
+) -> list[int]:
+    """The command's live processes, once they exist (so the test can see them go).
+    `runner_pid`: the process running the supervisor (default: this test process)."""
+    prefix = f"{socket.gethostname()}:{runner_pid or os.getpid()}:"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        pids = processes_of_command(pk(command_id))
+        pids = run_processes(pk(command_id), prefix)
         if len(pids) >= 3:  # sh and both sleeps
             return pids
         await asyncio.sleep(0.02)
@@ -262,6 +289,7 @@ async def test_child_gets_a_minimal_environment_with_its_tokens(
         "GITHUB_TOKEN",
         "CORRAL_COMMAND_ID",
         "CORRAL_ATTEMPT",
+        "CORRAL_RUN",
         "CORRAL_CHROMIUM_PATH",
         "CORRAL_BROWSER_SETTINGS",
         "PWD",

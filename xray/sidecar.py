@@ -23,6 +23,7 @@ from xray.config import ConfigError, Hop, build_config, features_used, write_con
 
 LineSink = Callable[[str], Awaitable[None]]
 CONNECT_TIMEOUT = 3.0
+SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
 class SidecarError(Exception):
@@ -64,12 +65,15 @@ class SidecarProcess:
         on_line: LineSink | None = None,
         start_timeout: float = 10.0,
         grace: float = 2.0,
+        env: dict[str, str] | None = None,
     ) -> None:
         self.binary = binary
         self.chain = list(chain)
         self.on_line = on_line
         self.start_timeout = start_timeout
         self.grace = grace
+        # Minimal: the sidecar needs no settings or keys of Corral's (only its config file).
+        self.env = env if env is not None else {"PATH": SYSTEM_PATH}
         self.port = 0
         self.started_in: float | None = None
         self._process: asyncio.subprocess.Process | None = None
@@ -114,6 +118,7 @@ class SidecarProcess:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,
+                env=self.env,
             )
             assert self._process.stdout is not None
             self._pumps.append(asyncio.create_task(self._pump(self._process.stdout)))

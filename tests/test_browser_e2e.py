@@ -1,0 +1,206 @@
+"""End to end: Chromium through the Playwright host, behind v2ray, behind an upstream proxy
+that demands auth, driven through `runCommand` and observed through the stored logs."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+
+from server.settings import Settings
+from tests.conftest import GraphQLClient
+from tests.fixtures.commands import logs_of, run, texts, wait_final, wait_status
+from tests.fixtures.netfakes import LocalSite, UpstreamHttpProxy
+from tests.fixtures.processes import free_port
+
+SCRIPTS = Path(__file__).resolve().parent / "fixtures" / "scripts"
+USER, PASSWORD = "browser-user", "br0wser-Pa55-secret"
+TEMPLATE = (
+    "corral-playwright --profile {{ profile.dir }} --proxy {{ proxy.url }} -- "
+    "visit.mjs {{ params.url }} {{ params.mode }}"
+)
+
+
+@pytest.fixture
+def site() -> Iterator[LocalSite]:
+    server = LocalSite().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def upstream() -> Iterator[UpstreamHttpProxy]:
+    server = UpstreamHttpProxy(USER, PASSWORD).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"scripts_dir": SCRIPTS, "kill_grace_seconds": 3.0})
+
+
+async def gql_id(gql: GraphQLClient, query: str, path: str, **variables: object) -> str:
+    data = await gql(query, **variables)
+    payload = data[path]
+    assert payload["userErrors"] == [], payload["userErrors"]
+    key = next(k for k in payload if k != "userErrors")
+    return str(payload[key]["id"])
+
+
+async def world(gql: GraphQLClient, proxy_port: int, profiles: list[str]) -> dict[str, str]:
+    ids = {
+        "template": await gql_id(
+            gql,
+            """mutation($t: String!) { createCommandTemplate(input: {name: "visit", template: $t,
+            parameters: [{name: "url"}, {name: "mode", default: "once"}], timeoutSeconds: 60}) {
+            commandTemplate { id } userErrors { message } } }""",
+            "createCommandTemplate",
+            t=TEMPLATE,
+        ),
+        "proxy": await gql_id(
+            gql,
+            """mutation($port: Int!, $u: String!, $p: String!) { createProxy(input: {name: "up",
+            protocol: "http", host: "127.0.0.1", port: $port, username: $u, password: $p}) {
+            proxy { id } userErrors { message } } }""",
+            "createProxy",
+            port=proxy_port,
+            u=USER,
+            p=PASSWORD,
+        ),
+    }
+    for name in profiles:
+        ids[name] = await gql_id(
+            gql,
+            "mutation($n: String!) { createProfile(input: {name: $n}) { profile { id } userErrors "
+            "{ message } } }",
+            "createProfile",
+            n=name,
+        )
+        await gql(
+            "mutation($p: ID!, $x: ID!) { attachProxy(input: {profileId: $p, proxyId: $x}) "
+            "{ userErrors { message } } }",
+            p=ids[name],
+            x=ids["proxy"],
+        )
+    return ids
+
+
+async def visit(gql: GraphQLClient, ids: dict[str, str], profile: str, url: str) -> list[str]:
+    command_id = await run(
+        gql, templateId=ids["template"], profileId=ids[profile], params={"url": url}
+    )
+    final = await wait_final(gql, command_id, timeout=60)
+    lines = await logs_of(gql, command_id)
+    assert final["status"] == "SUCCEEDED", lines
+    return texts(lines)
+
+
+async def test_profiles_keep_their_own_cookies_behind_the_proxy(
+    gql: GraphQLClient, site: LocalSite, upstream: UpstreamHttpProxy
+) -> None:
+    ids = await world(gql, upstream.port, ["P", "Q"])
+    await visit(gql, ids, "P", f"{site.url}/set-cookie")
+    assert "body=corral_test=persisted" in await visit(gql, ids, "P", f"{site.url}/cookies")
+    assert "body=" in await visit(gql, ids, "Q", f"{site.url}/cookies")
+    # Every request of the site came through the upstream proxy, with the right credentials.
+    assert upstream.connects
+    assert all(
+        c == f"127.0.0.1:{site.server.port}" for c in upstream.connects
+    )
+    assert upstream.refused == 0
+    assert len(site.requests) >= 3
+
+
+async def test_credentials_appear_in_no_argv_and_no_log(
+    gql: GraphQLClient, site: LocalSite, upstream: UpstreamHttpProxy
+) -> None:
+    ids = await world(gql, upstream.port, ["P"])
+    command_id = await run(
+        gql, templateId=ids["template"], profileId=ids["P"], params={"url": f"{site.url}/"}
+    )
+    final = await wait_final(gql, command_id, timeout=60)
+    lines = await logs_of(gql, command_id)
+    assert final["status"] == "SUCCEEDED", lines
+    text = " ".join(final["argv"]) + "\n".join(line["text"] for line in lines)
+    assert PASSWORD not in text
+    assert USER not in text
+    assert "--proxy socks5://127.0.0.1:" in " ".join(final["argv"])
+
+
+async def test_proxy_down_fails_closed_and_the_site_sees_nothing(
+    gql: GraphQLClient, site: LocalSite
+) -> None:
+    ids = await world(gql, free_port(), ["P"])
+    command_id = await run(
+        gql, templateId=ids["template"], profileId=ids["P"], params={"url": f"{site.url}/"}
+    )
+    final = await wait_final(gql, command_id, timeout=60)
+    assert final["status"] == "FAILED"
+    assert "upstream proxy 'up'" in final["error"]
+    assert site.requests == []
+
+
+async def test_two_runs_on_one_profile_run_one_after_the_other(
+    gql: GraphQLClient, site: LocalSite, upstream: UpstreamHttpProxy
+) -> None:
+    ids = await world(gql, upstream.port, ["P"])
+    commands = [
+        await run(
+            gql, templateId=ids["template"], profileId=ids["P"], params={"url": f"{site.url}/"}
+        )
+        for _ in range(2)
+    ]
+    finals = [await wait_final(gql, c, timeout=90) for c in commands]
+    if [f["status"] for f in finals] != ["SUCCEEDED", "SUCCEEDED"]:
+        for c in commands:
+            for line in await logs_of(gql, c):
+                print("DBG", line["stream"], line["text"][:300])
+    assert [f["status"] for f in finals] == ["SUCCEEDED", "SUCCEEDED"]
+    first_end = datetime.fromisoformat(finals[0]["finishedAt"])
+    second_start = datetime.fromisoformat(finals[1]["startedAt"])
+    assert second_start >= first_end
+
+
+def browser_processes(marker: str) -> list[int]:
+    """PIDs whose command line mentions `marker` (the profile dir or the sidecar config)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if marker in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+async def test_cancelling_a_browser_run_leaves_nothing_behind(
+    gql: GraphQLClient, site: LocalSite, upstream: UpstreamHttpProxy, settings: Settings
+) -> None:
+    ids = await world(gql, upstream.port, ["P"])
+    command_id = await run(
+        gql,
+        templateId=ids["template"],
+        profileId=ids["P"],
+        params={"url": f"{site.url}/", "mode": "wait"},
+    )
+    await wait_status(gql, command_id, {"RUNNING"}, timeout=30)
+    deadline = time.monotonic() + 30
+    while "waiting" not in texts(await logs_of(gql, command_id)):
+        assert time.monotonic() < deadline, await logs_of(gql, command_id)
+        await asyncio.sleep(0.1)
+    profile_dir = str(settings.profiles_dir)
+    assert browser_processes(profile_dir), "chromium runs on the profile dir"
+    assert browser_processes("corral-sidecar-"), "the sidecar runs"
+    await gql("mutation($id: ID!) { cancelCommand(id: $id) { command { id } } }", id=command_id)
+    final = await wait_final(gql, command_id, timeout=30)
+    assert final["status"] == "CANCELLED"
+    assert browser_processes(profile_dir) == []
+    assert [p for p in browser_processes("corral-sidecar-") if p] == []
+    assert [p for p in browser_processes("corral-playwright") if p] == []
