@@ -9,12 +9,12 @@ import re
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from xray.config import write_config
+from xray.config import ConfigError, Hop, features_used, write_config
 
 Flavor = Literal["xray", "v2ray"]
 VERSION_TIMEOUT = 10.0
@@ -81,6 +81,20 @@ class XrayBinary:
     def describe(self) -> str:
         version = ".".join(map(str, self.version)) or "unknown version"
         return f"{self.flavor} {version} ({self.path})"
+
+
+def ensure_supported(binary: XrayBinary, chain: Sequence[Hop]) -> None:
+    """Refuse (ConfigError) a chain that uses features the binary lacks.
+
+    Call it before running a chain: V2Ray 4.x accepts a REALITY config and then sends
+    VLESS in plaintext, and drops a chained hop's ws/grpc transport, without a word.
+    """
+    missing = binary.unsupported(features_used(chain))
+    if missing:
+        raise ConfigError(
+            f"{binary.describe()} cannot run {', '.join(missing)}; install Xray-core "
+            "(or point CORRAL_XRAY_BIN at it) for these proxies"
+        )
 
 
 def find_binary(setting: str | None) -> XrayBinary:

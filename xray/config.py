@@ -159,24 +159,29 @@ def features_used(chain: Sequence[Hop]) -> frozenset[str]:
     features: set[str] = set()
     for index, hop in enumerate(chain):
         try:
-            network = _network(hop.settings)
-            security = _security(hop)
+            features |= _hop_features(hop, dialed_through_hop=index + 1 < len(chain))
         except ConfigError as error:
             raise ConfigError(f"proxy {hop.name!r}: {error.message}") from None
-        features.update({hop.protocol, network})
-        if security != "none":
-            features.add(security)
-        if hop.protocol == "vless" and hop.settings.get("flow"):
-            features.add("xtls-flow")
-        method = str(hop.settings.get("method", "")).lower()
-        if hop.protocol == "shadowsocks" and method.startswith("2022-"):
-            features.add("shadowsocks-2022")
-        if hop.protocol == "shadowsocks" and method.startswith("xchacha20"):
-            features.add("xchacha20")
-        plain_tcp = network == "tcp" and hop.settings.get("headerType", "none") == "none"
-        if index + 1 < len(chain) and not plain_tcp:
-            features.add("chained-transport")
     return frozenset(features)
+
+
+def _hop_features(hop: Hop, *, dialed_through_hop: bool) -> set[str]:
+    network = _network(hop.settings)
+    security = _security(hop)
+    features = {hop.protocol, network}
+    if security != "none":
+        features.add(security)
+    if hop.protocol == "vless" and _text(hop.settings, "flow"):
+        features.add("xtls-flow")
+    method = _text(hop.settings, "method").lower() if hop.protocol == "shadowsocks" else ""
+    if method.startswith("2022-"):
+        features.add("shadowsocks-2022")
+    if method.startswith("xchacha20"):
+        features.add("xchacha20")
+    header = _text(hop.settings, "headerType").lower()
+    if dialed_through_hop and (network != "tcp" or header not in ("", "none")):
+        features.add("chained-transport")
+    return features
 
 
 def write_config(config: Mapping[str, Any], directory: Path) -> Path:

@@ -18,22 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
-SCHEMES = ("vless", "vmess", "trojan", "ss", "socks5", "socks", "http", "https")
+from xray.config import NETWORK_ALIASES
+
 HOSTNAME_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?$")
 LINK_MAX = 8192
-NETWORKS = {
-    "tcp": "tcp",
-    "raw": "tcp",
-    "ws": "ws",
-    "websocket": "ws",
-    "grpc": "grpc",
-    "gun": "grpc",
-    "h2": "h2",
-    "http": "h2",
-    "httpupgrade": "httpupgrade",
-    "xhttp": "xhttp",
-    "splithttp": "xhttp",
-}
 SECURITIES = {"": "none", "none": "none", "tls": "tls", "reality": "reality"}
 # Query parameters of vless:// and trojan:// links -> settings keys (beyond type/security).
 QUERY_SETTINGS = {
@@ -187,15 +175,18 @@ def _b64decode(text: str, what: str) -> str:
     compact = re.sub(r"\s+", "", unquote(text)).replace("-", "+").replace("_", "/").rstrip("=")
     try:
         raw = base64.b64decode(compact + "=" * (-len(compact) % 4), validate=True)
-        return raw.decode("utf-8")
     except (binascii.Error, ValueError):
         raise ShareLinkError(f"{what} is not valid base64") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ShareLinkError(f"{what} is base64 of binary data, not text") from None
 
 
 def _stream_settings(query: dict[str, str], default_security: str) -> dict[str, Any]:
     """Settings from the transport/TLS query parameters shared by vless:// and trojan://."""
     network_raw = query.get("type", "").strip().lower() or "tcp"
-    network = NETWORKS.get(network_raw)
+    network = NETWORK_ALIASES.get(network_raw)
     if network is None:
         raise ShareLinkError(
             f"transport type={network_raw} is not supported; use tcp, ws, grpc, h2, "
@@ -292,7 +283,7 @@ def _hostname_or_ip(host: str) -> str:
 def _vmess_settings(field_text: Callable[[str], str]) -> dict[str, Any]:
     """v2rayN's fields: net/type/host/path/tls/sni/alpn/fp, aid and scy."""
     network_raw = field_text("net").lower() or "tcp"
-    network = NETWORKS.get(network_raw)
+    network = NETWORK_ALIASES.get(network_raw)
     if network is None:
         raise ShareLinkError(f"vmess transport net={network_raw} is not supported")
     security = SECURITIES.get(field_text("tls").lower())
