@@ -25,7 +25,7 @@ from server.validation import (
     json_object_field,
     text_field,
 )
-from xray.config import Hop
+from xray.config import ConfigError, Hop, build_config
 from xray.health import HealthResult
 from xray.links import ShareLinkError, parse_share_link
 
@@ -142,6 +142,14 @@ def _check_protocol_rules(proxy: Proxy, box: SecretBox) -> None:
                     ("password",), f"{protocol.value} needs a UUID in password", ErrorCode.INVALID
                 )
             )
+    if (
+        protocol in USERNAME_PROTOCOLS
+        and credentials.get("password")
+        and not credentials.get("username")
+    ):
+        errors.append(
+            UserError(("username",), "a password needs a username here", ErrorCode.REQUIRED)
+        )
     if protocol is ProxyProtocol.SHADOWSOCKS:
         method = proxy.settings.get("method")
         if method not in SHADOWSOCKS_METHODS:
@@ -153,8 +161,28 @@ def _check_protocol_rules(proxy: Proxy, box: SecretBox) -> None:
                     ErrorCode.INVALID,
                 )
             )
+    if not errors:
+        errors += _config_problems(proxy, credentials)
     if errors:
         raise InvalidInput(errors)
+
+
+def _config_problems(proxy: Proxy, credentials: dict[str, str]) -> list[UserError]:
+    """What the sidecar config generator would refuse (bad transport/TLS settings)."""
+    hop = Hop(
+        name=proxy.name,
+        protocol=proxy.protocol,
+        host=proxy.host,
+        port=proxy.port,
+        username=credentials.get("username"),
+        password=credentials.get("password"),
+        settings=dict(proxy.settings),
+    )
+    try:
+        build_config([hop], 1080)
+    except ConfigError as exc:
+        return [UserError(("settings",), exc.message, ErrorCode.INVALID)]
+    return []
 
 
 async def get_proxy(session: AsyncSession, proxy_id: int, *, field: str = "id") -> Proxy:
