@@ -28,7 +28,7 @@ from graphql_schema.relay import (
 from runner.logwriter import StoredLine
 from server import commands as command_domain
 from server import models
-from server.broker import CANCEL_TOPIC, QUEUE_TOPIC, STATUS_TOPIC, StatusChange, command_topic
+from server.broker import CANCEL_TOPIC, QUEUE_TOPIC, STATUS_TOPIC, StatusChange, status_topic
 from server.commands import RunRequest
 from server.errors import InvalidInput
 from server.streams import follow_command
@@ -362,17 +362,25 @@ class Subscription:
         self, info: Info, command_id: strawberry.ID | None = None
     ) -> AsyncGenerator[CommandEvent, None]:
         app = info.context.app
-        topic = STATUS_TOPIC if command_id is None else command_topic(_command_pk(command_id))
+        pk = None if command_id is None else _command_pk(command_id)
+        topic = STATUS_TOPIC if pk is None else status_topic(pk)
         app.metrics.subscribers.inc()
+        last: str | None = None
         try:
             async with app.broker.subscribe(topic) as subscription:
                 while True:
                     message = await subscription.get()
-                    if message is None:
+                    if message is None:  # lagged: the one command's status can be re-read
                         subscription.resync()
-                        continue
+                        if pk is None:
+                            continue
+                        current = await _load_command(info, pk)
+                        if current is None or current.status == last:
+                            continue
+                        message = StatusChange(pk, current.status)
                     if not isinstance(message, StatusChange):
                         continue
+                    last = message.status
                     row = await _load_command(info, message.command_id)
                     if row is not None:
                         yield CommandEvent(

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from runner.lines import Redactor
@@ -30,6 +31,7 @@ log = logging.getLogger("corral.runner")
 EVENT_PREFIX = "::corral::"
 QUEUE_LINES = 10_000
 BATCH_LINES = 5_000
+STORE_ATTEMPTS = 5
 LOG_TABLE = cast(Table, LogLine.__table__)
 
 
@@ -111,7 +113,31 @@ class LogWriter:
                 else:
                     batch.append(item)
             if batch:
+                await self._store_with_retries(batch)
+
+    async def _store_with_retries(self, batch: list[tuple[str, str, datetime]]) -> None:
+        """Store a batch; a database hiccup (e.g. SQLite busy past its timeout) is retried,
+        and the writer never dies: a dead writer would stall the child on a full pipe."""
+        for attempt in range(STORE_ATTEMPTS):
+            seq = self.seq
+            try:
                 await self._store(batch)
+                return
+            except (OperationalError, DBAPIError) as exc:
+                self.seq = seq
+                log.warning(
+                    "storing %d log lines of command %d failed (%r); retrying",
+                    len(batch),
+                    self.command_id,
+                    exc,
+                )
+                await asyncio.sleep(0.2 * (attempt + 1))
+        log.error(
+            "dropped %d log lines of command %d after %d tries",
+            len(batch),
+            self.command_id,
+            STORE_ATTEMPTS,
+        )
 
     async def _store(self, batch: list[tuple[str, str, datetime]]) -> None:
         lines: list[StoredLine] = []

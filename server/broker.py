@@ -23,6 +23,11 @@ def command_topic(command_id: int) -> str:
     return f"command:{command_id}"
 
 
+def status_topic(command_id: int) -> str:
+    """Topic of one command's status changes only (no log lines to crowd them out)."""
+    return f"status:{command_id}"
+
+
 STATUS_TOPIC = "status"
 CANCEL_TOPIC = "cancel"
 QUEUE_TOPIC = "queue"
@@ -98,6 +103,7 @@ class Broker:
         """Announce a committed status change to the command's and the global topic."""
         change = StatusChange(command_id, status)
         self.publish(command_topic(command_id), change)
+        self.publish(status_topic(command_id), change)
         self.publish(STATUS_TOPIC, change)
 
     @property

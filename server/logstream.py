@@ -17,10 +17,14 @@ from server.broker import StatusChange
 from server.models import Command
 from server.streams import FinalStatus, follow_command
 
+MAX_SEQ = 2**31 - 1  # seq is a 32-bit integer column
+
 
 def _after_seq(request: Request) -> int | None:
     raw = request.headers.get("last-event-id") or request.query_params.get("afterSeq") or "0"
-    return int(raw) if raw.isdigit() else None
+    if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_SEQ:
+        return None
+    return int(raw)
 
 
 async def stream_command_logs(request: Request) -> Response:

@@ -6,8 +6,8 @@ import pytest
 from starlette.applications import Starlette
 
 from graphql_schema.context import AppServices
-from server.settings import Settings
 from server.models import Profile, ProfileProxy, ProfileService, Proxy, Service
+from server.settings import Settings
 from tests.conftest import GraphQLClient, StatementCounter
 
 NESTED = """
