@@ -4,6 +4,8 @@ that demands auth, driven through `runCommand` and observed through the stored l
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -11,11 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from runner.process import SIDECAR_MARKER
 from server.settings import Settings
 from tests.conftest import GraphQLClient
 from tests.fixtures.commands import logs_of, run, texts, wait_final, wait_status
 from tests.fixtures.netfakes import LocalSite, UpstreamHttpProxy
 from tests.fixtures.processes import free_port
+from tests.test_supervisor import pk, run_processes
 
 SCRIPTS = Path(__file__).resolve().parent / "fixtures" / "scripts"
 USER, PASSWORD = "browser-user", "br0wser-Pa55-secret"
@@ -194,11 +198,13 @@ async def test_cancelling_a_browser_run_leaves_nothing_behind(
         assert time.monotonic() < deadline, await logs_of(gql, command_id)
         await asyncio.sleep(0.1)
     profile_dir = str(settings.profiles_dir)
+    prefix = f"{socket.gethostname()}:{os.getpid()}:"
     assert browser_processes(profile_dir), "chromium runs on the profile dir"
-    assert browser_processes("corral-sidecar-"), "the sidecar runs"
+    assert run_processes(pk(command_id), prefix, SIDECAR_MARKER), "the sidecar runs"
+    assert run_processes(pk(command_id), prefix), "node and chromium run"
     await gql("mutation($id: ID!) { cancelCommand(id: $id) { command { id } } }", id=command_id)
     final = await wait_final(gql, command_id, timeout=30)
     assert final["status"] == "CANCELLED"
     assert browser_processes(profile_dir) == []
-    assert [p for p in browser_processes("corral-sidecar-") if p] == []
-    assert [p for p in browser_processes("corral-playwright") if p] == []
+    assert run_processes(pk(command_id), prefix, SIDECAR_MARKER) == []
+    assert run_processes(pk(command_id), prefix) == []

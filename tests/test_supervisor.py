@@ -42,8 +42,9 @@ def pk(command_id: str) -> int:
     return int(base64.b64decode(command_id).decode().split(":")[1])
 
 
-def run_processes(command_pk: int, runner_prefix: str) -> list[int]:
-    """Live processes of a command run by a runner whose id starts with `runner_prefix`."""
+def run_processes(command_pk: int, runner_prefix: str, marker: str = RUN_MARKER) -> list[int]:
+    """Live processes of a command run by a runner whose id starts with `runner_prefix`
+    (`marker`: RUN_MARKER for the command's own, SIDECAR_MARKER for its sidecar)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -55,7 +56,7 @@ def run_processes(command_pk: int, runner_prefix: str) -> list[int]:
         for item in environ:
             name, _, value = item.decode(errors="replace").partition("=")
             if (
-                name == RUN_MARKER
+                name == marker
                 and value.startswith(runner_prefix)
                 and value.endswith(f"/{command_pk}")
                 and alive(int(entry.name))
