@@ -59,6 +59,8 @@ SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
 READ_CHUNK = 64 * 1024
 TICK_SECONDS = 0.5
 RUNNABLE = (CommandStatus.QUEUED.value, CommandStatus.WAITING.value)
+# Runner ids of the supervisors alive in this process (several can share one process).
+LIVE_RUNNERS: set[str] = set()
 
 
 class StopReason:
@@ -154,6 +156,7 @@ class Supervisor:
         self._stopping = False
         async with self.sessionmaker() as session:
             self._is_postgres = session.get_bind().dialect.name == "postgresql"
+        LIVE_RUNNERS.add(self.runner_id)
         await self.recover()
         self._task = asyncio.create_task(self._main(), name=f"supervisor-{self.runner_id}")
         log_event("runner_started", runner=self.runner_id, name=self.name)
@@ -171,6 +174,7 @@ class Supervisor:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        LIVE_RUNNERS.discard(self.runner_id)
         log_event("runner_stopped", runner=self.runner_id)
 
     def wake(self) -> None:
@@ -701,7 +705,7 @@ class Supervisor:
         except (IndexError, ValueError):
             return False
         if pid == os.getpid():
-            return True  # this process, but a runner instance that is gone
+            return command.runner_id not in LIVE_RUNNERS  # this process: is that runner alive?
         try:
             os.kill(pid, 0)
         except ProcessLookupError:

@@ -134,6 +134,36 @@ async def test_credentials_appear_in_no_argv_and_no_log(
     assert "--proxy socks5://127.0.0.1:" in " ".join(final["argv"])
 
 
+async def test_two_hop_chain_carries_the_browser(gql: GraphQLClient, site: LocalSite) -> None:
+    inner = UpstreamHttpProxy(USER, PASSWORD).start()
+    outer = UpstreamHttpProxy("outer-user", "outer-Pa55-secret").start()
+    try:
+        ids = await world(gql, inner.port, ["P"])
+        outer_id = await gql_id(
+            gql,
+            """mutation($port: Int!) { createProxy(input: {name: "outer", protocol: "http",
+            host: "127.0.0.1", port: $port, username: "outer-user",
+            password: "outer-Pa55-secret"}) { proxy { id } userErrors { message } } }""",
+            "createProxy",
+            port=outer.port,
+        )
+        await gql(
+            "mutation($id: ID!, $via: ID!) { updateProxy(input: {id: $id, viaId: $via}) "
+            "{ userErrors { message } } }",
+            id=ids["proxy"],
+            via=outer_id,
+        )
+        out = await visit(gql, ids, "P", f"{site.url}/")
+        assert "title=home" in out
+        assert outer.connects
+        assert set(outer.connects) == {f"127.0.0.1:{inner.port}"}
+        assert inner.connects
+        assert set(inner.connects) == {f"127.0.0.1:{site.server.port}"}
+    finally:
+        inner.stop()
+        outer.stop()
+
+
 async def test_proxy_down_fails_closed_and_the_site_sees_nothing(
     gql: GraphQLClient, site: LocalSite
 ) -> None:
