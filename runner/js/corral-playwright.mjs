@@ -159,10 +159,13 @@ function envSettings(env) {
 }
 
 function resolveChromium(opts, env) {
-  if (opts.chromium) return opts.chromium;
-  if (env.CORRAL_CHROMIUM_PATH) return env.CORRAL_CHROMIUM_PATH;
-  if (isShellScript(DEFAULT_CHROMIUM) && isExecutable(DEBIAN_CHROMIUM_BINARY)) return DEBIAN_CHROMIUM_BINARY;
-  return DEFAULT_CHROMIUM;
+  const chosen = opts.chromium || env.CORRAL_CHROMIUM_PATH || DEFAULT_CHROMIUM;
+  // Debian's launcher script, however it was named (Corral passes its default setting),
+  // is skipped: the same browser, ~20 ms faster, without Debian's extra flags and keys.
+  if (chosen === DEFAULT_CHROMIUM && isShellScript(chosen) && isExecutable(DEBIAN_CHROMIUM_BINARY)) {
+    return DEBIAN_CHROMIUM_BINARY;
+  }
+  return chosen;
 }
 
 function isShellScript(file) {
