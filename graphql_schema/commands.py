@@ -25,7 +25,6 @@ from graphql_schema.relay import (
     pk_of,
     user_errors,
 )
-from runner.logwriter import StoredLine
 from server import commands as command_domain
 from server import models
 from server.broker import CANCEL_TOPIC, QUEUE_TOPIC, STATUS_TOPIC, StatusChange, status_topic
@@ -348,14 +347,15 @@ class Subscription:
         async for item in follow_command(
             app.sessionmaker, app.broker, pk, after_seq or 0, app.metrics, app.follow_poll_seconds
         ):
-            if isinstance(item, StoredLine):
-                yield LogLine(
-                    seq=item.seq,
-                    attempt=item.attempt,
-                    stream=LogStream(item.stream),
-                    ts=item.ts,
-                    text=item.text,
-                )
+            if isinstance(item, list):
+                for line in item:
+                    yield LogLine(
+                        seq=line.seq,
+                        attempt=line.attempt,
+                        stream=LogStream(line.stream),
+                        ts=line.ts,
+                        text=line.text,
+                    )
 
     @strawberry.subscription(description="Status changes of one command, or of all commands.")
     async def command_events(

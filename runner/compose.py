@@ -8,12 +8,19 @@ Tokens are never in the context: they reach the child through its environment on
 
 from __future__ import annotations
 
+import functools
 import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from jinja2 import StrictUndefined, TemplateError, TemplateSyntaxError, UndefinedError
+from jinja2 import (
+    StrictUndefined,
+    Template,
+    TemplateError,
+    TemplateSyntaxError,
+    UndefinedError,
+)
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
@@ -56,6 +63,12 @@ def make_environment() -> SandboxedEnvironment:
 _ENVIRONMENT = make_environment()
 
 
+@functools.lru_cache(maxsize=256)
+def _compiled(source: str) -> Template:
+    """Templates compile once (a run re-renders its template at every attempt)."""
+    return _ENVIRONMENT.from_string(source)
+
+
 def template_syntax_error(source: str) -> str | None:
     """A readable description of the template's syntax error, or None when it parses."""
     try:
@@ -68,7 +81,7 @@ def template_syntax_error(source: str) -> str | None:
 def render_argv(source: str, context: Mapping[str, Any]) -> list[str]:
     """Render `source` with `context` and split it into an argv list (raises CompositionError)."""
     try:
-        rendered = _ENVIRONMENT.from_string(source).render(**context)
+        rendered = _compiled(source).render(**context)
     except TemplateSyntaxError as exc:
         raise CompositionError(
             f"template does not parse: line {exc.lineno}: {exc.message}"

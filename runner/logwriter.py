@@ -1,4 +1,9 @@
-"""The log pump's sink: numbers lines gaplessly, stores them in batches, then publishes them."""
+"""The log pump's sink: numbers lines gaplessly, stores them in batches, then publishes them.
+
+The hot path works on chunks, not lines: the pipe readers queue every line of a read
+together (one timestamp), a batch is inserted through the raw driver (COPY on PostgreSQL,
+executemany on SQLite), and subscribers get one message per stored batch.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,10 @@ import asyncio
 import json
 import logging
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, cast
+from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import Table, func, insert, select, update
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -19,7 +24,6 @@ from server.metrics import Metrics
 from server.models import (
     Command,
     CommandEvent,
-    LogLine,
     LogStream,
     Service,
     ServiceUsage,
@@ -29,10 +33,13 @@ from server.models import (
 log = logging.getLogger("corral.runner")
 
 EVENT_PREFIX = "::corral::"
-QUEUE_LINES = 10_000
+QUEUE_CHUNKS = 1_000  # pipe reads (of up to 64 KiB) waiting to be stored
 BATCH_LINES = 5_000
 STORE_ATTEMPTS = 5
-LOG_TABLE = cast(Table, LogLine.__table__)
+COLUMNS = ("command_id", "seq", "attempt", "stream", "ts", "text")
+SQLITE_INSERT = (
+    "INSERT INTO log_lines (command_id, seq, attempt, stream, ts, text) VALUES (?, ?, ?, ?, ?, ?)"
+)
 
 
 @dataclass(frozen=True)
@@ -56,6 +63,27 @@ class StoredLine:
         }
 
 
+@dataclass(frozen=True)
+class StoredBatch:
+    """Lines stored in one transaction, published as one message (seqs consecutive)."""
+
+    command_id: int
+    lines: list[StoredLine]
+
+    @property
+    def weight(self) -> int:
+        """What it costs a subscriber's bounded queue: its number of lines."""
+        return len(self.lines)
+
+
+@dataclass
+class _Chunk:
+    stream: str
+    lines: list[str]
+    ts: datetime
+    command_values: dict[str, Any] | None = None
+
+
 class LogWriter:
     """Receives an attempt's lines, redacts and numbers them, writes them in batches.
 
@@ -74,6 +102,7 @@ class LogWriter:
         metrics: Metrics | None = None,
         service_names: dict[str, int] | None = None,
         profile_id: int | None = None,
+        runner_id: str | None = None,
     ) -> None:
         self._sessionmaker = sessionmaker
         self._broker = broker
@@ -84,15 +113,24 @@ class LogWriter:
         self._metrics = metrics
         self._services = service_names or {}
         self._profile_id = profile_id
-        self._queue: asyncio.Queue[tuple[str, str, datetime] | None] = asyncio.Queue(QUEUE_LINES)
+        # Command values (status, pgid ...) are written only while this runner holds it.
+        self._runner_id = runner_id
+        self._queue: asyncio.Queue[_Chunk | None] = asyncio.Queue(QUEUE_CHUNKS)
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name=f"logwriter-{self.command_id}")
 
-    async def add(self, stream: LogStream, text: str) -> None:
-        """Queue one raw line (waits when the writer is behind)."""
-        await self._queue.put((stream.value, text, utcnow()))
+    async def add(
+        self, stream: LogStream, text: str, *, command_values: dict[str, Any] | None = None
+    ) -> None:
+        """Queue one line; `command_values` are written to the command row with it."""
+        await self._queue.put(_Chunk(stream.value, [text], utcnow(), command_values))
+
+    async def add_lines(self, stream: LogStream, lines: list[str]) -> None:
+        """Queue the lines of one read (waits when the writer is behind)."""
+        if lines:
+            await self._queue.put(_Chunk(stream.value, lines, utcnow()))
 
     async def close(self) -> None:
         """Store everything queued, then stop."""
@@ -104,18 +142,20 @@ class LogWriter:
         done = False
         while not done:
             first = await self._queue.get()
-            batch = [] if first is None else [first]
-            done = first is None
-            while not done and len(batch) < BATCH_LINES and not self._queue.empty():
+            if first is None:
+                return
+            batch = [first]
+            size = len(first.lines)
+            while size < BATCH_LINES and not self._queue.empty():
                 item = self._queue.get_nowait()
                 if item is None:
                     done = True
-                else:
-                    batch.append(item)
-            if batch:
-                await self._store_with_retries(batch)
+                    break
+                batch.append(item)
+                size += len(item.lines)
+            await self._store_with_retries(batch)
 
-    async def _store_with_retries(self, batch: list[tuple[str, str, datetime]]) -> None:
+    async def _store_with_retries(self, batch: list[_Chunk]) -> None:
         """Store a batch; a database hiccup (e.g. SQLite busy past its timeout) is retried,
         and the writer never dies: a dead writer would stall the child on a full pipe."""
         for attempt in range(STORE_ATTEMPTS):
@@ -126,47 +166,54 @@ class LogWriter:
             except (OperationalError, DBAPIError) as exc:
                 self.seq = seq
                 log.warning(
-                    "storing %d log lines of command %d failed (%r); retrying",
+                    "storing %d log chunks of command %d failed (%r); retrying",
                     len(batch),
                     self.command_id,
                     exc,
                 )
                 await asyncio.sleep(0.2 * (attempt + 1))
         log.error(
-            "dropped %d log lines of command %d after %d tries",
+            "dropped %d log chunks of command %d after %d tries",
             len(batch),
             self.command_id,
             STORE_ATTEMPTS,
         )
 
-    async def _store(self, batch: list[tuple[str, str, datetime]]) -> None:
+    def _number(
+        self, batch: list[_Chunk]
+    ) -> tuple[list[StoredLine], list[dict[str, Any]], dict[str, Any]]:
         lines: list[StoredLine] = []
         events: list[dict[str, Any]] = []
-        for stream, raw, ts in batch:
-            text = self._redact(raw)
-            if stream == LogStream.STDOUT.value and text.startswith(EVENT_PREFIX):
-                event = _parse_event(text[len(EVENT_PREFIX) :])
-                if event is not None:
-                    events.append({"seq": self.seq, "ts": ts, "data": event})
-                    continue
-            self.seq += 1
-            lines.append(StoredLine(self.command_id, self.seq, self.attempt, stream, ts, text))
+        values: dict[str, Any] = {}
+        for chunk in batch:
+            if chunk.command_values:
+                values.update(chunk.command_values)
+            for raw in chunk.lines:
+                text = self._redact(raw)
+                if chunk.stream == "stdout" and text.startswith(EVENT_PREFIX):
+                    event = _parse_event(text[len(EVENT_PREFIX) :])
+                    if event is not None:
+                        events.append({"seq": self.seq, "ts": chunk.ts, "data": event})
+                        continue
+                self.seq += 1
+                lines.append(
+                    StoredLine(
+                        self.command_id, self.seq, self.attempt, chunk.stream, chunk.ts, text
+                    )
+                )
+        return lines, events, values
+
+    async def _store(self, batch: list[_Chunk]) -> None:
+        lines, events, values = self._number(batch)
         async with self._sessionmaker() as session, session.begin():
             if lines:
-                await session.execute(
-                    insert(LOG_TABLE),
-                    [
-                        {
-                            "command_id": line.command_id,
-                            "seq": line.seq,
-                            "attempt": line.attempt,
-                            "stream": line.stream,
-                            "ts": line.ts,
-                            "text": line.text,
-                        }
-                        for line in lines
-                    ],
-                )
+                await _insert_lines(session, lines)
+            if values:
+                stmt = update(Command).where(Command.id == self.command_id)
+                if self._runner_id is not None:
+                    stmt = stmt.where(Command.runner_id == self._runner_id)
+                await session.execute(stmt.values(**values))
+            if lines:
                 await session.execute(
                     update(Command).where(Command.id == self.command_id).values(last_seq=self.seq)
                 )
@@ -174,9 +221,10 @@ class LogWriter:
                 await self._store_event(session, event)
         if self._metrics is not None:
             self._metrics.log_lines.inc(len(lines))
-        topic = command_topic(self.command_id)
-        for line in lines:
-            self._broker.publish(topic, line)
+        if lines:
+            self._broker.publish(
+                command_topic(self.command_id), StoredBatch(self.command_id, lines)
+            )
 
     async def _store_event(self, session: AsyncSession, event: dict[str, Any]) -> None:
         data = event["data"]
@@ -202,6 +250,7 @@ class LogWriter:
             )
         if service_id is None:
             return
+        valid = data.get("tokenValid")
         session.add(
             ServiceUsage(
                 service_id=service_id,
@@ -211,12 +260,41 @@ class LogWriter:
                 remaining=_int(data.get("remaining")),
                 limit=_int(data.get("limit")),
                 reset_at=_datetime(data.get("resetAt")),
-                token_valid=data.get("tokenValid")
-                if isinstance(data.get("tokenValid"), bool)
-                else None,
+                token_valid=valid if isinstance(valid, bool) else None,
                 observed_at=ts,
             )
         )
+
+
+async def _insert_lines(session: AsyncSession, lines: list[StoredLine]) -> None:
+    """Insert through the raw driver: SQLAlchemy's per-row processing costs more than the
+    database itself at these volumes (benchmarks/log_ingest)."""
+    connection = await session.connection()
+    raw = await connection.get_raw_connection()
+    driver: Any = raw.driver_connection
+    if connection.dialect.name == "postgresql":
+        await driver.copy_records_to_table(
+            "log_lines",
+            records=[
+                (line.command_id, line.seq, line.attempt, line.stream, line.ts, line.text)
+                for line in lines
+            ],
+            columns=COLUMNS,
+        )
+        return
+    # SQLite keeps UTC timestamps as naive text, the way server.models.UTCDateTime does.
+    rows = [
+        (
+            line.command_id,
+            line.seq,
+            line.attempt,
+            line.stream,
+            line.ts.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds"),
+            line.text,
+        )
+        for line in lines
+    ]
+    await driver.executemany(SQLITE_INSERT, rows)
 
 
 def _parse_event(payload: str) -> dict[str, Any] | None:

@@ -94,12 +94,13 @@ def _kill_all(pids: list[int]) -> None:
 async def sweep_run(marker: str, timeout: float = 2.0) -> int:
     """SIGKILL what is left of a run outside its process group (e.g. a crash handler that
     called setsid) and wait until it is gone. Returns how many were found."""
-    found = pids = marked_processes(RUN_MARKER, marker)
+    # Reading every /proc/*/environ is blocking I/O: off the event loop.
+    found = pids = await asyncio.to_thread(marked_processes, RUN_MARKER, marker)
     _kill_all(pids)
     deadline = asyncio.get_running_loop().time() + timeout
     while pids and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.02)
-        pids = marked_processes(RUN_MARKER, marker)
+        pids = await asyncio.to_thread(marked_processes, RUN_MARKER, marker)
     return len(found)
 
 

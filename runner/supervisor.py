@@ -74,6 +74,8 @@ class Attempt:
 
     command_id: int
     number: int
+    max_attempts: int = 1
+    backoff_seconds: float = 5.0
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     reason: str | None = None
     task: asyncio.Task[None] | None = None
@@ -231,14 +233,14 @@ class Supervisor:
             # Another runner took a command of the same profile at the same moment.
             log_event("claim_conflict", runner=self.runner_id)
             return
-        for command_id, number, queued_since in claimed:
-            attempt = Attempt(command_id, number)
+        for command_id, number, queued_since, max_attempts, backoff in claimed:
+            attempt = Attempt(command_id, number, max_attempts, backoff)
             self.attempts[command_id] = attempt
             attempt.task = asyncio.create_task(self._run_attempt(attempt, queued_since))
         if self.metrics is not None:
             self.metrics.running.set(len(self.attempts))
 
-    async def _claim(self, free: int) -> list[tuple[int, int, Any]]:
+    async def _claim(self, free: int) -> list[tuple[int, int, Any, int, float]]:
         now = utcnow()
         async with self.sessionmaker() as session, session.begin():
             stmt = (
@@ -258,7 +260,7 @@ class Supervisor:
             if not candidates:
                 return []
             busy = await self._busy_profiles(session)
-            claimed: list[tuple[int, int, Any]] = []
+            claimed: list[tuple[int, int, Any, int, float]] = []
             waiting: list[int] = []
             for command in candidates:
                 if command.profile_id is not None and command.profile_id in busy:
@@ -279,11 +281,19 @@ class Supervisor:
                 command.wait_reason = None
                 command.next_attempt_at = None
                 command.pgid = None
-                claimed.append((command.id, command.attempts, queued_since))
+                claimed.append(
+                    (
+                        command.id,
+                        command.attempts,
+                        queued_since,
+                        command.max_attempts,
+                        command.backoff_seconds,
+                    )
+                )
             await session.flush()
         for command_id in waiting:
             self.broker.publish_status(command_id, CommandStatus.WAITING.value)
-        for command_id, _number, _since in claimed:
+        for command_id, *_rest in claimed:
             self.broker.publish_status(command_id, CommandStatus.RUNNING.value)
         return claimed
 
@@ -315,6 +325,7 @@ class Supervisor:
                 self.metrics,
                 loaded.service_ids,
                 loaded.command.profile_id,
+                self.runner_id,
             )
             writer.start()
             outcome = await self._run_loaded(attempt, loaded, writer)
@@ -462,10 +473,6 @@ class Supervisor:
     async def _execute(
         self, attempt: Attempt, command: Command, prepared: Prepared, writer: LogWriter
     ) -> Outcome:
-        await writer.add(
-            LogStream.SYSTEM,
-            f"attempt {attempt.number} of {command.max_attempts}: {shlex.join(prepared.argv)}",
-        )
         try:
             process = await asyncio.create_subprocess_exec(
                 *prepared.argv,
@@ -477,11 +484,18 @@ class Supervisor:
                 start_new_session=True,
             )
         except OSError as exc:
-            message = f"cannot start {prepared.argv[0]!r}: {exc.strerror or exc}"
+            message = (
+                f"attempt {attempt.number}: cannot start {prepared.argv[0]!r}: "
+                f"{exc.strerror or exc}"
+            )
             await writer.add(LogStream.SYSTEM, message)
             return Outcome(CommandStatus.FAILED, error=message, retryable=False)
         pgid = process.pid
-        await self._record_start(command.id, pgid, prepared.argv)
+        await writer.add(
+            LogStream.SYSTEM,
+            f"attempt {attempt.number} of {command.max_attempts}: {shlex.join(prepared.argv)}",
+            command_values={"pgid": pgid, "argv": prepared.argv},
+        )
         log_event("started", command=command.id, attempt=attempt.number, pid=process.pid)
         assert process.stdout is not None
         assert process.stderr is not None
@@ -546,17 +560,8 @@ class Supervisor:
     async def _pump(self, stream: asyncio.StreamReader, kind: LogStream, writer: LogWriter) -> None:
         splitter = LineSplitter(self.settings.max_line_bytes)
         while chunk := await stream.read(READ_CHUNK):
-            for line in splitter.feed(chunk):
-                await writer.add(kind, line)
-        for line in splitter.close():
-            await writer.add(kind, line)
-
-    async def _record_start(self, command_id: int, pgid: int, argv: list[str]) -> None:
-        """Remember the process group (for recovery) and the argv that really ran."""
-        async with self.sessionmaker() as session, session.begin():
-            await session.execute(
-                update(Command).where(Command.id == command_id).values(pgid=pgid, argv=argv)
-            )
+            await writer.add_lines(kind, list(splitter.feed(chunk)))
+        await writer.add_lines(kind, list(splitter.close()))
 
     # -- finishing ---------------------------------------------------------------------
 
@@ -564,17 +569,19 @@ class Supervisor:
         self, attempt: Attempt, outcome: Outcome, writer: LogWriter | None, elapsed: float
     ) -> None:
         try:
-            status, values, note = await self._final_values(attempt, outcome)
-            if writer is not None:
-                if note:
-                    await writer.add(LogStream.SYSTEM, note)
+            status, values, note = self._final_values(attempt, outcome)
+            if writer is not None:  # the note and the new state in one transaction
+                await writer.add(LogStream.SYSTEM, note, command_values=values)
                 await writer.close()
-            async with self.sessionmaker() as session, session.begin():
-                await session.execute(
-                    update(Command)
-                    .where(Command.id == attempt.command_id, Command.runner_id == self.runner_id)
-                    .values(**values)
-                )
+            else:
+                async with self.sessionmaker() as session, session.begin():
+                    await session.execute(
+                        update(Command)
+                        .where(
+                            Command.id == attempt.command_id, Command.runner_id == self.runner_id
+                        )
+                        .values(**values)
+                    )
             self.broker.publish_status(attempt.command_id, status.value)
             log_event(
                 "finished" if status.is_final else "requeued",
@@ -595,14 +602,12 @@ class Supervisor:
                 self.metrics.running.set(len(self.attempts))
             self._wake.set()
 
-    async def _final_values(
+    def _final_values(
         self, attempt: Attempt, outcome: Outcome
-    ) -> tuple[CommandStatus, dict[str, Any], str | None]:
+    ) -> tuple[CommandStatus, dict[str, Any], str]:
         """The command's next state: final, or back in the queue (retry, or shutdown)."""
-        async with self.sessionmaker() as session:
-            command = await session.get_one(Command, attempt.command_id)
-            max_attempts = command.max_attempts
-            backoff = command.backoff_seconds
+        max_attempts = attempt.max_attempts
+        backoff = attempt.backoff_seconds
         cleared: dict[str, Any] = {"runner_id": None, "lease_expires_at": None, "pgid": None}
         if outcome.status is CommandStatus.QUEUED:  # shutdown: not the command's fault
             return (

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_QUEUE_SIZE = 2048
+DEFAULT_MAX_WEIGHT = 5_000  # log lines a subscriber may hold before it counts as lagged
 
 
 def command_topic(command_id: int) -> str:
@@ -48,16 +49,24 @@ class Subscription:
     topic: str
     queue: asyncio.Queue[Any] = field(default_factory=lambda: asyncio.Queue(DEFAULT_QUEUE_SIZE))
     lagged: bool = False
+    # Bounded by weight too: a batch of log lines weighs its number of lines.
+    max_weight: int = DEFAULT_MAX_WEIGHT
+    weight: int = 0
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
     def offer(self, message: Any) -> None:
         if self.lagged:
             return
+        weight = int(getattr(message, "weight", 1))
         try:
+            if self.weight + weight > self.max_weight:
+                raise asyncio.QueueFull
             self.queue.put_nowait(message)
+            self.weight += weight
         except asyncio.QueueFull:
             self.lagged = True
             self.queue = asyncio.Queue(DEFAULT_QUEUE_SIZE)
+            self.weight = 0
         self._wake.set()
 
     async def get(self) -> Any | None:
@@ -67,7 +76,9 @@ class Subscription:
             await self._wake.wait()
         if self.queue.empty():
             return None
-        return self.queue.get_nowait()
+        message = self.queue.get_nowait()
+        self.weight -= int(getattr(message, "weight", 1))
+        return message
 
     def resync(self) -> None:
         """Deliver again after a lag. Call it *before* re-reading the database, so that

@@ -30,7 +30,11 @@ def create_engine(settings: Settings, **kwargs: Any) -> AsyncEngine:
         event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
         event.listen(engine.sync_engine, "begin", _sqlite_on_begin)
         return engine
-    return create_async_engine(url, pool_pre_ping=True, **kwargs)
+    # Enough connections for every running command's writer plus API requests; no ping
+    # per checkout (a round trip each time), connections are recycled instead.
+    pool_size = settings.max_concurrency * 2 + 5
+    options: dict[str, Any] = {"pool_size": pool_size, "max_overflow": 10, "pool_recycle": 1800}
+    return create_async_engine(url, **(options | kwargs))
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -20,6 +20,14 @@ from server.streams import FinalStatus, follow_command
 MAX_SEQ = 2**31 - 1  # seq is a 32-bit integer column
 
 
+def encode_log_events(lines: list[StoredLine]) -> bytes:
+    """A batch of `log` events, encoded once (one write for the whole batch)."""
+    return "".join(
+        f"event: log\r\nid: {line.seq}\r\ndata: {json.dumps(line.as_json())}\r\n\r\n"
+        for line in lines
+    ).encode()
+
+
 def _after_seq(request: Request) -> int | None:
     raw = request.headers.get("last-event-id") or request.query_params.get("afterSeq") or "0"
     if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_SEQ:
@@ -40,7 +48,7 @@ async def stream_command_logs(request: Request) -> Response:
         if await session.get(Command, decoded[1]) is None:
             return JSONResponse({"error": "no such command"}, status_code=404)
 
-    async def events() -> AsyncIterator[dict[str, Any]]:
+    async def events() -> AsyncIterator[bytes | dict[str, Any]]:
         async for item in follow_command(
             services.sessionmaker,
             services.broker,
@@ -49,8 +57,8 @@ async def stream_command_logs(request: Request) -> Response:
             services.metrics,
             services.follow_poll_seconds,
         ):
-            if isinstance(item, StoredLine):
-                yield {"event": "log", "id": str(item.seq), "data": json.dumps(item.as_json())}
+            if isinstance(item, list):
+                yield encode_log_events(item)
             elif isinstance(item, StatusChange):
                 yield {"event": "status", "data": json.dumps({"status": item.status})}
             elif isinstance(item, FinalStatus):

@@ -24,7 +24,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
 from graphql_schema.relay import decode_id, encode_id
-from runner.logwriter import StoredLine
+from runner.logwriter import StoredBatch, StoredLine
 from server.broker import DEFAULT_QUEUE_SIZE, Broker, StatusChange, command_topic
 from server.db import create_engine, create_sessionmaker
 from server.metrics import Metrics
@@ -635,6 +635,21 @@ async def store_lines(
     return lines
 
 
+async def lines_one_by_one(items: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    """follow_command yields batches (lists) of lines; these tests look at single lines."""
+    async for item in items:
+        if isinstance(item, list):
+            for line in item:
+                yield line
+        else:
+            yield item
+
+
+def one(line: StoredLine) -> StoredBatch:
+    """A published batch of one line."""
+    return StoredBatch(line.command_id, [line])
+
+
 async def test_follow_command_delivers_each_line_once_across_replay_live_gaps_and_lag(
     sessionmaker: async_sessionmaker[AsyncSession],
 ) -> None:
@@ -645,7 +660,7 @@ async def test_follow_command_delivers_each_line_once_across_replay_live_gaps_an
     command_id = row.id
     topic = command_topic(command_id)
     await store_lines(sessionmaker, command_id, range(1, 6))
-    follower = follow_command(sessionmaker, broker, command_id, 0, metrics)
+    follower = lines_one_by_one(follow_command(sessionmaker, broker, command_id, 0, metrics))
     received: list[StoredLine | StatusChange | FinalStatus] = []
 
     async def take(count: int) -> list[Any]:
@@ -663,29 +678,29 @@ async def test_follow_command_delivers_each_line_once_across_replay_live_gaps_an
         StoredLine(command_id, seq, 1, "stdout", utcnow(), f"line {seq}") for seq in (4, 5)
     ]
     for line in [*lines_4_5, *line_6]:
-        broker.publish(topic, line)
+        broker.publish(topic, one(line))
     assert await take(6) == [2, 3, 4, 5, 6, StatusChange(command_id, "RUNNING")]
 
     # Live: the published copies of 4-6 are dropped, line 7 comes from the broker.
     for line in await store_lines(sessionmaker, command_id, range(7, 8)):
-        broker.publish(topic, line)
+        broker.publish(topic, one(line))
     assert await take(1) == [7]
 
     # A line whose publication was missed (8) is re-read when the next one (9) shows the gap.
     lines_8_9 = await store_lines(sessionmaker, command_id, range(8, 10))
-    broker.publish(topic, lines_8_9[1])
+    broker.publish(topic, one(lines_8_9[1]))
     assert await take(2) == [8, 9]
 
     # More than a queue's worth published at once: the follower lags and re-reads them.
     burst = range(10, 10 + DEFAULT_QUEUE_SIZE + 100)
     for line in await store_lines(sessionmaker, command_id, burst):
-        broker.publish(topic, line)
+        broker.publish(topic, one(line))
     assert await take(len(burst)) == list(burst)
 
     # The final line, then the final status: the stream ends.
     last = burst[-1] + 1
     for line in await store_lines(sessionmaker, command_id, range(last, last + 1)):
-        broker.publish(topic, line)
+        broker.publish(topic, one(line))
     async with sessionmaker() as session, session.begin():
         await session.execute(
             update(Command).where(Command.id == command_id).values(status="SUCCEEDED")
