@@ -42,7 +42,7 @@ SQLITE_INSERT = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class StoredLine:
     """A line as stored and published: what subscribers receive."""
 
@@ -208,14 +208,18 @@ class LogWriter:
         async with self._sessionmaker() as session, session.begin():
             if lines:
                 await _insert_lines(session, lines)
-            if values:
-                stmt = update(Command).where(Command.id == self.command_id)
-                if self._runner_id is not None:
-                    stmt = stmt.where(Command.runner_id == self._runner_id)
-                await session.execute(stmt.values(**values))
-            if lines:
+            if values and self._runner_id is not None:  # guarded: only while it is ours
                 await session.execute(
-                    update(Command).where(Command.id == self.command_id).values(last_seq=self.seq)
+                    update(Command)
+                    .where(Command.id == self.command_id, Command.runner_id == self._runner_id)
+                    .values(**values)
+                )
+                values = {}
+            if lines:
+                values["last_seq"] = self.seq
+            if values:
+                await session.execute(
+                    update(Command).where(Command.id == self.command_id).values(**values)
                 )
             for event in events:
                 await self._store_event(session, event)

@@ -1,0 +1,1 @@
+"""Corral benchmarks: each module runs with `python -m benchmarks.<name>` and prints one JSON."""

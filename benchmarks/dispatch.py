@@ -1,0 +1,238 @@
+"""Dispatch: N queued /bin/true commands drain (queued -> final) at concurrency C, against a
+bare asyncio spawn of the same N at the same concurrency; and runCommand's latency over HTTP.
+
+    .venv/bin/python -m benchmarks.dispatch [--backend sqlite|postgresql|both] [--commands N]
+
+Per backend, in one run:
+1. baseline: asyncio.create_subprocess_exec("/bin/true") N times under a semaphore of C,
+   each awaited (median of 3 runs, before the server starts).
+2. the real app under uvicorn on 127.0.0.1 with its embedded runner off; a client in its own
+   process POSTs N runCommand mutations one after another (latency with an idle runner).
+3. drain: a Supervisor (built as server/app.py's lifespan builds it, max_concurrency=C)
+   starts; the clock runs from its start until all N commands are final in the database.
+4. runCommand latency with the runner on: N more mutations, posted while the runner runs them.
+Prints one JSON object on stdout; progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    FINAL_STATUSES,
+    ID_FLOOR,
+    RUN_COMMAND,
+    CpuClock,
+    Worker,
+    backend_settings,
+    machine,
+    observer_engine,
+    parse_backends,
+    percentiles,
+    print_result,
+    progress,
+    scalar,
+    serve,
+    server_log,
+    wait_for_value,
+)
+
+TARGET_RATIO_MAX = 3.0
+BARE_RUNS = 3
+COMMAND = "/bin/true"
+FINAL_SQL = (
+    "SELECT count(*) FROM commands"
+    " WHERE id > :floor AND status IN ('SUCCEEDED', 'FAILED', 'TIMED_OUT', 'CANCELLED')"
+)
+
+
+async def bare_spawn(commands: int, concurrency: int) -> float:
+    """Seconds to spawn and reap `commands` /bin/true, at most `concurrency` at once."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one() -> None:
+        async with gate:
+            process = await asyncio.create_subprocess_exec(COMMAND)
+            await process.wait()
+
+    started = time.perf_counter()
+    await asyncio.gather(*(one() for _ in range(commands)))
+    return time.perf_counter() - started
+
+
+async def wait_final(statuses: Any, engine: Any, commands: int, timeout: float) -> None:
+    """Until `commands` commands are final: counted from the broker's status topic (no
+    polling load on the server's loop); if the subscription lags, from the database."""
+    final: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while len(final) < commands:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"only {len(final)} of {commands} commands final in {timeout}s")
+        message = await asyncio.wait_for(statuses.get(), remaining)
+        if message is None:  # lagged: the database has the truth
+            await wait_for_value(
+                lambda: scalar(engine, FINAL_SQL, floor=ID_FLOOR),
+                lambda n: n >= commands,
+                timeout=remaining,
+                what="all commands final",
+            )
+            return
+        if message.status in FINAL_STATUSES:
+            final.add(message.command_id)
+
+
+async def post_commands(base_url: str, commands: int, timeout: float) -> dict[str, Any]:
+    """POST `commands` runCommand mutations from a client process; latencies in ms."""
+    client = await Worker.start("graphql")
+    try:
+        inputs = [{"commandString": COMMAND} for _ in range(commands)]
+        await client.send({"url": base_url, "query": RUN_COMMAND, "inputs": inputs})
+        result = await client.expect("result", timeout=timeout)
+    finally:
+        await client.close()
+    if result["error_count"] or len(result["ids"]) != commands:
+        raise RuntimeError(f"runCommand failed {result['error_count']}x: {result['errors']}")
+    return result
+
+
+async def run_times(engine: Any) -> dict[str, Any]:
+    """Per-command times from the database: queued -> started, started -> finished (ms)."""
+    from sqlalchemy import select
+    from sqlalchemy.ext.asyncio import AsyncSession
+
+    from server.models import Command
+
+    async with AsyncSession(engine) as session:
+        rows = (
+            await session.execute(
+                select(Command.created_at, Command.started_at, Command.finished_at).where(
+                    Command.id > ID_FLOOR
+                )
+            )
+        ).all()
+    runs = [(f - s).total_seconds() * 1000 for _c, s, f in rows if s and f]
+    return {"started_to_final_ms": percentiles(runs)}
+
+
+async def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    from runner.supervisor import Supervisor
+    from server.app import create_app
+    from server.broker import STATUS_TOPIC
+
+    commands: int = args.commands
+    concurrency: int = args.concurrency
+    progress(f"{backend}: bare asyncio spawn of {commands} x {COMMAND} at {concurrency}")
+    bare_runs = [await bare_spawn(commands, concurrency) for _ in range(BARE_RUNS)]
+    bare = statistics.median(bare_runs)
+    progress(f"  bare: {[round(s, 3) for s in bare_runs]} s")
+    async with backend_settings(
+        backend, workdir, max_concurrency=concurrency, embedded_runner=False
+    ) as settings:
+        engine = observer_engine(settings)
+        try:
+            app = create_app(settings)
+            async with serve(app) as base_url:
+                progress(f"{backend}: queueing {commands} commands (runner off)")
+                idle = await post_commands(base_url, commands, args.timeout)
+                queued = await scalar(
+                    engine, "SELECT count(*) FROM commands WHERE status = 'QUEUED'"
+                )
+                assert queued == commands, f"{queued} queued, expected {commands}"
+                services = app.state.services
+                supervisor = Supervisor(
+                    settings,
+                    services.sessionmaker,
+                    services.secret_box,
+                    services.broker,
+                    services.metrics,
+                )
+                progress(f"{backend}: draining with a Supervisor at concurrency {concurrency}")
+                async with services.broker.subscribe(STATUS_TOPIC) as statuses:
+                    cpu = CpuClock()
+                    started = time.perf_counter()
+                    await supervisor.start()
+                    try:
+                        await wait_final(statuses, engine, commands, args.timeout)
+                    except BaseException:
+                        await supervisor.stop()
+                        raise
+                    corral = time.perf_counter() - started
+                    used = cpu.read()
+                progress(f"  drained in {corral:.3f}s ({corral / bare:.2f}x bare)")
+                try:
+                    succeeded = await scalar(
+                        engine,
+                        "SELECT count(*) FROM commands WHERE id > :floor AND status = 'SUCCEEDED'",
+                        floor=ID_FLOOR,
+                    )
+                    times = await run_times(engine)
+                    progress(f"{backend}: {commands} more runCommand with the runner on")
+                    busy = await post_commands(base_url, commands, args.timeout)
+                    await wait_for_value(
+                        lambda: scalar(engine, FINAL_SQL, floor=ID_FLOOR),
+                        lambda n: n >= 2 * commands,
+                        timeout=args.timeout,
+                        interval=0.05,
+                        what="second batch final",
+                    )
+                finally:
+                    await supervisor.stop()
+        finally:
+            await engine.dispose()
+    ratio = corral / bare
+    latency = percentiles(busy["latencies_ms"])
+    progress(f"  runCommand latency (runner on): {latency}")
+    return {
+        "commands": commands,
+        "concurrency": concurrency,
+        "bare_seconds": round(bare, 3),
+        "corral_seconds": round(corral, 3),
+        "ratio": round(ratio, 2),
+        "target_ratio_max": TARGET_RATIO_MAX,
+        "meets_target": ratio <= TARGET_RATIO_MAX,
+        "run_command_latency_ms": latency,
+        "run_command_latency_ms_runner_idle": percentiles(idle["latencies_ms"]),
+        "bare_runs_seconds": [round(s, 3) for s in bare_runs],
+        "corral_commands_per_s": round(commands / corral, 1),
+        "bare_commands_per_s": round(commands / bare, 1),
+        "succeeded": succeeded,
+        "per_command": times,
+        "drain_cpu_seconds": used,
+        "drain_loop_cpu_ms_per_command": round(used["event_loop_thread"] * 1000 / commands, 2),
+    }
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    load = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
+        workdir = Path(tmp)
+        with server_log(workdir, "dispatch"):
+            for backend in parse_backends(args.backend):
+                results[backend] = await run_backend(backend, args, workdir)
+    return {"benchmark": "dispatch", "backends": results, "machine": machine(load)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="both", help="sqlite, postgresql or both")
+    parser.add_argument("--commands", type=int, default=300, help="commands to drain")
+    parser.add_argument("--concurrency", type=int, default=8, help="runner concurrency")
+    parser.add_argument("--timeout", type=float, default=120.0, help="per-phase limit (s)")
+    args = parser.parse_args()
+    started = time.monotonic()
+    result = asyncio.run(main_async(args))
+    result["wall_seconds"] = round(time.monotonic() - started, 1)
+    print_result(result)
+
+
+if __name__ == "__main__":
+    main()
