@@ -167,9 +167,9 @@ def _check_protocol_rules(proxy: Proxy, box: SecretBox) -> None:
         raise InvalidInput(errors)
 
 
-def _config_problems(proxy: Proxy, credentials: dict[str, str]) -> list[UserError]:
-    """What the sidecar config generator would refuse (bad transport/TLS settings)."""
-    hop = Hop(
+def hop_of(proxy: Proxy, credentials: dict[str, str]) -> Hop:
+    """The proxy as one hop of a sidecar config (credentials given decrypted)."""
+    return Hop(
         name=proxy.name,
         protocol=proxy.protocol,
         host=proxy.host,
@@ -178,6 +178,11 @@ def _config_problems(proxy: Proxy, credentials: dict[str, str]) -> list[UserErro
         password=credentials.get("password"),
         settings=dict(proxy.settings),
     )
+
+
+def _config_problems(proxy: Proxy, credentials: dict[str, str]) -> list[UserError]:
+    """What the sidecar config generator would refuse (bad transport/TLS settings)."""
+    hop = hop_of(proxy, credentials)
     try:
         build_config([hop], 1080)
     except ConfigError as exc:
@@ -329,18 +334,7 @@ async def proxy_chain(session: AsyncSession, box: SecretBox, proxy: Proxy) -> li
     chain: list[Hop] = []
     current: Proxy | None = proxy
     while current is not None and len(chain) < MAX_CHAIN_HOPS:
-        credentials = read_credentials(current, box)
-        chain.append(
-            Hop(
-                name=current.name,
-                protocol=current.protocol,
-                host=current.host,
-                port=current.port,
-                username=credentials.get("username"),
-                password=credentials.get("password"),
-                settings=dict(current.settings),
-            )
-        )
+        chain.append(hop_of(current, read_credentials(current, box)))
         current = await session.get(Proxy, current.via_id) if current.via_id else None
     return chain
 
