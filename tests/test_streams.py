@@ -552,12 +552,14 @@ async def test_a_subscriber_that_never_reads_slows_neither_the_runner_nor_the_ot
         # Generous: a stalled client must not make the run take several times longer.
         assert run_seconds(node) <= 3 * baseline + 5, (run_seconds(node), baseline)
 
-        # The stalled subscriber did fall behind, and holds no more than its bounded queue.
+        # The stalled subscriber holds no more than its bounded queue. (Whether it also had
+        # to lag depends on how much the loopback socket buffers absorbed: several MB here.
+        # Lagging itself is tested on the broker directly below.)
         broker: Broker = live.app.state.services.broker
         held = broker._subscribers.get(command_topic(pk(command_id)), set())
         assert len(held) == 1, "the stalled subscriber is not subscribed any more"
         (subscription,) = held
-        assert subscription.lagged, "the stalled subscriber never fell behind"
+        assert subscription.weight <= subscription.max_weight
         assert subscription.queue.qsize() <= subscription.queue.maxsize == DEFAULT_QUEUE_SIZE
     # Hanging up releases it.
     await wait_subscribers(http, 0)
@@ -813,3 +815,20 @@ async def test_metrics_count_commands_lines_and_connected_subscribers(
     assert (await wait_status(api, running, FINAL))["status"] == "CANCELLED"
     text, _samples = await scrape(http)
     assert 'corral_commands{status="CANCELLED"} 1.0' in text.splitlines()
+
+
+async def test_a_subscriber_is_bounded_by_lines_not_only_by_messages() -> None:
+    broker = Broker()
+    topic = command_topic(1)
+    async with broker.subscribe(topic) as stalled:
+        line = StoredLine(1, 1, 1, "stdout", utcnow(), "x")
+        batch = StoredBatch(1, [line] * 1000)
+        for _ in range(stalled.max_weight // 1000):
+            broker.publish(topic, batch)
+        assert not stalled.lagged
+        assert stalled.weight == stalled.max_weight
+        broker.publish(topic, batch)  # one line more than it may hold
+        assert stalled.lagged
+        assert stalled.weight == 0
+        assert stalled.queue.qsize() == 0  # what it held is let go: memory stays bounded
+        assert await stalled.get() is None
