@@ -61,13 +61,24 @@ def run_marker(runner_id: str, command_id: int) -> str:
     return f"{runner_id}/{command_id}"
 
 
-def marked_processes(name: str, value: str) -> list[int]:
+def last_pid() -> int:
+    """The PID the kernel handed out last (/proc/loadavg), 0 when unknown."""
+    try:
+        return int(Path("/proc/loadavg").read_text().split()[-1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def marked_processes(name: str, value: str, min_pid: int = 0) -> list[int]:
     """Live PIDs on this host whose environment has `name=value` (zombies are left out:
-    they are dead, only waiting to be reaped)."""
+    they are dead, only waiting to be reaped). `min_pid`: only look at PIDs above it
+    (descendants of a process are younger than it), unless PIDs have wrapped around."""
+    if min_pid and last_pid() < min_pid:
+        min_pid = 0  # the PID counter wrapped: younger processes may have smaller PIDs
     marker = f"{name}={value}".encode()
     found = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) <= min_pid:
             continue
         try:
             environ = (entry / "environ").read_bytes()
@@ -91,16 +102,17 @@ def _kill_all(pids: list[int]) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-async def sweep_run(marker: str, timeout: float = 2.0) -> int:
+async def sweep_run(marker: str, leader_pid: int = 0, timeout: float = 2.0) -> int:
     """SIGKILL what is left of a run outside its process group (e.g. a crash handler that
     called setsid) and wait until it is gone. Returns how many were found."""
-    # Reading every /proc/*/environ is blocking I/O: off the event loop.
-    found = pids = await asyncio.to_thread(marked_processes, RUN_MARKER, marker)
+    # Reading /proc/*/environ is blocking I/O: off the event loop; only PIDs younger than
+    # the run's first process can belong to it.
+    found = pids = await asyncio.to_thread(marked_processes, RUN_MARKER, marker, leader_pid - 1)
     _kill_all(pids)
     deadline = asyncio.get_running_loop().time() + timeout
     while pids and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.02)
-        pids = await asyncio.to_thread(marked_processes, RUN_MARKER, marker)
+        pids = await asyncio.to_thread(marked_processes, RUN_MARKER, marker, leader_pid - 1)
     return len(found)
 
 

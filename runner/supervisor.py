@@ -516,7 +516,7 @@ class Supervisor:
         pumps: list[asyncio.Task[None]],
     ) -> None:
         await stop_group(pgid, process, self.settings.kill_grace_seconds)
-        escaped = await sweep_run(run_marker(self.runner_id, command_id))
+        escaped = await sweep_run(run_marker(self.runner_id, command_id), pgid)
         if escaped:
             log_event("killed_escaped", command=command_id, processes=escaped)
         await asyncio.gather(*pumps, return_exceptions=True)
