@@ -166,16 +166,17 @@ class Supervisor:
     async def stop(self) -> None:
         """Stop claiming; stop every child (TERM, grace, KILL) and put its command back."""
         self._stopping = True
-        self._wake.set()
+        # The claim loop goes first, so that no claim lands after the children were told
+        # to stop (a claim cut short rolls back: the command stays queued).
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
         for attempt in list(self.attempts.values()):
             attempt.request_stop(StopReason.SHUTDOWN)
         tasks = [a.task for a in self.attempts.values() if a.task is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
         LIVE_RUNNERS.discard(self.runner_id)
         log_event("runner_stopped", runner=self.runner_id)
 
