@@ -88,6 +88,18 @@ def name_key(name: str) -> str:
     return unicodedata.normalize("NFKC", name).casefold()
 
 
+class NamedMixin:
+    """A unique name, compared case-folded through `name_key` (a unique index)."""
+
+    name: Mapped[str] = mapped_column(String(NAME_MAX))
+    name_key: Mapped[str] = mapped_column(String(NAME_MAX * 3), unique=True)
+
+    @validates("name")
+    def _set_name_key(self, _key: str, value: str) -> str:
+        self.name_key = name_key(value)
+        return value
+
+
 class TimestampMixin:
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
@@ -142,17 +154,10 @@ class Meta(Base):
     value: Mapped[str] = mapped_column(Text)
 
 
-class Profile(TimestampMixin, Base):
+class Profile(NamedMixin, TimestampMixin, Base):
     __tablename__ = "profiles"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(NAME_MAX))
-    name_key: Mapped[str] = mapped_column(String(NAME_MAX * 3), unique=True)
-
-    @validates("name")
-    def _set_name_key(self, _key: str, value: str) -> str:
-        self.name_key = name_key(value)
-        return value
 
     user_data_dir: Mapped[str | None] = mapped_column(String(PATH_MAX))
     user_agent: Mapped[str | None] = mapped_column(String(1024))
@@ -166,17 +171,10 @@ class Profile(TimestampMixin, Base):
     runner_affinity: Mapped[str | None] = mapped_column(String(NAME_MAX))
 
 
-class Service(TimestampMixin, Base):
+class Service(NamedMixin, TimestampMixin, Base):
     __tablename__ = "services"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(NAME_MAX))
-    name_key: Mapped[str] = mapped_column(String(NAME_MAX * 3), unique=True)
-
-    @validates("name")
-    def _set_name_key(self, _key: str, value: str) -> str:
-        self.name_key = name_key(value)
-        return value
 
     kind: Mapped[str] = mapped_column(String(64), default="generic")
     base_url: Mapped[str | None] = mapped_column(String(URL_MAX))
@@ -201,17 +199,10 @@ class ProfileService(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-class Proxy(TimestampMixin, Base):
+class Proxy(NamedMixin, TimestampMixin, Base):
     __tablename__ = "proxies"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(NAME_MAX))
-    name_key: Mapped[str] = mapped_column(String(NAME_MAX * 3), unique=True)
-
-    @validates("name")
-    def _set_name_key(self, _key: str, value: str) -> str:
-        self.name_key = name_key(value)
-        return value
 
     protocol: Mapped[str] = mapped_column(String(16))
     host: Mapped[str] = mapped_column(String(HOST_MAX))
@@ -254,17 +245,10 @@ class ProfileProxy(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-class CommandTemplate(TimestampMixin, Base):
+class CommandTemplate(NamedMixin, TimestampMixin, Base):
     __tablename__ = "command_templates"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(NAME_MAX))
-    name_key: Mapped[str] = mapped_column(String(NAME_MAX * 3), unique=True)
-
-    @validates("name")
-    def _set_name_key(self, _key: str, value: str) -> str:
-        self.name_key = name_key(value)
-        return value
 
     description: Mapped[str | None] = mapped_column(Text)
     template: Mapped[str] = mapped_column(Text)
