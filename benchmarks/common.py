@@ -9,6 +9,7 @@ Progress goes to stderr; a benchmark prints exactly one JSON object on stdout.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import base64
 import contextlib
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -514,3 +515,27 @@ if __name__ == "__main__":
     if len(sys.argv) != 2 or sys.argv[1] not in ROLES:
         raise SystemExit(f"usage: python -m benchmarks.common {{{','.join(ROLES)}}}")
     sys.exit(worker_main(sys.argv[1]))
+
+
+def run_benchmark(
+    name: str,
+    parser: argparse.ArgumentParser,
+    run_backend: Callable[[str, argparse.Namespace, Path], Awaitable[dict[str, Any]]],
+) -> None:
+    """Parse the arguments, run `run_backend` for each backend asked for, print the JSON."""
+    args = parser.parse_args()
+    started = time.monotonic()
+
+    async def run_all() -> dict[str, Any]:
+        results: dict[str, Any] = {}
+        load = os.getloadavg()[0]
+        with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
+            workdir = Path(tmp)
+            with server_log(workdir, name):
+                for backend in parse_backends(args.backend):
+                    results[backend] = await run_backend(backend, args, workdir)
+        return {"benchmark": name, "backends": results, "machine": machine(load)}
+
+    result = asyncio.run(run_all())
+    result["wall_seconds"] = round(time.monotonic() - started, 1)
+    print_result(result)

@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,15 +30,12 @@ from benchmarks.common import (
     CpuClock,
     Worker,
     backend_settings,
-    machine,
     observer_engine,
-    parse_backends,
     percentiles,
-    print_result,
     progress,
+    run_benchmark,
     scalar,
     serve,
-    server_log,
     wait_for_value,
 )
 
@@ -210,28 +205,13 @@ async def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> 
     }
 
 
-async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    load = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
-        workdir = Path(tmp)
-        with server_log(workdir, "dispatch"):
-            for backend in parse_backends(args.backend):
-                results[backend] = await run_backend(backend, args, workdir)
-    return {"benchmark": "dispatch", "backends": results, "machine": machine(load)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="both", help="sqlite, postgresql or both")
     parser.add_argument("--commands", type=int, default=300, help="commands to drain")
     parser.add_argument("--concurrency", type=int, default=8, help="runner concurrency")
     parser.add_argument("--timeout", type=float, default=120.0, help="per-phase limit (s)")
-    args = parser.parse_args()
-    started = time.monotonic()
-    result = asyncio.run(main_async(args))
-    result["wall_seconds"] = round(time.monotonic() - started, 1)
-    print_result(result)
+    run_benchmark("dispatch", parser, run_backend)
 
 
 if __name__ == "__main__":

@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import secrets
 import shlex
 import sqlite3
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -42,15 +40,12 @@ from benchmarks.common import (
     backend_settings,
     decode_command_pk,
     graphql,
-    machine,
     observer_engine,
-    parse_backends,
-    print_result,
     progress,
+    run_benchmark,
     run_command,
     scalar,
     serve,
-    server_log,
     wait_for_value,
 )
 
@@ -464,17 +459,6 @@ async def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> 
     }
 
 
-async def main_async(args: argparse.Namespace) -> dict[str, Any]:
-    results: dict[str, Any] = {}
-    load = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="corral-bench-") as tmp:
-        workdir = Path(tmp)
-        with server_log(workdir, "log_ingest"):
-            for backend in parse_backends(args.backend):
-                results[backend] = await run_backend(backend, args, workdir)
-    return {"benchmark": "log_ingest", "backends": results, "machine": machine(load)}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", default="both", help="sqlite, postgresql or both")
@@ -482,11 +466,7 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=10_000, help="latency run: lines/s")
     parser.add_argument("--seconds", type=float, default=3.0, help="latency run: duration")
     parser.add_argument("--timeout", type=float, default=120.0, help="per-phase limit (s)")
-    args = parser.parse_args()
-    started = time.monotonic()
-    result = asyncio.run(main_async(args))
-    result["wall_seconds"] = round(time.monotonic() - started, 1)
-    print_result(result)
+    run_benchmark("log_ingest", parser, run_backend)
 
 
 if __name__ == "__main__":

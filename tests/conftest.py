@@ -32,6 +32,8 @@ from server.models import Base
 from server.secretbox import generate_key
 from server.settings import Settings
 
+pytest_plugins = ["tests.fixtures.netfakes"]  # the `site` and `upstream` fixtures
+
 PG_ENV = "CORRAL_TEST_POSTGRES_URL"
 TEST_KEY = generate_key()
 

@@ -7,7 +7,6 @@ import asyncio
 import os
 import socket
 import time
-from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 
@@ -27,20 +26,6 @@ TEMPLATE = (
     "corral-playwright --profile {{ profile.dir }} --proxy {{ proxy.url }} -- "
     "visit.mjs {{ params.url }} {{ params.mode }}"
 )
-
-
-@pytest.fixture
-def site() -> Iterator[LocalSite]:
-    server = LocalSite().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def upstream() -> Iterator[UpstreamHttpProxy]:
-    server = UpstreamHttpProxy(USER, PASSWORD).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,20 +20,6 @@ CHECK = """mutation($id: ID!) { checkProxy(id: $id) {
   proxy { health { ok latencyMs error exitIp checkedAt } } userErrors { message } } }"""
 IMPORT = """mutation($links: [String!]!) { importProxies(links: $links) {
   proxies { name protocol host port hasCredentials settings } userErrors { field message code } } }"""
-
-
-@pytest.fixture
-def site() -> Iterator[LocalSite]:
-    server = LocalSite().start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def upstream() -> Iterator[UpstreamHttpProxy]:
-    server = UpstreamHttpProxy(USER, PASSWORD).start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -32,10 +32,10 @@ from server.models import Command, LogLine, utcnow
 from server.settings import Settings
 from server.streams import FinalStatus, follow_command
 from tests.conftest import GraphQLClient
+from tests.fixtures.commands import FINAL, command, wait_status
 from tests.fixtures.servers import LiveServer, running_server
 
 STREAM_TIMEOUT = 30.0
-FINAL = {"SUCCEEDED", "FAILED", "TIMED_OUT", "CANCELLED"}
 FIFTY_LINES = "sh -c 'for i in $(seq 1 50); do echo line $i; sleep 0.01; done'"
 # Lines of 400 bytes: ~10 MB of SSE, more than any socket buffer can take for a client that
 # does not read (loopback send buffers grow to a few MB).
@@ -49,8 +49,6 @@ mutation($input: RunCommandInput!) {
 }"""
 CANCEL = """
 mutation($id: ID!) { cancelCommand(id: $id) { command { status } userErrors { message } } }"""
-COMMAND = """
-query($id: ID!) { node(id: $id) { ... on Command { status startedAt finishedAt } } }"""
 LOGS = """
 query($id: ID!) { node(id: $id) { ... on Command { logs { seq attempt stream text } } } }"""
 COMMAND_LOGS = """
@@ -91,24 +89,6 @@ async def run_command(api: GraphQLClient, command_string: str) -> str:
     payload = data["runCommand"]
     assert payload["userErrors"] == [], payload["userErrors"]
     return str(payload["command"]["id"])
-
-
-async def command_node(api: GraphQLClient, command_id: str) -> dict[str, Any]:
-    node: dict[str, Any] = (await api(COMMAND, id=command_id))["node"]
-    return node
-
-
-async def wait_status(
-    api: GraphQLClient, command_id: str, statuses: set[str], within: float = 20.0
-) -> dict[str, Any]:
-    deadline = time.monotonic() + within
-    while True:
-        node = await command_node(api, command_id)
-        if node["status"] in statuses:
-            return node
-        if time.monotonic() > deadline:
-            raise AssertionError(f"command never reached {statuses}: {node}")
-        await asyncio.sleep(0.05)
 
 
 async def stored_logs(api: GraphQLClient, command_id: str) -> list[dict[str, Any]]:
@@ -392,7 +372,7 @@ async def test_sse_of_a_cancelled_command_ends_with_cancelled(settings: Settings
         running = await run_command(api, "sh -c 'echo started; sleep 30'")
         await wait_status(api, running, {"RUNNING"})
         queued = await run_command(api, "echo never")
-        assert (await command_node(api, queued))["status"] == "QUEUED"
+        assert (await command(api, queued))["status"] == "QUEUED"
         streams = {
             command_id: asyncio.create_task(read_sse(http, command_id))
             for command_id in (running, queued)
@@ -426,7 +406,7 @@ async def test_command_logs_subscription_replays_after_seq_then_live_and_complet
         await ws.subscribe("live", COMMAND_LOGS, id=command_id, after=3)
         lines = [r["commandLogs"] for r in await ws.until_complete("live")]
 
-        assert (await command_node(api, command_id))["status"] == "SUCCEEDED"
+        assert (await command(api, command_id))["status"] == "SUCCEEDED"
         seqs = [line["seq"] for line in lines]
         assert seqs == list(range(4, seqs[-1] + 1))
         # seq 1 is the runner's "attempt 1 of 1" line, so seq 4 is "line 3".
@@ -496,7 +476,7 @@ async def test_command_events_subscription_yields_running_then_succeeded(
         blocker = await run_command(api, "sleep 30")
         await wait_status(api, blocker, {"RUNNING"})
         command_id = await run_command(api, "sh -c 'echo one; sleep 0.1; echo two'")
-        assert (await command_node(api, command_id))["status"] == "QUEUED"
+        assert (await command(api, command_id))["status"] == "QUEUED"
 
         async with GraphQLSocket.open(live) as ws:
             await ws.subscribe("one", COMMAND_EVENTS, id=command_id)
