@@ -54,6 +54,8 @@ class LineSplitter:
         if raw.endswith(b"\r") and not dropped:
             raw = raw[:-1]
         text = raw.decode("utf-8", errors="replace")
+        if "\x00" in text:  # PostgreSQL text cannot hold NUL
+            text = text.replace("\x00", "\ufffd")
         if dropped:
             text += CUT_MARKER.format(dropped=dropped)
         return text
@@ -75,3 +77,10 @@ class Redactor:
         if self._pattern is None:
             return text
         return self._pattern.sub(MASK, text)
+
+    def all(self, texts: list[str]) -> list[str]:
+        """Every text masked (the same list when there is nothing to mask)."""
+        if self._pattern is None:
+            return texts
+        sub = self._pattern.sub
+        return [sub(MASK, text) for text in texts]

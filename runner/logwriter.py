@@ -1,8 +1,18 @@
-"""The log pump's sink: numbers lines gaplessly, stores them in batches, then publishes them.
+"""The runner's one writer: every attempt's log lines, events and command updates, and the
+runner's claims, stored together in one transaction per flush, then published.
 
-The hot path works on chunks, not lines: the pipe readers queue every line of a read
-together (one timestamp), a batch is inserted through the raw driver (COPY on PostgreSQL,
-executemany on SQLite), and subscribers get one message per stored batch.
+Per command, a `LogWriter` numbers lines gaplessly and redacts them; the `LogStore` behind
+all of them flushes whatever is pending (of every command) in one transaction, the runner's
+claim included, so a busy runner costs one transaction per flush and not one per line, per
+command or per state change. A flush starts as soon as the previous one ends: lines that
+arrive meanwhile ride along with the next one.
+
+Lines go in through one statement per flush, whatever their number: on PostgreSQL an
+INSERT ... SELECT FROM unnest() of column arrays, on SQLite an INSERT ... SELECT FROM
+json_each() of one JSON text. On SQLite the flush runs in a thread of its own with a
+connection of its own: a single statement keeps the thread out of the interpreter while
+SQLite works (executemany would take and give back the GIL once per row, and wait up to the
+switch interval each time the event loop is busy).
 """
 
 from __future__ import annotations
@@ -11,35 +21,39 @@ import asyncio
 import functools
 import json
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import bindparam, func, select, update
+from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from runner.lines import Redactor
 from server.broker import Broker, command_topic
+from server.db import create_sync_engine
 from server.metrics import Metrics
-from server.models import (
-    Command,
-    CommandEvent,
-    LogStream,
-    Service,
-    ServiceUsage,
-    utcnow,
-)
+from server.models import Command, CommandEvent, LogStream, Service, ServiceUsage, utcnow
 
 log = logging.getLogger("corral.runner")
 
+T = TypeVar("T")
 EVENT_PREFIX = "::corral::"
-QUEUE_CHUNKS = 1_000  # pipe reads (of up to 64 KiB) waiting to be stored
-BATCH_LINES = 5_000
+MAX_PENDING_LINES = 50_000  # lines waiting to be stored, over all commands; then readers wait
+FLUSH_LINES = 10_000  # lines of one command per flush (a published batch stays small)
 STORE_ATTEMPTS = 5
-COLUMNS = ("command_id", "seq", "attempt", "stream", "ts", "text")
-SQLITE_INSERT = (
-    "INSERT INTO log_lines (command_id, seq, attempt, stream, ts, text) VALUES (?, ?, ?, ?, ?, ?)"
+PG_INSERT_LINES = (
+    "INSERT INTO log_lines (command_id, seq, attempt, stream, ts, text) "
+    "SELECT * FROM unnest($1::integer[], $2::integer[], $3::integer[], $4::varchar[], "
+    "$5::timestamptz[], $6::text[])"
+)
+# One JSON text: [[command_id, attempt, stream, ts, first_seq, [text, ...]], ...]
+SQLITE_INSERT_LINES = (
+    "INSERT INTO log_lines (command_id, seq, attempt, stream, ts, text) "
+    "SELECT c.value ->> 0, (c.value ->> 4) + t.key, c.value ->> 1, c.value ->> 2, "
+    "c.value ->> 3, t.value FROM json_each(?) AS c, json_each(c.value, '$[5]') AS t"
 )
 
 
@@ -77,7 +91,7 @@ class StoredBatch:
         return len(self.lines)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Chunk:
     stream: str
     lines: list[str]
@@ -85,224 +99,414 @@ class _Chunk:
     command_values: dict[str, Any] | None = None
 
 
-class LogWriter:
-    """Receives an attempt's lines, redacts and numbers them, writes them in batches.
+@dataclass
+class _Rows:
+    """One command's share of a flush, numbered and redacted."""
 
-    The queue is bounded: when the database falls behind, `add` waits, the pipe readers
-    stop reading and the child blocks on write. Memory stays bounded; nothing is dropped.
+    writer: LogWriter
+    seq_before: int
+    lines: list[StoredLine] = field(default_factory=list)
+    chunks: list[tuple[str, datetime, int, list[str]]] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Job:
+    run: Callable[[Connection], Any]
+    future: asyncio.Future[Any]
+
+
+class _JobFailed(Exception):
+    def __init__(self, job: _Job, error: Exception) -> None:
+        super().__init__(repr(error))
+        self.job = job
+        self.error = error
+
+
+class LogWriter:
+    """One attempt's lines: redacted and numbered here, stored by the runner's LogStore.
+
+    `add` and `add_lines` wait while the store is too far behind: the pipe readers stop
+    reading and the child blocks on write. Memory stays bounded; nothing is dropped.
     """
 
     def __init__(
         self,
-        sessionmaker: async_sessionmaker[AsyncSession],
-        broker: Broker,
+        store: LogStore,
         command_id: int,
         attempt: int,
         last_seq: int,
-        redactor: Redactor,
-        metrics: Metrics | None = None,
-        service_names: dict[str, int] | None = None,
+        redactor: Redactor | None = None,
+        service_ids: dict[str, int] | None = None,
         profile_id: int | None = None,
-        runner_id: str | None = None,
     ) -> None:
-        self._sessionmaker = sessionmaker
-        self._broker = broker
+        self._store = store
         self.command_id = command_id
         self.attempt = attempt
         self.seq = last_seq
-        self._redact = redactor
-        self._metrics = metrics
-        self._services = service_names or {}
-        self._profile_id = profile_id
-        # Command values (status, pgid ...) are written only while this runner holds it.
-        self._runner_id = runner_id
-        self._queue: asyncio.Queue[_Chunk | None] = asyncio.Queue(QUEUE_CHUNKS)
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name=f"logwriter-{self.command_id}")
+        self.redactor = redactor or Redactor([])
+        self.service_ids = service_ids or {}
+        self.profile_id = profile_id
+        self.chunks: list[_Chunk] = []
 
     async def add(
         self, stream: LogStream, text: str, *, command_values: dict[str, Any] | None = None
     ) -> None:
         """Queue one line; `command_values` are written to the command row with it."""
-        await self._queue.put(_Chunk(stream.value, [text], utcnow(), command_values))
+        await self._store.enqueue(self, _Chunk(stream.value, [text], utcnow(), command_values))
 
     async def add_lines(self, stream: LogStream, lines: list[str]) -> None:
-        """Queue the lines of one read (waits when the writer is behind)."""
+        """Queue the lines of one read."""
         if lines:
-            await self._queue.put(_Chunk(stream.value, lines, utcnow()))
+            await self._store.enqueue(self, _Chunk(stream.value, lines, utcnow()))
+
+    async def close(self) -> None:
+        """Wait until everything queued so far is stored."""
+        await self._store.stored(self)
+
+    def take(self) -> list[_Chunk]:
+        """The chunks of the next flush: all of them, or the first FLUSH_LINES lines' worth."""
+        taken = 0
+        for index, chunk in enumerate(self.chunks):
+            taken += len(chunk.lines)
+            if taken >= FLUSH_LINES:
+                batch, self.chunks = self.chunks[: index + 1], self.chunks[index + 1 :]
+                return batch
+        batch, self.chunks = self.chunks, []
+        return batch
+
+    def number(self, chunks: list[_Chunk]) -> _Rows:
+        """Redact and number; `::corral::` lines on stdout become events."""
+        rows = _Rows(self, self.seq)
+        redact = self.redactor
+        for chunk in chunks:
+            if chunk.command_values:
+                rows.values.update(chunk.command_values)
+            texts = redact.all(chunk.lines)
+            if chunk.stream == "stdout" and any(t.startswith(EVENT_PREFIX) for t in texts):
+                texts = self._take_events(texts, chunk.ts, rows)
+            if not texts:
+                continue
+            first = self.seq + 1
+            self.seq += len(texts)
+            rows.chunks.append((chunk.stream, chunk.ts, first, texts))
+            rows.lines.extend(
+                StoredLine(self.command_id, first + i, self.attempt, chunk.stream, chunk.ts, t)
+                for i, t in enumerate(texts)
+            )
+        if rows.lines:
+            rows.values["last_seq"] = self.seq
+        return rows
+
+    def _take_events(self, texts: list[str], ts: datetime, rows: _Rows) -> list[str]:
+        kept: list[str] = []
+        for text in texts:
+            event = (
+                _parse_event(text[len(EVENT_PREFIX) :]) if text.startswith(EVENT_PREFIX) else None
+            )
+            if event is None:
+                kept.append(text)
+                continue
+            # An event's seq is that of the line it came after (its place in the log).
+            rows.events.append({"seq": self.seq + len(kept), "ts": ts, "data": event})
+        return kept
+
+
+class LogStore:
+    """Stores what the runner's writers queue, and runs its claims, one transaction a flush."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        broker: Broker,
+        metrics: Metrics | None = None,
+        runner_id: str | None = None,
+    ) -> None:
+        self._engine = engine
+        self._broker = broker
+        self._metrics = metrics
+        # Command values (status, pgid ...) are written only while this runner holds it.
+        self._runner_id = runner_id
+        self._sqlite = engine.dialect.name == "sqlite"
+        self._sync_engine: Engine | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._dirty: dict[int, LogWriter] = {}
+        self._jobs: list[_Job] = []
+        self._waiters: list[tuple[LogWriter, asyncio.Future[None]]] = []
+        self._pending_lines = 0
+        self._room = asyncio.Event()
+        self._room.set()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._sqlite:
+            self._sync_engine = create_sync_engine(self._engine.url)
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="corral-logstore")
+        self._closing = False
+        self._task = asyncio.create_task(self._run(), name="logstore")
 
     async def close(self) -> None:
         """Store everything queued, then stop."""
-        await self._queue.put(None)
+        self._closing = True
+        self._wake.set()
         if self._task is not None:
             await self._task
+            self._task = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+        if self._sync_engine is not None:
+            self._sync_engine.dispose()
+            self._sync_engine = None
+
+    # -- what writers and the runner call ----------------------------------------------
+
+    def writer(
+        self,
+        command_id: int,
+        attempt: int,
+        last_seq: int,
+        redactor: Redactor | None = None,
+        service_ids: dict[str, int] | None = None,
+        profile_id: int | None = None,
+    ) -> LogWriter:
+        return LogWriter(self, command_id, attempt, last_seq, redactor, service_ids, profile_id)
+
+    async def enqueue(self, writer: LogWriter, chunk: _Chunk) -> None:
+        while self._pending_lines >= MAX_PENDING_LINES and self._task is not None:
+            self._room.clear()
+            await self._room.wait()
+        writer.chunks.append(chunk)
+        self._pending_lines += len(chunk.lines)
+        self._dirty[writer.command_id] = writer
+        self._wake.set()
+
+    async def stored(self, writer: LogWriter) -> None:
+        """Return once everything `writer` queued so far is committed."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append((writer, future))
+        self._wake.set()
+        await future
+
+    async def run(self, job: Callable[[Connection], T]) -> T:
+        """Run `job(connection)` in the next flush's transaction, after its writes."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._jobs.append(_Job(job, future))
+        self._wake.set()
+        return await future
+
+    # -- flushing ----------------------------------------------------------------------
 
     async def _run(self) -> None:
-        done = False
-        while not done:
-            first = await self._queue.get()
-            if first is None:
-                return
-            batch = [first]
-            size = len(first.lines)
-            while size < BATCH_LINES and not self._queue.empty():
-                item = self._queue.get_nowait()
-                if item is None:
-                    done = True
-                    break
-                batch.append(item)
-                size += len(item.lines)
-            await self._store_with_retries(batch)
-
-    async def _store_with_retries(self, batch: list[_Chunk]) -> None:
-        """Store a batch; a database hiccup (e.g. SQLite busy past its timeout) is retried,
-        and the writer never dies: a dead writer would stall the child on a full pipe."""
-        for attempt in range(STORE_ATTEMPTS):
-            seq = self.seq
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(0)  # let whatever else is ready queue its part first
+            self._wake.clear()
+            if not (self._dirty or self._jobs or self._waiters):
+                if self._closing:
+                    return
+                continue
             try:
-                await self._store(batch)
-                return
+                await self._flush()
+            except Exception as exc:  # never die: a dead store would stall every child
+                log.exception("log store flush failed: %r", exc)
+
+    async def _flush(self) -> None:
+        shares: list[_Rows] = []
+        dirty, self._dirty = self._dirty, {}
+        for writer in dirty.values():
+            chunks = writer.take()
+            self._pending_lines -= sum(len(chunk.lines) for chunk in chunks)
+            shares.append(writer.number(chunks))
+            if writer.chunks:  # more than one flush's worth: the rest goes next
+                self._dirty[writer.command_id] = writer
+        if self._pending_lines < MAX_PENDING_LINES:
+            self._room.set()
+        jobs, self._jobs = self._jobs, []
+        waiters, self._waiters = self._waiters, []
+        done = await self._commit(shares, jobs) if shares or jobs else []
+        for share in shares:
+            if share.lines:
+                batch = StoredBatch(share.writer.command_id, share.lines)
+                self._broker.publish(command_topic(batch.command_id), batch)
+                if self._metrics is not None:
+                    self._metrics.log_lines.inc(len(share.lines))
+        for writer, future in waiters:
+            if writer.command_id in self._dirty and writer.chunks:
+                self._waiters.append((writer, future))  # its rest goes with the next flush
+            elif not future.done():
+                future.set_result(None)
+        # Jobs (the runner's claims) hear after the writers: a command's final state is
+        # announced before the claim that took its slot.
+        for job, result in done:
+            if not job.future.done():
+                job.future.set_result(result)
+        if self._dirty or self._waiters:
+            self._wake.set()
+
+    async def _commit(self, shares: list[_Rows], jobs: list[_Job]) -> list[tuple[_Job, Any]]:
+        """One transaction: the lines, events and command values, then the jobs. A failing
+        job is taken out (its caller gets the error) and the rest committed without it; a
+        database hiccup is retried; after the last try the lines are dropped and logged."""
+        payload = self._payload(shares)
+        attempt = 0
+        while True:
+            try:
+                results = await self._transact(payload, jobs)
+                return list(zip(jobs, results, strict=True))
+            except _JobFailed as failed:
+                jobs = [job for job in jobs if job is not failed.job]
+                if not failed.job.future.done():
+                    failed.job.future.set_exception(failed.error)
             except (OperationalError, DBAPIError) as exc:
-                self.seq = seq
-                log.warning(
-                    "storing %d log chunks of command %d failed (%r); retrying",
-                    len(batch),
-                    self.command_id,
-                    exc,
+                attempt += 1
+                if attempt >= STORE_ATTEMPTS:
+                    break
+                log.warning("storing %s failed (%r); retrying", _describe(shares), exc)
+                await asyncio.sleep(0.2 * attempt)
+            except Exception:
+                log.exception("storing %s failed", _describe(shares))
+                break
+        log.error("dropped %s after %d tries", _describe(shares), STORE_ATTEMPTS)
+        for share in shares:  # the seqs were not used: keep the numbering gapless
+            share.writer.seq = share.seq_before
+            share.lines.clear()
+        error = RuntimeError("the log store could not reach the database")
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(error)
+        return []
+
+    async def _transact(self, payload: _Payload, jobs: list[_Job]) -> list[Any]:
+        if self._sqlite:
+            assert self._executor is not None
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(self._executor, self._transact_sqlite, payload, jobs)
+        async with self._engine.begin() as connection:
+            return await connection.run_sync(self._write, payload, jobs)
+
+    def _transact_sqlite(self, payload: _Payload, jobs: list[_Job]) -> list[Any]:
+        assert self._sync_engine is not None
+        with self._sync_engine.begin() as connection:
+            return self._write(connection, payload, jobs)
+
+    def _payload(self, shares: list[_Rows]) -> _Payload:
+        payload = _Payload()
+        for share in shares:
+            command_id, attempt = share.writer.command_id, share.writer.attempt
+            if share.values:
+                guarded = self._runner_id is not None
+                key = (tuple(sorted(share.values)), guarded)
+                payload.updates.setdefault(key, []).append(
+                    {**share.values, "_id": command_id, "_runner": self._runner_id}
                 )
-                await asyncio.sleep(0.2 * (attempt + 1))
-        log.error(
-            "dropped %d log chunks of command %d after %d tries",
-            len(batch),
-            self.command_id,
-            STORE_ATTEMPTS,
-        )
-
-    def _number(
-        self, batch: list[_Chunk]
-    ) -> tuple[list[StoredLine], list[dict[str, Any]], dict[str, Any]]:
-        lines: list[StoredLine] = []
-        events: list[dict[str, Any]] = []
-        values: dict[str, Any] = {}
-        for chunk in batch:
-            if chunk.command_values:
-                values.update(chunk.command_values)
-            for raw in chunk.lines:
-                text = self._redact(raw)
-                if chunk.stream == "stdout" and text.startswith(EVENT_PREFIX):
-                    event = _parse_event(text[len(EVENT_PREFIX) :])
-                    if event is not None:
-                        events.append({"seq": self.seq, "ts": chunk.ts, "data": event})
-                        continue
-                self.seq += 1
-                lines.append(
-                    StoredLine(
-                        self.command_id, self.seq, self.attempt, chunk.stream, chunk.ts, text
-                    )
+            for event in share.events:
+                payload.events.append((share.writer, event))
+            if not share.chunks:
+                continue
+            if self._sqlite:
+                payload.sqlite_chunks.extend(
+                    [command_id, attempt, stream, _sqlite_ts(ts), first, texts]
+                    for stream, ts, first, texts in share.chunks
                 )
-        return lines, events, values
+                continue
+            columns = payload.pg_columns
+            for stream, ts, first, texts in share.chunks:
+                count = len(texts)
+                columns[0].extend([command_id] * count)
+                columns[1].extend(range(first, first + count))
+                columns[2].extend([attempt] * count)
+                columns[3].extend([stream] * count)
+                columns[4].extend([ts] * count)
+                columns[5].extend(texts)
+        return payload
 
-    async def _store(self, batch: list[_Chunk]) -> None:
-        lines, events, values = self._number(batch)
-        async with self._sessionmaker() as session, session.begin():
-            if lines:
-                await _insert_lines(session, lines)
-            guarded = bool(values) and self._runner_id is not None  # only while it is ours
-            if lines:
-                values["last_seq"] = self.seq
-            if values:
-                params = {**values, "_id": self.command_id, "_runner": self._runner_id}
-                await session.execute(_command_update(tuple(sorted(values)), guarded), params)
-            for event in events:
-                await self._store_event(session, event)
-        if self._metrics is not None:
-            self._metrics.log_lines.inc(len(lines))
-        if lines:
-            self._broker.publish(
-                command_topic(self.command_id), StoredBatch(self.command_id, lines)
-            )
+    def _write(self, connection: Connection, payload: _Payload, jobs: list[_Job]) -> list[Any]:
+        if payload.sqlite_chunks:
+            text = json.dumps(payload.sqlite_chunks, ensure_ascii=False, separators=(",", ":"))
+            connection.exec_driver_sql(SQLITE_INSERT_LINES, (text,))
+        if payload.pg_columns[0]:
+            connection.exec_driver_sql(PG_INSERT_LINES, tuple(payload.pg_columns))
+        for (columns, guarded), params in payload.updates.items():
+            connection.execute(_command_update(columns, guarded), params)
+        for writer, event in payload.events:
+            _store_event(connection, writer, event)
+        results = []
+        for job in jobs:
+            try:
+                results.append(job.run(connection))
+            except Exception as exc:
+                raise _JobFailed(job, exc) from exc
+        return results
 
-    async def _store_event(self, session: AsyncSession, event: dict[str, Any]) -> None:
-        data = event["data"]
-        session.add(
-            CommandEvent(
-                command_id=self.command_id,
-                attempt=self.attempt,
-                seq=event["seq"],
-                type=str(data.get("type"))[:64],
-                data=data,
-                ts=event["ts"],
-            )
-        )
-        if data.get("type") == "usage":
-            await self._store_usage(session, data, event["ts"])
 
-    async def _store_usage(self, session: AsyncSession, data: dict[str, Any], ts: datetime) -> None:
-        name = str(data.get("service", "")).lower()
-        service_id = self._services.get(name)
-        if service_id is None:
-            service_id = await session.scalar(
-                select(Service.id).where(func.lower(Service.name) == name)
-            )
-        if service_id is None:
-            return
-        valid = data.get("tokenValid")
-        session.add(
-            ServiceUsage(
-                service_id=service_id,
-                profile_id=self._profile_id,
-                command_id=self.command_id,
-                units=_int(data.get("units")),
-                remaining=_int(data.get("remaining")),
-                limit=_int(data.get("limit")),
-                reset_at=_datetime(data.get("resetAt")),
-                token_valid=valid if isinstance(valid, bool) else None,
-                observed_at=ts,
-            )
-        )
+@dataclass
+class _Payload:
+    sqlite_chunks: list[list[Any]] = field(default_factory=list)
+    pg_columns: tuple[list[Any], ...] = field(default_factory=lambda: ([], [], [], [], [], []))
+    updates: dict[tuple[tuple[str, ...], bool], list[dict[str, Any]]] = field(default_factory=dict)
+    events: list[tuple[LogWriter, dict[str, Any]]] = field(default_factory=list)
+
+
+def _describe(shares: list[_Rows]) -> str:
+    lines = sum(len(share.lines) for share in shares)
+    commands = ", ".join(str(share.writer.command_id) for share in shares)
+    return f"{lines} log lines of command(s) {commands or '-'}"
+
+
+def _sqlite_ts(ts: datetime) -> str:
+    # SQLite keeps UTC timestamps as naive text, the way server.models.UTCDateTime does.
+    return ts.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 @functools.lru_cache(maxsize=64)
 def _command_update(columns: tuple[str, ...], guarded: bool) -> Any:
-    """UPDATE of these columns, built once per column set (building statements per batch
-    cost ~10% of a short command's runner time)."""
+    """UPDATE of these columns, built once per column set."""
     stmt = update(Command).where(Command.id == bindparam("_id"))
     if guarded:
         stmt = stmt.where(Command.runner_id == bindparam("_runner"))
     return stmt.values({column: bindparam(column) for column in columns})
 
 
-async def _insert_lines(session: AsyncSession, lines: list[StoredLine]) -> None:
-    """Insert through the raw driver: SQLAlchemy's per-row processing costs more than the
-    database itself at these volumes (benchmarks/log_ingest)."""
-    connection = await session.connection()
-    raw = await connection.get_raw_connection()
-    driver: Any = raw.driver_connection
-    if connection.dialect.name == "postgresql":
-        await driver.copy_records_to_table(
-            "log_lines",
-            records=[
-                (line.command_id, line.seq, line.attempt, line.stream, line.ts, line.text)
-                for line in lines
-            ],
-            columns=COLUMNS,
+def _store_event(connection: Connection, writer: LogWriter, event: dict[str, Any]) -> None:
+    data = event["data"]
+    connection.execute(
+        insert(CommandEvent).values(
+            command_id=writer.command_id,
+            attempt=writer.attempt,
+            seq=event["seq"],
+            type=str(data.get("type"))[:64],
+            data=data,
+            ts=event["ts"],
         )
+    )
+    if data.get("type") != "usage":
         return
-    # SQLite keeps UTC timestamps as naive text, the way server.models.UTCDateTime does.
-    rows = [
-        (
-            line.command_id,
-            line.seq,
-            line.attempt,
-            line.stream,
-            line.ts.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds"),
-            line.text,
+    name = str(data.get("service", "")).lower()
+    service_id = writer.service_ids.get(name)
+    if service_id is None:
+        service_id = connection.scalar(select(Service.id).where(func.lower(Service.name) == name))
+    if service_id is None:
+        return
+    valid = data.get("tokenValid")
+    connection.execute(
+        insert(ServiceUsage).values(
+            service_id=service_id,
+            profile_id=writer.profile_id,
+            command_id=writer.command_id,
+            units=_int(data.get("units")),
+            remaining=_int(data.get("remaining")),
+            limit=_int(data.get("limit")),
+            reset_at=_datetime(data.get("resetAt")),
+            token_valid=valid if isinstance(valid, bool) else None,
+            observed_at=event["ts"],
         )
-        for line in lines
-    ]
-    await driver.executemany(SQLITE_INSERT, rows)
+    )
 
 
 def _parse_event(payload: str) -> dict[str, Any] | None:

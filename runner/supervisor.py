@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import random
@@ -18,13 +19,13 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import Connection, bindparam, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from runner.compose import CompositionError, render_argv
 from runner.lines import LineSplitter, Redactor
-from runner.logwriter import LogWriter
+from runner.logwriter import LogStore, LogWriter
 from runner.process import (
     RUN_MARKER,
     SIDECAR_MARKER,
@@ -79,11 +80,21 @@ class Attempt:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     reason: str | None = None
     task: asyncio.Task[None] | None = None
+    finishing: bool = False  # its final state is on its way to the database: slot is free
 
     def request_stop(self, reason: str) -> None:
         if self.reason is None:
             self.reason = reason
         self.stop.set()
+
+
+@dataclass
+class Claimed:
+    """A command this runner just claimed, as the claim read it."""
+
+    command: Command
+    queued_since: Any
+    service_ids: list[int]
 
 
 @dataclass
@@ -150,6 +161,9 @@ class Supervisor:
         self._task: asyncio.Task[None] | None = None
         self._is_postgres = False
         self._xray: XrayBinary | None = None
+        engine: AsyncEngine = sessionmaker.kw["bind"]
+        self.store = LogStore(engine, broker, metrics, self.runner_id)
+        self._commands_dir = (settings.data_dir / "commands").resolve()
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -159,6 +173,7 @@ class Supervisor:
         async with self.sessionmaker() as session:
             self._is_postgres = session.get_bind().dialect.name == "postgresql"
         LIVE_RUNNERS.add(self.runner_id)
+        self.store.start()
         await self.recover()
         self._task = asyncio.create_task(self._main(), name=f"supervisor-{self.runner_id}")
         log_event("runner_started", runner=self.runner_id, name=self.name)
@@ -177,6 +192,7 @@ class Supervisor:
         tasks = [a.task for a in self.attempts.values() if a.task is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        await self.store.close()
         LIVE_RUNNERS.discard(self.runner_id)
         log_event("runner_stopped", runner=self.runner_id)
 
@@ -225,119 +241,135 @@ class Supervisor:
 
     async def dispatch(self) -> None:
         """Claim as many runnable commands as there are free slots, and start them."""
-        free = self.settings.max_concurrency - len(self.attempts)
+        busy = sum(1 for attempt in self.attempts.values() if not attempt.finishing)
+        free = self.settings.max_concurrency - busy
         if free <= 0 or self._stopping:
             return
         try:
-            claimed = await self._claim(free)
+            claimed, waiting = await self.store.run(functools.partial(self._claim, free))
         except IntegrityError:
             # Another runner took a command of the same profile at the same moment.
             log_event("claim_conflict", runner=self.runner_id)
             return
-        for command_id, number, queued_since, max_attempts, backoff in claimed:
-            attempt = Attempt(command_id, number, max_attempts, backoff)
-            self.attempts[command_id] = attempt
-            attempt.task = asyncio.create_task(self._run_attempt(attempt, queued_since))
+        for command_id in waiting:
+            self.broker.publish_status(command_id, CommandStatus.WAITING.value)
+        for claim in claimed:
+            command = claim.command
+            self.broker.publish_status(command.id, CommandStatus.RUNNING.value)
+            attempt = Attempt(
+                command.id, command.attempts, command.max_attempts, command.backoff_seconds
+            )
+            self.attempts[command.id] = attempt
+            attempt.task = asyncio.create_task(self._run_attempt(attempt, claim))
         if self.metrics is not None:
             self.metrics.running.set(len(self.attempts))
 
-    async def _claim(self, free: int) -> list[tuple[int, int, Any, int, float]]:
+    def _claim(self, free: int, connection: Connection) -> tuple[list[Claimed], list[int]]:
+        """Claim up to `free` commands (in the log store's transaction, after its writes):
+        priority then FIFO, due ones only, one running command per profile."""
         now = utcnow()
-        async with self.sessionmaker() as session, session.begin():
-            stmt = (
-                select(Command)
-                .outerjoin(Profile, Profile.id == Command.profile_id)
-                .where(
-                    Command.status.in_(RUNNABLE),
-                    or_(Command.next_attempt_at.is_(None), Command.next_attempt_at <= now),
-                    or_(Profile.runner_affinity.is_(None), Profile.runner_affinity == self.name),
-                )
-                .order_by(Command.priority.desc(), Command.id)
-                .limit(free * 4 + 16)
+        stmt = (
+            select(
+                Command.id,
+                Command.profile_id,
+                Command.profile_name,
+                Command.status,
+                Command.wait_reason,
+                Command.next_attempt_at,
+                Command.created_at,
             )
-            if self._is_postgres:
-                stmt = stmt.with_for_update(of=Command, skip_locked=True)
-            candidates = list(await session.scalars(stmt))
-            if not candidates:
-                return []
-            busy = await self._busy_profiles(session)
-            claimed: list[tuple[int, int, Any, int, float]] = []
-            waiting: list[int] = []
-            for command in candidates:
-                if command.profile_id is not None and command.profile_id in busy:
-                    if _mark_waiting(command, busy[command.profile_id]):
-                        waiting.append(command.id)
-                    continue
-                if len(claimed) >= free:
-                    continue
-                if command.profile_id is not None:
-                    busy[command.profile_id] = command.id
-                queued_since = command.next_attempt_at or command.created_at
-                command.status = CommandStatus.RUNNING.value
-                command.attempts += 1
-                command.runner_id = self.runner_id
-                command.runner_host = self.host
-                command.lease_expires_at = now + timedelta(seconds=self.settings.lease_seconds)
-                command.started_at = now
-                command.wait_reason = None
-                command.next_attempt_at = None
-                command.pgid = None
-                claimed.append(
-                    (
-                        command.id,
-                        command.attempts,
-                        queued_since,
-                        command.max_attempts,
-                        command.backoff_seconds,
-                    )
-                )
-            await session.flush()
-        for command_id in waiting:
-            self.broker.publish_status(command_id, CommandStatus.WAITING.value)
-        for command_id, *_rest in claimed:
-            self.broker.publish_status(command_id, CommandStatus.RUNNING.value)
-        return claimed
-
-    async def _busy_profiles(self, session: AsyncSession) -> dict[int, int]:
-        rows = await session.execute(
-            select(Command.profile_id, Command.id).where(
-                Command.status == CommandStatus.RUNNING.value, Command.profile_id.is_not(None)
+            .outerjoin(Profile, Profile.id == Command.profile_id)
+            .where(
+                Command.status.in_(RUNNABLE),
+                or_(Command.next_attempt_at.is_(None), Command.next_attempt_at <= now),
+                or_(Profile.runner_affinity.is_(None), Profile.runner_affinity == self.name),
             )
+            .order_by(Command.priority.desc(), Command.id)
+            .limit(free * 4 + 16)
         )
-        return {profile_id: command_id for profile_id, command_id in rows.all() if profile_id}
+        if self._is_postgres:
+            stmt = stmt.with_for_update(of=Command, skip_locked=True)
+        candidates = connection.execute(stmt).all()
+        if not candidates:
+            return [], []
+        busy: dict[int, int] = {}
+        if any(row.profile_id is not None for row in candidates):
+            busy = _busy_profiles(connection)
+        chosen: dict[int, Any] = {}
+        waiting: list[dict[str, Any]] = []
+        for row in candidates:
+            if row.profile_id is not None and row.profile_id in busy:
+                reason = f"profile {row.profile_name!r} is busy with command {busy[row.profile_id]}"
+                if row.status != CommandStatus.WAITING.value or row.wait_reason != reason:
+                    waiting.append({"_id": row.id, "_reason": reason})
+                continue
+            if len(chosen) >= free:
+                continue
+            if row.profile_id is not None:
+                busy[row.profile_id] = row.id
+            chosen[row.id] = row.next_attempt_at or row.created_at
+        if waiting:
+            connection.execute(_MARK_WAITING, waiting)
+        if not chosen:
+            return [], [item["_id"] for item in waiting]
+        rows = connection.execute(
+            update(Command)
+            .where(Command.id.in_(list(chosen)))
+            .values(
+                status=CommandStatus.RUNNING.value,
+                attempts=Command.attempts + 1,
+                runner_id=self.runner_id,
+                runner_host=self.host,
+                lease_expires_at=now + timedelta(seconds=self.settings.lease_seconds),
+                started_at=now,
+                wait_reason=None,
+                next_attempt_at=None,
+                pgid=None,
+            )
+            .returning(*Command.__table__.columns)
+        ).all()
+        services: dict[int, list[int]] = {}
+        for command_id, service_id in connection.execute(
+            select(CommandService.command_id, CommandService.service_id).where(
+                CommandService.command_id.in_(list(chosen))
+            )
+        ):
+            services.setdefault(command_id, []).append(service_id)
+        by_id = {row.id: row for row in rows}
+        claimed = [
+            Claimed(
+                Command(**by_id[command_id]._asdict()),
+                queued_since,
+                services.get(command_id, []),
+            )
+            for command_id, queued_since in chosen.items()
+            if command_id in by_id
+        ]
+        return claimed, [item["_id"] for item in waiting]
 
     # -- running one attempt -----------------------------------------------------------
 
-    async def _run_attempt(self, attempt: Attempt, queued_since: Any) -> None:
+    async def _run_attempt(self, attempt: Attempt, claim: Claimed) -> None:
         started = time.monotonic()
         if self.metrics is not None:
-            self.metrics.queue_wait.observe(max((utcnow() - queued_since).total_seconds(), 0))
-        writer: LogWriter | None = None
+            wait = (utcnow() - claim.queued_since).total_seconds()
+            self.metrics.queue_wait.observe(max(wait, 0))
+        command = claim.command
+        writer = self.store.writer(
+            command.id, attempt.number, command.last_seq, profile_id=command.profile_id
+        )
         outcome = Outcome(CommandStatus.FAILED, error="the runner failed unexpectedly")
         try:
-            loaded = await self._load(attempt)
-            writer = LogWriter(
-                self.sessionmaker,
-                self.broker,
-                loaded.command.id,
-                attempt.number,
-                loaded.command.last_seq,
-                Redactor(loaded.secrets),
-                self.metrics,
-                loaded.service_ids,
-                loaded.command.profile_id,
-                self.runner_id,
-            )
-            writer.start()
+            loaded = await self._load(claim)
+            writer.redactor = Redactor(loaded.secrets)
+            writer.service_ids = loaded.service_ids
             outcome = await self._run_loaded(attempt, loaded, writer)
         except CompositionError as exc:
             outcome = Outcome(CommandStatus.FAILED, error=str(exc), retryable=False)
-            writer = writer or await self._system_writer(attempt)
             await writer.add(LogStream.SYSTEM, f"cannot compose the command: {exc}")
         except SidecarError as exc:
             outcome = Outcome(CommandStatus.FAILED, error=str(exc))
-            if writer is not None:
-                await writer.add(LogStream.SYSTEM, f"not started, nothing went out: {exc}")
+            await writer.add(LogStream.SYSTEM, f"not started, nothing went out: {exc}")
         except Exception as exc:
             log_event("attempt_crashed", level="error", command=attempt.command_id, error=repr(exc))
             outcome = Outcome(CommandStatus.FAILED, error=f"runner error: {exc}")
@@ -381,36 +413,30 @@ class Supervisor:
             env={"PATH": SYSTEM_PATH, SIDECAR_MARKER: run_marker(self.runner_id, command_id)},
         )
 
-    async def _system_writer(self, attempt: Attempt) -> LogWriter:
+    async def _load(self, claim: Claimed) -> Loaded:
+        """The command's profile, proxy chain and services' tokens (a plain command with
+        none of them needs no database at all)."""
+        command = claim.command
+        if (
+            command.profile_id is None
+            and command.proxy_id is None
+            and command.proxy_name is None
+            and not claim.service_ids
+        ):
+            return Loaded(command, None, None, [], {}, [], [], {})
         async with self.sessionmaker() as session:
-            last_seq = await session.scalar(
-                select(Command.last_seq).where(Command.id == attempt.command_id)
-            )
-        writer = LogWriter(
-            self.sessionmaker,
-            self.broker,
-            attempt.command_id,
-            attempt.number,
-            last_seq or 0,
-            Redactor([]),
-            self.metrics,
-        )
-        writer.start()
-        return writer
-
-    async def _load(self, attempt: Attempt) -> Loaded:
-        """Load the command with its profile, proxy chain and services' tokens."""
-        async with self.sessionmaker() as session:
-            command = await session.get_one(Command, attempt.command_id)
             profile = await session.get(Profile, command.profile_id) if command.profile_id else None
             proxy = await session.get(Proxy, command.proxy_id) if command.proxy_id else None
-            services = list(
-                await session.scalars(
-                    select(Service)
-                    .join(CommandService, CommandService.service_id == Service.id)
-                    .where(CommandService.command_id == command.id)
-                    .order_by(Service.name)
+            services = (
+                list(
+                    await session.scalars(
+                        select(Service)
+                        .where(Service.id.in_(claim.service_ids))
+                        .order_by(Service.name)
+                    )
                 )
+                if claim.service_ids
+                else []
             )
             tokens = await service_tokens(session, self.box, command.profile_id, services)
             chain = [] if proxy is None else await proxy_chain(session, self.box, proxy)
@@ -466,9 +492,14 @@ class Supervisor:
         env.update({name: token for name, token in tokens.items() if token is not None})
         return env
 
-    def _workdir(self, command_id: int) -> Path:
-        path = (self.settings.data_dir / "commands" / str(command_id)).resolve()
-        path.mkdir(parents=True, exist_ok=True)
+    def _workdir(self, command_id: int) -> str:
+        path = f"{self._commands_dir}/{command_id}"
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            os.makedirs(path, exist_ok=True)
         return path
 
     async def _execute(
@@ -567,22 +598,16 @@ class Supervisor:
     # -- finishing ---------------------------------------------------------------------
 
     async def _finish(
-        self, attempt: Attempt, outcome: Outcome, writer: LogWriter | None, elapsed: float
+        self, attempt: Attempt, outcome: Outcome, writer: LogWriter, elapsed: float
     ) -> None:
         try:
             status, values, note = self._final_values(attempt, outcome)
-            if writer is not None:  # the note and the new state in one transaction
-                await writer.add(LogStream.SYSTEM, note, command_values=values)
-                await writer.close()
-            else:
-                async with self.sessionmaker() as session, session.begin():
-                    await session.execute(
-                        update(Command)
-                        .where(
-                            Command.id == attempt.command_id, Command.runner_id == self.runner_id
-                        )
-                        .values(**values)
-                    )
+            # The note and the new state go in one transaction, with the claim that takes
+            # this slot: the slot counts as free from now on.
+            attempt.finishing = True
+            self._wake.set()
+            await writer.add(LogStream.SYSTEM, note, command_values=values)
+            await writer.close()
             self.broker.publish_status(attempt.command_id, status.value)
             log_event(
                 "finished" if status.is_final else "requeued",
@@ -747,14 +772,21 @@ class Supervisor:
         log_event("recovered", command=command.id, previous_runner=previous, status=command.status)
 
 
-def _mark_waiting(command: Command, blocker: int) -> bool:
-    """Show why a runnable command waits (its profile is busy). True when that changed."""
-    reason = f"profile {command.profile_name!r} is busy with command {blocker}"
-    if command.wait_reason == reason and command.status == CommandStatus.WAITING.value:
-        return False
-    command.status = CommandStatus.WAITING.value
-    command.wait_reason = reason
-    return True
+_MARK_WAITING = (
+    update(Command)
+    .where(Command.id == bindparam("_id"))
+    .values(status=CommandStatus.WAITING.value, wait_reason=bindparam("_reason"))
+)
+
+
+def _busy_profiles(connection: Connection) -> dict[int, int]:
+    """Profile id -> the command running for it now."""
+    rows = connection.execute(
+        select(Command.profile_id, Command.id).where(
+            Command.status == CommandStatus.RUNNING.value, Command.profile_id.is_not(None)
+        )
+    )
+    return {profile_id: command_id for profile_id, command_id in rows.all() if profile_id}
 
 
 def _lease_expired(command: Command, now: Any) -> bool:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import event
-from sqlalchemy.engine import make_url
+import sqlalchemy
+from sqlalchemy import Engine, event
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -35,6 +36,20 @@ def create_engine(settings: Settings, **kwargs: Any) -> AsyncEngine:
     pool_size = settings.max_concurrency * 2 + 5
     options: dict[str, Any] = {"pool_size": pool_size, "max_overflow": 10, "pool_recycle": 1800}
     return create_async_engine(url, **(options | kwargs))
+
+
+def create_sync_engine(url: URL) -> Engine:
+    """A blocking engine on the same SQLite file, for work done in a thread of its own
+    (the runner's log store): same pragmas, same BEGIN IMMEDIATE."""
+    engine = sqlalchemy.create_engine(
+        url.set(drivername="sqlite"),
+        connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+        pool_size=1,
+        max_overflow=0,
+    )
+    event.listen(engine, "connect", _sqlite_on_connect)
+    event.listen(engine, "begin", _sqlite_on_begin)
+    return engine
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
