@@ -22,7 +22,30 @@ class LineSplitter:
         self._buffer = bytearray()
         self._dropped = 0
 
-    def feed(self, chunk: bytes) -> Iterator[str]:
+    def feed(self, chunk: bytes) -> list[str]:
+        """The lines completed by `chunk` (its unfinished end is kept for the next one)."""
+        end = chunk.rfind(b"\n")
+        if end == -1:
+            self._keep(chunk)
+            return []
+        if self._dropped or len(self._buffer) + end > self.max_bytes:
+            return list(self._feed_slowly(chunk))
+        # No line here can be over the limit: decode the whole run at once, then split
+        # (a LF byte never occurs inside a UTF-8 sequence, so this equals a per-line decode).
+        data = chunk[:end]
+        if self._buffer:
+            data = bytes(self._buffer) + data
+            self._buffer.clear()
+        self._keep(chunk[end + 1 :])
+        text = data.decode("utf-8", errors="replace")
+        if "\x00" in text:  # PostgreSQL text cannot hold NUL
+            text = text.replace("\x00", "\ufffd")
+        lines = text.split("\n")
+        if "\r" in text:
+            lines = [line[:-1] if line.endswith("\r") else line for line in lines]
+        return lines
+
+    def _feed_slowly(self, chunk: bytes) -> Iterator[str]:
         start = 0
         while True:
             end = chunk.find(b"\n", start)

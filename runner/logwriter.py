@@ -43,6 +43,9 @@ T = TypeVar("T")
 EVENT_PREFIX = "::corral::"
 MAX_PENDING_LINES = 50_000  # lines waiting to be stored, over all commands; then readers wait
 FLUSH_LINES = 10_000  # lines of one command per flush (a published batch stays small)
+# Lines wait this long for company before a flush of their own (a claim or a writer that
+# waits for its lines to be stored starts one at once).
+LINGER_SECONDS = 0.004
 STORE_ATTEMPTS = 5
 PG_INSERT_LINES = (
     "INSERT INTO log_lines (command_id, seq, attempt, stream, ts, text) "
@@ -238,6 +241,7 @@ class LogStore:
         self._room = asyncio.Event()
         self._room.set()
         self._wake = asyncio.Event()
+        self._linger: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing = False
 
@@ -284,7 +288,10 @@ class LogStore:
         writer.chunks.append(chunk)
         self._pending_lines += len(chunk.lines)
         self._dirty[writer.command_id] = writer
-        self._wake.set()
+        if self._pending_lines >= FLUSH_LINES:
+            self._wake.set()
+        elif self._linger is None:
+            self._linger = asyncio.get_running_loop().call_later(LINGER_SECONDS, self._wake.set)
 
     async def stored(self, writer: LogWriter) -> None:
         """Return once everything `writer` queued so far is committed."""
@@ -317,6 +324,9 @@ class LogStore:
                 log.exception("log store flush failed: %r", exc)
 
     async def _flush(self) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
+            self._linger = None
         shares: list[_Rows] = []
         dirty, self._dirty = self._dirty, {}
         for writer in dirty.values():

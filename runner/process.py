@@ -6,7 +6,10 @@ import asyncio
 import contextlib
 import os
 import signal
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 def group_alive(pgid: int) -> bool:
@@ -53,6 +56,8 @@ async def stop_group(pgid: int, process: asyncio.subprocess.Process | None, grac
 
 RUN_MARKER = "CORRAL_RUN"  # in the environment of a command's processes
 SIDECAR_MARKER = "CORRAL_SIDECAR_OF"  # in the environment of its proxy sidecar
+INLINE_SWEEP_PIDS = 64
+PROBE_PIDS = 128
 
 
 def run_marker(runner_id: str, command_id: int) -> str:
@@ -69,31 +74,30 @@ def last_pid() -> int:
         return 0
 
 
+def candidate_pids(min_pid: int = 0) -> list[int]:
+    """PIDs on this host above `min_pid` (all of them if PIDs have wrapped around since).
+
+    When few PIDs were handed out since `min_pid`, these are the candidates themselves
+    (some may be gone, or threads): that is cheaper than listing /proc, which costs up to
+    a millisecond while processes come and go.
+    """
+    last = last_pid()
+    if min_pid and last < min_pid:
+        min_pid = 0  # the PID counter wrapped: younger processes may have smaller PIDs
+    if min_pid and last - min_pid <= PROBE_PIDS:
+        return list(range(min_pid + 1, last + 1))
+    return [pid for pid in map(int, filter(str.isdigit, os.listdir("/proc"))) if pid > min_pid]
+
+
 def marked_processes(name: str, value: str, min_pid: int = 0) -> list[int]:
     """Live PIDs on this host whose environment has `name=value` (zombies are left out:
     they are dead, only waiting to be reaped). `min_pid`: only look at PIDs above it
     (descendants of a process are younger than it), unless PIDs have wrapped around."""
-    if min_pid and last_pid() < min_pid:
-        min_pid = 0  # the PID counter wrapped: younger processes may have smaller PIDs
-    marker = f"{name}={value}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) <= min_pid:
-            continue
-        try:
-            environ = (entry / "environ").read_bytes()
-        except OSError:
-            continue
-        if marker in environ.split(b"\0") and not _is_zombie(entry):
-            found.append(int(entry.name))
-    return found
+    return _marked(candidate_pids(min_pid), f"{name}={value}".encode())
 
 
-def _is_zombie(entry: Path) -> bool:
-    try:
-        return (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return True
+def _marked(pids: list[int], marker: bytes) -> list[int]:
+    return [pid for pid, env in _environs(pids).items() if marker in env]
 
 
 def _kill_all(pids: list[int]) -> None:
@@ -105,15 +109,71 @@ def _kill_all(pids: list[int]) -> None:
 async def sweep_run(marker: str, leader_pid: int = 0, timeout: float = 2.0) -> int:
     """SIGKILL what is left of a run outside its process group (e.g. a crash handler that
     called setsid) and wait until it is gone. Returns how many were found."""
-    # Reading /proc/*/environ is blocking I/O: off the event loop; only PIDs younger than
-    # the run's first process can belong to it.
-    found = pids = await asyncio.to_thread(marked_processes, RUN_MARKER, marker, leader_pid - 1)
+    found = pids = await SWEEPER.find(marker, leader_pid - 1)
     _kill_all(pids)
     deadline = asyncio.get_running_loop().time() + timeout
     while pids and asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(0.02)
-        pids = await asyncio.to_thread(marked_processes, RUN_MARKER, marker, leader_pid - 1)
+        pids = await SWEEPER.find(marker, leader_pid - 1)
     return len(found)
+
+
+class Sweeper:
+    """Finds runs' processes by marker: one look at /proc for all the runs that ask at
+    about the same moment (a runner of short commands finishes several at once).
+
+    Only PIDs younger than a run's first process can be its own. A few are read right
+    here; many in a thread (a thread would wait for the GIL at each read while the event
+    loop is busy, so it is only worth it for a long list).
+    """
+
+    def __init__(self) -> None:
+        self._requests: list[tuple[bytes, int, asyncio.Future[list[int]]]] = []
+        self._scan_task: asyncio.Task[None] | None = None
+
+    async def find(self, marker: str, min_pid: int) -> list[int]:
+        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        if not self._requests:  # the scan starts with the loop's next round: others join
+            self._scan_task = asyncio.get_running_loop().create_task(self._scan())
+        self._requests.append((f"{RUN_MARKER}={marker}".encode(), min_pid, future))
+        return await future
+
+    async def _scan(self) -> None:
+        requests, self._requests = self._requests, []
+        try:
+            pids = candidate_pids(min(min_pid for _, min_pid, _ in requests))
+            if len(pids) <= INLINE_SWEEP_PIDS:
+                environs = _environs(pids)
+            else:
+                environs = await asyncio.to_thread(_environs, pids)
+        except Exception as exc:
+            for _, _, future in requests:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for marker, min_pid, future in requests:
+            if not future.done():
+                future.set_result(
+                    [pid for pid, env in environs.items() if pid > min_pid and marker in env]
+                )
+
+
+def _environs(pids: list[int]) -> dict[int, list[bytes]]:
+    """The environment entries of each process of `pids` (a zombie's reads as empty: it is
+    dead, only waiting to be reaped)."""
+    found = {}
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as file:
+                environ = file.read()
+        except OSError:
+            continue
+        if environ:
+            found[pid] = environ.split(b"\0")
+    return found
+
+
+SWEEPER = Sweeper()
 
 
 def kill_leftovers(marker: str) -> int:
@@ -121,3 +181,69 @@ def kill_leftovers(marker: str) -> int:
     pids = marked_processes(RUN_MARKER, marker) + marked_processes(SIDECAR_MARKER, marker)
     _kill_all(pids)
     return len(pids)
+
+
+def use_pidfd_child_watcher() -> None:
+    """On Python 3.11, have the running loop watch children through pidfds, as 3.12 and
+    later do by default. 3.11's default starts a thread per child that waits for it, and
+    that thread then waits for the GIL (up to the switch interval, 5 ms) to report the
+    exit whenever the event loop is busy: a runner full of short commands pays it on each.
+    """
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return
+    policy = asyncio.get_event_loop_policy()
+    if not isinstance(policy, asyncio.DefaultEventLoopPolicy):
+        return  # someone else's policy (uvloop ...): leave it alone
+    if isinstance(getattr(policy, "_watcher", None), _LoopPidfdChildWatcher):
+        return
+    policy.set_child_watcher(_LoopPidfdChildWatcher())
+
+
+class _LoopPidfdChildWatcher(asyncio.AbstractChildWatcher):
+    """Child exits seen by whichever loop is running when the child starts (no thread)."""
+
+    def __init__(self) -> None:
+        self._watched: dict[int, tuple[asyncio.AbstractEventLoop, int]] = {}
+
+    def add_child_handler(  # type: ignore[override]
+        self, pid: int, callback: Callable[..., object], *args: Any
+    ) -> None:
+        loop = asyncio.get_running_loop()
+        pidfd = os.pidfd_open(pid)
+        self._watched[pid] = (loop, pidfd)
+        loop.add_reader(pidfd, self._exited, pid, callback, args)
+
+    def _exited(self, pid: int, callback: Callable[..., object], args: Any) -> None:
+        if not self.remove_child_handler(pid):
+            return
+        try:
+            _, status = os.waitpid(pid, 0)
+            code = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:  # reaped elsewhere already
+            code = 255
+        callback(pid, code, *args)
+
+    def remove_child_handler(self, pid: int) -> bool:
+        watched = self._watched.pop(pid, None)
+        if watched is None:
+            return False
+        loop, pidfd = watched
+        if not loop.is_closed():
+            loop.remove_reader(pidfd)
+        os.close(pidfd)
+        return True
+
+    def attach_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def is_active(self) -> bool:
+        return True
+
+    def __enter__(self) -> _LoopPidfdChildWatcher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass

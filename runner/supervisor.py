@@ -14,12 +14,13 @@ import shlex
 import socket
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, or_, select, update
+from sqlalchemy import Connection, bindparam, exists, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -33,6 +34,7 @@ from runner.process import (
     run_marker,
     stop_group,
     sweep_run,
+    use_pidfd_child_watcher,
 )
 from server.broker import CANCEL_TOPIC, QUEUE_TOPIC, Broker
 from server.commands import PROXY_URL_ENV, browser_settings, command_context, service_tokens
@@ -81,6 +83,7 @@ class Attempt:
     reason: str | None = None
     task: asyncio.Task[None] | None = None
     finishing: bool = False  # its final state is on its way to the database: slot is free
+    workdir: asyncio.Future[None] | None = None  # done once its working directory exists
 
     def request_stop(self, reason: str) -> None:
         if self.reason is None:
@@ -94,7 +97,7 @@ class Claimed:
 
     command: Command
     queued_since: Any
-    service_ids: list[int]
+    has_services: bool
 
 
 @dataclass
@@ -164,6 +167,7 @@ class Supervisor:
         engine: AsyncEngine = sessionmaker.kw["bind"]
         self.store = LogStore(engine, broker, metrics, self.runner_id)
         self._commands_dir = (settings.data_dir / "commands").resolve()
+        self._files: ThreadPoolExecutor | None = None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -173,6 +177,8 @@ class Supervisor:
         async with self.sessionmaker() as session:
             self._is_postgres = session.get_bind().dialect.name == "postgresql"
         LIVE_RUNNERS.add(self.runner_id)
+        use_pidfd_child_watcher()
+        self._files = ThreadPoolExecutor(1, thread_name_prefix="corral-files")
         self.store.start()
         await self.recover()
         self._task = asyncio.create_task(self._main(), name=f"supervisor-{self.runner_id}")
@@ -193,6 +199,8 @@ class Supervisor:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         await self.store.close()
+        if self._files is not None:
+            self._files.shutdown(wait=False)
         LIVE_RUNNERS.discard(self.runner_id)
         log_event("runner_stopped", runner=self.runner_id)
 
@@ -253,6 +261,16 @@ class Supervisor:
             return
         for command_id in waiting:
             self.broker.publish_status(command_id, CommandStatus.WAITING.value)
+        if not claimed:
+            return
+        # Their working directories are made in a thread while they load and render:
+        # mkdir costs up to a millisecond on a busy disk.
+        workdirs = asyncio.get_running_loop().run_in_executor(
+            self._files,
+            _make_workdirs,
+            self._commands_dir,
+            [claim.command.id for claim in claimed],
+        )
         for claim in claimed:
             command = claim.command
             self.broker.publish_status(command.id, CommandStatus.RUNNING.value)
@@ -260,6 +278,7 @@ class Supervisor:
                 command.id, command.attempts, command.max_attempts, command.backoff_seconds
             )
             self.attempts[command.id] = attempt
+            attempt.workdir = workdirs
             attempt.task = asyncio.create_task(self._run_attempt(attempt, claim))
         if self.metrics is not None:
             self.metrics.running.set(len(self.attempts))
@@ -285,7 +304,7 @@ class Supervisor:
                 or_(Profile.runner_affinity.is_(None), Profile.runner_affinity == self.name),
             )
             .order_by(Command.priority.desc(), Command.id)
-            .limit(free * 4 + 16)
+            .limit(free * 2 + 8)
         )
         if self._is_postgres:
             stmt = stmt.with_for_update(of=Command, skip_locked=True)
@@ -326,25 +345,15 @@ class Supervisor:
                 next_attempt_at=None,
                 pgid=None,
             )
-            .returning(*Command.__table__.columns)
+            .returning(*Command.__table__.columns, _HAS_SERVICES)
         ).all()
-        services: dict[int, list[int]] = {}
-        for command_id, service_id in connection.execute(
-            select(CommandService.command_id, CommandService.service_id).where(
-                CommandService.command_id.in_(list(chosen))
-            )
-        ):
-            services.setdefault(command_id, []).append(service_id)
-        by_id = {row.id: row for row in rows}
-        claimed = [
-            Claimed(
-                Command(**by_id[command_id]._asdict()),
-                queued_since,
-                services.get(command_id, []),
-            )
-            for command_id, queued_since in chosen.items()
-            if command_id in by_id
-        ]
+        by_id = {row.id: row._asdict() for row in rows}
+        claimed = []
+        for command_id, queued_since in chosen.items():
+            if command_id in by_id:
+                values = by_id[command_id]
+                has_services = bool(values.pop("has_services"))
+                claimed.append(Claimed(Command(**values), queued_since, has_services))
         return claimed, [item["_id"] for item in waiting]
 
     # -- running one attempt -----------------------------------------------------------
@@ -421,22 +430,19 @@ class Supervisor:
             command.profile_id is None
             and command.proxy_id is None
             and command.proxy_name is None
-            and not claim.service_ids
+            and not claim.has_services
         ):
             return Loaded(command, None, None, [], {}, [], [], {})
         async with self.sessionmaker() as session:
             profile = await session.get(Profile, command.profile_id) if command.profile_id else None
             proxy = await session.get(Proxy, command.proxy_id) if command.proxy_id else None
-            services = (
-                list(
-                    await session.scalars(
-                        select(Service)
-                        .where(Service.id.in_(claim.service_ids))
-                        .order_by(Service.name)
-                    )
+            services = list(
+                await session.scalars(
+                    select(Service)
+                    .join(CommandService, CommandService.service_id == Service.id)
+                    .where(CommandService.command_id == command.id)
+                    .order_by(Service.name)
                 )
-                if claim.service_ids
-                else []
             )
             tokens = await service_tokens(session, self.box, command.profile_id, services)
             chain = [] if proxy is None else await proxy_chain(session, self.box, proxy)
@@ -492,19 +498,11 @@ class Supervisor:
         env.update({name: token for name, token in tokens.items() if token is not None})
         return env
 
-    def _workdir(self, command_id: int) -> str:
-        path = f"{self._commands_dir}/{command_id}"
-        try:
-            os.mkdir(path)
-        except FileExistsError:
-            pass
-        except FileNotFoundError:
-            os.makedirs(path, exist_ok=True)
-        return path
-
     async def _execute(
         self, attempt: Attempt, command: Command, prepared: Prepared, writer: LogWriter
     ) -> Outcome:
+        if attempt.workdir is not None:
+            await attempt.workdir
         try:
             process = await asyncio.create_subprocess_exec(
                 *prepared.argv,
@@ -512,7 +510,7 @@ class Supervisor:
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,
                 env=prepared.env,
-                cwd=self._workdir(command.id),
+                cwd=f"{self._commands_dir}/{command.id}",
                 start_new_session=True,
             )
         except OSError as exc:
@@ -772,6 +770,19 @@ class Supervisor:
         log_event("recovered", command=command.id, previous_runner=previous, status=command.status)
 
 
+def _make_workdirs(commands_dir: Path, command_ids: list[int]) -> None:
+    """The working directory of each command: `<data dir>/commands/<id>`."""
+    for command_id in command_ids:
+        path = f"{commands_dir}/{command_id}"
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            os.makedirs(path, exist_ok=True)
+
+
+_HAS_SERVICES = exists().where(CommandService.command_id == Command.id).label("has_services")
 _MARK_WAITING = (
     update(Command)
     .where(Command.id == bindparam("_id"))

@@ -25,4 +25,6 @@ def format_event(event: str, fields: dict[str, Any]) -> str:
 
 def log_event(event: str, *, level: str = "info", **fields: Any) -> None:
     """Log one runner event (claimed, started, retried, killed, recovered ...)."""
-    log.log(LEVELS.get(level, logging.ERROR), format_event(event, fields))
+    number = LEVELS.get(level, logging.ERROR)
+    if log.isEnabledFor(number):
+        log.log(number, format_event(event, fields))

@@ -73,7 +73,11 @@ class _Follower:
 
     async def live(self, batch: StoredBatch) -> AsyncIterator[Lines]:
         """A published batch: the part not yet delivered; a gap is filled from the database."""
-        fresh = [line for line in batch.lines if line.seq > self.last]
+        lines = batch.lines
+        if not lines:
+            return
+        last = self.last
+        fresh = lines if lines[0].seq > last else [line for line in lines if line.seq > last]
         if not fresh:
             return
         if fresh[0].seq != self.last + 1:
