@@ -7,9 +7,9 @@ claim included, so a busy runner costs one transaction per flush and not one per
 command or per state change. A flush starts as soon as the previous one ends: lines that
 arrive meanwhile ride along with the next one.
 
-Lines go in through one statement per flush, whatever their number: on PostgreSQL an
-INSERT ... SELECT FROM unnest() of column arrays, on SQLite an INSERT ... SELECT FROM
-json_each() of one JSON text. On SQLite the flush runs in a thread of its own with a
+Lines go in through one statement per flush, whatever their number: on PostgreSQL a COPY
+(foreign key checks make INSERT ... SELECT FROM unnest() slower), on SQLite an INSERT ...
+SELECT FROM json_each() of one JSON text. On SQLite the flush runs in a thread of its own with a
 connection of its own: a single statement keeps the thread out of the interpreter while
 SQLite works (executemany would take and give back the GIL once per row, and wait up to the
 switch interval each time the event loop is busy).
@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import json
 import logging
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from itertools import repeat
+from typing import Any, NamedTuple, TypeVar, cast
 
 from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -41,28 +43,29 @@ log = logging.getLogger("corral.runner")
 
 T = TypeVar("T")
 EVENT_PREFIX = "::corral::"
+_EVENT_PREFIXES = itertools.repeat(EVENT_PREFIX)
 MAX_PENDING_LINES = 50_000  # lines waiting to be stored, over all commands; then readers wait
 FLUSH_LINES = 10_000  # lines of one command per flush (a published batch stays small)
 # Lines wait this long for company before a flush of their own (a claim or a writer that
 # waits for its lines to be stored starts one at once).
 LINGER_SECONDS = 0.004
 STORE_ATTEMPTS = 5
-PG_INSERT_LINES = (
-    "INSERT INTO log_lines (command_id, seq, attempt, stream, ts, text) "
-    "SELECT * FROM unnest($1::integer[], $2::integer[], $3::integer[], $4::varchar[], "
-    "$5::timestamptz[], $6::text[])"
-)
-# One JSON text: [[command_id, attempt, stream, ts, first_seq, [text, ...]], ...]
+COLUMNS = ("command_id", "seq", "attempt", "stream", "ts", "text")
+# One JSON text: [[command_id, attempt, stream, ts, first_seq, [text, ...]], ...]. The CTE
+# reads each chunk's fields once (per line, `c.value ->> n` would parse the chunk again).
 SQLITE_INSERT_LINES = (
     "INSERT INTO log_lines (command_id, seq, attempt, stream, ts, text) "
-    "SELECT c.value ->> 0, (c.value ->> 4) + t.key, c.value ->> 1, c.value ->> 2, "
-    "c.value ->> 3, t.value FROM json_each(?) AS c, json_each(c.value, '$[5]') AS t"
+    "WITH c AS MATERIALIZED (SELECT value ->> 0 AS command_id, value ->> 1 AS attempt, "
+    "value ->> 2 AS stream, value ->> 3 AS ts, value ->> 4 AS first_seq, value -> 5 AS texts "
+    "FROM json_each(?)) "
+    "SELECT c.command_id, c.first_seq + t.key, c.attempt, c.stream, c.ts, t.value "
+    "FROM c, json_each(c.texts) AS t"
 )
 
 
-@dataclass(slots=True)
-class StoredLine:
-    """A line as stored and published: what subscribers receive."""
+class StoredLine(NamedTuple):
+    """A line as stored and published: what subscribers receive. A tuple in the column
+    order of log_lines, so that it goes to COPY as it is."""
 
     command_id: int
     seq: int
@@ -79,6 +82,12 @@ class StoredLine:
             "ts": self.ts.isoformat(),
             "text": self.text,
         }
+
+
+# StoredLine from a tuple without running Python code per line (ingest makes one per line).
+_new_line = cast(
+    Callable[[tuple[Any, ...]], StoredLine], functools.partial(tuple.__new__, StoredLine)
+)
 
 
 @dataclass(frozen=True)
@@ -107,7 +116,6 @@ class _Rows:
     """One command's share of a flush, numbered and redacted."""
 
     writer: LogWriter
-    seq_before: int
     lines: list[StoredLine] = field(default_factory=list)
     chunks: list[tuple[str, datetime, int, list[str]]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
@@ -181,13 +189,13 @@ class LogWriter:
 
     def number(self, chunks: list[_Chunk]) -> _Rows:
         """Redact and number; `::corral::` lines on stdout become events."""
-        rows = _Rows(self, self.seq)
+        rows = _Rows(self)
         redact = self.redactor
         for chunk in chunks:
             if chunk.command_values:
                 rows.values.update(chunk.command_values)
             texts = redact.all(chunk.lines)
-            if chunk.stream == "stdout" and any(t.startswith(EVENT_PREFIX) for t in texts):
+            if chunk.stream == "stdout" and any(map(str.startswith, texts, _EVENT_PREFIXES)):
                 texts = self._take_events(texts, chunk.ts, rows)
             if not texts:
                 continue
@@ -195,8 +203,17 @@ class LogWriter:
             self.seq += len(texts)
             rows.chunks.append((chunk.stream, chunk.ts, first, texts))
             rows.lines.extend(
-                StoredLine(self.command_id, first + i, self.attempt, chunk.stream, chunk.ts, t)
-                for i, t in enumerate(texts)
+                map(
+                    _new_line,
+                    zip(
+                        repeat(self.command_id),
+                        range(first, first + len(texts)),
+                        repeat(self.attempt),
+                        repeat(chunk.stream),
+                        repeat(chunk.ts),
+                        texts,
+                    ),
+                )
             )
         if rows.lines:
             rows.values["last_seq"] = self.seq
@@ -310,60 +327,86 @@ class LogStore:
     # -- flushing ----------------------------------------------------------------------
 
     async def _run(self) -> None:
-        while True:
-            await self._wake.wait()
-            await asyncio.sleep(0)  # let whatever else is ready queue its part first
-            self._wake.clear()
-            if not (self._dirty or self._jobs or self._waiters):
-                if self._closing:
-                    return
-                continue
-            try:
-                await self._flush()
-            except Exception as exc:  # never die: a dead store would stall every child
-                log.exception("log store flush failed: %r", exc)
+        """Two stages: while one flush is being committed, the next one is numbered and
+        built (commits stay in order: a flush is committed after the one before it)."""
+        committing: asyncio.Task[None] | None = None
+        try:
+            while True:
+                await self._wake.wait()
+                await asyncio.sleep(0)  # let whatever else is ready queue its part first
+                self._wake.clear()
+                if not (self._dirty or self._jobs or self._waiters):
+                    if self._closing:
+                        return
+                    continue
+                try:
+                    flush = self._prepare()
+                except Exception as exc:  # never die: a dead store would stall every child
+                    log.exception("log store flush failed: %r", exc)
+                    continue
+                if committing is not None:
+                    await committing
+                committing = asyncio.create_task(self._complete(flush))
+        finally:
+            if committing is not None:
+                await committing
 
-    async def _flush(self) -> None:
+    def _prepare(self) -> _Flush:
+        """Take what is pending: lines numbered and redacted, the rows to write, the jobs,
+        and the writers waiting for everything they queued to be stored."""
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
-        shares: list[_Rows] = []
+        flush = _Flush()
         dirty, self._dirty = self._dirty, {}
         for writer in dirty.values():
             chunks = writer.take()
             self._pending_lines -= sum(len(chunk.lines) for chunk in chunks)
-            shares.append(writer.number(chunks))
+            flush.shares.append(writer.number(chunks))
             if writer.chunks:  # more than one flush's worth: the rest goes next
                 self._dirty[writer.command_id] = writer
         if self._pending_lines < MAX_PENDING_LINES:
             self._room.set()
-        jobs, self._jobs = self._jobs, []
+        flush.jobs, self._jobs = self._jobs, []
         waiters, self._waiters = self._waiters, []
-        done = await self._commit(shares, jobs) if shares or jobs else []
-        for share in shares:
+        for writer, future in waiters:
+            if writer.chunks:  # its rest goes with a later flush
+                self._waiters.append((writer, future))
+            else:
+                flush.waiters.append(future)
+        if self._dirty or self._waiters:
+            self._wake.set()
+        flush.payload = self._payload(flush.shares)
+        return flush
+
+    async def _complete(self, flush: _Flush) -> None:
+        """Commit a flush, then publish its lines and tell its writers and jobs."""
+        try:
+            done = await self._commit(flush) if flush.shares or flush.jobs else []
+        except Exception as exc:  # never die: a dead store would stall every child
+            log.exception("log store flush failed: %r", exc)
+            done = []
+        for share in flush.shares:
             if share.lines:
                 batch = StoredBatch(share.writer.command_id, share.lines)
                 self._broker.publish(command_topic(batch.command_id), batch)
                 if self._metrics is not None:
                     self._metrics.log_lines.inc(len(share.lines))
-        for writer, future in waiters:
-            if writer.command_id in self._dirty and writer.chunks:
-                self._waiters.append((writer, future))  # its rest goes with the next flush
-            elif not future.done():
+        for future in flush.waiters:
+            if not future.done():
                 future.set_result(None)
         # Jobs (the runner's claims) hear after the writers: a command's final state is
         # announced before the claim that took its slot.
         for job, result in done:
             if not job.future.done():
                 job.future.set_result(result)
-        if self._dirty or self._waiters:
-            self._wake.set()
 
-    async def _commit(self, shares: list[_Rows], jobs: list[_Job]) -> list[tuple[_Job, Any]]:
+    async def _commit(self, flush: _Flush) -> list[tuple[_Job, Any]]:
         """One transaction: the lines, events and command values, then the jobs. A failing
         job is taken out (its caller gets the error) and the rest committed without it; a
-        database hiccup is retried; after the last try the lines are dropped and logged."""
-        payload = self._payload(shares)
+        database hiccup is retried; after the last try the lines are dropped and logged
+        (their seqs stay unused: followers skip the gap)."""
+        shares, jobs, payload = flush.shares, flush.jobs, flush.payload
         attempt = 0
         while True:
             try:
@@ -383,8 +426,7 @@ class LogStore:
                 log.exception("storing %s failed", _describe(shares))
                 break
         log.error("dropped %s after %d tries", _describe(shares), STORE_ATTEMPTS)
-        for share in shares:  # the seqs were not used: keep the numbering gapless
-            share.writer.seq = share.seq_before
+        for share in shares:
             share.lines.clear()
         error = RuntimeError("the log store could not reach the database")
         for job in jobs:
@@ -398,6 +440,12 @@ class LogStore:
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._executor, self._transact_sqlite, payload, jobs)
         async with self._engine.begin() as connection:
+            if payload.pg_records:  # COPY: the fastest way in (foreign key checks included)
+                raw = await connection.get_raw_connection()
+                driver: Any = raw.driver_connection
+                await driver.copy_records_to_table(
+                    "log_lines", records=payload.pg_records, columns=COLUMNS
+                )
             return await connection.run_sync(self._write, payload, jobs)
 
     def _transact_sqlite(self, payload: _Payload, jobs: list[_Job]) -> list[Any]:
@@ -425,23 +473,13 @@ class LogStore:
                     for stream, ts, first, texts in share.chunks
                 )
                 continue
-            columns = payload.pg_columns
-            for stream, ts, first, texts in share.chunks:
-                count = len(texts)
-                columns[0].extend([command_id] * count)
-                columns[1].extend(range(first, first + count))
-                columns[2].extend([attempt] * count)
-                columns[3].extend([stream] * count)
-                columns[4].extend([ts] * count)
-                columns[5].extend(texts)
+            payload.pg_records.extend(share.lines)  # StoredLines are COPY's rows
         return payload
 
     def _write(self, connection: Connection, payload: _Payload, jobs: list[_Job]) -> list[Any]:
         if payload.sqlite_chunks:
             text = json.dumps(payload.sqlite_chunks, ensure_ascii=False, separators=(",", ":"))
             connection.exec_driver_sql(SQLITE_INSERT_LINES, (text,))
-        if payload.pg_columns[0]:
-            connection.exec_driver_sql(PG_INSERT_LINES, tuple(payload.pg_columns))
         for (columns, guarded), params in payload.updates.items():
             connection.execute(_command_update(columns, guarded), params)
         for writer, event in payload.events:
@@ -456,9 +494,17 @@ class LogStore:
 
 
 @dataclass
+class _Flush:
+    shares: list[_Rows] = field(default_factory=list)
+    jobs: list[_Job] = field(default_factory=list)
+    waiters: list[asyncio.Future[None]] = field(default_factory=list)
+    payload: _Payload = field(default_factory=lambda: _Payload())
+
+
+@dataclass
 class _Payload:
     sqlite_chunks: list[list[Any]] = field(default_factory=list)
-    pg_columns: tuple[list[Any], ...] = field(default_factory=lambda: ([], [], [], [], [], []))
+    pg_records: list[StoredLine] = field(default_factory=list)
     updates: dict[tuple[tuple[str, ...], bool], list[dict[str, Any]]] = field(default_factory=dict)
     events: list[tuple[LogWriter, dict[str, Any]]] = field(default_factory=list)
 
