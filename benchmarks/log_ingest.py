@@ -336,6 +336,7 @@ async def corral_bulk(
         "sse_lines_per_s": round(delivered["lines"] / sse_seconds),
         "sse_lag_behind_store_s": round((delivered["last_at"] or 0) - stored_at, 3),
         "server_cpu_seconds": {"until_stored": cpu_stored, "until_delivered": cpu_delivered},
+        "sse_client_cpu_seconds": delivered["client_cpu_seconds"],
         "checks": checks
         | {
             "sse_lines": delivered["lines"],

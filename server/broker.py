@@ -9,8 +9,8 @@ stored before they are published, so the database is always the source of truth)
 from __future__ import annotations
 
 import asyncio
-from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections import defaultdict, deque
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,7 +47,8 @@ class Subscription:
     """One subscriber's view of a topic."""
 
     topic: str
-    queue: asyncio.Queue[Any] = field(default_factory=lambda: asyncio.Queue(DEFAULT_QUEUE_SIZE))
+    queue: deque[Any] = field(default_factory=deque)
+    max_size: int = DEFAULT_QUEUE_SIZE
     lagged: bool = False
     # Bounded by weight too: a batch of log lines weighs its number of lines.
     max_weight: int = DEFAULT_MAX_WEIGHT
@@ -58,27 +59,29 @@ class Subscription:
         if self.lagged:
             return
         weight = int(getattr(message, "weight", 1))
-        try:
-            if self.weight + weight > self.max_weight:
-                raise asyncio.QueueFull
-            self.queue.put_nowait(message)
-            self.weight += weight
-        except asyncio.QueueFull:
+        if len(self.queue) >= self.max_size or self.weight + weight > self.max_weight:
             self.lagged = True
-            self.queue = asyncio.Queue(DEFAULT_QUEUE_SIZE)
+            self.queue = deque()
             self.weight = 0
+        else:
+            self.queue.append(message)
+            self.weight += weight
         self._wake.set()
 
     async def get(self) -> Any | None:
         """The next message; None when the subscriber has lagged (re-read, then `resync`)."""
-        while self.queue.empty() and not self.lagged:
+        while not self.queue and not self.lagged:
             self._wake.clear()
             await self._wake.wait()
-        if self.queue.empty():
+        if not self.queue:
             return None
-        message = self.queue.get_nowait()
+        message = self.queue.popleft()
         self.weight -= int(getattr(message, "weight", 1))
         return message
+
+    def waiting(self) -> Iterator[Any]:
+        """The messages queued now, oldest first (still queued)."""
+        return iter(self.queue)
 
     def resync(self) -> None:
         """Deliver again after a lag. Call it *before* re-reading the database, so that

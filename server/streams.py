@@ -13,14 +13,16 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from runner.logwriter import StoredBatch, StoredLine
-from server.broker import Broker, StatusChange, command_topic
+from server.broker import Broker, StatusChange, Subscription, command_topic
 from server.metrics import Metrics
-from server.models import Command, CommandStatus, LogLine
+from server.models import Command, CommandStatus
 
 REPLAY_BATCH = 5000
 
@@ -36,17 +38,37 @@ Lines = list[StoredLine]
 Item = Lines | StatusChange | FinalStatus
 
 
+_READ_LINES = text(
+    "SELECT seq, attempt, stream, ts, text FROM log_lines"
+    " WHERE command_id = :command_id AND seq > :after ORDER BY seq LIMIT :limit"
+)
+
+
 async def _read_lines(
     sessionmaker: async_sessionmaker[AsyncSession], command_id: int, after_seq: int
 ) -> Lines:
+    """Stored lines after `after_seq`. Read without the ORM's per-row type handling (a
+    follower catching up reads many): the timestamps of a read share a few values."""
     async with sessionmaker() as session:
-        rows = await session.execute(
-            select(LogLine.seq, LogLine.attempt, LogLine.stream, LogLine.ts, LogLine.text)
-            .where(LogLine.command_id == command_id, LogLine.seq > after_seq)
-            .order_by(LogLine.seq)
-            .limit(REPLAY_BATCH)
-        )
-        return [StoredLine(command_id, *row) for row in rows.all()]
+        rows = (
+            await session.execute(
+                _READ_LINES, {"command_id": command_id, "after": after_seq, "limit": REPLAY_BATCH}
+            )
+        ).all()
+    stamps: dict[Any, datetime] = {}
+    lines = []
+    for seq, attempt, stream, ts, text_ in rows:
+        stamp = stamps.get(ts)
+        if stamp is None:
+            stamp = stamps[ts] = _utc(ts)
+        lines.append(StoredLine(command_id, seq, attempt, stream, stamp, text_))
+    return lines
+
+
+def _utc(value: datetime | str) -> datetime:
+    """A timestamp as the driver returns it (SQLite: naive UTC text) -> aware UTC."""
+    stamp = datetime.fromisoformat(value) if isinstance(value, str) else value
+    return stamp.replace(tzinfo=UTC) if stamp.tzinfo is None else stamp.astimezone(UTC)
 
 
 async def _status(sessionmaker: async_sessionmaker[AsyncSession], command_id: int) -> str | None:
@@ -65,13 +87,26 @@ class _Follower:
         self.last = after_seq
         self.status: str | None = None
 
-    async def catch_up(self) -> AsyncIterator[Lines]:
-        """Everything stored after the last delivered seq, from the database."""
-        while batch := await _read_lines(self.sessionmaker, self.command_id, self.last):
+    async def catch_up(self, subscription: Subscription | None = None) -> AsyncIterator[Lines]:
+        """Everything stored after the last delivered seq, from the database; stops early
+        once `subscription` holds the next line already (live delivery takes over there,
+        instead of chasing a busy writer through the database)."""
+        while not (subscription is not None and self._queued_next(subscription)):
+            batch = await _read_lines(self.sessionmaker, self.command_id, self.last)
+            if not batch:
+                return
             self.last = batch[-1].seq
             yield batch
 
-    async def live(self, batch: StoredBatch) -> AsyncIterator[Lines]:
+    def _queued_next(self, subscription: Subscription) -> bool:
+        for message in subscription.waiting():
+            if isinstance(message, StoredBatch) and message.lines:
+                return message.lines[0].seq <= self.last + 1
+        return False
+
+    async def live(
+        self, batch: StoredBatch, subscription: Subscription | None = None
+    ) -> AsyncIterator[Lines]:
         """A published batch: the part not yet delivered; a gap is filled from the database."""
         lines = batch.lines
         if not lines:
@@ -81,7 +116,7 @@ class _Follower:
         if not fresh:
             return
         if fresh[0].seq != self.last + 1:
-            async for lines in self.catch_up():
+            async for lines in self.catch_up(subscription):
                 yield lines
             return
         self.last = fresh[-1].seq
@@ -107,7 +142,7 @@ async def follow_command(
     try:
         async with broker.subscribe(command_topic(command_id)) as subscription:
             follower = _Follower(sessionmaker, command_id, after_seq)
-            async for lines in follower.catch_up():
+            async for lines in follower.catch_up(subscription):
                 yield lines
             status = await _status(sessionmaker, command_id)
             if status is None:
@@ -120,14 +155,14 @@ async def follow_command(
                     message = None
                 if message is None:  # lagged (or a poll): re-read what was missed
                     subscription.resync()
-                    async for lines in follower.catch_up():
+                    async for lines in follower.catch_up(subscription):
                         yield lines
                     current = await _status(sessionmaker, command_id) or status
                     if current == status:
                         continue
                     message = StatusChange(command_id, current)
                 if isinstance(message, StoredBatch):
-                    async for lines in follower.live(message):
+                    async for lines in follower.live(message, subscription):
                         yield lines
                 elif isinstance(message, StatusChange):
                     status = message.status
