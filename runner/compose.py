@@ -102,6 +102,8 @@ def render_argv(source: str, context: Mapping[str, Any]) -> list[str]:
         ) from exc
     if not argv:
         raise CompositionError("the rendered command is empty")
+    if "\x00" in rendered:  # execve cannot pass it, PostgreSQL cannot store it
+        raise CompositionError("the rendered command contains a NUL character")
     return argv
 
 

@@ -64,6 +64,11 @@ def test_unbalanced_literal_quote_is_an_error() -> None:
         render_argv("echo 'unterminated", {})
 
 
+def test_nul_in_a_value_is_an_error() -> None:
+    with pytest.raises(CompositionError, match="NUL"):
+        render_argv("echo {{ params.v }}", {"params": {"v": "a\x00b"}})
+
+
 def test_empty_command_is_an_error() -> None:
     with pytest.raises(CompositionError, match="empty"):
         render_argv("{# nothing #}", {})
@@ -176,6 +181,7 @@ async def test_run_command_rejects_bad_params(
         ("echo {{ cycler.__init__.__globals__ }}", "sandbox"),
         ("echo {{ ", "parse"),
         ("   ", "blank"),
+        ("printf 'a\x00b'", "NUL"),
     ],
 )
 async def test_ad_hoc_command_errors_are_user_errors(

@@ -6,7 +6,9 @@ import asyncio
 import itertools
 import logging
 import os
+import shlex
 import socket
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -120,6 +122,37 @@ async def test_command_runs_and_its_lines_are_stored(gql: GraphQLClient) -> None
     assert texts(lines, "STDERR") == ["err"]
     assert lines[0]["stream"] == "SYSTEM"
     assert lines[0]["text"].startswith("attempt 1 of 1: sh -c")
+
+
+# What a child may print, each stored and read back exactly: the writer's own encodings
+# (COPY text on PostgreSQL, JSON on SQLite) must not show through.
+AWKWARD_LINES = [
+    "tab\there",
+    "back\\slash \\N \\t \\\\",
+    "carriage<CR>return inside",
+    "braces {} {0} {seq} %s %(x)s",
+    'json ["x", {"y": 1}] \\u0041 \\"',
+    "unicode é ✓ 😀",
+    "nul <NUL> byte",
+    "",
+    "   spaces around   ",
+]
+
+
+async def test_awkward_lines_are_stored_exactly(gql: GraphQLClient) -> None:
+    # NUL and CR are made by the child: a command line cannot carry NUL, and Jinja reads
+    # a CR in a template's own text as a line break.
+    script = (
+        "import sys; sys.stdout.buffer.write("
+        "sys.argv[1].replace('<NUL>', chr(0)).replace('<CR>', chr(13)).encode())"
+    )
+    printed = "\n".join(AWKWARD_LINES) + "\n"
+    command_id = await run(
+        gql, commandString=f"{sys.executable} -c {shlex.quote(script)} {shlex.quote(printed)}"
+    )
+    assert (await wait_final(gql, command_id))["status"] == "SUCCEEDED"
+    expected = [line.replace("<NUL>", "\ufffd").replace("<CR>", "\r") for line in AWKWARD_LINES]
+    assert texts(await logs_of(gql, command_id)) == expected
 
 
 async def test_failure_is_reported_with_exit_code(gql: GraphQLClient) -> None:
