@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import (
 from server.settings import Settings
 
 SQLITE_BUSY_TIMEOUT_MS = 5000
+STORE_CHECKPOINT_PAGES = 4000
 
 
 def create_engine(settings: Settings, **kwargs: Any) -> AsyncEngine:
@@ -48,8 +49,15 @@ def create_sync_engine(url: URL) -> Engine:
         max_overflow=0,
     )
     event.listen(engine, "connect", _sqlite_on_connect)
+    event.listen(engine, "connect", _fewer_checkpoints)
     event.listen(engine, "begin", _sqlite_on_begin)
     return engine
+
+
+def _fewer_checkpoints(dbapi_connection: Any, _record: Any) -> None:
+    # The log store commits often and big: checkpoint (and fsync) every 16 MiB of WAL
+    # rather than every 4 MiB.
+    dbapi_connection.execute(f"PRAGMA wal_autocheckpoint={STORE_CHECKPOINT_PAGES}")
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -63,10 +71,17 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+READ_ONLY = {"corral_read_only": True}  # execution options of a connection that only reads
+
+
 def _sqlite_on_begin(connection: Any) -> None:
     # IMMEDIATE takes the write lock up front: two deferred transactions that both read,
     # then write, would fail with "database is locked" without waiting the busy timeout.
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    # A connection that only reads (READ_ONLY) must not hold up the writers: it defers.
+    if connection.get_execution_options().get("corral_read_only"):
+        connection.exec_driver_sql("BEGIN")
+    else:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
 
 
 def is_sqlite(engine: AsyncEngine) -> bool:

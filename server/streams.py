@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from runner.logwriter import StoredBatch, StoredLine
 from server.broker import Broker, StatusChange, Subscription, command_topic
+from server.db import READ_ONLY
 from server.metrics import Metrics
 from server.models import Command, CommandStatus
 
@@ -50,8 +51,9 @@ async def _read_lines(
     """Stored lines after `after_seq`. Read without the ORM's per-row type handling (a
     follower catching up reads many): the timestamps of a read share a few values."""
     async with sessionmaker() as session:
+        connection = await session.connection(execution_options=READ_ONLY)
         rows = (
-            await session.execute(
+            await connection.execute(
                 _READ_LINES, {"command_id": command_id, "after": after_seq, "limit": REPLAY_BATCH}
             )
         ).all()
@@ -73,7 +75,8 @@ def _utc(value: datetime | str) -> datetime:
 
 async def _status(sessionmaker: async_sessionmaker[AsyncSession], command_id: int) -> str | None:
     async with sessionmaker() as session:
-        return await session.scalar(select(Command.status).where(Command.id == command_id))
+        connection = await session.connection(execution_options=READ_ONLY)
+        return await connection.scalar(select(Command.status).where(Command.id == command_id))
 
 
 class _Follower:
