@@ -51,6 +51,12 @@ FLUSH_LINES = 10_000  # lines of one command per flush (a published batch stays 
 LINGER_SECONDS = 0.004
 STORE_ATTEMPTS = 5
 COLUMNS = ("command_id", "seq", "attempt", "stream", "ts", "text")
+COPY_MIN_LINES = 200
+PG_INSERT_LINES = (
+    "INSERT INTO log_lines (command_id, seq, attempt, stream, ts, text) "
+    "SELECT * FROM unnest($1::integer[], $2::integer[], $3::integer[], $4::varchar[], "
+    "$5::timestamptz[], $6::text[])"
+)
 # One JSON text: [[command_id, attempt, stream, ts, first_seq, [text, ...]], ...]. The CTE
 # reads each chunk's fields once (per line, `c.value ->> n` would parse the chunk again).
 SQLITE_INSERT_LINES = (
@@ -457,6 +463,9 @@ class LogStore:
 
     def _payload(self, shares: list[_Rows]) -> _Payload:
         payload = _Payload()
+        # A few lines (a runner of short commands) go in with one INSERT: a COPY costs
+        # more round trips.
+        use_copy = sum(len(share.lines) for share in shares) >= COPY_MIN_LINES
         for share in shares:
             command_id, attempt = share.writer.command_id, share.writer.attempt
             if share.values:
@@ -475,6 +484,9 @@ class LogStore:
                     for stream, ts, first, texts in share.chunks
                 )
                 continue
+            if not use_copy:
+                payload.pg_rows.extend(share.lines)
+                continue
             for stream, ts, first, texts in share.chunks:
                 # COPY's text format, written here: cheaper than asyncpg's per-row encoder.
                 row = f"{command_id}\t{{}}\t{attempt}\t{stream}\t{ts.isoformat()}\t{{}}\n"
@@ -487,6 +499,10 @@ class LogStore:
         if payload.sqlite_chunks:
             text = json.dumps(payload.sqlite_chunks, ensure_ascii=False, separators=(",", ":"))
             connection.exec_driver_sql(SQLITE_INSERT_LINES, (text,))
+        if payload.pg_rows:
+            arrays = [list(column) for column in zip(*payload.pg_rows, strict=True)]
+            arrays[5] = [t.replace("\x00", "\ufffd") if "\x00" in t else t for t in arrays[5]]
+            connection.exec_driver_sql(PG_INSERT_LINES, tuple(arrays))
         for (columns, guarded), params in payload.updates.items():
             connection.execute(_command_update(columns, guarded), params)
         for writer, event in payload.events:
@@ -512,6 +528,7 @@ class _Flush:
 class _Payload:
     sqlite_chunks: list[list[Any]] = field(default_factory=list)
     pg_copy: list[str] = field(default_factory=list)
+    pg_rows: list[StoredLine] = field(default_factory=list)
     updates: dict[tuple[tuple[str, ...], bool], list[dict[str, Any]]] = field(default_factory=dict)
     events: list[tuple[LogWriter, dict[str, Any]]] = field(default_factory=list)
 

@@ -91,11 +91,33 @@ class Attempt:
         self.stop.set()
 
 
+@dataclass(slots=True)
+class ClaimedCommand:
+    """What running a command takes from its row (read by the claim)."""
+
+    id: int
+    source: str
+    params: dict[str, Any]
+    env: dict[str, Any]
+    profile_id: int | None
+    profile_name: str | None
+    proxy_id: int | None
+    proxy_name: str | None
+    attempts: int
+    max_attempts: int
+    timeout_seconds: int | None
+    backoff_seconds: float
+    last_seq: int
+
+
+_CLAIMED_COLUMNS = [Command.__table__.c[name] for name in ClaimedCommand.__slots__]
+
+
 @dataclass
 class Claimed:
     """A command this runner just claimed, as the claim read it."""
 
-    command: Command
+    command: ClaimedCommand
     queued_since: Any
     has_services: bool
 
@@ -112,7 +134,7 @@ class Outcome:
 class Loaded:
     """What an attempt needs from the database, secrets decrypted."""
 
-    command: Command
+    command: ClaimedCommand
     profile: Profile | None
     proxy: Proxy | None
     services: list[Service]
@@ -287,28 +309,10 @@ class Supervisor:
         """Claim up to `free` commands (in the log store's transaction, after its writes):
         priority then FIFO, due ones only, one running command per profile."""
         now = utcnow()
-        stmt = (
-            select(
-                Command.id,
-                Command.profile_id,
-                Command.profile_name,
-                Command.status,
-                Command.wait_reason,
-                Command.next_attempt_at,
-                Command.created_at,
-            )
-            .outerjoin(Profile, Profile.id == Command.profile_id)
-            .where(
-                Command.status.in_(RUNNABLE),
-                or_(Command.next_attempt_at.is_(None), Command.next_attempt_at <= now),
-                or_(Profile.runner_affinity.is_(None), Profile.runner_affinity == self.name),
-            )
-            .order_by(Command.priority.desc(), Command.id)
-            .limit(free * 2 + 8)
-        )
-        if self._is_postgres:
-            stmt = stmt.with_for_update(of=Command, skip_locked=True)
-        candidates = connection.execute(stmt).all()
+        candidates = connection.execute(
+            _CANDIDATES_LOCKED if self._is_postgres else _CANDIDATES,
+            {"now": now, "runner_name": self.name, "limit": free * 2 + 8},
+        ).all()
         if not candidates:
             return [], []
         busy: dict[int, int] = {}
@@ -332,28 +336,24 @@ class Supervisor:
         if not chosen:
             return [], [item["_id"] for item in waiting]
         rows = connection.execute(
-            update(Command)
-            .where(Command.id.in_(list(chosen)))
-            .values(
-                status=CommandStatus.RUNNING.value,
-                attempts=Command.attempts + 1,
-                runner_id=self.runner_id,
-                runner_host=self.host,
-                lease_expires_at=now + timedelta(seconds=self.settings.lease_seconds),
-                started_at=now,
-                wait_reason=None,
-                next_attempt_at=None,
-                pgid=None,
-            )
-            .returning(*Command.__table__.columns, _HAS_SERVICES)
+            _CLAIM,
+            {
+                "ids": list(chosen),
+                "runner": self.runner_id,
+                "host": self.host,
+                "lease": now + timedelta(seconds=self.settings.lease_seconds),
+                "now": now,
+            },
         ).all()
-        by_id = {row.id: row._asdict() for row in rows}
+        by_id = {returned.id: returned for returned in rows}
         claimed = []
         for command_id, queued_since in chosen.items():
-            if command_id in by_id:
-                values = by_id[command_id]
-                has_services = bool(values.pop("has_services"))
-                claimed.append(Claimed(Command(**values), queued_since, has_services))
+            returned = by_id.get(command_id)
+            if returned is not None:
+                values: tuple[Any, ...] = tuple(returned)
+                claimed.append(
+                    Claimed(ClaimedCommand(*values[:-1]), queued_since, bool(values[-1]))
+                )
         return claimed, [item["_id"] for item in waiting]
 
     # -- running one attempt -----------------------------------------------------------
@@ -481,7 +481,7 @@ class Supervisor:
             env["CORRAL_BROWSER_SETTINGS"] = json.dumps(browser_settings(loaded.profile))
         return Prepared(argv=argv, env=env)
 
-    def _child_env(self, command: Command, tokens: dict[str, str | None]) -> dict[str, str]:
+    def _child_env(self, command: ClaimedCommand, tokens: dict[str, str | None]) -> dict[str, str]:
         """A minimal environment: no Corral settings or keys, only what the child needs."""
         env = {
             "PATH": child_path(),
@@ -499,7 +499,7 @@ class Supervisor:
         return env
 
     async def _execute(
-        self, attempt: Attempt, command: Command, prepared: Prepared, writer: LogWriter
+        self, attempt: Attempt, command: ClaimedCommand, prepared: Prepared, writer: LogWriter
     ) -> Outcome:
         if attempt.workdir is not None:
             await attempt.workdir
@@ -554,7 +554,7 @@ class Supervisor:
     async def _wait(
         self,
         attempt: Attempt,
-        command: Command,
+        command: ClaimedCommand,
         process: asyncio.subprocess.Process,
         writer: LogWriter,
     ) -> Outcome:
@@ -783,6 +783,42 @@ def _make_workdirs(commands_dir: Path, command_ids: list[int]) -> None:
 
 
 _HAS_SERVICES = exists().where(CommandService.command_id == Command.id).label("has_services")
+_CANDIDATES = (
+    select(
+        Command.id,
+        Command.profile_id,
+        Command.profile_name,
+        Command.status,
+        Command.wait_reason,
+        Command.next_attempt_at,
+        Command.created_at,
+    )
+    .outerjoin(Profile, Profile.id == Command.profile_id)
+    .where(
+        Command.status.in_(RUNNABLE),
+        or_(Command.next_attempt_at.is_(None), Command.next_attempt_at <= bindparam("now")),
+        or_(Profile.runner_affinity.is_(None), Profile.runner_affinity == bindparam("runner_name")),
+    )
+    .order_by(Command.priority.desc(), Command.id)
+    .limit(bindparam("limit"))
+)
+_CANDIDATES_LOCKED = _CANDIDATES.with_for_update(of=Command, skip_locked=True)
+_CLAIM = (
+    update(Command)
+    .where(Command.id.in_(bindparam("ids", expanding=True)))
+    .values(
+        status=CommandStatus.RUNNING.value,
+        attempts=Command.attempts + 1,
+        runner_id=bindparam("runner"),
+        runner_host=bindparam("host"),
+        lease_expires_at=bindparam("lease"),
+        started_at=bindparam("now"),
+        wait_reason=None,
+        next_attempt_at=None,
+        pgid=None,
+    )
+    .returning(*_CLAIMED_COLUMNS, _HAS_SERVICES)
+)
 _MARK_WAITING = (
     update(Command)
     .where(Command.id == bindparam("_id"))
