@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from itertools import repeat
 from typing import Any, NamedTuple, TypeVar, cast
 
-from sqlalchemy import Connection, Engine, bindparam, func, insert, select, update
+from sqlalchemy import JSON, Connection, Engine, bindparam, func, insert, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -444,17 +444,32 @@ class LogStore:
             assert self._executor is not None
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._executor, self._transact_sqlite, payload, jobs)
-        async with self._engine.begin() as connection:
-            if payload.pg_copy:  # COPY: the fastest way in (foreign key checks included)
-                raw = await connection.get_raw_connection()
-                driver: Any = raw.driver_connection
-                await driver.copy_to_table(
-                    "log_lines",
-                    source=_one_chunk("".join(payload.pg_copy).encode()),
-                    columns=COLUMNS,
-                    format="text",
-                )
-            return await connection.run_sync(self._write, payload, jobs)
+        async with self._engine.connect() as connection:
+            # One transaction of the driver's own; lines and command values go through the
+            # driver itself (SQLAlchemy's share of a short command's flush was most of it).
+            # SQLAlchemy runs the events and jobs in that same transaction: with AUTOCOMMIT
+            # it begins none of its own.
+            connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
+            raw = await connection.get_raw_connection()
+            driver: Any = raw.driver_connection
+            async with driver.transaction():
+                if payload.pg_copy:  # COPY: the fastest way in (foreign key checks included)
+                    await driver.copy_to_table(
+                        "log_lines",
+                        source=_one_chunk("".join(payload.pg_copy).encode()),
+                        columns=COLUMNS,
+                        format="text",
+                    )
+                if payload.pg_rows:
+                    await driver.execute(PG_INSERT_LINES, *_pg_arrays(payload.pg_rows))
+                for (columns, guarded), params in payload.updates.items():
+                    await driver.executemany(
+                        _pg_command_update(columns, guarded),
+                        [_pg_update_args(columns, guarded, values) for values in params],
+                    )
+                if not (payload.events or jobs):
+                    return []
+                return await connection.run_sync(self._write_rest, payload, jobs)
 
     def _transact_sqlite(self, payload: _Payload, jobs: list[_Job]) -> list[Any]:
         assert self._sync_engine is not None
@@ -496,15 +511,16 @@ class LogStore:
         return payload
 
     def _write(self, connection: Connection, payload: _Payload, jobs: list[_Job]) -> list[Any]:
+        """SQLite: the whole flush (in the store's thread)."""
         if payload.sqlite_chunks:
             text = json.dumps(payload.sqlite_chunks, ensure_ascii=False, separators=(",", ":"))
             connection.exec_driver_sql(SQLITE_INSERT_LINES, (text,))
-        if payload.pg_rows:
-            arrays = [list(column) for column in zip(*payload.pg_rows, strict=True)]
-            arrays[5] = [t.replace("\x00", "\ufffd") if "\x00" in t else t for t in arrays[5]]
-            connection.exec_driver_sql(PG_INSERT_LINES, tuple(arrays))
         for (columns, guarded), params in payload.updates.items():
             connection.execute(_command_update(columns, guarded), params)
+        return self._write_rest(connection, payload, jobs)
+
+    def _write_rest(self, connection: Connection, payload: _Payload, jobs: list[_Job]) -> list[Any]:
+        """Events, then the jobs."""
         for writer, event in payload.events:
             _store_event(connection, writer, event)
         results = []
@@ -574,6 +590,39 @@ def _command_update(columns: tuple[str, ...], guarded: bool) -> Any:
     if guarded:
         stmt = stmt.where(Command.runner_id == bindparam("_runner"))
     return stmt.values({column: bindparam(column) for column in columns})
+
+
+def _pg_arrays(rows: list[StoredLine]) -> list[list[Any]]:
+    """The lines as one array per column (NUL, which PostgreSQL text cannot hold, replaced)."""
+    arrays = [list(column) for column in zip(*rows, strict=True)]
+    arrays[5] = [t.replace("\x00", "\ufffd") if "\x00" in t else t for t in arrays[5]]
+    return arrays
+
+
+@functools.lru_cache(maxsize=64)
+def _pg_command_update(columns: tuple[str, ...], guarded: bool) -> str:
+    """The driver-level UPDATE of these command columns ($1 id, $2 runner, then values)."""
+    for column in columns:
+        if column not in Command.__table__.c:
+            raise ValueError(f"commands has no column {column!r}")
+    assignments = ", ".join(f"{column} = ${index}" for index, column in enumerate(columns, 3))
+    where = "id = $1 AND runner_id = $2" if guarded else "id = $1 AND $2::text IS NULL"
+    return f"UPDATE commands SET {assignments} WHERE {where}"  # noqa: S608 - checked names
+
+
+def _pg_update_args(
+    columns: tuple[str, ...], guarded: bool, values: dict[str, Any]
+) -> tuple[Any, ...]:
+    args = [values[column] for column in columns]
+    for index, column in enumerate(columns):
+        if column in _JSON_COLUMNS:
+            args[index] = json.dumps(args[index])  # the driver's json codec takes text
+    return (values["_id"], values["_runner"] if guarded else None, *args)
+
+
+_JSON_COLUMNS = frozenset(
+    column.name for column in Command.__table__.c if isinstance(column.type, JSON)
+)
 
 
 def _store_event(connection: Connection, writer: LogWriter, event: dict[str, Any]) -> None:
