@@ -61,6 +61,7 @@ RUNNER_BIN = Path(__file__).resolve().parent / "bin"
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
 READ_CHUNK = 64 * 1024
 TICK_SECONDS = 0.5
+WORKDIRS_REMEMBERED = 10_000
 RUNNABLE = (CommandStatus.QUEUED.value, CommandStatus.WAITING.value)
 # Runner ids of the supervisors alive in this process (several can share one process).
 LIVE_RUNNERS: set[str] = set()
@@ -83,7 +84,6 @@ class Attempt:
     reason: str | None = None
     task: asyncio.Task[None] | None = None
     finishing: bool = False  # its final state is on its way to the database: slot is free
-    workdir: asyncio.Future[None] | None = None  # done once its working directory exists
 
     def request_stop(self, reason: str) -> None:
         if self.reason is None:
@@ -190,6 +190,7 @@ class Supervisor:
         self.store = LogStore(engine, broker, metrics, self.runner_id)
         self._commands_dir = (settings.data_dir / "commands").resolve()
         self._files: ThreadPoolExecutor | None = None
+        self._workdirs: set[int] = set()  # working directories made ahead of their claim
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -276,23 +277,14 @@ class Supervisor:
         if free <= 0 or self._stopping:
             return
         try:
-            claimed, waiting = await self.store.run(functools.partial(self._claim, free))
+            claimed, waiting, upcoming = await self.store.run(functools.partial(self._claim, free))
         except IntegrityError:
             # Another runner took a command of the same profile at the same moment.
             log_event("claim_conflict", runner=self.runner_id)
             return
         for command_id in waiting:
             self.broker.publish_status(command_id, CommandStatus.WAITING.value)
-        if not claimed:
-            return
-        # Their working directories are made in a thread while they load and render:
-        # mkdir costs up to a millisecond on a busy disk.
-        workdirs = asyncio.get_running_loop().run_in_executor(
-            self._files,
-            _make_workdirs,
-            self._commands_dir,
-            [claim.command.id for claim in claimed],
-        )
+        self._prepare_workdirs([claim.command.id for claim in claimed], upcoming)
         for claim in claimed:
             command = claim.command
             self.broker.publish_status(command.id, CommandStatus.RUNNING.value)
@@ -300,26 +292,50 @@ class Supervisor:
                 command.id, command.attempts, command.max_attempts, command.backoff_seconds
             )
             self.attempts[command.id] = attempt
-            attempt.workdir = workdirs
             attempt.task = asyncio.create_task(self._run_attempt(attempt, claim))
         if self.metrics is not None:
             self.metrics.running.set(len(self.attempts))
 
-    def _claim(self, free: int, connection: Connection) -> tuple[list[Claimed], list[int]]:
+    def _prepare_workdirs(self, claimed: list[int], upcoming: list[int]) -> None:
+        """Working directories: the claimed commands' now (unless made ahead), the next
+        ones' ahead of time in a thread (mkdir costs up to a millisecond on a busy disk)."""
+        if len(self._workdirs) > WORKDIRS_REMEMBERED:
+            self._workdirs.clear()
+        missing = [command_id for command_id in claimed if command_id not in self._workdirs]
+        if missing:
+            _make_workdirs(self._commands_dir, missing)
+        ahead = [command_id for command_id in upcoming if command_id not in self._workdirs]
+        if not ahead or self._files is None:
+            return
+        self._workdirs.update(ahead)
+        made = asyncio.get_running_loop().run_in_executor(
+            self._files, _make_workdirs, self._commands_dir, ahead
+        )
+        made.add_done_callback(self._workdirs_made)
+
+    def _workdirs_made(self, made: asyncio.Future[None]) -> None:
+        if made.cancelled() or made.exception() is not None:
+            self._workdirs.clear()  # not sure which exist: make them when claimed
+
+    def _claim(
+        self, free: int, connection: Connection
+    ) -> tuple[list[Claimed], list[int], list[int]]:
         """Claim up to `free` commands (in the log store's transaction, after its writes):
-        priority then FIFO, due ones only, one running command per profile."""
+        priority then FIFO, due ones only, one running command per profile. Also says
+        which runnable ones come next."""
         now = utcnow()
         candidates = connection.execute(
             _CANDIDATES_LOCKED if self._is_postgres else _CANDIDATES,
             {"now": now, "runner_name": self.name, "limit": free * 2 + 8},
         ).all()
         if not candidates:
-            return [], []
+            return [], [], []
         busy: dict[int, int] = {}
         if any(row.profile_id is not None for row in candidates):
             busy = _busy_profiles(connection)
         chosen: dict[int, Any] = {}
         waiting: list[dict[str, Any]] = []
+        upcoming: list[int] = []
         for row in candidates:
             if row.profile_id is not None and row.profile_id in busy:
                 reason = f"profile {row.profile_name!r} is busy with command {busy[row.profile_id]}"
@@ -327,6 +343,7 @@ class Supervisor:
                     waiting.append({"_id": row.id, "_reason": reason})
                 continue
             if len(chosen) >= free:
+                upcoming.append(row.id)
                 continue
             if row.profile_id is not None:
                 busy[row.profile_id] = row.id
@@ -334,7 +351,7 @@ class Supervisor:
         if waiting:
             connection.execute(_MARK_WAITING, waiting)
         if not chosen:
-            return [], [item["_id"] for item in waiting]
+            return [], [item["_id"] for item in waiting], upcoming
         rows = connection.execute(
             _CLAIM,
             {
@@ -354,7 +371,7 @@ class Supervisor:
                 claimed.append(
                     Claimed(ClaimedCommand(*values[:-1]), queued_since, bool(values[-1]))
                 )
-        return claimed, [item["_id"] for item in waiting]
+        return claimed, [item["_id"] for item in waiting], upcoming
 
     # -- running one attempt -----------------------------------------------------------
 
@@ -501,8 +518,6 @@ class Supervisor:
     async def _execute(
         self, attempt: Attempt, command: ClaimedCommand, prepared: Prepared, writer: LogWriter
     ) -> Outcome:
-        if attempt.workdir is not None:
-            await attempt.workdir
         try:
             process = await asyncio.create_subprocess_exec(
                 *prepared.argv,
