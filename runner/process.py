@@ -39,19 +39,49 @@ async def stop_group(pgid: int, process: asyncio.subprocess.Process | None, grac
         while group_alive(pgid) and asyncio.get_running_loop().time() < deadline:
             if process is not None and process.returncode is None:
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(process.wait(), 0.05)
+                    await asyncio.wait_for(leader_exit(process), 0.05)
             else:
                 await asyncio.sleep(0.02)
         if group_alive(pgid):
             _signal_group(pgid, signal.SIGKILL)
     if process is not None:
-        await process.wait()
+        await leader_exit(process)
     # Members re-parented elsewhere may take a moment to vanish after SIGKILL.
     for _ in range(100):
         if not group_alive(pgid):
             return
         _signal_group(pgid, signal.SIGKILL)
         await asyncio.sleep(0.01)
+
+
+async def leader_exit(process: asyncio.subprocess.Process) -> int:
+    """The process's exit status as soon as it has exited, whatever holds its pipes (asyncio's
+    wait() also waits for them to close: a process that left the group with our stdout
+    would make it wait forever)."""
+    if process.returncode is not None:
+        return process.returncode
+    loop = asyncio.get_running_loop()
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except (AttributeError, OSError):
+        pidfd = None  # no pidfds here, or reaped a moment ago: the status comes at once
+    if pidfd is not None:
+        gone: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:
+            if not gone.done():
+                gone.set_result(None)
+
+        loop.add_reader(pidfd, readable)
+        try:
+            await gone
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+    # The child watcher reaps it and sets the status a moment after the exit (no event).
+    while process.returncode is None:  # noqa: ASYNC110
+        await asyncio.sleep(0.002)
+    return process.returncode
 
 
 RUN_MARKER = "CORRAL_RUN"  # in the environment of a command's processes

@@ -31,6 +31,7 @@ from runner.process import (
     RUN_MARKER,
     SIDECAR_MARKER,
     kill_leftovers,
+    leader_exit,
     run_marker,
     stop_group,
     sweep_run,
@@ -62,6 +63,7 @@ SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
 READ_CHUNK = 64 * 1024
 TICK_SECONDS = 0.5
 WORKDIRS_REMEMBERED = 10_000
+PIPES_GRACE_SECONDS = 5.0
 RUNNABLE = (CommandStatus.QUEUED.value, CommandStatus.WAITING.value)
 # Runner ids of the supervisors alive in this process (several can share one process).
 LIVE_RUNNERS: set[str] = set()
@@ -564,7 +566,13 @@ class Supervisor:
         escaped = await sweep_run(run_marker(self.runner_id, command_id), pgid)
         if escaped:
             log_event("killed_escaped", command=command_id, processes=escaped)
-        await asyncio.gather(*pumps, return_exceptions=True)
+        # The pipes close once the last process holding them is gone; one that hid even
+        # from the sweep (it cleared its environment) is not waited for.
+        _, pending = await asyncio.wait(pumps, timeout=PIPES_GRACE_SECONDS)
+        for pump in pending:
+            pump.cancel()
+        if pending:
+            log_event("pipes_left_open", level="warning", command=command_id)
 
     async def _wait(
         self,
@@ -573,7 +581,7 @@ class Supervisor:
         process: asyncio.subprocess.Process,
         writer: LogWriter,
     ) -> Outcome:
-        exited = asyncio.create_task(process.wait())
+        exited = asyncio.create_task(leader_exit(process))
         stop = asyncio.create_task(attempt.stop.wait())
         timeout = command.timeout_seconds
         try:

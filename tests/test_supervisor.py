@@ -208,6 +208,19 @@ async def test_timeout_kills_the_whole_process_group(gql: GraphQLClient) -> None
     assert "timed out after 1s" in texts(await logs_of(gql, command_id), "SYSTEM")[1]
 
 
+async def test_a_process_that_left_the_group_is_swept(
+    gql: GraphQLClient, settings: Settings
+) -> None:
+    # Like Chromium's crash handler: a child calls setsid and so leaves the process group.
+    command_id = await run(gql, commandString="sh -c 'setsid sleep 300 & echo $!; pwd'")
+    final = await wait_final(gql, command_id)
+    assert final["status"] == "SUCCEEDED"
+    escaped, workdir = texts(await logs_of(gql, command_id))
+    assert not alive(int(escaped))
+    # Each command runs in a working directory of its own.
+    assert workdir == str((settings.data_dir / "commands" / str(pk(command_id))).resolve())
+
+
 async def test_cancel_kills_a_running_command(gql: GraphQLClient) -> None:
     command_id = await run(gql, commandString=SLEEPERS)
     pids = await wait_processes(command_id)

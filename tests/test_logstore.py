@@ -1,0 +1,170 @@
+"""The runner's log store: one transaction per flush for every attempt's lines, state and the
+runner's claims; a failing claim loses no line; writers hear before claims; order is kept
+while one flush commits and the next is built; readers do not hold up the writer."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import Connection, select, text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from runner.lines import Redactor
+from runner.logwriter import FLUSH_LINES, LogStore
+from server.broker import Broker, command_topic
+from server.db import READ_ONLY, create_engine, create_sessionmaker
+from server.models import Command, LogLine, LogStream
+from server.settings import Settings
+
+
+@pytest.fixture
+async def engine(settings: Settings) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(settings)
+    try:
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+def broker() -> Broker:
+    return Broker()
+
+
+@pytest.fixture
+async def store(engine: AsyncEngine, broker: Broker) -> AsyncIterator[LogStore]:
+    store = LogStore(engine, broker, runner_id="runner-1")
+    store.start()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+async def new_command(engine: AsyncEngine) -> int:
+    async with create_sessionmaker(engine)() as session, session.begin():
+        command = Command(source="x", argv=["x"], status="RUNNING", runner_id="runner-1")
+        session.add(command)
+        await session.flush()
+        return command.id
+
+
+async def stored(engine: AsyncEngine, command_id: int) -> list[tuple[int, str, str]]:
+    async with engine.connect() as connection:
+        rows = await connection.execute(
+            select(LogLine.seq, LogLine.stream, LogLine.text)
+            .where(LogLine.command_id == command_id)
+            .order_by(LogLine.seq)
+        )
+        return [(seq, stream, line) for seq, stream, line in rows.all()]
+
+
+async def last_seq(engine: AsyncEngine, command_id: int) -> int:
+    async with engine.connect() as connection:
+        value = await connection.scalar(select(Command.last_seq).where(Command.id == command_id))
+        return int(value or 0)
+
+
+async def test_a_failing_claim_loses_no_line_and_its_caller_hears(
+    engine: AsyncEngine, store: LogStore
+) -> None:
+    command_id = await new_command(engine)
+    writer = store.writer(command_id, 1, 0, Redactor(["s3cret-token"]))
+
+    def failing_claim(connection: Connection) -> None:
+        connection.execute(text("SELECT 1"))
+        raise LookupError("no such thing")
+
+    def claim(connection: Connection) -> int:
+        return int(connection.scalar(select(Command.last_seq).where(Command.id == command_id)))
+
+    await writer.add_lines(LogStream.STDOUT, ["one", "two with s3cret-token"])
+    results = await asyncio.gather(
+        store.run(failing_claim), store.run(claim), writer.close(), return_exceptions=True
+    )
+    assert isinstance(results[0], LookupError)
+    # The other claim ran in the same transaction, after the writes: it saw them.
+    assert results[1] == 2
+    assert await stored(engine, command_id) == [
+        (1, "stdout", "one"),
+        (2, "stdout", "two with [redacted]"),
+    ]
+    assert await last_seq(engine, command_id) == 2
+
+
+async def test_writers_hear_before_the_claims_of_the_same_flush(
+    engine: AsyncEngine, store: LogStore
+) -> None:
+    command_id = await new_command(engine)
+    writer = store.writer(command_id, 1, 0)
+    heard: list[str] = []
+
+    async def close() -> None:
+        await writer.add(LogStream.SYSTEM, "finished", command_values={"status": "SUCCEEDED"})
+        await writer.close()
+        heard.append("writer")
+
+    async def claim() -> None:
+        await store.run(lambda connection: None)
+        heard.append("claim")
+
+    await asyncio.gather(claim(), close())
+    # A command's final state is announced before the claim that took its slot.
+    assert heard == ["writer", "claim"]
+    async with engine.connect() as connection:
+        status = await connection.scalar(select(Command.status).where(Command.id == command_id))
+    assert status == "SUCCEEDED"
+
+
+async def test_lines_keep_their_order_across_flushes_in_flight(
+    engine: AsyncEngine, store: LogStore, broker: Broker
+) -> None:
+    broker_batches: list[tuple[int, int]] = []
+    command_id = await new_command(engine)
+    writer = store.writer(command_id, 1, 0)
+    total = FLUSH_LINES * 3 + 17
+    async with broker.subscribe(command_topic(command_id)) as subscription:
+        sent = 0
+        while sent < total:  # reads of uneven size, some while a flush commits
+            size = min(total - sent, 1 + (sent * 7919) % 3001)
+            await writer.add_lines(LogStream.STDOUT, [f"line {sent + i}" for i in range(size)])
+            sent += size
+            if sent % 3 == 0:
+                await asyncio.sleep(0)
+        await writer.close()
+        while subscription.queue:
+            batch = subscription.queue.popleft()
+            broker_batches.append((batch.lines[0].seq, batch.lines[-1].seq))
+    rows = await stored(engine, command_id)
+    assert [seq for seq, _, _ in rows] == list(range(1, total + 1))
+    assert [line for _, _, line in rows] == [f"line {i}" for i in range(total)]
+    assert await last_seq(engine, command_id) == total
+    # Published in order, each batch consecutive, none bigger than a flush.
+    assert broker_batches[0][0] == 1
+    assert broker_batches[-1][1] == total
+    for (_, end), (start, _) in itertools.pairwise(broker_batches):
+        assert start == end + 1
+    assert all(last - first < FLUSH_LINES * 2 for first, last in broker_batches)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])  # about SQLite's one write lock
+async def test_a_reading_follower_does_not_hold_up_the_writer(
+    engine: AsyncEngine, store: LogStore
+) -> None:
+    command_id = await new_command(engine)
+    writer = store.writer(command_id, 1, 0)
+    sessionmaker = create_sessionmaker(engine)
+    async with sessionmaker() as session:
+        connection = await session.connection(execution_options=READ_ONLY)
+        await connection.execute(select(Command.id))  # a read transaction stays open
+        started = time.monotonic()
+        await writer.add_lines(LogStream.STDOUT, ["while someone reads"])
+        await writer.close()
+        waited = time.monotonic() - started
+    # Before, readers began IMMEDIATE too, and the writer waited for them to finish.
+    assert waited < 2.0
+    assert await stored(engine, command_id) == [(1, "stdout", "while someone reads")]
