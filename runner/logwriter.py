@@ -391,6 +391,9 @@ class LogStore:
         except Exception as exc:  # never die: a dead store would stall every child
             log.exception("log store flush failed: %r", exc)
             done = []
+            for job in flush.jobs:
+                if not job.future.done():
+                    job.future.set_exception(exc)
         for share in flush.shares:
             if share.lines:
                 batch = StoredBatch(share.writer.command_id, share.lines)
