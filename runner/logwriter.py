@@ -31,7 +31,7 @@ from typing import Any, NamedTuple, TypeVar, cast
 
 from sqlalchemy import JSON, Connection, Engine, bindparam, func, insert, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from runner.lines import Redactor
 from server.broker import Broker, command_topic
@@ -470,9 +470,20 @@ class LogStore:
                         _pg_command_update(columns, guarded),
                         [_pg_update_args(columns, guarded, values) for values in params],
                     )
-                if not (payload.events or jobs):
-                    return []
-                return await connection.run_sync(self._write_rest, payload, jobs)
+                if payload.events:
+                    await connection.run_sync(self._write_rest, payload, [])
+                return [await self._run_on_driver(job, connection, driver) for job in jobs]
+
+    @staticmethod
+    async def _run_on_driver(job: _Job, connection: AsyncConnection, driver: Any) -> Any:
+        """A job with an `on_driver` coroutine runs on the driver; others via SQLAlchemy."""
+        try:
+            on_driver = getattr(job.run, "on_driver", None)
+            if on_driver is not None:
+                return await on_driver(driver)
+            return await connection.run_sync(job.run)
+        except Exception as exc:
+            raise _JobFailed(job, exc) from exc
 
     def _transact_sqlite(self, payload: _Payload, jobs: list[_Job]) -> list[Any]:
         assert self._sync_engine is not None
