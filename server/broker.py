@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_QUEUE_SIZE = 2048
-DEFAULT_MAX_WEIGHT = 50_000  # log lines a subscriber may hold before it counts as lagged
+DEFAULT_MAX_WEIGHT = 100_000  # log lines a subscriber may hold before it counts as lagged
 
 
 def command_topic(command_id: int) -> str:

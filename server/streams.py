@@ -25,7 +25,7 @@ from server.db import READ_ONLY
 from server.metrics import Metrics
 from server.models import Command, CommandStatus
 
-REPLAY_BATCH = 5000
+REPLAY_BATCH = 20_000
 
 
 @dataclass(frozen=True)
