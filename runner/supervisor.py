@@ -336,7 +336,7 @@ class Supervisor:
         if free <= 0 or self._stopping:
             return
         try:
-            claimed, waiting, upcoming = await self.store.run(self._claim_job(free))
+            claimed, waiting, upcoming = await self.store.run(ClaimJob(self, free))
         except IntegrityError:
             # Another runner took a command of the same profile at the same moment.
             log_event("claim_conflict", runner=self.runner_id)
@@ -376,10 +376,7 @@ class Supervisor:
         if made.cancelled() or made.exception() is not None:
             self._workdirs.clear()  # not sure which exist: make them when claimed
 
-    def _claim_job(self, free: int) -> ClaimJob:
-        return ClaimJob(self, free)
-
-    def claim_params(self, now: Any) -> dict[str, Any]:
+    def _claim_params(self, now: Any) -> dict[str, Any]:
         return {
             "runner": self.runner_id,
             "host": self.host,
@@ -407,7 +404,7 @@ class Supervisor:
         if not choice.chosen:
             return choice.result([])
         rows = connection.execute(
-            _CLAIM, {"ids": list(choice.chosen), **self.claim_params(now)}
+            _CLAIM, {"ids": list(choice.chosen), **self._claim_params(now)}
         ).all()
         return choice.result(rows)
 
@@ -428,7 +425,7 @@ class Supervisor:
             )
         if not choice.chosen:
             return choice.result([])
-        params = self.claim_params(now)
+        params = self._claim_params(now)
         try:
             rows = await driver.fetch(
                 _PG_CLAIM,

@@ -12,7 +12,7 @@ import json
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -27,6 +27,7 @@ from graphql_schema.relay import decode_id, encode_id
 from runner.logwriter import StoredBatch, StoredLine
 from server.broker import DEFAULT_QUEUE_SIZE, Broker, StatusChange, command_topic
 from server.db import create_engine, create_sessionmaker
+from server.logstream import encode_log_events
 from server.metrics import Metrics
 from server.models import Command, LogLine, utcnow
 from server.settings import Settings
@@ -813,3 +814,21 @@ async def test_a_subscriber_is_bounded_by_lines_not_only_by_messages() -> None:
         assert stalled.weight == 0
         assert len(stalled.queue) == 0  # what it held is let go: memory stays bounded
         assert await stalled.get() is None
+
+
+def test_sse_batches_carry_each_line_as_its_json() -> None:
+    # encode_log_events writes the JSON out itself; it must be what as_json() would give.
+    stamp, other = utcnow(), datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    texts = ['quote " back \\ slash', "tab\tcr\rnul\x00", "é ✓ 😀 \u2028", "", "{} %s"]
+    lines = [
+        StoredLine(7, seq, 2, "stderr" if seq % 2 else "stdout", stamp if seq < 3 else other, t)
+        for seq, t in enumerate(texts, 1)
+    ]
+    events = encode_log_events(lines).decode("ascii").split("\r\n\r\n")
+    assert events[-1] == ""
+    decoded = []
+    for event in events[:-1]:
+        kind, ident, data = event.split("\r\n")
+        assert kind == "event: log"
+        decoded.append((int(ident.removeprefix("id: ")), json.loads(data.removeprefix("data: "))))
+    assert decoded == [(line.seq, line.as_json()) for line in lines]
