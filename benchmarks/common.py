@@ -277,8 +277,13 @@ def server_log(workdir: Path, benchmark: str) -> Iterator[Path]:
 
 @asynccontextmanager
 async def serve(app: Any) -> AsyncIterator[str]:
-    """Run `app` with uvicorn in this process on a free 127.0.0.1 port; yields its base URL."""
+    """Run `app` with uvicorn in this process on a free 127.0.0.1 port; yields its base URL.
+    The heap is settled first, as `corral serve` does."""
     import uvicorn
+
+    from server.cli import freeze_startup_heap
+
+    freeze_startup_heap()
 
     # proto=IPPROTO_TCP matters: asyncio sets TCP_NODELAY on accepted connections only when
     # the listening socket says so, as `corral serve`'s own (getaddrinfo) socket does. With
