@@ -132,13 +132,16 @@ class ClaimJob:
 
     def __init__(self, supervisor: Supervisor, free: int) -> None:
         self.supervisor = supervisor
-        self.free = free
+        self.free = free  # slots it is for; raised by slots that free up before it runs
+        self.claimed_for: int | None = None  # the slots it claimed for, once it ran
 
     def __call__(self, connection: Connection) -> ClaimResult:
-        return self.supervisor._claim(self.free, connection)
+        self.claimed_for = self.free
+        return self.supervisor._claim(self.claimed_for, connection)
 
     async def on_driver(self, driver: Any) -> ClaimResult:
-        return await self.supervisor.claim_on_driver(self.free, driver)
+        self.claimed_for = self.free
+        return await self.supervisor.claim_on_driver(self.claimed_for, driver)
 
 
 @dataclass
@@ -241,6 +244,9 @@ class Supervisor:
         self.runner_id = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.attempts: dict[int, Attempt] = {}
         self._wake = asyncio.Event()
+        self._claims: set[asyncio.Task[None]] = set()  # claims out, waiting for the store
+        self._claiming = 0  # slots those claims are for
+        self._open_claim: ClaimJob | None = None  # the claim that has not run yet
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._is_postgres = False
@@ -269,12 +275,14 @@ class Supervisor:
     async def stop(self) -> None:
         """Stop claiming; stop every child (TERM, grace, KILL) and put its command back."""
         self._stopping = True
-        # The claim loop goes first, so that no claim lands after the children were told
-        # to stop (a claim cut short rolls back: the command stays queued).
+        # The claim loop goes first, then the claims already out land (a claim in the
+        # store's queue is committed all the same): what they took is put back unstarted.
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self._claims:
+            await asyncio.gather(*self._claims, return_exceptions=True)
         for attempt in list(self.attempts.values()):
             attempt.request_stop(StopReason.SHUTDOWN)
         tasks = [a.task for a in self.attempts.values() if a.task is not None]
@@ -303,10 +311,7 @@ class Supervisor:
             try:
                 while not self._stopping:
                     self._wake.clear()
-                    try:
-                        await self.dispatch()
-                    except Exception as exc:  # keep the runner alive; the next tick retries
-                        log_event("dispatch_failed", level="error", error=repr(exc))
+                    self.claim_free_slots()
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(self._wake.wait(), TICK_SECONDS)
             finally:
@@ -329,18 +334,42 @@ class Supervisor:
 
     # -- claiming ----------------------------------------------------------------------
 
-    async def dispatch(self) -> None:
-        """Claim as many runnable commands as there are free slots, and start them."""
+    def claim_free_slots(self) -> None:
+        """Claim a command for every free slot that no claim is out for yet. The claim
+        goes with the next flush of the log store: a command that is finishing asks for it
+        before it queues its final state, so both land in one transaction and its slot is
+        not idle for a flush of its own. Slots that free up while a claim waits for its
+        flush join that claim (one claim a flush)."""
         busy = sum(1 for attempt in self.attempts.values() if not attempt.finishing)
-        free = self.settings.max_concurrency - busy
+        free = self.settings.max_concurrency - busy - self._claiming
         if free <= 0 or self._stopping:
             return
+        self._claiming += free
+        job = self._open_claim
+        if job is not None and job.claimed_for is None:
+            job.free += free
+            return
+        job = self._open_claim = ClaimJob(self, free)
+        task = asyncio.create_task(self._start_claimed(job, self.store.submit(job)))
+        self._claims.add(task)
+        task.add_done_callback(self._claims.discard)
+
+    async def _start_claimed(self, job: ClaimJob, result: asyncio.Future[ClaimResult]) -> None:
         try:
-            claimed, waiting, upcoming = await self.store.run(ClaimJob(self, free))
+            claimed, waiting, upcoming = await result
         except IntegrityError:
             # Another runner took a command of the same profile at the same moment.
             log_event("claim_conflict", runner=self.runner_id)
             return
+        except Exception as exc:  # keep the runner alive; the next tick claims again
+            log_event("claim_failed", level="error", error=repr(exc))
+            return
+        finally:
+            self._claiming -= job.free
+            if self._open_claim is job:
+                self._open_claim = None
+            if job.claimed_for is not None and job.claimed_for < job.free:
+                self._wake.set()  # slots joined as it ran: they are claimed next
         for command_id in waiting:
             self.broker.publish_status(command_id, CommandStatus.WAITING.value)
         self._prepare_workdirs([claim.command.id for claim in claimed], upcoming)
@@ -350,6 +379,8 @@ class Supervisor:
             attempt = Attempt(
                 command.id, command.attempts, command.max_attempts, command.backoff_seconds
             )
+            if self._stopping:  # claimed as the runner stops: it goes back to the queue
+                attempt.request_stop(StopReason.SHUTDOWN)
             self.attempts[command.id] = attempt
             attempt.task = asyncio.create_task(self._run_attempt(attempt, claim))
         if self.metrics is not None:
@@ -454,6 +485,9 @@ class Supervisor:
         )
         outcome = Outcome(CommandStatus.FAILED, error="the runner failed unexpectedly")
         try:
+            if attempt.reason == StopReason.SHUTDOWN:  # claimed as the runner stopped
+                outcome = Outcome(CommandStatus.QUEUED, error="interrupted by runner shutdown")
+                return
             loaded = await self._load(claim)
             writer.redactor = Redactor(loaded.secrets)
             writer.service_ids = loaded.service_ids
@@ -692,7 +726,7 @@ class Supervisor:
             # The note and the new state go in one transaction, with the claim that takes
             # this slot: the slot counts as free from now on.
             attempt.finishing = True
-            self._wake.set()
+            self.claim_free_slots()
             await writer.add(LogStream.SYSTEM, note, command_values=values)
             await writer.close()
             self.broker.publish_status(attempt.command_id, status.value)

@@ -428,6 +428,36 @@ async def test_shutdown_stops_children_and_requeues(settings: Settings) -> None:
     assert node["maxAttempts"] == 2  # the interrupted attempt is not held against it
 
 
+async def test_a_claim_that_lands_as_the_runner_stops_is_put_back_unstarted(
+    settings: Settings,
+) -> None:
+    from httpx import ASGITransport, AsyncClient
+
+    from runner.supervisor import Supervisor
+    from server.app import create_app
+
+    application = create_app(settings.model_copy(update={"embedded_runner": False}))
+    async with application.router.lifespan_context(application):
+        transport = ASGITransport(app=application)
+        async with AsyncClient(transport=transport, base_url="http://t") as http:
+            gql = GraphQLClient(http)
+            command_id = await run(gql, commandString=SLEEPERS)
+            services: AppServices = application.state.services
+            supervisor = Supervisor(
+                settings, services.sessionmaker, services.secret_box, services.broker
+            )
+            await supervisor.start()
+            await asyncio.sleep(0)  # its first claim is queued in the store, not yet committed
+            assert supervisor._claims
+            await supervisor.stop()
+            node = await command(gql, command_id)
+            lines = texts(await logs_of(gql, command_id), "SYSTEM")
+    assert node["status"] == "QUEUED"
+    assert node["maxAttempts"] == 2  # not held against it
+    assert not any(line.startswith("attempt 1 of") for line in lines)  # never started
+    assert lines[-1] == "put back in the queue; this attempt is not counted against it"
+
+
 async def test_child_output_does_not_block_when_huge(gql: GraphQLClient) -> None:
     script = 'python3 -c \'import sys; sys.stdout.write("x" * 3_000_000 + "\\n" + "tail\\n")\''
     command_id = await run(gql, commandString=script)
