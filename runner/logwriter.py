@@ -25,7 +25,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from itertools import repeat
 from typing import Any, NamedTuple, TypeVar, cast
 
@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from runner.lines import Redactor
 from server.broker import Broker, command_topic
-from server.db import create_sync_engine
+from server.db import create_sync_engine, sqlite_timestamp
 from server.metrics import Metrics
 from server.models import Command, CommandEvent, LogStream, Service, ServiceUsage, utcnow
 
@@ -514,7 +514,7 @@ class LogStore:
                 continue
             if self._sqlite:
                 payload.sqlite_chunks.extend(
-                    [command_id, attempt, stream, _sqlite_ts(ts), first, texts]
+                    [command_id, attempt, stream, sqlite_timestamp(ts), first, texts]
                     for stream, ts, first, texts in share.chunks
                 )
                 continue
@@ -595,11 +595,6 @@ def _describe(shares: list[_Rows]) -> str:
     lines = sum(len(share.lines) for share in shares)
     commands = ", ".join(str(share.writer.command_id) for share in shares)
     return f"{lines} log lines of command(s) {commands or '-'}"
-
-
-def _sqlite_ts(ts: datetime) -> str:
-    # SQLite keeps UTC timestamps as naive text, the way server.models.UTCDateTime does.
-    return ts.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 @functools.lru_cache(maxsize=64)

@@ -11,15 +11,16 @@ import os
 import random
 import shlex
 import socket
+import sqlite3
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, bindparam, exists, or_, select, update
+from sqlalchemy import JSON, Connection, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -38,6 +39,7 @@ from runner.process import (
 )
 from server.broker import CANCEL_TOPIC, QUEUE_TOPIC, Broker
 from server.commands import PROXY_URL_ENV, browser_settings, command_context, service_tokens
+from server.db import sqlite_timestamp
 from server.events import log_event
 from server.metrics import Metrics
 from server.models import (
@@ -112,9 +114,6 @@ class ClaimedCommand:
     last_seq: int
 
 
-_CLAIMED_COLUMNS = [Command.__table__.c[name] for name in ClaimedCommand.__slots__]
-
-
 @dataclass
 class Claimed:
     """A command this runner just claimed, as the claim read it."""
@@ -128,7 +127,7 @@ ClaimResult = tuple[list[Claimed], list[int], list[int]]  # claimed, now waiting
 
 
 class ClaimJob:
-    """A claim for the log store: through SQLAlchemy (SQLite) or the driver (PostgreSQL)."""
+    """A claim for the log store: it runs in the store's transaction, after its writes."""
 
     def __init__(self, supervisor: Supervisor, free: int) -> None:
         self.supervisor = supervisor
@@ -137,7 +136,7 @@ class ClaimJob:
 
     def __call__(self, connection: Connection) -> ClaimResult:
         self.claimed_for = self.free
-        return self.supervisor._claim(self.claimed_for, connection)
+        return self.supervisor.claim_on_sqlite(self.claimed_for, connection)
 
     async def on_driver(self, driver: Any) -> ClaimResult:
         self.claimed_for = self.free
@@ -415,29 +414,44 @@ class Supervisor:
             "now": now,
         }
 
-    def _claim(self, free: int, connection: Connection) -> ClaimResult:
-        """Claim up to `free` commands (in the log store's transaction, after its writes):
-        priority then FIFO, due ones only, one running command per profile. Also says
-        which runnable ones come next. (SQLAlchemy: SQLite, in the store's thread.)"""
+    def claim_on_sqlite(self, free: int, connection: Connection) -> ClaimResult:
+        """Claim up to `free` commands: priority then FIFO, due ones only, one running
+        command per profile; also says which runnable ones come next. SQLite, in the log
+        store's thread, through the sqlite3 connection itself (SQLAlchemy's share of a
+        claim was most of a short command's flush)."""
+        raw: Any = connection.connection.driver_connection
         now = utcnow()
-        candidates = connection.execute(
-            _CANDIDATES_LOCKED if self._is_postgres else _CANDIDATES,
-            {"now": now, "runner_name": self.name, "limit": free * 2 + 8},
-        ).all()
+        candidates = raw.execute(
+            _SQLITE_CANDIDATES, (sqlite_timestamp(now), self.name, free * 2 + 8)
+        ).fetchall()
         if not candidates:
             return [], [], []
         busy: dict[int, int] = {}
-        if any(row.profile_id is not None for row in candidates):
-            busy = _busy_profiles(connection)
+        if any(row[1] is not None for row in candidates):
+            busy = dict(raw.execute(_BUSY).fetchall())
         choice = _choose(candidates, busy, free)
         if choice.waiting:
-            connection.execute(_MARK_WAITING, choice.waiting)
+            raw.executemany(
+                _SQLITE_MARK_WAITING, [(item["_reason"], item["_id"]) for item in choice.waiting]
+            )
         if not choice.chosen:
             return choice.result([])
-        rows = connection.execute(
-            _CLAIM, {"ids": list(choice.chosen), **self._claim_params(now)}
-        ).all()
-        return choice.result(rows)
+        choice.chosen = {key: _sqlite_datetime(since) for key, since in choice.chosen.items()}
+        params = self._claim_params(now)
+        try:
+            rows = raw.execute(
+                _SQLITE_CLAIM,
+                (
+                    params["runner"],
+                    params["host"],
+                    sqlite_timestamp(params["lease"]),
+                    sqlite_timestamp(now),
+                    json.dumps(list(choice.chosen)),
+                ),
+            ).fetchall()
+        except sqlite3.IntegrityError as exc:  # say it as SQLAlchemy does
+            raise IntegrityError("claim", None, exc) from exc
+        return choice.result([_decode_json_columns(row) for row in rows])
 
     async def claim_on_driver(self, free: int, driver: Any) -> ClaimResult:
         """The same claim through the PostgreSQL driver itself (no SQLAlchemy on the way:
@@ -447,8 +461,8 @@ class Supervisor:
         if not candidates:
             return [], [], []
         busy: dict[int, int] = {}
-        if any(row["profile_id"] is not None for row in candidates):
-            busy = {row["profile_id"]: row["id"] for row in await driver.fetch(_PG_BUSY)}
+        if any(row[1] is not None for row in candidates):
+            busy = {row[0]: row[1] for row in await driver.fetch(_BUSY)}
         choice = _choose(candidates, busy, free)
         if choice.waiting:
             await driver.executemany(
@@ -905,78 +919,56 @@ def _make_workdirs(commands_dir: Path, command_ids: list[int]) -> None:
             os.makedirs(path, exist_ok=True)
 
 
-_HAS_SERVICES = exists().where(CommandService.command_id == Command.id).label("has_services")
+# The claim's statements, for each driver. `{}`: where the placeholders differ.
 _CANDIDATES = (
-    select(
-        Command.id,
-        Command.profile_id,
-        Command.profile_name,
-        Command.status,
-        Command.wait_reason,
-        Command.next_attempt_at,
-        Command.created_at,
-    )
-    .outerjoin(Profile, Profile.id == Command.profile_id)
-    .where(
-        Command.status.in_(RUNNABLE),
-        or_(Command.next_attempt_at.is_(None), Command.next_attempt_at <= bindparam("now")),
-        or_(Profile.runner_affinity.is_(None), Profile.runner_affinity == bindparam("runner_name")),
-    )
-    .order_by(Command.priority.desc(), Command.id)
-    .limit(bindparam("limit"))
-)
-_CANDIDATES_LOCKED = _CANDIDATES.with_for_update(of=Command, skip_locked=True)
-_CLAIM = (
-    update(Command)
-    .where(Command.id.in_(bindparam("ids", expanding=True)))
-    .values(
-        status=CommandStatus.RUNNING.value,
-        attempts=Command.attempts + 1,
-        runner_id=bindparam("runner"),
-        runner_host=bindparam("host"),
-        lease_expires_at=bindparam("lease"),
-        started_at=bindparam("now"),
-        wait_reason=None,
-        next_attempt_at=None,
-        pgid=None,
-    )
-    .returning(*_CLAIMED_COLUMNS, _HAS_SERVICES)
-)
-# The claim's statements for the PostgreSQL driver (the same as the SQLAlchemy ones above).
-_PG_CANDIDATES = (
     "SELECT c.id, c.profile_id, c.profile_name, c.status, c.wait_reason,"
     " c.next_attempt_at, c.created_at FROM commands c"
     " LEFT OUTER JOIN profiles p ON p.id = c.profile_id"
     " WHERE c.status IN ('QUEUED', 'WAITING')"
-    " AND (c.next_attempt_at IS NULL OR c.next_attempt_at <= $1)"
-    " AND (p.runner_affinity IS NULL OR p.runner_affinity = $2)"
-    " ORDER BY c.priority DESC, c.id LIMIT $3 FOR UPDATE OF c SKIP LOCKED"
+    " AND (c.next_attempt_at IS NULL OR c.next_attempt_at <= {now})"
+    " AND (p.runner_affinity IS NULL OR p.runner_affinity = {runner})"
+    " ORDER BY c.priority DESC, c.id LIMIT {limit}"
 )
-_PG_BUSY = "SELECT profile_id, id FROM commands WHERE status = 'RUNNING' AND profile_id IS NOT NULL"
+_PG_CANDIDATES = _CANDIDATES.format(now="$1", runner="$2", limit="$3") + (
+    " FOR UPDATE OF c SKIP LOCKED"
+)
+_SQLITE_CANDIDATES = _CANDIDATES.format(now="?", runner="?", limit="?")
+_BUSY = "SELECT profile_id, id FROM commands WHERE status = 'RUNNING' AND profile_id IS NOT NULL"
 _PG_MARK_WAITING = "UPDATE commands SET status = 'WAITING', wait_reason = $2 WHERE id = $1"
-# The columns it returns are ClaimedCommand's fields.
-_PG_CLAIM = (
-    "UPDATE commands SET status = 'RUNNING', attempts = attempts + 1, runner_id = $2,"  # noqa: S608
-    " runner_host = $3, lease_expires_at = $4, started_at = $5, wait_reason = NULL,"
-    " next_attempt_at = NULL, pgid = NULL WHERE id = ANY($1::integer[]) RETURNING "
+_SQLITE_MARK_WAITING = "UPDATE commands SET status = 'WAITING', wait_reason = ? WHERE id = ?"
+# It returns ClaimedCommand's fields, then whether the command has services.
+_CLAIM = (
+    "UPDATE commands SET status = 'RUNNING', attempts = attempts + 1, runner_id = {runner},"  # noqa: S608
+    " runner_host = {host}, lease_expires_at = {lease}, started_at = {now}, wait_reason = NULL,"
+    " next_attempt_at = NULL, pgid = NULL WHERE id {chosen} RETURNING "
     + ", ".join(ClaimedCommand.__slots__)
     + ", EXISTS (SELECT 1 FROM command_services s WHERE s.command_id = commands.id)"
 )
-_MARK_WAITING = (
-    update(Command)
-    .where(Command.id == bindparam("_id"))
-    .values(status=CommandStatus.WAITING.value, wait_reason=bindparam("_reason"))
+_PG_CLAIM = _CLAIM.format(
+    chosen="= ANY($1::integer[])", runner="$2", host="$3", lease="$4", now="$5"
 )
+_SQLITE_CLAIM = _CLAIM.format(
+    runner="?", host="?", lease="?", now="?", chosen="IN (SELECT value FROM json_each(?))"
+)
+_JSON_FIELDS = [
+    index
+    for index, name in enumerate(ClaimedCommand.__slots__)
+    if isinstance(Command.__table__.c[name].type, JSON)
+]
 
 
-def _busy_profiles(connection: Connection) -> dict[int, int]:
-    """Profile id -> the command running for it now."""
-    rows = connection.execute(
-        select(Command.profile_id, Command.id).where(
-            Command.status == CommandStatus.RUNNING.value, Command.profile_id.is_not(None)
-        )
-    )
-    return {profile_id: command_id for profile_id, command_id in rows.all() if profile_id}
+def _decode_json_columns(row: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A claimed row from sqlite3: its JSON columns (params, env) are still text."""
+    values = list(row)
+    for index in _JSON_FIELDS:
+        if values[index] is not None:
+            values[index] = json.loads(values[index])
+    return tuple(values)
+
+
+def _sqlite_datetime(value: str) -> datetime:
+    """A timestamp as SQLite keeps it (naive UTC text), as the aware datetime it stands for."""
+    return datetime.fromisoformat(value).replace(tzinfo=UTC)
 
 
 def _lease_expired(command: Command, now: Any) -> bool:

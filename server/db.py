@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy
@@ -82,6 +83,12 @@ def _sqlite_on_begin(connection: Any) -> None:
         connection.exec_driver_sql("BEGIN")
     else:
         connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+
+def sqlite_timestamp(value: datetime) -> str:
+    """A timestamp as SQLite keeps it: naive UTC text, the way server.models.UTCDateTime
+    stores it (for statements that go to sqlite3 directly)."""
+    return value.astimezone(UTC).replace(tzinfo=None).isoformat(" ", "microseconds")
 
 
 def is_sqlite(engine: AsyncEngine) -> bool:
