@@ -66,7 +66,6 @@ TICK_SECONDS = 0.5
 WORKDIRS_REMEMBERED = 10_000
 PIPES_GRACE_SECONDS = 5.0
 UNIQUE_VIOLATION = "23505"  # SQLSTATE
-RUNNABLE = (CommandStatus.QUEUED.value, CommandStatus.WAITING.value)
 # Runner ids of the supervisors alive in this process (several can share one process).
 LIVE_RUNNERS: set[str] = set()
 

@@ -59,7 +59,7 @@ def freeze_startup_heap() -> None:
     objects) out of the cyclic garbage collector's sight, as a long-running server should.
 
     Left in sight, each full collection walks them all: 60-130 ms with the event loop
-    stopped, several times a second while a command floods its log (measured with
+    stopped, about twice a second while a command floods its log (measured with
     benchmarks/log_ingest.py). Call it once, when startup is done.
     """
     gc.collect()
