@@ -292,10 +292,6 @@ class Supervisor:
         LIVE_RUNNERS.discard(self.runner_id)
         log_event("runner_stopped", runner=self.runner_id)
 
-    def wake(self) -> None:
-        """Look at the queue now (a command was queued or a slot freed)."""
-        self._wake.set()
-
     async def _main(self) -> None:
         async with (
             self.broker.subscribe(QUEUE_TOPIC) as queued,
