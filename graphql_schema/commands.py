@@ -25,6 +25,7 @@ from graphql_schema.relay import (
     pk_of,
     user_errors,
 )
+from runner.logwriter import StoredBatch
 from server import commands as command_domain
 from server import models
 from server.broker import CANCEL_TOPIC, QUEUE_TOPIC, STATUS_TOPIC, StatusChange, status_topic
@@ -347,15 +348,12 @@ class Subscription:
         async for item in follow_command(
             app.sessionmaker, app.broker, pk, after_seq or 0, app.metrics, app.follow_poll_seconds
         ):
-            if isinstance(item, list):
-                for line in item:
-                    yield LogLine(
-                        seq=line.seq,
-                        attempt=line.attempt,
-                        stream=LogStream(line.stream),
-                        ts=line.ts,
-                        text=line.text,
-                    )
+            if not isinstance(item, StoredBatch):
+                continue
+            for run in item.runs:
+                stream = LogStream(run.stream)
+                for seq, text in enumerate(run.texts, run.first_seq):
+                    yield LogLine(seq=seq, attempt=run.attempt, stream=stream, ts=run.ts, text=text)
 
     @strawberry.subscription(description="Status changes of one command, or of all commands.")
     async def command_events(

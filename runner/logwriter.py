@@ -26,8 +26,7 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from itertools import repeat
-from typing import Any, NamedTuple, TypeVar, cast
+from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import JSON, Connection, Engine, bindparam, func, insert, select, update
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -69,43 +68,43 @@ SQLITE_INSERT_LINES = (
 )
 
 
-class StoredLine(NamedTuple):
-    """A line as stored and published: what subscribers receive (a tuple: cheap to make)."""
+class LineRun(NamedTuple):
+    """Lines with consecutive seqs that share an attempt, a stream and a timestamp (those of
+    one read of a pipe): how lines are stored, published and streamed, with no object per
+    line on the way (one per line cost more than anything else from pipe to socket)."""
 
-    command_id: int
-    seq: int
     attempt: int
     stream: str
     ts: datetime
-    text: str
+    first_seq: int
+    texts: list[str]
 
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq,
-            "attempt": self.attempt,
-            "stream": self.stream,
-            "ts": self.ts.isoformat(),
-            "text": self.text,
-        }
+    @property
+    def last_seq(self) -> int:
+        return self.first_seq + len(self.texts) - 1
 
-
-# StoredLine from a tuple without running Python code per line (ingest makes one per line).
-_new_line = cast(
-    Callable[[tuple[Any, ...]], StoredLine], functools.partial(tuple.__new__, StoredLine)
-)
+    def after(self, seq: int) -> LineRun:
+        """The part of this run past `seq`."""
+        skip = max(0, min(seq - self.first_seq + 1, len(self.texts)))
+        return self._replace(first_seq=self.first_seq + skip, texts=self.texts[skip:])
 
 
 @dataclass(frozen=True)
 class StoredBatch:
-    """Lines stored in one transaction, published as one message (seqs consecutive)."""
+    """Lines of one command stored in one transaction, published as one message."""
 
     command_id: int
-    lines: list[StoredLine]
+    runs: list[LineRun]
 
     @property
     def weight(self) -> int:
         """What it costs a subscriber's bounded queue: its number of lines."""
-        return len(self.lines)
+        return sum(len(run.texts) for run in self.runs)
+
+    def after(self, seq: int) -> StoredBatch:
+        """The lines of this batch past `seq`."""
+        runs = [run if run.first_seq > seq else run.after(seq) for run in self.runs]
+        return StoredBatch(self.command_id, [run for run in runs if run.texts])
 
 
 @dataclass(slots=True)
@@ -121,8 +120,8 @@ class _Rows:
     """One command's share of a flush, numbered and redacted."""
 
     writer: LogWriter
-    lines: list[StoredLine] = field(default_factory=list)
-    chunks: list[tuple[str, datetime, int, list[str]]] = field(default_factory=list)
+    runs: list[LineRun] = field(default_factory=list)
+    lines: int = 0
     events: list[dict[str, Any]] = field(default_factory=list)
     values: dict[str, Any] = field(default_factory=dict)
 
@@ -204,22 +203,9 @@ class LogWriter:
                 texts = self._take_events(texts, chunk.ts, rows)
             if not texts:
                 continue
-            first = self.seq + 1
+            rows.runs.append(LineRun(self.attempt, chunk.stream, chunk.ts, self.seq + 1, texts))
             self.seq += len(texts)
-            rows.chunks.append((chunk.stream, chunk.ts, first, texts))
-            rows.lines.extend(
-                map(
-                    _new_line,
-                    zip(
-                        repeat(self.command_id),
-                        range(first, first + len(texts)),
-                        repeat(self.attempt),
-                        repeat(chunk.stream),
-                        repeat(chunk.ts),
-                        texts,
-                    ),
-                )
-            )
+            rows.lines += len(texts)
         if rows.lines:
             rows.values["last_seq"] = self.seq
         return rows
@@ -400,11 +386,11 @@ class LogStore:
                 if not job.future.done():
                     job.future.set_exception(exc)
         for share in flush.shares:
-            if share.lines:
-                batch = StoredBatch(share.writer.command_id, share.lines)
+            if share.runs:
+                batch = StoredBatch(share.writer.command_id, share.runs)
                 self._broker.publish(command_topic(batch.command_id), batch)
                 if self._metrics is not None:
-                    self._metrics.log_lines.inc(len(share.lines))
+                    self._metrics.log_lines.inc(share.lines)
         for future in flush.waiters:
             if not future.done():
                 future.set_result(None)
@@ -440,7 +426,7 @@ class LogStore:
                 break
         log.error("dropped %s after %d tries", _describe(shares), STORE_ATTEMPTS)
         for share in shares:
-            share.lines.clear()
+            share.runs.clear()
         error = RuntimeError("the log store could not reach the database")
         for job in jobs:
             if not job.future.done():
@@ -499,9 +485,9 @@ class LogStore:
         payload = _Payload()
         # A few lines (a runner of short commands) go in with one INSERT: a COPY costs
         # more round trips.
-        use_copy = sum(len(share.lines) for share in shares) >= COPY_MIN_LINES
+        use_copy = sum(share.lines for share in shares) >= COPY_MIN_LINES
         for share in shares:
-            command_id, attempt = share.writer.command_id, share.writer.attempt
+            command_id = share.writer.command_id
             if share.values:
                 guarded = self._runner_id is not None
                 key = (tuple(sorted(share.values)), guarded)
@@ -510,18 +496,18 @@ class LogStore:
                 )
             for event in share.events:
                 payload.events.append((share.writer, event))
-            if not share.chunks:
+            if not share.runs:
                 continue
             if self._sqlite:
                 payload.sqlite_chunks.extend(
                     [command_id, attempt, stream, sqlite_timestamp(ts), first, texts]
-                    for stream, ts, first, texts in share.chunks
+                    for attempt, stream, ts, first, texts in share.runs
                 )
                 continue
             if not use_copy:
-                payload.pg_rows.extend(share.lines)
+                payload.pg_rows.extend((command_id, run) for run in share.runs)
                 continue
-            for stream, ts, first, texts in share.chunks:
+            for attempt, stream, ts, first, texts in share.runs:
                 # COPY's text format, written here: cheaper than asyncpg's per-row encoder.
                 row = f"{command_id}\t{{}}\t{attempt}\t{stream}\t{ts.isoformat()}\t{{}}\n"
                 payload.pg_copy.append(
@@ -563,7 +549,7 @@ class _Flush:
 class _Payload:
     sqlite_chunks: list[list[Any]] = field(default_factory=list)
     pg_copy: list[str] = field(default_factory=list)
-    pg_rows: list[StoredLine] = field(default_factory=list)
+    pg_rows: list[tuple[int, LineRun]] = field(default_factory=list)
     updates: dict[tuple[tuple[str, ...], bool], list[dict[str, Any]]] = field(default_factory=dict)
     events: list[tuple[LogWriter, dict[str, Any]]] = field(default_factory=list)
 
@@ -592,7 +578,7 @@ async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
 
 
 def _describe(shares: list[_Rows]) -> str:
-    lines = sum(len(share.lines) for share in shares)
+    lines = sum(share.lines for share in shares)
     commands = ", ".join(str(share.writer.command_id) for share in shares)
     return f"{lines} log lines of command(s) {commands or '-'}"
 
@@ -606,10 +592,18 @@ def _command_update(columns: tuple[str, ...], guarded: bool) -> Any:
     return stmt.values({column: bindparam(column) for column in columns})
 
 
-def _pg_arrays(rows: list[StoredLine]) -> list[list[Any]]:
+def _pg_arrays(rows: list[tuple[int, LineRun]]) -> list[list[Any]]:
     """The lines as one array per column (NUL, which PostgreSQL text cannot hold, replaced)."""
-    arrays = [list(column) for column in zip(*rows, strict=True)]
-    arrays[5] = [t.replace("\x00", "\ufffd") if "\x00" in t else t for t in arrays[5]]
+    arrays: list[list[Any]] = [[], [], [], [], [], []]
+    ids, seqs, attempts, streams, stamps, texts = arrays
+    for command_id, run in rows:
+        count = len(run.texts)
+        ids += [command_id] * count
+        seqs += range(run.first_seq, run.first_seq + count)
+        attempts += [run.attempt] * count
+        streams += [run.stream] * count
+        stamps += [run.ts] * count
+        texts += [t.replace("\x00", "\ufffd") if "\x00" in t else t for t in run.texts]
     return arrays
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from runner.logwriter import StoredBatch, StoredLine
+from runner.logwriter import LineRun, StoredBatch
 from server.broker import Broker, StatusChange, Subscription, command_topic
 from server.db import READ_ONLY
 from server.metrics import Metrics
@@ -35,8 +35,7 @@ class FinalStatus:
     status: str
 
 
-Lines = list[StoredLine]
-Item = Lines | StatusChange | FinalStatus
+Item = StoredBatch | StatusChange | FinalStatus
 
 
 _READ_LINES = text(
@@ -47,9 +46,10 @@ _READ_LINES = text(
 
 async def _read_lines(
     sessionmaker: async_sessionmaker[AsyncSession], command_id: int, after_seq: int
-) -> Lines:
-    """Stored lines after `after_seq`. Read without the ORM's per-row type handling (a
-    follower catching up reads many): the timestamps of a read share a few values."""
+) -> StoredBatch:
+    """Stored lines after `after_seq`, in runs as they were written. Read without the ORM's
+    per-row type handling (a follower catching up reads many): the timestamps of a read
+    share a few values."""
     async with sessionmaker() as session:
         connection = await session.connection(execution_options=READ_ONLY)
         rows = (
@@ -58,13 +58,24 @@ async def _read_lines(
             )
         ).all()
     stamps: dict[Any, datetime] = {}
-    lines = []
+    runs: list[LineRun] = []
+    run: LineRun | None = None
     for seq, attempt, stream, ts, text_ in rows:
         stamp = stamps.get(ts)
         if stamp is None:
             stamp = stamps[ts] = _utc(ts)
-        lines.append(StoredLine(command_id, seq, attempt, stream, stamp, text_))
-    return lines
+        if (
+            run is not None
+            and seq == run.first_seq + len(run.texts)
+            and stamp is run.ts
+            and attempt == run.attempt
+            and stream == run.stream
+        ):
+            run.texts.append(text_)
+        else:
+            run = LineRun(attempt, stream, stamp, seq, [text_])
+            runs.append(run)
+    return StoredBatch(command_id, runs)
 
 
 def _utc(value: datetime | str) -> datetime:
@@ -90,39 +101,39 @@ class _Follower:
         self.last = after_seq
         self.status: str | None = None
 
-    async def catch_up(self, subscription: Subscription | None = None) -> AsyncIterator[Lines]:
+    async def catch_up(
+        self, subscription: Subscription | None = None
+    ) -> AsyncIterator[StoredBatch]:
         """Everything stored after the last delivered seq, from the database; stops early
         once `subscription` holds the next line already (live delivery takes over there,
         instead of chasing a busy writer through the database)."""
         while not (subscription is not None and self._queued_next(subscription)):
             batch = await _read_lines(self.sessionmaker, self.command_id, self.last)
-            if not batch:
+            if not batch.runs:
                 return
-            self.last = batch[-1].seq
+            self.last = batch.runs[-1].last_seq
             yield batch
 
     def _queued_next(self, subscription: Subscription) -> bool:
         for message in subscription.waiting():
-            if isinstance(message, StoredBatch) and message.lines:
-                return message.lines[0].seq <= self.last + 1
+            if isinstance(message, StoredBatch) and message.runs:
+                return message.runs[0].first_seq <= self.last + 1
         return False
 
     async def live(
         self, batch: StoredBatch, subscription: Subscription | None = None
-    ) -> AsyncIterator[Lines]:
+    ) -> AsyncIterator[StoredBatch]:
         """A published batch: the part not yet delivered; a gap is filled from the database."""
-        lines = batch.lines
-        if not lines:
+        if not batch.runs:
             return
-        last = self.last
-        fresh = lines if lines[0].seq > last else [line for line in lines if line.seq > last]
-        if not fresh:
+        fresh = batch if batch.runs[0].first_seq > self.last else batch.after(self.last)
+        if not fresh.runs:
             return
-        if fresh[0].seq != self.last + 1:
+        if fresh.runs[0].first_seq != self.last + 1:
             async for lines in self.catch_up(subscription):
                 yield lines
             return
-        self.last = fresh[-1].seq
+        self.last = fresh.runs[-1].last_seq
         yield fresh
 
 

@@ -138,7 +138,7 @@ async def test_lines_keep_their_order_across_flushes_in_flight(
         await writer.close()
         while subscription.queue:
             batch = subscription.queue.popleft()
-            broker_batches.append((batch.lines[0].seq, batch.lines[-1].seq))
+            broker_batches.append((batch.runs[0].first_seq, batch.runs[-1].last_seq))
     rows = await stored(engine, command_id)
     assert [seq for seq, _, _ in rows] == list(range(1, total + 1))
     assert [line for _, _, line in rows] == [f"line {i}" for i in range(total)]

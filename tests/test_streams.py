@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import pytest
@@ -24,7 +24,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
 from graphql_schema.relay import decode_id, encode_id
-from runner.logwriter import StoredBatch, StoredLine
+from runner.logwriter import LineRun, StoredBatch
 from server.broker import DEFAULT_QUEUE_SIZE, Broker, StatusChange, command_topic
 from server.db import create_engine, create_sessionmaker
 from server.logstream import encode_log_events
@@ -598,39 +598,41 @@ async def sessionmaker(settings: Settings) -> AsyncIterator[async_sessionmaker[A
         await engine.dispose()
 
 
+class Line(NamedTuple):
+    command_id: int
+    seq: int
+    attempt: int
+    stream: str
+    ts: datetime
+    text: str
+
+
 async def store_lines(
     sessionmaker: async_sessionmaker[AsyncSession], command_id: int, seqs: range
-) -> list[StoredLine]:
+) -> list[Line]:
     """Commit lines the way the log writer does (before they are published)."""
-    lines = [StoredLine(command_id, seq, 1, "stdout", utcnow(), f"line {seq}") for seq in seqs]
+    lines = [Line(command_id, seq, 1, "stdout", utcnow(), f"line {seq}") for seq in seqs]
     async with sessionmaker() as session, session.begin():
-        session.add_all(
-            LogLine(
-                command_id=line.command_id,
-                seq=line.seq,
-                attempt=line.attempt,
-                stream=line.stream,
-                ts=line.ts,
-                text=line.text,
-            )
-            for line in lines
-        )
+        session.add_all(LogLine(**line._asdict()) for line in lines)
     return lines
 
 
 async def lines_one_by_one(items: AsyncIterator[Any]) -> AsyncIterator[Any]:
-    """follow_command yields batches (lists) of lines; these tests look at single lines."""
+    """follow_command yields batches of lines; these tests look at single lines."""
     async for item in items:
-        if isinstance(item, list):
-            for line in item:
-                yield line
+        if isinstance(item, StoredBatch):
+            for run in item.runs:
+                for seq, text in enumerate(run.texts, run.first_seq):
+                    yield Line(item.command_id, seq, run.attempt, run.stream, run.ts, text)
         else:
             yield item
 
 
-def one(line: StoredLine) -> StoredBatch:
+def one(line: Line) -> StoredBatch:
     """A published batch of one line."""
-    return StoredBatch(line.command_id, [line])
+    return StoredBatch(
+        line.command_id, [LineRun(line.attempt, line.stream, line.ts, line.seq, [line.text])]
+    )
 
 
 async def test_follow_command_delivers_each_line_once_across_replay_live_gaps_and_lag(
@@ -644,22 +646,20 @@ async def test_follow_command_delivers_each_line_once_across_replay_live_gaps_an
     topic = command_topic(command_id)
     await store_lines(sessionmaker, command_id, range(1, 6))
     follower = lines_one_by_one(follow_command(sessionmaker, broker, command_id, 0, metrics))
-    received: list[StoredLine | StatusChange | FinalStatus] = []
+    received: list[Line | StatusChange | FinalStatus] = []
 
     async def take(count: int) -> list[Any]:
         async with asyncio.timeout(10):
             for _ in range(count):
                 received.append(await anext(follower))
-        return [item.seq if isinstance(item, StoredLine) else item for item in received[-count:]]
+        return [item.seq if isinstance(item, Line) else item for item in received[-count:]]
 
     # Replay has begun (subscribed, lines 1-5 read). Lines 4-5, committed before that read,
     # are published only now, together with line 6: the seam.
     assert await take(1) == [1]
     assert metrics.registry.get_sample_value("corral_subscribers_connected") == 1
     line_6 = await store_lines(sessionmaker, command_id, range(6, 7))
-    lines_4_5 = [
-        StoredLine(command_id, seq, 1, "stdout", utcnow(), f"line {seq}") for seq in (4, 5)
-    ]
+    lines_4_5 = [Line(command_id, seq, 1, "stdout", utcnow(), f"line {seq}") for seq in (4, 5)]
     for line in [*lines_4_5, *line_6]:
         broker.publish(topic, one(line))
     # The replay stops where the queued live batches take over (line 6 comes live).
@@ -697,7 +697,7 @@ async def test_follow_command_delivers_each_line_once_across_replay_live_gaps_an
         last,
         FinalStatus("SUCCEEDED"),
     ]
-    seqs = [item.seq for item in received if isinstance(item, StoredLine)]
+    seqs = [item.seq for item in received if isinstance(item, Line)]
     assert seqs == list(range(1, last + 1))
     assert received[-2] == StatusChange(command_id, "SUCCEEDED")
     with pytest.raises(StopAsyncIteration):
@@ -803,8 +803,7 @@ async def test_a_subscriber_is_bounded_by_lines_not_only_by_messages() -> None:
     broker = Broker()
     topic = command_topic(1)
     async with broker.subscribe(topic) as stalled:
-        line = StoredLine(1, 1, 1, "stdout", utcnow(), "x")
-        batch = StoredBatch(1, [line] * 1000)
+        batch = StoredBatch(1, [LineRun(1, "stdout", utcnow(), 1, ["x"] * 1000)])
         for _ in range(stalled.max_weight // 1000):
             broker.publish(topic, batch)
         assert not stalled.lagged
@@ -817,18 +816,45 @@ async def test_a_subscriber_is_bounded_by_lines_not_only_by_messages() -> None:
 
 
 def test_sse_batches_carry_each_line_as_its_json() -> None:
-    # encode_log_events writes the JSON out itself; it must be what as_json() would give.
+    # encode_log_events writes the JSON out itself from a template per run of lines.
     stamp, other = utcnow(), datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
-    texts = ['quote " back \\ slash', "tab\tcr\rnul\x00", "é ✓ 😀 \u2028", "", "{} %s"]
-    lines = [
-        StoredLine(7, seq, 2, "stderr" if seq % 2 else "stdout", stamp if seq < 3 else other, t)
-        for seq, t in enumerate(texts, 1)
+    texts = ['quote " back \\ slash', "tab\tcr\rnul\x00", "é ✓ 😀 \u2028", "", "{} %s {0}"]
+    runs = [
+        LineRun(2, "stdout", stamp, 1, texts[:2]),
+        LineRun(2, "stderr", stamp, 3, texts[2:3]),
+        LineRun(3, "stdout", other, 4, texts[3:]),
     ]
-    events = encode_log_events(lines).decode("ascii").split("\r\n\r\n")
+    expected = [
+        (seq, {"seq": seq, "attempt": attempt, "stream": stream, "ts": ts.isoformat(), "text": t})
+        for seq, attempt, stream, ts, t in [
+            (1, 2, "stdout", stamp, texts[0]),
+            (2, 2, "stdout", stamp, texts[1]),
+            (3, 2, "stderr", stamp, texts[2]),
+            (4, 3, "stdout", other, texts[3]),
+            (5, 3, "stdout", other, texts[4]),
+        ]
+    ]
+    events = encode_log_events(StoredBatch(7, runs)).decode("ascii").split("\r\n\r\n")
     assert events[-1] == ""
     decoded = []
     for event in events[:-1]:
         kind, ident, data = event.split("\r\n")
         assert kind == "event: log"
         decoded.append((int(ident.removeprefix("id: ")), json.loads(data.removeprefix("data: "))))
-    assert decoded == [(line.seq, line.as_json()) for line in lines]
+    assert decoded == expected
+
+
+def test_a_batch_past_a_seq_keeps_only_the_later_lines() -> None:
+    stamp = utcnow()
+    batch = StoredBatch(
+        1, [LineRun(1, "stdout", stamp, 1, ["a", "b", "c"]), LineRun(1, "stderr", stamp, 4, ["d"])]
+    )
+    assert batch.after(0) == batch
+    assert batch.after(2).runs == [
+        LineRun(1, "stdout", stamp, 3, ["c"]),
+        LineRun(1, "stderr", stamp, 4, ["d"]),
+    ]
+    assert batch.after(3).runs == [LineRun(1, "stderr", stamp, 4, ["d"])]
+    assert batch.after(4).runs == []
+    assert batch.weight == 4
+    assert batch.after(2).weight == 2
