@@ -25,24 +25,26 @@ def encode_log_events(batch: StoredBatch) -> bytes:
     """A batch of `log` events, encoded once (one write for the whole batch).
 
     Each event's data is a line's JSON object (seq, attempt, stream, ts, text), written out
-    from a template per run of lines (what a run's lines share is written into it once): a
-    json.dumps per line costs more than everything else on the way from pipe to socket.
+    from fixed pieces (what a run's lines share is encoded once per run): a json.dumps per
+    line costs more than everything else on the way from pipe to socket, and this is also
+    about half of what a format string per line costs.
     """
     parts: list[str] = []
     for run in batch.runs:
-        shared = (
-            json.dumps({"attempt": run.attempt, "stream": run.stream, "ts": run.ts.isoformat()})[
-                1:-1
-            ]
-            .replace("{", "{{")
-            .replace("}", "}}")
+        shared = json.dumps(
+            {"attempt": run.attempt, "stream": run.stream, "ts": run.ts.isoformat()}
         )
-        template = (
-            'event: log\r\nid: {0}\r\ndata: {{"seq": {0}, ' + shared + ', "text": {1}}}\r\n\r\n'
-        )
-        seqs = range(run.first_seq, run.first_seq + len(run.texts))
-        parts += map(template.format, seqs, map(encode_basestring_ascii, run.texts))
+        before_text = f", {shared[1:-1]}, " + '"text": '
+        for seq, text in enumerate(run.texts, run.first_seq):
+            number = str(seq)
+            parts += (_EVENT_ID, number, _DATA_SEQ, number, before_text, _json_str(text), _END)
     return "".join(parts).encode()
+
+
+_EVENT_ID = "event: log\r\nid: "
+_DATA_SEQ = '\r\ndata: {"seq": '
+_END = "}\r\n\r\n"
+_json_str = encode_basestring_ascii
 
 
 def _after_seq(request: Request) -> int | None:

@@ -58,3 +58,23 @@ def test_redactor_prefers_the_longest_secret() -> None:
 
 def test_redactor_without_secrets_is_identity() -> None:
     assert Redactor([])("nothing to hide") == "nothing to hide"
+
+
+def test_redactor_masks_many_lines_at_once_as_each_alone() -> None:
+    redact = Redactor(["abcdef", "xyz/1"])
+    texts = ["abc", "def", "no secret", "", "1 abcdef 2 abcdef", "xyz%2F1", "tail abc"]
+    masked = redact.all(texts)
+    assert masked == [redact(text) for text in texts]
+    # A secret cut across two lines is two harmless halves: nothing is joined into a match.
+    assert masked[:2] == ["abc", "def"]
+    assert masked[4:6] == [f"1 {MASK} 2 {MASK}", MASK]
+    assert redact.all(["nothing", "here"]) == ["nothing", "here"]
+
+
+def test_redactor_masks_texts_that_hold_a_nul_one_by_one() -> None:
+    # Log lines never hold NUL (the splitter replaces it); a system text might.
+    redact = Redactor(["abcdef"])
+    texts = ["a\x00abcdef", "abc\x00def", "abcdef"]
+    assert redact.all(texts) == [f"a\x00{MASK}", "abc\x00def", MASK]
+    with_nul = Redactor(["abc\x00def"])
+    assert with_nul.all(["abc", "def", "abc\x00def"]) == ["abc", "def", MASK]
