@@ -9,6 +9,7 @@ from typing import Any
 import strawberry
 from graphql import GraphQLError
 from strawberry.extensions import (
+    AddValidationRules,
     MaskErrors,
     MaxAliasesLimiter,
     ParserCache,
@@ -113,14 +114,20 @@ def _is_unexpected(error: GraphQLError) -> bool:
 def build_schema(settings: Settings | None = None) -> strawberry.Schema:
     """The schema, with depth and alias limits from settings."""
     settings = settings or Settings()
+    # The limits' rules are built once, here: the limiter extensions build new rule classes
+    # each time they are made (once a request), and a validation cached under one request's
+    # rules never served another (every request was validated afresh: most of its time).
+    limits = [
+        *QueryDepthLimiter(max_depth=settings.graphql_max_depth).validation_rules,
+        *MaxAliasesLimiter(max_alias_count=settings.graphql_max_aliases).validation_rules,
+    ]
     return strawberry.Schema(
         query=Query,
         mutation=Mutation,
         subscription=Subscription,
         types=[Profile, Service, Proxy, CommandTemplate, Command],
         extensions=[
-            lambda: QueryDepthLimiter(max_depth=settings.graphql_max_depth),
-            lambda: MaxAliasesLimiter(max_alias_count=settings.graphql_max_aliases),
+            lambda: AddValidationRules(limits),
             lambda: MaskErrors(should_mask_error=_is_unexpected),
             lambda: ParserCache(maxsize=256),
             lambda: ValidationCache(maxsize=256),

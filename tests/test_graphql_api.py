@@ -1111,3 +1111,52 @@ async def test_non_finite_number_in_json_is_a_user_error(
         {"object": payload[key], "userErrors": payload["userErrors"]}, [field], "INVALID"
     )
     assert await snapshot(gql) == before
+
+
+# -- limits ------------------------------------------------------------------------------
+
+
+def deep_proxy_query(hops: int) -> str:
+    return "{ proxies { nodes { " + "via { " * hops + "name" + " }" * hops + " } } }"
+
+
+async def test_a_query_deeper_than_the_limit_is_refused(gql: GraphQLClient) -> None:
+    # proxies > nodes > via x hops > name: hops + 3 levels; the default limit is 12.
+    assert (await gql.raw(deep_proxy_query(8)))["data"] == {"proxies": {"nodes": []}}
+    body = await gql.raw(deep_proxy_query(20))
+    assert body.get("data") is None
+    assert any("exceeds maximum operation depth" in e["message"] for e in body["errors"])
+
+
+async def test_a_query_with_more_aliases_than_the_limit_is_refused(gql: GraphQLClient) -> None:
+    def aliased(count: int) -> str:
+        return "{ " + " ".join(f"a{i}: profiles {{ totalCount }}" for i in range(count)) + " }"
+
+    assert len((await gql.raw(aliased(30)))["data"]) == 30
+    body = await gql.raw(aliased(31))
+    assert body.get("data") is None
+    assert any("aliases found" in e["message"] for e in body["errors"])
+
+
+async def test_the_same_operation_is_validated_once(
+    gql: GraphQLClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The limits' rules must be the same objects from request to request, or the
+    # validation cache (keyed by them) never serves a second request.
+    import strawberry.schema.schema as strawberry_schema
+
+    validated: list[Any] = []
+    validate = strawberry_schema.validate
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        validated.append(args)
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(strawberry_schema, "validate", counting)
+    query = "query OnlyHere { profiles { totalCount } }"
+    for _ in range(3):
+        assert await gql(query) == {"profiles": {"totalCount": 0}}
+    assert len(validated) == 1
+    body = await gql.raw(deep_proxy_query(20))  # the limits still apply
+    assert body.get("data") is None
+    assert len(validated) == 2
