@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from sqlalchemy import JSON, Connection, or_, select, update
 from sqlalchemy.exc import IntegrityError
@@ -30,8 +30,10 @@ from runner.logwriter import LogStore, LogWriter
 from runner.process import (
     RUN_MARKER,
     SIDECAR_MARKER,
+    Child,
     kill_leftovers,
     leader_exit,
+    pipe_chunks,
     run_marker,
     stop_group,
     sweep_run,
@@ -630,15 +632,7 @@ class Supervisor:
         self, attempt: Attempt, command: ClaimedCommand, prepared: Prepared, writer: LogWriter
     ) -> Outcome:
         try:
-            process = await asyncio.create_subprocess_exec(
-                *prepared.argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                env=prepared.env,
-                cwd=f"{self._commands_dir}/{command.id}",
-                start_new_session=True,
-            )
+            process = Child.start(prepared.argv, prepared.env, f"{self._commands_dir}/{command.id}")
         except OSError as exc:
             message = (
                 f"attempt {attempt.number}: cannot start {prepared.argv[0]!r}: "
@@ -653,8 +647,6 @@ class Supervisor:
             command_values={"pgid": pgid, "argv": prepared.argv},
         )
         log_event("started", command=command.id, attempt=attempt.number, pid=process.pid)
-        assert process.stdout is not None
-        assert process.stderr is not None
         pumps = [
             asyncio.create_task(self._pump(process.stdout, LogStream.STDOUT, writer)),
             asyncio.create_task(self._pump(process.stderr, LogStream.STDERR, writer)),
@@ -668,7 +660,7 @@ class Supervisor:
         self,
         command_id: int,
         pgid: int,
-        process: asyncio.subprocess.Process,
+        process: Child,
         pumps: list[asyncio.Task[None]],
     ) -> None:
         await stop_group(pgid, process, self.settings.kill_grace_seconds)
@@ -687,7 +679,7 @@ class Supervisor:
         self,
         attempt: Attempt,
         command: ClaimedCommand,
-        process: asyncio.subprocess.Process,
+        process: Child,
         writer: LogWriter,
     ) -> Outcome:
         exited = asyncio.create_task(leader_exit(process))
@@ -719,9 +711,9 @@ class Supervisor:
         )
         return Outcome(CommandStatus.TIMED_OUT, error=f"timed out after {timeout}s")
 
-    async def _pump(self, stream: asyncio.StreamReader, kind: LogStream, writer: LogWriter) -> None:
+    async def _pump(self, pipe: IO[bytes], kind: LogStream, writer: LogWriter) -> None:
         splitter = LineSplitter(self.settings.max_line_bytes)
-        while chunk := await stream.read(READ_CHUNK):
+        async for chunk in pipe_chunks(pipe, READ_CHUNK):
             await writer.add_lines(kind, list(splitter.feed(chunk)))
         await writer.add_lines(kind, list(splitter.close()))
 
