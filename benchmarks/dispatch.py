@@ -5,7 +5,8 @@ bare asyncio spawn of the same N at the same concurrency; and runCommand's laten
 
 Per backend, in one run:
 1. baseline: asyncio.create_subprocess_exec("/bin/true") N times under a semaphore of C,
-   each awaited (median of 3 runs, before the server starts).
+   each awaited (median of 3 runs, before the server starts), child exits seen through
+   pidfds (asyncio's default from Python 3.12 on; on 3.11, its PidfdChildWatcher).
 2. the real app under uvicorn on 127.0.0.1 with its embedded runner off; a client in its own
    process POSTs N runCommand mutations one after another (latency with an idle runner).
 3. drain: a Supervisor (built as server/app.py's lifespan builds it, max_concurrency=C)
@@ -18,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -48,8 +51,22 @@ FINAL_SQL = (
 )
 
 
+def _pidfd_child_watcher() -> None:
+    """Have asyncio see child exits through pidfds, as it does by default from Python 3.12
+    on. 3.11's default (a thread per child) is slower, and the baseline must not depend on
+    whether a Supervisor has already run in this process (it installs a pidfd watcher): the
+    first backend's baseline used to be measured with the slow one, the second's with the
+    fast one."""
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(asyncio.get_running_loop())
+    asyncio.get_event_loop_policy().set_child_watcher(watcher)
+
+
 async def bare_spawn(commands: int, concurrency: int) -> float:
     """Seconds to spawn and reap `commands` /bin/true, at most `concurrency` at once."""
+    _pidfd_child_watcher()
     gate = asyncio.Semaphore(concurrency)
 
     async def one() -> None:

@@ -18,10 +18,12 @@ switch interval each time the event loop is busy).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import itertools
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -49,6 +51,12 @@ FLUSH_LINES = 10_000  # lines of one command per flush (a published batch stays 
 # waits for its lines to be stored starts one at once).
 LINGER_SECONDS = 0.004
 STORE_ATTEMPTS = 5
+# PostgreSQL: the store keeps one connection of its own (a pool checkout per flush cost more
+# than a short command's flush itself), replaced when it breaks and after this long.
+CONNECTION_MAX_AGE_SECONDS = 1800.0
+# SQLSTATE classes worth another try: connection exception, transaction rollback
+# (serialization failure, deadlock), insufficient resources, operator intervention.
+RETRYABLE_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57"})
 COLUMNS = ("command_id", "seq", "attempt", "stream", "ts", "text")
 COPY_MIN_LINES = 200
 PG_INSERT_LINES = (
@@ -130,6 +138,10 @@ class _Rows:
 class _Job:
     run: Callable[[Connection], Any]
     future: asyncio.Future[Any]
+
+
+class _ConnectionLost(Exception):
+    """The store's own PostgreSQL connection broke during a flush (it is replaced)."""
 
 
 class _JobFailed(Exception):
@@ -242,6 +254,9 @@ class LogStore:
         self._sqlite = engine.dialect.name == "sqlite"
         self._sync_engine: Engine | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._connection: AsyncConnection | None = None  # PostgreSQL: the store's own
+        self._driver: Any = None  # its driver (asyncpg) connection
+        self._connected_at = 0.0
         self._dirty: dict[int, LogWriter] = {}
         self._jobs: list[_Job] = []
         self._waiters: list[tuple[LogWriter, asyncio.Future[None]]] = []
@@ -275,6 +290,7 @@ class LogStore:
         if self._sync_engine is not None:
             self._sync_engine.dispose()
             self._sync_engine = None
+        await self._drop_connection(broken=False)
 
     # -- what writers and the runner call ----------------------------------------------
 
@@ -415,15 +431,15 @@ class LogStore:
                 jobs = [job for job in jobs if job is not failed.job]
                 if not failed.job.future.done():
                     failed.job.future.set_exception(failed.error)
-            except (OperationalError, DBAPIError) as exc:
+            except Exception as exc:
+                if not _retryable(exc):
+                    log.exception("storing %s failed", _describe(shares))
+                    break
                 attempt += 1
                 if attempt >= STORE_ATTEMPTS:
                     break
                 log.warning("storing %s failed (%r); retrying", _describe(shares), exc)
                 await asyncio.sleep(0.2 * attempt)
-            except Exception:
-                log.exception("storing %s failed", _describe(shares))
-                break
         log.error("dropped %s after %d tries", _describe(shares), STORE_ATTEMPTS)
         for share in shares:
             share.runs.clear()
@@ -438,14 +454,12 @@ class LogStore:
             assert self._executor is not None
             loop = asyncio.get_running_loop()
             return await loop.run_in_executor(self._executor, self._transact_sqlite, payload, jobs)
-        async with self._engine.connect() as connection:
+        connection, driver = await self._pg_connection()
+        try:
             # One transaction of the driver's own; lines and command values go through the
             # driver itself (SQLAlchemy's share of a short command's flush was most of it).
             # SQLAlchemy runs the events and jobs in that same transaction: with AUTOCOMMIT
             # it begins none of its own.
-            connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
-            raw = await connection.get_raw_connection()
-            driver: Any = raw.driver_connection
             async with driver.transaction():
                 if payload.pg_copy:  # COPY: the fastest way in (foreign key checks included)
                     await driver.copy_to_table(
@@ -464,6 +478,45 @@ class LogStore:
                 if payload.events:
                     await connection.run_sync(self._write_rest, payload, [])
                 return [await self._run_on_driver(job, connection, driver) for job in jobs]
+        except _JobFailed:
+            raise  # rolled back; the connection is fine
+        except Exception as exc:
+            if driver.is_closed():
+                await self._drop_connection(broken=True)
+                raise _ConnectionLost(repr(exc)) from exc
+            raise
+        except BaseException:  # cancelled mid-statement: its state is unknown
+            await self._drop_connection(broken=True)
+            raise
+
+    async def _pg_connection(self) -> tuple[AsyncConnection, Any]:
+        """The store's own connection (AUTOCOMMIT: transactions are the driver's) and its
+        driver connection; a new one when there is none, it broke, or it is old."""
+        if self._connection is not None and (
+            self._driver.is_closed()
+            or time.monotonic() - self._connected_at > CONNECTION_MAX_AGE_SECONDS
+        ):
+            await self._drop_connection(broken=self._driver.is_closed())
+        if self._connection is None:
+            connection = await self._engine.connect()
+            try:
+                connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
+                raw = await connection.get_raw_connection()
+            except BaseException:
+                await connection.close()
+                raise
+            self._connection, self._driver = connection, raw.driver_connection
+            self._connected_at = time.monotonic()
+        return self._connection, self._driver
+
+    async def _drop_connection(self, broken: bool) -> None:
+        connection, self._connection, self._driver = self._connection, None, None
+        if connection is None:
+            return
+        with contextlib.suppress(Exception):
+            if broken:
+                await connection.invalidate()
+            await connection.close()
 
     @staticmethod
     async def _run_on_driver(job: _Job, connection: AsyncConnection, driver: Any) -> Any:
@@ -575,6 +628,15 @@ _COPY_SPECIALS = ("\\", "\t", "\r", "\n", "\x00")
 
 async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
     yield data
+
+
+def _retryable(exc: Exception) -> bool:
+    """A database hiccup worth another try: a connection lost, a network error, or the
+    server saying so (the driver's own errors reach here as they are)."""
+    if isinstance(exc, OperationalError | DBAPIError | _ConnectionLost | OSError | TimeoutError):
+        return True
+    state = getattr(exc, "sqlstate", None)
+    return isinstance(state, str) and state[:2] in RETRYABLE_SQLSTATE_CLASSES
 
 
 def _describe(shares: list[_Rows]) -> str:

@@ -168,3 +168,42 @@ async def test_a_reading_follower_does_not_hold_up_the_writer(
     # Before, readers began IMMEDIATE too, and the writer waited for them to finish.
     assert waited < 2.0
     assert await stored(engine, command_id) == [(1, "stdout", "while someone reads")]
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])  # the store's own PostgreSQL connection
+async def test_the_store_replaces_its_connection_when_the_server_drops_it(
+    engine: AsyncEngine, store: LogStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    command_id = await new_command(engine)
+    writer = store.writer(command_id, 1, 0)
+    killed = []
+    for round_ in range(3):
+        await writer.add_lines(LogStream.STDOUT, [f"before kill {round_}"])
+        await writer.close()
+        # The server ends the store's session (a restart, an idle timeout, an admin)...
+        async with engine.connect() as connection:
+            pids = (
+                await connection.execute(
+                    text(
+                        "SELECT pg_terminate_backend(pid), pid FROM pg_stat_activity "
+                        "WHERE datname = current_database() AND pid <> pg_backend_pid() "
+                        "AND application_name = '' AND state = 'idle' "
+                        "AND backend_type = 'client backend'"
+                    )
+                )
+            ).all()
+        killed += [pid for ok, pid in pids if ok]
+        if round_ == 1:
+            await asyncio.sleep(0.2)  # ...noticed before the next flush, or only by it
+    # ...and the lines after it are stored all the same, by a new connection.
+    await writer.add_lines(LogStream.STDOUT, ["after the last kill"])
+    await writer.close()
+    assert killed
+    assert [line for _, _, line in await stored(engine, command_id)] == [
+        "before kill 0",
+        "before kill 1",
+        "before kill 2",
+        "after the last kill",
+    ]
+    assert await last_seq(engine, command_id) == 4
+    assert "dropped" not in caplog.text
