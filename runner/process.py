@@ -8,7 +8,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -68,7 +68,7 @@ class Child:
         return self._popen.poll()
 
 
-async def pipe_chunks(pipe: IO[bytes], size: int) -> AsyncIterator[bytes]:
+async def pipe_chunks(pipe: IO[bytes], size: int) -> AsyncGenerator[bytes, None]:
     """What a child writes to `pipe`, chunk by chunk, until every writer has closed it;
     the pipe is closed after. The loop gets a turn between full chunks (a child that
     writes without a pause must not keep the runner from everything else)."""

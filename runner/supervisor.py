@@ -641,17 +641,18 @@ class Supervisor:
             await writer.add(LogStream.SYSTEM, message)
             return Outcome(CommandStatus.FAILED, error=message, retryable=False)
         pgid = process.pid
-        await writer.add(
-            LogStream.SYSTEM,
-            f"attempt {attempt.number} of {command.max_attempts}: {shlex.join(prepared.argv)}",
-            command_values={"pgid": pgid, "argv": prepared.argv},
-        )
-        log_event("started", command=command.id, attempt=attempt.number, pid=process.pid)
+        # The pumps run from the loop's next round: the line below is queued before theirs.
         pumps = [
             asyncio.create_task(self._pump(process.stdout, LogStream.STDOUT, writer)),
             asyncio.create_task(self._pump(process.stderr, LogStream.STDERR, writer)),
         ]
         try:
+            await writer.add(
+                LogStream.SYSTEM,
+                f"attempt {attempt.number} of {command.max_attempts}: {shlex.join(prepared.argv)}",
+                command_values={"pgid": pgid, "argv": prepared.argv},
+            )
+            log_event("started", command=command.id, attempt=attempt.number, pid=process.pid)
             return await self._wait(attempt, command, process, writer)
         finally:
             await asyncio.shield(self._reap(command.id, pgid, process, pumps))
@@ -713,8 +714,9 @@ class Supervisor:
 
     async def _pump(self, pipe: IO[bytes], kind: LogStream, writer: LogWriter) -> None:
         splitter = LineSplitter(self.settings.max_line_bytes)
-        async for chunk in pipe_chunks(pipe, READ_CHUNK):
-            await writer.add_lines(kind, list(splitter.feed(chunk)))
+        async with contextlib.aclosing(pipe_chunks(pipe, READ_CHUNK)) as chunks:
+            async for chunk in chunks:
+                await writer.add_lines(kind, list(splitter.feed(chunk)))
         await writer.add_lines(kind, list(splitter.close()))
 
     # -- finishing ---------------------------------------------------------------------
