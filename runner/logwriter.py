@@ -50,6 +50,8 @@ FLUSH_LINES = 10_000  # lines of one command per flush (a published batch stays 
 # Lines wait this long for company before a flush of their own (a claim or a writer that
 # waits for its lines to be stored starts one at once).
 LINGER_SECONDS = 0.004
+# A flush of at least this many lines is built while the one before it commits.
+EARLY_BUILD_LINES = 1_000
 STORE_ATTEMPTS = 5
 # PostgreSQL: the store keeps one connection of its own (a pool checkout per flush cost more
 # than a short command's flush itself), replaced when it breaks and after this long.
@@ -340,12 +342,22 @@ class LogStore:
 
     async def _run(self) -> None:
         """Two stages: while one flush is being committed, the next one is numbered and
-        built (commits stay in order: a flush is committed after the one before it)."""
+        built (commits stay in order: a flush is committed after the one before it).
+
+        Only a big flush is built that early, though: a small one is built when it can go,
+        so that what is queued meanwhile (the claim for a slot that frees, the final state
+        of the command that leaves it) still goes with it rather than a flush later."""
         committing: asyncio.Task[None] | None = None
         try:
             while True:
                 await self._wake.wait()
                 await asyncio.sleep(0)  # let whatever else is ready queue its part first
+                if (
+                    committing is not None
+                    and not committing.done()
+                    and self._pending_lines < EARLY_BUILD_LINES
+                ):
+                    await asyncio.wait([committing])
                 self._wake.clear()
                 if not (self._dirty or self._jobs or self._waiters):
                     if self._closing:
