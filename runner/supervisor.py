@@ -368,6 +368,12 @@ class Supervisor:
                 self._wake.set()  # slots joined as it ran: they are claimed next
         for command_id in waiting:
             self.broker.publish_status(command_id, CommandStatus.WAITING.value)
+        if claimed:
+            log_event(
+                "claimed",
+                commands=",".join(str(claim.command.id) for claim in claimed),
+                runner=self.runner_id,
+            )
         self._prepare_workdirs([claim.command.id for claim in claimed], upcoming)
         for claim in claimed:
             command = claim.command

@@ -399,6 +399,10 @@ async def test_runner_logs_one_structured_line_per_event(
     command_id = await run(gql, commandString="true")
     await wait_final(gql, command_id)
     events = [r.getMessage() for r in caplog.records if r.name == "corral.runner"]
+    claims = [e for e in events if e.startswith("event=claimed ")]
+    assert any(
+        str(pk(command_id)) in e.split()[1].removeprefix("commands=").split(",") for e in claims
+    )
     assert any(e.startswith(f"event=started command={pk(command_id)} ") for e in events)
     assert any(
         e.startswith(f"event=finished command={pk(command_id)} ") and "status=SUCCEEDED" in e
