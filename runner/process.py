@@ -70,8 +70,9 @@ class Child:
 
 async def pipe_chunks(pipe: IO[bytes], size: int) -> AsyncGenerator[bytes, None]:
     """What a child writes to `pipe`, chunk by chunk, until every writer has closed it;
-    the pipe is closed after. The loop gets a turn between full chunks (a child that
-    writes without a pause must not keep the runner from everything else)."""
+    the pipe is closed after. The loop gets a turn after each chunk: a child that writes
+    without a pause (full chunks, or a stream of small ones) must not keep the runner from
+    everything else."""
     loop = asyncio.get_running_loop()
     fd = pipe.fileno()
     os.set_blocking(fd, False)
@@ -90,8 +91,7 @@ async def pipe_chunks(pipe: IO[bytes], size: int) -> AsyncGenerator[bytes, None]
             if not chunk:
                 return
             yield chunk
-            if len(chunk) == size:
-                await asyncio.sleep(0)
+            await asyncio.sleep(0)
     finally:
         pipe.close()
 

@@ -720,9 +720,18 @@ class Supervisor:
 
     async def _pump(self, pipe: IO[bytes], kind: LogStream, writer: LogWriter) -> None:
         splitter = LineSplitter(self.settings.max_line_bytes)
-        async with contextlib.aclosing(pipe_chunks(pipe, READ_CHUNK)) as chunks:
-            async for chunk in chunks:
-                await writer.add_lines(kind, list(splitter.feed(chunk)))
+        try:
+            async with contextlib.aclosing(pipe_chunks(pipe, READ_CHUNK)) as chunks:
+                async for chunk in chunks:
+                    await writer.add_lines(kind, list(splitter.feed(chunk)))
+        except OSError as exc:  # the pipe failed (EIO ...): keep what was read
+            log_event(
+                "pipe_failed",
+                level="warning",
+                command=writer.command_id,
+                stream=kind.value,
+                error=repr(exc),
+            )
         await writer.add_lines(kind, list(splitter.close()))
 
     # -- finishing ---------------------------------------------------------------------
