@@ -5,8 +5,9 @@ bare asyncio spawn of the same N at the same concurrency; and runCommand's laten
 
 Per backend, in one run:
 1. baseline: asyncio.create_subprocess_exec("/bin/true") N times under a semaphore of C,
-   each awaited (median of 3 runs, before the server starts), child exits seen through
-   pidfds (asyncio's default from Python 3.12 on; on 3.11, its PidfdChildWatcher).
+   each awaited (median of 3 runs after a warm-up one, before the server starts), child
+   exits seen through pidfds (asyncio's default from Python 3.12 on; on 3.11, its
+   PidfdChildWatcher).
 2. the real app under uvicorn on 127.0.0.1 with its embedded runner off; a client in its own
    process POSTs N runCommand mutations one after another (latency with an idle runner).
 3. drain: a Supervisor (built as server/app.py's lifespan builds it, max_concurrency=C)
@@ -65,7 +66,12 @@ def _pidfd_child_watcher() -> None:
 
 
 async def bare_spawn(commands: int, concurrency: int) -> float:
-    """Seconds to spawn and reap `commands` /bin/true, at most `concurrency` at once."""
+    """Seconds to spawn and reap `commands` /bin/true, at most `concurrency` at once. The
+    heap is settled first, as the server's is (otherwise the first backend's baseline pays
+    full collections of everything imported, the second's does not)."""
+    from server.cli import freeze_startup_heap
+
+    freeze_startup_heap()
     _pidfd_child_watcher()
     gate = asyncio.Semaphore(concurrency)
 
@@ -142,6 +148,7 @@ async def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> 
     commands: int = args.commands
     concurrency: int = args.concurrency
     progress(f"{backend}: bare asyncio spawn of {commands} x {COMMAND} at {concurrency}")
+    await bare_spawn(commands, concurrency)  # warm-up (the first run of a process is slower)
     bare_runs = [await bare_spawn(commands, concurrency) for _ in range(BARE_RUNS)]
     bare = statistics.median(bare_runs)
     progress(f"  bare: {[round(s, 3) for s in bare_runs]} s")

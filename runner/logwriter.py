@@ -8,8 +8,10 @@ command or per state change. A flush starts as soon as the previous one ends: li
 arrive meanwhile ride along with the next one.
 
 Lines go in through one statement per flush, whatever their number: on PostgreSQL a COPY
-(foreign key checks make INSERT ... SELECT FROM unnest() slower), on SQLite an INSERT ...
-SELECT FROM json_each() of one JSON text. On SQLite the flush runs in a thread of its own with a
+(foreign key checks make INSERT ... SELECT FROM unnest() slower), or for a few lines an
+INSERT from arrays that is one statement with the flush's command updates (a flush of that
+statement alone is one round trip); on SQLite an INSERT ... SELECT FROM json_each() of one
+JSON text. On SQLite the flush runs in a thread of its own with a
 connection of its own: a single statement keeps the thread out of the interpreter while
 SQLite works (executemany would take and give back the GIL once per row, and wait up to the
 switch interval each time the event loop is busy).
@@ -31,6 +33,7 @@ from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
 from sqlalchemy import JSON, Connection, Engine, bindparam, func, insert, select, update
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
@@ -61,11 +64,6 @@ CONNECTION_MAX_AGE_SECONDS = 1800.0
 RETRYABLE_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57"})
 COLUMNS = ("command_id", "seq", "attempt", "stream", "ts", "text")
 COPY_MIN_LINES = 200
-PG_INSERT_LINES = (
-    "INSERT INTO log_lines (command_id, seq, attempt, stream, ts, text) "
-    "SELECT * FROM unnest($1::integer[], $2::integer[], $3::integer[], $4::varchar[], "
-    "$5::timestamptz[], $6::text[])"
-)
 # One JSON text: [[command_id, attempt, stream, ts, first_seq, [text, ...]], ...]. The CTE
 # reads each chunk's fields once (per line, `c.value ->> n` would parse the chunk again).
 SQLITE_INSERT_LINES = (
@@ -472,6 +470,10 @@ class LogStore:
             # driver itself (SQLAlchemy's share of a short command's flush was most of it).
             # SQLAlchemy runs the events and jobs in that same transaction: with AUTOCOMMIT
             # it begins none of its own.
+            write = _pg_write(payload)
+            if write is not None and not (payload.pg_copy or payload.events or jobs):
+                await driver.execute(write[0], *write[1])  # one statement: its own transaction
+                return []
             async with driver.transaction():
                 if payload.pg_copy:  # COPY: the fastest way in (foreign key checks included)
                     await driver.copy_to_table(
@@ -480,13 +482,8 @@ class LogStore:
                         columns=COLUMNS,
                         format="text",
                     )
-                if payload.pg_rows:
-                    await driver.execute(PG_INSERT_LINES, *_pg_arrays(payload.pg_rows))
-                for (columns, guarded), params in payload.updates.items():
-                    await driver.executemany(
-                        _pg_command_update(columns, guarded),
-                        [_pg_update_args(columns, guarded, values) for values in params],
-                    )
+                if write is not None:
+                    await driver.execute(write[0], *write[1])
                 if payload.events:
                     await connection.run_sync(self._write_rest, payload, [])
                 return [await self._run_on_driver(job, connection, driver) for job in jobs]
@@ -681,27 +678,60 @@ def _pg_arrays(rows: list[tuple[int, LineRun]]) -> list[list[Any]]:
     return arrays
 
 
+def _pg_write(payload: _Payload) -> tuple[str, list[Any]] | None:
+    """The flush's few lines and all its command updates as one PostgreSQL statement (a
+    statement a round trip, and a flush of this statement alone needs no BEGIN/COMMIT of
+    its own): an INSERT of the lines from arrays, and one UPDATE from arrays per column set,
+    as data-modifying CTEs. None when there is nothing of the kind. (A command is in one
+    column set only: a flush holds one share per command.)"""
+    args: list[Any] = []
+
+    def param(value: Any, sql_type: str) -> str:
+        args.append(value)
+        return f"${len(args)}::{sql_type}"
+
+    parts = []
+    if payload.pg_rows:
+        arrays = _pg_arrays(payload.pg_rows)
+        columns = ", ".join(map(param, arrays, _LINE_ARRAY_TYPES))
+        parts.append(
+            f"lines AS (INSERT INTO log_lines ({', '.join(COLUMNS)}) "  # noqa: S608
+            f"SELECT * FROM unnest({columns}))"
+        )
+    for index, ((names, guarded), rows) in enumerate(payload.updates.items()):
+        sources = [param([row["_id"] for row in rows], "integer[]")]
+        for name in names:
+            values = [row[name] for row in rows]
+            if name in _JSON_COLUMNS:
+                values = [json.dumps(value) for value in values]  # the json codec takes text
+            sources.append(param(values, _command_array_type(name)))
+        assignments = ", ".join(f"{name} = v.{name}" for name in names)
+        where = "c.id = v._id"
+        if guarded:
+            where += f" AND c.runner_id = {param(rows[0]['_runner'], 'text')}"
+        parts.append(
+            f"u{index} AS (UPDATE commands AS c SET {assignments} "  # noqa: S608 - checked names
+            f"FROM unnest({', '.join(sources)}) AS v(_id, {', '.join(names)}) WHERE {where})"
+        )
+    if not parts:
+        return None
+    return f"WITH {', '.join(parts)} SELECT 1", args
+
+
+_LINE_ARRAY_TYPES = ("integer[]", "integer[]", "integer[]", "varchar[]", "timestamptz[]", "text[]")
+
+
 @functools.lru_cache(maxsize=64)
-def _pg_command_update(columns: tuple[str, ...], guarded: bool) -> str:
-    """The driver-level UPDATE of these command columns ($1 id, $2 runner, then values)."""
-    for column in columns:
-        if column not in Command.__table__.c:
-            raise ValueError(f"commands has no column {column!r}")
-    assignments = ", ".join(f"{column} = ${index}" for index, column in enumerate(columns, 3))
-    where = "id = $1 AND runner_id = $2" if guarded else "id = $1 AND $2::text IS NULL"
-    return f"UPDATE commands SET {assignments} WHERE {where}"  # noqa: S608 - checked names
+def _command_array_type(name: str) -> str:
+    """The PostgreSQL array type of a commands column (a name not of the table is refused:
+    names are written into the statement)."""
+    column = Command.__table__.c.get(name)
+    if column is None or not name.isidentifier():
+        raise ValueError(f"commands has no column {name!r}")
+    return f"{column.type.compile(dialect=_PG_DIALECT)}[]"
 
 
-def _pg_update_args(
-    columns: tuple[str, ...], guarded: bool, values: dict[str, Any]
-) -> tuple[Any, ...]:
-    args = [values[column] for column in columns]
-    for index, column in enumerate(columns):
-        if column in _JSON_COLUMNS:
-            args[index] = json.dumps(args[index])  # the driver's json codec takes text
-    return (values["_id"], values["_runner"] if guarded else None, *args)
-
-
+_PG_DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
 _JSON_COLUMNS = frozenset(
     column.name for column in Command.__table__.c if isinstance(column.type, JSON)
 )

@@ -8,9 +8,10 @@ import asyncio
 import itertools
 import time
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import pytest
-from sqlalchemy import Connection, select, text
+from sqlalchemy import Connection, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from runner.lines import Redactor
@@ -207,3 +208,45 @@ async def test_the_store_replaces_its_connection_when_the_server_drops_it(
     ]
     assert await last_seq(engine, command_id) == 4
     assert "dropped" not in caplog.text
+
+
+async def test_one_flush_writes_each_commands_values_only_where_this_runner_holds_it(
+    engine: AsyncEngine, store: LogStore
+) -> None:
+    started, finished, taken = [await new_command(engine) for _ in range(3)]
+    async with engine.begin() as connection:  # another runner took this one meanwhile
+        await connection.execute(
+            update(Command).where(Command.id == taken).values(runner_id="runner-2")
+        )
+    at = datetime(2026, 11, 30, 1, 2, 3, 456789, tzinfo=UTC)
+    writers = [store.writer(command_id, 1, 0) for command_id in (started, finished, taken)]
+    # Different column sets (JSON and timestamps among them), all in one flush.
+    await writers[0].add(LogStream.SYSTEM, "a", command_values={"pgid": 11, "argv": ["x", "y"]})
+    await writers[1].add(
+        LogStream.SYSTEM,
+        "b",
+        command_values={"status": "SUCCEEDED", "exit_code": 0, "finished_at": at},
+    )
+    await writers[2].add(LogStream.SYSTEM, "c", command_values={"status": "FAILED"})
+    await asyncio.gather(*(writer.close() for writer in writers))
+    async with engine.connect() as connection:
+        rows = {
+            row.id: row
+            for row in await connection.execute(
+                select(
+                    Command.id,
+                    Command.status,
+                    Command.pgid,
+                    Command.argv,
+                    Command.exit_code,
+                    Command.finished_at,
+                    Command.last_seq,
+                ).where(Command.id.in_([started, finished, taken]))
+            )
+        }
+    assert (rows[started].pgid, rows[started].argv, rows[started].last_seq) == (11, ["x", "y"], 1)
+    assert rows[started].status == "RUNNING"
+    assert (rows[finished].status, rows[finished].exit_code) == ("SUCCEEDED", 0)
+    assert rows[finished].finished_at.replace(tzinfo=UTC) == at
+    assert (rows[taken].status, rows[taken].last_seq) == ("RUNNING", 0)  # not ours any more
+    assert [line for _, _, line in await stored(engine, taken)] == ["c"]
