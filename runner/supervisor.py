@@ -676,7 +676,9 @@ class Supervisor:
             log_event("killed_escaped", command=command_id, processes=escaped)
         # The pipes close once the last process holding them is gone; one that hid even
         # from the sweep (it cleared its environment) is not waited for.
-        _, pending = await asyncio.wait(pumps, timeout=PIPES_GRACE_SECONDS)
+        pending = {pump for pump in pumps if not pump.done()}  # (usually read to the end)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=PIPES_GRACE_SECONDS)
         for pump in pending:
             pump.cancel()
         if pending:
