@@ -798,8 +798,8 @@ def report(
             "definitions": {
                 "corral": "command row created (runCommand accepted) -> page.goto() resolved "
                 "in the script (its Date.now()); sent_to_first_page counts from posting "
-                "runCommand; spawn_to_first_page from the SYSTEM 'attempt' line (written just "
-                "before the child is spawned); node_start_to_first_page from the Node "
+                "runCommand; spawn_to_first_page from the SYSTEM 'attempt' line (stamped just "
+                "after the child is spawned); node_start_to_first_page from the Node "
                 "process's start (performance.timeOrigin)",
                 "bare": "bare run through an unauthenticated local SOCKS5 proxy: spawn of "
                 "`node first_page.mjs --bare` -> page.goto() resolved",
