@@ -25,6 +25,7 @@ import functools
 import itertools
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -698,7 +699,9 @@ def _pg_write(payload: _Payload) -> tuple[str, list[Any]] | None:
             f"lines AS (INSERT INTO log_lines ({', '.join(COLUMNS)}) "  # noqa: S608
             f"SELECT * FROM unnest({columns}))"
         )
-    for index, ((names, guarded), rows) in enumerate(payload.updates.items()):
+    # Column sets in a fixed order: the same sets make the same text (the driver caches
+    # prepared statements by their text).
+    for index, ((names, guarded), rows) in enumerate(sorted(payload.updates.items())):
         sources = [param([row["_id"] for row in rows], "integer[]")]
         for name in names:
             values = [row[name] for row in rows]
@@ -723,12 +726,13 @@ _LINE_ARRAY_TYPES = ("integer[]", "integer[]", "integer[]", "varchar[]", "timest
 
 @functools.lru_cache(maxsize=64)
 def _command_array_type(name: str) -> str:
-    """The PostgreSQL array type of a commands column (a name not of the table is refused:
-    names are written into the statement)."""
+    """The PostgreSQL array type of a commands column, without its length (a cast to
+    VARCHAR(16)[] would cut a longer value silently; the column itself refuses it). A name
+    not of the table is refused: names are written into the statement."""
     column = Command.__table__.c.get(name)
     if column is None or not name.isidentifier():
         raise ValueError(f"commands has no column {name!r}")
-    return f"{column.type.compile(dialect=_PG_DIALECT)}[]"
+    return re.sub(r"\(.*?\)", "", column.type.compile(dialect=_PG_DIALECT)) + "[]"
 
 
 _PG_DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]

@@ -15,7 +15,7 @@ from sqlalchemy import Connection, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from runner.lines import Redactor
-from runner.logwriter import FLUSH_LINES, LogStore
+from runner.logwriter import FLUSH_LINES, LogStore, _Payload, _pg_write
 from server.broker import Broker, command_topic
 from server.db import READ_ONLY, create_engine, create_sessionmaker
 from server.models import Command, LogLine, LogStream
@@ -250,3 +250,38 @@ async def test_one_flush_writes_each_commands_values_only_where_this_runner_hold
     assert rows[finished].finished_at.replace(tzinfo=UTC) == at
     assert (rows[taken].status, rows[taken].last_seq) == ("RUNNING", 0)  # not ours any more
     assert [line for _, _, line in await stored(engine, taken)] == ["c"]
+
+
+@pytest.mark.parametrize("backend", ["postgresql"])  # the statement built for PostgreSQL
+async def test_a_value_too_long_for_its_column_is_refused_not_cut(engine: AsyncEngine) -> None:
+    # The values travel as arrays; a cast to VARCHAR(16)[] would cut them without a word.
+    command_id = await new_command(engine)
+    too_long = "SUCCEEDED-AND-MORE"
+    payload = _Payload(
+        updates={
+            (("status",), True): [{"status": too_long, "_id": command_id, "_runner": "runner-1"}]
+        }
+    )
+    write = _pg_write(payload)
+    assert write is not None
+    async with engine.connect() as connection:
+        raw = await connection.get_raw_connection()
+        with pytest.raises(Exception, match="too long"):
+            await raw.driver_connection.execute(write[0], *write[1])
+    async with engine.connect() as connection:
+        status = await connection.scalar(select(Command.status).where(Command.id == command_id))
+    assert status == "RUNNING"
+
+
+def test_the_same_column_sets_make_the_same_statement_whatever_their_order() -> None:
+    # The driver caches prepared statements by text: an order of its own for each flush
+    # would prepare (a round trip more) nearly every time.
+    start = {"pgid": 7, "argv": ["x"], "_id": 1, "_runner": "r"}
+    seq = {"last_seq": 3, "_id": 2, "_runner": "r"}
+    one = _Payload(updates={(("argv", "pgid"), True): [start], (("last_seq",), True): [seq]})
+    other = _Payload(updates={(("last_seq",), True): [seq], (("argv", "pgid"), True): [start]})
+    first, second = _pg_write(one), _pg_write(other)
+    assert first is not None
+    assert second is not None
+    assert first[0] == second[0]
+    assert first[1] == second[1]
