@@ -73,7 +73,6 @@ async def pipe_chunks(pipe: IO[bytes], size: int) -> AsyncGenerator[bytes, None]
     the pipe is closed after. The loop gets a turn after each chunk: a child that writes
     without a pause (full chunks, or a stream of small ones) must not keep the runner from
     everything else."""
-    loop = asyncio.get_running_loop()
     fd = pipe.fileno()
     os.set_blocking(fd, False)
     try:
@@ -81,12 +80,7 @@ async def pipe_chunks(pipe: IO[bytes], size: int) -> AsyncGenerator[bytes, None]
             try:
                 chunk = os.read(fd, size)
             except BlockingIOError:
-                readable: asyncio.Future[None] = loop.create_future()
-                loop.add_reader(fd, _set_result, readable)
-                try:
-                    await readable
-                finally:
-                    loop.remove_reader(fd)
+                await _readable(fd)
                 continue
             if not chunk:
                 return
@@ -94,6 +88,18 @@ async def pipe_chunks(pipe: IO[bytes], size: int) -> AsyncGenerator[bytes, None]
             await asyncio.sleep(0)
     finally:
         pipe.close()
+
+
+async def _readable(fd: int) -> None:
+    """Return once `fd` is readable (a pipe with data or at its end, a pidfd whose process
+    has exited)."""
+    loop = asyncio.get_running_loop()
+    readable: asyncio.Future[None] = loop.create_future()
+    loop.add_reader(fd, _set_result, readable)
+    try:
+        await readable
+    finally:
+        loop.remove_reader(fd)
 
 
 def _set_result(future: asyncio.Future[None]) -> None:
@@ -149,18 +155,14 @@ async def leader_exit(process: Exits) -> int:
     would make it wait forever)."""
     if process.returncode is not None:
         return process.returncode
-    loop = asyncio.get_running_loop()
     try:
         pidfd = os.pidfd_open(process.pid)
     except (AttributeError, OSError):
         pidfd = None  # no pidfds here, or reaped a moment ago: the status comes at once
     if pidfd is not None:
-        gone: asyncio.Future[None] = loop.create_future()
-        loop.add_reader(pidfd, _set_result, gone)
         try:
-            await gone
+            await _readable(pidfd)
         finally:
-            loop.remove_reader(pidfd)
             os.close(pidfd)
     # The child watcher reaps it and sets the status a moment after the exit (no event);
     # a Child is reaped by the first look at its status.
