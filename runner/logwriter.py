@@ -325,13 +325,11 @@ class LogStore:
         self._wake.set()
         await future
 
-    async def run(self, job: Callable[[Connection], T]) -> T:
-        """Run `job(connection)` in the next flush's transaction, after its writes."""
-        return await self.submit(job)
-
     def submit(self, job: Callable[[Connection], T]) -> asyncio.Future[T]:
-        """Like `run`, but the job is queued before this returns: it goes with the writes
-        queued so far (unless their flush is already being built) and those queued next."""
+        """Run `job(connection)` in the next flush's transaction, after its writes; its
+        result comes in the returned future. The job is queued before this returns: it goes
+        with the writes queued so far (unless their flush is already being built) and those
+        queued next."""
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._jobs.append(_Job(job, future))
         self._wake.set()

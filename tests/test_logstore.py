@@ -85,7 +85,7 @@ async def test_a_failing_claim_loses_no_line_and_its_caller_hears(
 
     await writer.add_lines(LogStream.STDOUT, ["one", "two with s3cret-token"])
     results = await asyncio.gather(
-        store.run(failing_claim), store.run(claim), writer.close(), return_exceptions=True
+        store.submit(failing_claim), store.submit(claim), writer.close(), return_exceptions=True
     )
     assert isinstance(results[0], LookupError)
     # The other claim ran in the same transaction, after the writes: it saw them.
@@ -110,7 +110,7 @@ async def test_writers_hear_before_the_claims_of_the_same_flush(
         heard.append("writer")
 
     async def claim() -> None:
-        await store.run(lambda connection: None)
+        await store.submit(lambda connection: None)
         heard.append("claim")
 
     await asyncio.gather(claim(), close())
