@@ -40,10 +40,20 @@ class AppServices:
         return None if bind is None or bind.dialect.name == "sqlite" else 1.0
 
 
+class RequestFinished(RuntimeError):
+    """The request's session was asked for after the request ended."""
+
+
 @dataclass
 class Context:
     """One request's context. GraphQL resolves fields concurrently, and an AsyncSession
-    allows one operation at a time, so every use of the session holds `lock`."""
+    allows one operation at a time, so every use of the session holds `lock` (closing too).
+
+    Some work can outlive the response: graphql-core settles sibling fields of a field that
+    failed in the background, and a DataLoader batch whose callers were cancelled is
+    cancelled but never awaited. Such work still holds or wants the session when the
+    request ends, so `close` waits for the lock, and the session is not reopened after it.
+    """
 
     app: AppServices
     request: Any = None
@@ -51,6 +61,7 @@ class Context:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _session: AsyncSession | None = None
     _loaders: Loaders | None = None
+    _closed: bool = False
 
     @property
     def settings(self) -> Settings:
@@ -67,6 +78,8 @@ class Context:
     @property
     def session(self) -> AsyncSession:
         """The request's session, opened on first use (closed by `close`)."""
+        if self._closed:
+            raise RequestFinished("the request is over; its database session is closed")
         if self._session is None:
             self._session = self.app.sessionmaker()
         return self._session
@@ -112,9 +125,12 @@ class Context:
         self._loaders = None
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        """Close the session once no one holds it; later uses raise RequestFinished."""
+        async with self.lock:
+            self._closed = True
+            if self._session is not None:
+                await self._session.close()
+                self._session = None
 
 
 def _integrity_message(exc: IntegrityError) -> str:
