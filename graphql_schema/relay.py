@@ -107,9 +107,9 @@ def decode_cursor(cursor: str) -> int:
         prefix, _, raw = base64.b64decode(cursor, validate=True).decode().partition(":")
         if prefix == "cursor" and raw.isascii() and raw.isdigit() and int(raw) <= MAX_PK:
             return int(raw)
-    except (binascii.Error, UnicodeDecodeError):
+    except (binascii.Error, ValueError):  # ValueError: a non-ASCII string (b64decode)
         pass
-    raise GraphQLError(f"invalid cursor {cursor!r}")
+    raise GraphQLError(f"invalid cursor {cursor[:64]!r}: pass a pageInfo.endCursor")
 
 
 async def paginate(

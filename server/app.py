@@ -17,7 +17,6 @@ from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
-from strawberry.asgi import GraphQL
 
 from graphql_schema.context import AppServices, Context
 from graphql_schema.schema import build_schema
@@ -25,6 +24,8 @@ from runner.supervisor import Supervisor
 from server import migrate
 from server.broker import Broker
 from server.db import create_engine, create_sessionmaker
+from server.graphql_http import StrictGraphQL
+from server.limits import request_walls
 from server.logstream import stream_command_logs
 from server.metrics import Metrics
 from server.models import Command
@@ -75,7 +76,7 @@ async def run_standalone_runner(settings: Settings) -> None:
         await engine.dispose()
 
 
-class GraphQLEndpoint(GraphQL[Context, None]):
+class GraphQLEndpoint(StrictGraphQL):
     """Strawberry's ASGI app, with Corral's per-request context (closed after the request)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -159,4 +160,4 @@ def create_app(settings: Settings) -> Starlette:
         WebSocketRoute("/graphql", graphql),
         Route("/api/commands/{command_id}/logs/stream", stream_command_logs),
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    return Starlette(routes=routes, lifespan=lifespan, middleware=request_walls(settings))

@@ -14,8 +14,9 @@ from pydantic import ValidationError
 from server import __version__, migrate
 from server.app import StartupError, create_app, prepare_database, run_standalone_runner
 from server.db import create_engine
+from server.limits import uvicorn_limits
 from server.secretbox import SecretKeyError, generate_key
-from server.settings import Settings
+from server.settings import WILDCARD_ADDRESSES, Settings
 
 
 class CliError(Exception):
@@ -74,13 +75,25 @@ def cmd_serve(args: argparse.Namespace) -> None:
     app = create_app(settings)
     freeze_startup_heap()
     config = uvicorn.Config(
-        app, host=settings.host, port=settings.port, log_level=settings.log_level, lifespan="on"
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        lifespan="on",
+        **uvicorn_limits(settings),
     )
     server = uvicorn.Server(config)
     print(f"Corral {__version__}: database {_describe_database(settings)}", flush=True)
     if settings.port:
         print(
             f"Corral listening on http://{settings.host}:{settings.port}/ (GraphQL at /graphql)",
+            flush=True,
+        )
+    if settings.allowed_hosts is None and settings.host.strip().lower() in WILDCARD_ADDRESSES:
+        names = ", ".join(settings.allowed_host_names)
+        print(
+            f"Corral answers only to the Host names {names}: set CORRAL_ALLOWED_HOSTS to the "
+            "names clients use to reach it",
             flush=True,
         )
     server.run()

@@ -9,6 +9,16 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 SQLITE_FILENAME = "corral.db"
+# Listening on these means "every interface": no one Host name follows from them.
+WILDCARD_ADDRESSES = frozenset({"", "0.0.0.0", "::", "[::]", "*"})  # noqa: S104
+
+
+def _split_hosts(value: str) -> list[str]:
+    return [part.strip().lower() for part in value.split(",") if part.strip()]
+
+
+def _is_wildcard(pattern: str) -> bool:
+    return pattern == "*" or (pattern.startswith("*.") and len(pattern) > 2)
 
 
 class Settings(BaseSettings):
@@ -34,6 +44,18 @@ class Settings(BaseSettings):
     )
     host: str = Field(default="127.0.0.1", description="Address `corral serve` listens on.")
     port: int = Field(default=8000, ge=0, le=65535, description="Port `corral serve` listens on.")
+    allowed_hosts: str | None = Field(
+        default=None,
+        description="Comma-separated Host names the API answers to (`*.example.com` for "
+        "subdomains, `*` for any); others get 400, which stops DNS rebinding. Unset: "
+        "localhost, 127.0.0.1, [::1] and CORRAL_HOST when it is not a wildcard address.",
+    )
+    max_request_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1024,
+        description="Largest HTTP request body and WebSocket message, in bytes; a larger "
+        "body gets 413 before it is read.",
+    )
     auto_migrate: bool | None = Field(
         default=None,
         description="Migrate the database when `corral serve` starts. Unset: yes on the "
@@ -117,6 +139,31 @@ class Settings(BaseSettings):
         if level not in {"debug", "info", "warning", "error", "critical"}:
             raise ValueError("must be one of debug, info, warning, error, critical")
         return level
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_patterns(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        for pattern in _split_hosts(value):
+            if "*" in pattern[1:] or (pattern.startswith("*") and not _is_wildcard(pattern)):
+                raise ValueError(f"{pattern!r}: a wildcard must be `*` or like `*.example.com`")
+        if not _split_hosts(value):
+            raise ValueError("names no host (unset it for the default, or `*` for any)")
+        return value
+
+    @property
+    def allowed_host_names(self) -> list[str]:
+        """Host header names the app answers to (lower case; `*` allows any)."""
+        if self.allowed_hosts is not None:
+            return _split_hosts(self.allowed_hosts)
+        names = ["localhost", "127.0.0.1", "[::1]"]
+        host = self.host.strip().lower()
+        if host not in WILDCARD_ADDRESSES:
+            name = f"[{host}]" if ":" in host and not host.startswith("[") else host
+            if name not in names:
+                names.append(name)
+        return names
 
     @property
     def resolved_runner_name(self) -> str:

@@ -1,0 +1,180 @@
+"""GraphQL over HTTP and WebSocket, strict about its input: every malformed request is a 4xx
+(or a 4400 close) with one readable line, never a 500.
+
+Strawberry's views assume a well-formed envelope in places: a JSON body that is a string or
+a number, a WebSocket message that is not an object, or a `subscribe` without a payload
+raised AttributeError / TypeError (a 500, or a WebSocket torn down with a logged traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from cross_web import AsyncHTTPRequestAdapter, HTTPException
+from strawberry.asgi import GraphQL
+from strawberry.exceptions import MissingQueryError
+from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOperationTypeError
+from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
+from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
+    BaseGraphQLTransportWSHandler,
+)
+from strawberry.subscriptions.protocols.graphql_transport_ws.types import Message
+from strawberry.types import ExecutionResult
+from strawberry.types.graphql import OperationType
+
+from graphql_schema.context import Context
+
+# Deepest JSON a request may carry (variables included). GraphQL inputs nest a few levels;
+# a deeper value only serves to exhaust the stack of whatever walks it later.
+JSON_MAX_DEPTH = 64
+# graphql-transport-ws operation ids are client-chosen keys we keep for the connection.
+WS_ID_MAX = 256
+_JSON_KINDS = {str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_problem(value: Any, max_depth: int) -> str | None:
+    """What makes parsed JSON unfit as input, or None: nesting deeper than `max_depth`, or
+    a lone surrogate (`"\\ud800"` is valid JSON but not text: every encoder, the
+    databases' included, refuses it). Walked without recursion."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii() and _SURROGATE.search(item):
+                return "a string holds a lone surrogate (an escape like \\ud800), not text"
+            continue
+        children: Iterable[Any]
+        if isinstance(item, dict):
+            children = [*item.keys(), *item.values()]
+        elif isinstance(item, list):
+            children = item
+        else:
+            continue
+        if depth > max_depth:
+            return f"nested deeper than {max_depth} levels"
+        stack.extend((child, depth + 1) for child in children)
+    return None
+
+
+def decode_request_json(data: str | bytes) -> object:
+    """JSON of a request body, a query parameter or a WebSocket message. Anything unfit
+    (not JSON, bad UTF-8, too deep, not text) is a JSONDecodeError, which Strawberry
+    answers with 400 (HTTP) or close 4400 (WebSocket)."""
+    try:
+        value = json.loads(data)
+    except json.JSONDecodeError:
+        raise
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, a huge integer, too deep
+        reason = "too deeply nested" if isinstance(exc, RecursionError) else str(exc)
+        raise json.JSONDecodeError(reason.split("\n")[0][:120], "", 0) from exc
+    problem = json_problem(value, JSON_MAX_DEPTH)
+    if problem is not None:
+        raise json.JSONDecodeError(problem, "", 0)
+    return value
+
+
+def _invalid_ws_message(message: object) -> str | None:
+    """Why a graphql-transport-ws message is malformed, or None when its shape is right."""
+    if not isinstance(message, dict) or not isinstance(message.get("type"), str):
+        return "a message must be a JSON object with a string `type`"
+    if message["type"] not in ("subscribe", "complete"):
+        return None
+    op_id = message.get("id")
+    if not isinstance(op_id, str) or not 0 < len(op_id) <= WS_ID_MAX:
+        return f"`id` must be a string of 1 to {WS_ID_MAX} characters"
+    if message["type"] == "complete":
+        return None
+    payload = message.get("payload")
+    if not isinstance(payload, dict) or not isinstance(payload.get("query"), str):
+        return "`payload` must be an object with a string `query`"
+    for key, kind in (("variables", dict), ("extensions", dict), ("operationName", str)):
+        if payload.get(key) is not None and not isinstance(payload[key], kind):
+            return f"`payload.{key}` must be {'an object' if kind is dict else 'a string'}"
+    return None
+
+
+class StrictTransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
+    """graphql-transport-ws, with every message's shape checked before Strawberry reads it:
+    a malformed one closes the socket with 4400 and the reason (the protocol's answer)."""
+
+    async def handle_message(self, message: Message) -> None:
+        problem = _invalid_ws_message(message)
+        if problem is not None:
+            await self.handle_invalid_message(problem)
+            return
+        await super().handle_message(message)
+
+
+class StrictGraphQL(GraphQL[Context, None]):
+    """Strawberry's ASGI app with strict input. Subscriptions are served over the
+    WebSocket only (graphql-transport-ws, the protocol the API names)."""
+
+    graphql_transport_ws_handler_class = StrictTransportWSHandler
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("subscription_protocols", (GRAPHQL_TRANSPORT_WS_PROTOCOL,))
+        super().__init__(*args, **kwargs)
+
+    def decode_json(self, data: str | bytes) -> object:
+        return decode_request_json(data)
+
+    def parse_json(self, data: str | bytes) -> Any:
+        """An HTTP body or a `variables`/`extensions` parameter: a JSON object (or a list,
+        which Strawberry refuses as a batch), never a bare string, number or null."""
+        try:
+            value = decode_request_json(data)
+        except json.JSONDecodeError as exc:  # its msg says what, never quotes the input
+            raise HTTPException(400, f"Unable to parse request body as JSON: {exc.msg}") from exc
+        if not isinstance(value, dict | list):
+            kind = "null" if value is None else _JSON_KINDS.get(type(value), "a value")
+            raise HTTPException(400, f"expected a JSON object, not {kind}")
+        return value
+
+    def parse_query_params(self, params: Any) -> dict[str, Any]:
+        # `variables=null` in a GET is allowed (GraphQL over HTTP): the same as none.
+        given = {
+            key: value
+            for key, value in dict(params).items()
+            if not (key in ("variables", "extensions") and value.strip() == "null")
+        }
+        return super().parse_query_params(given)
+
+    async def execute_single(
+        self,
+        request: Any,
+        request_adapter: AsyncHTTPRequestAdapter,
+        sub_response: Any,
+        context: Context,
+        root_value: None,
+        request_data: Any,
+    ) -> ExecutionResult:
+        """As Strawberry's, but a subscription over plain HTTP is a 400: executed as a query
+        it failed inside (a masked error), since its resolver yields instead of returning."""
+        allowed = {OperationType.QUERY}
+        if request_adapter.method == "POST":
+            allowed.add(OperationType.MUTATION)
+        try:
+            return await self.schema.execute(
+                request_data.query,
+                root_value=root_value,
+                variable_values=request_data.variables,
+                context_value=context,
+                operation_name=request_data.operation_name,
+                allowed_operation_types=allowed,
+                operation_extensions=request_data.extensions,
+            )
+        except CannotGetOperationTypeError as exc:
+            raise HTTPException(400, exc.as_http_error_reason()) from exc
+        except InvalidOperationTypeError as exc:
+            reason = exc.as_http_error_reason(request_adapter.method)
+            if exc.operation_type is OperationType.SUBSCRIPTION:
+                reason += " (subscribe over the WebSocket at /graphql, graphql-transport-ws)"
+            raise HTTPException(400, reason) from exc
+        except MissingQueryError as exc:
+            raise HTTPException(400, "No GraphQL query found in the request") from exc
