@@ -1,26 +1,31 @@
-"""Walls around every request: a bounded body, bounded WebSocket messages, known Host names.
+"""Walls around every request: known Host names, a bounded body, bounded WebSocket messages.
 
-The body limit is checked twice: a declared `Content-Length` over it is refused before a
-byte is read, and a body without one (chunked) is counted as it arrives, so no more than
-the limit is ever buffered. Starlette's own `max_body_size` works the same way but answers
-a bare "Content Too Large" and only once the endpoint reads; this one says which limit
-and which setting, for every route.
+The body limit is checked twice: a declared `Content-Length` over it is refused before the
+app runs, and a body without one (chunked) is counted as it arrives, so no more than the
+limit is ever buffered. Starlette's own `max_body_size` works alike but answers a bare
+"Content Too Large", only once the endpoint reads; this one names the limit and the setting.
+
+Most clients send their whole body before they read the answer, so a refused body is read
+and dropped (up to DRAIN_MAX_BYTES, never kept) before the 413 goes out; past that the
+connection is closed and such a client sees it reset instead.
 """
 
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from starlette.datastructures import Headers
 from starlette.middleware import Middleware
-from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.responses import PlainTextResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.settings import Settings
 
-# RFC 6455 close code 1009: "message too big".
+# RFC 6455 close codes: 1009 "message too big", 1008 "policy violation".
 WS_MESSAGE_TOO_BIG = 1009
+WS_POLICY_VIOLATION = 1008
+DRAIN_MAX_BYTES = 16 * 1024 * 1024
 
 
 class BodyTooLarge(Exception):
@@ -54,7 +59,8 @@ class BodySizeLimit:
                 await PlainTextResponse("invalid Content-Length\n", 400)(scope, receive, send)
                 return
             if int(declared) > self.max_bytes:
-                await self._refuse(scope, receive, send)
+                drained = int(declared) <= DRAIN_MAX_BYTES and await _drain(receive)
+                await self._refuse(scope, receive, send, close=not drained)
                 return
         started = False
         received = 0
@@ -78,13 +84,12 @@ class BodySizeLimit:
         except BodyTooLarge:
             if started:  # too late for a 413: end the connection (the server logs it)
                 raise
-            await self._refuse(scope, receive, send)
+            drained = await _drain(receive, DRAIN_MAX_BYTES - received)
+            await self._refuse(scope, receive, send, close=not drained)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        # Connection: close, so the server does not read the rest of the body.
-        response = PlainTextResponse(
-            too_large_message(self.max_bytes), 413, headers={"connection": "close"}
-        )
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, *, close: bool) -> None:
+        headers = {"connection": "close"} if close else None
+        response = PlainTextResponse(too_large_message(self.max_bytes), 413, headers=headers)
         await response(scope, receive, send)
 
     def _bounded_ws_receive(self, receive: Receive, send: Send) -> Receive:
@@ -101,15 +106,77 @@ class BodySizeLimit:
         return bounded
 
 
-def request_walls(settings: Settings) -> list[Middleware]:
-    """The Host check first (a foreign Host gets 400 and nothing more), then the body limit.
+async def _drain(receive: Receive, budget: int = DRAIN_MAX_BYTES) -> bool:
+    """Read and drop the rest of a request body; False when it is longer than `budget`."""
+    while budget >= 0:
+        message = await receive()
+        if message["type"] != "http.request":
+            return False  # the client went away
+        budget -= len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return budget >= 0
+    return False
 
-    Starlette's TrustedHostMiddleware checks WebSockets too, and IPv6 literals with a port
-    (`[::1]:8000` matches `[::1]`)."""
+
+def host_name(header: str | None) -> str | None:
+    """The lower-case host of a Host header (IPv6 literals keep their brackets), or None
+    when it is missing or not a host[:port]."""
+    if not header:
+        return None
+    try:
+        parts = urlsplit(f"//{header}")
+        parts.port  # noqa: B018 (raises ValueError on a bad port)
+    except ValueError:
+        return None
+    host = parts.hostname
+    if not host or parts.netloc != header or "@" in header or parts.path:
+        return None
+    host = host.rstrip(".")  # "localhost." is the same name as "localhost"
+    return f"[{host}]" if ":" in host else host
+
+
+def host_allowed(host: str, patterns: list[str]) -> bool:
+    """Whether `host` matches one of the patterns (`*`, `*.example.com`, or a name)."""
+    return any(
+        pattern in ("*", host) or (pattern.startswith("*.") and host.endswith(pattern[1:]))
+        for pattern in patterns
+    )
+
+
+class AllowedHosts:
+    """ASGI middleware: a request whose Host is not an allowed name gets 400 (HTTP) or is
+    refused before the handshake (WebSocket: uvicorn answers 403), so a page on another
+    site cannot reach the API through a DNS-rebound name.
+
+    Starlette's TrustedHostMiddleware does the same check, but it refuses a WebSocket with
+    a denial response that uvicorn's websockets-sansio logs at ERROR on every refusal
+    (Kludex/uvicorn#3138), and a client's mistake must not be an ERROR line."""
+
+    def __init__(self, app: ASGIApp, patterns: list[str]) -> None:
+        self.app = app
+        self.patterns = [pattern.lower() for pattern in patterns]
+        self.allow_any = "*" in self.patterns
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.allow_any or scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        header = Headers(scope=scope).get("host")
+        host = host_name(header)
+        if host is not None and host_allowed(host, self.patterns):
+            await self.app(scope, receive, send)
+        elif scope["type"] == "websocket":
+            await send({"type": "websocket.close", "code": WS_POLICY_VIOLATION})
+        else:
+            shown = "no Host header" if header is None else f"Host {header[:100]!r}"
+            text = f"{shown} is not an allowed name for this server (CORRAL_ALLOWED_HOSTS)\n"
+            await PlainTextResponse(text, 400)(scope, receive, send)
+
+
+def request_walls(settings: Settings) -> list[Middleware]:
+    """The Host check first (a foreign Host gets 400 and nothing more), then the body limit."""
     return [
-        Middleware(
-            TrustedHostMiddleware, allowed_hosts=settings.allowed_host_names, www_redirect=False
-        ),
+        Middleware(AllowedHosts, patterns=settings.allowed_host_names),
         Middleware(BodySizeLimit, max_bytes=settings.max_request_bytes),
     ]
 
