@@ -11,25 +11,32 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
+import subprocess
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from starlette.types import Message, Receive, Scope, Send
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
 from graphql_schema.context import AppServices, Context, RequestFinished
+from server.limits import BodySizeLimit
 from server.secretbox import load_secret_box
 from server.settings import Settings
 from tests.conftest import GraphQLClient
+from tests.fixtures.processes import CORRAL_BIN, free_port, stop, wait_for_http
 from tests.fixtures.servers import LiveServer, running_server
 
 LIMIT = 64 * 1024  # a small CORRAL_MAX_REQUEST_BYTES, so the tests move little data
 TIMEOUT = 30.0
 PROTOCOL = [Subprotocol("graphql-transport-ws")]
+JSON = {"content-type": "application/json"}
 
 
 @pytest.fixture
@@ -137,6 +144,72 @@ async def test_websocket_message_over_the_limit_closes_with_1009(live: LiveServe
     assert closed.value.rcvd.code == 1009
 
 
+async def test_corral_serve_bounds_bodies_and_websocket_messages(tmp_path: Path) -> None:
+    """`corral serve` itself: uvicorn refuses a larger WebSocket frame (1009) before it is
+    assembled (its default would take 16 MiB), and the app refuses a larger body."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    env["CORRAL_MAX_REQUEST_BYTES"] = str(LIMIT)
+    process = subprocess.Popen(
+        [str(CORRAL_BIN), "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        await asyncio.to_thread(wait_for_http, f"{base}/healthz", process)
+        async with httpx.AsyncClient(base_url=base, timeout=TIMEOUT) as http:
+            response = await http.post("/graphql", content=graphql_body(LIMIT + 1), headers=JSON)
+        assert response.status_code == 413, response.text
+        async with connect(f"ws://127.0.0.1:{port}/graphql", subprotocols=PROTOCOL) as ws:
+            await ws.send(json.dumps({"type": "connection_init", "payload": {}}))
+            assert json.loads(await ws.recv()) == {"type": "connection_ack"}
+            await ws.send(json.dumps({"type": "ping", "payload": {"pad": "x" * LIMIT}}))
+            with pytest.raises(ConnectionClosed) as closed:
+                async with asyncio.timeout(TIMEOUT):
+                    await ws.recv()
+        assert closed.value.rcvd is not None
+        assert closed.value.rcvd.code == 1009
+        # Refused by the server's frame limit, not by the app after assembling it.
+        assert "frame exceeds limit" in closed.value.rcvd.reason
+    finally:
+        code, output = await asyncio.to_thread(stop, process)
+    assert code in (0, -15), output
+
+
+async def test_app_closes_a_websocket_message_over_the_limit_itself() -> None:
+    """Behind a server without a frame limit, the app still refuses a big message (1009)
+    and its endpoint sees a disconnect, never the message."""
+    incoming = [
+        {"type": "websocket.connect"},
+        {"type": "websocket.receive", "text": "x" * 10},
+        {"type": "websocket.receive", "text": "é" * 6},  # 12 bytes in UTF-8
+    ]
+    sent: list[Message] = []
+    seen: list[Message] = []
+
+    async def receive() -> Message:
+        return incoming.pop(0)
+
+    async def send(message: Message) -> None:
+        sent.append(message)
+
+    async def endpoint(_scope: Scope, receive: Receive, _send: Send) -> None:
+        for _ in range(3):
+            seen.append(await receive())
+
+    await BodySizeLimit(endpoint, max_bytes=10)({"type": "websocket"}, receive, send)
+    assert [m["type"] for m in seen] == [
+        "websocket.connect",
+        "websocket.receive",
+        "websocket.disconnect",
+    ]
+    assert sent == [{"type": "websocket.close", "code": 1009}]
+
+
 # -- Host names -------------------------------------------------------------------------------
 
 
@@ -204,7 +277,6 @@ async def test_allowed_hosts_setting_replaces_the_defaults(settings: Settings) -
 
 # -- malformed requests -------------------------------------------------------------------------
 
-JSON = {"content-type": "application/json"}
 MALFORMED_POSTS: list[tuple[bytes, dict[str, str], str]] = [
     (b'"hello"', JSON, "expected a JSON object, not a string"),
     (b"1", JSON, "expected a JSON object, not a number"),
