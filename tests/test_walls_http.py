@@ -477,3 +477,31 @@ def select_one() -> Any:
     from sqlalchemy import literal, select
 
     return select(literal(1))
+
+
+# -- the Host setting ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("host", "names"),
+    [
+        ("127.0.0.1", ["localhost", "127.0.0.1", "[::1]"]),
+        ("0.0.0.0", ["localhost", "127.0.0.1", "[::1]"]),  # noqa: S104
+        ("::", ["localhost", "127.0.0.1", "[::1]"]),
+        ("corral.lan", ["localhost", "127.0.0.1", "[::1]", "corral.lan"]),
+        ("fd00::5", ["localhost", "127.0.0.1", "[::1]", "[fd00::5]"]),
+    ],
+)
+def test_default_allowed_hosts_follow_the_listening_address(host: str, names: list[str]) -> None:
+    assert Settings(host=host).allowed_host_names == names
+
+
+def test_allowed_hosts_setting_is_split_and_checked() -> None:
+    assert Settings(allowed_hosts=" A.example , *.corp.test,*").allowed_host_names == [
+        "a.example",
+        "*.corp.test",
+        "*",
+    ]
+    for bad in ("a*b", "*corp.test", "*.", " , "):
+        with pytest.raises(ValueError, match="allowed_hosts"):
+            Settings(allowed_hosts=bad)
