@@ -61,7 +61,8 @@ def pk_of(global_id: str, type_name: str, *, field: str) -> int:
     """The primary key of a global ID of the given type, or a NOT_FOUND user error on `field`."""
     decoded = decode_id(global_id)
     if decoded is None or decoded[0] != type_name:
-        raise InvalidInput.one(field, f"not a {type_name} ID: {global_id!r}", ErrorCode.NOT_FOUND)
+        shown = repr(global_id[:64]) + ("…" if len(global_id) > 64 else "")
+        raise InvalidInput.one(field, f"not a {type_name} ID: {shown}", ErrorCode.NOT_FOUND)
     return decoded[1]
 
 
