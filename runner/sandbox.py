@@ -181,6 +181,26 @@ def choose_sandbox(settings: Settings, code_dirs: Iterable[Path] = ()) -> Sandbo
     return Sandbox(NONE)
 
 
+def check_reachable(path: Path, run_as: RunAs) -> None:
+    """SandboxError unless the run-as user may pass through every folder down to `path`
+    (e.g. a workspace under /root, which is 0700, is out of its reach)."""
+    groups = {run_as.gid, *os.getgrouplist(run_as.name, run_as.gid)}
+    for folder in [*reversed(path.parents), path]:
+        info = folder.stat()
+        if info.st_uid == run_as.uid:
+            bit = 0o100
+        elif info.st_gid in groups:
+            bit = 0o010
+        else:
+            bit = 0o001
+        if not info.st_mode & bit:
+            raise SandboxError(
+                f"the workspace {path} is out of reach of CORRAL_RUN_AS={run_as.name} "
+                f"({folder} is mode {info.st_mode & 0o777:o}): set CORRAL_WORKSPACE_DIR to a "
+                "folder it can reach"
+            )
+
+
 def _run_as(settings: Settings) -> RunAs | None:
     if not settings.run_as:
         return None

@@ -41,7 +41,7 @@ from runner.process import (
     sweep_run,
     use_pidfd_child_watcher,
 )
-from runner.sandbox import BWRAP, NONE, RunAs, Sandbox, choose_sandbox
+from runner.sandbox import BWRAP, NONE, RunAs, Sandbox, check_reachable, choose_sandbox
 from server.broker import CANCEL_TOPIC, QUEUE_TOPIC, Broker
 from server.commands import PROXY_URL_ENV, browser_settings, command_context, service_tokens
 from server.db import sqlite_timestamp
@@ -278,6 +278,8 @@ class Supervisor:
             self._is_postgres = session.get_bind().dialect.name == "postgresql"
         self.sandbox = await asyncio.to_thread(runner_sandbox, self.settings)
         await asyncio.to_thread(prepare_workspace, self.settings)
+        if self.sandbox.run_as is not None:
+            check_reachable(self.settings.commands_dir, self.sandbox.run_as)
         if self.sandbox.mode != BWRAP:
             # What leaves a command's session comes back to this process: see process.py.
             become_subreaper()

@@ -23,6 +23,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from runner.sandbox import SandboxError
 from server.app import create_app
 from server.settings import Settings
 from tests.conftest import TEST_KEY, GraphQLClient
@@ -157,6 +158,16 @@ async def _own_folders(gql: GraphQLClient) -> None:
 
 def _quote(text: str) -> str:
     return "'" + text.replace("'", "'\\''") + "'"
+
+
+@needs_root
+async def test_a_workspace_out_of_the_run_as_users_reach_is_refused(settings: Settings) -> None:
+    # The default workspace sits beside the data dir, here inside pytest's 0700 folder.
+    settings = settings.model_copy(update={"sandbox": "user", "run_as": RUN_AS})
+    app = create_app(settings)
+    with pytest.raises(SandboxError, match=f"out of reach of CORRAL_RUN_AS={RUN_AS}"):
+        async with app.router.lifespan_context(app):
+            pass
 
 
 # -- modes of the private files ---------------------------------------------------------
