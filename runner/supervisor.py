@@ -41,7 +41,7 @@ from runner.process import (
     sweep_run,
     use_pidfd_child_watcher,
 )
-from runner.sandbox import BWRAP, NONE, RunAs, Sandbox, check_reachable, choose_sandbox
+from runner.sandbox import NONE, RunAs, Sandbox, check_reachable, choose_sandbox
 from server.broker import CANCEL_TOPIC, QUEUE_TOPIC, Broker
 from server.commands import PROXY_URL_ENV, browser_settings, command_context, service_tokens
 from server.db import sqlite_timestamp
@@ -280,9 +280,10 @@ class Supervisor:
         await asyncio.to_thread(prepare_workspace, self.settings)
         if self.sandbox.run_as is not None:
             check_reachable(self.settings.commands_dir, self.sandbox.run_as)
-        if self.sandbox.mode != BWRAP:
-            # What leaves a command's session comes back to this process: see process.py.
-            become_subreaper()
+        # What leaves a command's session comes back to this process (see process.py), and
+        # so does bwrap's PID-namespace init, which its monitor leaves behind unreaped: a
+        # zombie of the command's group that the host's init may take seconds to collect.
+        become_subreaper()
         LIVE_RUNNERS.add(self.runner_id)
         use_pidfd_child_watcher()
         self._files = ThreadPoolExecutor(1, thread_name_prefix="corral-files")
