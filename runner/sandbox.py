@@ -158,11 +158,14 @@ def choose_sandbox(settings: Settings, code_dirs: Iterable[Path] = ()) -> Sandbo
         binary = shutil.which(BWRAP)
         reason = "bubblewrap (bwrap) is not installed" if binary is None else None
         if binary is not None:
+            readable = _read_only(settings, code_dirs)
+            if run_as is not None:  # what it could not reach anyway (bwrap would fail)
+                readable = [p for p in readable if _barrier(Path(p), run_as) is None]
             sandbox = Sandbox(
                 BWRAP,
                 run_as=run_as,
                 bwrap=binary,
-                read_only=tuple(_read_only(settings, code_dirs)),
+                read_only=tuple(readable),
                 hidden=tuple(_hidden(settings, code_dirs)),
             )
             reason = probe(sandbox)
@@ -184,9 +187,23 @@ def choose_sandbox(settings: Settings, code_dirs: Iterable[Path] = ()) -> Sandbo
 def check_reachable(path: Path, run_as: RunAs) -> None:
     """SandboxError unless the run-as user may pass through every folder down to `path`
     (e.g. a workspace under /root, which is 0700, is out of its reach)."""
+    barrier = _barrier(path, run_as)
+    if barrier is not None:
+        raise SandboxError(
+            f"the workspace {path} is out of reach of CORRAL_RUN_AS={run_as.name} "
+            f"({barrier} is mode {barrier.stat().st_mode & 0o777:o}): set "
+            "CORRAL_WORKSPACE_DIR to a folder it can reach"
+        )
+
+
+def _barrier(path: Path, run_as: RunAs) -> Path | None:
+    """The first folder on the way to `path` that the user may not pass through."""
     groups = {run_as.gid, *os.getgrouplist(run_as.name, run_as.gid)}
     for folder in [*reversed(path.parents), path]:
-        info = folder.stat()
+        try:
+            info = folder.stat()
+        except FileNotFoundError:
+            return None  # made later, by Corral, for the user
         if info.st_uid == run_as.uid:
             bit = 0o100
         elif info.st_gid in groups:
@@ -194,11 +211,8 @@ def check_reachable(path: Path, run_as: RunAs) -> None:
         else:
             bit = 0o001
         if not info.st_mode & bit:
-            raise SandboxError(
-                f"the workspace {path} is out of reach of CORRAL_RUN_AS={run_as.name} "
-                f"({folder} is mode {info.st_mode & 0o777:o}): set CORRAL_WORKSPACE_DIR to a "
-                "folder it can reach"
-            )
+            return folder
+    return None
 
 
 def _run_as(settings: Settings) -> RunAs | None:

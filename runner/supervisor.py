@@ -563,9 +563,13 @@ class Supervisor:
                 )
             prepared = self._render(loaded, proxy_url)
             if loaded.profile is not None:
-                prepared.writable.append(
-                    _profile_dir(user_data_dir(loaded.profile, self.settings), self.sandbox.run_as)
-                )
+                path = user_data_dir(loaded.profile, self.settings)
+                try:
+                    prepared.writable.append(_profile_dir(path, self.sandbox.run_as))
+                except OSError as exc:
+                    message = f"cannot prepare the profile dir {path}: {exc.strerror or exc}"
+                    await writer.add(LogStream.SYSTEM, message)
+                    return Outcome(CommandStatus.FAILED, error=message, retryable=False)
             return await self._execute(attempt, loaded.command, prepared, writer)
         raise AssertionError("unreachable")  # pragma: no cover - the stack never swallows
 

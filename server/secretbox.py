@@ -18,7 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from server.models import Meta
 from server.settings import Settings
-from server.storage import PRIVATE_FILE_MODE, secure_data_dir, tighten
+from server.storage import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, secure_data_dir, tighten
 
 CHECK_KEY = "secret_check"
 CHECK_PLAINTEXT = "corral-secret-check-v1"
@@ -80,7 +80,9 @@ def load_secret_box(settings: Settings) -> SecretBox:
 
 
 def _read_key_file(path: Path) -> bytes:
-    tighten(path, PRIVATE_FILE_MODE)  # 0600, whatever it had (an INFO line says so)
+    # 0600 in a 0700 folder, whatever they had (an INFO line says so).
+    tighten(path.parent, PRIVATE_DIR_MODE)
+    tighten(path, PRIVATE_FILE_MODE)
     key = path.read_text().strip().encode()
     if not key:
         raise SecretKeyError(f"{path} is empty")

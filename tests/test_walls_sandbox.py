@@ -46,8 +46,10 @@ def reachable_dir() -> Iterator[Path]:
 
 
 def walled(settings: Settings, mode: str, workspace: Path) -> Settings:
-    update: dict[str, object] = {"sandbox": mode, "kill_grace_seconds": 1.0}
-    if mode == "user":
+    """`mode`: a CORRAL_SANDBOX value, or `bwrap+user` (the sandbox, as the run-as user)."""
+    sandbox, _, as_user = mode.partition("+")
+    update: dict[str, object] = {"sandbox": sandbox, "kill_grace_seconds": 1.0}
+    if "user" in (sandbox, as_user):
         update |= {"run_as": RUN_AS, "workspace_dir": workspace / "work"}
     return settings.model_copy(update=update)
 
@@ -62,7 +64,11 @@ async def running(settings: Settings) -> AsyncIterator[GraphQLClient]:
             yield GraphQLClient(http)
 
 
-MODES = ["bwrap", pytest.param("user", marks=needs_root)]
+MODES = [
+    "bwrap",
+    pytest.param("user", marks=needs_root),
+    pytest.param("bwrap+user", marks=needs_root),
+]
 
 
 def all_text(lines: list[dict[str, object]]) -> str:
@@ -117,13 +123,13 @@ async def _cannot_read(gql: GraphQLClient, settings: Settings, walls: str) -> No
     assert final["status"] in {"SUCCEEDED", "FAILED"}
     stored = all_text(await logs_of(gql, command_id))
     secrets = [KEY_CANARY, "SQLite format", server_environ]
-    if walls == "bwrap":
+    if walls.startswith("bwrap"):
         secrets += ["PROFILECANARY", "COMMANDCANARY"]
     for secret in secrets:
         assert secret not in stored, stored
     denied = {name for name in tries if f"DENIED:{name}" in stored}
     must = set(tries)
-    if walls == "bwrap":
+    if walls.startswith("bwrap"):
         # Its parent is its sandbox's init, whose environment is the command's own.
         must.discard("parent-env")
     else:
@@ -250,7 +256,7 @@ async def wait_escapees(tag: str, present: bool, timeout: float) -> list[int]:
     return found
 
 
-@pytest.mark.parametrize("mode", ["bwrap", pytest.param("user", marks=needs_root), "none"])
+@pytest.mark.parametrize("mode", [*MODES, "none"])
 @pytest.mark.parametrize("ending", ["exit", "timeout", "cancel"])
 async def test_a_child_that_leaves_its_session_and_clears_its_environment_is_stopped(
     settings: Settings,
