@@ -22,7 +22,8 @@ test: setup lint typecheck pytest
 
 setup: system-deps $(STAMP) $(NODE_STAMP)
 
-# Debian packages: Chromium for the Playwright host, v2ray as the Xray-compatible sidecar.
+# Debian packages: Chromium for the Playwright host, v2ray as the Xray-compatible sidecar,
+# bubblewrap for the commands' sandbox (CORRAL_SANDBOX).
 system-deps:
 	@missing=""; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
@@ -30,6 +31,7 @@ system-deps:
 	command -v node >/dev/null 2>&1 || missing="$$missing nodejs"; \
 	command -v npm >/dev/null 2>&1 || missing="$$missing npm"; \
 	command -v curl >/dev/null 2>&1 || missing="$$missing curl"; \
+	command -v bwrap >/dev/null 2>&1 || missing="$$missing bubblewrap"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing; \

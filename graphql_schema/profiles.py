@@ -80,7 +80,7 @@ class Profile(Node):
             row=row,
         )
 
-    @strawberry.field(description="The Chrome user-data-dir (default: <data dir>/profiles/<id>).")
+    @strawberry.field(description="The Chrome user-data-dir (default: <workspace>/profiles/<id>).")
     def user_data_dir(self, info: Info) -> str:
         return profile_service.user_data_dir(self.row, info.context.settings)
 
@@ -132,7 +132,7 @@ class Profile(Node):
 class CreateProfileInput:
     name: str
     user_data_dir: str | None = strawberry.field(
-        default=strawberry.UNSET, description="Absolute path; default <data dir>/profiles/<id>."
+        default=strawberry.UNSET, description="Absolute path; default <workspace>/profiles/<id>."
     )
     user_agent: str | None = strawberry.UNSET
     locale: str | None = strawberry.UNSET

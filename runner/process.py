@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -40,11 +42,15 @@ class Child:
         assert popen.stderr is not None
         self.stdout: IO[bytes] = popen.stdout
         self.stderr: IO[bytes] = popen.stderr
+        SPAWNED.add(popen.pid)
+        stat = proc_stat(popen.pid)
+        self.started_at = stat.started_at if stat is not None else 0
 
     @classmethod
-    def start(cls, argv: list[str], env: dict[str, str], cwd: str) -> Child:
+    def start(cls, argv: list[str], env: dict[str, str], cwd: str, **options: Any) -> Child:
         """Start `argv` in a session (and process group) of its own; stdin is /dev/null.
-        Raises OSError when it cannot be started (nothing is left behind then)."""
+        `options` go to Popen (e.g. user, group). Raises OSError when it cannot be started
+        (nothing is left behind then)."""
         return cls(
             subprocess.Popen(  # an argv list, no shell
                 argv,
@@ -54,6 +60,7 @@ class Child:
                 env=env,
                 cwd=cwd,
                 start_new_session=True,
+                **options,
             )
         )
 
@@ -65,7 +72,10 @@ class Child:
     def returncode(self) -> int | None:
         """The exit status once the process has exited (it is reaped on the first look
         after its exit, as asyncio's child watcher would)."""
-        return self._popen.poll()
+        code = self._popen.poll()
+        if code is not None:
+            SPAWNED.discard(self._popen.pid)
+        return code
 
 
 async def pipe_chunks(pipe: IO[bytes], size: int) -> AsyncGenerator[bytes, None]:
@@ -108,7 +118,10 @@ def _set_result(future: asyncio.Future[None]) -> None:
 
 
 def group_alive(pgid: int) -> bool:
-    """Whether any process of the group still exists."""
+    """Whether any process of the group still exists (a subreaper first reaps the group's
+    members it adopted: their zombies would count as alive)."""
+    if _subreaper:
+        reap_adopted(lambda stat: stat.pgrp == pgid)
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
@@ -291,6 +304,113 @@ def _environs(pids: list[int]) -> dict[int, list[bytes]]:
 
 
 SWEEPER = Sweeper()
+
+# -- a subreaper: what leaves a command's session still ends up here -------------------------
+#
+# Without a sandbox's PID namespace, a process that calls setsid and clears its environment
+# has nothing left that ties it to its command. As a child subreaper, this process becomes
+# its parent once the command's processes above it are gone: then it is found among this
+# process's children, told apart from the children it started itself (SPAWNED) and from the
+# orphans of commands still running (their session is a live leader's), and killed.
+
+PR_SET_CHILD_SUBREAPER = 36
+SPAWNED: set[int] = set()  # session leaders this process started and will reap itself
+_subreaper = False
+
+
+def become_subreaper() -> bool:
+    """Make this process the child subreaper of its descendants (prctl); False if refused."""
+    global _subreaper
+    if _subreaper:
+        return True
+    libc = ctypes.CDLL(None, use_errno=True)
+    _subreaper = bool(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0)
+    return _subreaper
+
+
+def is_subreaper() -> bool:
+    """Whether become_subreaper succeeded in this process."""
+    return _subreaper
+
+
+@dataclass(frozen=True, slots=True)
+class ProcStat:
+    """What /proc/<pid>/stat says about a process that matters here."""
+
+    state: str
+    pgrp: int
+    session: int
+    started_at: int  # clock ticks after boot
+
+
+def proc_stat(pid: int) -> ProcStat | None:
+    """The process's state, group, session and start time; None when it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            text = file.read()
+    except OSError:
+        return None
+    fields = text[text.rindex(")") + 2 :].split()  # the name may hold spaces and ')'
+    return ProcStat(fields[0], int(fields[2]), int(fields[3]), int(fields[19]))
+
+
+def adopted_children() -> dict[int, ProcStat]:
+    """This process's children that it did not start itself, with their stat."""
+    pids: list[int] = []
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/children") as file:
+                pids += map(int, file.read().split())
+        except OSError:
+            continue
+    own_session = os.getsid(0)
+    found = {}
+    for pid in pids:
+        if pid in SPAWNED:
+            continue
+        stat = proc_stat(pid)
+        # Children of this process's own session were started here (without a session of
+        # their own) by some library, which waits for them itself.
+        if stat is not None and stat.session != own_session:
+            found[pid] = stat
+    return found
+
+
+def reap_adopted(belongs: Callable[[ProcStat], bool]) -> list[int]:
+    """Reap the adopted zombies that `belongs` picks (nobody else waits for them); the
+    living ones it picks are returned."""
+    alive = []
+    for pid, stat in adopted_children().items():
+        if not belongs(stat):
+            continue
+        if stat.state == "Z":
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, os.WNOHANG)
+        else:
+            alive.append(pid)
+    return alive
+
+
+async def kill_adopted_escapees(started_at: int, timeout: float = 2.0) -> int:
+    """SIGKILL what a command that just ended left behind outside its process group (and
+    reap it): adopted processes younger than its first one, in no live command's session.
+    Returns how many were killed. Only a subreaper adopts them: 0 otherwise."""
+    if not _subreaper:
+        return 0
+
+    def escaped(stat: ProcStat) -> bool:
+        return stat.started_at >= started_at and stat.session not in SPAWNED
+
+    killed: set[int] = set()
+    deadline = asyncio.get_running_loop().time() + timeout
+    while asyncio.get_running_loop().time() < deadline:
+        alive = reap_adopted(escaped)
+        if not alive:
+            break
+        _kill_all(alive)  # their children come up to this process as they die: again
+        killed.update(alive)
+        await asyncio.sleep(0.01)
+    return len(killed)
 
 
 def kill_leftovers(marker: str) -> int:

@@ -31,6 +31,8 @@ from runner.process import (
     RUN_MARKER,
     SIDECAR_MARKER,
     Child,
+    become_subreaper,
+    kill_adopted_escapees,
     kill_leftovers,
     leader_exit,
     pipe_chunks,
@@ -39,6 +41,7 @@ from runner.process import (
     sweep_run,
     use_pidfd_child_watcher,
 )
+from runner.sandbox import NONE, RunAs, Sandbox, check_reachable, choose_sandbox
 from server.broker import CANCEL_TOPIC, QUEUE_TOPIC, Broker
 from server.commands import PROXY_URL_ENV, browser_settings, command_context, service_tokens
 from server.db import sqlite_timestamp
@@ -54,14 +57,21 @@ from server.models import (
     Service,
     utcnow,
 )
+from server.profiles import user_data_dir
 from server.proxies import proxy_chain
 from server.secretbox import SecretBox
 from server.settings import Settings
+from server.storage import prepare_workspace
 from xray.binary import XrayBinary, XrayBinaryError, find_binary
 from xray.config import Hop
 from xray.sidecar import SidecarError, SidecarProcess
 
 RUNNER_BIN = Path(__file__).resolve().parent / "bin"
+RUNNER_JS = Path(__file__).resolve().parent / "js"
+# What a sandboxed command may read of Corral's own code: its tools and the Playwright host
+# (node_modules may be a symlink to elsewhere: its real place is readable too).
+RUNNER_CODE = (RUNNER_BIN, RUNNER_JS, RUNNER_JS / "node_modules")
+WORKDIR_MODE = 0o700
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
 READ_CHUNK = 64 * 1024
 TICK_SECONDS = 0.5
@@ -210,6 +220,7 @@ class Loaded:
 class Prepared:
     argv: list[str]
     env: dict[str, str]
+    writable: list[str] = field(default_factory=list)  # besides its working directory
 
 
 def child_path() -> str:
@@ -253,7 +264,8 @@ class Supervisor:
         self._xray: XrayBinary | None = None
         engine: AsyncEngine = sessionmaker.kw["bind"]
         self.store = LogStore(engine, broker, metrics, self.runner_id)
-        self._commands_dir = (settings.data_dir / "commands").resolve()
+        self._commands_dir = settings.commands_dir
+        self.sandbox = Sandbox(NONE)
         self._files: ThreadPoolExecutor | None = None
         self._workdirs: set[int] = set()  # working directories made ahead of their claim
 
@@ -264,6 +276,14 @@ class Supervisor:
         self._stopping = False
         async with self.sessionmaker() as session:
             self._is_postgres = session.get_bind().dialect.name == "postgresql"
+        self.sandbox = await asyncio.to_thread(runner_sandbox, self.settings)
+        await asyncio.to_thread(prepare_workspace, self.settings)
+        if self.sandbox.run_as is not None:
+            check_reachable(self.settings.commands_dir, self.sandbox.run_as)
+        # What leaves a command's session comes back to this process (see process.py), and
+        # so does bwrap's PID-namespace init, which its monitor leaves behind unreaped: a
+        # zombie of the command's group that the host's init may take seconds to collect.
+        become_subreaper()
         LIVE_RUNNERS.add(self.runner_id)
         use_pidfd_child_watcher()
         self._files = ThreadPoolExecutor(1, thread_name_prefix="corral-files")
@@ -271,6 +291,12 @@ class Supervisor:
         await self.recover()
         self._task = asyncio.create_task(self._main(), name=f"supervisor-{self.runner_id}")
         log_event("runner_started", runner=self.runner_id, name=self.name)
+        log_event(
+            "protection",
+            level="info" if self.sandbox.protected else "warning",
+            mode=self.sandbox.mode,
+            detail=self.sandbox.describe(),
+        )
 
     async def stop(self) -> None:
         """Stop claiming; stop every child (TERM, grace, KILL) and put its command back."""
@@ -395,13 +421,13 @@ class Supervisor:
             self._workdirs.clear()
         missing = [command_id for command_id in claimed if command_id not in self._workdirs]
         if missing:
-            _make_workdirs(self._commands_dir, missing)
+            _make_workdirs(self._commands_dir, missing, self.sandbox.run_as)
         ahead = [command_id for command_id in upcoming if command_id not in self._workdirs]
         if not ahead or self._files is None:
             return
         self._workdirs.update(ahead)
         made = asyncio.get_running_loop().run_in_executor(
-            self._files, _make_workdirs, self._commands_dir, ahead
+            self._files, _make_workdirs, self._commands_dir, ahead, self.sandbox.run_as
         )
         made.add_done_callback(self._workdirs_made)
 
@@ -536,6 +562,14 @@ class Supervisor:
                     f"(started in {1000 * (sidecar.started_in or 0):.0f} ms)",
                 )
             prepared = self._render(loaded, proxy_url)
+            if loaded.profile is not None:
+                path = user_data_dir(loaded.profile, self.settings)
+                try:
+                    prepared.writable.append(_profile_dir(path, self.sandbox.run_as))
+                except OSError as exc:
+                    message = f"cannot prepare the profile dir {path}: {exc.strerror or exc}"
+                    await writer.add(LogStream.SYSTEM, message)
+                    return Outcome(CommandStatus.FAILED, error=message, retryable=False)
             return await self._execute(attempt, loaded.command, prepared, writer)
         raise AssertionError("unreachable")  # pragma: no cover - the stack never swallows
 
@@ -619,9 +653,12 @@ class Supervisor:
 
     def _child_env(self, command: ClaimedCommand, tokens: dict[str, str | None]) -> dict[str, str]:
         """A minimal environment: no Corral settings or keys, only what the child needs."""
+        home = os.environ.get("HOME", "/tmp")  # noqa: S108 - a fallback HOME only
+        if self.sandbox.protected:  # the server's HOME is not the command's to see
+            home = f"{self._commands_dir}/{command.id}"
         env = {
             "PATH": child_path(),
-            "HOME": os.environ.get("HOME", "/tmp"),  # noqa: S108 - a fallback HOME only
+            "HOME": home,
             "LANG": os.environ.get("LANG", "C.UTF-8"),
             "CORRAL_COMMAND_ID": str(command.id),
             RUN_MARKER: run_marker(self.runner_id, command.id),
@@ -637,8 +674,15 @@ class Supervisor:
     async def _execute(
         self, attempt: Attempt, command: ClaimedCommand, prepared: Prepared, writer: LogWriter
     ) -> Outcome:
+        workdir = f"{self._commands_dir}/{command.id}"
         try:
-            process = Child.start(prepared.argv, prepared.env, f"{self._commands_dir}/{command.id}")
+            self.sandbox.check_program(prepared.argv[0], prepared.env["PATH"], workdir)
+            process = Child.start(
+                self.sandbox.wrap(prepared.argv, workdir, prepared.writable),
+                prepared.env,
+                workdir,
+                **self.sandbox.popen_options(),
+            )
         except OSError as exc:
             message = (
                 f"attempt {attempt.number}: cannot start {prepared.argv[0]!r}: "
@@ -672,6 +716,7 @@ class Supervisor:
     ) -> None:
         await stop_group(pgid, process, self.settings.kill_grace_seconds)
         escaped = await sweep_run(run_marker(self.runner_id, command_id), pgid)
+        escaped += await kill_adopted_escapees(process.started_at)
         if escaped:
             log_event("killed_escaped", command=command_id, processes=escaped)
         # The pipes close once the last process holding them is gone; one that hid even
@@ -913,16 +958,36 @@ class Supervisor:
         log_event("recovered", command=command.id, previous_runner=previous, status=command.status)
 
 
-def _make_workdirs(commands_dir: Path, command_ids: list[int]) -> None:
-    """The working directory of each command: `<data dir>/commands/<id>`."""
+def runner_sandbox(settings: Settings) -> Sandbox:
+    """The protection this host gives commands (bwrap is probed once per process)."""
+    return choose_sandbox(settings, RUNNER_CODE)
+
+
+def _make_workdirs(commands_dir: Path, command_ids: list[int], run_as: RunAs | None) -> None:
+    """The working directory of each command: `<workspace>/commands/<id>` (0700, the
+    run-as user's when there is one)."""
     for command_id in command_ids:
         path = f"{commands_dir}/{command_id}"
         try:
-            os.mkdir(path)
+            os.mkdir(path, WORKDIR_MODE)
         except FileExistsError:
             pass
         except FileNotFoundError:
-            os.makedirs(path, exist_ok=True)
+            os.makedirs(path, WORKDIR_MODE, exist_ok=True)
+        if run_as is not None:
+            os.chown(path, run_as.uid, run_as.gid)
+
+
+def _profile_dir(path: str, run_as: RunAs | None) -> str:
+    """The profile's user-data-dir, made (0700) if missing and the run-as user's (all of it,
+    when an earlier run left files of another owner)."""
+    os.makedirs(path, WORKDIR_MODE, exist_ok=True)
+    if run_as is not None and os.stat(path).st_uid != run_as.uid:
+        for root, dirs, files in os.walk(path):
+            for name in (root, *(os.path.join(root, entry) for entry in dirs + files)):
+                with contextlib.suppress(FileNotFoundError):
+                    os.chown(name, run_as.uid, run_as.gid, follow_symlinks=False)
+    return path
 
 
 # The claim's statements, for each driver. `{}`: where the placeholders differ.

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 
 from pydantic import ValidationError
 
+from runner.sandbox import SandboxError
+from runner.supervisor import runner_sandbox
 from server import __version__, migrate
 from server.app import StartupError, create_app, prepare_database, run_standalone_runner
 from server.db import create_engine
@@ -55,6 +57,15 @@ def _describe_database(settings: Settings) -> str:
     return make_url(settings.resolved_database_url).render_as_string(hide_password=True)
 
 
+def print_protection(settings: Settings) -> None:
+    """Say which wall stands between commands and Corral's files (a warning when none)."""
+    sandbox = runner_sandbox(settings)
+    if sandbox.protected:
+        print(f"Corral protection: {sandbox.describe()}", flush=True)
+    else:
+        print(f"Corral WARNING: {sandbox.describe()}", flush=True)
+
+
 def freeze_startup_heap() -> None:
     """Take what startup built (modules, the GraphQL schema, ORM mappers: some 130k
     objects) out of the cyclic garbage collector's sight, as a long-running server should.
@@ -84,6 +95,8 @@ def cmd_serve(args: argparse.Namespace) -> None:
     )
     server = uvicorn.Server(config)
     print(f"Corral {__version__}: database {_describe_database(settings)}", flush=True)
+    if settings.embedded_runner:
+        print_protection(settings)
     if settings.port:
         print(
             f"Corral listening on http://{settings.host}:{settings.port}/ (GraphQL at /graphql)",
@@ -124,6 +137,7 @@ def cmd_runner(_args: argparse.Namespace) -> None:
             "`corral runner` needs a shared PostgreSQL (CORRAL_DATABASE_URL); on the embedded "
             "SQLite, `corral serve` runs commands itself"
         )
+    print_protection(settings)
     freeze_startup_heap()
     asyncio.run(run_standalone_runner(settings))
 
@@ -180,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("alembic").setLevel(logging.WARNING)
     try:
         args.func(args)
-    except (CliError, StartupError, SecretKeyError) as exc:
+    except (CliError, StartupError, SecretKeyError, SandboxError) as exc:
         print(f"corral: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy
@@ -16,6 +17,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from server.settings import Settings
+from server.storage import secure_sqlite_file
 
 SQLITE_BUSY_TIMEOUT_MS = 5000
 STORE_CHECKPOINT_PAGES = 4000
@@ -25,8 +27,8 @@ def create_engine(settings: Settings, **kwargs: Any) -> AsyncEngine:
     """Create the async engine for the configured database (SQLite gets WAL and a busy timeout)."""
     url = make_url(settings.resolved_database_url)
     if url.get_backend_name() == "sqlite":
-        if url.database:
-            settings.data_dir.mkdir(parents=True, exist_ok=True)
+        if url.database and url.database != ":memory:":
+            secure_sqlite_file(Path(url.database))
         engine = create_async_engine(
             url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **kwargs
         )

@@ -2,8 +2,9 @@
 
 The key comes from `CORRAL_SECRET_KEY` (comma-separated keys rotate: the first one
 encrypts, all decrypt), else from `secret.key` in the data dir, which the embedded
-default creates with mode 0600. A check value in `corral_meta` makes a wrong key
-fail at start with one clear message instead of producing garbage later.
+default creates with mode 0600 (a looser mode is tightened at start). A check value in
+`corral_meta` makes a wrong key fail at start with one clear message instead of producing
+garbage later.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from server.models import Meta
 from server.settings import Settings
+from server.storage import PRIVATE_DIR_MODE, PRIVATE_FILE_MODE, secure_data_dir, tighten
 
 CHECK_KEY = "secret_check"
 CHECK_PLAINTEXT = "corral-secret-check-v1"
@@ -78,9 +80,9 @@ def load_secret_box(settings: Settings) -> SecretBox:
 
 
 def _read_key_file(path: Path) -> bytes:
-    mode = path.stat().st_mode & 0o777
-    if mode & 0o077:
-        raise SecretKeyError(f"{path} is readable by others (mode {mode:o}); chmod 600 it")
+    # 0600 in a 0700 folder, whatever they had (an INFO line says so).
+    tighten(path.parent, PRIVATE_DIR_MODE)
+    tighten(path, PRIVATE_FILE_MODE)
     key = path.read_text().strip().encode()
     if not key:
         raise SecretKeyError(f"{path} is empty")
@@ -88,7 +90,7 @@ def _read_key_file(path: Path) -> bytes:
 
 
 def _write_key_file(path: Path, key: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    secure_data_dir(path.parent)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(key + "\n")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,8 +29,14 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(
         default=Path(".corral"),
-        description="Folder for the embedded SQLite database, the secret key file "
-        "and profiles' user-data-dirs.",
+        description="Corral's private folder (mode 0700): the embedded SQLite database and "
+        "the secret key file (both 0600). Commands never see it.",
+    )
+    workspace_dir: Path | None = Field(
+        default=None,
+        description="Folder of what commands may touch: their working directories "
+        "(`commands/<id>`) and profiles' default user-data-dirs (`profiles/<id>`). "
+        "Unset: `<data dir>-work` beside the data dir.",
     )
     database_url: str | None = Field(
         default=None,
@@ -123,6 +130,24 @@ class Settings(BaseSettings):
         default=None,
         description="Folder relative script paths of `corral-playwright` resolve in.",
     )
+    sandbox: Literal["auto", "bwrap", "user", "none"] = Field(
+        default="auto",
+        description="How commands are walled off from Corral's files: `bwrap` (a bubblewrap "
+        "sandbox that shows a command only read-only system paths, its working directory and "
+        "its profile's dir), `user` (run as CORRAL_RUN_AS), `none`, or `auto` (bwrap when it "
+        "works here, else `user` when CORRAL_RUN_AS is set and Corral runs as root, else none).",
+    )
+    run_as: str | None = Field(
+        default=None,
+        description="Unprivileged user commands run as when Corral runs as root (`user` mode, "
+        "and inside the bwrap sandbox too).",
+    )
+    sandbox_paths: list[Path] = Field(
+        default_factory=list,
+        description="More folders a bwrap-sandboxed command may read (JSON list, e.g. "
+        '`["/opt/tools"]`); system paths, the runner\'s code and the scripts dir are always '
+        "readable.",
+    )
     proxy_check_url: str = Field(
         default="https://api.ipify.org?format=json",
         description="URL `checkProxy` fetches through a proxy (its exit IP is recorded when "
@@ -188,9 +213,22 @@ class Settings(BaseSettings):
         return self.data_dir / "secret.key"
 
     @property
+    def resolved_workspace_dir(self) -> Path:
+        """The workspace in force: the setting, else `<data dir>-work` beside the data dir."""
+        if self.workspace_dir is not None:
+            return self.workspace_dir.resolve()
+        data_dir = self.data_dir.resolve()
+        return data_dir.with_name(f"{data_dir.name}-work")
+
+    @property
+    def commands_dir(self) -> Path:
+        """Parent folder of commands' working directories."""
+        return self.resolved_workspace_dir / "commands"
+
+    @property
     def profiles_dir(self) -> Path:
         """Parent folder of profiles' default user-data-dirs."""
-        return (self.data_dir / "profiles").resolve()
+        return self.resolved_workspace_dir / "profiles"
 
     @property
     def should_auto_migrate(self) -> bool:

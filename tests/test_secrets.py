@@ -1,5 +1,6 @@
 """Secrets at rest: Fernet with the configured key; wrong or missing keys fail clearly."""
 
+import logging
 import os
 from pathlib import Path
 
@@ -31,12 +32,18 @@ def test_embedded_default_creates_a_private_key_file(tmp_path: Path) -> None:
     assert again.decrypt(box.encrypt("x")) == "x"
 
 
-def test_key_file_readable_by_others_is_refused(tmp_path: Path) -> None:
+def test_key_file_readable_by_others_is_tightened(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     settings = Settings(data_dir=tmp_path)
-    load_secret_box(settings)
+    box = load_secret_box(settings)
     os.chmod(settings.secret_key_file, 0o644)
-    with pytest.raises(SecretKeyError, match="chmod 600"):
-        load_secret_box(settings)
+    with caplog.at_level(logging.INFO, logger="corral.storage"):
+        again = load_secret_box(settings)
+    assert again.decrypt(box.encrypt("x")) == "x"
+    assert settings.secret_key_file.stat().st_mode & 0o777 == 0o600
+    assert "tightened" in caplog.text
+    assert "644" in caplog.text
 
 
 def test_external_database_requires_a_key(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from runner.lines import LineSplitter
-from runner.process import stop_group
+from runner.process import SPAWNED, stop_group
 from xray.binary import XrayBinary
 from xray.config import ConfigError, Hop, build_config, features_used, write_config
 
@@ -120,6 +120,7 @@ class SidecarProcess:
                 start_new_session=True,
                 env=self.env,
             )
+            SPAWNED.add(self._process.pid)  # a subreaper runner must leave it to asyncio
             assert self._process.stdout is not None
             self._pumps.append(asyncio.create_task(self._pump(self._process.stdout)))
             await self._wait_listening()
@@ -166,6 +167,7 @@ class SidecarProcess:
         process, self._process = self._process, None
         if process is not None:
             await stop_group(process.pid, process, self.grace)
+            SPAWNED.discard(process.pid)
         if self._pumps:
             await asyncio.gather(*self._pumps, return_exceptions=True)
             self._pumps = []
