@@ -74,6 +74,7 @@ mutation($input: UpdateCommandTemplateInput!) {
         "{{ ([1] * 300000)|length }}",
         "{{ ('a' * 200000 + 'b' * 200000)|length }}",
         "{{ (2 ** 70000) % 10 }}",
+        "{{ (((2 ** 64) ** 64) ** 64) % 10 }}",  # the old exponent cap let chains grow
         "{{ ((2 ** 40000) * (2 ** 40000)) % 10 }}",
     ],
 )
