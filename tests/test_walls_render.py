@@ -170,9 +170,12 @@ def test_workers_die_with_a_server_that_is_killed(tmp_path: Path) -> None:
     script = (
         "import asyncio, os\n"
         "from runner.renderpool import RenderPool\n"
+        "LOOP = '{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}'\n"
         "async def main():\n"
-        "    pool = RenderPool(1, 5.0, 256 * 1024 * 1024)\n"
+        "    pool = RenderPool(1, 600.0, 256 * 1024 * 1024)\n"
         "    await pool.render('echo x', {})\n"
+        "    busy = asyncio.create_task(pool.render(LOOP, {}))  # the worker reads no EOF now\n"
+        "    await asyncio.sleep(0.5)\n"
         "    print(*pool.pids, flush=True)\n"
         "    os._exit(0)  # as a SIGKILL would: no cleanup at all\n"
         "asyncio.run(main())\n"
