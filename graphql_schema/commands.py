@@ -262,7 +262,7 @@ async def resolve_compose_command(info: Info, input: RunCommandInput) -> Compose
     try:
         async with ctx.reading() as session:
             composed = await command_domain.compose_command(
-                session, ctx.settings, ctx.secret_box, run_request(input)
+                session, ctx.settings, ctx.secret_box, ctx.app.render_pool, run_request(input)
             )
     except InvalidInput as exc:
         return ComposedCommand(argv=[], env=[], errors=user_errors(exc))
@@ -284,7 +284,7 @@ class CommandMutations:
         async def work(session: AsyncSession) -> models.Command:
             request = run_request(input)
             return await command_domain.create_command(
-                session, ctx.settings, ctx.secret_box, request
+                session, ctx.settings, ctx.secret_box, ctx.app.render_pool, request
             )
 
         row, errors = await perform(info, work)

@@ -12,6 +12,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from strawberry.types import Info as StrawberryInfo
 
+from runner.renderpool import RenderPool
 from server.broker import Broker
 from server.errors import ErrorCode, InvalidInput, UserError
 from server.metrics import Metrics
@@ -24,11 +25,13 @@ if TYPE_CHECKING:
 
 @dataclass
 class AppServices:
-    """What the app hands every request: settings, sessions, key ring, broker, metrics."""
+    """What the app hands every request: settings, sessions, key ring, template renderer,
+    broker, metrics."""
 
     settings: Settings
     sessionmaker: async_sessionmaker[AsyncSession]
     secret_box: SecretBox
+    render_pool: RenderPool
     broker: Broker = field(default_factory=Broker)
     metrics: Metrics = field(default_factory=Metrics)
 

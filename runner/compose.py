@@ -4,6 +4,11 @@ Templates render in a sandbox with StrictUndefined; every `{{ ... }}` value is
 shell-quoted on output, and the result is split with `shlex.split`, so a value
 like `x; rm -rf ~` arrives as one literal argument of a process run without a shell.
 Tokens are never in the context: they reach the child through its environment only.
+
+The sandbox also refuses operations that would allocate without bound (`'a' * 10**9`,
+`2 ** 10**9`) before they run, and stops the output at MAX_RENDERED characters while it
+is generated. What no check can foresee (a loop that never ends, a filter that allocates)
+is bounded by the worker process the server renders in (runner/renderpool.py).
 """
 
 from __future__ import annotations
@@ -24,20 +29,70 @@ from jinja2 import (
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
 
+# The rendered command line, in characters. Linux passes at most 128 KiB in one argument
+# and about 2 MiB of argv + environment in all; a longer line is a mistake, not a command.
 MAX_RENDERED = 256 * 1024
-MAX_POWER_EXPONENT = 64
+# Longest string or list an operator may build: nothing longer can be rendered anyway.
+MAX_SEQUENCE = MAX_RENDERED
+# Largest integer (in bits) `*` and `**` may build: 20,000 decimal digits, far more than a
+# command line has use for, and Python refuses to print ints over 4,300 digits in any case.
+MAX_INT_BITS = 64 * 1024
+SAFE_FORM = "sh -c 'echo \"$1\"' _ {{ params.x }}"
+PLACEHOLDER_SHOWN = 60
 
 
 class CompositionError(Exception):
     """The template cannot become a command; the message says why (shown to the user)."""
 
 
+def _size(value: Any) -> int | None:
+    """The length of a string or list an operator would repeat or join (None: not one)."""
+    if isinstance(value, str | bytes | list | tuple):
+        return len(value)
+    return None
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_multiply(left: Any, right: Any) -> None:
+    for sequence, times in ((left, right), (right, left)):
+        size = _size(sequence)
+        if size is not None and isinstance(times, int) and size * times > MAX_SEQUENCE:
+            raise SecurityError(
+                f"the * operator would build {size * times:,} items; the limit is {MAX_SEQUENCE:,}"
+            )
+    if _is_int(left) and _is_int(right) and left.bit_length() + right.bit_length() > MAX_INT_BITS:
+        raise SecurityError(f"the * operator would build an integer over {MAX_INT_BITS:,} bits")
+
+
+def _check_add(left: Any, right: Any) -> None:
+    left_size, right_size = _size(left), _size(right)
+    if left_size is not None and right_size is not None and left_size + right_size > MAX_SEQUENCE:
+        raise SecurityError(
+            f"the + operator would build {left_size + right_size:,} items; "
+            f"the limit is {MAX_SEQUENCE:,}"
+        )
+
+
+def _check_power(left: Any, right: Any) -> None:
+    if not (_is_int(left) and _is_int(right)) or right <= 0 or abs(left) <= 1:
+        return
+    if abs(left).bit_length() * right > MAX_INT_BITS:
+        raise SecurityError(f"the ** operator would build an integer over {MAX_INT_BITS:,} bits")
+
+
+_OPERATOR_CHECKS = {"*": _check_multiply, "+": _check_add, "**": _check_power}
+
+
 class _CommandEnvironment(SandboxedEnvironment):
-    intercepted_binops = frozenset({"**"})
+    """The sandbox, with the operators that can allocate without bound checked first."""
+
+    intercepted_binops = frozenset(_OPERATOR_CHECKS)
 
     def call_binop(self, context: Any, operator_name: str, left: Any, right: Any) -> Any:
-        if operator_name == "**" and (not isinstance(right, int) or right > MAX_POWER_EXPONENT):
-            raise SecurityError("the ** operator is limited to small integer exponents")
+        _OPERATOR_CHECKS[operator_name](left, right)
         return super().call_binop(context, operator_name, left, right)
 
 
@@ -66,6 +121,9 @@ _ENVIRONMENT = make_environment()
 @functools.lru_cache(maxsize=256)
 def _compiled(source: str) -> Template:
     """Templates compile once (a run re-renders its template at every attempt)."""
+    problem = quoted_placeholder_problem(source)
+    if problem is not None:
+        raise CompositionError(problem)
     return _ENVIRONMENT.from_string(source)
 
 
@@ -78,10 +136,116 @@ def template_syntax_error(source: str) -> str | None:
     return None
 
 
-def render_argv(source: str, context: Mapping[str, Any]) -> list[str]:
-    """Render `source` with `context` and split it into an argv list (raises CompositionError)."""
+def template_problem(source: str) -> str | None:
+    """Why the template cannot be saved (a syntax error, a quoted placeholder), or None."""
+    problem = template_syntax_error(source)
+    if problem is not None:
+        return f"template does not parse: {problem}"
+    return quoted_placeholder_problem(source)
+
+
+# --- placeholders inside the template's own quotes ----------------------------------------
+#
+# `sh -c 'echo {{ x }}'` renders as `sh -c 'echo '$(id)''`: the author's quotes cancel the
+# quotes Corral put around the value, and the shell runs it (issue 10, item 8). So no
+# `{{ ... }}` may sit inside quotes of the template text, nor right after a backslash.
+# The literal text between Jinja tags is read the way `shlex.split` will read it; the
+# text is followed in source order (a quote opened in one branch of an `{% if %}` and
+# closed in another is not tracked through both).
+
+
+@dataclass
+class _QuoteState:
+    """Where `shlex.split` stands after some literal text: inside which quote, if any."""
+
+    quote: str | None = None
+    escaped: bool = False  # a backslash outside quotes: the next character is literal
+
+    def read(self, text: str) -> None:
+        index = 0
+        while index < len(text):
+            char = text[index]
+            index += 1
+            if self.escaped:
+                self.escaped = False
+            elif self.quote == "'":
+                self.quote = None if char == "'" else self.quote
+            elif self.quote == '"':
+                if char == "\\":
+                    index += 1  # \" and \\ are escapes; nothing else matters inside "..."
+                elif char == '"':
+                    self.quote = None
+            elif char == "\\":
+                self.escaped = True
+            elif char in "'\"":
+                self.quote = char
+
+
+def _placeholder_text(tokens: list[str]) -> str:
+    text = "".join(tokens).strip()
+    text = text[: PLACEHOLDER_SHOWN - 3] + "..." if len(text) > PLACEHOLDER_SHOWN else text
+    return "{{ " + text + " }}"
+
+
+def quoted_placeholder_problem(source: str) -> str | None:
+    """Why a `{{ ... }}` of `source` would escape Corral's quoting, or None when none does."""
     try:
-        rendered = _compiled(source).render(**context)
+        tokens = list(_ENVIRONMENT.lex(source))
+    except TemplateSyntaxError:
+        return None  # the syntax check says why
+    state = _QuoteState()
+    for index, (lineno, kind, value) in enumerate(tokens):
+        if kind == "data":
+            state.read(value)
+        elif kind == "variable_begin" and (state.quote or state.escaped):
+            inner = []
+            for _, inner_kind, inner_value in tokens[index + 1 :]:
+                if inner_kind == "variable_end":
+                    break
+                inner.append(inner_value)
+            return _quoted_message(lineno, _placeholder_text(inner), state)
+    return None
+
+
+def _quoted_message(lineno: int, placeholder: str, state: _QuoteState) -> str:
+    where = (
+        "right after a backslash"
+        if state.escaped
+        else f"inside {state.quote}...{state.quote} quotes"
+    )
+    return (
+        f"line {lineno}: the placeholder {placeholder} sits {where} of the template; "
+        "Corral quotes every value itself, and the template's own quoting undoes that "
+        "(a value like $(id) would run). Put the placeholder outside any quotes and let the "
+        f"script take it as an argument, e.g. {SAFE_FORM.replace('{{ params.x }}', placeholder)}"
+    )
+
+
+# --- rendering -------------------------------------------------------------------------
+
+
+def _generate(template: Template, context: Mapping[str, Any]) -> str:
+    """Render, stopping as soon as the output passes MAX_RENDERED (before it is built)."""
+    parts: list[str] = []
+    size = 0
+    for part in template.generate(**context):
+        size += len(part)
+        if size > MAX_RENDERED:
+            raise CompositionError(
+                f"the rendered command is longer than {MAX_RENDERED:,} characters"
+            )
+        parts.append(part)
+    return "".join(parts)
+
+
+def render_argv(source: str, context: Mapping[str, Any]) -> list[str]:
+    """Render `source` with `context` and split it into an argv list (raises CompositionError).
+
+    This runs the template in the calling process: the server calls it through a
+    RenderPool (runner/renderpool.py), which bounds its time and memory.
+    """
+    try:
+        rendered = _generate(_compiled(source), context)
     except TemplateSyntaxError as exc:
         raise CompositionError(
             f"template does not parse: line {exc.lineno}: {exc.message}"
@@ -92,8 +256,6 @@ def render_argv(source: str, context: Mapping[str, Any]) -> list[str]:
         raise CompositionError(f"template was refused by the sandbox: {exc}") from exc
     except (TemplateError, ArithmeticError, TypeError, ValueError) as exc:
         raise CompositionError(f"template failed to render: {exc}") from exc
-    if len(rendered) > MAX_RENDERED:
-        raise CompositionError(f"the rendered command is longer than {MAX_RENDERED} characters")
     try:
         argv = shlex.split(rendered)
     except ValueError as exc:

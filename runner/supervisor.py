@@ -24,7 +24,7 @@ from sqlalchemy import JSON, Connection, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from runner.compose import CompositionError, render_argv
+from runner.compose import CompositionError
 from runner.lines import LineSplitter, Redactor
 from runner.logwriter import LogStore, LogWriter
 from runner.process import (
@@ -41,6 +41,7 @@ from runner.process import (
     sweep_run,
     use_pidfd_child_watcher,
 )
+from runner.renderpool import RenderPool
 from runner.sandbox import NONE, RunAs, Sandbox, check_reachable, choose_sandbox
 from server.broker import CANCEL_TOPIC, QUEUE_TOPIC, Broker
 from server.commands import PROXY_URL_ENV, browser_settings, command_context, service_tokens
@@ -244,6 +245,7 @@ class Supervisor:
         secret_box: SecretBox,
         broker: Broker,
         metrics: Metrics | None = None,
+        render_pool: RenderPool | None = None,
     ) -> None:
         self.settings = settings
         self.sessionmaker = sessionmaker
@@ -268,6 +270,9 @@ class Supervisor:
         self.sandbox = Sandbox(NONE)
         self._files: ThreadPoolExecutor | None = None
         self._workdirs: set[int] = set()  # working directories made ahead of their claim
+        # Templates render in worker processes: the app's pool, else one of its own.
+        self._owns_render_pool = render_pool is None
+        self.render_pool = render_pool or RenderPool.from_settings(settings)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -286,6 +291,8 @@ class Supervisor:
         become_subreaper()
         LIVE_RUNNERS.add(self.runner_id)
         use_pidfd_child_watcher()
+        if self._owns_render_pool and self.render_pool.closed:  # started again after a stop
+            self.render_pool = RenderPool.from_settings(self.settings)
         self._files = ThreadPoolExecutor(1, thread_name_prefix="corral-files")
         self.store.start()
         await self.recover()
@@ -315,6 +322,8 @@ class Supervisor:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
         await self.store.close()
+        if self._owns_render_pool:
+            await self.render_pool.close()
         if self._files is not None:
             self._files.shutdown(wait=False)
         LIVE_RUNNERS.discard(self.runner_id)
@@ -561,7 +570,7 @@ class Supervisor:
                     f"proxy sidecar for {loaded.chain[0].name!r} listening on {sidecar.url} "
                     f"(started in {1000 * (sidecar.started_in or 0):.0f} ms)",
                 )
-            prepared = self._render(loaded, proxy_url)
+            prepared = await self._render(loaded, proxy_url)
             if loaded.profile is not None:
                 path = user_data_dir(loaded.profile, self.settings)
                 try:
@@ -637,13 +646,13 @@ class Supervisor:
             | {s.kind.lower(): s.id for s in services},
         )
 
-    def _render(self, loaded: Loaded, proxy_url: str | None) -> Prepared:
+    async def _render(self, loaded: Loaded, proxy_url: str | None) -> Prepared:
         """Render the argv (with the sidecar's URL) and build the child's environment."""
         command = loaded.command
         context = command_context(
             self.settings, loaded.profile, loaded.proxy, loaded.services, command.params, proxy_url
         )
-        argv = render_argv(command.source, context)
+        argv = await self.render_pool.render(command.source, context)
         env = self._child_env(command, loaded.tokens)
         if proxy_url is not None:
             env[PROXY_URL_ENV] = proxy_url

@@ -20,6 +20,7 @@ from starlette.websockets import WebSocket
 
 from graphql_schema.context import AppServices, Context
 from graphql_schema.schema import build_schema
+from runner.renderpool import RenderPool
 from runner.supervisor import Supervisor
 from server import migrate
 from server.broker import Broker
@@ -125,6 +126,7 @@ def create_app(settings: Settings) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         engine = create_engine(settings)
+        render_pool = RenderPool.from_settings(settings)
         supervisor: Supervisor | None = None
         try:
             box = await prepare_database(settings, engine)
@@ -133,6 +135,7 @@ def create_app(settings: Settings) -> Starlette:
                 settings=settings,
                 sessionmaker=create_sessionmaker(engine),
                 secret_box=box,
+                render_pool=render_pool,
                 broker=Broker(),
                 metrics=metrics,
             )
@@ -141,7 +144,7 @@ def create_app(settings: Settings) -> Starlette:
             app.state.services = services
             if settings.embedded_runner:
                 supervisor = Supervisor(
-                    settings, services.sessionmaker, box, services.broker, metrics
+                    settings, services.sessionmaker, box, services.broker, metrics, render_pool
                 )
                 await supervisor.start()
             app.state.supervisor = supervisor
@@ -149,6 +152,7 @@ def create_app(settings: Settings) -> Starlette:
         finally:
             if supervisor is not None:
                 await supervisor.stop()
+            await render_pool.close()
             await engine.dispose()
 
     graphql = GraphQLEndpoint(build_schema(settings), graphql_ide="graphiql")

@@ -9,7 +9,8 @@ from typing import Any
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from runner.compose import CompositionError, check_params, render_argv
+from runner.compose import CompositionError, check_params
+from runner.renderpool import RenderPool
 from server.errors import ErrorCode, InvalidInput, UserError
 from server.models import (
     Command,
@@ -295,7 +296,11 @@ def _params(request: RunRequest, template: CommandTemplate | None) -> dict[str, 
 
 
 async def compose_command(
-    session: AsyncSession, settings: Settings, box: SecretBox, request: RunRequest
+    session: AsyncSession,
+    settings: Settings,
+    box: SecretBox,
+    renderer: RenderPool,
+    request: RunRequest,
 ) -> Composition:
     """Resolve and validate everything a run needs, and render its argv (runs nothing)."""
     source, template = await _source(session, request)
@@ -321,7 +326,7 @@ async def compose_command(
     timeout, attempts = _limits(settings, request, template)
     context = command_context(settings, profile, proxy, services, params)
     try:
-        argv = render_argv(source, context)
+        argv = await renderer.render(source, context)
     except CompositionError as exc:
         where = "templateId" if template else "commandString"
         raise InvalidInput.one(where, str(exc), ErrorCode.INVALID) from exc
@@ -343,10 +348,14 @@ async def compose_command(
 
 
 async def create_command(
-    session: AsyncSession, settings: Settings, box: SecretBox, request: RunRequest
+    session: AsyncSession,
+    settings: Settings,
+    box: SecretBox,
+    renderer: RenderPool,
+    request: RunRequest,
 ) -> Command:
     """Compose and queue a command."""
-    composed = await compose_command(session, settings, box, request)
+    composed = await compose_command(session, settings, box, renderer, request)
     command = Command(
         template_id=composed.template.id if composed.template else None,
         source=composed.source,

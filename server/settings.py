@@ -116,6 +116,26 @@ class Settings(BaseSettings):
         description="Longest stored log line; longer lines are cut with a marker.",
     )
 
+    render_timeout_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        le=600,
+        description="Longest time one command template may take to render; a render "
+        "that takes longer is stopped (its worker process killed) and refused.",
+    )
+    render_memory_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=64 * 1024 * 1024,
+        description="Address space of a template render worker process; a template that "
+        "needs more is refused.",
+    )
+    render_workers: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Most template render worker processes (started on first use, kept warm).",
+    )
+
     xray_bin: str | None = Field(
         default=None,
         description="Xray-compatible binary for proxy sidecars (default: `xray` on PATH, "

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from runner.compose import template_syntax_error
+from runner.compose import template_problem
 from server.errors import ErrorCode, InvalidInput
 from server.models import NAME_MAX, CommandTemplate
 from server.validation import (
@@ -33,9 +33,9 @@ MAX_TIMEOUT_SECONDS = 7 * 24 * 3600
 
 def _template_source(value: Any) -> str:
     source = clean_text(value, TEMPLATE_MAX, "template")
-    problem = template_syntax_error(source)
+    problem = template_problem(source)
     if problem is not None:
-        raise FieldInvalid(f"template does not parse: {problem}")
+        raise FieldInvalid(problem)
     return source
 
 
