@@ -673,7 +673,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                     async with (
                         app.router.lifespan_context(app),
                         httpx.AsyncClient(
-                            transport=httpx.ASGITransport(app=app), base_url="http://corral.bench"
+                            transport=httpx.ASGITransport(app=app), base_url="http://localhost"
                         ) as http,
                     ):
                         observer = observer_engine(settings)

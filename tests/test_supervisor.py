@@ -419,7 +419,7 @@ async def test_shutdown_stops_children_and_requeues(settings: Settings) -> None:
     application = create_app(settings)
     async with application.router.lifespan_context(application):
         transport = ASGITransport(app=application)
-        async with AsyncClient(transport=transport, base_url="http://t") as http:
+        async with AsyncClient(transport=transport, base_url="http://localhost") as http:
             gql = GraphQLClient(http)
             command_id = await run(gql, commandString=SLEEPERS)
             pids = await wait_processes(command_id)
@@ -427,7 +427,7 @@ async def test_shutdown_stops_children_and_requeues(settings: Settings) -> None:
     application = create_app(settings.model_copy(update={"embedded_runner": False}))
     async with application.router.lifespan_context(application):
         transport = ASGITransport(app=application)
-        async with AsyncClient(transport=transport, base_url="http://t") as http:
+        async with AsyncClient(transport=transport, base_url="http://localhost") as http:
             node = await command(GraphQLClient(http), command_id)
     assert node["status"] == "QUEUED"
     assert node["maxAttempts"] == 2  # the interrupted attempt is not held against it
@@ -444,7 +444,7 @@ async def test_a_claim_that_lands_as_the_runner_stops_is_put_back_unstarted(
     application = create_app(settings.model_copy(update={"embedded_runner": False}))
     async with application.router.lifespan_context(application):
         transport = ASGITransport(app=application)
-        async with AsyncClient(transport=transport, base_url="http://t") as http:
+        async with AsyncClient(transport=transport, base_url="http://localhost") as http:
             gql = GraphQLClient(http)
             command_id = await run(gql, commandString=SLEEPERS)
             services: AppServices = application.state.services

@@ -217,7 +217,7 @@ async def test_no_render_worker_survives_app_shutdown(settings: Settings) -> Non
     async with application.router.lifespan_context(application):
         services: AppServices = application.state.services
         transport = httpx.ASGITransport(app=application)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
             gql = GraphQLClient(http)
             data = await asyncio.gather(
                 *(gql(COMPOSE, input={"commandString": f"echo {i}"}) for i in range(4))
