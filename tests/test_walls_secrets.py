@@ -1,0 +1,203 @@
+"""Secrets stay out of every error, every log line and every command's output (issue 10).
+
+A mistyped input, a syntax error, an unexpected exception or a bad share link never
+brings a secret back in the response or into any log record; a command that prints
+secrets it was never given (another service's token, a proxy's password) gets them
+masked in its stored and streamed lines all the same. SQLite and PostgreSQL both.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from typing import Any
+
+import pytest
+
+from tests.conftest import GraphQLClient
+
+TOKEN = "ghp_" + "Wq8zX2mR" * 4 + "e5f6"  # a GitHub-shaped token
+PASSWORD = "pw-Lk3!vT9#hidden"
+LINK_PASSWORD = "pw-Lk3vT9hidden42"
+UUID_SECRET = "0f1e2d3c-4b5a-4978-8695-a4b3c2d1e0f9"
+
+CREATE_SERVICE = (
+    "mutation($input: CreateServiceInput!) { createService(input: $input) "
+    "{ service { id } userErrors { field message code } } }"
+)
+
+
+def record_text(caplog: pytest.LogCaptureFixture) -> str:
+    """Everything every logger recorded, formatted as a handler would (tracebacks too)."""
+    parts = [caplog.text]
+    for record in caplog.records:
+        parts.append(record.getMessage())
+        if record.exc_info:
+            parts.append(logging.Formatter().formatException(record.exc_info))
+    return "\n".join(parts)
+
+
+def assert_hidden(secret: str, body: Any, caplog: pytest.LogCaptureFixture) -> None:
+    # Case-blind: a parser may have lower-cased what it echoes.
+    text = json.dumps(body)
+    assert secret.lower() not in text.lower(), text
+    logged = record_text(caplog)
+    assert secret.lower() not in logged.lower(), logged
+
+
+@pytest.fixture
+def everything_logged(caplog: pytest.LogCaptureFixture) -> pytest.LogCaptureFixture:
+    caplog.set_level(logging.DEBUG)
+    return caplog
+
+
+MISTYPED_INPUTS = {
+    "other-field-wrong-type": {"name": 1, "kind": "github", "envVar": "GH_T", "token": TOKEN},
+    "unknown-field": {"name": "gh", "kind": "github", "envVar": "GH_T", "token": TOKEN, "x": 1},
+    "token-as-list": {"name": "gh", "kind": "github", "envVar": "GH_T", "token": [TOKEN]},
+    "token-as-object": {"name": "gh", "kind": "github", "envVar": "GH_T", "token": {"t": TOKEN}},
+    "missing-required": {"kind": "github", "envVar": "GH_T", "token": TOKEN},
+    "input-not-an-object": TOKEN,
+}
+
+
+@pytest.mark.parametrize("value", MISTYPED_INPUTS.values(), ids=list(MISTYPED_INPUTS))
+async def test_a_mistyped_input_keeps_its_token_out_of_response_and_logs(
+    gql: GraphQLClient, everything_logged: pytest.LogCaptureFixture, value: Any
+) -> None:
+    body = await gql.raw(CREATE_SERVICE, input=value)
+    assert body["errors"]
+    assert body.get("data") is None
+    assert_hidden(TOKEN, body, everything_logged)
+    # Nothing a client got wrong is an ERROR in the server's log.
+    assert not [r for r in everything_logged.records if r.levelno >= logging.WARNING]
+
+
+async def test_a_coercion_error_still_says_where_and_why(gql: GraphQLClient) -> None:
+    body = await gql.raw(CREATE_SERVICE, input=MISTYPED_INPUTS["token-as-list"])
+    message = body["errors"][0]["message"]
+    assert ".token" in message
+    assert "String cannot represent" in message
+    body = await gql.raw(CREATE_SERVICE, input=MISTYPED_INPUTS["unknown-field"])
+    assert "unknown field 'x'" in body["errors"][0]["message"]
+
+
+INLINE = 'name: "gh", kind: "github", envVar: "GH_T"'
+BAD_DOCUMENTS = {
+    "syntax-missing-colon": f'mutation {{ createService(input: {{{INLINE}, token "{TOKEN}"}}) }}',
+    "syntax-unclosed": f'mutation {{ createService(input: {{{INLINE}, token: "{TOKEN}"}}) {{ ',
+    "syntax-unterminated-string": f'mutation {{ createService(input: {{token: "{TOKEN}',
+    "syntax-bare-token": f"mutation {{ createService(input: {{token: {TOKEN}}} }}",
+    "literal-wrong-type": f'mutation {{ createService(input: {{name: 1, kind: "{TOKEN}", '
+    f'envVar: "X", token: ["{TOKEN}"]}}) {{ userErrors {{ message }} }} }}',
+    "literal-unknown-field": f'mutation {{ createService(input: {{{INLINE}, token: "{TOKEN}", '
+    "x: 1}) { userErrors { message } } }",
+    "literal-bad-enum": f'mutation {{ createProxy(input: {{name: "p", protocol: {TOKEN}, '
+    'host: "h.example.com", port: 1}) { userErrors { message } } }',
+}
+
+
+@pytest.mark.parametrize("document", BAD_DOCUMENTS.values(), ids=list(BAD_DOCUMENTS))
+async def test_a_bad_document_keeps_its_inline_token_out_of_response_and_logs(
+    gql: GraphQLClient, everything_logged: pytest.LogCaptureFixture, document: str
+) -> None:
+    body = await gql.raw(document)
+    assert body["errors"]
+    assert_hidden(TOKEN, body, everything_logged)
+    assert not [r for r in everything_logged.records if r.levelno >= logging.WARNING]
+    # Only the message and where: no excerpt of the query goes back either.
+    assert all(set(error) <= {"message", "locations", "path"} for error in body["errors"])
+
+
+async def test_a_bad_variable_in_a_query_keeps_its_value_out(
+    gql: GraphQLClient, everything_logged: pytest.LogCaptureFixture
+) -> None:
+    body = await gql.raw(
+        "query($first: Int) { profiles(first: $first) { totalCount } }", first=TOKEN
+    )
+    assert "Int cannot represent" in body["errors"][0]["message"]
+    assert_hidden(TOKEN, body, everything_logged)
+
+
+async def test_an_unexpected_error_is_masked_and_logged_without_the_input(
+    gql: GraphQLClient,
+    everything_logged: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import server.services as service_domain
+
+    def explode(*args: Any, **kwargs: Any) -> Any:
+        values = [arg for arg in args if isinstance(arg, dict)]
+        raise RuntimeError(f"database said no to {values}")
+
+    monkeypatch.setattr(service_domain, "create_service", explode)
+    body = await gql.raw(
+        CREATE_SERVICE, input={"name": "gh", "kind": "github", "envVar": "GH_T", "token": TOKEN}
+    )
+    assert body["errors"][0]["message"] == "Unexpected error."
+    assert_hidden(TOKEN, body, everything_logged)
+    errors = [r for r in everything_logged.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1
+    assert "RuntimeError" in errors[0].getMessage()
+    assert "createService" in errors[0].getMessage()
+    everything_logged.clear()  # the one ERROR was the point; the autouse check would object
+
+
+def b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode()
+
+
+def vmess(**fields: Any) -> str:
+    base = {"v": "2", "add": "v.example.com", "port": 443, "id": UUID_SECRET, "net": "tcp"}
+    return "vmess://" + b64(json.dumps(base | fields))
+
+
+BAD_SECRET_LINKS = {
+    "vless-bad-uuid": (f"vless://{LINK_PASSWORD}@vl.example.com:443", LINK_PASSWORD),
+    "vless-bad-port": (f"vless://{UUID_SECRET}@vl.example.com:99999", UUID_SECRET),
+    "vless-no-at": (f"vless://{UUID_SECRET}:443", UUID_SECRET),
+    "vless-bad-type": (
+        f"vless://{UUID_SECRET}@h.example.com:443?type={LINK_PASSWORD}",
+        LINK_PASSWORD,
+    ),
+    "vmess-bad-uuid": (vmess(id=LINK_PASSWORD), LINK_PASSWORD),
+    "vmess-uuid-as-list": (vmess(id=[UUID_SECRET]), UUID_SECRET),
+    "vmess-bad-port": (vmess(port="x"), UUID_SECRET),
+    "vmess-bad-aid": (vmess(aid=LINK_PASSWORD), LINK_PASSWORD),
+    "trojan-bad-port": (f"trojan://{LINK_PASSWORD}@t.example.com:0", LINK_PASSWORD),
+    "trojan-no-at": (f"trojan://t.example.com:{LINK_PASSWORD}", LINK_PASSWORD),
+    "trojan-bad-host": (f"trojan://{LINK_PASSWORD}@bad host!:443", LINK_PASSWORD),
+    "ss-bad-port": (
+        f"ss://{b64('aes-256-gcm:' + LINK_PASSWORD)}@s.example.com:70000",
+        LINK_PASSWORD,
+    ),
+    "ss-legacy-bad-host": (
+        f"ss://{b64('aes-256-gcm:' + LINK_PASSWORD + '@bad host:1')}",
+        LINK_PASSWORD,
+    ),
+    "ss-plain-plugin": (
+        f"ss://aes-256-gcm:{LINK_PASSWORD}@s.example.com:1/?plugin={LINK_PASSWORD}",
+        LINK_PASSWORD,
+    ),
+    "socks-no-at": (f"socks5://user:{LINK_PASSWORD}", LINK_PASSWORD),
+    "socks-digits-password": ("socks5://user:918273645", "918273645"),
+    "http-path": (f"http://u:p@h.example.com:8080/{LINK_PASSWORD}", LINK_PASSWORD),
+    "unknown-scheme": (f"{LINK_PASSWORD}://h:1", LINK_PASSWORD),
+}
+
+
+@pytest.mark.parametrize(("link", "secret"), BAD_SECRET_LINKS.values(), ids=list(BAD_SECRET_LINKS))
+async def test_a_bad_share_link_is_named_by_position_never_echoed(
+    gql: GraphQLClient, everything_logged: pytest.LogCaptureFixture, link: str, secret: str
+) -> None:
+    good = f"trojan://{LINK_PASSWORD}@fine.example.com:443#fine"
+    data = await gql(
+        "mutation($links: [String!]!) { importProxies(links: $links) "
+        "{ proxies { name } userErrors { field message code } } }",
+        links=[good, link],
+    )
+    payload = data["importProxies"]
+    assert [error["field"] for error in payload["userErrors"]] == [["links", "1"]]
+    assert payload["userErrors"][0]["message"].startswith("link 2: ")
+    assert_hidden(secret, payload, everything_logged)
