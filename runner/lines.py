@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterable, Iterator
 from urllib.parse import quote
+
+from ahocorasick_rs import AhoCorasick
 
 CUT_MARKER = " …[line cut: {dropped} more bytes]"
 MASK = "[redacted]"
@@ -85,22 +86,68 @@ class LineSplitter:
 
 
 class Redactor:
-    """Masks every secret value (and its URL-encoded form) in text."""
+    """Masks every secret value (and its URL-encoded forms) in text.
 
-    def __init__(self, secrets: Iterable[str]) -> None:
+    One Aho-Corasick automaton finds all of them in one pass, however many there are (an
+    alternation regex tried every secret at every position: 0.2 ms a line with 300 secrets).
+    Redactors join without rebuilding (`joined`): the runner's cached one of every secret
+    Corral holds, plus a command's own. Where matches overlap, their union is masked.
+    """
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
         forms: set[str] = set()
         for secret in secrets:
             if len(secret) < MIN_SECRET_LENGTH:
                 continue
             forms.update({secret, quote(secret, safe=""), quote(secret)})
-        ordered = sorted(forms, key=len, reverse=True)
-        self._pattern = re.compile("|".join(map(re.escape, ordered))) if ordered else None
-        self._joinable = not any("\x00" in form for form in ordered)
+        self.forms = frozenset(forms)
+        self._matchers = [AhoCorasick(sorted(forms))] if forms else []
+        self._joinable = not any("\x00" in form for form in forms)
+
+    def joined(self, other: Redactor) -> Redactor:
+        """A redactor that masks what either masks."""
+        if not other._matchers or other.forms <= self.forms:
+            return self
+        if not self._matchers:
+            return other
+        both = Redactor()
+        both.forms = self.forms | other.forms
+        both._matchers = self._matchers + other._matchers
+        both._joinable = self._joinable and other._joinable
+        return both
+
+    def _spans(self, text: str) -> list[tuple[int, int]]:
+        if len(self._matchers) == 1:
+            found = self._matchers[0].find_matches_as_indexes(text, overlapping=True)
+        else:
+            found = [
+                m
+                for matcher in self._matchers
+                for m in matcher.find_matches_as_indexes(text, overlapping=True)
+            ]
+        return [(start, end) for _, start, end in found]
+
+    def _mask(self, text: str) -> str:
+        spans = self._spans(text)
+        if not spans:
+            return text
+        spans.sort()
+        pieces: list[str] = []
+        kept = 0  # text before this offset is already written (or masked)
+        open_start, open_end = spans[0]
+        for start, end in spans[1:]:
+            if start < open_end:  # overlapping: one mask over both
+                open_end = max(open_end, end)
+                continue
+            pieces += (text[kept:open_start], MASK)
+            kept, (open_start, open_end) = open_end, (start, end)
+        pieces += (text[kept:open_start], MASK, text[open_end:])
+        return "".join(pieces)
 
     def __call__(self, text: str) -> str:
-        if self._pattern is None:
+        if not self._matchers:
             return text
-        return self._pattern.sub(MASK, text)
+        return self._mask(text)
 
     def all(self, texts: list[str]) -> list[str]:
         """Every text masked; the same list when there is nothing to mask.
@@ -110,14 +157,14 @@ class Redactor:
         none (the splitter replaces it). Should a text or a secret hold one, each text is
         masked alone.
         """
-        if self._pattern is None:
+        if not self._matchers:
             return texts
-        sub = self._pattern.sub
         if self._joinable:
             joined = "\x00".join(texts)
-            if self._pattern.search(joined) is None:
+            masked = self._mask(joined)
+            if masked is joined:
                 return texts
-            masked = sub(MASK, joined).split("\x00")
-            if len(masked) == len(texts):
-                return masked
-        return [sub(MASK, text) for text in texts]
+            parts = masked.split("\x00")
+            if len(parts) == len(texts):
+                return parts
+        return [self._mask(text) for text in texts]

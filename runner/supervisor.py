@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from runner.compose import CompositionError, render_argv
-from runner.lines import LineSplitter, Redactor
+from runner.lines import LineSplitter
 from runner.logwriter import LogStore, LogWriter
 from runner.process import (
     RUN_MARKER,
@@ -39,10 +39,12 @@ from runner.process import (
     sweep_run,
     use_pidfd_child_watcher,
 )
-from server.broker import CANCEL_TOPIC, QUEUE_TOPIC, Broker
+from runner.redaction import KnownSecrets
+from server.broker import CANCEL_TOPIC, QUEUE_TOPIC, SECRETS_TOPIC, Broker
 from server.commands import PROXY_URL_ENV, browser_settings, command_context, service_tokens
 from server.db import sqlite_timestamp
 from server.events import log_event
+from server.known_secrets import process_secrets
 from server.metrics import Metrics
 from server.models import (
     Command,
@@ -256,6 +258,12 @@ class Supervisor:
         self._commands_dir = (settings.data_dir / "commands").resolve()
         self._files: ThreadPoolExecutor | None = None
         self._workdirs: set[int] = set()  # working directories made ahead of their claim
+        self.secrets = KnownSecrets(
+            sessionmaker,
+            secret_box,
+            process_secrets(settings, secret_box),
+            settings.secrets_refresh_seconds,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -298,10 +306,12 @@ class Supervisor:
         async with (
             self.broker.subscribe(QUEUE_TOPIC) as queued,
             self.broker.subscribe(CANCEL_TOPIC) as cancels,
+            self.broker.subscribe(SECRETS_TOPIC) as secret_changes,
         ):
             listeners = [
                 asyncio.create_task(self._forward_wakeups(queued)),
                 asyncio.create_task(self._listen_cancels(cancels)),
+                asyncio.create_task(self._watch_secrets(secret_changes)),
                 asyncio.create_task(self._lease_loop()),
             ]
             try:
@@ -327,6 +337,25 @@ class Supervisor:
             subscription.resync()
             if isinstance(message, int) and message in self.attempts:
                 self.attempts[message].request_stop(StopReason.CANCEL)
+
+    async def _watch_secrets(self, subscription: Any) -> None:
+        """Reload the known secrets when the API changed one, and every refresh interval
+        while commands run (for changes made by other processes)."""
+        while True:
+            try:
+                await asyncio.wait_for(subscription.get(), self.secrets.refresh_seconds)
+                subscription.resync()
+                self.secrets.invalidate()
+            except TimeoutError:
+                if not self.attempts:
+                    continue
+            await self._refresh_secrets()
+
+    async def _refresh_secrets(self) -> None:
+        try:
+            await self.secrets.refresh()
+        except Exception as exc:  # the database may be away: mask what is known meanwhile
+            log_event("secrets_reload_failed", level="warning", error=type(exc).__name__)
 
     # -- claiming ----------------------------------------------------------------------
 
@@ -506,7 +535,8 @@ class Supervisor:
                 outcome = Outcome(CommandStatus.QUEUED, error="interrupted by runner shutdown")
                 return
             loaded = await self._load(claim)
-            writer.redactor = Redactor(loaded.secrets)
+            await self._refresh_secrets()
+            self.secrets.attach(writer, loaded.secrets)
             writer.service_ids = loaded.service_ids
             outcome = await self._run_loaded(attempt, loaded, writer)
         except CompositionError as exc:
@@ -742,6 +772,8 @@ class Supervisor:
         self, attempt: Attempt, outcome: Outcome, writer: LogWriter, elapsed: float
     ) -> None:
         try:
+            if outcome.error is not None:  # it may quote a child's or a sidecar's words
+                outcome.error = writer.redactor(outcome.error)
             status, values, note = self._final_values(attempt, outcome)
             # The note and the new state go in one transaction, with the claim that takes
             # this slot: the slot counts as free from now on.

@@ -12,6 +12,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from server.errors import ErrorCode, InvalidInput, UserError
+from server.known_secrets import mark_secrets_changed
 from server.models import HOST_MAX, NAME_MAX, Profile, ProfileProxy, Proxy, ProxyProtocol, utcnow
 from server.profiles import get_profile
 from server.secretbox import SecretBox
@@ -96,9 +97,12 @@ def read_credentials(proxy: Proxy, box: SecretBox) -> dict[str, str]:
     return loaded
 
 
-def _set_credentials(proxy: Proxy, box: SecretBox, values: dict[str, Any]) -> None:
+def _set_credentials(
+    session: AsyncSession, proxy: Proxy, box: SecretBox, values: dict[str, Any]
+) -> None:
     if "username" not in values and "password" not in values:
         return
+    mark_secrets_changed(session)
     credentials = read_credentials(proxy, box)
     for key in ("username", "password"):
         if key not in values:
@@ -230,7 +234,7 @@ async def create_proxy(session: AsyncSession, box: SecretBox, values: dict[str, 
     """Validate and add a proxy; credentials are stored encrypted."""
     proxy = Proxy(settings={})
     apply_fields(proxy, values, PROXY_FIELDS, creating=True)
-    _set_credentials(proxy, box, values)
+    _set_credentials(session, proxy, box, values)
     _check_protocol_rules(proxy, box)
     await ensure_unique(session, Proxy.name_key, proxy.name, field="name", label="proxy")
     await _set_via(session, proxy, values)
@@ -245,7 +249,7 @@ async def update_proxy(
     """Apply changes to a proxy; `username`/`password: null` removes them."""
     proxy = await get_proxy(session, proxy_id)
     apply_fields(proxy, values, PROXY_FIELDS, creating=False)
-    _set_credentials(proxy, box, values)
+    _set_credentials(session, proxy, box, values)
     _check_protocol_rules(proxy, box)
     if "name" in values:
         await ensure_unique(

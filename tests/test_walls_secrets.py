@@ -201,3 +201,151 @@ async def test_a_bad_share_link_is_named_by_position_never_echoed(
     assert [error["field"] for error in payload["userErrors"]] == [["links", "1"]]
     assert payload["userErrors"][0]["message"].startswith("link 2: ")
     assert_hidden(secret, payload, everything_logged)
+
+
+# -- every secret Corral holds is masked in every command's output -------------------------
+
+SHARED_TOKEN = "ghp_" + "Sh4r3dT0" * 4 + "aa11"
+OWN_TOKEN = "sk-" + "0wnT0k3n" * 4 + "bb22"
+VLESS_ID = "7c6b5a49-3827-4160-9e5d-4c3b2a190817"
+LATE_TOKEN = "ghp_" + "L4t3T0k3" * 4 + "cc33"
+INPUT_TYPES = {
+    "createService": ("CreateServiceInput", "service"),
+    "createProfile": ("CreateProfileInput", "profile"),
+    "linkService": ("LinkServiceInput", "profile"),
+    "createProxy": ("CreateProxyInput", "proxy"),
+}
+
+
+async def create(gql: GraphQLClient, mutation: str, **values: Any) -> str:
+    """Run a create-like mutation; the ID of what it returns."""
+    input_type, select = INPUT_TYPES[mutation]
+    data = await gql(
+        f"mutation($input: {input_type}!) {{ {mutation}(input: $input) "
+        f"{{ {select} {{ id }} userErrors {{ message }} }} }}",
+        input=values,
+    )
+    assert data[mutation]["userErrors"] == [], data
+    return str(data[mutation][select]["id"])
+
+
+async def hold_secrets(gql: GraphQLClient) -> None:
+    """A service with a shared token, a profile with its own token for another service,
+    a trojan proxy with a password and a VLESS proxy with its id: none for our command."""
+    await create(gql, "createService", name="GitHub", envVar="GITHUB_TOKEN", token=SHARED_TOKEN)
+    other = await create(gql, "createService", name="OpenAI", envVar="OPENAI_API_KEY")
+    profile = await create(gql, "createProfile", name="alice")
+    await create(gql, "linkService", profileId=profile, serviceId=other, token=OWN_TOKEN)
+    await create(
+        gql,
+        "createProxy",
+        name="tr",
+        protocol="TROJAN",
+        host="t.example.com",
+        port=443,
+        password=PASSWORD,
+    )
+    await create(
+        gql,
+        "createProxy",
+        name="vl",
+        protocol="VLESS",
+        host="v.example.com",
+        port=443,
+        password=VLESS_ID,
+    )
+
+
+def printing(secrets: list[str], *, wait: float = 0.0) -> str:
+    """A command line that prints `secrets` without carrying them (base64 in its argv),
+    as a command that found them somewhere would."""
+    encoded = " ".join(base64.b64encode(s.encode()).decode() for s in secrets)
+    return (
+        "python3 -c 'import base64,sys,time; time.sleep(float(sys.argv[1])); "
+        '[print("found", base64.b64decode(a).decode(), flush=True) for a in sys.argv[2:]]\' '
+        f"{wait} {encoded}"
+    )
+
+
+def held() -> list[str]:
+    from urllib.parse import quote
+
+    from tests.conftest import TEST_KEY
+
+    return [SHARED_TOKEN, OWN_TOKEN, PASSWORD, quote(PASSWORD, safe=""), VLESS_ID, TEST_KEY]
+
+
+async def test_a_command_without_services_gets_every_held_secret_masked(
+    gql: GraphQLClient, app: Any
+) -> None:
+    from graphql_schema.relay import decode_id
+    from runner.logwriter import StoredBatch
+    from server.broker import command_topic
+    from tests.fixtures.commands import logs_of, run, texts, wait_final
+
+    await hold_secrets(gql)
+    secrets = held()
+    command_id = await run(gql, commandString=printing(secrets, wait=0.5))
+    decoded = decode_id(command_id)
+    assert decoded is not None
+    streamed: list[str] = []
+    async with app.state.services.broker.subscribe(command_topic(decoded[1])) as subscription:
+        assert (await wait_final(gql, command_id))["status"] == "SUCCEEDED"
+        for message in list(subscription.waiting()):
+            if isinstance(message, StoredBatch):
+                streamed += [text for run_ in message.runs for text in run_.texts]
+    stored = texts(await logs_of(gql, command_id))
+    assert stored == ["found [redacted]"] * len(secrets)
+    assert [text for text in streamed if text.startswith("found")] == stored
+
+
+async def test_a_secret_stored_while_a_command_runs_is_masked_from_then_on(
+    gql: GraphQLClient,
+) -> None:
+    from tests.fixtures.commands import logs_of, run, texts, wait_final, wait_status
+
+    command_id = await run(gql, commandString=printing([LATE_TOKEN], wait=1.5))
+    await wait_status(gql, command_id, {"RUNNING"})
+    await create(gql, "createService", name="Late", envVar="LATE_TOKEN", token=LATE_TOKEN)
+    assert (await wait_final(gql, command_id))["status"] == "SUCCEEDED"
+    assert texts(await logs_of(gql, command_id)) == ["found [redacted]"]
+
+
+async def test_a_secret_another_process_stored_is_masked_within_the_refresh(
+    settings: Any,
+) -> None:
+    import asyncio
+
+    import httpx
+
+    from server.app import create_app
+    from server.db import create_engine, create_sessionmaker
+    from server.models import Service
+    from server.secretbox import load_secret_box
+    from tests.fixtures.commands import logs_of, run, texts, wait_final
+
+    quick = settings.model_copy(update={"secrets_refresh_seconds": 0.2})
+    application = create_app(quick)
+    async with application.router.lifespan_context(application):
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://corral.test") as http:
+            gql = GraphQLClient(http)
+            command_id = await run(gql, commandString=printing([LATE_TOKEN], wait=1.5))
+            await asyncio.sleep(0.3)  # the command was claimed without it
+            # Written as another Corral process would: no announcement reaches this one.
+            engine = create_engine(quick)
+            try:
+                async with create_sessionmaker(engine)() as session:
+                    box = load_secret_box(quick)
+                    session.add(
+                        Service(
+                            name="Elsewhere",
+                            env_var="ELSEWHERE",
+                            token_encrypted=box.encrypt(LATE_TOKEN),
+                        )
+                    )
+                    await session.commit()
+            finally:
+                await engine.dispose()
+            assert (await wait_final(gql, command_id))["status"] == "SUCCEEDED"
+            assert texts(await logs_of(gql, command_id)) == ["found [redacted]"]
