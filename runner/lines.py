@@ -85,6 +85,15 @@ class LineSplitter:
         return text
 
 
+def secret_forms(secrets: Iterable[str]) -> frozenset[str]:
+    """What is masked of each secret: itself and its URL-encoded forms (short ones: none)."""
+    forms: set[str] = set()
+    for secret in secrets:
+        if len(secret) >= MIN_SECRET_LENGTH:
+            forms.update({secret, quote(secret, safe=""), quote(secret)})
+    return frozenset(forms)
+
+
 class Redactor:
     """Masks every secret value (and its URL-encoded forms) in text.
 
@@ -95,12 +104,17 @@ class Redactor:
     """
 
     def __init__(self, secrets: Iterable[str] = ()) -> None:
-        forms: set[str] = set()
-        for secret in secrets:
-            if len(secret) < MIN_SECRET_LENGTH:
-                continue
-            forms.update({secret, quote(secret, safe=""), quote(secret)})
-        self.forms = frozenset(forms)
+        self._use(secret_forms(secrets))
+
+    @classmethod
+    def of_forms(cls, forms: frozenset[str]) -> Redactor:
+        """A redactor of these exact forms (see `secret_forms`)."""
+        redactor = cls()
+        redactor._use(forms)
+        return redactor
+
+    def _use(self, forms: frozenset[str]) -> None:
+        self.forms = forms
         self._matchers = [AhoCorasick(sorted(forms))] if forms else []
         self._joinable = not any("\x00" in form for form in forms)
 
