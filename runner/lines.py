@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Iterator
 from urllib.parse import quote
 
@@ -86,16 +87,18 @@ class LineSplitter:
 
 
 def secret_forms(secrets: Iterable[str]) -> frozenset[str]:
-    """What is masked of each secret: itself and its URL-encoded forms (short ones: none)."""
+    """What is masked of each secret (short ones: nothing): itself, URL-encoded, and as a
+    JSON string holds it (a sidecar that quotes its config, a child that dumps JSON)."""
     forms: set[str] = set()
     for secret in secrets:
         if len(secret) >= MIN_SECRET_LENGTH:
             forms.update({secret, quote(secret, safe=""), quote(secret)})
+            forms.update({json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]})
     return frozenset(forms)
 
 
 class Redactor:
-    """Masks every secret value (and its URL-encoded forms) in text.
+    """Masks every secret value (and its URL-encoded and JSON forms) in text.
 
     One Aho-Corasick automaton finds all of them in one pass, however many there are (an
     alternation regex tried every secret at every position: 0.2 ms a line with 300 secrets).

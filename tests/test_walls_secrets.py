@@ -349,3 +349,84 @@ async def test_a_secret_another_process_stored_is_masked_within_the_refresh(
                 await engine.dispose()
             assert (await wait_final(gql, command_id))["status"] == "SUCCEEDED"
             assert texts(await logs_of(gql, command_id)) == ["found [redacted]"]
+
+
+def test_the_redactor_masks_json_escaped_and_overlapping_secrets() -> None:
+    from runner.lines import MASK, Redactor
+
+    quoted = 'pa"ss\\wörd-42'
+    redact = Redactor([quoted, "abcdef12", "ef12xyz9"])
+    as_json = json.dumps({"password": quoted})
+    assert quoted not in redact(as_json)
+    assert json.dumps(quoted)[1:-1] not in redact(as_json)
+    assert redact(json.dumps(quoted, ensure_ascii=False)) == f'"{MASK}"'
+    # Two secrets that overlap are masked as one: no tail of either is left.
+    assert redact("<abcdef12xyz9>") == f"<{MASK}>"
+    assert Redactor(["abcdef12"]).joined(Redactor(["ef12xyz9"]))("<abcdef12xyz9>") == f"<{MASK}>"
+
+
+def test_the_redactor_costs_the_same_with_thousands_of_secrets() -> None:
+    import time
+    import uuid
+
+    from runner.lines import MASK, Redactor
+
+    secrets = [str(uuid.uuid4()) for _ in range(3000)]
+    redact = Redactor(secrets)
+    lines = [f"worker {i} item {uuid.uuid4().hex} status=ok" for i in range(20_000)]
+    lines[7777] = f"found {secrets[1234]}"
+    began = time.perf_counter()
+    masked = [text for i in range(0, len(lines), 100) for text in redact.all(lines[i : i + 100])]
+    elapsed = time.perf_counter() - began
+    assert masked[7777] == f"found {MASK}"
+    # An alternation regex took ~1 ms a line here (20 s); generous for a noisy machine.
+    assert elapsed < 2.0, elapsed
+
+
+FAKE_XRAY = """#!/usr/bin/env python3
+import sys
+if sys.argv[1:] in (["version"], ["-version"]):
+    print("Xray 1.8.24 (Xray, Penetrates Everything.)")
+    sys.exit(0)
+config = sys.argv[sys.argv.index("-c") + 1]
+sys.stderr.write("failed to load config: " + open(config).read())
+sys.exit(23)
+"""
+
+
+async def test_a_sidecar_that_quotes_its_config_leaks_no_password(
+    settings: Any, tmp_path: Any
+) -> None:
+    import asyncio
+
+    import httpx
+
+    from server.app import create_app
+    from tests.fixtures.commands import logs_of, run, wait_final
+
+    fake = tmp_path / "fake-xray"
+    fake.write_text(FAKE_XRAY)
+    fake.chmod(0o755)
+    password = 'tr"oj\\an-pw-7731'
+    listener = await asyncio.start_server(lambda _r, w: w.close(), "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    application = create_app(settings.model_copy(update={"xray_bin": str(fake)}))
+    try:
+        async with application.router.lifespan_context(application):
+            transport = httpx.ASGITransport(app=application)
+            async with httpx.AsyncClient(transport=transport, base_url="http://c.test") as http:
+                gql = GraphQLClient(http)
+                proxy = await create(gql, "createProxy", name="tr", protocol="TROJAN",
+                                     host="127.0.0.1", port=port, password=password)  # fmt: skip
+                command_id = await run(gql, commandString="true", proxyId=proxy)
+                node = await wait_final(gql, command_id)
+                lines = [line["text"] for line in await logs_of(gql, command_id)]
+    finally:
+        listener.close()
+        await listener.wait_closed()
+    assert node["status"] == "FAILED"
+    assert any("[sidecar]" in line and '"password"' in line for line in lines), lines
+    text = json.dumps([lines, node])
+    for form in (password, json.dumps(password)[1:-1]):
+        assert form not in text
+        assert form not in "\n".join(lines)
