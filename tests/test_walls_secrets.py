@@ -416,8 +416,8 @@ async def test_a_sidecar_that_quotes_its_config_leaks_no_password(
             transport = httpx.ASGITransport(app=application)
             async with httpx.AsyncClient(transport=transport, base_url="http://c.test") as http:
                 gql = GraphQLClient(http)
-                proxy = await create(gql, "createProxy", name="tr", protocol="TROJAN",
-                                     host="127.0.0.1", port=port, password=password)  # fmt: skip
+                trojan = {"protocol": "TROJAN", "host": "127.0.0.1", "port": port}
+                proxy = await create(gql, "createProxy", name="tr", password=password, **trojan)
                 command_id = await run(gql, commandString="true", proxyId=proxy)
                 node = await wait_final(gql, command_id)
                 lines = [line["text"] for line in await logs_of(gql, command_id)]
@@ -430,3 +430,61 @@ async def test_a_sidecar_that_quotes_its_config_leaks_no_password(
     for form in (password, json.dumps(password)[1:-1]):
         assert form not in text
         assert form not in "\n".join(lines)
+
+
+def test_corral_serve_logs_no_query_text_and_no_secret(tmp_path: Any) -> None:
+    """The real server's whole output (uvicorn's access log included) after requests that
+    carry a token in a GET query string, a mistyped input, a syntax error and a bad link."""
+    import subprocess
+
+    import httpx
+
+    from tests.fixtures.processes import CORRAL_BIN, free_port, stop, wait_for_http
+    from tests.test_cli import corral_env
+
+    port = free_port()
+    process = subprocess.Popen(
+        [str(CORRAL_BIN), "serve", "--port", str(port)],
+        cwd=tmp_path,
+        env=corral_env(CORRAL_LOG_LEVEL="debug"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{base}/healthz", process)
+        query = f'{{ profiles(search: "{TOKEN}") {{ totalCount }} }}'
+        assert httpx.get(f"{base}/graphql", params={"query": query}).status_code == 200
+        mistyped = {"name": 1, "kind": "github", "envVar": "GH_T", "token": TOKEN}
+        httpx.post(
+            f"{base}/graphql", json={"query": CREATE_SERVICE, "variables": {"input": mistyped}}
+        )
+        httpx.post(f"{base}/graphql", json={"query": BAD_DOCUMENTS["syntax-missing-colon"]})
+        links = {"links": [f"vless://{TOKEN}@h.example.com:443"]}
+        importing = "mutation($links: [String!]!) { importProxies(links: $links) { userErrors { message } } }"
+        body = httpx.post(f"{base}/graphql", json={"query": importing, "variables": links}).json()
+        assert body["data"]["importProxies"]["userErrors"]
+    finally:
+        _code, output = stop(process)
+    assert '"GET /graphql?… HTTP/1.1" 200' in output, output
+    assert "GraphQL error" in output  # client mistakes are logged, at INFO, without values
+    assert TOKEN not in output, output
+
+
+async def test_database_errors_never_quote_statement_parameters(settings: Any) -> None:
+    from sqlalchemy import text
+    from sqlalchemy.exc import IntegrityError
+
+    from server.db import create_engine
+
+    engine = create_engine(settings)
+    try:
+        async with engine.connect() as connection:
+            with pytest.raises(IntegrityError) as caught:
+                await connection.execute(
+                    text("INSERT INTO services (name, name_key) VALUES (:n, :n)"), {"n": TOKEN}
+                )
+    finally:
+        await engine.dispose()
+    assert TOKEN not in str(caught.value)
