@@ -76,7 +76,8 @@ def parse_host(value: Any) -> str:
     except ValueError:
         pass
     if not HOSTNAME_RE.match(host):
-        raise FieldInvalid(f"{host!r} is not a hostname or IP address (no scheme, path or port)")
+        # Not quoted: a pasted URL or share link here carries its credentials.
+        raise FieldInvalid("host must be a hostname or IP address (no scheme, user, path or port)")
     return host.lower().rstrip(".")
 
 

@@ -488,3 +488,21 @@ async def test_database_errors_never_quote_statement_parameters(settings: Any) -
     finally:
         await engine.dispose()
     assert TOKEN not in str(caught.value)
+
+
+async def test_a_proxy_host_holding_a_pasted_link_is_refused_without_echo(
+    gql: GraphQLClient, everything_logged: pytest.LogCaptureFixture
+) -> None:
+    data = await gql(
+        "mutation($input: CreateProxyInput!) { createProxy(input: $input) "
+        "{ proxy { id } userErrors { field message } } }",
+        input={
+            "name": "pasted",
+            "protocol": "HTTP",
+            "host": f"http://user:{LINK_PASSWORD}@h.example.com",
+            "port": 8080,
+        },
+    )
+    errors = data["createProxy"]["userErrors"]
+    assert [error["field"] for error in errors] == [["host"]]
+    assert_hidden(LINK_PASSWORD, data, everything_logged)
