@@ -29,8 +29,9 @@ MASK = "[value]"
 # rewrite rules below, not this net, are what keeps values out.
 MIN_MASKED_LENGTH = 6
 
-# `found ...`, `; found: ...`, `. Did you mean 'x'? Found: ...`: the value follows, to the end.
-_FOUND_TAIL = re.compile(r"[,;]?\s*\b[Ff]ound:?\s.*\Z", re.S)
+# `, found: ...`, `; found: ...`, `. Did you mean 'x'? Found: ...`: the value follows, to the
+# end (a `found` inside a sentence, as in `not found in`, is not such a tail).
+_FOUND_TAIL = re.compile(r"(?:[,;]\s*found|(?<=[.?!])\s+Found):?\s.*\Z", re.S)
 # An exception's text inside a coercion message, which may quote the value again.
 _ENCOUNTERED = re.compile(r",? but encountered error .*\Z", re.S)
 # `String cannot represent a non string value: 1`, `Value cannot represent a DateTime: "x"`.

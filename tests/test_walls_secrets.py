@@ -506,3 +506,60 @@ async def test_a_proxy_host_holding_a_pasted_link_is_refused_without_echo(
     errors = data["createProxy"]["userErrors"]
     assert [error["field"] for error in errors] == [["host"]]
     assert_hidden(LINK_PASSWORD, data, everything_logged)
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        (
+            "Variable '$input' has invalid value: Expected value of type 'In' not to include "
+            "unknown field 'x'. Did you mean 'y'? Found: {'token': 'SECRET'}.",
+            "Variable '$input' has invalid value: Expected value of type 'In' not to include "
+            "unknown field 'x'. Did you mean 'y'?",
+        ),
+        (
+            "Variable '$d' has invalid value at .at: Expected value of type 'DateTime', but "
+            "encountered error 'Invalid isoformat string: \\'SECRET\\''; found: 'SECRET'.",
+            "Variable '$d' has invalid value at .at: Expected value of type 'DateTime'.",
+        ),
+        (
+            "Variable '$p' has invalid value at .protocol: Value 'SE'CRET' does not exist in "
+            "'ProxyProtocol' enum.",
+            "Variable '$p' has invalid value at .protocol: Value does not exist in "
+            "'ProxyProtocol' enum.",
+        ),
+        (
+            "Int cannot represent non 32-bit signed integer value: 99999999999SECRET",
+            "Int cannot represent non 32-bit signed integer value.",
+        ),
+        (
+            "Expected value of type 'String!', found [\"SECRET\"].",
+            "Expected value of type 'String!'.",
+        ),
+        ("the command was not found in this runner", "the command was not found in this runner."),
+        ("Cannot query field 'x' on type 'Query'.", "Cannot query field 'x' on type 'Query'."),
+    ],
+)
+def test_error_messages_lose_their_values_and_keep_where_and_why(
+    message: str, expected: str
+) -> None:
+    from graphql import GraphQLError
+
+    from graphql_schema.errors import without_values
+
+    assert without_values(GraphQLError(message)) == expected
+
+
+def test_syntax_error_messages_lose_the_token_they_met() -> None:
+    from graphql import GraphQLSyntaxError, Source
+
+    from graphql_schema.errors import without_values
+
+    for description, expected in [
+        ("Expected ':', found String 'SECRET'.", "Expected ':', found String."),
+        ("Unexpected Name 'SECRET'.", "Unexpected Name."),
+        ("Expected Name, found <EOF>.", "Expected Name, found <EOF>."),
+        ("Unterminated string.", "Unterminated string."),
+    ]:
+        error = GraphQLSyntaxError(Source("{ x }"), 1, description)
+        assert without_values(error) == f"Syntax Error: {expected}"
