@@ -277,6 +277,7 @@ class Supervisor:
         self._files = ThreadPoolExecutor(1, thread_name_prefix="corral-files")
         self.store.start()
         await self.recover()
+        await self._refresh_secrets()  # the first claim does not pay for decrypting them all
         self._task = asyncio.create_task(self._main(), name=f"supervisor-{self.runner_id}")
         log_event("runner_started", runner=self.runner_id, name=self.name)
 
