@@ -38,6 +38,10 @@ _ENCOUNTERED = re.compile(r",? but encountered error .*\Z", re.S)
 _CANNOT_REPRESENT = re.compile(r"( cannot represent[^:]*): .*\Z", re.S)
 # `Value 'PURPLE' does not exist in 'RGB' enum.` (greedy: the value may hold quotes).
 _ENUM_VALUE = re.compile(r"\bValue '.*' does not exist in '", re.S)
+# An input's unknown key is named back only when it looks like a field name (a client that
+# put a token where a key goes must not see it logged).
+_UNKNOWN_FIELD = re.compile(r"unknown field '(.+?)'(?=\.(?: Did you mean|\Z)|\Z)", re.S)
+_FIELD_NAME = re.compile(r"[_A-Za-z][_0-9A-Za-z]{0,31}")
 # A syntax error's last word is the token it met: `found String 'ghp_...'.`
 _SYNTAX_TOKEN = re.compile(
     r"\b(found|Unexpected) (Name|String|BlockString|Int|Float|Comment) '.*'\.?\Z", re.S
@@ -59,9 +63,15 @@ def without_values(error: GraphQLError) -> str:
     message = _ENCOUNTERED.sub("", message)
     message = _CANNOT_REPRESENT.sub(r"\1", message)
     message = _FOUND_TAIL.sub("", message).rstrip()
+    message = _UNKNOWN_FIELD.sub(_named_if_a_name, message)
     if message and message[-1] not in ".?!":
         message += "."
     return message
+
+
+def _named_if_a_name(match: re.Match[str]) -> str:
+    name = match.group(1)
+    return match.group(0) if _FIELD_NAME.fullmatch(name) else "an unknown field"
 
 
 def _strings(value: Any) -> Iterator[str]:

@@ -547,7 +547,8 @@ class Supervisor:
             outcome = Outcome(CommandStatus.FAILED, error=str(exc))
             await writer.add(LogStream.SYSTEM, f"not started, nothing went out: {exc}")
         except Exception as exc:
-            log_event("attempt_crashed", level="error", command=attempt.command_id, error=repr(exc))
+            error = writer.redactor(repr(exc))  # the log gets no secret a message may hold
+            log_event("attempt_crashed", level="error", command=attempt.command_id, error=error)
             outcome = Outcome(CommandStatus.FAILED, error=f"runner error: {exc}")
         finally:
             await asyncio.shield(self._finish(attempt, outcome, writer, time.monotonic() - started))

@@ -563,3 +563,12 @@ def test_syntax_error_messages_lose_the_token_they_met() -> None:
     ]:
         error = GraphQLSyntaxError(Source("{ x }"), 1, description)
         assert without_values(error) == f"Syntax Error: {expected}"
+
+
+async def test_a_token_sent_as_an_input_key_is_not_named_back(
+    gql: GraphQLClient, everything_logged: pytest.LogCaptureFixture
+) -> None:
+    mistaken = {"name": "gh", "kind": "github", "envVar": "GH_T", TOKEN: "oops"}
+    body = await gql.raw(CREATE_SERVICE, input=mistaken)
+    assert "an unknown field" in body["errors"][0]["message"]
+    assert_hidden(TOKEN, body, everything_logged)
