@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from runner.lines import Redactor, secret_forms
 from runner.logwriter import LogWriter
+from server.db import READ_ONLY
 from server.known_secrets import plaintexts, stored_ciphertexts
 from server.secretbox import SecretBox, SecretKeyError
 
@@ -91,6 +92,8 @@ class KnownSecrets:
     async def _reload(self) -> None:
         started = time.monotonic()
         async with self._sessionmaker() as session:
+            # A read that must not take SQLite's write lock from the log store's flushes.
+            await session.connection(execution_options=READ_ONLY)
             stored = await stored_ciphertexts(session)
         self.reloads += 1
         new = [(kind, ciphertext) for kind, ciphertext in stored if ciphertext not in self._plain]
