@@ -572,3 +572,13 @@ async def test_a_token_sent_as_an_input_key_is_not_named_back(
     body = await gql.raw(CREATE_SERVICE, input=mistaken)
     assert "an unknown field" in body["errors"][0]["message"]
     assert_hidden(TOKEN, body, everything_logged)
+
+
+@pytest.mark.parametrize("padding", [0, 40], ids=["few-secrets", "many-secrets"])
+def test_the_redactor_masks_alike_with_few_or_many_secrets(padding: int) -> None:
+    from runner.lines import MASK, Redactor
+
+    others = [f"unrelated-secret-{i:03d}" for i in range(padding)]
+    redact = Redactor(["abcdef12", "ef12xyz9", "tok/en+1", *others])
+    texts = ["<abcdef12xyz9>", "a tok%2Fen%2B1 b tok/en+1", "abcdef12abcdef12", "clean"]
+    assert redact.all(texts) == [f"<{MASK}>", f"a {MASK} b {MASK}", MASK + MASK, "clean"]
