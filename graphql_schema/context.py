@@ -13,8 +13,9 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from strawberry.types import Info as StrawberryInfo
 
 from runner.renderpool import RenderPool
-from server.broker import Broker
+from server.broker import SECRETS_TOPIC, Broker
 from server.errors import ErrorCode, InvalidInput, UserError
+from server.known_secrets import take_secrets_changed
 from server.metrics import Metrics
 from server.secretbox import SecretBox
 from server.settings import Settings
@@ -124,6 +125,10 @@ class Context:
             except BaseException:
                 await session.rollback()
                 raise
+            finally:
+                changed = take_secrets_changed(session)
+            if changed:  # committed: the runner's redactor must know the new secret now
+                self.broker.publish(SECRETS_TOPIC, None)
         # Fresh loaders: the payload must show what was just written, not cached rows.
         self._loaders = None
 

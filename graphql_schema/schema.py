@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from typing import Any
 
 import strawberry
-from graphql import GraphQLError
 from strawberry.extensions import (
     AddValidationRules,
     MaskErrors,
@@ -27,6 +25,7 @@ from graphql_schema.commands import (
     resolve_compose_command,
 )
 from graphql_schema.context import Info
+from graphql_schema.errors import CorralSchema, is_unexpected
 from graphql_schema.profiles import Profile, ProfileMutations, resolve_profiles
 from graphql_schema.proxies import (
     Proxy,
@@ -42,8 +41,6 @@ from graphql_schema.templates import (
     resolve_command_templates,
 )
 from server.settings import Settings
-
-log = logging.getLogger("corral.graphql")
 
 
 async def _load_node(info: Info, type_name: str, pk: int) -> Node | None:
@@ -97,20 +94,6 @@ class Mutation(
     pass
 
 
-def _is_unexpected(error: GraphQLError) -> bool:
-    """Mask errors we did not raise on purpose (they are logged with their context)."""
-    original = error.original_error
-    if original is None or isinstance(original, GraphQLError):
-        return False
-    log.error(
-        "unexpected error in %s: %r",
-        ".".join(map(str, error.path or [])),
-        original,
-        exc_info=original,
-    )
-    return True
-
-
 def build_schema(settings: Settings | None = None) -> strawberry.Schema:
     """The schema, with depth and alias limits from settings."""
     settings = settings or Settings()
@@ -121,14 +104,14 @@ def build_schema(settings: Settings | None = None) -> strawberry.Schema:
         *QueryDepthLimiter(max_depth=settings.graphql_max_depth).validation_rules,
         *MaxAliasesLimiter(max_alias_count=settings.graphql_max_aliases).validation_rules,
     ]
-    return strawberry.Schema(
+    return CorralSchema(
         query=Query,
         mutation=Mutation,
         subscription=Subscription,
         types=[Profile, Service, Proxy, CommandTemplate, Command],
         extensions=[
             lambda: AddValidationRules(limits),
-            lambda: MaskErrors(should_mask_error=_is_unexpected),
+            lambda: MaskErrors(should_mask_error=is_unexpected),
             lambda: ParserCache(maxsize=256),
             lambda: ValidationCache(maxsize=256),
         ],

@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from runner.compose import CompositionError
-from runner.lines import LineSplitter, Redactor
+from runner.lines import LineSplitter
 from runner.logwriter import LogStore, LogWriter
 from runner.process import (
     RUN_MARKER,
@@ -41,12 +41,14 @@ from runner.process import (
     sweep_run,
     use_pidfd_child_watcher,
 )
+from runner.redaction import KnownSecrets
 from runner.renderpool import RenderPool
 from runner.sandbox import NONE, RunAs, Sandbox, check_reachable, choose_sandbox
-from server.broker import CANCEL_TOPIC, QUEUE_TOPIC, Broker
+from server.broker import CANCEL_TOPIC, QUEUE_TOPIC, SECRETS_TOPIC, Broker
 from server.commands import PROXY_URL_ENV, browser_settings, command_context, service_tokens
 from server.db import sqlite_timestamp
 from server.events import log_event
+from server.known_secrets import process_secrets
 from server.metrics import Metrics
 from server.models import (
     Command,
@@ -273,6 +275,12 @@ class Supervisor:
         # Templates render in worker processes: the app's pool, else one of its own.
         self._owns_render_pool = render_pool is None
         self.render_pool = render_pool or RenderPool.from_settings(settings)
+        self.secrets = KnownSecrets(
+            sessionmaker,
+            secret_box,
+            process_secrets(settings, secret_box),
+            settings.secrets_refresh_seconds,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -296,6 +304,7 @@ class Supervisor:
         self._files = ThreadPoolExecutor(1, thread_name_prefix="corral-files")
         self.store.start()
         await self.recover()
+        await self._refresh_secrets()  # the first claim does not pay for decrypting them all
         self._task = asyncio.create_task(self._main(), name=f"supervisor-{self.runner_id}")
         log_event("runner_started", runner=self.runner_id, name=self.name)
         log_event(
@@ -333,10 +342,12 @@ class Supervisor:
         async with (
             self.broker.subscribe(QUEUE_TOPIC) as queued,
             self.broker.subscribe(CANCEL_TOPIC) as cancels,
+            self.broker.subscribe(SECRETS_TOPIC) as secret_changes,
         ):
             listeners = [
                 asyncio.create_task(self._forward_wakeups(queued)),
                 asyncio.create_task(self._listen_cancels(cancels)),
+                asyncio.create_task(self._watch_secrets(secret_changes)),
                 asyncio.create_task(self._lease_loop()),
             ]
             try:
@@ -362,6 +373,25 @@ class Supervisor:
             subscription.resync()
             if isinstance(message, int) and message in self.attempts:
                 self.attempts[message].request_stop(StopReason.CANCEL)
+
+    async def _watch_secrets(self, subscription: Any) -> None:
+        """Reload the known secrets when the API changed one, and every refresh interval
+        while commands run (for changes made by other processes)."""
+        while True:
+            try:
+                await asyncio.wait_for(subscription.get(), self.secrets.refresh_seconds)
+                subscription.resync()
+                self.secrets.invalidate()
+            except TimeoutError:
+                if not self.attempts:
+                    continue
+            await self._refresh_secrets()
+
+    async def _refresh_secrets(self) -> None:
+        try:
+            await self.secrets.refresh()
+        except Exception as exc:  # the database may be away: mask what is known meanwhile
+            log_event("secrets_reload_failed", level="warning", error=type(exc).__name__)
 
     # -- claiming ----------------------------------------------------------------------
 
@@ -541,7 +571,8 @@ class Supervisor:
                 outcome = Outcome(CommandStatus.QUEUED, error="interrupted by runner shutdown")
                 return
             loaded = await self._load(claim)
-            writer.redactor = Redactor(loaded.secrets)
+            await self._refresh_secrets()
+            self.secrets.attach(writer, loaded.secrets)
             writer.service_ids = loaded.service_ids
             outcome = await self._run_loaded(attempt, loaded, writer)
         except CompositionError as exc:
@@ -551,7 +582,8 @@ class Supervisor:
             outcome = Outcome(CommandStatus.FAILED, error=str(exc))
             await writer.add(LogStream.SYSTEM, f"not started, nothing went out: {exc}")
         except Exception as exc:
-            log_event("attempt_crashed", level="error", command=attempt.command_id, error=repr(exc))
+            error = writer.redactor(repr(exc))  # the log gets no secret a message may hold
+            log_event("attempt_crashed", level="error", command=attempt.command_id, error=error)
             outcome = Outcome(CommandStatus.FAILED, error=f"runner error: {exc}")
         finally:
             await asyncio.shield(self._finish(attempt, outcome, writer, time.monotonic() - started))
@@ -796,6 +828,8 @@ class Supervisor:
         self, attempt: Attempt, outcome: Outcome, writer: LogWriter, elapsed: float
     ) -> None:
         try:
+            if outcome.error is not None:  # it may quote a child's or a sidecar's words
+                outcome.error = writer.redactor(outcome.error)
             status, values, note = self._final_values(attempt, outcome)
             # The note and the new state go in one transaction, with the claim that takes
             # this slot: the slot counts as free from now on.

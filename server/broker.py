@@ -32,6 +32,7 @@ def status_topic(command_id: int) -> str:
 STATUS_TOPIC = "status"
 CANCEL_TOPIC = "cancel"
 QUEUE_TOPIC = "queue"
+SECRETS_TOPIC = "secrets"  # a committed write changed a stored secret (message: None)
 
 
 @dataclass(frozen=True)

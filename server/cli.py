@@ -25,6 +25,27 @@ class CliError(Exception):
     """A problem the user can fix; printed as one line, exit status 1."""
 
 
+class HideQueryStrings(logging.Filter):
+    """Access log lines name the path, not its query string: a GraphQL GET carries the
+    query text (and any literal in it, a token included) and its variables there."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # uvicorn's access record: (client, method, path with query, HTTP version, status).
+        args = record.args
+        if isinstance(args, tuple) and len(args) == 5 and isinstance(args[2], str):
+            path, mark, _query = args[2].partition("?")
+            if mark:
+                record.args = (args[0], args[1], f"{path}?…", *args[3:])
+        return True
+
+
+def hide_query_strings() -> None:
+    """Install `HideQueryStrings` on uvicorn's access log (after uvicorn configured it)."""
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, HideQueryStrings) for f in access.filters):
+        access.addFilter(HideQueryStrings())
+
+
 def load_settings(*, host: str | None = None, port: int | None = None) -> Settings:
     """Settings from the environment, with command-line overrides; one readable error."""
     try:
@@ -93,6 +114,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         lifespan="on",
         **uvicorn_limits(settings),
     )
+    hide_query_strings()
     server = uvicorn.Server(config)
     print(f"Corral {__version__}: database {_describe_database(settings)}", flush=True)
     if settings.embedded_runner:

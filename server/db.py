@@ -24,13 +24,20 @@ STORE_CHECKPOINT_PAGES = 4000
 
 
 def create_engine(settings: Settings, **kwargs: Any) -> AsyncEngine:
-    """Create the async engine for the configured database (SQLite gets WAL and a busy timeout)."""
+    """Create the async engine for the configured database (SQLite gets WAL and a busy timeout).
+
+    Every engine hides statement parameters from its errors and logs: they hold what
+    clients sent and commands printed, and an error is logged (issue 10).
+    """
     url = make_url(settings.resolved_database_url)
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
             secure_sqlite_file(Path(url.database))
         engine = create_async_engine(
-            url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **kwargs
+            url,
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
+            hide_parameters=True,
+            **kwargs,
         )
         event.listen(engine.sync_engine, "connect", _sqlite_on_connect)
         event.listen(engine.sync_engine, "begin", _sqlite_on_begin)
@@ -38,7 +45,12 @@ def create_engine(settings: Settings, **kwargs: Any) -> AsyncEngine:
     # Enough connections for every running command's writer plus API requests; no ping
     # per checkout (a round trip each time), connections are recycled instead.
     pool_size = settings.max_concurrency * 2 + 5
-    options: dict[str, Any] = {"pool_size": pool_size, "max_overflow": 10, "pool_recycle": 1800}
+    options: dict[str, Any] = {
+        "pool_size": pool_size,
+        "max_overflow": 10,
+        "pool_recycle": 1800,
+        "hide_parameters": True,
+    }
     return create_async_engine(url, **(options | kwargs))
 
 
@@ -50,6 +62,7 @@ def create_sync_engine(url: URL) -> Engine:
         connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
         pool_size=1,
         max_overflow=0,
+        hide_parameters=True,
     )
     event.listen(engine, "connect", _sqlite_on_connect)
     event.listen(engine, "connect", _fewer_checkpoints)

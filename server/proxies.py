@@ -12,6 +12,7 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from server.errors import ErrorCode, InvalidInput, UserError
+from server.known_secrets import mark_secrets_changed
 from server.models import HOST_MAX, NAME_MAX, Profile, ProfileProxy, Proxy, ProxyProtocol, utcnow
 from server.profiles import get_profile
 from server.secretbox import SecretBox
@@ -75,7 +76,8 @@ def parse_host(value: Any) -> str:
     except ValueError:
         pass
     if not HOSTNAME_RE.match(host):
-        raise FieldInvalid(f"{host!r} is not a hostname or IP address (no scheme, path or port)")
+        # Not quoted: a pasted URL or share link here carries its credentials.
+        raise FieldInvalid("host must be a hostname or IP address (no scheme, user, path or port)")
     return host.lower().rstrip(".")
 
 
@@ -96,9 +98,12 @@ def read_credentials(proxy: Proxy, box: SecretBox) -> dict[str, str]:
     return loaded
 
 
-def _set_credentials(proxy: Proxy, box: SecretBox, values: dict[str, Any]) -> None:
+def _set_credentials(
+    session: AsyncSession, proxy: Proxy, box: SecretBox, values: dict[str, Any]
+) -> None:
     if "username" not in values and "password" not in values:
         return
+    mark_secrets_changed(session)
     credentials = read_credentials(proxy, box)
     for key in ("username", "password"):
         if key not in values:
@@ -230,7 +235,7 @@ async def create_proxy(session: AsyncSession, box: SecretBox, values: dict[str, 
     """Validate and add a proxy; credentials are stored encrypted."""
     proxy = Proxy(settings={})
     apply_fields(proxy, values, PROXY_FIELDS, creating=True)
-    _set_credentials(proxy, box, values)
+    _set_credentials(session, proxy, box, values)
     _check_protocol_rules(proxy, box)
     await ensure_unique(session, Proxy.name_key, proxy.name, field="name", label="proxy")
     await _set_via(session, proxy, values)
@@ -245,7 +250,7 @@ async def update_proxy(
     """Apply changes to a proxy; `username`/`password: null` removes them."""
     proxy = await get_proxy(session, proxy_id)
     apply_fields(proxy, values, PROXY_FIELDS, creating=False)
-    _set_credentials(proxy, box, values)
+    _set_credentials(session, proxy, box, values)
     _check_protocol_rules(proxy, box)
     if "name" in values:
         await ensure_unique(
@@ -365,11 +370,21 @@ async def import_proxies(
             async with session.begin_nested():
                 created.append(await create_proxy(session, box, values))
         except InvalidInput as exc:
+            secrets = [s for s in (parsed.username, parsed.password) if s and len(s) >= 4]
             errors.extend(
-                UserError(where, f"link {index + 1}: {error.message}", error.code)
+                UserError(
+                    where, f"link {index + 1}: {_without(secrets, error.message)}", error.code
+                )
                 for error in exc.errors
             )
     return created, errors
+
+
+def _without(secrets: list[str], message: str) -> str:
+    """A link's error never quotes its credentials (no rule quotes them today: a guard)."""
+    for secret in secrets:
+        message = message.replace(secret, "…")
+    return message
 
 
 async def record_health(session: AsyncSession, proxy: Proxy, result: HealthResult) -> Proxy:

@@ -41,6 +41,8 @@ class SecretBox:
                 "CORRAL_SECRET_KEY is not a valid Fernet key (32 url-safe base64-encoded "
                 "bytes; make one with `corral genkey`)"
             ) from exc
+        # Kept for the runner's redactor: a command that reads the key never prints it.
+        self.key_texts = tuple(key.decode() for key in keys)
 
     def encrypt(self, plaintext: str) -> bytes:
         """Encrypt a secret for storage."""

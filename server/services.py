@@ -8,6 +8,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from server.errors import ErrorCode, InvalidInput
+from server.known_secrets import mark_secrets_changed
 from server.models import NAME_MAX, URL_MAX, ProfileService, Service
 from server.profiles import get_profile
 from server.secretbox import SecretBox
@@ -50,10 +51,16 @@ def check_token(value: Any, field: str = "token") -> str:
     return token
 
 
-def _set_token(target: Service | ProfileService, box: SecretBox, values: dict[str, Any]) -> None:
+def _set_token(
+    session: AsyncSession,
+    target: Service | ProfileService,
+    box: SecretBox,
+    values: dict[str, Any],
+) -> None:
     if "token" not in values:
         return
     raw = values["token"]
+    mark_secrets_changed(session)
     target.token_encrypted = None if raw is None else box.encrypt(check_token(raw))
 
 
@@ -69,7 +76,7 @@ async def create_service(session: AsyncSession, box: SecretBox, values: dict[str
     """Validate and add a service; its shared token (optional) is stored encrypted."""
     service = Service(kind="generic", settings={}, rate_limit_policy={})
     apply_fields(service, values, SERVICE_FIELDS, creating=True)
-    _set_token(service, box, values)
+    _set_token(session, service, box, values)
     await ensure_unique(session, Service.name_key, service.name, field="name", label="service")
     session.add(service)
     await session.flush()
@@ -82,7 +89,7 @@ async def update_service(
     """Apply changes to a service; `token: null` removes the shared token."""
     service = await get_service(session, service_id)
     apply_fields(service, values, SERVICE_FIELDS, creating=False)
-    _set_token(service, box, values)
+    _set_token(session, service, box, values)
     if "name" in values:
         await ensure_unique(
             session,
@@ -120,7 +127,7 @@ async def link_service(
     if link is None:
         link = ProfileService(profile_id=profile.id, service_id=service.id)
         session.add(link)
-    _set_token(link, box, values)
+    _set_token(session, link, box, values)
     await session.flush()
     return link
 

@@ -176,6 +176,12 @@ class Settings(BaseSettings):
     sidecar_start_timeout: float = Field(
         default=10.0, gt=0, description="How long a proxy sidecar may take to listen."
     )
+    secrets_refresh_seconds: float = Field(
+        default=2.0,
+        gt=0,
+        description="How often a runner re-reads the stored secrets it masks in every "
+        "command's output (changes made through this process's API apply at once).",
+    )
 
     @field_validator("log_level")
     @classmethod

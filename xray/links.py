@@ -41,7 +41,11 @@ QUERY_SETTINGS = {
 
 
 class ShareLinkError(ValueError):
-    """A share link that cannot be imported; `message` says why, for the person pasting it."""
+    """A share link that cannot be imported; `message` says why, for the person pasting it.
+
+    A message never quotes the link or any part of it: a link carries credentials, and a
+    part that looks like a host or a port may be a password where the link is malformed.
+    """
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -74,8 +78,8 @@ def parse_share_link(link: str) -> ParsedProxy:
     parser = PARSERS.get(scheme.lower())
     if parser is None:
         raise ShareLinkError(
-            f"unsupported link type {scheme}://; use vless, vmess, trojan, ss, socks5, "
-            "http or https"
+            "unsupported link type; use vless://, vmess://, trojan://, ss://, socks5://, "
+            "http:// or https://"
         )
     return parser(rest)
 
@@ -121,7 +125,7 @@ def _host_port(text: str) -> tuple[str, int]:
         try:
             host = str(ipaddress.IPv6Address(host))
         except ValueError:
-            raise ShareLinkError(f"{host!r} is not an IPv6 address") from None
+            raise ShareLinkError("the host in [...] is not an IPv6 address") from None
         if not port_text.startswith(":"):
             raise ShareLinkError("the link has no port (expected host:port)")
         return host, _port(port_text[1:])
@@ -138,7 +142,7 @@ def _hostname(host: str) -> str:
     if not host:
         raise ShareLinkError("the link has no host")
     if not HOSTNAME_RE.match(host) or len(host) > 253:
-        raise ShareLinkError(f"{host!r} is not a host name or IP address")
+        raise ShareLinkError("the host is not a host name or IP address")
     return host
 
 
@@ -147,10 +151,10 @@ def _port(text: Any) -> int:
     if not text:
         raise ShareLinkError("the link has no port (expected host:port)")
     if not text.isascii() or not text.isdigit():
-        raise ShareLinkError(f"port {text!r} is not a number")
+        raise ShareLinkError("the port is not a number")
     port = int(text)
     if not 1 <= port <= 65535:
-        raise ShareLinkError(f"port {port} is out of range (1-65535)")
+        raise ShareLinkError("the port is out of range (1-65535)")
     return port
 
 
@@ -167,7 +171,9 @@ def _uuid(value: str, scheme: str) -> str:
     try:
         return str(uuid.UUID(value))
     except ValueError:
-        raise ShareLinkError(f"{value!r} is not a UUID, which {scheme} needs as its id") from None
+        raise ShareLinkError(
+            f"the {scheme} link's id is not a UUID (which {scheme} needs)"
+        ) from None
 
 
 def _b64decode(text: str, what: str) -> str:
@@ -189,13 +195,12 @@ def _stream_settings(query: dict[str, str], default_security: str) -> dict[str, 
     network = NETWORK_ALIASES.get(network_raw)
     if network is None:
         raise ShareLinkError(
-            f"transport type={network_raw} is not supported; use tcp, ws, grpc, h2, "
-            "httpupgrade or xhttp"
+            "the transport (type=) is not supported; use tcp, ws, grpc, h2, httpupgrade or xhttp"
         )
     security_raw = query.get("security", default_security).strip().lower()
     security = SECURITIES.get(security_raw)
     if security is None:
-        raise ShareLinkError(f"security={security_raw} is not supported; use none, tls or reality")
+        raise ShareLinkError("the security= value is not supported; use none, tls or reality")
     settings: dict[str, Any] = {"network": network, "security": security}
     for parameter, key in QUERY_SETTINGS.items():
         value = query.get(parameter, "").strip()
@@ -219,7 +224,7 @@ def _parse_vless(rest: str) -> ParsedProxy:
     user_id = _uuid(parts.userinfo or "", "vless")
     encryption = parts.query.get("encryption", "none").strip().lower() or "none"
     if encryption != "none":
-        raise ShareLinkError(f"VLESS encryption={encryption} is not supported (only none)")
+        raise ShareLinkError("VLESS encryption= other than none is not supported")
     settings = _stream_settings(parts.query, "none")
     return ParsedProxy(
         _name(parts.name, host, port), "vless", host, port, password=user_id, settings=settings
@@ -266,7 +271,7 @@ def _vmess_fields(data: dict[str, Any]) -> Callable[[str], str]:
         if value is None:
             return ""
         if isinstance(value, bool) or not isinstance(value, str | int):
-            raise ShareLinkError(f"the vmess field {key!r} must be a string, not {value!r}")
+            raise ShareLinkError(f"the vmess field {key!r} must be a string or a number")
         return str(value).strip()
 
     return field_text
@@ -285,14 +290,17 @@ def _vmess_settings(field_text: Callable[[str], str]) -> dict[str, Any]:
     network_raw = field_text("net").lower() or "tcp"
     network = NETWORK_ALIASES.get(network_raw)
     if network is None:
-        raise ShareLinkError(f"vmess transport net={network_raw} is not supported")
+        raise ShareLinkError(
+            "the vmess transport (net) is not supported; use tcp, ws, grpc, h2, httpupgrade "
+            "or xhttp"
+        )
     security = SECURITIES.get(field_text("tls").lower())
     if security is None:
-        raise ShareLinkError(f"vmess tls={field_text('tls')} is not supported; use tls or none")
+        raise ShareLinkError("the vmess tls value is not supported; use tls or none")
     settings: dict[str, Any] = {"network": network, "security": security}
     alter_id = field_text("aid") or "0"
     if not alter_id.isdigit():
-        raise ShareLinkError(f"vmess aid={alter_id!r} is not a number")
+        raise ShareLinkError("the vmess aid is not a number")
     settings["alterId"] = int(alter_id)
     settings["cipher"] = field_text("scy").lower() or "auto"
     header_type = field_text("type").lower()
@@ -386,7 +394,7 @@ def _plain_proxy(protocol: str) -> Callable[[str], ParsedProxy]:
     def parse(rest: str) -> ParsedProxy:
         parts = _split(rest)
         if parts.path not in ("", "/"):
-            raise ShareLinkError(f"a {protocol} proxy link has no path (got {parts.path!r})")
+            raise ShareLinkError(f"a {protocol} proxy link has no path")
         host, port = _host_port(parts.hostport)
         username, password = _user_pass(parts.userinfo)
         if password and not username:
