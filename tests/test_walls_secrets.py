@@ -328,7 +328,7 @@ async def test_a_secret_another_process_stored_is_masked_within_the_refresh(
     application = create_app(quick)
     async with application.router.lifespan_context(application):
         transport = httpx.ASGITransport(app=application)
-        async with httpx.AsyncClient(transport=transport, base_url="http://corral.test") as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
             gql = GraphQLClient(http)
             command_id = await run(gql, commandString=printing([LATE_TOKEN], wait=1.5))
             await asyncio.sleep(0.3)  # the command was claimed without it
@@ -414,7 +414,7 @@ async def test_a_sidecar_that_quotes_its_config_leaks_no_password(
     try:
         async with application.router.lifespan_context(application):
             transport = httpx.ASGITransport(app=application)
-            async with httpx.AsyncClient(transport=transport, base_url="http://c.test") as http:
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
                 gql = GraphQLClient(http)
                 trojan = {"protocol": "TROJAN", "host": "127.0.0.1", "port": port}
                 proxy = await create(gql, "createProxy", name="tr", password=password, **trojan)
