@@ -133,9 +133,12 @@ class QueryLimits(SchemaExtension):
 
     def on_stream_result(self, result: Any) -> Iterator[None]:
         # Queries over a WebSocket were capped in on_execute; a subscription's events here.
+        context = self.execution_context
         if (
             isinstance(result, ExecutionResult)
-            and self.execution_context.operation_type == OperationType.SUBSCRIPTION
+            and result.data is not None  # an error, perhaps before any document was parsed
+            and context.graphql_document is not None
+            and context.operation_type == OperationType.SUBSCRIPTION
         ):
             self._cap(result)
         yield
