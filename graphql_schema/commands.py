@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from strawberry.scalars import JSON
 
 from graphql_schema.context import Info
+from graphql_schema.limits import CountedList
 from graphql_schema.mutation import perform
 from graphql_schema.relay import (
     Connection,
@@ -155,7 +156,7 @@ class Command(Node):
         row = await info.context.loaders.proxy.load(self.row.proxy_id)
         return None if row is None else Proxy.from_row(row)
 
-    @strawberry.field
+    @strawberry.field(extensions=[CountedList()])
     async def services(self, info: Info) -> list[ServiceRef]:
         from graphql_schema.services import Service
 

@@ -3,7 +3,9 @@
 One `QueryLimits` extension per operation, over HTTP and WebSocket alike:
 - a query text over `graphql_max_query_bytes` is refused before it is parsed;
 - an operation whose estimated cost (graphql_schema/cost.py, variables resolved) is over
-  `graphql_max_cost` is refused before it runs;
+  `graphql_max_cost` is refused before it runs; and since a list without `first` may be
+  longer than the estimate assumed, the items such lists return are counted as they come
+  (`CountedList` on those fields): past the same budget the operation ends in that error;
 - a result whose JSON is over `graphql_max_response_bytes` is replaced by an error (for a
   subscription, each event on its own).
 Each refusal is one GraphQL error that says the number and the limit, with an
@@ -14,14 +16,15 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sized
+from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
 from graphql import DocumentNode, GraphQLError, parse
 from graphql import ExecutionResult as GraphQLExecutionResult
-from strawberry.extensions import SchemaExtension
+from strawberry.extensions import FieldExtension, SchemaExtension
 from strawberry.types import ExecutionResult
 from strawberry.types.graphql import OperationType
 
@@ -70,6 +73,61 @@ def cost_error(cost: int, budget: int) -> GraphQLError:
     )
 
 
+def count_error(count: int, budget: int) -> GraphQLError:
+    """The error for an operation whose lists without `first` returned more than the budget."""
+    return GraphQLError(
+        f"the query reached {count} objects while it ran, more than the budget of {budget} "
+        "(its lists without `first` are longer than its cost assumed); ask for fewer items "
+        "or nest fewer lists",
+        extensions={"code": "QUERY_TOO_COSTLY", "cost": count, "budget": budget},
+    )
+
+
+@dataclass
+class ObjectMeter:
+    """Items returned so far by one operation's lists without `first`."""
+
+    budget: int
+    count: int = 0
+    tripped: bool = False
+
+    def charge(self, items: int) -> None:
+        """Count `items`; the call that goes past the budget raises."""
+        self.count += items
+        if self.count > self.budget:
+            self.tripped = True
+            raise count_error(self.count, self.budget)
+
+
+# The meter of the operation being executed: set by QueryLimits, read by CountedList (a
+# context variable, since a WebSocket connection runs several operations on one context).
+_meter: ContextVar[ObjectMeter | None] = ContextVar("corral_graphql_meter", default=None)
+
+
+class CountedList(FieldExtension):
+    """Charges the length of a list field without `first` to the operation's meter."""
+
+    def resolve(self, next_: Callable[..., Any], source: Any, info: Any, **kwargs: Any) -> Any:
+        return _charged(next_(source, info, **kwargs))
+
+    async def resolve_async(
+        self, next_: Callable[..., Awaitable[Any]], source: Any, info: Any, **kwargs: Any
+    ) -> Any:
+        return _charged(await next_(source, info, **kwargs))
+
+
+def _charged(result: Any) -> Any:
+    meter = _meter.get()
+    if meter is None or not isinstance(result, Sized):
+        return result
+    if meter.tripped:
+        # The operation is over (its result becomes the one error): an empty list ends
+        # the walk below this field at once, and adds no error of its own.
+        return []
+    meter.charge(len(result))
+    return result
+
+
 def response_size_error(size: int, limit: int) -> GraphQLError:
     return GraphQLError(
         f"the response is {size} bytes or more, more than the limit of {limit}; "
@@ -97,6 +155,7 @@ class QueryLimits(SchemaExtension):
         super().__init__()
         self.limits = limits
         self.refusal: GraphQLError | None = None
+        self.meter: ObjectMeter | None = None
 
     def on_parse(self) -> Iterator[None]:
         context = self.execution_context
@@ -126,10 +185,14 @@ class QueryLimits(SchemaExtension):
         )
         if cost > self.limits.max_cost:
             raise cost_error(cost, self.limits.max_cost)
+        self.meter = ObjectMeter(self.limits.max_cost)
+        _meter.set(self.meter)
         yield
         result = context.result
         if isinstance(result, GraphQLExecutionResult):
-            self._cap(result)
+            self._settle(result)
+        if context.operation_type != OperationType.SUBSCRIPTION:
+            _meter.set(None)  # a subscription's events run after this hook: it stays set
 
     def on_stream_result(self, result: Any) -> Iterator[None]:
         # Queries over a WebSocket were capped in on_execute; a subscription's events here.
@@ -140,11 +203,18 @@ class QueryLimits(SchemaExtension):
             and context.graphql_document is not None
             and context.operation_type == OperationType.SUBSCRIPTION
         ):
-            self._cap(result)
+            self._settle(result)
+            self.meter = ObjectMeter(self.limits.max_cost)  # each event has the whole budget
+            _meter.set(self.meter)
         yield
 
-    def _cap(self, result: GraphQLExecutionResult | ExecutionResult) -> None:
-        """Replace a result over the response limit by the error that says so."""
+    def _settle(self, result: GraphQLExecutionResult | ExecutionResult) -> None:
+        """Replace a result over the object budget or the response limit by the one error
+        that says so (a tripped meter left an error in every list it ended)."""
+        if self.meter is not None and self.meter.tripped:
+            result.data = None
+            result.errors = [count_error(self.meter.count, self.meter.budget)]
+            return
         if result.data is None:
             return
         size = response_size(result.data)

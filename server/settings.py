@@ -50,14 +50,15 @@ class Settings(BaseSettings):
         default=1000, ge=1, description="Largest `first` a connection accepts."
     )
     graphql_max_cost: int = Field(
-        default=50_000,
+        default=20_000,
         ge=1,
         description="Budget of one GraphQL operation: the objects it may ask for, each list "
-        "counting as many items as its `first` (see the README's security section); a query "
-        "over it is refused before it runs, with its cost in the error.",
+        "counting as many items as its `first`; a query over it is refused before it runs, "
+        "with its cost in the error. Lists without `first` are also counted as they come: "
+        "past the budget the operation ends in the same error.",
     )
     graphql_cost_list_size: int = Field(
-        default=10,
+        default=5,
         ge=1,
         description="Items a list without a `first` argument (Profile.proxies, "
         "Proxy.profiles, Service.profiles, ...) counts as in a query's cost.",

@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
+import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import httpx
@@ -91,6 +93,27 @@ async def seed_mesh(app: Starlette, count: int = MESH) -> None:
         await session.commit()
 
 
+@contextlib.contextmanager
+def loop_deadline(seconds: float) -> Iterator[None]:
+    """Ends the test process when the event loop stays blocked past `seconds`. These servers
+    share the test's loop: the amplification query, if it ran, would hold it for hours and
+    take gigabytes, no asyncio timeout can fire meanwhile, and an exception would only hand
+    the loop back to the query's other tasks (at teardown). So: say why, and exit."""
+
+    def expire(_signum: int, _frame: Any) -> None:
+        message = f"\nFAILED: the event loop was blocked for more than {seconds} s; exiting\n"
+        os.write(2, message.encode())
+        os._exit(3)
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 def refusal(body: dict[str, Any], code: str) -> dict[str, Any]:
     """The one error of a refused operation (no data), with its extensions."""
     assert body.get("data") is None, body
@@ -118,11 +141,13 @@ async def test_the_amplification_query_is_refused_with_its_cost(
 ) -> None:
     await seed_mesh(app)
     started = time.perf_counter()
-    body = await gql.raw(AMPLIFICATION)
+    with loop_deadline(60):
+        body = await gql.raw(AMPLIFICATION)
     elapsed = time.perf_counter() - started
     error = refusal(body, "QUERY_TOO_COSTLY")
-    budget = Settings().graphql_max_cost
-    cost = 1 + 50 * (2 + sum(10**k for k in range(1, 9)))  # connection, edge + node, lists
+    budget, per_list = Settings().graphql_max_cost, Settings().graphql_cost_list_size
+    # the connection, 50 edges and nodes, then 8 nested lists of `per_list` items each
+    cost = 1 + 50 * (2 + sum(per_list**k for k in range(1, 9)))
     assert error["extensions"]["cost"] == cost == cost_of(AMPLIFICATION)
     assert error["extensions"]["budget"] == budget
     assert f"costs {cost}" in error["message"]
@@ -139,7 +164,8 @@ async def test_fragments_cost_what_their_fields_cost(app: Starlette, gql: GraphQ
     fragment Y on Proxy { profiles { proxies { profiles { proxies { id } } } } }
     """
     assert cost_of(through_fragments) == cost_of(walk(7)) > Settings().graphql_max_cost
-    error = refusal(await gql.raw(through_fragments), "QUERY_TOO_COSTLY")
+    with loop_deadline(60):
+        error = refusal(await gql.raw(through_fragments), "QUERY_TOO_COSTLY")
     assert error["extensions"]["cost"] == cost_of(walk(7))
     # a cycle of fragments is invalid: a validation error, not a recursion
     cycle = (
@@ -166,12 +192,13 @@ async def test_normal_queries_pass(app: Starlette, gql: GraphQLClient) -> None:
 
 async def test_first_sets_the_cost_literal_or_variable(app: Starlette, gql: GraphQLClient) -> None:
     await seed_mesh(app, 5)
-    per_profile = 1 + 10 * (1 + 10)  # node, 10 proxies, each with 10 profiles
+    per_list = Settings().graphql_cost_list_size
+    per_profile = 1 + per_list * (1 + per_list)  # the node, its proxies, their profiles
     assert cost_of(TWO_LEVELS, n=1) == 1 + per_profile
     data = await gql(TWO_LEVELS, n=1)
     assert len(data["profiles"]["nodes"]) == 1
     error = refusal(await gql.raw(TWO_LEVELS, n=1000), "QUERY_TOO_COSTLY")
-    assert error["extensions"]["cost"] == 1 + 1000 * per_profile
+    assert error["extensions"]["cost"] == 1 + 1000 * per_profile > Settings().graphql_max_cost
     # the same through a variable's default and through a literal
     with_default = TWO_LEVELS.replace("$n: Int", "$n: Int = 1000")
     assert refusal(await gql.raw(with_default), "QUERY_TOO_COSTLY")["extensions"]["cost"] == (
@@ -182,6 +209,27 @@ async def test_first_sets_the_cost_literal_or_variable(app: Starlette, gql: Grap
     # a `first` over the page limit counts as the limit: the resolver's error says why
     body = await gql.raw("query($n: Int) { profiles(first: $n) { nodes { name } } }", n=10**9)
     assert body["errors"][0]["message"].startswith("first must be between 0 and")
+
+
+async def test_lists_longer_than_assumed_are_counted_as_they_come(
+    app: Starlette, gql: GraphQLClient
+) -> None:
+    # Within budget as estimated (lists without `first` count 5 items), but these have 30:
+    # 30 profiles x 30 proxies x 30 profiles.
+    await seed_mesh(app)
+    query = "{ profiles(first: $n) { nodes { name proxies { name profiles { name } } } } }"
+    query = "query($n: Int) " + query
+    assert cost_of(query, n=30) < Settings().graphql_max_cost
+    started = time.perf_counter()
+    error = refusal(await gql.raw(query, n=30), "QUERY_TOO_COSTLY")
+    elapsed = time.perf_counter() - started
+    counted, budget = error["extensions"]["cost"], error["extensions"]["budget"]
+    assert budget == Settings().graphql_max_cost < counted < budget + 2 * MESH
+    assert f"reached {counted} objects" in error["message"]
+    assert elapsed < 10.0
+    # 10 profiles: 10 x 30 + 300 x 30 = 9,300 items, within the budget
+    data = await gql(query, n=10)
+    assert sum(len(proxy["profiles"]) for proxy in data["profiles"]["nodes"][0]["proxies"]) == 900
 
 
 async def test_a_budget_setting_is_obeyed(settings: Settings) -> None:
@@ -214,7 +262,8 @@ async def test_healthz_stays_fast_while_the_amplification_query_is_refused(
             prober = asyncio.create_task(probe())
             await asyncio.sleep(0.2)
             started = time.perf_counter()
-            bodies = await asyncio.gather(*(_post(http, AMPLIFICATION) for _ in range(5)))
+            with loop_deadline(60):
+                bodies = await asyncio.gather(*(_post(http, AMPLIFICATION) for _ in range(5)))
             elapsed = time.perf_counter() - started
             await asyncio.sleep(0.2)
             stop.set()
