@@ -14,6 +14,7 @@ import contextlib
 import json
 import os
 import signal
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -93,25 +94,37 @@ async def seed_mesh(app: Starlette, count: int = MESH) -> None:
         await session.commit()
 
 
-@contextlib.contextmanager
-def loop_deadline(seconds: float) -> Iterator[None]:
-    """Ends the test process when the event loop stays blocked past `seconds`. These servers
-    share the test's loop: the amplification query, if it ran, would hold it for hours and
-    take gigabytes, no asyncio timeout can fire meanwhile, and an exception would only hand
-    the loop back to the query's other tasks (at teardown). So: say why, and exit."""
+@pytest.fixture
+def loop_deadline(request: pytest.FixtureRequest) -> Any:
+    """`with loop_deadline(seconds):` ends the test process when the event loop stays
+    blocked past `seconds`. These servers share the test's loop: the amplification query,
+    if it ran, would hold it for hours and take gigabytes, no asyncio timeout can fire
+    meanwhile, and an exception would only hand the loop back to the query's other tasks
+    (at teardown). So: say why, and exit."""
+    capture = request.config.pluginmanager.getplugin("capturemanager")
 
-    def expire(_signum: int, _frame: Any) -> None:
-        message = f"\nFAILED: the event loop was blocked for more than {seconds} s; exiting\n"
-        os.write(2, message.encode())
-        os._exit(3)
+    @contextlib.contextmanager
+    def deadline(seconds: float) -> Iterator[None]:
+        def expire(_signum: int, _frame: Any) -> None:
+            if capture is not None:
+                capture.suspend_global_capture(in_=True)
+            print(
+                f"\n{request.node.nodeid}: FAILED: the event loop was blocked for more "
+                f"than {seconds} s; exiting",
+                file=sys.stderr,
+                flush=True,
+            )
+            os._exit(3)
 
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        previous = signal.signal(signal.SIGALRM, expire)
+        signal.setitimer(signal.ITIMER_REAL, seconds)
+        try:
+            yield
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
+
+    return deadline
 
 
 def refusal(body: dict[str, Any], code: str) -> dict[str, Any]:
@@ -137,7 +150,7 @@ def cost_of(query: str, **variables: Any) -> int:
 
 
 async def test_the_amplification_query_is_refused_with_its_cost(
-    app: Starlette, gql: GraphQLClient
+    app: Starlette, gql: GraphQLClient, loop_deadline: Any
 ) -> None:
     await seed_mesh(app)
     started = time.perf_counter()
@@ -155,7 +168,9 @@ async def test_the_amplification_query_is_refused_with_its_cost(
     assert elapsed < 2.0  # refused before it ran (it would take minutes and gigabytes)
 
 
-async def test_fragments_cost_what_their_fields_cost(app: Starlette, gql: GraphQLClient) -> None:
+async def test_fragments_cost_what_their_fields_cost(
+    app: Starlette, gql: GraphQLClient, loop_deadline: Any
+) -> None:
     await seed_mesh(app)
     through_fragments = """
     query { profiles { edges { node { ...P } } } }
@@ -243,7 +258,7 @@ async def test_a_budget_setting_is_obeyed(settings: Settings) -> None:
 
 
 async def test_healthz_stays_fast_while_the_amplification_query_is_refused(
-    settings: Settings,
+    settings: Settings, loop_deadline: Any
 ) -> None:
     async with running_server(settings, embedded_runner=False) as live:
         await seed_mesh(live.app)
