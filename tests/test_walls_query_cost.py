@@ -30,6 +30,7 @@ from graphql_schema.schema import build_schema, query_limits
 from server.models import Profile, ProfileProxy, Proxy
 from server.settings import Settings
 from tests.conftest import GraphQLClient
+from tests.fixtures.commands import FINAL, run, wait_status
 from tests.fixtures.servers import LiveServer, running_server
 
 MESH = 30  # profiles, and proxies; every profile linked to every proxy
@@ -373,6 +374,36 @@ async def test_a_response_over_the_size_limit_is_replaced_by_an_error(settings: 
         assert error["extensions"]["limit"] == 4096
         assert error["extensions"]["size"] > 4096
         assert "4096" in error["message"]
+
+
+async def test_a_subscription_event_over_the_size_limit_is_replaced_by_an_error(
+    settings: Settings,
+) -> None:
+    script = "print('x' * 3000); print('short')"
+    async with (
+        running_server(settings, graphql_max_response_bytes=2048) as live,
+        httpx.AsyncClient(base_url=live.base_url, timeout=30) as http,
+    ):
+        api = GraphQLClient(http)
+        command_id = await run(api, commandString=f'python3 -c "{script}"')
+        await wait_status(api, command_id, FINAL)
+        async with _socket(live) as ws:
+            query = """subscription($id: ID!) { commandLogs(commandId: $id) { stream text } }"""
+            payload = {"query": query, "variables": {"id": command_id}}
+            await ws.send(json.dumps({"id": "1", "type": "subscribe", "payload": payload}))
+            events = []
+            while (message := json.loads(await asyncio.wait_for(ws.recv(), 10)))["type"] != (
+                "complete"
+            ):
+                assert message["type"] == "next", message
+                events.append(message["payload"])
+    texts = [event["data"]["commandLogs"]["text"] for event in events if event.get("data")]
+    assert "short" in texts  # the events after the large one still come
+    assert not any(text.startswith("xxx") for text in texts)
+    [capped] = [event for event in events if event.get("errors")]
+    assert capped["data"] is None
+    assert capped["errors"][0]["extensions"]["code"] == "RESPONSE_TOO_LARGE"
+    assert capped["errors"][0]["extensions"]["limit"] == 2048
 
 
 # -- helpers -----------------------------------------------------------------------------------
