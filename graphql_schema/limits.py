@@ -129,8 +129,9 @@ def _charged(result: Any) -> Any:
 
 
 def response_size_error(size: int, limit: int) -> GraphQLError:
+    """The error that replaces a result over the response limit."""
     return GraphQLError(
-        f"the response is {size} bytes or more, more than the limit of {limit}; "
+        f"the response is {size} bytes, more than the limit of {limit}; "
         "ask for fewer items (a smaller `first`) or fewer fields",
         extensions={"code": "RESPONSE_TOO_LARGE", "size": size, "limit": limit},
     )
@@ -199,8 +200,7 @@ class QueryLimits(SchemaExtension):
         context = self.execution_context
         if (
             isinstance(result, ExecutionResult)
-            and result.data is not None  # an error, perhaps before any document was parsed
-            and context.graphql_document is not None
+            and context.graphql_document is not None  # None: a syntax error, nothing ran
             and context.operation_type == OperationType.SUBSCRIPTION
         ):
             self._settle(result)
@@ -210,7 +210,8 @@ class QueryLimits(SchemaExtension):
 
     def _settle(self, result: GraphQLExecutionResult | ExecutionResult) -> None:
         """Replace a result over the object budget or the response limit by the one error
-        that says so (a tripped meter left an error in every list it ended)."""
+        that says so (a tripped meter left a partial result: the first list past the budget
+        is an error, the ones after it empty)."""
         if self.meter is not None and self.meter.tripped:
             result.data = None
             result.errors = [count_error(self.meter.count, self.meter.budget)]

@@ -406,6 +406,38 @@ async def test_a_subscription_event_over_the_size_limit_is_replaced_by_an_error(
     assert capped["errors"][0]["extensions"]["limit"] == 2048
 
 
+async def test_each_subscription_event_has_the_whole_budget(settings: Settings) -> None:
+    # Events of commands with 3 services each: 3 objects an event, within a budget of 4
+    # (the estimate counts lists as 1 item) however many events come.
+    overrides = {"graphql_max_cost": 4, "graphql_cost_list_size": 1}
+    async with (
+        running_server(settings, **overrides) as live,
+        httpx.AsyncClient(base_url=live.base_url, timeout=30) as http,
+    ):
+        api = GraphQLClient(http)
+        create = """mutation($input: CreateServiceInput!) {
+          createService(input: $input) { service { id } userErrors { message } } }"""
+        services = [
+            (await api(create, input={"name": f"s{n}", "envVar": f"S{n}", "token": f"tok-{n}"}))[
+                "createService"
+            ]["service"]["id"]
+            for n in range(3)
+        ]
+        query = "subscription { commandEvents { status command { services { name } } } }"
+        async with _socket(live) as ws:
+            await ws.send(json.dumps({"id": "1", "type": "subscribe", "payload": {"query": query}}))
+            await asyncio.sleep(0.5)  # subscribed before the commands run
+            for _ in range(2):
+                await run(api, commandString="true", serviceIds=services)
+            events = []
+            while len(events) < 4:
+                message = json.loads(await asyncio.wait_for(ws.recv(), 20))
+                assert message["type"] == "next", message
+                assert "errors" not in message["payload"], message
+                events.append(message["payload"]["data"]["commandEvents"])
+    assert all(len(event["command"]["services"]) == 3 for event in events)
+
+
 # -- helpers -----------------------------------------------------------------------------------
 
 
