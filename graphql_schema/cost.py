@@ -3,12 +3,15 @@
 The model (like GitHub's node count or Shopify's calculated cost): every object a field
 returns costs 1, scalars and enums cost nothing, and a list multiplies the cost of what it
 holds by its length. A connection's `edges` and `nodes` are as long as its `first` (or the
-default page size); a list with a `first` argument of its own (`Command.logs`) by that
-`first` (or its default); any other list (`Profile.proxies`, `Proxy.profiles`, ...) has no
-bound a query can state, so it counts as `list_size` items. Variables are resolved, so
-`first: $n` costs what `$n` says. Fragments are followed (each one costed once per place
-it can stand in, so the work stays linear in the document) and every inline fragment is
-counted, as if the object were of each type at once: an overestimate, never an under one.
+default page size, and at most the largest page); a list with a `first` argument of its own
+(`Command.logs`) likewise; any other list (`Profile.proxies`, `Proxy.profiles`, the
+introspection lists, ...) has no bound a query can state, so it counts as `list_size` items
+(graphql_schema/limits.py counts the real ones as they come). Variables are resolved, so
+`first: $n` costs what `$n` (or its default) says. Fragments are followed, each costed once
+per place it can stand in, so the work stays linear in the document. Where the estimate
+has to guess it guesses high: every inline fragment counts (as if the object were of each
+type at once), a field selected twice (say by two fragments) counts twice, and
+`@skip`/`@include` are taken as including.
 """
 
 from __future__ import annotations
