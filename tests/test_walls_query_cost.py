@@ -376,6 +376,28 @@ async def test_a_response_over_the_size_limit_is_replaced_by_an_error(settings: 
         assert "4096" in error["message"]
 
 
+async def test_a_log_page_stops_reading_once_past_the_response_limit(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from graphql_schema import commands as command_types
+
+    converted: list[Any] = []
+    from_row = command_types.LogLine.from_row
+    monkeypatch.setattr(
+        command_types.LogLine, "from_row", lambda row: converted.append(row) or from_row(row)
+    )
+    app = _app(settings.model_copy(update={"graphql_max_response_bytes": 4096}))
+    async with app.router.lifespan_context(app), _gql(app) as gql:
+        script = "[print(str(i) * 1000) for i in range(40)]"
+        command_id = await run(gql, commandString=f'python3 -c "{script}"')
+        await wait_status(gql, command_id, FINAL)
+        query = "query($id: ID!) { node(id: $id) { ... on Command { logs { text } } } }"
+        body = await gql.raw(query, id=command_id)
+    assert body["errors"][0]["extensions"]["code"] == "RESPONSE_TOO_LARGE"
+    assert not body.get("data") or body["data"]["node"] is None
+    assert len(converted) < 8  # 4 lines of 1000 characters, not the 40 (or 10,000) stored
+
+
 async def test_a_subscription_event_over_the_size_limit_is_replaced_by_an_error(
     settings: Settings,
 ) -> None:
