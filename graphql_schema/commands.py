@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from strawberry.scalars import JSON
 
 from graphql_schema.context import Info
+from graphql_schema.limits import CountedList, response_size_error
 from graphql_schema.mutation import perform
 from graphql_schema.relay import (
     Connection,
@@ -45,6 +46,7 @@ ServiceRef = Annotated["Service", strawberry.lazy("graphql_schema.services")]
 TemplateRef = Annotated["CommandTemplate", strawberry.lazy("graphql_schema.templates")]
 
 LOG_PAGE_MAX = 10_000
+LOG_FETCH_ROWS = 500  # rows the `logs` field reads from the database at a time
 
 
 @strawberry.enum
@@ -155,7 +157,7 @@ class Command(Node):
         row = await info.context.loaders.proxy.load(self.row.proxy_id)
         return None if row is None else Proxy.from_row(row)
 
-    @strawberry.field
+    @strawberry.field(extensions=[CountedList()])
     async def services(self, info: Info) -> list[ServiceRef]:
         from graphql_schema.services import Service
 
@@ -173,8 +175,22 @@ class Command(Node):
             .order_by(models.LogLine.seq)
             .limit(max(limit, 0))
         )
+        # Read as a stream and stop once the texts alone pass the response limit: 10,000
+        # lines of up to a megabyte each would otherwise be gigabytes before any check.
+        cap = info.context.settings.graphql_max_response_bytes
+        lines: list[LogLine] = []
+        size = 0
         async with info.context.reading() as session:
-            return [LogLine.from_row(row) for row in await session.scalars(stmt)]
+            rows = await session.stream_scalars(stmt.execution_options(yield_per=LOG_FETCH_ROWS))
+            try:
+                async for row in rows:
+                    size += len(row.text)
+                    if size > cap:
+                        raise response_size_error(size, cap)
+                    lines.append(LogLine.from_row(row))
+            finally:
+                await rows.close()
+        return lines
 
 
 async def resolve_commands(

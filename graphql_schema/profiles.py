@@ -10,6 +10,7 @@ from sqlalchemy import false, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from graphql_schema.context import Info
+from graphql_schema.limits import CountedList
 from graphql_schema.mutation import perform, provided
 from graphql_schema.relay import (
     Connection,
@@ -84,7 +85,7 @@ class Profile(Node):
     def user_data_dir(self, info: Info) -> str:
         return profile_service.user_data_dir(self.row, info.context.settings)
 
-    @strawberry.field
+    @strawberry.field(extensions=[CountedList()])
     async def services(self, info: Info) -> list[ProfileServiceLink]:
         from graphql_schema.services import Service
 
@@ -104,7 +105,7 @@ class Profile(Node):
             for link, service in links
         ]
 
-    @strawberry.field(description="The proxies this profile may use.")
+    @strawberry.field(description="The proxies this profile may use.", extensions=[CountedList()])
     async def proxies(self, info: Info) -> list[ProxyRef]:
         from graphql_schema.proxies import Proxy
 

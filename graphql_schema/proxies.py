@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from strawberry.scalars import JSON
 
 from graphql_schema.context import Info
+from graphql_schema.limits import CountedList
 from graphql_schema.mutation import perform, provided
 from graphql_schema.relay import (
     Connection,
@@ -106,7 +107,7 @@ class Proxy(Node):
             checked_at=row.health_checked_at,
         )
 
-    @strawberry.field(description="Profiles that may use this proxy.")
+    @strawberry.field(description="Profiles that may use this proxy.", extensions=[CountedList()])
     async def profiles(self, info: Info) -> list[ProfileRef]:
         from graphql_schema.profiles import Profile
 

@@ -10,13 +10,13 @@ from strawberry.extensions import (
     AddValidationRules,
     MaskErrors,
     MaxAliasesLimiter,
-    ParserCache,
     QueryDepthLimiter,
     ValidationCache,
 )
 from strawberry.schema.config import StrawberryConfig
 
 from graphql_schema.commands import (
+    LOG_PAGE_MAX,
     Command,
     CommandMutations,
     ComposedCommand,
@@ -25,7 +25,9 @@ from graphql_schema.commands import (
     resolve_compose_command,
 )
 from graphql_schema.context import Info
+from graphql_schema.cost import CostModel, ListBound
 from graphql_schema.errors import CorralSchema, is_unexpected
+from graphql_schema.limits import Limits, QueryLimits
 from graphql_schema.profiles import Profile, ProfileMutations, resolve_profiles
 from graphql_schema.proxies import (
     Proxy,
@@ -33,7 +35,7 @@ from graphql_schema.proxies import (
     ProxyMutations,
     resolve_proxies,
 )
-from graphql_schema.relay import Connection, Node, decode_id
+from graphql_schema.relay import DEFAULT_PAGE_SIZE, Connection, Node, decode_id
 from graphql_schema.services import Service, ServiceMutations, resolve_services
 from graphql_schema.templates import (
     CommandTemplate,
@@ -94,25 +96,43 @@ class Mutation(
     pass
 
 
+def query_limits(settings: Settings) -> Limits:
+    """Query size, cost and response limits from settings (cost weights as the resolvers
+    page: connections by `first` or DEFAULT_PAGE_SIZE, Command.logs by `first` or all)."""
+    return Limits(
+        max_query_bytes=settings.graphql_max_query_bytes,
+        max_cost=settings.graphql_max_cost,
+        max_response_bytes=settings.graphql_max_response_bytes,
+        cost_model=CostModel(
+            list_size=settings.graphql_cost_list_size,
+            page_size=DEFAULT_PAGE_SIZE,
+            page_size_max=settings.page_size_max,
+            bounded_lists={("Command", "logs"): ListBound(LOG_PAGE_MAX, LOG_PAGE_MAX)},
+        ),
+    )
+
+
 def build_schema(settings: Settings | None = None) -> strawberry.Schema:
-    """The schema, with depth and alias limits from settings."""
+    """The schema, with depth, alias, query size, cost and response limits from settings."""
     settings = settings or Settings()
     # The limits' rules are built once, here: the limiter extensions build new rule classes
     # each time they are made (once a request), and a validation cached under one request's
     # rules never served another (every request was validated afresh: most of its time).
-    limits = [
+    rules = [
         *QueryDepthLimiter(max_depth=settings.graphql_max_depth).validation_rules,
         *MaxAliasesLimiter(max_alias_count=settings.graphql_max_aliases).validation_rules,
     ]
+    limits = query_limits(settings)
     return CorralSchema(
         query=Query,
         mutation=Mutation,
         subscription=Subscription,
         types=[Profile, Service, Proxy, CommandTemplate, Command],
         extensions=[
-            lambda: AddValidationRules(limits),
+            lambda: AddValidationRules(rules),
             lambda: MaskErrors(should_mask_error=is_unexpected),
-            lambda: ParserCache(maxsize=256),
+            # QueryLimits also parses (with a cache), after checking the query's size.
+            lambda: QueryLimits(limits),
             lambda: ValidationCache(maxsize=256),
         ],
         config=StrawberryConfig(),

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from strawberry.scalars import JSON
 
 from graphql_schema.context import Info
+from graphql_schema.limits import CountedList
 from graphql_schema.mutation import perform, provided
 from graphql_schema.relay import (
     Connection,
@@ -73,7 +74,7 @@ class Service(Node):
             row=row,
         )
 
-    @strawberry.field(description="Profiles linked to this service.")
+    @strawberry.field(description="Profiles linked to this service.", extensions=[CountedList()])
     async def profiles(self, info: Info) -> list[ProfileRef]:
         from graphql_schema.profiles import Profile
 

@@ -78,6 +78,32 @@ class Settings(BaseSettings):
     page_size_max: int = Field(
         default=1000, ge=1, description="Largest `first` a connection accepts."
     )
+    graphql_max_cost: int = Field(
+        default=20_000,
+        ge=1,
+        description="Budget of one GraphQL operation: the objects it may ask for, each list "
+        "counting as many items as its `first`; a query over it is refused before it runs, "
+        "with its cost in the error. Lists without `first` are also counted as they come: "
+        "past the budget the operation ends in the same error.",
+    )
+    graphql_cost_list_size: int = Field(
+        default=5,
+        ge=1,
+        description="Items a list without a `first` argument (Profile.proxies, "
+        "Proxy.profiles, Service.profiles, ...) counts as in a query's cost.",
+    )
+    graphql_max_query_bytes: int = Field(
+        default=32 * 1024,
+        ge=1024,
+        description="Longest GraphQL query text (bytes, UTF-8), over HTTP and WebSocket; "
+        "a longer one is refused before it is parsed.",
+    )
+    graphql_max_response_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1024,
+        description="Largest GraphQL result (bytes of JSON; each subscription event on its "
+        "own); a larger one is replaced by an error.",
+    )
 
     embedded_runner: bool = Field(
         default=True, description="Run commands inside `corral serve` (off: only `corral runner`)."
