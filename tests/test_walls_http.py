@@ -26,6 +26,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
 from graphql_schema.context import AppServices, Context, RequestFinished
+from runner.renderpool import RenderPool
 from server.limits import BodySizeLimit
 from server.secretbox import load_secret_box
 from server.settings import Settings
@@ -438,7 +439,7 @@ async def test_failing_sibling_never_closes_the_session_under_a_loader(
     for _ in range(6):
         for body in await asyncio.gather(*(one() for _ in range(6))):
             assert body["data"] is None
-            assert {e["message"] for e in body["errors"]} == {"first must be between 0 and 1000"}
+            assert {e["message"] for e in body["errors"]} == {"first must be between 0 and 1000."}
 
 
 async def test_close_waits_for_the_session_user_and_later_use_is_refused(
@@ -452,6 +453,7 @@ async def test_close_waits_for_the_session_user_and_later_use_is_refused(
             settings=settings,
             sessionmaker=create_sessionmaker(engine),
             secret_box=load_secret_box(settings),
+            render_pool=RenderPool.from_settings(settings),  # never started: nothing renders
         )
         context = Context(app=services)
         holding = asyncio.Event()

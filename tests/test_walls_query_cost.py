@@ -472,7 +472,7 @@ def _app(settings: Settings) -> Starlette:
 @contextlib.asynccontextmanager
 async def _gql(app: Starlette) -> AsyncIterator[GraphQLClient]:
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://corral.test") as http:
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
         yield GraphQLClient(http)
 
 
