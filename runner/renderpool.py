@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.compose import CompositionError
+from runner.process import SPAWNED
 from server.settings import Settings
 
 WORKER_MODULE = "runner.renderworker"
@@ -59,6 +60,9 @@ class _Worker:
             start_new_session=True,  # a ^C in the terminal is the server's to handle
             limit=READ_LIMIT,
         )
+        # Its own session, like a command's: a subreaper runner must know it started it,
+        # or it would take the worker for a command's escaped process (runner/process.py).
+        SPAWNED.add(process.pid)
         worker = cls(process)
         try:
             async with asyncio.timeout(START_TIMEOUT_SECONDS):
@@ -89,6 +93,7 @@ class _Worker:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
         await self.process.wait()
+        SPAWNED.discard(self.process.pid)
 
 
 def _argv_of(answer: Any) -> list[str]:

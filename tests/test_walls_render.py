@@ -30,7 +30,7 @@ from runner.renderpool import RenderPool
 from server.models import Command
 from server.settings import Settings
 from tests.conftest import GraphQLClient
-from tests.fixtures.commands import run, wait_final
+from tests.fixtures.commands import run, wait_final, wait_status
 from tests.fixtures.servers import running_server
 
 RENDER_TIMEOUT = 1.0
@@ -422,3 +422,24 @@ async def test_app_services_carry_the_pool(app: Starlette) -> None:
     services: AppServices = app.state.services
     assert services.render_pool.timeout_seconds == services.settings.render_timeout_seconds
     assert services.render_pool.memory_bytes == services.settings.render_memory_bytes
+
+
+async def test_render_workers_outlive_the_commands_they_render(
+    app: Starlette, gql: GraphQLClient
+) -> None:
+    """The runner is a child subreaper that kills what a finished command left outside its
+    group; a render worker (in a session of its own, started by the server while the
+    command ran) is not that, and stays up for the next command."""
+    pool = app.state.services.render_pool
+    running = await run(gql, commandString="sleep 0.5")
+    await wait_status(gql, running, {"RUNNING"})
+    # Workers started while the command runs: younger than its first process.
+    await asyncio.gather(*(pool.render("true {{ n }}", {"n": n}) for n in range(4)))
+    workers = pool.pids
+    assert len(workers) == app.state.services.settings.render_workers
+    finished = await wait_final(gql, running)
+    assert finished["status"] == "SUCCEEDED", finished
+    await asyncio.sleep(0.5)
+    for pid in workers:
+        os.kill(pid, 0)  # alive
+    assert pool.pids == workers
