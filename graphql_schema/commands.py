@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from strawberry.scalars import JSON
 
-from graphql_schema.context import Info
+from graphql_schema.context import Info, client_key
 from graphql_schema.mutation import perform
 from graphql_schema.relay import (
     Connection,
@@ -32,6 +32,7 @@ from server.broker import CANCEL_TOPIC, QUEUE_TOPIC, STATUS_TOPIC, StatusChange,
 from server.commands import RunRequest
 from server.errors import InvalidInput
 from server.streams import follow_command
+from server.subscribers import TooManySubscribers
 
 if TYPE_CHECKING:
     from graphql_schema.profiles import Profile
@@ -332,6 +333,16 @@ async def _load_command(info: Info, pk: int) -> models.Command | None:
         return await session.get(models.Command, pk)
 
 
+def _admit_subscriber(info: Info) -> str:
+    """Count one more live subscriber of this client (an error past the limits); its key."""
+    client = client_key(info.context.request)
+    try:
+        info.context.app.subscriber_limits.acquire(client)
+    except TooManySubscribers as exc:
+        raise GraphQLError(str(exc), extensions={"code": "TOO_MANY_SUBSCRIBERS"}) from exc
+    return client
+
+
 @strawberry.type
 class Subscription:
     @strawberry.subscription(
@@ -345,15 +356,26 @@ class Subscription:
         if await _load_command(info, pk) is None:
             raise GraphQLError(f"no such command: {command_id!r}")
         app = info.context.app
-        async for item in follow_command(
-            app.sessionmaker, app.broker, pk, after_seq or 0, app.metrics, app.follow_poll_seconds
-        ):
-            if not isinstance(item, StoredBatch):
-                continue
-            for run in item.runs:
-                stream = LogStream(run.stream)
-                for seq, text in enumerate(run.texts, run.first_seq):
-                    yield LogLine(seq=seq, attempt=run.attempt, stream=stream, ts=run.ts, text=text)
+        client = _admit_subscriber(info)
+        try:
+            async for item in follow_command(
+                app.sessionmaker,
+                app.broker,
+                pk,
+                after_seq or 0,
+                app.metrics,
+                app.follow_poll_seconds,
+            ):
+                if not isinstance(item, StoredBatch):
+                    continue
+                for run in item.runs:
+                    stream = LogStream(run.stream)
+                    for seq, text in enumerate(run.texts, run.first_seq):
+                        yield LogLine(
+                            seq=seq, attempt=run.attempt, stream=stream, ts=run.ts, text=text
+                        )
+        finally:
+            app.subscriber_limits.release(client)
 
     @strawberry.subscription(description="Status changes of one command, or of all commands.")
     async def command_events(
@@ -362,6 +384,7 @@ class Subscription:
         app = info.context.app
         pk = None if command_id is None else _command_pk(command_id)
         topic = STATUS_TOPIC if pk is None else status_topic(pk)
+        client = _admit_subscriber(info)
         app.metrics.subscribers.inc()
         last: str | None = None
         try:
@@ -386,3 +409,4 @@ class Subscription:
                         )
         finally:
             app.metrics.subscribers.dec()
+            app.subscriber_limits.release(client)

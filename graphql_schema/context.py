@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from starlette.requests import HTTPConnection
 from strawberry.types import Info as StrawberryInfo
 
 from server.broker import Broker
@@ -17,6 +18,7 @@ from server.errors import ErrorCode, InvalidInput, UserError
 from server.metrics import Metrics
 from server.secretbox import SecretBox
 from server.settings import Settings
+from server.subscribers import SubscriberLimits
 
 if TYPE_CHECKING:
     from graphql_schema.loaders import Loaders
@@ -31,6 +33,12 @@ class AppServices:
     secret_box: SecretBox
     broker: Broker = field(default_factory=Broker)
     metrics: Metrics = field(default_factory=Metrics)
+    subscriber_limits: SubscriberLimits = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.subscriber_limits = SubscriberLimits(
+            self.settings.max_subscribers, self.settings.max_subscribers_per_client
+        )
 
     @property
     def follow_poll_seconds(self) -> float | None:
@@ -38,6 +46,13 @@ class AppServices:
         other processes (PostgreSQL), until the LISTEN/NOTIFY broker backend lands."""
         bind = self.sessionmaker.kw.get("bind")
         return None if bind is None or bind.dialect.name == "sqlite" else 1.0
+
+
+def client_key(connection: HTTPConnection) -> str:
+    """Who a subscriber counts against: the client's address for now (behind a reverse
+    proxy, run uvicorn with --proxy-headers); an API token's id once requests carry one."""
+    client = connection.client
+    return f"address:{client.host if client is not None else 'unknown'}"
 
 
 @dataclass

@@ -132,7 +132,7 @@ def create_app(settings: Settings) -> Starlette:
                 settings=settings,
                 sessionmaker=create_sessionmaker(engine),
                 secret_box=box,
-                broker=Broker(),
+                broker=Broker(settings.subscriber_buffer_bytes),
                 metrics=metrics,
             )
             metrics.watch_status_counts(lambda: services.metrics.status_counts)
