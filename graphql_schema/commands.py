@@ -30,6 +30,7 @@ from server import commands as command_domain
 from server import models
 from server.broker import CANCEL_TOPIC, QUEUE_TOPIC, STATUS_TOPIC, StatusChange, status_topic
 from server.commands import RunRequest
+from server.db import READ_ONLY
 from server.errors import InvalidInput
 from server.streams import follow_command
 from server.subscribers import TooManySubscribers
@@ -330,6 +331,8 @@ def _command_pk(command_id: str) -> int:
 
 async def _load_command(info: Info, pk: int) -> models.Command | None:
     async with info.context.app.sessionmaker() as session:
+        # A subscriber reads: on SQLite it must not take the write lock (BEGIN IMMEDIATE).
+        await session.connection(execution_options=READ_ONLY)
         return await session.get(models.Command, pk)
 
 

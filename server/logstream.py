@@ -16,6 +16,7 @@ from graphql_schema.context import AppServices, client_key
 from graphql_schema.relay import decode_id
 from runner.logwriter import StoredBatch
 from server.broker import StatusChange
+from server.db import READ_ONLY
 from server.models import Command
 from server.streams import FinalStatus, follow_command, pieces
 from server.subscribers import SubscriberLimits, TooManySubscribers
@@ -83,6 +84,7 @@ async def stream_command_logs(request: Request) -> Response:
     if after is None:
         return JSONResponse({"error": "Last-Event-ID must be a log seq"}, status_code=400)
     async with services.sessionmaker() as session:
+        await session.connection(execution_options=READ_ONLY)  # SQLite: no write lock
         if await session.get(Command, decoded[1]) is None:
             return JSONResponse({"error": "no such command"}, status_code=404)
     client = client_key(request)

@@ -36,25 +36,29 @@ from tests.test_streams import (
     COMMAND_LOGS,
     STREAM_TIMEOUT,
     GraphQLSocket,
+    SseEvent,
     log_data,
     log_seqs,
     pk,
     read_sse,
     run_command,
+    sse_events,
     stream_path,
 )
 
 MiB = 1024 * 1024
 STALLED = 50
-FLOOD_LINES = 30_000
-# 400 characters of base64 a line: they hardly compress, so a stalled client's kernel
+STALLED_SOCKETS_EVERY = 5  # one stalled subscriber in 5 is a WebSocket, the others SSE
+FLOOD_LINES = 6_000
+# 2,000 characters of base64 a line: they hardly compress, so a stalled client's kernel
 # buffers are full after a few MB (lines of dots compress 50-fold and would fit in whole).
 FLOOD = (
     'python3 -c "import base64, os; '
-    f'[print(base64.b64encode(os.urandom(300)).decode()) for _ in range({FLOOD_LINES})]"'
+    f'[print(base64.b64encode(os.urandom(1500)).decode()) for _ in range({FLOOD_LINES})]"'
 )
 # The issue's bound for one stalled subscriber (its server-side share of everything).
 BOUND_PER_SUBSCRIBER = 2 * MiB
+READ_TIMEOUT = 120.0
 NO_PINGS = {"ws_ping_interval": None}  # uvicorn would close a stalled WebSocket after ~40 s
 
 
@@ -90,6 +94,16 @@ async def read_subscription(live: LiveServer, command_id: str) -> list[dict[str,
         return [data["commandLogs"] for data in await ws.until_complete("logs")]
 
 
+async def read_events(http: httpx.AsyncClient, command_id: str) -> list[SseEvent]:
+    """Every event of a command's SSE stream, read as fast as it comes, to its end."""
+    async with (
+        asyncio.timeout(READ_TIMEOUT),
+        http.stream("GET", stream_path(command_id)) as response,
+    ):
+        assert response.status_code == 200
+        return [event async for event in sse_events(response)]
+
+
 # -- memory ------------------------------------------------------------------------------------
 
 
@@ -113,22 +127,24 @@ async def test_fifty_stalled_subscribers_stay_within_the_memory_bound_and_reader
         await read_subscription(live, warm)
 
         stalled: list[StalledClient] = []
+        readers: list[asyncio.Task[Any]] = []
         gc.collect()
         tracemalloc.start()
         try:
             start = tracemalloc.get_traced_memory()[0]
             command_id = await run_command(api, FLOOD)
-            readers = asyncio.gather(
-                read_sse(http, command_id), read_subscription(live, command_id)
-            )
+            sse_reader = asyncio.create_task(read_events(http, command_id))
+            ws_reader = asyncio.create_task(read_subscription(live, command_id))
+            readers.extend((sse_reader, ws_reader))
             for i in range(STALLED):
-                if i % 2:
+                if i % STALLED_SOCKETS_EVERY:
                     client = await stalled_event_stream(port(live), stream_path(command_id))
                 else:
                     client = await stalled_subscription(port(live), COMMAND_LOGS, id=command_id)
                 stalled.append(client)
                 await asyncio.sleep(0.05)  # they join all along the flood
-            events, lines = await readers
+            async with asyncio.timeout(READ_TIMEOUT):
+                events, lines = await sse_reader, await ws_reader
             node = await wait_status(api, command_id, FINAL, timeout=120)
             assert node["status"] == "SUCCEEDED"
 
@@ -140,24 +156,31 @@ async def test_fifty_stalled_subscribers_stay_within_the_memory_bound_and_reader
             assert [line["text"] for line in log_data(events)] == texts
             assert [line["seq"] for line in lines] == list(range(1, total + 1))
             assert [line["text"] for line in lines] == texts
-            del events, lines, texts, readers
+            del events, lines, texts
 
-            # Every stalled subscriber is still there, each within its byte bound.
-            limits = services(live).subscriber_limits
-            await wait_for(lambda: limits.count == STALLED, "the stalled subscribers to settle")
+            # Every stalled subscriber is still there (the readers have left).
             broker: Broker = services(live).broker
-            held = broker._subscribers.get(command_topic(pk(command_id)), set())
-            assert len(held) == STALLED
-            assert all(s.held_bytes <= s.max_bytes for s in held)
+            topic = command_topic(pk(command_id))
+            await wait_for(
+                lambda: len(broker._subscribers.get(topic, ())) == STALLED,
+                "only the stalled subscribers to be left",
+            )
             await asyncio.sleep(1)  # whatever the runner still frees
             gc.collect()
             growth = tracemalloc.get_traced_memory()[0] - start
+            held = set(broker._subscribers[topic])
         finally:
             tracemalloc.stop()
             for client in stalled:
                 client.close()
+            for reader in readers:
+                reader.cancel()
         per_subscriber = growth / STALLED
+        print(f"{per_subscriber / MiB:.2f} MiB per stalled subscriber")
         assert per_subscriber < BOUND_PER_SUBSCRIBER, f"{per_subscriber / MiB:.2f} MiB each"
+        assert all(s.held_bytes <= s.max_bytes for s in held)  # each within its byte bound
+        del held
+        limits = services(live).subscriber_limits
         await wait_for(lambda: limits.count == 0, "the stalled subscribers to be released")
 
 
