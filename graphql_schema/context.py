@@ -48,10 +48,10 @@ class AppServices:
         return None if bind is None or bind.dialect.name == "sqlite" else 1.0
 
 
-def client_key(connection: HTTPConnection) -> str:
+def client_key(connection: HTTPConnection | None) -> str:
     """Who a subscriber counts against: the client's address for now (behind a reverse
     proxy, run uvicorn with --proxy-headers); an API token's id once requests carry one."""
-    client = connection.client
+    client = None if connection is None else connection.client
     return f"address:{client.host if client is not None else 'unknown'}"
 
 

@@ -34,6 +34,7 @@ from tests.fixtures.servers import LiveServer, running_server
 from tests.fixtures.stalled import StalledClient, stalled_event_stream, stalled_subscription
 from tests.test_streams import (
     CANCEL,
+    COMMAND_EVENTS,
     COMMAND_LOGS,
     STREAM_TIMEOUT,
     GraphQLSocket,
@@ -177,7 +178,6 @@ async def test_fifty_stalled_subscribers_stay_within_the_memory_bound_and_reader
             for reader in readers:
                 reader.cancel()
         per_subscriber = growth / STALLED
-        print(f"{per_subscriber / MiB:.2f} MiB per stalled subscriber")
         assert per_subscriber < BOUND_PER_SUBSCRIBER, f"{per_subscriber / MiB:.2f} MiB each"
         assert all(s.held_bytes <= s.max_bytes for s in held)  # each within its byte bound
         del held
@@ -277,9 +277,11 @@ async def open_stream(http: httpx.AsyncClient, command_id: str) -> AsyncIterator
         yield response
 
 
-async def refused_subscription(ws: GraphQLSocket, sub_id: str, command_id: str) -> dict[str, Any]:
+async def refused_subscription(
+    ws: GraphQLSocket, sub_id: str, command_id: str, query: str = COMMAND_LOGS
+) -> dict[str, Any]:
     """The error a subscription over the limit gets (the socket stays open)."""
-    await ws.subscribe(sub_id, COMMAND_LOGS, id=command_id)
+    await ws.subscribe(sub_id, query, id=command_id)
     message = await ws.receive()
     assert message["id"] == sub_id, message
     if message["type"] == "next":  # an error raised while executing: next, then complete
@@ -332,6 +334,8 @@ async def test_subscribers_are_limited_per_client_and_in_total(settings: Setting
                 assert "too many live subscriptions from this client" in third.json()["error"]
                 error = await refused_subscription(ws, "third", command_id)
                 assert "too many live subscriptions from this client" in error["message"]
+                assert error["extensions"]["code"] == "TOO_MANY_SUBSCRIBERS"
+                error = await refused_subscription(ws, "events", command_id, COMMAND_EVENTS)
                 assert error["extensions"]["code"] == "TOO_MANY_SUBSCRIBERS"
 
                 # Another client still gets one: the total (3) is reached then.
