@@ -13,7 +13,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from strawberry.scalars import JSON
 
-from graphql_schema.context import Info
+from graphql_schema.context import Info, client_key
 from graphql_schema.limits import CountedList, response_size_error
 from graphql_schema.mutation import perform
 from graphql_schema.relay import (
@@ -31,8 +31,10 @@ from server import commands as command_domain
 from server import models
 from server.broker import CANCEL_TOPIC, QUEUE_TOPIC, STATUS_TOPIC, StatusChange, status_topic
 from server.commands import RunRequest
+from server.db import READ_ONLY
 from server.errors import InvalidInput
 from server.streams import follow_command
+from server.subscribers import TooManySubscribers
 
 if TYPE_CHECKING:
     from graphql_schema.profiles import Profile
@@ -345,7 +347,19 @@ def _command_pk(command_id: str) -> int:
 
 async def _load_command(info: Info, pk: int) -> models.Command | None:
     async with info.context.app.sessionmaker() as session:
+        # A subscriber reads: on SQLite it must not take the write lock (BEGIN IMMEDIATE).
+        await session.connection(execution_options=READ_ONLY)
         return await session.get(models.Command, pk)
+
+
+def _admit_subscriber(info: Info) -> str:
+    """Count one more live subscriber of this client (an error past the limits); its key."""
+    client = client_key(info.context.request)
+    try:
+        info.context.app.subscriber_limits.acquire(client)
+    except TooManySubscribers as exc:
+        raise GraphQLError(str(exc), extensions={"code": "TOO_MANY_SUBSCRIBERS"}) from exc
+    return client
 
 
 @strawberry.type
@@ -361,15 +375,26 @@ class Subscription:
         if await _load_command(info, pk) is None:
             raise GraphQLError(f"no such command: {command_id!r}")
         app = info.context.app
-        async for item in follow_command(
-            app.sessionmaker, app.broker, pk, after_seq or 0, app.metrics, app.follow_poll_seconds
-        ):
-            if not isinstance(item, StoredBatch):
-                continue
-            for run in item.runs:
-                stream = LogStream(run.stream)
-                for seq, text in enumerate(run.texts, run.first_seq):
-                    yield LogLine(seq=seq, attempt=run.attempt, stream=stream, ts=run.ts, text=text)
+        client = _admit_subscriber(info)
+        try:
+            async for item in follow_command(
+                app.sessionmaker,
+                app.broker,
+                pk,
+                after_seq or 0,
+                app.metrics,
+                app.follow_poll_seconds,
+            ):
+                if not isinstance(item, StoredBatch):
+                    continue
+                for run in item.runs:
+                    stream = LogStream(run.stream)
+                    for seq, text in enumerate(run.texts, run.first_seq):
+                        yield LogLine(
+                            seq=seq, attempt=run.attempt, stream=stream, ts=run.ts, text=text
+                        )
+        finally:
+            app.subscriber_limits.release(client)
 
     @strawberry.subscription(description="Status changes of one command, or of all commands.")
     async def command_events(
@@ -378,6 +403,7 @@ class Subscription:
         app = info.context.app
         pk = None if command_id is None else _command_pk(command_id)
         topic = STATUS_TOPIC if pk is None else status_topic(pk)
+        client = _admit_subscriber(info)
         app.metrics.subscribers.inc()
         last: str | None = None
         try:
@@ -402,3 +428,4 @@ class Subscription:
                         )
         finally:
             app.metrics.subscribers.dec()
+            app.subscriber_limits.release(client)

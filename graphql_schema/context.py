@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from starlette.requests import HTTPConnection
 from strawberry.types import Info as StrawberryInfo
 
 from runner.renderpool import RenderPool
@@ -19,6 +20,7 @@ from server.known_secrets import take_secrets_changed
 from server.metrics import Metrics
 from server.secretbox import SecretBox
 from server.settings import Settings
+from server.subscribers import SubscriberLimits
 
 if TYPE_CHECKING:
     from graphql_schema.loaders import Loaders
@@ -35,6 +37,12 @@ class AppServices:
     render_pool: RenderPool
     broker: Broker = field(default_factory=Broker)
     metrics: Metrics = field(default_factory=Metrics)
+    subscriber_limits: SubscriberLimits = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.subscriber_limits = SubscriberLimits(
+            self.settings.max_subscribers, self.settings.max_subscribers_per_client
+        )
 
     @property
     def follow_poll_seconds(self) -> float | None:
@@ -46,6 +54,13 @@ class AppServices:
 
 class RequestFinished(RuntimeError):
     """The request's session was asked for after the request ended."""
+
+
+def client_key(connection: HTTPConnection | None) -> str:
+    """Who a subscriber counts against: the client's address for now (behind a reverse
+    proxy, run uvicorn with --proxy-headers); an API token's id once requests carry one."""
+    client = None if connection is None else connection.client
+    return f"address:{client.host if client is not None else 'unknown'}"
 
 
 @dataclass

@@ -26,6 +26,7 @@ import itertools
 import json
 import logging
 import re
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -109,6 +110,14 @@ class StoredBatch:
     def weight(self) -> int:
         """What it costs a subscriber's bounded queue: its number of lines."""
         return sum(len(run.texts) for run in self.runs)
+
+    @property
+    def nbytes(self) -> int:
+        """Memory its lines hold: what it costs a subscriber's queue (bounded in bytes)."""
+        # A run: its tuple and list (~150 bytes); a line: its str and its slot in the list.
+        return 150 * (1 + len(self.runs)) + sum(
+            sum(map(sys.getsizeof, run.texts)) + 8 * len(run.texts) for run in self.runs
+        )
 
     def after(self, seq: int) -> StoredBatch:
         """The lines of this batch past `seq`."""

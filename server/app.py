@@ -136,7 +136,7 @@ def create_app(settings: Settings) -> Starlette:
                 sessionmaker=create_sessionmaker(engine),
                 secret_box=box,
                 render_pool=render_pool,
-                broker=Broker(),
+                broker=Broker(settings.subscriber_buffer_bytes),
                 metrics=metrics,
             )
             metrics.watch_status_counts(lambda: services.metrics.status_counts)

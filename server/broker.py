@@ -1,9 +1,11 @@
 """The event broker: one interface, in-process fan-out now (PostgreSQL LISTEN/NOTIFY later).
 
-Each subscriber has its own bounded queue, registered by a context manager. Publishing
-never waits: a subscriber whose queue is full is marked `lagged` and gets no more
-messages until it re-reads what it missed from the database (log lines and statuses are
-stored before they are published, so the database is always the source of truth).
+Each subscriber has its own queue, registered by a context manager and bounded in messages
+and in bytes (what its messages hold in memory, the one being delivered included).
+Publishing never waits: a subscriber whose queue is full is marked `lagged`, lets go of what
+it held and gets no more messages until it re-reads what it missed from the database (log
+lines and statuses are stored before they are published, so the database is always the
+source of truth).
 """
 
 from __future__ import annotations
@@ -16,7 +18,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 DEFAULT_QUEUE_SIZE = 2048
-DEFAULT_MAX_WEIGHT = 100_000  # log lines a subscriber may hold before it counts as lagged
+DEFAULT_MAX_BYTES = 1024 * 1024  # CORRAL_SUBSCRIBER_BUFFER_BYTES
+SMALL_MESSAGE_BYTES = 128  # a message that does not say its size (a status change, an id)
+
+
+def message_bytes(message: Any) -> int:
+    """Memory a message holds, as far as it says (a batch of log lines: its `nbytes`)."""
+    return int(getattr(message, "nbytes", SMALL_MESSAGE_BYTES))
 
 
 def command_topic(command_id: int) -> str:
@@ -48,41 +56,46 @@ class Subscription:
     """One subscriber's view of a topic."""
 
     topic: str
-    queue: deque[Any] = field(default_factory=deque)
+    queue: deque[tuple[Any, int]] = field(default_factory=deque)
     max_size: int = DEFAULT_QUEUE_SIZE
     lagged: bool = False
-    # Bounded by weight too: a batch of log lines weighs its number of lines.
-    max_weight: int = DEFAULT_MAX_WEIGHT
-    weight: int = 0
+    # Bounded in bytes too: what the queued messages and the one being delivered hold.
+    max_bytes: int = DEFAULT_MAX_BYTES
+    held_bytes: int = 0
+    _delivering: int = 0  # bytes of the message `get` returned last (released by the next)
     _wake: asyncio.Event = field(default_factory=asyncio.Event)
 
-    def offer(self, message: Any) -> None:
+    def offer(self, message: Any, size: int | None = None) -> None:
         if self.lagged:
             return
-        weight = int(getattr(message, "weight", 1))
-        if len(self.queue) >= self.max_size or self.weight + weight > self.max_weight:
+        size = message_bytes(message) if size is None else size
+        if len(self.queue) >= self.max_size or self.held_bytes + size > self.max_bytes:
             self.lagged = True
             self.queue = deque()
-            self.weight = 0
+            self.held_bytes = self._delivering
         else:
-            self.queue.append(message)
-            self.weight += weight
+            self.queue.append((message, size))
+            self.held_bytes += size
         self._wake.set()
 
     async def get(self) -> Any | None:
-        """The next message; None when the subscriber has lagged (re-read, then `resync`)."""
+        """The next message; None when the subscriber has lagged (re-read, then `resync`).
+
+        The message returned counts against the bound until the next call: a subscriber
+        busy sending it to a slow client holds it meanwhile."""
+        self.held_bytes -= self._delivering
+        self._delivering = 0
         while not self.queue and not self.lagged:
             self._wake.clear()
             await self._wake.wait()
         if not self.queue:
             return None
-        message = self.queue.popleft()
-        self.weight -= int(getattr(message, "weight", 1))
+        message, self._delivering = self.queue.popleft()
         return message
 
     def waiting(self) -> Iterator[Any]:
         """The messages queued now, oldest first (still queued)."""
-        return iter(self.queue)
+        return (message for message, _size in self.queue)
 
     def resync(self) -> None:
         """Deliver again after a lag. Call it *before* re-reading the database, so that
@@ -93,17 +106,22 @@ class Subscription:
 class Broker:
     """In-process publish/subscribe by topic name."""
 
-    def __init__(self) -> None:
+    def __init__(self, subscriber_max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self._subscribers: dict[str, set[Subscription]] = defaultdict(set)
+        self.subscriber_max_bytes = subscriber_max_bytes
 
     def publish(self, topic: str, message: Any) -> None:
         """Hand `message` to every subscriber of `topic`; never blocks."""
-        for subscription in tuple(self._subscribers.get(topic, ())):
-            subscription.offer(message)
+        subscribers = self._subscribers.get(topic)
+        if not subscribers:
+            return
+        size = message_bytes(message)  # once, not once per subscriber
+        for subscription in tuple(subscribers):
+            subscription.offer(message, size)
 
     @asynccontextmanager
     async def subscribe(self, topic: str) -> AsyncIterator[Subscription]:
-        subscription = Subscription(topic)
+        subscription = Subscription(topic, max_bytes=self.subscriber_max_bytes)
         self._subscribers[topic].add(subscription)
         try:
             yield subscription

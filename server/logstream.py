@@ -10,13 +10,16 @@ from typing import Any
 from sse_starlette import EventSourceResponse
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
-from graphql_schema.context import AppServices
+from graphql_schema.context import AppServices, client_key
 from graphql_schema.relay import decode_id
 from runner.logwriter import StoredBatch
 from server.broker import StatusChange
+from server.db import READ_ONLY
 from server.models import Command
-from server.streams import FinalStatus, follow_command
+from server.streams import FinalStatus, follow_command, pieces
+from server.subscribers import SubscriberLimits, TooManySubscribers
 
 MAX_SEQ = 2**31 - 1  # seq is a 32-bit integer column
 
@@ -54,6 +57,23 @@ def _after_seq(request: Request) -> int | None:
     return int(raw)
 
 
+class _CountedStream(EventSourceResponse):
+    """An SSE response that holds a subscriber's place until it ends, however it ends."""
+
+    def __init__(
+        self, content: AsyncIterator[Any], limits: SubscriberLimits, client: str, **kwargs: Any
+    ) -> None:
+        super().__init__(content, **kwargs)
+        self._limits = limits
+        self._client = client
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._limits.release(self._client)
+
+
 async def stream_command_logs(request: Request) -> Response:
     """Replay after Last-Event-ID, then live; ends after the command is final and drained."""
     services: AppServices = request.app.state.services
@@ -64,8 +84,14 @@ async def stream_command_logs(request: Request) -> Response:
     if after is None:
         return JSONResponse({"error": "Last-Event-ID must be a log seq"}, status_code=400)
     async with services.sessionmaker() as session:
+        await session.connection(execution_options=READ_ONLY)  # SQLite: no write lock
         if await session.get(Command, decoded[1]) is None:
             return JSONResponse({"error": "no such command"}, status_code=404)
+    client = client_key(request)
+    try:
+        services.subscriber_limits.acquire(client)
+    except TooManySubscribers as exc:
+        return JSONResponse({"error": str(exc)}, status_code=429)
 
     async def events() -> AsyncIterator[bytes | dict[str, Any]]:
         async for item in follow_command(
@@ -77,7 +103,8 @@ async def stream_command_logs(request: Request) -> Response:
             services.follow_poll_seconds,
         ):
             if isinstance(item, StoredBatch):
-                yield encode_log_events(item)
+                for piece in pieces(item):
+                    yield encode_log_events(piece)
             elif isinstance(item, StatusChange):
                 yield {"event": "status", "data": json.dumps({"status": item.status})}
             elif isinstance(item, FinalStatus):
@@ -86,4 +113,4 @@ async def stream_command_logs(request: Request) -> Response:
                     "data": json.dumps({"status": item.status, "final": True}),
                 }
 
-    return EventSourceResponse(events(), ping=15)
+    return _CountedStream(events(), services.subscriber_limits, client, ping=15)

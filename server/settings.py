@@ -104,6 +104,25 @@ class Settings(BaseSettings):
         description="Largest GraphQL result (bytes of JSON; each subscription event on its "
         "own); a larger one is replaced by an error.",
     )
+    max_subscribers: int = Field(
+        default=500,
+        ge=1,
+        description="Most live subscribers (SSE log streams and GraphQL subscriptions) the "
+        "server keeps at once; one more is refused (SSE: 429, GraphQL: an error).",
+    )
+    max_subscribers_per_client: int = Field(
+        default=50,
+        ge=1,
+        description="Most live subscribers one client (one address) may keep at once.",
+    )
+    subscriber_buffer_bytes: int = Field(
+        default=1024 * 1024,
+        ge=64 * 1024,
+        le=64 * 1024 * 1024,
+        description="Memory one live subscriber may hold for lines it has not sent yet; "
+        "one that falls further behind re-reads them from the database when its client "
+        "reads again (its replays read pages of a quarter of this).",
+    )
 
     embedded_runner: bool = Field(
         default=True, description="Run commands inside `corral serve` (off: only `corral runner`)."

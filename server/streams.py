@@ -11,7 +11,7 @@ batch, not per line.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -20,12 +20,21 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from runner.logwriter import LineRun, StoredBatch
-from server.broker import Broker, StatusChange, Subscription, command_topic
+from server.broker import (
+    DEFAULT_MAX_BYTES,
+    Broker,
+    StatusChange,
+    Subscription,
+    command_topic,
+)
 from server.db import READ_ONLY
 from server.metrics import Metrics
 from server.models import Command, CommandStatus
 
-REPLAY_BATCH = 20_000
+REPLAY_LINES = 20_000  # most lines one replay page reads
+REPLAY_FIRST_LINES = 1_000  # the first page's line limit; later ones adapt to the lines' size
+REPLAY_LINE_COST = 200  # bytes a line costs on its way through a page, besides its text
+SEND_CHUNK_BYTES = 64 * 1024  # a stream writes a batch in pieces of about this size
 
 
 @dataclass(frozen=True)
@@ -38,25 +47,48 @@ class FinalStatus:
 Item = StoredBatch | StatusChange | FinalStatus
 
 
-_READ_LINES = text(
+# The next lines after :after, as many as fit in :bytes (at least one), at most :limit. The
+# budget is applied in the database over the lines' sizes (SIZE), so a page never brings
+# more than its budget (and one line) into memory, however long the lines are.
+_READ_LINES_TEMPLATE = (
     "SELECT seq, attempt, stream, ts, text FROM log_lines"
-    " WHERE command_id = :command_id AND seq > :after ORDER BY seq LIMIT :limit"
+    " WHERE command_id = :command_id AND seq > :after AND seq <= ("
+    "  SELECT COALESCE(MAX(seq), :after) FROM ("
+    "   SELECT seq, SUM(SIZE + :line_cost) OVER (ORDER BY seq ROWS UNBOUNDED PRECEDING)"
+    "    - (SIZE + :line_cost) AS before"
+    "   FROM (SELECT seq, text FROM log_lines"
+    "    WHERE command_id = :command_id AND seq > :after ORDER BY seq LIMIT :limit) AS upcoming"
+    "  ) AS sized WHERE before < :bytes)"
+    " ORDER BY seq"
 )
+_LINE_SIZE = {"postgresql": "octet_length(text)", "sqlite": "length(CAST(text AS BLOB))"}
+_READ_LINES = {
+    dialect: text(_READ_LINES_TEMPLATE.replace("SIZE", size))
+    for dialect, size in _LINE_SIZE.items()
+}
 
 
 async def _read_lines(
-    sessionmaker: async_sessionmaker[AsyncSession], command_id: int, after_seq: int
+    sessionmaker: async_sessionmaker[AsyncSession],
+    command_id: int,
+    after_seq: int,
+    limit: int = REPLAY_LINES,
+    max_bytes: int = DEFAULT_MAX_BYTES // 4,
 ) -> StoredBatch:
-    """Stored lines after `after_seq`, in runs as they were written. Read without the ORM's
-    per-row type handling (a follower catching up reads many): the timestamps of a read
-    share a few values."""
+    """Stored lines after `after_seq` (at most `limit`, about `max_bytes`), in runs as they
+    were written. Read without the ORM's per-row type handling (a follower catching up
+    reads many): the timestamps of a read share a few values."""
     async with sessionmaker() as session:
         connection = await session.connection(execution_options=READ_ONLY)
-        rows = (
-            await connection.execute(
-                _READ_LINES, {"command_id": command_id, "after": after_seq, "limit": REPLAY_BATCH}
-            )
-        ).all()
+        statement = _READ_LINES.get(connection.dialect.name, _READ_LINES["sqlite"])
+        parameters = {
+            "command_id": command_id,
+            "after": after_seq,
+            "limit": limit,
+            "bytes": max_bytes,
+            "line_cost": REPLAY_LINE_COST,
+        }
+        rows = (await connection.execute(statement, parameters)).all()
     stamps: dict[Any, datetime] = {}
     runs: list[LineRun] = []
     run: LineRun | None = None
@@ -78,6 +110,37 @@ async def _read_lines(
     return StoredBatch(command_id, runs)
 
 
+def pieces(batch: StoredBatch, max_bytes: int = SEND_CHUNK_BYTES) -> Iterator[StoredBatch]:
+    """The batch in pieces of about `max_bytes` of text (at least a line each), in order: a
+    stream encodes and writes one piece at a time, so a slow client holds one piece, not a
+    whole batch encoded."""
+    runs: list[LineRun] = []
+    size = 0
+    for run in batch.runs:
+        run_size = sum(map(len, run.texts))
+        if size + run_size < max_bytes:  # the common case: the whole run fits
+            runs.append(run)
+            size += run_size
+            continue
+        start = 0
+        for index, line in enumerate(run.texts):
+            size += len(line)
+            if size >= max_bytes:
+                runs.append(
+                    run._replace(
+                        first_seq=run.first_seq + start, texts=run.texts[start : index + 1]
+                    )
+                )
+                yield StoredBatch(batch.command_id, runs)
+                runs, size, start = [], 0, index + 1
+        if start == 0:
+            runs.append(run)
+        elif start < len(run.texts):
+            runs.append(run._replace(first_seq=run.first_seq + start, texts=run.texts[start:]))
+    if runs:
+        yield StoredBatch(batch.command_id, runs)
+
+
 def _utc(value: datetime | str) -> datetime:
     """A timestamp as the driver returns it (SQLite: naive UTC text) -> aware UTC."""
     stamp = datetime.fromisoformat(value) if isinstance(value, str) else value
@@ -94,12 +157,30 @@ class _Follower:
     """The state of one follower: the last seq delivered and the last status seen."""
 
     def __init__(
-        self, sessionmaker: async_sessionmaker[AsyncSession], command_id: int, after_seq: int
+        self,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        command_id: int,
+        after_seq: int,
+        page_bytes: int,
     ) -> None:
         self.sessionmaker = sessionmaker
         self.command_id = command_id
         self.last = after_seq
         self.status: str | None = None
+        self.page_bytes = page_bytes
+        # Lines the next page asks for: twice what the last one held when its bytes ended
+        # it (the database measures no more lines than that), else twice as many.
+        self.page_lines = REPLAY_FIRST_LINES
+
+    async def _next_page(self) -> StoredBatch:
+        batch = await _read_lines(
+            self.sessionmaker, self.command_id, self.last, self.page_lines, self.page_bytes
+        )
+        lines = sum(len(run.texts) for run in batch.runs)
+        self.page_lines = max(
+            16, min(REPLAY_LINES, 2 * lines if lines < self.page_lines else 2 * self.page_lines)
+        )
+        return batch
 
     async def catch_up(
         self, subscription: Subscription | None = None
@@ -108,7 +189,7 @@ class _Follower:
         once `subscription` holds the next line already (live delivery takes over there,
         instead of chasing a busy writer through the database)."""
         while not (subscription is not None and self._queued_next(subscription)):
-            batch = await _read_lines(self.sessionmaker, self.command_id, self.last)
+            batch = await self._next_page()
             if not batch.runs:
                 return
             self.last = batch.runs[-1].last_seq
@@ -155,7 +236,8 @@ async def follow_command(
         metrics.subscribers.inc()
     try:
         async with broker.subscribe(command_topic(command_id)) as subscription:
-            follower = _Follower(sessionmaker, command_id, after_seq)
+            # A page is read while the queue may fill up: both together stay near the bound.
+            follower = _Follower(sessionmaker, command_id, after_seq, subscription.max_bytes // 4)
             async for lines in follower.catch_up(subscription):
                 yield lines
             status = await _status(sessionmaker, command_id)

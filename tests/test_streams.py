@@ -540,7 +540,7 @@ async def test_a_subscriber_that_never_reads_slows_neither_the_runner_nor_the_ot
         held = broker._subscribers.get(command_topic(pk(command_id)), set())
         assert len(held) == 1, "the stalled subscriber is not subscribed any more"
         (subscription,) = held
-        assert subscription.weight <= subscription.max_weight
+        assert subscription.held_bytes <= subscription.max_bytes
         assert len(subscription.queue) <= subscription.max_size == DEFAULT_QUEUE_SIZE
     # Hanging up releases it.
     await wait_subscribers(http, 0)
@@ -799,20 +799,38 @@ async def test_metrics_count_commands_lines_and_connected_subscribers(
     assert 'corral_commands{status="CANCELLED"} 1.0' in text.splitlines()
 
 
-async def test_a_subscriber_is_bounded_by_lines_not_only_by_messages() -> None:
-    broker = Broker()
+async def test_a_subscriber_is_bounded_by_bytes_not_only_by_messages() -> None:
+    broker = Broker(subscriber_max_bytes=1024 * 1024)
     topic = command_topic(1)
     async with broker.subscribe(topic) as stalled:
-        batch = StoredBatch(1, [LineRun(1, "stdout", utcnow(), 1, ["x"] * 1000)])
-        for _ in range(stalled.max_weight // 1000):
+        batch = StoredBatch(1, [LineRun(1, "stdout", utcnow(), 1, ["x" * 1000] * 100)])
+        assert 100_000 < batch.nbytes < 110_000  # its lines' memory, overheads included
+        fits = stalled.max_bytes // batch.nbytes
+        for _ in range(fits):
             broker.publish(topic, batch)
         assert not stalled.lagged
-        assert stalled.weight == stalled.max_weight
-        broker.publish(topic, batch)  # one line more than it may hold
+        assert stalled.held_bytes == fits * batch.nbytes
+        broker.publish(topic, batch)  # more bytes than it may hold
         assert stalled.lagged
-        assert stalled.weight == 0
+        assert stalled.held_bytes == 0
         assert len(stalled.queue) == 0  # what it held is let go: memory stays bounded
         assert await stalled.get() is None
+
+
+async def test_the_message_being_delivered_counts_until_the_next_is_asked_for() -> None:
+    broker = Broker(subscriber_max_bytes=1024 * 1024)
+    topic = command_topic(1)
+    batch = StoredBatch(1, [LineRun(1, "stdout", utcnow(), 1, ["x" * 1000] * 400)])
+    async with broker.subscribe(topic) as slow:
+        broker.publish(topic, batch)
+        assert await slow.get() is batch  # being sent to a slow client: still held
+        broker.publish(topic, batch)
+        assert not slow.lagged
+        broker.publish(topic, batch)  # a third would pass the bound with the one in hand
+        assert slow.lagged
+        assert slow.held_bytes == batch.nbytes
+        assert await slow.get() is None
+        assert slow.held_bytes == 0
 
 
 def test_sse_batches_carry_each_line_as_its_json() -> None:
