@@ -106,6 +106,10 @@ class Command(Node):
     profile_name: str | None = strawberry.field(
         description="The profile's name when the command was made (kept after it is deleted)."
     )
+    lines_lost: int = strawberry.field(
+        description="Log lines the runner could not store (0 when the log is complete); "
+        "a SYSTEM line in the log says which and why."
+    )
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
@@ -126,6 +130,7 @@ class Command(Node):
             error=row.error,
             wait_reason=row.wait_reason,
             profile_name=row.profile_name,
+            lines_lost=row.lines_lost,
             created_at=row.created_at,
             started_at=row.started_at,
             finished_at=row.finished_at,

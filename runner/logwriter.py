@@ -25,6 +25,7 @@ import functools
 import itertools
 import json
 import logging
+import random
 import re
 import sys
 import time
@@ -34,36 +35,71 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NamedTuple, TypeVar
 
-from sqlalchemy import JSON, Connection, Engine, bindparam, func, insert, select, update
+from sqlalchemy import JSON, Connection, Engine, bindparam, insert, update
 from sqlalchemy.dialects import postgresql
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from runner.events import (
+    EVENT_PREFIX,
+    MAX_EVENTS_PER_ATTEMPT,
+    ChildEvent,
+    EventRejected,
+    parse_event,
+)
 from runner.lines import Redactor
 from server.broker import Broker, command_topic
 from server.db import create_sync_engine, sqlite_timestamp
 from server.metrics import Metrics
-from server.models import Command, CommandEvent, LogStream, Service, ServiceUsage, utcnow
+from server.models import Command, CommandEvent, LogStream, ServiceUsage, utcnow
 
 log = logging.getLogger("corral.runner")
 
 T = TypeVar("T")
-EVENT_PREFIX = "::corral::"
 _EVENT_PREFIXES = itertools.repeat(EVENT_PREFIX)
-MAX_PENDING_LINES = 50_000  # lines waiting to be stored, over all commands; then readers wait
+_STDOUT, _SYSTEM = LogStream.STDOUT.value, LogStream.SYSTEM.value
+# Lines waiting to be stored, over all commands, in number and in characters: past either,
+# the pipe readers wait and the children block on write (the flush being committed and the
+# one built meanwhile hold as much again at most).
+MAX_PENDING_LINES = 50_000
+MAX_PENDING_CHARS = 64 * 1024 * 1024
 FLUSH_LINES = 10_000  # lines of one command per flush (a published batch stays small)
 # Lines wait this long for company before a flush of their own (a claim or a writer that
 # waits for its lines to be stored starts one at once).
 LINGER_SECONDS = 0.004
 # A flush of at least this many lines is built while the one before it commits.
 EARLY_BUILD_LINES = 1_000
-STORE_ATTEMPTS = 5
+# A database that is down or busy is tried again for as long as the runner lives, waiting
+# longer each time up to this (lines wait meanwhile: nothing is dropped)...
+RETRY_FIRST_SECONDS = 0.2
+RETRY_MAX_SECONDS = 5.0
+# ...and for this long once the runner stops; what is still held then is given up (logged).
+SHUTDOWN_RETRY_SECONDS = 15.0
 # PostgreSQL: the store keeps one connection of its own (a pool checkout per flush cost more
 # than a short command's flush itself), replaced when it breaks and after this long.
 CONNECTION_MAX_AGE_SECONDS = 1800.0
 # SQLSTATE classes worth another try: connection exception, transaction rollback
 # (serialization failure, deadlock), insufficient resources, operator intervention.
 RETRYABLE_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57"})
+# SQLite primary result codes worth another try: BUSY, LOCKED, NOMEM, READONLY, IOERR,
+# FULL, CANTOPEN, PROTOCOL (a file that is locked, unwritable or gone for a while).
+RETRYABLE_SQLITE_CODES = frozenset({5, 6, 7, 8, 10, 13, 14, 15})
+# The command columns a share keeps when even its own values cannot be stored: its state.
+STATE_COLUMNS = frozenset(
+    {
+        "status",
+        "exit_code",
+        "finished_at",
+        "next_attempt_at",
+        "max_attempts",
+        "runner_id",
+        "lease_expires_at",
+        "pgid",
+        "cancel_requested",
+        "last_seq",
+        "lines_lost",
+    }
+)
 COLUMNS = ("command_id", "seq", "attempt", "stream", "ts", "text")
 COPY_MIN_LINES = 200
 # One JSON text: [[command_id, attempt, stream, ts, first_seq, [text, ...]], ...]. The CTE
@@ -131,6 +167,13 @@ class _Chunk:
     lines: list[str]
     ts: datetime
     command_values: dict[str, Any] | None = None
+    size: int = 0  # characters (what it holds in memory, about)
+
+
+class _Event(NamedTuple):
+    seq: int  # that of the line it came after (its place in the log)
+    ts: datetime
+    event: ChildEvent
 
 
 @dataclass
@@ -140,7 +183,7 @@ class _Rows:
     writer: LogWriter
     runs: list[LineRun] = field(default_factory=list)
     lines: int = 0
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[_Event] = field(default_factory=list)
     values: dict[str, Any] = field(default_factory=dict)
 
 
@@ -152,6 +195,19 @@ class _Job:
 
 class _ConnectionLost(Exception):
     """The store's own PostgreSQL connection broke during a flush (it is replaced)."""
+
+
+class _Unstorable(Exception):
+    """The database refused what a flush (or a share of it) holds: trying it again as it is
+    would never end."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(repr(error))
+        self.error = error
+
+
+class _GaveUp(Exception):
+    """The runner is stopping and the database stayed unreachable."""
 
 
 class _JobFailed(Exception):
@@ -186,17 +242,22 @@ class LogWriter:
         self.service_ids = service_ids or {}
         self.profile_id = profile_id
         self.chunks: list[_Chunk] = []
+        self.events_taken = 0
+        self.lines_lost = 0  # given up (unstorable): the command row counts them too
 
     async def add(
         self, stream: LogStream, text: str, *, command_values: dict[str, Any] | None = None
     ) -> None:
         """Queue one line; `command_values` are written to the command row with it."""
-        await self._store.enqueue(self, _Chunk(stream.value, [text], utcnow(), command_values))
+        chunk = _Chunk(stream.value, [text], utcnow(), command_values, len(text))
+        await self._store.enqueue(self, chunk)
 
-    async def add_lines(self, stream: LogStream, lines: list[str]) -> None:
-        """Queue the lines of one read."""
+    async def add_lines(self, stream: LogStream, lines: list[str], size: int | None = None) -> None:
+        """Queue the lines of one read; `size`: what was read, when the caller knows it."""
         if lines:
-            await self._store.enqueue(self, _Chunk(stream.value, lines, utcnow()))
+            if size is None:
+                size = sum(map(len, lines))
+            await self._store.enqueue(self, _Chunk(stream.value, lines, utcnow(), size=size))
 
     async def close(self) -> None:
         """Wait until everything queued so far is stored."""
@@ -221,29 +282,63 @@ class LogWriter:
             if chunk.command_values:
                 rows.values.update(chunk.command_values)
             texts = redact.all(chunk.lines)
-            if chunk.stream == "stdout" and any(map(str.startswith, texts, _EVENT_PREFIXES)):
-                texts = self._take_events(texts, chunk.ts, rows)
-            if not texts:
-                continue
-            rows.runs.append(LineRun(self.attempt, chunk.stream, chunk.ts, self.seq + 1, texts))
-            self.seq += len(texts)
-            rows.lines += len(texts)
+            if chunk.stream == _STDOUT and any(map(str.startswith, texts, _EVENT_PREFIXES)):
+                self._number_with_events(texts, chunk.ts, rows)
+            elif texts:
+                self._append(rows, chunk.stream, chunk.ts, texts)
         if rows.lines:
             rows.values["last_seq"] = self.seq
         return rows
 
-    def _take_events(self, texts: list[str], ts: datetime, rows: _Rows) -> list[str]:
+    def unreadable(self, chunks: list[_Chunk], error: Exception) -> _Rows:
+        """The share of chunks that could not be numbered: their command values, and one
+        system line in place of their lines, which are lost."""
+        rows = _Rows(self)
+        for chunk in chunks:
+            if chunk.command_values:
+                rows.values.update(chunk.command_values)
+        count = sum(len(chunk.lines) for chunk in chunks)
+        self.lines_lost += count
+        note = f"{count} log line(s) could not be read and are lost: {_summary(error)}"
+        self._append(rows, _SYSTEM, utcnow(), [note])
+        rows.values |= {"last_seq": self.seq, "lines_lost": self.lines_lost}
+        return rows
+
+    def _append(self, rows: _Rows, stream: str, ts: datetime, texts: list[str]) -> None:
+        rows.runs.append(LineRun(self.attempt, stream, ts, self.seq + 1, texts))
+        self.seq += len(texts)
+        rows.lines += len(texts)
+
+    def _number_with_events(self, texts: list[str], ts: datetime, rows: _Rows) -> None:
+        """Events are taken out of the lines; one that cannot be stored is refused here,
+        with a system line in its place that says why (it never reaches the database)."""
         kept: list[str] = []
         for text in texts:
-            event = (
-                _parse_event(text[len(EVENT_PREFIX) :]) if text.startswith(EVENT_PREFIX) else None
-            )
-            if event is None:
+            if not text.startswith(EVENT_PREFIX):
                 kept.append(text)
                 continue
-            # An event's seq is that of the line it came after (its place in the log).
-            rows.events.append({"seq": self.seq + len(kept), "ts": ts, "data": event})
-        return kept
+            try:
+                event = self._event(text[len(EVENT_PREFIX) :])
+            except EventRejected as refused:
+                if kept:
+                    self._append(rows, _STDOUT, ts, kept)
+                    kept = []
+                self._append(rows, _SYSTEM, ts, [f"ignored ::corral:: event: {refused}"])
+                continue
+            if event is None:  # not an event: a plain line
+                kept.append(text)
+                continue
+            rows.events.append(_Event(self.seq + len(kept), ts, event))
+        if kept:
+            self._append(rows, _STDOUT, ts, kept)
+
+    def _event(self, payload: str) -> ChildEvent | None:
+        event = parse_event(payload, self.service_ids)
+        if event is not None:
+            self.events_taken += 1
+            if self.events_taken > MAX_EVENTS_PER_ATTEMPT:
+                raise EventRejected(f"more than {MAX_EVENTS_PER_ATTEMPT} events in this attempt")
+        return event
 
 
 class LogStore:
@@ -271,6 +366,9 @@ class LogStore:
         self._jobs: list[_Job] = []
         self._waiters: list[tuple[LogWriter, asyncio.Future[None]]] = []
         self._pending_lines = 0
+        self._pending_chars = 0
+        self._give_up_at: float | None = None  # set as the runner stops
+        self._outage_since: float | None = None  # the database has refused to take writes
         self._room = asyncio.Event()
         self._room.set()
         self._wake = asyncio.Event()
@@ -285,10 +383,18 @@ class LogStore:
             self._sync_engine = create_sync_engine(self._engine.url)
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="corral-logstore")
         self._closing = False
+        self._give_up_at = None
         self._task = asyncio.create_task(self._run(), name="logstore")
+
+    def shutting_down(self) -> None:
+        """The runner is stopping: a database still unreachable SHUTDOWN_RETRY_SECONDS from
+        now is given up on (what is held then is logged as lost), so that stopping ends."""
+        if self._give_up_at is None:
+            self._give_up_at = time.monotonic() + SHUTDOWN_RETRY_SECONDS
 
     async def close(self) -> None:
         """Store everything queued, then stop."""
+        self.shutting_down()
         self._closing = True
         self._wake.set()
         if self._task is not None:
@@ -316,11 +422,12 @@ class LogStore:
         return LogWriter(self, command_id, attempt, last_seq, redactor, service_ids, profile_id)
 
     async def enqueue(self, writer: LogWriter, chunk: _Chunk) -> None:
-        while self._pending_lines >= MAX_PENDING_LINES and self._task is not None:
+        while self._full() and self._task is not None:
             self._room.clear()
             await self._room.wait()
         writer.chunks.append(chunk)
         self._pending_lines += len(chunk.lines)
+        self._pending_chars += chunk.size
         self._dirty[writer.command_id] = writer
         if self._pending_lines >= FLUSH_LINES:
             self._wake.set()
@@ -392,10 +499,11 @@ class LogStore:
         for writer in dirty.values():
             chunks = writer.take()
             self._pending_lines -= sum(len(chunk.lines) for chunk in chunks)
-            flush.shares.append(writer.number(chunks))
+            self._pending_chars -= sum(chunk.size for chunk in chunks)
+            flush.shares.append(self._number(writer, chunks))
             if writer.chunks:  # more than one flush's worth: the rest goes next
                 self._dirty[writer.command_id] = writer
-        if self._pending_lines < MAX_PENDING_LINES:
+        if not self._full():
             self._room.set()
         flush.jobs, self._jobs = self._jobs, []
         waiters, self._waiters = self._waiters, []
@@ -406,8 +514,26 @@ class LogStore:
                 flush.waiters.append(future)
         if self._dirty or self._waiters:
             self._wake.set()
-        flush.payload = self._payload(flush.shares)
+        try:
+            flush.payload = self._payload(flush.shares)
+        except Exception as exc:  # each share is then built (and stored) apart
+            log.warning("building %s failed: %s", _describe(flush.shares), _summary(exc))
+            flush.payload = None
         return flush
+
+    def _full(self) -> bool:
+        return self._pending_lines >= MAX_PENDING_LINES or self._pending_chars >= MAX_PENDING_CHARS
+
+    @staticmethod
+    def _number(writer: LogWriter, chunks: list[_Chunk]) -> _Rows:
+        """The writer's share; should numbering fail, its state still goes, with a note."""
+        seq, events_taken = writer.seq, writer.events_taken
+        try:
+            return writer.number(chunks)
+        except Exception as exc:
+            log.warning("command %d: numbering its lines failed: %r", writer.command_id, exc)
+            writer.seq, writer.events_taken = seq, events_taken
+            return writer.unreadable(chunks, exc)
 
     async def _complete(self, flush: _Flush) -> None:
         """Commit a flush, then publish its lines and tell its writers and jobs."""
@@ -437,35 +563,158 @@ class LogStore:
     async def _commit(self, flush: _Flush) -> list[tuple[_Job, Any]]:
         """One transaction: the lines, events and command values, then the jobs. A failing
         job is taken out (its caller gets the error) and the rest committed without it; a
-        database hiccup is retried; after the last try the lines are dropped and logged
-        (their seqs stay unused: followers skip the gap)."""
-        shares, jobs, payload = flush.shares, flush.jobs, flush.payload
-        attempt = 0
+        database that is down or busy is waited for. A flush the database refuses is split:
+        each command's share is stored apart, then the jobs, so one command's share can
+        only cost that command (issue 10)."""
+        shares, jobs = flush.shares, flush.jobs
+        refused: Exception | None = None  # the one share of the flush, refused already
+        if flush.payload is not None:
+            try:
+                return await self._store(flush.payload, jobs, shares)
+            except _GaveUp as exc:
+                self._give_up(shares, jobs, exc)
+                return []
+            except _Unstorable as exc:
+                if len(shares) + bool(jobs) == 1:
+                    refused = exc.error
+                else:
+                    log.warning(
+                        "storing %s failed (%s); storing each command's share apart",
+                        _describe(shares),
+                        _summary(exc.error),
+                    )
+        for index, share in enumerate(shares):
+            try:
+                await self._store_share(share, refused)
+            except _GaveUp as exc:
+                self._give_up(shares[index:], jobs, exc)
+                return []
+        if not jobs:
+            return []
+        try:
+            return await self._store(_Payload(), jobs, [])
+        except (_GaveUp, _Unstorable) as exc:
+            self._give_up([], jobs, exc)
+            return []
+
+    async def _store(
+        self, payload: _Payload, jobs: list[_Job], shares: list[_Rows]
+    ) -> list[tuple[_Job, Any]]:
+        """Commit `payload` and `jobs`, trying again (with backoff) while the database is
+        unreachable or busy, for as long as the runner lives. Raises _Unstorable when the
+        database refuses the writes themselves, _GaveUp when the runner stops meanwhile."""
+        delay = RETRY_FIRST_SECONDS
         while True:
             try:
                 results = await self._transact(payload, jobs)
-                return list(zip(jobs, results, strict=True))
             except _JobFailed as failed:
-                jobs = [job for job in jobs if job is not failed.job]
-                if not failed.job.future.done():
-                    failed.job.future.set_exception(failed.error)
+                if not retryable_database_error(failed.error):
+                    jobs = [job for job in jobs if job is not failed.job]
+                    if not failed.job.future.done():
+                        failed.job.future.set_exception(failed.error)
+                    continue
+                error: Exception = failed.error
             except Exception as exc:
-                if not _retryable(exc):
-                    log.exception("storing %s failed", _describe(shares))
-                    break
-                attempt += 1
-                if attempt >= STORE_ATTEMPTS:
-                    break
-                log.warning("storing %s failed (%r); retrying", _describe(shares), exc)
-                await asyncio.sleep(0.2 * attempt)
-        log.error("dropped %s after %d tries", _describe(shares), STORE_ATTEMPTS)
-        for share in shares:
+                if not retryable_database_error(exc):
+                    raise _Unstorable(exc) from exc
+                error = exc
+            else:
+                self._outage_over()
+                return list(zip(jobs, results, strict=True))
+            self._outage_begins(error, shares)
+            if self._give_up_at is not None and time.monotonic() >= self._give_up_at:
+                raise _GaveUp(_summary(error))
+            await asyncio.sleep(random.uniform(delay / 2, delay))  # noqa: S311 - jitter
+            delay = min(delay * 2, RETRY_MAX_SECONDS)
+
+    def _outage_begins(self, error: Exception, shares: list[_Rows]) -> None:
+        """One WARNING an outage (not one a try); its end is logged at INFO."""
+        if self._outage_since is not None:
+            log.debug("still cannot store: %s", _summary(error))
+            return
+        self._outage_since = time.monotonic()
+        log.warning(
+            "cannot store to the database (%s): holding %s and trying again until it can; "
+            "the children wait meanwhile",
+            _summary(error),
+            _describe(shares),
+        )
+
+    def _outage_over(self) -> None:
+        if self._outage_since is not None:
+            log.info(
+                "the database takes writes again after %.1fs: what was held is stored",
+                time.monotonic() - self._outage_since,
+            )
+            self._outage_since = None
+
+    async def _store_share(self, share: _Rows, refused: Exception | None = None) -> None:
+        """One command's share alone; when the database refuses it (`refused`: it did
+        already), what of it can be stored: a system line in place of its lines with all its
+        values, then with its state only, then its state alone (a final state is never
+        lost)."""
+        error: Exception = refused or RuntimeError("not stored")
+        for reduction in range(1 if refused else 0, 4):
+            try:
+                if reduction:
+                    self._reduce(share, reduction, error)
+                await self._store(self._payload([share]), [], [share])
+                return
+            except _GaveUp:
+                raise
+            except _Unstorable as exc:
+                error = exc.error
+            except Exception as exc:  # its payload could not even be built
+                error = exc
+        log.error(
+            "command %d: not even its state could be stored: %s",
+            share.writer.command_id,
+            _summary(error),
+        )
+        share.runs.clear()
+
+    @staticmethod
+    def _reduce(share: _Rows, reduction: int, error: Exception) -> None:
+        writer = share.writer
+        if reduction == 1:
+            log.warning(
+                "command %d: the database refused its share (%s); storing its state and a "
+                "note in place of its lines",
+                writer.command_id,
+                _summary(error),
+            )
+            share.events.clear()
+            if share.runs:
+                first, last = share.runs[0].first_seq, share.runs[-1].last_seq
+                writer.lines_lost += share.lines
+                note = (
+                    f"{share.lines} log line(s) (seq {first} to {last}) could not be stored "
+                    f"and are lost: {_summary(error)}"
+                )
+                share.runs = [LineRun(writer.attempt, _SYSTEM, utcnow(), first, [note])]
+                share.lines = 1
+            share.values["lines_lost"] = writer.lines_lost
+        elif reduction == 2:
+            share.values = {k: v for k, v in share.values.items() if k in STATE_COLUMNS}
+        else:
             share.runs.clear()
-        error = RuntimeError("the log store could not reach the database")
+            share.lines = 0
+
+    def _give_up(self, shares: list[_Rows], jobs: list[_Job], error: Exception) -> None:
+        """The runner stops and the database stayed unreachable: what is held is lost."""
+        if shares:
+            log.error(
+                "the database stayed unreachable as the runner stopped: gave up %s (%s)",
+                _describe(shares),
+                error,
+            )
+        for share in shares:
+            share.writer.lines_lost += share.lines
+            share.runs.clear()
+        failure = RuntimeError(f"the log store could not run it: {error}")
         for job in jobs:
             if not job.future.done():
-                job.future.set_exception(error)
-        return []
+                job.future.set_exception(failure)
 
     async def _transact(self, payload: _Payload, jobs: list[_Job]) -> list[Any]:
         if self._sqlite:
@@ -495,7 +744,10 @@ class LogStore:
                 if payload.events:
                     await connection.run_sync(self._write_rest, payload, [])
                 return [await self._run_on_driver(job, connection, driver) for job in jobs]
-        except _JobFailed:
+        except _JobFailed as failed:
+            if driver.is_closed():  # the connection broke during the job
+                await self._drop_connection(broken=True)
+                raise _ConnectionLost(repr(failed.error)) from failed.error
             raise  # rolled back; the connection is fine
         except Exception as exc:
             if driver.is_closed():
@@ -612,7 +864,7 @@ class _Flush:
     shares: list[_Rows] = field(default_factory=list)
     jobs: list[_Job] = field(default_factory=list)
     waiters: list[asyncio.Future[None]] = field(default_factory=list)
-    payload: _Payload = field(default_factory=lambda: _Payload())
+    payload: _Payload | None = field(default_factory=lambda: _Payload())
 
 
 @dataclass
@@ -621,7 +873,7 @@ class _Payload:
     pg_copy: list[str] = field(default_factory=list)
     pg_rows: list[tuple[int, LineRun]] = field(default_factory=list)
     updates: dict[tuple[tuple[str, ...], bool], list[dict[str, Any]]] = field(default_factory=dict)
-    events: list[tuple[LogWriter, dict[str, Any]]] = field(default_factory=list)
+    events: list[tuple[LogWriter, _Event]] = field(default_factory=list)
 
 
 def _copy_escape(texts: list[str]) -> list[str]:
@@ -647,13 +899,36 @@ async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
     yield data
 
 
-def _retryable(exc: Exception) -> bool:
-    """A database hiccup worth another try: a connection lost, a network error, or the
-    server saying so (the driver's own errors reach here as they are)."""
-    if isinstance(exc, OperationalError | DBAPIError | _ConnectionLost | OSError | TimeoutError):
-        return True
-    state = getattr(exc, "sqlstate", None)
-    return isinstance(state, str) and state[:2] in RETRYABLE_SQLSTATE_CLASSES
+def retryable_database_error(exc: BaseException) -> bool:
+    """A database that is down, unreachable, busy or overloaded (worth waiting for), as
+    against one that refuses the statement itself (trying that again would never end).
+    Looks through SQLAlchemy's wrapper to the driver's error."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, _ConnectionLost | OSError | TimeoutError):
+            return True
+        if isinstance(current, DBAPIError) and current.connection_invalidated:
+            return True
+        state = getattr(current, "sqlstate", None)
+        if isinstance(state, str) and state:
+            return state[:2] in RETRYABLE_SQLSTATE_CLASSES
+        code = getattr(current, "sqlite_errorcode", None)
+        if isinstance(code, int):
+            return code & 0xFF in RETRYABLE_SQLITE_CODES
+        current = getattr(current, "orig", None) or current.__cause__
+    return False
+
+
+def _summary(error: BaseException) -> str:
+    """An error in one short line (the driver's own message, not SQLAlchemy's statement and
+    parameters), in ASCII: it goes into a log line that must be storable itself."""
+    if isinstance(error, DBAPIError) and error.orig is not None:
+        error = error.orig
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
+    return text.encode("ascii", "backslashreplace").decode("ascii")
 
 
 def _describe(shares: list[_Rows]) -> str:
@@ -748,61 +1023,32 @@ _JSON_COLUMNS = frozenset(
 )
 
 
-def _store_event(connection: Connection, writer: LogWriter, event: dict[str, Any]) -> None:
-    data = event["data"]
+def _store_event(connection: Connection, writer: LogWriter, stored: _Event) -> None:
+    """A checked event (runner.events: every value fits its column) and its usage row."""
+    event = stored.event
     connection.execute(
         insert(CommandEvent).values(
             command_id=writer.command_id,
             attempt=writer.attempt,
-            seq=event["seq"],
-            type=str(data.get("type"))[:64],
-            data=data,
-            ts=event["ts"],
+            seq=stored.seq,
+            type=event.type,
+            data=event.data,
+            ts=stored.ts,
         )
     )
-    if data.get("type") != "usage":
+    usage = event.usage
+    if usage is None:
         return
-    name = str(data.get("service", "")).lower()
-    service_id = writer.service_ids.get(name)
-    if service_id is None:
-        service_id = connection.scalar(select(Service.id).where(func.lower(Service.name) == name))
-    if service_id is None:
-        return
-    valid = data.get("tokenValid")
     connection.execute(
         insert(ServiceUsage).values(
-            service_id=service_id,
+            service_id=usage.service_id,
             profile_id=writer.profile_id,
             command_id=writer.command_id,
-            units=_int(data.get("units")),
-            remaining=_int(data.get("remaining")),
-            limit=_int(data.get("limit")),
-            reset_at=_datetime(data.get("resetAt")),
-            token_valid=valid if isinstance(valid, bool) else None,
-            observed_at=event["ts"],
+            units=usage.units,
+            remaining=usage.remaining,
+            limit=usage.limit,
+            reset_at=usage.reset_at,
+            token_valid=usage.token_valid,
+            observed_at=stored.ts,
         )
     )
-
-
-def _parse_event(payload: str) -> dict[str, Any] | None:
-    try:
-        data = json.loads(payload)
-    except ValueError:
-        return None
-    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
-        return None
-    return data
-
-
-def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _datetime(value: Any) -> datetime | None:
-    if not isinstance(value, str):
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else None

@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from runner.compose import CompositionError
 from runner.lines import LineSplitter
-from runner.logwriter import LogStore, LogWriter
+from runner.logwriter import LogStore, LogWriter, retryable_database_error
 from runner.process import (
     RUN_MARKER,
     SIDECAR_MARKER,
@@ -317,6 +317,7 @@ class Supervisor:
     async def stop(self) -> None:
         """Stop claiming; stop every child (TERM, grace, KILL) and put its command back."""
         self._stopping = True
+        self.store.shutting_down()  # a database that stays down must not hold the stop up
         # The claim loop goes first, then the claims already out land (a claim in the
         # store's queue is committed all the same): what they took is put back unstarted.
         if self._task is not None:
@@ -811,7 +812,7 @@ class Supervisor:
         try:
             async with contextlib.aclosing(pipe_chunks(pipe, READ_CHUNK)) as chunks:
                 async for chunk in chunks:
-                    await writer.add_lines(kind, list(splitter.feed(chunk)))
+                    await writer.add_lines(kind, list(splitter.feed(chunk)), len(chunk))
         except OSError as exc:  # the pipe failed (EIO ...): keep what was read
             log_event(
                 "pipe_failed",
@@ -909,7 +910,9 @@ class Supervisor:
                 await self.renew_leases()
                 await self.recover()
             except Exception as exc:
-                log_event("lease_pass_failed", level="error", error=repr(exc))
+                # A database that is down is the log store's to report (once an outage).
+                level = "debug" if retryable_database_error(exc) else "error"
+                log_event("lease_pass_failed", level=level, error=repr(exc))
 
     async def renew_leases(self) -> None:
         """Extend this runner's leases; stop the attempts someone asked to cancel."""

@@ -312,6 +312,9 @@ class Command(Base):
     lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)
     next_attempt_at: Mapped[datetime | None]
     last_seq: Mapped[int] = mapped_column(default=0)
+    # Log lines the runner had to give up (unstorable, or the database stayed down as it
+    # stopped); the log says which in a system line.
+    lines_lost: Mapped[int] = mapped_column(default=0, server_default=text("0"))
     created_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
     started_at: Mapped[datetime | None]
     finished_at: Mapped[datetime | None]
