@@ -281,7 +281,7 @@ async def running_app(settings: Settings) -> AsyncIterator[tuple[Starlette, Grap
     application = create_app(settings)
     async with application.router.lifespan_context(application):
         transport = httpx.ASGITransport(app=application)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
             yield application, GraphQLClient(http)
 
 
