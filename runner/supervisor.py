@@ -275,6 +275,7 @@ class Supervisor:
         # Templates render in worker processes: the app's pool, else one of its own.
         self._owns_render_pool = render_pool is None
         self.render_pool = render_pool or RenderPool.from_settings(settings)
+        self._secrets_failing = False
         self.secrets = KnownSecrets(
             sessionmaker,
             secret_box,
@@ -389,10 +390,18 @@ class Supervisor:
             await self._refresh_secrets()
 
     async def _refresh_secrets(self) -> None:
+        """Reload the known secrets; while the database is away, mask what is known (one
+        WARNING when reloading starts failing, one INFO line when it works again)."""
         try:
             await self.secrets.refresh()
-        except Exception as exc:  # the database may be away: mask what is known meanwhile
-            log_event("secrets_reload_failed", level="warning", error=type(exc).__name__)
+        except Exception as exc:
+            level = "debug" if self._secrets_failing else "warning"
+            self._secrets_failing = True
+            log_event("secrets_reload_failed", level=level, error=type(exc).__name__)
+            return
+        if self._secrets_failing:
+            self._secrets_failing = False
+            log_event("secrets_reloaded")
 
     # -- claiming ----------------------------------------------------------------------
 

@@ -331,14 +331,16 @@ async def test_a_database_outage_during_a_flood_loses_nothing(
         app_settings = settings.model_copy(
             update={"database_url": proxied.render_as_string(hide_password=False)}
         )
-    flag = settings.data_dir / "stop-flooding"
+    # In each command's own working directory: a sandboxed command sees that (and not the
+    # data dir, nor the host's /tmp).
+    flag = "stop-flooding"
     try:
         async with running_app(app_settings) as (application, gql):
             commands = [
                 await run(
                     gql,
                     commandString="python3 -c {{ params.code }} {{ params.flag }}",
-                    params={"code": FLOOD, "flag": str(flag)},
+                    params={"code": FLOOD, "flag": flag},
                 )
                 for _ in range(FLOOD_COMMANDS)
             ]
@@ -349,7 +351,8 @@ async def test_a_database_outage_during_a_flood_loses_nothing(
                 # The API's pooled connections died with the outage (no pre-ping): not
                 # what this test is about.
                 await application.state.engine.dispose()
-            flag.touch()
+            for command_id in commands:
+                (settings.commands_dir / str(pk(command_id)) / flag).touch()
             finals = await asyncio.gather(*(wait_final(gql, c, timeout=120) for c in commands))
             lost = [(await gql(LINES_LOST, id=c))["node"]["linesLost"] for c in commands]
     finally:
