@@ -190,7 +190,10 @@ class ProfileMutations:
     @strawberry.mutation
     async def create_profile(self, info: Info, input: CreateProfileInput) -> ProfilePayload:
         row, errors = await perform(
-            info, lambda session: profile_service.create_profile(session, provided(input))
+            info,
+            lambda session: profile_service.create_profile(
+                session, provided(input), info.context.settings
+            ),
         )
         return ProfilePayload(
             profile=None if row is None else Profile.from_row(row), user_errors=errors
@@ -200,7 +203,9 @@ class ProfileMutations:
     async def update_profile(self, info: Info, input: UpdateProfileInput) -> ProfilePayload:
         async def work(session: AsyncSession) -> models.Profile:
             pk = pk_of(input.id, "Profile", field="id")
-            return await profile_service.update_profile(session, pk, provided(input))
+            return await profile_service.update_profile(
+                session, pk, provided(input), info.context.settings
+            )
 
         row, errors = await perform(info, work)
         return ProfilePayload(

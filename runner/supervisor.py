@@ -64,7 +64,7 @@ from server.profiles import user_data_dir
 from server.proxies import proxy_chain
 from server.secretbox import SecretBox
 from server.settings import Settings
-from server.storage import prepare_workspace
+from server.storage import prepare_workspace, profile_dir_problem
 from xray.binary import XrayBinary, XrayBinaryError, find_binary
 from xray.config import Hop
 from xray.sidecar import SidecarError, SidecarProcess
@@ -615,6 +615,10 @@ class Supervisor:
             prepared = await self._render(loaded, proxy_url)
             if loaded.profile is not None:
                 path = user_data_dir(loaded.profile, self.settings)
+                problem = loaded.profile.user_data_dir and profile_dir_problem(path, self.settings)
+                if problem:  # saved before the rule, or by another Corral's settings
+                    await writer.add(LogStream.SYSTEM, f"cannot run: {problem}")
+                    return Outcome(CommandStatus.FAILED, error=problem, retryable=False)
                 try:
                     prepared.writable.append(_profile_dir(path, self.sandbox.run_as))
                 except OSError as exc:

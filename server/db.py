@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import (
 )
 
 from server.settings import Settings
-from server.storage import secure_sqlite_file
+from server.storage import secure_data_dir, secure_sqlite_file
 
 SQLITE_BUSY_TIMEOUT_MS = 5000
 STORE_CHECKPOINT_PAGES = 4000
@@ -32,7 +32,10 @@ def create_engine(settings: Settings, **kwargs: Any) -> AsyncEngine:
     url = make_url(settings.resolved_database_url)
     if url.get_backend_name() == "sqlite":
         if url.database and url.database != ":memory:":
-            secure_sqlite_file(Path(url.database))
+            database = Path(url.database)
+            if database.resolve().parent == settings.data_dir.resolve():
+                secure_data_dir(settings.data_dir)  # Corral's own folder: 0700
+            secure_sqlite_file(database)
         engine = create_async_engine(
             url,
             connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from server.errors import ErrorCode, InvalidInput
 from server.models import NAME_MAX, PATH_MAX, Profile
 from server.settings import Settings
+from server.storage import profile_dir_problem
 from server.validation import (
     TEXT_MAX,
     FieldInvalid,
@@ -64,20 +65,40 @@ async def get_profile(session: AsyncSession, profile_id: int, *, field: str = "i
     return profile
 
 
-async def create_profile(session: AsyncSession, values: dict[str, Any]) -> Profile:
+def check_user_data_dir(profile: Profile, settings: Settings | None) -> None:
+    """A profile's own user-data-dir may not open up Corral's files or the system to its
+    commands (server/storage.py: profile_dir_problem)."""
+    if settings is None or not profile.user_data_dir:
+        return
+    problem = profile_dir_problem(profile.user_data_dir, settings)
+    if problem is not None:
+        raise InvalidInput.one("userDataDir", problem, ErrorCode.INVALID)
+
+
+async def create_profile(
+    session: AsyncSession, values: dict[str, Any], settings: Settings | None = None
+) -> Profile:
     """Validate and add a profile."""
     profile = Profile(tags=[], headless=True)
     apply_fields(profile, values, PROFILE_FIELDS, creating=True)
+    check_user_data_dir(profile, settings)
     await ensure_unique(session, Profile.name_key, profile.name, field="name", label="profile")
     session.add(profile)
     await session.flush()
     return profile
 
 
-async def update_profile(session: AsyncSession, profile_id: int, values: dict[str, Any]) -> Profile:
+async def update_profile(
+    session: AsyncSession,
+    profile_id: int,
+    values: dict[str, Any],
+    settings: Settings | None = None,
+) -> Profile:
     """Validate and apply changes to a profile; absent keys stay as they are."""
     profile = await get_profile(session, profile_id)
     apply_fields(profile, values, PROFILE_FIELDS, creating=False)
+    if "userDataDir" in values:
+        check_user_data_dir(profile, settings)
     if "name" in values:
         await ensure_unique(
             session,

@@ -44,8 +44,11 @@ def secure_data_dir(data_dir: Path) -> None:
 
 def secure_sqlite_file(path: Path) -> None:
     """Create the SQLite file 0600 before SQLite does (it would follow the umask; its -wal
-    and -shm files copy the database's mode), or tighten it and its side files."""
-    secure_data_dir(path.parent)
+    and -shm files copy the database's mode), or tighten it and its side files. Its folder
+    is made 0700 when missing; an existing one is left as it is (a database named outside
+    the data dir, in /tmp say, must not take the folder's modes away from everyone else)."""
+    if not path.parent.exists():
+        path.parent.mkdir(mode=PRIVATE_DIR_MODE, parents=True, exist_ok=True)
     try:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_FILE_MODE))
     except FileExistsError:
@@ -90,3 +93,45 @@ def _in_use(profile_dir: Path) -> bool:
     except PermissionError:
         return True
     return True
+
+
+# A profile's own user-data-dir is bound read-write into its commands' sandbox (and, with
+# CORRAL_RUN_AS, handed to that user): it must not open up Corral's private files, other
+# commands' folders or the system.
+_SYSTEM_TREES = (
+    "/usr",
+    "/etc",
+    "/bin",
+    "/sbin",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/boot",
+    "/proc",
+    "/sys",
+    "/dev",
+    "/run",
+)
+_SHARED_ROOTS = ("/", "/home", "/root", "/var", "/tmp", "/opt", "/srv", "/mnt", "/media")  # noqa: S108
+
+
+def profile_dir_problem(path: str, settings: Settings) -> str | None:
+    """Why `path` cannot be a profile's own user-data-dir, or None when it can: not in or
+    above Corral's data dir or workspace (the default profile dirs live there already), not
+    a system folder, not `/`."""
+    real = Path(os.path.realpath(path))
+    private = {
+        "Corral's data dir": Path(os.path.realpath(settings.data_dir)),
+        "Corral's workspace": Path(os.path.realpath(settings.resolved_workspace_dir)),
+    }
+    for name, root in private.items():
+        if real == root or root in real.parents:
+            return f"userDataDir must not be inside {name} ({root})"
+        if real in root.parents:
+            return f"userDataDir must not contain {name} ({root})"
+    if str(real) in _SHARED_ROOTS or any(
+        real == Path(tree) or Path(tree) in real.parents for tree in _SYSTEM_TREES
+    ):
+        return f"userDataDir must not be a system folder ({real})"
+    return None

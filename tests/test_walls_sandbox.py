@@ -346,3 +346,74 @@ def test_an_impossible_choice_is_one_readable_line(tmp_path: Path) -> None:
     assert done.stderr.strip() == (
         "corral: error: CORRAL_SANDBOX=user needs CORRAL_RUN_AS and Corral running as root"
     )
+
+
+async def test_a_profile_dir_may_not_open_up_corrals_files_or_the_system(
+    gql: GraphQLClient, settings: Settings, tmp_path: Path
+) -> None:
+    """A profile's own userDataDir is bound read-write into its commands' sandbox (and
+    chowned to CORRAL_RUN_AS): one inside or above the data dir or the workspace, or a system
+    folder, would hand the command the key and the database. Refused when saved, and by the
+    runner for a profile saved before the rule."""
+    create = (
+        "mutation($d: String!) { createProfile(input: {name: $d, userDataDir: $d}) {"
+        " profile { id } userErrors { field code message } } }"
+    )
+    for bad in (
+        str(settings.data_dir),
+        str(settings.data_dir / "sub"),
+        str(settings.data_dir.parent),
+        str(settings.commands_dir / "1"),
+        "/",
+        "/etc",
+        "/usr/lib/x",
+        "/tmp",
+    ):
+        payload = (await gql(create, d=bad))["createProfile"]
+        assert payload["profile"] is None, bad
+        assert [(e["field"], e["code"]) for e in payload["userErrors"]] == [
+            (["userDataDir"], "INVALID")
+        ], (bad, payload)
+    fine = str(tmp_path / "elsewhere" / "chrome")
+    made = (await gql(create, d=fine))["createProfile"]
+    assert made["userErrors"] == [], made
+    assert made["profile"], made
+    # Saved before the rule (straight into the database): the runner refuses to run it.
+    from sqlalchemy import update
+
+    from server.db import create_engine
+    from server.models import Profile
+
+    engine = create_engine(settings)
+    try:
+        async with engine.begin() as connection:
+            await connection.execute(
+                update(Profile)
+                .values(user_data_dir=str(settings.data_dir))
+                .where(Profile.id == pk(made["profile"]["id"]))
+            )
+    finally:
+        await engine.dispose()
+    node = await wait_final(
+        gql, await run(gql, commandString="cat secret.key", profileId=made["profile"]["id"])
+    )
+    assert node["status"] == "FAILED", node
+    assert "userDataDir must not be inside Corral's data dir" in (node["error"] or "")
+
+
+def test_a_database_outside_the_data_dir_leaves_its_folder_alone(tmp_path: Path) -> None:
+    """Only Corral's own data dir is made 0700: a database named in a shared folder (/tmp,
+    say) is made 0600 itself and its folder keeps its modes (and sticky bit)."""
+    from server.db import create_engine
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    settings = Settings(
+        data_dir=tmp_path / "data",
+        database_url=f"sqlite+aiosqlite:///{shared}/corral.db",
+        secret_key=TEST_KEY,
+    )
+    asyncio.run(create_engine(settings).dispose())
+    assert shared.stat().st_mode & 0o7777 == 0o1777
+    assert (shared / "corral.db").stat().st_mode & 0o777 == 0o600
