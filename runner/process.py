@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -315,6 +315,22 @@ SWEEPER = Sweeper()
 
 PR_SET_CHILD_SUBREAPER = 36
 SPAWNED: set[int] = set()  # session leaders this process started and will reap itself
+_starting = 0  # children in a session of their own being started, not yet in SPAWNED
+
+
+@contextlib.contextmanager
+def starting_own_child() -> Iterator[None]:
+    """Wrap the start of a child in a session of its own that this process reaps itself (a
+    sidecar, a render worker) and its SPAWNED.add: meanwhile it is an unknown child in
+    another session, and the sweep below waits rather than take it for an escaped one."""
+    global _starting
+    _starting += 1
+    try:
+        yield
+    finally:
+        _starting -= 1
+
+
 _subreaper = False
 
 
@@ -391,6 +407,13 @@ def reap_adopted(belongs: Callable[[ProcStat], bool]) -> list[int]:
     return alive
 
 
+def reap_orphans() -> None:
+    """Reap the adopted zombies nobody waits for: a subreaper inherits every orphan below
+    it (a browser's helpers whose parent died, say), not only a command's escaped ones."""
+    if _subreaper and not _starting:
+        reap_adopted(lambda _stat: True)
+
+
 async def kill_adopted_escapees(started_at: int, timeout: float = 2.0) -> int:
     """SIGKILL what a command that just ended left behind outside its process group (and
     reap it): adopted processes younger than its first one, in no live command's session.
@@ -404,6 +427,9 @@ async def kill_adopted_escapees(started_at: int, timeout: float = 2.0) -> int:
     killed: set[int] = set()
     deadline = asyncio.get_running_loop().time() + timeout
     while asyncio.get_running_loop().time() < deadline:
+        if _starting:  # an own child is being started: not yet told apart
+            await asyncio.sleep(0.01)
+            continue
         alive = reap_adopted(escaped)
         if not alive:
             break

@@ -55,6 +55,7 @@ class KnownSecrets:
         self._plain: dict[bytes, list[str]] = {}
         self.redactor = Redactor(self._process_secrets)
         self._loaded_at = -math.inf
+        self._generation = 0  # bumped by `invalidate`: a reload under way may be stale
         self._lock = asyncio.Lock()
         self._writers: weakref.WeakKeyDictionary[LogWriter, frozenset[str]] = (
             weakref.WeakKeyDictionary()
@@ -63,6 +64,7 @@ class KnownSecrets:
 
     def invalidate(self) -> None:
         """A secret changed: the next `refresh` reads the database."""
+        self._generation += 1
         self._loaded_at = -math.inf
 
     @property
@@ -90,7 +92,7 @@ class KnownSecrets:
         return self.redactor.joined(_own_redactor(forms))
 
     async def _reload(self) -> None:
-        started = time.monotonic()
+        started, generation = time.monotonic(), self._generation
         async with self._sessionmaker() as session:
             # A read that must not take SQLite's write lock from the log store's flushes.
             await session.connection(execution_options=READ_ONLY)
@@ -102,7 +104,8 @@ class KnownSecrets:
         plain = {c: self._plain.get(c) or decrypted.get(c, []) for _, c in stored}
         changed = plain.keys() != self._plain.keys()
         self._plain = plain
-        self._loaded_at = started
+        # A change announced while this read ran may have missed it: read again next time.
+        self._loaded_at = started if generation == self._generation else -math.inf
         if changed:
             values = [*self._process_secrets, *(v for vs in plain.values() for v in vs)]
             self.redactor = await asyncio.to_thread(Redactor, values)

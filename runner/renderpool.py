@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from runner.compose import CompositionError
-from runner.process import SPAWNED
+from runner.process import SPAWNED, starting_own_child
 from server.settings import Settings
 
 WORKER_MODULE = "runner.renderworker"
@@ -46,23 +46,24 @@ class _Worker:
 
     @classmethod
     async def start(cls, memory_bytes: int) -> _Worker:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            WORKER_MODULE,
-            str(memory_bytes),
-            str(os.getpid()),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            # Nothing of the server's environment (keys, URLs): only what imports need.
-            env={"PYTHONPATH": str(PACKAGE_ROOT), "LANG": "C.UTF-8", "PATH": os.defpath},
-            cwd="/",
-            start_new_session=True,  # a ^C in the terminal is the server's to handle
-            limit=READ_LIMIT,
-        )
         # Its own session, like a command's: a subreaper runner must know it started it,
         # or it would take the worker for a command's escaped process (runner/process.py).
-        SPAWNED.add(process.pid)
+        with starting_own_child():
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                WORKER_MODULE,
+                str(memory_bytes),
+                str(os.getpid()),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                # Nothing of the server's environment (keys, URLs): only what imports need.
+                env={"PYTHONPATH": str(PACKAGE_ROOT), "LANG": "C.UTF-8", "PATH": os.defpath},
+                cwd="/",
+                start_new_session=True,  # a ^C in the terminal is the server's to handle
+                limit=READ_LIMIT,
+            )
+            SPAWNED.add(process.pid)
         worker = cls(process)
         try:
             async with asyncio.timeout(START_TIMEOUT_SECONDS):

@@ -36,6 +36,7 @@ from runner.process import (
     kill_leftovers,
     leader_exit,
     pipe_chunks,
+    reap_orphans,
     run_marker,
     stop_group,
     sweep_run,
@@ -572,8 +573,14 @@ class Supervisor:
             wait = (utcnow() - claim.queued_since).total_seconds()
             self.metrics.queue_wait.observe(max(wait, 0))
         command = claim.command
+        # Every known secret masked from the first line (an error while loading included);
+        # `secrets.attach` adds the command's own once they are loaded.
         writer = self.store.writer(
-            command.id, attempt.number, command.last_seq, profile_id=command.profile_id
+            command.id,
+            attempt.number,
+            command.last_seq,
+            self.secrets.redactor,
+            profile_id=command.profile_id,
         )
         outcome = Outcome(CommandStatus.FAILED, error="the runner failed unexpectedly")
         try:
@@ -919,6 +926,7 @@ class Supervisor:
         interval = max(self.settings.lease_seconds / 3, 0.2)
         while True:
             await asyncio.sleep(interval)
+            reap_orphans()
             try:
                 await self.renew_leases()
                 await self.recover()

@@ -417,3 +417,24 @@ def test_a_database_outside_the_data_dir_leaves_its_folder_alone(tmp_path: Path)
     asyncio.run(create_engine(settings).dispose())
     assert shared.stat().st_mode & 0o7777 == 0o1777
     assert (shared / "corral.db").stat().st_mode & 0o777 == 0o600
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+async def test_orphans_that_come_to_the_runner_are_reaped(settings: Settings) -> None:
+    """The runner is a child subreaper: every orphan below it comes to it (a browser's
+    helpers whose parent died, say), not only a command's escaped processes; their zombies
+    are reaped, not left to fill the process table."""
+    application = create_app(settings.model_copy(update={"lease_seconds": 0.6}))
+    async with application.router.lifespan_context(application):
+        shell = subprocess.run(
+            ["sh", "-c", "sleep 0.2 >/dev/null 2>&1 & echo $!"],
+            capture_output=True,
+            text=True,
+            check=True,
+            start_new_session=True,
+        )
+        orphan = int(shell.stdout)
+        deadline = time.monotonic() + 10
+        while os.path.exists(f"/proc/{orphan}"):
+            assert time.monotonic() < deadline, open(f"/proc/{orphan}/stat").read()
+            await asyncio.sleep(0.1)

@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from runner.lines import LineSplitter
-from runner.process import SPAWNED, stop_group
+from runner.process import SPAWNED, starting_own_child, stop_group
 from xray.binary import XrayBinary
 from xray.config import ConfigError, Hop, build_config, features_used, write_config
 
@@ -112,15 +112,16 @@ class SidecarProcess:
                     "install Xray-core and set CORRAL_XRAY_BIN"
                 )
             path = write_config(config, self._folder)
-            self._process = await asyncio.create_subprocess_exec(
-                *self.binary.run_args(path),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.STDOUT,
-                start_new_session=True,
-                env=self.env,
-            )
-            SPAWNED.add(self._process.pid)  # a subreaper runner must leave it to asyncio
+            with starting_own_child():  # a subreaper runner must leave it to asyncio
+                self._process = await asyncio.create_subprocess_exec(
+                    *self.binary.run_args(path),
+                    stdin=asyncio.subprocess.DEVNULL,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT,
+                    start_new_session=True,
+                    env=self.env,
+                )
+                SPAWNED.add(self._process.pid)
             assert self._process.stdout is not None
             self._pumps.append(asyncio.create_task(self._pump(self._process.stdout)))
             await self._wait_listening()
