@@ -436,5 +436,5 @@ async def test_orphans_that_come_to_the_runner_are_reaped(settings: Settings) ->
         orphan = int(shell.stdout)
         deadline = time.monotonic() + 10
         while os.path.exists(f"/proc/{orphan}"):
-            assert time.monotonic() < deadline, open(f"/proc/{orphan}/stat").read()
+            assert time.monotonic() < deadline, Path(f"/proc/{orphan}/stat").read_text()
             await asyncio.sleep(0.1)
