@@ -604,6 +604,7 @@ class LogStore:
         unreachable or busy, for as long as the runner lives. Raises _Unstorable when the
         database refuses the writes themselves, _GaveUp when the runner stops meanwhile."""
         delay = RETRY_FIRST_SECONDS
+        uncertain = False  # a try failed in a way that may have come after its COMMIT
         while True:
             try:
                 results = await self._transact(payload, jobs)
@@ -615,12 +616,23 @@ class LogStore:
                     continue
                 error: Exception = failed.error
             except Exception as exc:
+                if uncertain and _duplicate_key(exc):
+                    # The connection broke after the server committed an earlier try: its
+                    # lines are stored (a flush is one transaction). Its jobs' outcome is
+                    # unknown to them: they hear so (a claim is made again).
+                    self._outage_over()
+                    lost = RuntimeError("the database connection broke while committing")
+                    for job in jobs:
+                        if not job.future.done():
+                            job.future.set_exception(lost)
+                    return []
                 if not retryable_database_error(exc):
                     raise _Unstorable(exc) from exc
                 error = exc
             else:
                 self._outage_over()
                 return list(zip(jobs, results, strict=True))
+            uncertain = True
             self._outage_begins(error, shares)
             if self._give_up_at is not None and time.monotonic() >= self._give_up_at:
                 raise _GaveUp(_summary(error))
@@ -897,6 +909,25 @@ _COPY_SPECIALS = ("\\", "\t", "\r", "\n", "\x00")
 
 async def _one_chunk(data: bytes) -> AsyncIterator[bytes]:
     yield data
+
+
+UNIQUE_VIOLATION = "23505"  # PostgreSQL's SQLSTATE
+SQLITE_DUPLICATE_KEYS = frozenset({1555, 2067})  # SQLITE_CONSTRAINT_PRIMARYKEY, _UNIQUE
+
+
+def _duplicate_key(exc: BaseException) -> bool:
+    """Whether the database refused `exc`'s statement for a key it holds already (looking
+    through SQLAlchemy's wrapper to the driver's error)."""
+    current: BaseException | None = exc
+    for _ in range(5):
+        if current is None:
+            break
+        if getattr(current, "sqlstate", None) == UNIQUE_VIOLATION:
+            return True
+        if getattr(current, "sqlite_errorcode", None) in SQLITE_DUPLICATE_KEYS:
+            return True
+        current = getattr(current, "orig", None) or current.__cause__
+    return False
 
 
 def retryable_database_error(exc: BaseException) -> bool:

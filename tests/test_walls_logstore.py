@@ -441,3 +441,46 @@ def test_event_checks_are_exact() -> None:
     ):
         with pytest.raises(EventRejected):
             parse_event(bad, ids)
+
+
+async def test_a_commit_whose_answer_was_lost_is_not_stored_twice(
+    engine: AsyncEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The connection breaks after the server committed a flush (the answer to COMMIT is
+    lost): the next try finds its lines there already (a unique violation). They are
+    stored, once; nothing is counted lost and no command's share is split off."""
+    store = LogStore(engine, Broker(), runner_id="runner-1")
+    real = store._transact
+    broke: list[bool] = []
+
+    async def commit_then_break(*args: object) -> list[object]:
+        results = await real(*args)  # type: ignore[arg-type]
+        if not broke:
+            broke.append(True)
+            raise logwriter._ConnectionLost("the answer to COMMIT was lost")
+        return results
+
+    monkeypatch.setattr(store, "_transact", commit_then_break)
+    store.start()
+    try:
+        command_id = await new_command(engine)
+        writer = store.writer(command_id, 1, 0)
+        await writer.add_lines(LogStream.STDOUT, [f"line {i}" for i in range(250)])
+        await writer.add(LogStream.SYSTEM, "finished", command_values={"status": "SUCCEEDED"})
+        await asyncio.wait_for(writer.close(), 30)
+    finally:
+        await store.close()
+    assert broke == [True]
+    async with engine.connect() as connection:
+        texts = (
+            await connection.scalars(
+                select(LogLine.text).where(LogLine.command_id == command_id).order_by(LogLine.seq)
+            )
+        ).all()
+        row = (
+            await connection.execute(
+                select(Command.status, Command.lines_lost).where(Command.id == command_id)
+            )
+        ).one()
+    assert texts == [*(f"line {i}" for i in range(250)), "finished"]
+    assert tuple(row) == ("SUCCEEDED", 0)
