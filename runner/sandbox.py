@@ -79,13 +79,16 @@ class Sandbox:
             return list(argv)
         args = [self.bwrap, "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
         args += _system_binds()
+        args += ["--proc", "/proc", "--dev", "/dev"]
+        # The private scratch folders first: what is bound below may live under /tmp (Corral
+        # itself, a clone in /tmp, or its data dir and workspace), and a later tmpfs would
+        # cover it up.
+        for scratch in PRIVATE_SCRATCH:  # empty, the command's own, gone with it
+            args += ["--perms", "1777", "--tmpfs", scratch]
         for path in self.read_only:
             args += ["--ro-bind-try", path, path]
         for path in self.hidden:
             args += ["--tmpfs", path]
-        args += ["--proc", "/proc", "--dev", "/dev"]
-        for scratch in PRIVATE_SCRATCH:  # empty, the command's own, gone with it
-            args += ["--perms", "1777", "--tmpfs", scratch]
         for path in (workdir, *writable):
             args += ["--bind", path, path]
         # No --die-with-parent: it ties the sandbox to bwrap's own monitor process, which
