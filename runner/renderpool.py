@@ -38,6 +38,9 @@ def _mib(memory_bytes: int) -> str:
     return f"{memory_bytes / (1024 * 1024):g} MiB"
 
 
+KILL_WAIT_SECONDS = 5.0  # a killed worker's exit is reported well within this
+
+
 class _Worker:
     """One worker process and its pipes; it renders one template at a time."""
 
@@ -93,7 +96,14 @@ class _Worker:
         if self.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 self.process.kill()
-        await self.process.wait()
+        try:
+            async with asyncio.timeout(KILL_WAIT_SECONDS):
+                await self.process.wait()
+        except TimeoutError:
+            # Its exit was never reported (a child watcher replaced after it started drops
+            # its handlers): reap it here rather than hold its slot in the pool forever.
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(self.process.pid, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG: no wait
         SPAWNED.discard(self.process.pid)
 
 
