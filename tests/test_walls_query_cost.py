@@ -32,6 +32,8 @@ from server.settings import Settings
 from tests.conftest import GraphQLClient
 from tests.fixtures.commands import FINAL, run, wait_status
 from tests.fixtures.servers import LiveServer, running_server
+from tests.test_dataloaders import NESTED
+from tests.test_graphql_api import SNAPSHOT
 
 MESH = 30  # profiles, and proxies; every profile linked to every proxy
 
@@ -48,30 +50,9 @@ def walk(levels: int, leaf: str = "id") -> str:
 # Depth 12 is the default limit: profiles > edges > node > 8 lists > id is 12 levels.
 AMPLIFICATION = walk(8)
 
-# What the tests and the panel ask for: every object and relation (tests/test_graphql_api.py)
-SNAPSHOT = """{
-  profiles { totalCount nodes { id name userDataDir viewportWidth updatedAt
-    services { service { name } hasToken tokenPreview } proxies { name } defaultProxy { name } } }
-  services { totalCount nodes { id name envVar kind baseUrl hasToken tokenPreview updatedAt } }
-  proxies { totalCount nodes { id name protocol host port hasCredentials settings updatedAt
-    via { name } } }
-  commandTemplates { totalCount nodes { id name template timeoutSeconds maxAttempts updatedAt
-    parameters { name type default } } }
-}"""
-# tests/test_dataloaders.py's query: 500 profiles with their services and proxies
-NESTED = """
-query($first: Int) {
-  profiles(first: $first) {
-    totalCount
-    edges { node {
-      name userDataDir
-      services { hasToken tokenPreview service { name envVar hasToken usage { remaining } } }
-      proxies { name protocol via { name health { ok } } }
-      defaultProxy { name }
-    } }
-  }
-}
-"""
+# What the tests and the panel ask for (SNAPSHOT: every object and relation), and
+# 500 profiles with their services and proxies (NESTED) come from those tests' files.
+
 TWO_LEVELS = """query($n: Int) { profiles(first: $n) { nodes { name proxies { name
   profiles { name } } } } }"""
 
