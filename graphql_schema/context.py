@@ -14,6 +14,8 @@ from starlette.requests import HTTPConnection
 from strawberry.types import Info as StrawberryInfo
 
 from runner.renderpool import RenderPool
+from server.access import PRINCIPAL_SCOPE_KEY
+from server.auth import Principal, TokenHasher
 from server.broker import SECRETS_TOPIC, Broker
 from server.errors import ErrorCode, InvalidInput, UserError
 from server.known_secrets import take_secrets_changed
@@ -35,6 +37,7 @@ class AppServices:
     sessionmaker: async_sessionmaker[AsyncSession]
     secret_box: SecretBox
     render_pool: RenderPool
+    token_hasher: TokenHasher
     broker: Broker = field(default_factory=Broker)
     metrics: Metrics = field(default_factory=Metrics)
     subscriber_limits: SubscriberLimits = field(init=False)
@@ -79,6 +82,7 @@ class Context:
     response: Any = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _session: AsyncSession | None = None
+    _principal: Principal | None = None
     _loaders: Loaders | None = None
     _closed: bool = False
 
@@ -89,6 +93,18 @@ class Context:
     @property
     def secret_box(self) -> SecretBox:
         return self.app.secret_box
+
+    @property
+    def principal(self) -> Principal | None:
+        """Who this request acts as (None only before a WebSocket's connection_init)."""
+        if self._principal is not None:
+            return self._principal
+        scope = getattr(self.request, "scope", None)
+        return None if scope is None else scope.get(PRINCIPAL_SCOPE_KEY)
+
+    @principal.setter
+    def principal(self, value: Principal | None) -> None:
+        self._principal = value
 
     @property
     def broker(self) -> Broker:

@@ -7,11 +7,14 @@ import logging
 import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, select, text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route, WebSocketRoute
@@ -23,6 +26,8 @@ from graphql_schema.schema import build_schema
 from runner.renderpool import RenderPool
 from runner.supervisor import Supervisor
 from server import migrate
+from server.access import AccessControl, Authenticator
+from server.auth import SessionPolicy, TokenHasher, load_token_hasher
 from server.broker import Broker
 from server.db import create_engine, create_sessionmaker
 from server.graphql_http import StrictGraphQL
@@ -55,6 +60,27 @@ async def prepare_database(settings: Settings, engine: AsyncEngine) -> SecretBox
         await verify_secret_box(session, box)
         await session.commit()
     return box
+
+
+async def prepare_access(engine: AsyncEngine, box: SecretBox) -> TokenHasher:
+    """The installation's token key (made on first start; two starting at once agree)."""
+    for _ in range(3):
+        async with create_sessionmaker(engine)() as session:
+            try:
+                hasher = await load_token_hasher(session, box)
+                await session.commit()
+                return hasher
+            except IntegrityError:  # another process made it a moment ago: read theirs
+                await session.rollback()
+    raise StartupError("cannot store the API token key in the database")
+
+
+def authenticator(services: AppServices) -> Authenticator:
+    policy = SessionPolicy(
+        idle=timedelta(seconds=services.settings.session_idle_seconds),
+        absolute=timedelta(seconds=services.settings.session_max_seconds),
+    )
+    return Authenticator(services.sessionmaker, services.token_hasher, policy)
 
 
 async def run_standalone_runner(settings: Settings) -> None:
@@ -136,12 +162,14 @@ def create_app(settings: Settings) -> Starlette:
                 sessionmaker=create_sessionmaker(engine),
                 secret_box=box,
                 render_pool=render_pool,
+                token_hasher=await prepare_access(engine, box),
                 broker=Broker(settings.subscriber_buffer_bytes),
                 metrics=metrics,
             )
             metrics.watch_status_counts(lambda: services.metrics.status_counts)
             app.state.engine = engine
             app.state.services = services
+            app.state.authenticator = authenticator(services)
             if settings.embedded_runner:
                 supervisor = Supervisor(
                     settings, services.sessionmaker, box, services.broker, metrics, render_pool
@@ -164,4 +192,8 @@ def create_app(settings: Settings) -> Starlette:
         WebSocketRoute("/graphql", graphql),
         Route("/api/commands/{command_id}/logs/stream", stream_command_logs),
     ]
-    return Starlette(routes=routes, lifespan=lifespan, middleware=request_walls(settings))
+    middleware = [
+        *request_walls(settings),
+        Middleware(AccessControl, metrics_allow=settings.metrics_allow),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan, middleware=middleware)

@@ -17,6 +17,8 @@ class ErrorCode(enum.StrEnum):
     NOT_FOUND = "NOT_FOUND"
     CHAIN_LOOP = "CHAIN_LOOP"
     IN_USE = "IN_USE"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    FORBIDDEN = "FORBIDDEN"
 
 
 @dataclass(frozen=True)

@@ -382,3 +382,81 @@ class ServiceUsage(Base):
     reset_at: Mapped[datetime | None]
     token_valid: Mapped[bool | None]
     observed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Role(enum.StrEnum):
+    """What a user or an API token may do: `admin` everything; `viewer` reads all but
+    secrets and changes nothing."""
+
+    ADMIN = "admin"
+    VIEWER = "viewer"
+
+
+class User(Base):
+    """An admin or viewer of the panel and the API, with an argon2id password hash."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_MAX), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    role: Mapped[str] = mapped_column(String(16), default=Role.ADMIN.value)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    last_login_at: Mapped[datetime | None]
+
+
+class UserSession(Base):
+    """A panel login: the cookie carries a random id (signed); only its hash is stored, so
+    a database dump logs nobody in. Deleted at logout, password change and user deletion."""
+
+    __tablename__ = "user_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
+    client_address: Mapped[str | None] = mapped_column(String(64))
+
+
+class ApiToken(Base):
+    """A bearer token for GraphQL clients, SSE and scripts (`crl_...`): shown once, stored
+    as a keyed hash."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(NAME_MAX))
+    role: Mapped[str] = mapped_column(String(16), default=Role.VIEWER.value)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    preview: Mapped[str] = mapped_column(String(32))
+    created_by: Mapped[str | None] = mapped_column(String(NAME_MAX))
+    user_id: Mapped[int | None] = mapped_column(
+        ForeignKey("users.id", ondelete="SET NULL"), index=True
+    )
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    expires_at: Mapped[datetime | None]
+    last_used_at: Mapped[datetime | None]
+    revoked_at: Mapped[datetime | None]
+
+
+class AuditEvent(Base):
+    """One mutation or login: who (and through which token or session), what, on which
+    object, when, with what outcome, from where. Appended only; never a secret's value."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    actor: Mapped[str | None] = mapped_column(String(NAME_MAX), index=True)
+    actor_kind: Mapped[str] = mapped_column(String(16))  # user, token, cli, system, anonymous
+    token_id: Mapped[int | None]
+    session_id: Mapped[int | None]
+    action: Mapped[str] = mapped_column(String(64))
+    object_type: Mapped[str | None] = mapped_column(String(64))
+    object_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    outcome: Mapped[str] = mapped_column(String(16))  # ok, error, denied
+    detail: Mapped[dict[str, Any] | None]
+    client_address: Mapped[str | None] = mapped_column(String(64))

@@ -228,6 +228,31 @@ class Settings(BaseSettings):
         "command's output (changes made through this process's API apply at once).",
     )
 
+    session_idle_seconds: float = Field(
+        default=8 * 3600,
+        gt=0,
+        description="A panel login ends after this long without a request.",
+    )
+    session_max_seconds: float = Field(
+        default=24 * 3600,
+        gt=0,
+        description="A panel login ends this long after it began, used or not.",
+    )
+    login_max_failures: int = Field(
+        default=5,
+        ge=1,
+        description="Bad passwords allowed per user name and per client address within "
+        "CORRAL_LOGIN_WINDOW_SECONDS; the next attempt is refused without checking it.",
+    )
+    login_window_seconds: float = Field(
+        default=60.0, gt=0, description="The window CORRAL_LOGIN_MAX_FAILURES counts in."
+    )
+    metrics_allow: list[str] = Field(
+        default_factory=list,
+        description='Client addresses or networks (JSON list, e.g. `["127.0.0.1", '
+        '"10.0.0.0/8"]`) that may read /metrics without an API token.',
+    )
+
     @field_validator("log_level")
     @classmethod
     def _known_level(cls, value: str) -> str:

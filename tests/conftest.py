@@ -27,6 +27,7 @@ from starlette.applications import Starlette
 
 from server import migrate
 from server.app import create_app
+from server.auth import create_api_token
 from server.db import create_engine
 from server.models import Base
 from server.secretbox import generate_key
@@ -149,18 +150,42 @@ def settings(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Se
     return Settings(data_dir=data_dir, database_url=url, secret_key=TEST_KEY)
 
 
+async def issue_api_token(app: Starlette, role: str = "admin", name: str = "tests") -> str:
+    """A new API token's plaintext, made as `corral token create` makes one."""
+    services = app.state.services
+    async with services.sessionmaker() as session:
+        _token, plaintext = await create_api_token(
+            session, services.token_hasher, name=name, role=role
+        )
+        await session.commit()
+    return plaintext
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
 @pytest.fixture
 async def app(settings: Settings) -> AsyncIterator[Starlette]:
-    """The app with its lifespan running."""
+    """The app with its lifespan running; `app.state.admin_token` is an admin API token."""
     application = create_app(settings)
     async with application.router.lifespan_context(application):
+        application.state.admin_token = await issue_api_token(application)
         yield application
+
+
+def admin_headers(app: Starlette) -> dict[str, str]:
+    """Headers that authenticate as the `app` fixture's admin token."""
+    return bearer(app.state.admin_token)
 
 
 @pytest.fixture
 async def client(app: Starlette) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client of the app, authenticated with an admin API token."""
     transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
+    async with httpx.AsyncClient(
+        transport=transport, base_url="http://localhost", headers=admin_headers(app)
+    ) as http:
         yield http
 
 

@@ -1,0 +1,187 @@
+"""Nobody in without credentials: an ASGI middleware that finds who a request acts as (an
+API token in `Authorization: Bearer`, or a panel session cookie) and turns away requests
+for anything but the open routes without one.
+
+What a principal may do once in (roles) is decided in the domain/GraphQL layer; this only
+decides who it is. A WebSocket's credentials may also come in graphql-transport-ws's
+`connection_init` payload, so a WebSocket passes with whatever the handshake carried and
+its handler decides (closing 4401/4403).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+from itsdangerous import BadSignature, Signer
+from starlette.datastructures import Headers
+from starlette.requests import cookie_parser
+from starlette.responses import PlainTextResponse, RedirectResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from server.auth import (
+    Principal,
+    SessionPolicy,
+    TokenHasher,
+    authenticate_token,
+    resolve_session,
+)
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+log = logging.getLogger("corral.access")
+
+PRINCIPAL_SCOPE_KEY = "corral.principal"
+SESSION_COOKIE = "corral_session"
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/login"})
+OPEN_PREFIXES = ("/static/",)
+METRICS_PATH = "/metrics"
+
+
+def principal_of(scope: Scope) -> Principal | None:
+    """Who the request acts as (set by AccessControl), or None."""
+    principal: Principal | None = scope.get(PRINCIPAL_SCOPE_KEY)
+    return principal
+
+
+def session_signer(hasher: TokenHasher) -> Signer:
+    """Signs the session cookie (itsdangerous): a tampered or forged cookie is refused
+    before any database lookup."""
+    return Signer(hasher.derive("corral session cookie"), salt="corral.session")
+
+
+def bearer_token(headers: Headers) -> str | None:
+    """The token of an `Authorization: Bearer ...` header ('' when malformed), None when
+    there is no such header."""
+    value = headers.get("authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
+
+
+class Authenticator:
+    """Resolves credentials to a principal against the database."""
+
+    def __init__(
+        self,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        hasher: TokenHasher,
+        policy: SessionPolicy,
+    ) -> None:
+        self.sessionmaker = sessionmaker
+        self.hasher = hasher
+        self.policy = policy
+        self.signer = session_signer(hasher)
+
+    async def from_token(self, token: str) -> Principal | None:
+        async with self.sessionmaker() as session:
+            principal = await authenticate_token(session, self.hasher, token)
+            await session.commit()
+        return principal
+
+    async def from_cookie(self, cookie: str) -> Principal | None:
+        try:
+            raw_id = self.signer.unsign(cookie).decode()
+        except (BadSignature, UnicodeDecodeError):
+            return None
+        async with self.sessionmaker() as session:
+            principal = await resolve_session(session, self.hasher, raw_id, self.policy)
+            await session.commit()
+        return principal
+
+    def cookie_value(self, raw_id: str) -> str:
+        """What the session cookie holds for a session id: the id, signed."""
+        return self.signer.sign(raw_id).decode()
+
+    async def from_headers(self, headers: Headers) -> tuple[Principal | None, bool]:
+        """(principal, whether credentials were offered but refused)."""
+        token = bearer_token(headers)
+        if token is not None:
+            principal = await self.from_token(token) if token else None
+            return principal, principal is None
+        cookie = cookie_parser(headers.get("cookie", "")).get(SESSION_COOKIE)
+        if cookie:
+            principal = await self.from_cookie(cookie)
+            return principal, False  # a stale cookie is like none: log in again
+        return None, False
+
+
+def _networks(addresses: Iterable[str]) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    return [ipaddress.ip_network(address.strip(), strict=False) for address in addresses]
+
+
+def _address_in(address: str | None, networks: list[Any]) -> bool:
+    if address is None or not networks:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)
+
+
+def is_open_path(path: str) -> bool:
+    """Routes anyone may reach: health, readiness, the login page, static assets."""
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+
+def wants_html(scope: Scope, headers: Headers) -> bool:
+    """A browser navigating (to be sent to the login page rather than given a 401)."""
+    return scope["method"] in ("GET", "HEAD") and "text/html" in headers.get("accept", "")
+
+
+def unauthorised(scope: Scope, headers: Headers, refused: bool) -> Response:
+    """401 for API clients (a GraphQL-shaped body on /graphql), a redirect for browsers."""
+    if not refused and wants_html(scope, headers):
+        target = scope["path"] + (
+            f"?{scope['query_string'].decode()}" if scope["query_string"] else ""
+        )
+        return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
+    reason = (
+        "the API token is invalid, revoked or expired"
+        if refused
+        else "authentication required: send `Authorization: Bearer crl_...` (an API token) "
+        "or log in"
+    )
+    challenge = {"WWW-Authenticate": 'Bearer realm="corral"'}
+    if scope["path"] == "/graphql":
+        body = json.dumps(
+            {"errors": [{"message": reason, "extensions": {"code": "UNAUTHENTICATED"}}]}
+        )
+        return Response(body, 401, challenge, media_type="application/json")
+    return PlainTextResponse(reason, 401, challenge)
+
+
+class AccessControl:
+    """Pure ASGI (streams and WebSockets pass through untouched once let in)."""
+
+    def __init__(self, app: ASGIApp, metrics_allow: Iterable[str] = ()) -> None:
+        self.app = app
+        self.metrics_networks = _networks(metrics_allow)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        authenticator: Authenticator | None = getattr(scope["app"].state, "authenticator", None)
+        headers = Headers(scope=scope)
+        principal, refused = (None, False)
+        if authenticator is not None:
+            principal, refused = await authenticator.from_headers(headers)
+        scope[PRINCIPAL_SCOPE_KEY] = principal
+        if scope["type"] == "websocket" or is_open_path(scope["path"]) or principal is not None:
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] == METRICS_PATH and not refused:
+            client = scope.get("client")
+            if _address_in(client[0] if client else None, self.metrics_networks):
+                await self.app(scope, receive, send)
+                return
+        log.info("unauthenticated request to %s refused", scope["path"])
+        await unauthorised(scope, headers, refused)(scope, receive, send)
