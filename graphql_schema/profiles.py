@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from graphql_schema.context import Info
 from graphql_schema.limits import CountedList
 from graphql_schema.mutation import perform, provided
+from graphql_schema.permissions import secret_field
 from graphql_schema.relay import (
     Connection,
     DeletePayload,
@@ -39,7 +40,7 @@ CommandRef = Annotated["Command", strawberry.lazy("graphql_schema.commands")]
 class ProfileServiceLink:
     service: ServiceRef
     has_token: bool = strawberry.field(description="Whether the profile has its own token.")
-    token_preview: str | None = strawberry.field(description="e.g. `ghp_…a1b2`; never the token.")
+    token_preview: str | None = secret_field("e.g. `ghp_…a1b2`; never the token.")
     created_at: datetime
 
 

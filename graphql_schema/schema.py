@@ -16,6 +16,7 @@ from strawberry.extensions import (
 from strawberry.schema.config import StrawberryConfig
 from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
 
+from graphql_schema.access import AccessMutations, ApiToken, Me, resolve_api_tokens, resolve_me
 from graphql_schema.commands import (
     LOG_PAGE_MAX,
     Command,
@@ -29,6 +30,7 @@ from graphql_schema.context import Info
 from graphql_schema.cost import CostModel, ListBound
 from graphql_schema.errors import CorralSchema, is_unexpected
 from graphql_schema.limits import Limits, QueryLimits
+from graphql_schema.permissions import RoleGuard
 from graphql_schema.profiles import Profile, ProfileMutations, resolve_profiles
 from graphql_schema.proxies import (
     Proxy,
@@ -55,6 +57,12 @@ async def _load_node(info: Info, type_name: str, pk: int) -> Node | None:
         "Proxy": (loaders.proxy, Proxy.from_row),
         "CommandTemplate": (loaders.template, CommandTemplate.from_row),
     }
+    if type_name == "ApiToken":
+        async with info.context.reading() as session:
+            from server.models import ApiToken as ApiTokenRow
+
+            token = await session.get(ApiTokenRow, pk)
+        return None if token is None else ApiToken.from_row(token)
     if type_name == "Command":
         async with info.context.reading() as session:
             from server.models import Command as CommandRow
@@ -83,6 +91,8 @@ class Query:
     )
     commands: Connection[Command] = strawberry.field(resolver=resolve_commands)
     compose_command: ComposedCommand = strawberry.field(resolver=resolve_compose_command)
+    me: Me = strawberry.field(resolver=resolve_me)
+    api_tokens: Connection[ApiToken] = strawberry.field(resolver=resolve_api_tokens)
 
 
 @strawberry.type
@@ -93,6 +103,7 @@ class Mutation(
     ProxyImportMutations,
     CommandTemplateMutations,
     CommandMutations,
+    AccessMutations,
 ):
     pass
 
@@ -143,12 +154,14 @@ def build_schema(settings: Settings | None = None) -> strawberry.Schema:
         query=Query,
         mutation=Mutation,
         subscription=Subscription,
-        types=[Profile, Service, Proxy, CommandTemplate, Command],
+        types=[Profile, Service, Proxy, CommandTemplate, Command, ApiToken],
         extensions=[
             lambda: AddValidationRules(rules),
             lambda: MaskErrors(should_mask_error=is_unexpected),
             # QueryLimits also parses (with a cache), after checking the query's size.
             lambda: QueryLimits(limits),
+            # After the limits (a refused query never gets this far); before any resolver.
+            RoleGuard,
             lambda: ValidationCache(maxsize=256),
         ],
         config=StrawberryConfig(),

@@ -13,6 +13,7 @@ from strawberry.scalars import JSON
 from graphql_schema.context import Info
 from graphql_schema.limits import CountedList
 from graphql_schema.mutation import perform, provided
+from graphql_schema.permissions import secret_field
 from graphql_schema.relay import (
     Connection,
     DeletePayload,
@@ -49,7 +50,7 @@ class Service(Node):
     base_url: str | None
     env_var: str = strawberry.field(description="The variable a child receives the token in.")
     has_token: bool = strawberry.field(description="Whether a shared token is set.")
-    token_preview: str | None = strawberry.field(description="e.g. `ghp_…a1b2`; never the token.")
+    token_preview: str | None = secret_field("e.g. `ghp_…a1b2`; never the token.")
     settings: JSON
     rate_limit_policy: JSON
     created_at: datetime

@@ -10,7 +10,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 from argon2 import PasswordHasher
@@ -224,6 +224,8 @@ async def create_api_token(
     token_role = check_role(str(role))
     if created_by is not None and token_role is Role.ADMIN and not created_by.is_admin:
         raise InvalidInput.one("role", "a viewer cannot make an admin token.", ErrorCode.FORBIDDEN)
+    if expires_at is not None and expires_at.tzinfo is None:
+        expires_at = expires_at.replace(tzinfo=UTC)  # a time without a zone is taken as UTC
     if expires_at is not None and expires_at <= utcnow():
         raise InvalidInput.one("expiresAt", "must be in the future.", ErrorCode.OUT_OF_RANGE)
     plaintext = TOKEN_PREFIX + secrets.token_urlsafe(32)
@@ -239,6 +241,17 @@ async def create_api_token(
     session.add(token)
     await session.flush()
     return token, plaintext
+
+
+def token_is_active(token: ApiToken, now: datetime | None = None) -> bool:
+    """Whether the token still authenticates (not revoked, not expired)."""
+    now = now or utcnow()
+    return token.revoked_at is None and (token.expires_at is None or token.expires_at > now)
+
+
+async def list_api_tokens(session: AsyncSession) -> list[ApiToken]:
+    """Every API token (revoked and expired ones too), oldest first."""
+    return list(await session.scalars(select(ApiToken).order_by(ApiToken.id)))
 
 
 async def revoke_api_token(session: AsyncSession, token_id: int) -> ApiToken:
@@ -262,9 +275,7 @@ async def authenticate_token(
         select(ApiToken).where(ApiToken.token_hash == hasher.digest(plaintext))
     )
     now = utcnow()
-    if token is None or token.revoked_at is not None:
-        return None
-    if token.expires_at is not None and token.expires_at <= now:
+    if token is None or not token_is_active(token, now):
         return None
     if token.last_used_at is None or now - token.last_used_at >= TOUCH_EVERY:
         token.last_used_at = now

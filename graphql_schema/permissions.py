@@ -1,0 +1,140 @@
+"""Roles, enforced once, here: what a principal may do once it is in.
+
+`admin` may do everything. `viewer` reads everything but secrets and changes nothing:
+- every mutation is refused by `RoleGuard`, a schema extension that sees the operation's
+  type before anything runs (a new Mutation field is covered without doing anything);
+- every field that shows something of a secret is declared with `secret_field`, whose
+  extension refuses it to anyone but an admin.
+Without a principal (an in-process caller that passed none) nothing is allowed: a missing
+principal is never an admin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+import strawberry
+from graphql import GraphQLError, OperationDefinitionNode
+from graphql.language import FieldNode
+from strawberry.extensions import FieldExtension, SchemaExtension
+from strawberry.types.base import StrawberryObjectDefinition
+from strawberry.types.graphql import OperationType
+
+from server.auth import Principal
+
+# Mutations a viewer may run (default: none). The login branch's own logout would go here.
+VIEWER_MUTATIONS: frozenset[str] = frozenset()
+
+
+def unauthenticated_error() -> GraphQLError:
+    return GraphQLError(
+        "authentication required: send an API token or log in",
+        extensions={"code": "UNAUTHENTICATED"},
+    )
+
+
+def forbidden_error(principal: Principal, what: str) -> GraphQLError:
+    return GraphQLError(
+        f"forbidden: the {principal.role.value} role may not {what} (admins only)",
+        extensions={"code": "FORBIDDEN"},
+    )
+
+
+def require_admin(principal: Principal | None, what: str) -> Principal:
+    """The principal when it is an admin; otherwise the GraphQL error that refuses `what`."""
+    if principal is None:
+        raise unauthenticated_error()
+    if not principal.is_admin:
+        raise forbidden_error(principal, what)
+    return principal
+
+
+def require_principal(principal: Principal | None) -> Principal:
+    """The principal, or the UNAUTHENTICATED error."""
+    if principal is None:
+        raise unauthenticated_error()
+    return principal
+
+
+def _root_fields(operation: OperationDefinitionNode) -> list[str] | None:
+    """The names of an operation's top-level fields; None when it selects through a
+    fragment (then it is judged as a whole)."""
+    names = []
+    for selection in operation.selection_set.selections:
+        if not isinstance(selection, FieldNode):
+            return None
+        names.append(selection.name.value)
+    return names
+
+
+def viewer_may_run(operation: OperationDefinitionNode) -> bool:
+    names = _root_fields(operation)
+    return names is not None and all(name in VIEWER_MUTATIONS for name in names)
+
+
+class RoleGuard(SchemaExtension):
+    """Refuses a mutation (over HTTP or a WebSocket) to anyone but an admin, before any
+    field resolves: no partial effect."""
+
+    def on_execute(self) -> Iterator[None]:
+        context = self.execution_context
+        if context.operation_type == OperationType.MUTATION:
+            principal: Principal | None = getattr(context.context, "principal", None)
+            if principal is None:
+                raise unauthenticated_error()
+            if not principal.is_admin and not self._viewer_may_run():
+                raise forbidden_error(principal, "run mutations: it reads only")
+        yield
+
+    def _viewer_may_run(self) -> bool:
+        document = self.execution_context.graphql_document
+        if document is None:
+            return False
+        name = self.execution_context.operation_name
+        operations = [
+            node
+            for node in document.definitions
+            if isinstance(node, OperationDefinitionNode)
+            and (name is None or (node.name is not None and node.name.value == name))
+        ]
+        return len(operations) == 1 and viewer_may_run(operations[0])
+
+
+class SecretField(FieldExtension):
+    """Refuses the field to anyone but an admin (a FORBIDDEN error on that field)."""
+
+    def resolve(self, next_: Callable[..., Any], source: Any, info: Any, **kwargs: Any) -> Any:
+        _require_admin_for(info)
+        return next_(source, info, **kwargs)
+
+    async def resolve_async(
+        self, next_: Callable[..., Awaitable[Any]], source: Any, info: Any, **kwargs: Any
+    ) -> Any:
+        _require_admin_for(info)
+        return await next_(source, info, **kwargs)
+
+
+def _require_admin_for(info: Any) -> None:
+    require_admin(info.context.principal, f"read {info.path.typename}.{info.field_name}")
+
+
+def secret_field(description: str) -> Any:
+    """A field that shows something of a secret (a preview): admins only."""
+    return strawberry.field(
+        description=f"{description} Admins only (FORBIDDEN for a viewer).",
+        extensions=[SecretField()],
+    )
+
+
+def secret_fields(schema: strawberry.Schema) -> set[tuple[str, str]]:
+    """(type, field) of every field declared with `secret_field`, by their GraphQL names."""
+    found = set()
+    for type_ in schema.schema_converter.type_map.values():
+        definition = type_.definition
+        if not isinstance(definition, StrawberryObjectDefinition):
+            continue
+        for field in definition.fields:
+            if any(isinstance(extension, SecretField) for extension in field.extensions):
+                found.add((definition.name, schema.config.name_converter.get_graphql_name(field)))
+    return found
