@@ -359,7 +359,7 @@ async def _load_command(info: Info, pk: int) -> models.Command | None:
 
 def _admit_subscriber(info: Info) -> str:
     """Count one more live subscriber of this client (an error past the limits); its key."""
-    client = client_key(info.context.request)
+    client = client_key(info.context.request, info.context.principal)
     try:
         info.context.app.subscriber_limits.acquire(client)
     except TooManySubscribers as exc:

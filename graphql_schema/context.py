@@ -59,9 +59,17 @@ class RequestFinished(RuntimeError):
     """The request's session was asked for after the request ended."""
 
 
-def client_key(connection: HTTPConnection | None) -> str:
-    """Who a subscriber counts against: the client's address for now (behind a reverse
-    proxy, run uvicorn with --proxy-headers); an API token's id once requests carry one."""
+def client_key(connection: HTTPConnection | None, principal: Principal | None = None) -> str:
+    """Who a subscriber counts against: its credential (the API token, else the user) when
+    it has one, whatever address it comes from (`principal`, else the one the request's
+    scope carries); the client's address otherwise (behind a reverse proxy, run uvicorn
+    with --proxy-headers)."""
+    if principal is None and connection is not None:
+        principal = connection.scope.get(PRINCIPAL_SCOPE_KEY)
+    if principal is not None and principal.token_id is not None:
+        return f"token:{principal.token_id}"
+    if principal is not None and principal.user_id is not None:
+        return f"user:{principal.user_id}"
     client = None if connection is None else connection.client
     return f"address:{client.host if client is not None else 'unknown'}"
 
