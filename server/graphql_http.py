@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
+from urllib.parse import urlsplit
 
 from cross_web import AsyncHTTPRequestAdapter, HTTPException
+from starlette.datastructures import Headers
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import MissingQueryError
 from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOperationTypeError
@@ -21,11 +23,17 @@ from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
     BaseGraphQLTransportWSHandler,
 )
-from strawberry.subscriptions.protocols.graphql_transport_ws.types import Message
+from strawberry.subscriptions.protocols.graphql_transport_ws.types import (
+    ConnectionInitMessage,
+    Message,
+    SubscribeMessage,
+)
 from strawberry.types import ExecutionResult
 from strawberry.types.graphql import OperationType
 
 from graphql_schema.context import Context
+from server.access import Authenticator, bearer_token, principal_of
+from server.auth import Principal
 
 # Deepest JSON a request may carry (variables included). GraphQL inputs nest a few levels;
 # a deeper value only serves to exhaust the stack of whatever walks it later.
@@ -33,6 +41,9 @@ JSON_MAX_DEPTH = 64
 # graphql-transport-ws operation ids are client-chosen keys we keep for the connection.
 WS_ID_MAX = 256
 _JSON_KINDS = {str: "a string", int: "a number", float: "a number", bool: "a boolean"}
+# graphql-transport-ws closes: no or bad credentials; credentials that may not connect.
+WS_UNAUTHORIZED = 4401
+WS_FORBIDDEN = 4403
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -99,9 +110,41 @@ def _invalid_ws_message(message: object) -> str | None:
     return None
 
 
+def connection_init_token(payload: dict[str, Any]) -> str | None:
+    """The API token of a connection_init payload's `authorization` ("Bearer crl_..."),
+    '' when it is malformed, None when there is none."""
+    value = payload.get("authorization", payload.get("Authorization"))
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        return ""
+    return bearer_token(Headers({"authorization": value}))
+
+
+def foreign_origin(headers: Headers) -> bool:
+    """A browser's handshake from another site (its Origin is not this Host): a session
+    cookie it carries was not sent by our own pages (cross-site WebSocket hijacking)."""
+    origin = headers.get("origin")
+    if origin is None:  # not a browser
+        return False
+    return urlsplit(origin).netloc.lower() != headers.get("host", "").lower()
+
+
+Recheck = Callable[[], Awaitable[Principal | None]]
+
+
 class StrictTransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
     """graphql-transport-ws, with every message's shape checked before Strawberry reads it:
-    a malformed one closes the socket with 4400 and the reason (the protocol's answer)."""
+    a malformed one closes the socket with 4400 and the reason (the protocol's answer).
+
+    Authenticated at `connection_init`: by the payload's `authorization` ("Bearer crl_..."),
+    else by what the handshake carried (the session cookie, or an Authorization header);
+    none or a bad one closes 4401, a session cookie sent from another site's page 4403.
+    The credential is checked again at every `subscribe` (a token revoked since closes the
+    connection 4401 then); its principal is the context's for the connection's operations.
+    """
+
+    _recheck: Recheck | None = None
 
     async def handle_message(self, message: Message) -> None:
         problem = _invalid_ws_message(message)
@@ -109,6 +152,65 @@ class StrictTransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
             await self.handle_invalid_message(problem)
             return
         await super().handle_message(message)
+
+    async def handle_connection_init(self, message: ConnectionInitMessage) -> None:
+        payload = message.get("payload", {})
+        first = not (self.connection_init_received or self.connection_timed_out)
+        if first and isinstance(payload, dict):  # else Strawberry closes 4400 / 4429
+            code = await self._authenticate(payload)
+            if code is not None:
+                self.connection_init_received = True
+                if self.connection_init_timeout_task:
+                    self.connection_init_timeout_task.cancel()
+                reason = "Unauthorized" if code == WS_UNAUTHORIZED else "Forbidden"
+                await self.websocket.close(code=code, reason=reason)
+                return
+        await super().handle_connection_init(message)
+
+    async def handle_subscribe(self, message: SubscribeMessage) -> None:
+        if self.connection_acknowledged and self._recheck is not None:
+            principal = await self._recheck()
+            if principal is None:
+                await self.websocket.close(code=WS_UNAUTHORIZED, reason="Unauthorized")
+                return
+            self.context.principal = principal
+        await super().handle_subscribe(message)
+
+    async def _authenticate(self, payload: dict[str, Any]) -> int | None:
+        """Set the context's principal; the close code when the connection is refused."""
+        request = self.context.request
+        authenticator: Authenticator | None = getattr(request.app.state, "authenticator", None)
+        if authenticator is None:
+            return WS_UNAUTHORIZED
+        token = connection_init_token(payload)
+        headers = Headers(scope=request.scope)
+        if token is not None:
+            self._recheck = self._token_check(authenticator, token)
+        else:
+            principal = principal_of(request.scope)
+            if principal is not None and principal.kind == "user" and foreign_origin(headers):
+                return WS_FORBIDDEN
+            self._recheck = self._handshake_check(authenticator, headers)
+        principal = await self._recheck()
+        if principal is None:
+            return WS_UNAUTHORIZED
+        self.context.principal = principal
+        return None
+
+    @staticmethod
+    def _token_check(authenticator: Authenticator, token: str) -> Recheck:
+        async def check() -> Principal | None:
+            return await authenticator.from_token(token) if token else None
+
+        return check
+
+    @staticmethod
+    def _handshake_check(authenticator: Authenticator, headers: Headers) -> Recheck:
+        async def check() -> Principal | None:
+            principal, _refused = await authenticator.from_headers(headers)
+            return principal
+
+        return check
 
 
 class StrictGraphQL(GraphQL[Context, None]):
