@@ -1,4 +1,4 @@
-"""The `corral` command: serve, migrate, genkey, schema."""
+"""The `corral` command: serve, migrate, genkey, schema, token."""
 
 from __future__ import annotations
 
@@ -7,18 +7,40 @@ import asyncio
 import gc
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime, timedelta
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from runner.sandbox import SandboxError
 from runner.supervisor import runner_sandbox
 from server import __version__, migrate
-from server.app import StartupError, create_app, prepare_database, run_standalone_runner
-from server.db import create_engine
+from server.app import (
+    StartupError,
+    create_app,
+    prepare_access,
+    prepare_database,
+    run_standalone_runner,
+)
+from server.auth import (
+    CLI,
+    TokenHasher,
+    create_api_token,
+    list_api_tokens,
+    revoke_api_token,
+    token_is_active,
+)
+from server.db import create_engine, create_sessionmaker
+from server.errors import InvalidInput
 from server.limits import uvicorn_limits
+from server.models import ApiToken, utcnow
 from server.secretbox import SecretKeyError, generate_key
 from server.settings import WILDCARD_ADDRESSES, Settings
+
+T = TypeVar("T")
+TokenWork = Callable[[AsyncSession, TokenHasher], Awaitable[T]]
 
 
 class CliError(Exception):
@@ -180,6 +202,134 @@ def cmd_schema(_args: argparse.Namespace) -> None:
     sys.stdout.write(schema_sdl())
 
 
+# --- corral token ----------------------------------------------------------------------
+
+TOKEN_DAYS_MAX = 3650
+
+
+def _token_days(text: str | None) -> timedelta | None:
+    if text is None:
+        return None
+    if not text.strip().isdigit() or not 1 <= int(text) <= TOKEN_DAYS_MAX:
+        raise CliError(f"--expires-in-days must be a whole number from 1 to {TOKEN_DAYS_MAX}")
+    return timedelta(days=int(text))
+
+
+def _token_pk(text: str) -> int:
+    """A token's id as `corral token list` shows it, or its GraphQL ID."""
+    from graphql_schema.relay import MAX_PK, decode_id
+
+    if text.isascii() and text.isdigit() and int(text) <= MAX_PK:
+        return int(text)
+    decoded = decode_id(text)
+    if decoded is None or decoded[0] != "ApiToken":
+        raise CliError("the token ID must be a number from `corral token list`")
+    return decoded[1]
+
+
+def _one_line(exc: InvalidInput) -> str:
+    return "; ".join(f"{'.'.join(e.field) or 'input'}: {e.message}" for e in exc.errors)
+
+
+async def _with_tokens(settings: Settings, work: TokenWork[T]) -> T:
+    """Run `work` in one committed transaction, with the installation's token hasher."""
+    engine = create_engine(settings)
+    try:
+        box = await prepare_database(settings, engine)
+        hasher = await prepare_access(engine, box)
+        async with create_sessionmaker(engine)() as session:
+            try:
+                result = await work(session, hasher)
+            except InvalidInput as exc:
+                raise CliError(_one_line(exc)) from exc
+            await session.commit()
+            return result
+    finally:
+        await engine.dispose()
+
+
+def cmd_token_create(args: argparse.Namespace) -> None:
+    settings = load_settings()
+    lifetime = _token_days(args.expires_in_days)
+    expires_at = None if lifetime is None else utcnow() + lifetime
+
+    async def work(session: AsyncSession, hasher: TokenHasher) -> tuple[ApiToken, str]:
+        return await create_api_token(
+            session, hasher, name=args.name, role=args.role, created_by=CLI, expires_at=expires_at
+        )
+
+    token, plaintext = asyncio.run(_with_tokens(settings, work))
+    print(plaintext, flush=True)  # alone on stdout: TOKEN=$(corral token create ...)
+    until = "never expires" if token.expires_at is None else f"expires {token.expires_at:%Y-%m-%d}"
+    print(
+        f"corral: API token {token.id} {token.name!r} ({token.role}, {until}) created; it is "
+        "printed above once and cannot be shown again. Send it as `Authorization: Bearer ...`.",
+        file=sys.stderr,
+    )
+
+
+def cmd_token_list(_args: argparse.Namespace) -> None:
+    settings = load_settings()
+
+    async def work(session: AsyncSession, _hasher: TokenHasher) -> list[ApiToken]:
+        return await list_api_tokens(session)
+
+    tokens = asyncio.run(_with_tokens(settings, work))
+    now = utcnow()
+    print("ID\tNAME\tROLE\tSTATE\tPREVIEW\tCREATED\tEXPIRES\tLAST USED")
+    for token in tokens:
+        state = (
+            "revoked"
+            if token.revoked_at is not None
+            else ("active" if token_is_active(token, now) else "expired")
+        )
+        print(
+            "\t".join(
+                (
+                    str(token.id),
+                    token.name,
+                    token.role,
+                    state,
+                    token.preview,
+                    _when(token.created_at),
+                    _when(token.expires_at),
+                    _when(token.last_used_at),
+                )
+            )
+        )
+
+
+def _when(moment: datetime | None) -> str:
+    return "-" if moment is None else f"{moment:%Y-%m-%d %H:%M}Z"
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> None:
+    settings = load_settings()
+    pk = _token_pk(args.id.strip())
+
+    async def work(session: AsyncSession, _hasher: TokenHasher) -> ApiToken:
+        return await revoke_api_token(session, pk)
+
+    token = asyncio.run(_with_tokens(settings, work))
+    print(f"API token {token.id} {token.name!r} is revoked: requests with it are refused")
+
+
+def _add_token_commands(commands: Any) -> None:
+    token = commands.add_parser("token", help="create, list and revoke API tokens")
+    actions = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    create = actions.add_parser("create", help="make a token; prints it (only it) on stdout, once")
+    create.add_argument("--name", required=True, help="what the token is for")
+    create.add_argument("--role", choices=("admin", "viewer"), default="viewer")
+    create.add_argument("--expires-in-days", metavar="D", help="stop working after D days")
+    create.set_defaults(func=cmd_token_create)
+    actions.add_parser("list", help="every token (never the token itself)").set_defaults(
+        func=cmd_token_list
+    )
+    revoke = actions.add_parser("revoke", help="revoke a token: its next request is refused")
+    revoke.add_argument("id", help="the token's ID (from `corral token list`)")
+    revoke.set_defaults(func=cmd_token_revoke)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="corral", description=__doc__)
     parser.add_argument("--version", action="version", version=f"corral {__version__}")
@@ -206,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("schema", help="print the GraphQL schema (SDL)").set_defaults(
         func=cmd_schema
     )
+    _add_token_commands(commands)
     return parser
 
 
