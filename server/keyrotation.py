@@ -59,17 +59,18 @@ class KeyRotationError(SecretKeyError):
 class SecretColumn:
     """Where one kind of secret is stored."""
 
-    kind: str  # plural, as the report names it
+    kind: str  # as the report names them
+    one: str  # and one of them
     table: str
     column: str
     only_keys: frozenset[str] = frozenset()  # rows whose primary key is one of these (or all)
 
 
 SECRET_COLUMNS = (
-    SecretColumn("service tokens", "services", "token_encrypted"),
-    SecretColumn("profile tokens", "profile_services", "token_encrypted"),
-    SecretColumn("proxy credentials", "proxies", "credentials_encrypted"),
-    SecretColumn("settings", "corral_meta", "value", only_keys=ENCRYPTED_META_KEYS),
+    SecretColumn("service tokens", "service token", "services", "token_encrypted"),
+    SecretColumn("profile tokens", "profile token", "profile_services", "token_encrypted"),
+    SecretColumn("proxy credentials", "proxy credentials", "proxies", "credentials_encrypted"),
+    SecretColumn("settings", "setting", "corral_meta", "value", only_keys=ENCRYPTED_META_KEYS),
 )
 
 
@@ -83,7 +84,9 @@ class RotationReport:
 
     def summary(self) -> str:
         """`re-encrypted 3 service tokens, 2 profile tokens, ...`."""
-        return "re-encrypted " + ", ".join(f"{n} {kind}" for kind, n in self.counts.items())
+        named = {spec.kind: spec.one for spec in SECRET_COLUMNS}
+        done = [f"{n} {named[kind] if n == 1 else kind}" for kind, n in self.counts.items()]
+        return "re-encrypted " + ", ".join(done)
 
     def lines(self) -> list[str]:
         """The report as the command prints it (never a key)."""
@@ -122,7 +125,7 @@ async def rotate_key(
 async def _rotate_key_file(
     settings: Settings, batch_size: int, on_batch: OnBatch | None
 ) -> RotationReport:
-    path = settings.secret_key_file
+    path = settings.secret_key_file.resolve()
     if not path.exists():
         raise KeyRotationError(
             f"there is no key to rotate: CORRAL_SECRET_KEY is unset and {path} does not exist"
@@ -173,7 +176,7 @@ async def _check_database(engine: AsyncEngine, box: SecretBox, settings: Setting
         except SecretKeyError as exc:
             if settings.secret_key is not None:
                 raise
-            path = settings.secret_key_file
+            path = settings.secret_key_file.resolve()
             raise KeyRotationError(
                 f"neither {path} nor {new_key_file(path)} holds the key this database's "
                 "secrets were encrypted with"

@@ -19,7 +19,7 @@ from sqlalchemy import select
 
 from server.cli import main
 from server.db import create_engine, create_sessionmaker
-from server.keyrotation import KeyRotationError, rotate_key
+from server.keyrotation import KeyRotationError, RotationReport, rotate_key
 from server.models import Meta, Profile, ProfileService, Proxy, Service
 from server.secretbox import CHECK_KEY, CHECK_PLAINTEXT, generate_key, load_secret_box
 from server.settings import Settings
@@ -165,6 +165,13 @@ async def test_rotation_puts_every_secret_under_the_first_key(settings: Settings
     await assert_only_under(settings, expected, NEW_KEY, TEST_KEY)
 
 
+def test_report_counts_read_naturally() -> None:
+    counts = {"service tokens": 1, "profile tokens": 0, "proxy credentials": 1, "settings": 1}
+    assert RotationReport(counts).summary() == (
+        "re-encrypted 1 service token, 0 profile tokens, 1 proxy credentials, 1 setting"
+    )
+
+
 async def test_interrupted_rotation_resumes(settings: Settings) -> None:
     expected = await seed(settings, TEST_KEY)
     ring = with_keys(settings, f"{NEW_KEY},{TEST_KEY}")
@@ -220,6 +227,16 @@ async def test_one_key_is_nothing_to_rotate_to(settings: Settings) -> None:
     before = await raw_secrets(settings)
     with pytest.raises(KeyRotationError, match=r"holds one key.*`corral genkey`"):
         await rotate_key(with_keys(settings, TEST_KEY))
+    assert await raw_secrets(settings) == before
+
+
+async def test_key_file_that_does_not_fit_changes_nothing(settings: Settings) -> None:
+    await seed(settings, TEST_KEY)
+    before = await raw_secrets(settings)
+    wrong = generate_key()
+    with pytest.raises(KeyRotationError, match=r"neither .*secret.key nor .*secret.key.new holds"):
+        await rotate_key(key_file_settings(settings, wrong))
+    assert settings.secret_key_file.read_text().strip() == wrong
     assert await raw_secrets(settings) == before
 
 
