@@ -1,4 +1,4 @@
-"""The `corral` command: serve, migrate, genkey, schema."""
+"""The `corral` command: serve, migrate, genkey, rotate-key, schema."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from runner.supervisor import runner_sandbox
 from server import __version__, migrate
 from server.app import StartupError, create_app, prepare_database, run_standalone_runner
 from server.db import create_engine
+from server.keyrotation import DEFAULT_BATCH_SIZE, rotate_key
 from server.limits import uvicorn_limits
 from server.secretbox import SecretKeyError, generate_key
 from server.settings import WILDCARD_ADDRESSES, Settings
@@ -174,6 +175,15 @@ def cmd_genkey(_args: argparse.Namespace) -> None:
     print(generate_key())
 
 
+def cmd_rotate_key(args: argparse.Namespace) -> None:
+    settings = load_settings()
+    if args.batch_size < 1:
+        raise CliError("--batch-size must be at least 1")
+    report = asyncio.run(rotate_key(settings, batch_size=args.batch_size))
+    for line in report.lines():
+        print(line)
+
+
 def cmd_schema(_args: argparse.Namespace) -> None:
     from graphql_schema.schema import schema_sdl
 
@@ -203,6 +213,16 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="check settings, database, migrations and secret key (as serve would)"
     ).set_defaults(func=cmd_check)
     commands.add_parser("genkey", help="print a new secret key").set_defaults(func=cmd_genkey)
+    rotate = commands.add_parser(
+        "rotate-key", help="re-encrypt every stored secret under a new key (stop serve first)"
+    )
+    rotate.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"secrets re-encrypted per transaction (default {DEFAULT_BATCH_SIZE})",
+    )
+    rotate.set_defaults(func=cmd_rotate_key)
     commands.add_parser("schema", help="print the GraphQL schema (SDL)").set_defaults(
         func=cmd_schema
     )
