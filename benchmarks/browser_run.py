@@ -50,9 +50,11 @@ from typing import Any
 
 from benchmarks.common import (
     FINAL_STATUSES,
+    auth_headers,
     backend_settings,
     decode_command_pk,
     graphql,
+    issue_admin_token,
     machine,
     observer_engine,
     percentiles,
@@ -676,6 +678,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                             transport=httpx.ASGITransport(app=app), base_url="http://localhost"
                         ) as http,
                     ):
+                        http.headers.update(auth_headers(await issue_admin_token(app)))
                         observer = observer_engine(settings)
                         try:
                             bench = Bench(

@@ -275,6 +275,28 @@ def server_log(workdir: Path, benchmark: str) -> Iterator[Path]:
         raise
 
 
+API_TOKEN: str | None = None  # an admin token of the app `serve` runs; clients send it
+
+
+async def issue_admin_token(app: Any) -> str:
+    """An admin API token of the running app, as `corral token create` makes one."""
+    from server.auth import create_api_token
+
+    services = app.state.services
+    async with services.sessionmaker() as session:
+        _token, plaintext = await create_api_token(
+            session, services.token_hasher, name="benchmark", role="admin"
+        )
+        await session.commit()
+    return plaintext
+
+
+def auth_headers(token: str | None = None) -> dict[str, str]:
+    """The Authorization header of `token` (default: the served app's)."""
+    token = token or API_TOKEN
+    return {} if token is None else {"Authorization": f"Bearer {token}"}
+
+
 @asynccontextmanager
 async def serve(app: Any) -> AsyncIterator[str]:
     """Run `app` with uvicorn in this process on a free 127.0.0.1 port; yields its base URL.
@@ -303,6 +325,8 @@ async def serve(app: Any) -> AsyncIterator[str]:
                 task.result()
                 raise RuntimeError("the server stopped during startup (see the server log)")
             await asyncio.sleep(0.02)
+        global API_TOKEN
+        API_TOKEN = await issue_admin_token(app)
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
@@ -363,6 +387,7 @@ class Worker:
 
     async def send(self, job: dict[str, Any]) -> None:
         assert self.process.stdin is not None
+        job = {"token": API_TOKEN, **job}
         self.process.stdin.write(json.dumps(job).encode() + b"\n")
         await self.process.stdin.drain()
 
@@ -415,7 +440,9 @@ def _sse_client(job: dict[str, Any]) -> dict[str, Any]:
     timeout = httpx.Timeout(job.get("timeout", 120.0), connect=10.0)
     with (
         httpx.Client(timeout=timeout) as client,
-        client.stream("GET", url, headers={"accept": "text/event-stream"}) as response,
+        client.stream(
+            "GET", url, headers={"accept": "text/event-stream", **auth_headers(job["token"])}
+        ) as response,
     ):
         _emit({"event": "connected", "status": response.status_code, "at": time.time()})
         if response.status_code != 200:
@@ -491,7 +518,9 @@ def _graphql_poster(job: dict[str, Any]) -> dict[str, Any]:
     latencies: list[float] = []
     ids: list[str] = []
     errors: list[Any] = []
-    with httpx.Client(base_url=job["url"], timeout=30.0) as client:
+    with httpx.Client(
+        base_url=job["url"], timeout=30.0, headers=auth_headers(job["token"])
+    ) as client:
         for command_input in job["inputs"]:
             body = {"query": job["query"], "variables": {"input": command_input}}
             started = time.perf_counter()

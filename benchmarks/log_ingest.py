@@ -37,6 +37,7 @@ from benchmarks.common import (
     CpuClock,
     Worker,
     asyncpg_dsn,
+    auth_headers,
     backend_settings,
     decode_command_pk,
     graphql,
@@ -388,7 +389,7 @@ async def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> 
         try:
             async with (
                 serve(create_app(settings)) as base_url,
-                httpx.AsyncClient(base_url=base_url, timeout=60) as http,
+                httpx.AsyncClient(base_url=base_url, timeout=60, headers=auth_headers()) as http,
             ):
                 data = await graphql(
                     http,

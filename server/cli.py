@@ -1,4 +1,4 @@
-"""The `corral` command: serve, migrate, genkey, schema, token."""
+"""The `corral` command: serve, migrate, genkey, rotate-key, schema, token."""
 
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from server.auth import (
 )
 from server.db import create_engine, create_sessionmaker
 from server.errors import InvalidInput
+from server.keyrotation import DEFAULT_BATCH_SIZE, rotate_key
 from server.limits import uvicorn_limits
 from server.models import ApiToken, utcnow
 from server.secretbox import SecretKeyError, generate_key
@@ -196,6 +197,15 @@ def cmd_genkey(_args: argparse.Namespace) -> None:
     print(generate_key())
 
 
+def cmd_rotate_key(args: argparse.Namespace) -> None:
+    settings = load_settings()
+    if args.batch_size < 1:
+        raise CliError("--batch-size must be at least 1")
+    report = asyncio.run(rotate_key(settings, batch_size=args.batch_size))
+    for line in report.lines():
+        print(line)
+
+
 def cmd_schema(_args: argparse.Namespace) -> None:
     from graphql_schema.schema import schema_sdl
 
@@ -353,6 +363,16 @@ def build_parser() -> argparse.ArgumentParser:
         "check", help="check settings, database, migrations and secret key (as serve would)"
     ).set_defaults(func=cmd_check)
     commands.add_parser("genkey", help="print a new secret key").set_defaults(func=cmd_genkey)
+    rotate = commands.add_parser(
+        "rotate-key", help="re-encrypt every stored secret under a new key (stop serve first)"
+    )
+    rotate.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_BATCH_SIZE,
+        help=f"secrets re-encrypted per transaction (default {DEFAULT_BATCH_SIZE})",
+    )
+    rotate.set_defaults(func=cmd_rotate_key)
     commands.add_parser("schema", help="print the GraphQL schema (SDL)").set_defaults(
         func=cmd_schema
     )

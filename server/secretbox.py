@@ -4,7 +4,8 @@ The key comes from `CORRAL_SECRET_KEY` (comma-separated keys rotate: the first o
 encrypts, all decrypt), else from `secret.key` in the data dir, which the embedded
 default creates with mode 0600 (a looser mode is tightened at start). A check value in
 `corral_meta` makes a wrong key fail at start with one clear message instead of producing
-garbage later.
+garbage later. `corral rotate-key` (server/keyrotation.py) re-encrypts every stored secret
+under a new key.
 """
 
 from __future__ import annotations
@@ -55,6 +56,14 @@ class SecretBox:
         except InvalidToken as exc:
             raise SecretKeyError("a stored secret does not decrypt with the current key") from exc
 
+    def rotate(self, ciphertext: bytes) -> bytes:
+        """Re-encrypt a stored secret under the first key; raises SecretKeyError when no key
+        of the ring decrypts it."""
+        try:
+            return self._fernet.rotate(ciphertext)
+        except InvalidToken as exc:
+            raise SecretKeyError("a stored secret does not decrypt with any key given") from exc
+
 
 def generate_key() -> str:
     """A new random Fernet key, as text."""
@@ -63,26 +72,43 @@ def generate_key() -> str:
 
 def load_secret_box(settings: Settings) -> SecretBox:
     """Build the key ring from settings, creating the embedded default's key file if needed."""
-    if settings.secret_key is not None:
-        raw = settings.secret_key.get_secret_value()
-        keys = [part.strip().encode() for part in raw.split(",") if part.strip()]
-        if not keys:
-            raise SecretKeyError("CORRAL_SECRET_KEY is set but empty")
+    keys = configured_keys(settings)
+    if keys is not None:
         return SecretBox(keys)
     path = settings.secret_key_file
     if path.exists():
-        return SecretBox([_read_key_file(path)])
+        # An interrupted `corral rotate-key` left some secrets under the new key: read them.
+        pending = new_key_file(path)
+        keys = [read_key_file(path)] + ([read_key_file(pending)] if pending.exists() else [])
+        return SecretBox(keys)
     if not settings.is_embedded:
         raise SecretKeyError(
             f"CORRAL_SECRET_KEY is required with an external database "
             f"(or put a key in {path}); make one with `corral genkey`"
         )
     _write_key_file(path, generate_key())
-    return SecretBox([_read_key_file(path)])
+    return SecretBox([read_key_file(path)])
 
 
-def _read_key_file(path: Path) -> bytes:
-    # 0600 in a 0700 folder, whatever they had (an INFO line says so).
+def new_key_file(key_file: Path) -> Path:
+    """Where `corral rotate-key` keeps the new key until every secret is under it."""
+    return key_file.with_name(key_file.name + ".new")
+
+
+def configured_keys(settings: Settings) -> list[bytes] | None:
+    """The key ring given in CORRAL_SECRET_KEY (first key first), None when it is unset."""
+    if settings.secret_key is None:
+        return None
+    raw = settings.secret_key.get_secret_value()
+    keys = [part.strip().encode() for part in raw.split(",") if part.strip()]
+    if not keys:
+        raise SecretKeyError("CORRAL_SECRET_KEY is set but empty")
+    return keys
+
+
+def read_key_file(path: Path) -> bytes:
+    """The key in a key file, made 0600 in a 0700 folder whatever they had (an INFO line
+    says so)."""
     tighten(path.parent, PRIVATE_DIR_MODE)
     tighten(path, PRIVATE_FILE_MODE)
     key = path.read_text().strip().encode()

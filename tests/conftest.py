@@ -27,11 +27,11 @@ from starlette.applications import Starlette
 
 from server import migrate
 from server.app import create_app
-from server.auth import create_api_token
 from server.db import create_engine
 from server.models import Base
 from server.secretbox import generate_key
 from server.settings import Settings
+from tests.fixtures.auth import admin_headers, issue_api_token
 
 pytest_plugins = ["tests.fixtures.netfakes"]  # the `site` and `upstream` fixtures
 
@@ -150,21 +150,6 @@ def settings(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Se
     return Settings(data_dir=data_dir, database_url=url, secret_key=TEST_KEY)
 
 
-async def issue_api_token(app: Starlette, role: str = "admin", name: str = "tests") -> str:
-    """A new API token's plaintext, made as `corral token create` makes one."""
-    services = app.state.services
-    async with services.sessionmaker() as session:
-        _token, plaintext = await create_api_token(
-            session, services.token_hasher, name=name, role=role
-        )
-        await session.commit()
-    return plaintext
-
-
-def bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
 @pytest.fixture
 async def app(settings: Settings) -> AsyncIterator[Starlette]:
     """The app with its lifespan running; `app.state.admin_token` is an admin API token."""
@@ -172,11 +157,6 @@ async def app(settings: Settings) -> AsyncIterator[Starlette]:
     async with application.router.lifespan_context(application):
         application.state.admin_token = await issue_api_token(application)
         yield application
-
-
-def admin_headers(app: Starlette) -> dict[str, str]:
-    """Headers that authenticate as the `app` fixture's admin token."""
-    return bearer(app.state.admin_token)
 
 
 @pytest.fixture

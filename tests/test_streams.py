@@ -72,7 +72,9 @@ async def live(settings: Settings) -> AsyncIterator[LiveServer]:
 
 @pytest.fixture
 async def http(live: LiveServer) -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=live.base_url, timeout=STREAM_TIMEOUT) as client:
+    async with httpx.AsyncClient(
+        base_url=live.base_url, headers=live.headers, timeout=STREAM_TIMEOUT
+    ) as client:
         yield client
 
 
@@ -367,7 +369,9 @@ async def test_sse_of_a_cancelled_command_ends_with_cancelled(settings: Settings
     # One slot: the second command stays queued behind the first.
     async with (
         running_server(settings, max_concurrency=1) as live,
-        httpx.AsyncClient(base_url=live.base_url, timeout=STREAM_TIMEOUT) as http,
+        httpx.AsyncClient(
+            base_url=live.base_url, headers=live.headers, timeout=STREAM_TIMEOUT
+        ) as http,
     ):
         api = GraphQLClient(http)
         running = await run_command(api, "sh -c 'echo started; sleep 30'")
@@ -471,7 +475,9 @@ async def test_command_events_subscription_yields_running_then_succeeded(
     # One slot: the command waits in the queue behind a blocker until we subscribed.
     async with (
         running_server(settings, max_concurrency=1) as live,
-        httpx.AsyncClient(base_url=live.base_url, timeout=STREAM_TIMEOUT) as http,
+        httpx.AsyncClient(
+            base_url=live.base_url, headers=live.headers, timeout=STREAM_TIMEOUT
+        ) as http,
     ):
         api = GraphQLClient(http)
         blocker = await run_command(api, "sleep 30")
@@ -515,7 +521,9 @@ async def test_a_subscriber_that_never_reads_slows_neither_the_runner_nor_the_ot
 
     command_id = await run_command(api, FLOOD)
     async with (
-        httpx.AsyncClient(base_url=live.base_url, timeout=STREAM_TIMEOUT) as stalled_client,
+        httpx.AsyncClient(
+            base_url=live.base_url, headers=live.headers, timeout=STREAM_TIMEOUT
+        ) as stalled_client,
         stalled_client.stream("GET", stream_path(command_id)) as stalled,
     ):
         assert stalled.status_code == 200  # and never read: the socket buffers fill up

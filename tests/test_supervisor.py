@@ -24,6 +24,7 @@ from runner.supervisor import backoff_delay
 from server.models import CommandEvent, ServiceUsage
 from server.settings import Settings
 from tests.conftest import GraphQLClient
+from tests.fixtures.auth import admin_client
 from tests.fixtures.commands import command, logs_of, run, texts, wait_final, wait_status
 
 SLEEPERS = "sh -c 'sleep 300 & sleep 300'"
@@ -412,23 +413,24 @@ async def test_runner_logs_one_structured_line_per_event(
 
 
 async def test_shutdown_stops_children_and_requeues(settings: Settings) -> None:
-    from httpx import ASGITransport, AsyncClient
 
     from server.app import create_app
 
     application = create_app(settings)
-    async with application.router.lifespan_context(application):
-        transport = ASGITransport(app=application)
-        async with AsyncClient(transport=transport, base_url="http://localhost") as http:
-            gql = GraphQLClient(http)
-            command_id = await run(gql, commandString=SLEEPERS)
-            pids = await wait_processes(command_id)
+    async with (
+        application.router.lifespan_context(application),
+        admin_client(application) as http,
+    ):
+        gql = GraphQLClient(http)
+        command_id = await run(gql, commandString=SLEEPERS)
+        pids = await wait_processes(command_id)
     assert [pid for pid in pids if alive(pid)] == []
     application = create_app(settings.model_copy(update={"embedded_runner": False}))
-    async with application.router.lifespan_context(application):
-        transport = ASGITransport(app=application)
-        async with AsyncClient(transport=transport, base_url="http://localhost") as http:
-            node = await command(GraphQLClient(http), command_id)
+    async with (
+        application.router.lifespan_context(application),
+        admin_client(application) as http,
+    ):
+        node = await command(GraphQLClient(http), command_id)
     assert node["status"] == "QUEUED"
     assert node["maxAttempts"] == 2  # the interrupted attempt is not held against it
 
@@ -436,27 +438,27 @@ async def test_shutdown_stops_children_and_requeues(settings: Settings) -> None:
 async def test_a_claim_that_lands_as_the_runner_stops_is_put_back_unstarted(
     settings: Settings,
 ) -> None:
-    from httpx import ASGITransport, AsyncClient
 
     from runner.supervisor import Supervisor
     from server.app import create_app
 
     application = create_app(settings.model_copy(update={"embedded_runner": False}))
-    async with application.router.lifespan_context(application):
-        transport = ASGITransport(app=application)
-        async with AsyncClient(transport=transport, base_url="http://localhost") as http:
-            gql = GraphQLClient(http)
-            command_id = await run(gql, commandString=SLEEPERS)
-            services: AppServices = application.state.services
-            supervisor = Supervisor(
-                settings, services.sessionmaker, services.secret_box, services.broker
-            )
-            await supervisor.start()
-            await asyncio.sleep(0)  # its first claim is queued in the store, not yet committed
-            assert supervisor._claims
-            await supervisor.stop()
-            node = await command(gql, command_id)
-            lines = texts(await logs_of(gql, command_id), "SYSTEM")
+    async with (
+        application.router.lifespan_context(application),
+        admin_client(application) as http,
+    ):
+        gql = GraphQLClient(http)
+        command_id = await run(gql, commandString=SLEEPERS)
+        services: AppServices = application.state.services
+        supervisor = Supervisor(
+            settings, services.sessionmaker, services.secret_box, services.broker
+        )
+        await supervisor.start()
+        await asyncio.sleep(0)  # its first claim is queued in the store, not yet committed
+        assert supervisor._claims
+        await supervisor.stop()
+        node = await command(gql, command_id)
+        lines = texts(await logs_of(gql, command_id), "SYSTEM")
     assert node["status"] == "QUEUED"
     assert node["maxAttempts"] == 2  # not held against it
     assert not any(line.startswith("attempt 1 of") for line in lines)  # never started

@@ -61,7 +61,9 @@ def port_of(live: LiveServer) -> int:
 
 
 async def test_body_within_the_limit_is_served(live: LiveServer) -> None:
-    async with httpx.AsyncClient(base_url=live.base_url, timeout=TIMEOUT) as http:
+    async with httpx.AsyncClient(
+        base_url=live.base_url, headers=live.headers, timeout=TIMEOUT
+    ) as http:
         response = await http.post(
             "/graphql", content=graphql_body(LIMIT), headers={"content-type": "application/json"}
         )
@@ -72,7 +74,9 @@ async def test_body_within_the_limit_is_served(live: LiveServer) -> None:
 async def test_declared_body_over_the_limit_is_413_before_the_app_reads_it(
     live: LiveServer,
 ) -> None:
-    async with httpx.AsyncClient(base_url=live.base_url, timeout=TIMEOUT) as http:
+    async with httpx.AsyncClient(
+        base_url=live.base_url, headers=live.headers, timeout=TIMEOUT
+    ) as http:
         response = await http.post(
             "/graphql",
             content=graphql_body(LIMIT + 1),
@@ -93,7 +97,9 @@ async def test_chunked_body_over_the_limit_is_413_while_it_streams(live: LiveSer
             sent += 16 * 1024
             yield b"[" * (16 * 1024)
 
-    async with httpx.AsyncClient(base_url=live.base_url, timeout=TIMEOUT) as http:
+    async with httpx.AsyncClient(
+        base_url=live.base_url, headers=live.headers, timeout=TIMEOUT
+    ) as http:
         response = await http.post(
             "/graphql", content=chunks(), headers={"content-type": "application/json"}
         )
@@ -218,7 +224,9 @@ async def test_foreign_host_is_400_with_one_line_and_loopback_names_pass(
     live: LiveServer,
 ) -> None:
     port = port_of(live)
-    async with httpx.AsyncClient(base_url=live.base_url, timeout=TIMEOUT) as http:
+    async with httpx.AsyncClient(
+        base_url=live.base_url, headers=live.headers, timeout=TIMEOUT
+    ) as http:
         for host in ("evil.example", "127.0.0.1.nip.io", "localhost.evil.example"):
             for method, path in (("GET", "/healthz"), ("POST", "/graphql")):
                 response = await http.request(
@@ -263,7 +271,7 @@ async def test_allowed_hosts_setting_replaces_the_defaults(settings: Settings) -
     configured = settings.model_copy(update={"allowed_hosts": "corral.example.com,*.corp.test"})
     async with (
         running_server(configured) as live,
-        httpx.AsyncClient(base_url=live.base_url, timeout=TIMEOUT) as http,
+        httpx.AsyncClient(base_url=live.base_url, headers=live.headers, timeout=TIMEOUT) as http,
     ):
         for host, status in [
             ("corral.example.com", 200),

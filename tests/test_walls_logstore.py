@@ -12,7 +12,6 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator
 
-import httpx
 import pytest
 from sqlalchemy import Connection, func, select
 from sqlalchemy.engine import make_url
@@ -28,6 +27,7 @@ from server.db import create_engine, create_sessionmaker
 from server.models import Command, CommandEvent, LogLine, LogStream, ServiceUsage
 from server.settings import Settings
 from tests.conftest import GraphQLClient
+from tests.fixtures.auth import admin_client
 from tests.fixtures.commands import logs_of, run, texts, wait_final
 
 SERVICE = """mutation($n: String!, $e: String!) { createService(input: {name: $n, envVar: $e,
@@ -278,10 +278,11 @@ class Forwarder:
 @contextlib.asynccontextmanager
 async def running_app(settings: Settings) -> AsyncIterator[tuple[Starlette, GraphQLClient]]:
     application = create_app(settings)
-    async with application.router.lifespan_context(application):
-        transport = httpx.ASGITransport(app=application)
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
-            yield application, GraphQLClient(http)
+    async with (
+        application.router.lifespan_context(application),
+        admin_client(application) as http,
+    ):
+        yield application, GraphQLClient(http)
 
 
 @pytest.fixture

@@ -30,6 +30,7 @@ from graphql_schema.schema import build_schema, query_limits
 from server.models import Profile, ProfileProxy, Proxy
 from server.settings import Settings
 from tests.conftest import GraphQLClient
+from tests.fixtures.auth import admin_client
 from tests.fixtures.commands import FINAL, run, wait_status
 from tests.fixtures.servers import LiveServer, running_server
 from tests.test_dataloaders import NESTED
@@ -244,7 +245,9 @@ async def test_healthz_stays_fast_while_the_amplification_query_is_refused(
 ) -> None:
     async with running_server(settings, embedded_runner=False) as live:
         await seed_mesh(live.app)
-        async with httpx.AsyncClient(base_url=live.base_url, timeout=60) as http:
+        async with httpx.AsyncClient(
+            base_url=live.base_url, headers=live.headers, timeout=60
+        ) as http:
             latencies: list[float] = []
             stop = asyncio.Event()
 
@@ -385,7 +388,7 @@ async def test_a_subscription_event_over_the_size_limit_is_replaced_by_an_error(
     script = "print('x' * 3000); print('short')"
     async with (
         running_server(settings, graphql_max_response_bytes=2048) as live,
-        httpx.AsyncClient(base_url=live.base_url, timeout=30) as http,
+        httpx.AsyncClient(base_url=live.base_url, headers=live.headers, timeout=30) as http,
     ):
         api = GraphQLClient(http)
         command_id = await run(api, commandString=f'python3 -c "{script}"')
@@ -415,7 +418,7 @@ async def test_each_subscription_event_has_the_whole_budget(settings: Settings) 
     overrides = {"graphql_max_cost": 4, "graphql_cost_list_size": 1}
     async with (
         running_server(settings, **overrides) as live,
-        httpx.AsyncClient(base_url=live.base_url, timeout=30) as http,
+        httpx.AsyncClient(base_url=live.base_url, headers=live.headers, timeout=30) as http,
     ):
         api = GraphQLClient(http)
         create = """mutation($input: CreateServiceInput!) {
@@ -452,8 +455,7 @@ def _app(settings: Settings) -> Starlette:
 
 @contextlib.asynccontextmanager
 async def _gql(app: Starlette) -> AsyncIterator[GraphQLClient]:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
+    async with admin_client(app) as http:
         yield GraphQLClient(http)
 
 

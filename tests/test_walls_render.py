@@ -30,6 +30,7 @@ from runner.renderpool import RenderPool
 from server.models import Command
 from server.settings import Settings
 from tests.conftest import GraphQLClient
+from tests.fixtures.auth import admin_client
 from tests.fixtures.commands import run, wait_final, wait_status
 from tests.fixtures.servers import running_server
 
@@ -216,8 +217,7 @@ async def test_no_render_worker_survives_app_shutdown(settings: Settings) -> Non
     application = create_app(settings)
     async with application.router.lifespan_context(application):
         services: AppServices = application.state.services
-        transport = httpx.ASGITransport(app=application)
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
+        async with admin_client(application) as http:
             gql = GraphQLClient(http)
             data = await asyncio.gather(
                 *(gql(COMPOSE, input={"commandString": f"echo {i}"}) for i in range(4))
@@ -267,7 +267,7 @@ async def test_render_bomb_is_refused_while_healthz_stays_fast(
     source, message = BOMBS[bomb]
     async with (
         running_server(settings, render_timeout_seconds=RENDER_TIMEOUT) as live,
-        httpx.AsyncClient(base_url=live.base_url, timeout=60) as http,
+        httpx.AsyncClient(base_url=live.base_url, headers=live.headers, timeout=60) as http,
     ):
         gql = GraphQLClient(http)
         started = time.monotonic()
@@ -299,7 +299,7 @@ async def test_a_runner_stops_a_bomb_at_claim_time_while_healthz_stays_fast(
         running_server(
             settings, render_timeout_seconds=RENDER_TIMEOUT, embedded_runner=False
         ) as live,
-        httpx.AsyncClient(base_url=live.base_url, timeout=60) as http,
+        httpx.AsyncClient(base_url=live.base_url, headers=live.headers, timeout=60) as http,
     ):
         gql = GraphQLClient(http)
         command_id = await run(gql, commandString="echo queued")

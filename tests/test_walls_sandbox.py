@@ -20,13 +20,13 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import httpx
 import pytest
 
 from runner.sandbox import SandboxError
 from server.app import create_app
 from server.settings import Settings
 from tests.conftest import TEST_KEY, GraphQLClient
+from tests.fixtures.auth import admin_client
 from tests.fixtures.commands import logs_of, run, wait_final, wait_status
 from tests.fixtures.processes import CORRAL_BIN, free_port, stop, wait_for_http
 from tests.test_supervisor import CANCEL, pk, profile
@@ -58,10 +58,8 @@ def walled(settings: Settings, mode: str, workspace: Path) -> Settings:
 async def running(settings: Settings) -> AsyncIterator[GraphQLClient]:
     """The app with its lifespan running, and a GraphQL client for it."""
     app = create_app(settings)
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
-            yield GraphQLClient(http)
+    async with app.router.lifespan_context(app), admin_client(app) as http:
+        yield GraphQLClient(http)
 
 
 MODES = [

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import GraphQLClient
+from tests.fixtures.auth import admin_client
 
 TOKEN = "ghp_" + "Wq8zX2mR" * 4 + "e5f6"  # a GitHub-shaped token
 PASSWORD = "pw-Lk3!vT9#hidden"
@@ -316,8 +317,6 @@ async def test_a_secret_another_process_stored_is_masked_within_the_refresh(
 ) -> None:
     import asyncio
 
-    import httpx
-
     from server.app import create_app
     from server.db import create_engine, create_sessionmaker
     from server.models import Service
@@ -326,29 +325,30 @@ async def test_a_secret_another_process_stored_is_masked_within_the_refresh(
 
     quick = settings.model_copy(update={"secrets_refresh_seconds": 0.2})
     application = create_app(quick)
-    async with application.router.lifespan_context(application):
-        transport = httpx.ASGITransport(app=application)
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
-            gql = GraphQLClient(http)
-            command_id = await run(gql, commandString=printing([LATE_TOKEN], wait=1.5))
-            await asyncio.sleep(0.3)  # the command was claimed without it
-            # Written as another Corral process would: no announcement reaches this one.
-            engine = create_engine(quick)
-            try:
-                async with create_sessionmaker(engine)() as session:
-                    box = load_secret_box(quick)
-                    session.add(
-                        Service(
-                            name="Elsewhere",
-                            env_var="ELSEWHERE",
-                            token_encrypted=box.encrypt(LATE_TOKEN),
-                        )
+    async with (
+        application.router.lifespan_context(application),
+        admin_client(application) as http,
+    ):
+        gql = GraphQLClient(http)
+        command_id = await run(gql, commandString=printing([LATE_TOKEN], wait=1.5))
+        await asyncio.sleep(0.3)  # the command was claimed without it
+        # Written as another Corral process would: no announcement reaches this one.
+        engine = create_engine(quick)
+        try:
+            async with create_sessionmaker(engine)() as session:
+                box = load_secret_box(quick)
+                session.add(
+                    Service(
+                        name="Elsewhere",
+                        env_var="ELSEWHERE",
+                        token_encrypted=box.encrypt(LATE_TOKEN),
                     )
-                    await session.commit()
-            finally:
-                await engine.dispose()
-            assert (await wait_final(gql, command_id))["status"] == "SUCCEEDED"
-            assert texts(await logs_of(gql, command_id)) == ["found [redacted]"]
+                )
+                await session.commit()
+        finally:
+            await engine.dispose()
+        assert (await wait_final(gql, command_id))["status"] == "SUCCEEDED"
+        assert texts(await logs_of(gql, command_id)) == ["found [redacted]"]
 
 
 def test_the_redactor_masks_json_escaped_and_overlapping_secrets() -> None:
@@ -399,8 +399,6 @@ async def test_a_sidecar_that_quotes_its_config_leaks_no_password(
 ) -> None:
     import asyncio
 
-    import httpx
-
     from server.app import create_app
     from tests.fixtures.commands import logs_of, run, wait_final
 
@@ -412,15 +410,16 @@ async def test_a_sidecar_that_quotes_its_config_leaks_no_password(
     port = listener.sockets[0].getsockname()[1]
     application = create_app(settings.model_copy(update={"xray_bin": str(fake)}))
     try:
-        async with application.router.lifespan_context(application):
-            transport = httpx.ASGITransport(app=application)
-            async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
-                gql = GraphQLClient(http)
-                trojan = {"protocol": "TROJAN", "host": "127.0.0.1", "port": port}
-                proxy = await create(gql, "createProxy", name="tr", password=password, **trojan)
-                command_id = await run(gql, commandString="true", proxyId=proxy)
-                node = await wait_final(gql, command_id)
-                lines = [line["text"] for line in await logs_of(gql, command_id)]
+        async with (
+            application.router.lifespan_context(application),
+            admin_client(application) as http,
+        ):
+            gql = GraphQLClient(http)
+            trojan = {"protocol": "TROJAN", "host": "127.0.0.1", "port": port}
+            proxy = await create(gql, "createProxy", name="tr", password=password, **trojan)
+            command_id = await run(gql, commandString="true", proxyId=proxy)
+            node = await wait_final(gql, command_id)
+            lines = [line["text"] for line in await logs_of(gql, command_id)]
     finally:
         listener.close()
         await listener.wait_closed()

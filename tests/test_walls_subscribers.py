@@ -119,7 +119,9 @@ async def test_fifty_stalled_subscribers_stay_within_the_memory_bound_and_reader
             max_subscribers=200,
             max_subscribers_per_client=100,
         ) as live,
-        httpx.AsyncClient(base_url=live.base_url, timeout=STREAM_TIMEOUT) as http,
+        httpx.AsyncClient(
+            base_url=live.base_url, headers=live.headers, timeout=STREAM_TIMEOUT
+        ) as http,
     ):
         api = GraphQLClient(http)
         # Warm up what any first request loads once (imports, caches, pools).
@@ -191,7 +193,9 @@ async def test_a_long_subscription_does_not_grow_with_the_events_it_delivered(
     # graphql-core 3.3 kept ~1 KB per delivered event for as long as the subscription lived.
     async with (
         running_server(settings) as live,
-        httpx.AsyncClient(base_url=live.base_url, timeout=STREAM_TIMEOUT) as http,
+        httpx.AsyncClient(
+            base_url=live.base_url, headers=live.headers, timeout=STREAM_TIMEOUT
+        ) as http,
     ):
         api = GraphQLClient(http)
         command_id = await run_command(api, "sh -c 'seq 1 5000; sleep 60'")
@@ -307,9 +311,12 @@ async def until_started(ws: GraphQLSocket, sub_id: str) -> None:
 async def test_subscribers_are_limited_per_client_and_in_total(settings: Settings) -> None:
     async with (
         running_server(settings, max_subscribers=3, max_subscribers_per_client=2) as live,
-        httpx.AsyncClient(base_url=live.base_url, timeout=STREAM_TIMEOUT) as http,
+        httpx.AsyncClient(
+            base_url=live.base_url, headers=live.headers, timeout=STREAM_TIMEOUT
+        ) as http,
         httpx.AsyncClient(
             base_url=live.base_url,
+            headers=live.headers,
             timeout=STREAM_TIMEOUT,
             transport=httpx.AsyncHTTPTransport(local_address="127.0.0.2"),
         ) as other_http,  # another client: another address
@@ -363,7 +370,9 @@ async def test_a_websocket_from_another_address_counts_for_that_address(
     settings: Settings,
 ) -> None:
     async with running_server(settings, max_subscribers_per_client=1) as live:
-        http = httpx.AsyncClient(base_url=live.base_url, timeout=STREAM_TIMEOUT)
+        http = httpx.AsyncClient(
+            base_url=live.base_url, headers=live.headers, timeout=STREAM_TIMEOUT
+        )
         async with http:
             api = GraphQLClient(http)
             command_id = await run_command(api, "sh -c 'echo started; sleep 60'")
