@@ -12,7 +12,6 @@ import json
 import re
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
-from urllib.parse import urlsplit
 
 from cross_web import AsyncHTTPRequestAdapter, HTTPException
 from starlette.datastructures import Headers
@@ -32,7 +31,7 @@ from strawberry.types import ExecutionResult
 from strawberry.types.graphql import OperationType
 
 from graphql_schema.context import Context
-from server.access import Authenticator, bearer_token, principal_of
+from server.access import Authenticator, bearer_token
 from server.auth import Principal
 
 # Deepest JSON a request may carry (variables included). GraphQL inputs nest a few levels;
@@ -41,9 +40,8 @@ JSON_MAX_DEPTH = 64
 # graphql-transport-ws operation ids are client-chosen keys we keep for the connection.
 WS_ID_MAX = 256
 _JSON_KINDS = {str: "a string", int: "a number", float: "a number", bool: "a boolean"}
-# graphql-transport-ws closes: no or bad credentials; credentials that may not connect.
+# graphql-transport-ws's close for no or bad credentials.
 WS_UNAUTHORIZED = 4401
-WS_FORBIDDEN = 4403
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -121,15 +119,6 @@ def connection_init_token(payload: dict[str, Any]) -> str | None:
     return bearer_token(Headers({"authorization": value}))
 
 
-def foreign_origin(headers: Headers) -> bool:
-    """A browser's handshake from another site (its Origin is not this Host): a session
-    cookie it carries was not sent by our own pages (cross-site WebSocket hijacking)."""
-    origin = headers.get("origin")
-    if origin is None:  # not a browser
-        return False
-    return urlsplit(origin).netloc.lower() != headers.get("host", "").lower()
-
-
 Recheck = Callable[[], Awaitable[Principal | None]]
 
 
@@ -139,9 +128,12 @@ class StrictTransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
 
     Authenticated at `connection_init`: by the payload's `authorization` ("Bearer crl_..."),
     else by what the handshake carried (the session cookie, or an Authorization header);
-    none or a bad one closes 4401, a session cookie sent from another site's page 4403.
-    The credential is checked again at every `subscribe` (a token revoked since closes the
-    connection 4401 then); its principal is the context's for the connection's operations.
+    none or a bad one closes 4401 "Unauthorized". The credential is checked again at every
+    `subscribe` (a token revoked since closes the connection 4401 then); its principal is
+    the context's for the connection's operations, whose role RoleGuard and the secret
+    fields judge as over HTTP. (A handshake from another site's page, which would carry the
+    user's cookie, is refused by Strawberry's origin check before any of this; a
+    `ConnectionRejectionError` from the view's `on_ws_connect` closes 4403.)
     """
 
     _recheck: Recheck | None = None
@@ -156,15 +148,13 @@ class StrictTransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
     async def handle_connection_init(self, message: ConnectionInitMessage) -> None:
         payload = message.get("payload", {})
         first = not (self.connection_init_received or self.connection_timed_out)
-        if first and isinstance(payload, dict):  # else Strawberry closes 4400 / 4429
-            code = await self._authenticate(payload)
-            if code is not None:
-                self.connection_init_received = True
-                if self.connection_init_timeout_task:
-                    self.connection_init_timeout_task.cancel()
-                reason = "Unauthorized" if code == WS_UNAUTHORIZED else "Forbidden"
-                await self.websocket.close(code=code, reason=reason)
-                return
+        # Not a first init with an object payload: Strawberry closes it (4400 / 4429).
+        if first and isinstance(payload, dict) and not await self._authenticate(payload):
+            self.connection_init_received = True
+            if self.connection_init_timeout_task:
+                self.connection_init_timeout_task.cancel()
+            await self.websocket.close(code=WS_UNAUTHORIZED, reason="Unauthorized")
+            return
         await super().handle_connection_init(message)
 
     async def handle_subscribe(self, message: SubscribeMessage) -> None:
@@ -176,26 +166,20 @@ class StrictTransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
             self.context.principal = principal
         await super().handle_subscribe(message)
 
-    async def _authenticate(self, payload: dict[str, Any]) -> int | None:
-        """Set the context's principal; the close code when the connection is refused."""
+    async def _authenticate(self, payload: dict[str, Any]) -> bool:
+        """Set the context's principal from the credentials; whether there was one."""
         request = self.context.request
         authenticator: Authenticator | None = getattr(request.app.state, "authenticator", None)
         if authenticator is None:
-            return WS_UNAUTHORIZED
+            return False
         token = connection_init_token(payload)
-        headers = Headers(scope=request.scope)
         if token is not None:
             self._recheck = self._token_check(authenticator, token)
         else:
-            principal = principal_of(request.scope)
-            if principal is not None and principal.kind == "user" and foreign_origin(headers):
-                return WS_FORBIDDEN
-            self._recheck = self._handshake_check(authenticator, headers)
+            self._recheck = self._handshake_check(authenticator, Headers(scope=request.scope))
         principal = await self._recheck()
-        if principal is None:
-            return WS_UNAUTHORIZED
         self.context.principal = principal
-        return None
+        return principal is not None
 
     @staticmethod
     def _token_check(authenticator: Authenticator, token: str) -> Recheck:

@@ -33,6 +33,7 @@ from server.models import Command, LogLine, utcnow
 from server.settings import Settings
 from server.streams import FinalStatus, follow_command
 from tests.conftest import GraphQLClient
+from tests.fixtures.auth import connection_init
 from tests.fixtures.commands import FINAL, command, wait_status
 from tests.fixtures.servers import LiveServer, running_server
 
@@ -223,7 +224,7 @@ class GraphQLSocket:
         ) as ws:
             assert ws.subprotocol == "graphql-transport-ws"
             socket_ = cls(ws)
-            await socket_.send({"type": "connection_init", "payload": {}})
+            await socket_.send(connection_init(live.app))
             assert await socket_.receive() == {"type": "connection_ack"}
             yield socket_
 

@@ -30,7 +30,7 @@ from graphql_schema.schema import build_schema, query_limits
 from server.models import Profile, ProfileProxy, Proxy
 from server.settings import Settings
 from tests.conftest import GraphQLClient
-from tests.fixtures.auth import admin_client
+from tests.fixtures.auth import admin_client, connection_init
 from tests.fixtures.commands import FINAL, run, wait_status
 from tests.fixtures.servers import LiveServer, running_server
 from tests.test_dataloaders import NESTED
@@ -471,6 +471,6 @@ async def _socket(live: LiveServer) -> AsyncIterator[Any]:
     async with connect(
         live.ws_url, subprotocols=[Subprotocol("graphql-transport-ws")], open_timeout=10
     ) as ws:
-        await ws.send(json.dumps({"type": "connection_init", "payload": {}}))
+        await ws.send(json.dumps(connection_init(live.app)))
         assert json.loads(await ws.recv()) == {"type": "connection_ack"}
         yield ws

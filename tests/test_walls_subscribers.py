@@ -29,6 +29,7 @@ from server.models import Command, LogLine, utcnow
 from server.settings import Settings
 from server.streams import _read_lines, pieces
 from tests.conftest import GraphQLClient
+from tests.fixtures.auth import connection_init
 from tests.fixtures.commands import FINAL, wait_status
 from tests.fixtures.servers import LiveServer, running_server
 from tests.fixtures.stalled import StalledClient, stalled_event_stream, stalled_subscription
@@ -144,7 +145,9 @@ async def test_fifty_stalled_subscribers_stay_within_the_memory_bound_and_reader
                 if i % STALLED_SOCKETS_EVERY:
                     client = await stalled_event_stream(port(live), stream_path(command_id))
                 else:
-                    client = await stalled_subscription(port(live), COMMAND_LOGS, id=command_id)
+                    client = await stalled_subscription(
+                        port(live), connection_init(live.app), COMMAND_LOGS, id=command_id
+                    )
                 stalled.append(client)
                 await asyncio.sleep(0.05)  # they join all along the flood
             async with asyncio.timeout(READ_TIMEOUT):
