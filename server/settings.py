@@ -113,7 +113,8 @@ class Settings(BaseSettings):
     max_subscribers_per_client: int = Field(
         default=50,
         ge=1,
-        description="Most live subscribers one client (one address) may keep at once.",
+        description="Most live subscribers one client may keep at once (a client: its API "
+        "token or user; its address without credentials).",
     )
     subscriber_buffer_bytes: int = Field(
         default=1024 * 1024,

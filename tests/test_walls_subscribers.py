@@ -25,11 +25,11 @@ from websockets.typing import Subprotocol
 from graphql_schema.context import AppServices
 from runner.logwriter import LineRun, StoredBatch
 from server.broker import Broker, command_topic
-from server.models import Command, LogLine, utcnow
+from server.models import ApiToken, Command, LogLine, utcnow
 from server.settings import Settings
 from server.streams import _read_lines, pieces
 from tests.conftest import GraphQLClient
-from tests.fixtures.auth import connection_init
+from tests.fixtures.auth import bearer, connection_init, issue_api_token
 from tests.fixtures.commands import FINAL, wait_status
 from tests.fixtures.servers import LiveServer, running_server
 from tests.fixtures.stalled import StalledClient, stalled_event_stream, stalled_subscription
@@ -311,68 +311,80 @@ async def until_started(ws: GraphQLSocket, sub_id: str) -> None:
             return
 
 
+async def token_key(live: LiveServer, name: str) -> str:
+    """The subscriber limits' key of the API token called `name`."""
+    async with services(live).sessionmaker() as session:
+        token_id = await session.scalar(select(ApiToken.id).where(ApiToken.name == name))
+    return f"token:{token_id}"
+
+
 async def test_subscribers_are_limited_per_client_and_in_total(settings: Settings) -> None:
-    async with (
-        running_server(settings, max_subscribers=3, max_subscribers_per_client=2) as live,
-        httpx.AsyncClient(
-            base_url=live.base_url, headers=live.headers, timeout=STREAM_TIMEOUT
-        ) as http,
-        httpx.AsyncClient(
-            base_url=live.base_url,
-            headers=live.headers,
-            timeout=STREAM_TIMEOUT,
-            transport=httpx.AsyncHTTPTransport(local_address="127.0.0.2"),
-        ) as other_http,  # another client: another address
-    ):
-        api = GraphQLClient(http)
-        limits = services(live).subscriber_limits
-        command_id = await run_command(api, "sh -c 'echo started; sleep 60'")
-        try:
-            async with (
-                open_stream(http, command_id) as first,
-                GraphQLSocket.open(live) as ws,
-            ):
-                assert first.status_code == 200
-                await ws.subscribe("second", COMMAND_LOGS, id=command_id)
-                await until_started(ws, "second")
-                assert limits.of("address:127.0.0.1") == 2
-
-                # A third from the same client: SSE 429 with one line, GraphQL an error.
-                third = await http.get(stream_path(command_id))
-                assert third.status_code == 429
-                assert "\n" not in third.text.strip()
-                assert "too many live subscriptions from this client" in third.json()["error"]
-                error = await refused_subscription(ws, "third", command_id)
-                assert "too many live subscriptions from this client" in error["message"]
-                assert error["extensions"]["code"] == "TOO_MANY_SUBSCRIBERS"
-                error = await refused_subscription(ws, "events", command_id, COMMAND_EVENTS)
-                assert error["extensions"]["code"] == "TOO_MANY_SUBSCRIBERS"
-
-                # Another client still gets one: the total (3) is reached then.
-                async with open_stream(other_http, command_id) as others:
-                    assert others.status_code == 200
-                    again = await other_http.get(stream_path(command_id))
-                    assert again.status_code == 429
-                    assert "maximum of 3 live subscriptions" in again.json()["error"]
-
-                    # One leaves: the socket that was refused is still usable, and takes it.
-                    await ws.send({"id": "second", "type": "complete"})
-                    await wait_for(lambda: limits.count == 2, "the subscription to leave")
-                    await ws.subscribe("fourth", COMMAND_LOGS, id=command_id)
-                    await until_started(ws, "fourth")
-                    assert limits.count == 3
-            await wait_for(lambda: limits.count == 0, "every subscriber to be released")
-            async with open_stream(http, command_id) as back:
-                assert back.status_code == 200
-        finally:
-            await api(CANCEL, id=command_id)
-            await wait_status(api, command_id, FINAL)
+    async with running_server(settings, max_subscribers=3, max_subscribers_per_client=2) as live:
+        other_token = await issue_api_token(live.app, name="other")
+        async with (
+            httpx.AsyncClient(
+                base_url=live.base_url, headers=live.headers, timeout=STREAM_TIMEOUT
+            ) as http,
+            httpx.AsyncClient(
+                base_url=live.base_url, headers=bearer(other_token), timeout=STREAM_TIMEOUT
+            ) as other_http,  # another client: another credential
+        ):
+            await limited_per_client_and_in_total(live, http, other_http)
 
 
-async def test_a_websocket_from_another_address_counts_for_that_address(
+async def limited_per_client_and_in_total(
+    live: LiveServer, http: httpx.AsyncClient, other_http: httpx.AsyncClient
+) -> None:
+    api = GraphQLClient(http)
+    limits = services(live).subscriber_limits
+    command_id = await run_command(api, "sh -c 'echo started; sleep 60'")
+    try:
+        async with (
+            open_stream(http, command_id) as first,
+            GraphQLSocket.open(live) as ws,
+        ):
+            assert first.status_code == 200
+            await ws.subscribe("second", COMMAND_LOGS, id=command_id)
+            await until_started(ws, "second")
+            assert limits.of(await token_key(live, "tests")) == 2
+
+            # A third from the same client: SSE 429 with one line, GraphQL an error.
+            third = await http.get(stream_path(command_id))
+            assert third.status_code == 429
+            assert "\n" not in third.text.strip()
+            assert "too many live subscriptions from this client" in third.json()["error"]
+            error = await refused_subscription(ws, "third", command_id)
+            assert "too many live subscriptions from this client" in error["message"]
+            assert error["extensions"]["code"] == "TOO_MANY_SUBSCRIBERS"
+            error = await refused_subscription(ws, "events", command_id, COMMAND_EVENTS)
+            assert error["extensions"]["code"] == "TOO_MANY_SUBSCRIBERS"
+
+            # Another client still gets one: the total (3) is reached then.
+            async with open_stream(other_http, command_id) as others:
+                assert others.status_code == 200
+                again = await other_http.get(stream_path(command_id))
+                assert again.status_code == 429
+                assert "maximum of 3 live subscriptions" in again.json()["error"]
+
+                # One leaves: the socket that was refused is still usable, and takes it.
+                await ws.send({"id": "second", "type": "complete"})
+                await wait_for(lambda: limits.count == 2, "the subscription to leave")
+                await ws.subscribe("fourth", COMMAND_LOGS, id=command_id)
+                await until_started(ws, "fourth")
+                assert limits.count == 3
+        await wait_for(lambda: limits.count == 0, "every subscriber to be released")
+        async with open_stream(http, command_id) as back:
+            assert back.status_code == 200
+    finally:
+        await api(CANCEL, id=command_id)
+        await wait_status(api, command_id, FINAL)
+
+
+async def test_a_websocket_counts_for_its_credential_whatever_its_address(
     settings: Settings,
 ) -> None:
     async with running_server(settings, max_subscribers_per_client=1) as live:
+        other_token = await issue_api_token(live.app, name="other")
         http = httpx.AsyncClient(
             base_url=live.base_url, headers=live.headers, timeout=STREAM_TIMEOUT
         )
@@ -381,15 +393,21 @@ async def test_a_websocket_from_another_address_counts_for_that_address(
             command_id = await run_command(api, "sh -c 'echo started; sleep 60'")
             async with open_stream(http, command_id) as mine:
                 assert mine.status_code == 200
-                async with connect(
-                    live.ws_url,
-                    subprotocols=[Subprotocol("graphql-transport-ws")],
-                    local_addr=("127.0.0.2", 0),
-                ) as raw:
-                    ws = GraphQLSocket(raw)
-                    await ws.send({"type": "connection_init", "payload": {}})
-                    assert await ws.receive() == {"type": "connection_ack"}
-                    await ws.subscribe("logs", COMMAND_LOGS, id=command_id)
-                    await until_started(ws, "logs")  # not refused: another client
+                for token, refused in ((live.app.state.admin_token, True), (other_token, False)):
+                    async with connect(
+                        live.ws_url,
+                        subprotocols=[Subprotocol("graphql-transport-ws")],
+                        local_addr=("127.0.0.2", 0),  # another address
+                    ) as raw:
+                        ws = GraphQLSocket(raw)
+                        init = {"authorization": f"Bearer {token}"}
+                        await ws.send({"type": "connection_init", "payload": init})
+                        assert await ws.receive() == {"type": "connection_ack"}
+                        if refused:  # the same token: its one subscriber is taken
+                            error = await refused_subscription(ws, "logs", command_id)
+                            assert error["extensions"]["code"] == "TOO_MANY_SUBSCRIBERS"
+                        else:
+                            await ws.subscribe("logs", COMMAND_LOGS, id=command_id)
+                            await until_started(ws, "logs")
             await api(CANCEL, id=command_id)
             await wait_status(api, command_id, FINAL)
