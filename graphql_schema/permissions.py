@@ -74,17 +74,18 @@ def viewer_may_run(operation: OperationDefinitionNode) -> bool:
 
 
 class RoleGuard(SchemaExtension):
-    """Refuses a mutation (over HTTP or a WebSocket) to anyone but an admin, before any
-    field resolves: no partial effect."""
+    """Refuses any operation without a principal, and a mutation (over HTTP or a WebSocket)
+    to anyone but an admin, before any field resolves: no partial effect."""
 
     def on_execute(self) -> Iterator[None]:
         context = self.execution_context
-        if context.operation_type == OperationType.MUTATION:
-            principal: Principal | None = getattr(context.context, "principal", None)
-            if principal is None:
-                raise unauthenticated_error()
-            if not principal.is_admin and not self._viewer_may_run():
-                raise forbidden_error(principal, "run mutations: it reads only")
+        principal: Principal | None = getattr(context.context, "principal", None)
+        if principal is None:
+            raise unauthenticated_error()
+        if context.operation_type == OperationType.MUTATION and not (
+            principal.is_admin or self._viewer_may_run()
+        ):
+            raise forbidden_error(principal, "run mutations: it reads only")
         yield
 
     def _viewer_may_run(self) -> bool:
