@@ -27,6 +27,7 @@ from websockets.typing import Subprotocol
 
 from graphql_schema.context import AppServices, Context, RequestFinished
 from runner.renderpool import RenderPool
+from server.auth import TokenHasher
 from server.limits import BodySizeLimit
 from server.secretbox import load_secret_box
 from server.settings import Settings
@@ -462,6 +463,7 @@ async def test_close_waits_for_the_session_user_and_later_use_is_refused(
             sessionmaker=create_sessionmaker(engine),
             secret_box=load_secret_box(settings),
             render_pool=RenderPool.from_settings(settings),  # never started: nothing renders
+            token_hasher=TokenHasher(bytes(32)),
         )
         context = Context(app=services)
         holding = asyncio.Event()
