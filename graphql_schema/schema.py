@@ -8,6 +8,7 @@ from typing import Any
 import strawberry
 from strawberry.extensions import (
     AddValidationRules,
+    DisableIntrospection,
     MaskErrors,
     MaxAliasesLimiter,
     QueryDepthLimiter,
@@ -102,6 +103,7 @@ def query_limits(settings: Settings) -> Limits:
     page: connections by `first` or DEFAULT_PAGE_SIZE, Command.logs by `first` or all)."""
     return Limits(
         max_query_bytes=settings.graphql_max_query_bytes,
+        max_tokens=settings.graphql_max_tokens,
         max_cost=settings.graphql_max_cost,
         max_response_bytes=settings.graphql_max_response_bytes,
         cost_model=CostModel(
@@ -129,7 +131,8 @@ class PerEventMemoExecutionContext(StrawberryGraphQLCoreExecutionContext):
 
 
 def build_schema(settings: Settings | None = None) -> strawberry.Schema:
-    """The schema, with depth, alias, query size, cost and response limits from settings."""
+    """The schema, with depth, alias, query size, token, cost and response limits (and
+    introspection on or off) from settings."""
     settings = settings or Settings()
     # The limits' rules are built once, here: the limiter extensions build new rule classes
     # each time they are made (once a request), and a validation cached under one request's
@@ -138,6 +141,8 @@ def build_schema(settings: Settings | None = None) -> strawberry.Schema:
         *QueryDepthLimiter(max_depth=settings.graphql_max_depth).validation_rules,
         *MaxAliasesLimiter(max_alias_count=settings.graphql_max_aliases).validation_rules,
     ]
+    if not settings.graphql_introspection:
+        rules.extend(DisableIntrospection().validation_rules)
     limits = query_limits(settings)
     return CorralSchema(
         query=Query,
