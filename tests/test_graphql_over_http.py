@@ -36,6 +36,7 @@ from server.graphql_http import (
 )
 from server.headers import SecurityHeaders, content_security_policy
 from server.settings import Settings
+from tests.fixtures.auth import admin_client
 from tests.fixtures.servers import running_server
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,10 +65,8 @@ async def post(
 async def client_of(settings: Settings, **overrides: Any) -> AsyncIterator[httpx.AsyncClient]:
     """A client of an app built with `settings` changed by `overrides`, lifespan running."""
     app = create_app(settings.model_copy(update=overrides))
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
-            yield http
+    async with app.router.lifespan_context(app), admin_client(app) as http:
+        yield http
 
 
 async def assert_healthy(client: httpx.AsyncClient) -> None:
@@ -389,7 +388,10 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE);
   });
   const found = { errors: [], foreign: [], violations: [] };
   try {
-    const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
+    const page = await browser.newPage({
+      viewport: { width: 1400, height: 900 },
+      extraHTTPHeaders: { Authorization: `Bearer ${process.env.CORRAL_TOKEN}` },
+    });
     page.on('pageerror', (error) => found.errors.push(String(error)));
     page.on('console', (message) => {
       if (message.type() === 'error') found.errors.push(message.text());
@@ -445,7 +447,11 @@ async def test_graphiql_renders_offline_in_chromium(settings: Settings, tmp_path
             f"{live.base_url}/graphql",
             settings.chromium_path,
             str(shot),
-            env={"PLAYWRIGHT_CORE": str(PLAYWRIGHT_CORE), "PATH": "/usr/bin:/bin"},
+            env={
+                "PLAYWRIGHT_CORE": str(PLAYWRIGHT_CORE),
+                "PATH": "/usr/bin:/bin",
+                "CORRAL_TOKEN": live.app.state.admin_token,
+            },
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
         )
@@ -614,7 +620,7 @@ async def test_denied_websocket_origin_is_logged_at_info(
             ):
                 pass
         assert refused.value.response.status_code == 403
-        async with httpx.AsyncClient(base_url=live.base_url) as http:
+        async with httpx.AsyncClient(base_url=live.base_url, headers=live.headers) as http:
             await assert_healthy(http)
     loud = [
         (record.name, record.levelname, record.getMessage()[:200])
