@@ -15,6 +15,7 @@ raised AttributeError / TypeError (a 500, or a WebSocket torn down with a logged
 
 from __future__ import annotations
 
+import html
 import json
 import logging
 import re
@@ -41,6 +42,7 @@ from strawberry.types.graphql import OperationType
 from strawberry.types.unset import UNSET
 
 from graphql_schema.context import Context
+from server.access import principal_of
 
 log = logging.getLogger("corral.graphql")
 
@@ -251,6 +253,7 @@ def graphiql_page(cdn: bool) -> str:
 <html lang="en">
   <head>
     <meta charset="utf-8">
+    <meta name="csrf-token" content="{{csrf_token}}">
     <title>Corral GraphiQL</title>
     <link rel="icon" href="data:,">
     {styles}
@@ -304,7 +307,11 @@ class StrictGraphQL(GraphQL[Context, None]):
         return False
 
     async def render_graphql_ide(self, request: Request) -> Response:
-        return HTMLResponse(self.graphiql_html)
+        """The page, with the session's CSRF token for its requests (a logged-in browser's
+        POSTs carry it in X-CSRF-Token; with a Bearer token there is none to carry)."""
+        principal = principal_of(request.scope)
+        token = "" if principal is None or principal.csrf_token is None else principal.csrf_token
+        return HTMLResponse(self.graphiql_html.replace("{csrf_token}", html.escape(token)))
 
     async def run(
         self, request: Request | WebSocket, context: Any = UNSET, root_value: Any = UNSET

@@ -46,9 +46,13 @@
     return parsed.toString();
   }
 
+  // A logged-in browser's POSTs carry the session's CSRF token (the page's meta tag).
+  const csrfMeta = document.querySelector('meta[name="csrf-token"]');
+  const csrfToken = csrfMeta ? csrfMeta.getAttribute("content") : "";
   const fetcher = GraphiQL.createFetcher({
     url: fetchURL,
     subscriptionUrl: webSocketURL(fetchURL),
+    headers: csrfToken ? { "X-CSRF-Token": csrfToken } : {},
   });
 
   function GraphiQLWithExplorer() {
@@ -75,7 +79,7 @@
       onEditHeaders: setHeaders,
       inputValueDeprecation: true,
       isHeadersEditorEnabled: true,
-      shouldPersistHeaders: true,
+      shouldPersistHeaders: false,
     });
   }
 
