@@ -169,6 +169,10 @@ class AccessControl:
         if scope["type"] not in ("http", "websocket"):
             await self.app(scope, receive, send)
             return
+        if scope["path"].startswith(OPEN_PREFIXES):  # static assets: no lookup at all
+            scope[PRINCIPAL_SCOPE_KEY] = None
+            await self.app(scope, receive, send)
+            return
         authenticator: Authenticator | None = getattr(scope["app"].state, "authenticator", None)
         headers = Headers(scope=scope)
         principal, refused = (None, False)
