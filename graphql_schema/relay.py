@@ -58,11 +58,13 @@ def decode_id(global_id: str) -> tuple[str, int] | None:
 
 
 def pk_of(global_id: str, type_name: str, *, field: str) -> int:
-    """The primary key of a global ID of the given type, or a NOT_FOUND user error on `field`."""
+    """The primary key of a global ID of the given type, or a NOT_FOUND user error on `field`
+    (which never quotes the value: a client may have pasted a token where the ID goes)."""
     decoded = decode_id(global_id)
     if decoded is None or decoded[0] != type_name:
-        shown = repr(global_id[:64]) + ("…" if len(global_id) > 64 else "")
-        raise InvalidInput.one(field, f"not a {type_name} ID: {shown}", ErrorCode.NOT_FOUND)
+        raise InvalidInput.one(
+            field, f"not a {type_name} ID (not an ID, or another type's)", ErrorCode.NOT_FOUND
+        )
     return decoded[1]
 
 
