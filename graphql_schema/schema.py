@@ -17,6 +17,7 @@ from strawberry.extensions import (
 from strawberry.schema.config import StrawberryConfig
 from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
 
+from graphql_schema.audit import AuditEvent, MutationAudit, load_audit_event, resolve_audit_events
 from graphql_schema.commands import (
     LOG_PAGE_MAX,
     Command,
@@ -56,6 +57,8 @@ async def _load_node(info: Info, type_name: str, pk: int) -> Node | None:
         "Proxy": (loaders.proxy, Proxy.from_row),
         "CommandTemplate": (loaders.template, CommandTemplate.from_row),
     }
+    if type_name == "AuditEvent":
+        return await load_audit_event(info, pk)
     if type_name == "Command":
         async with info.context.reading() as session:
             from server.models import Command as CommandRow
@@ -84,6 +87,7 @@ class Query:
     )
     commands: Connection[Command] = strawberry.field(resolver=resolve_commands)
     compose_command: ComposedCommand = strawberry.field(resolver=resolve_compose_command)
+    audit_events: Connection[AuditEvent] = strawberry.field(resolver=resolve_audit_events)
 
 
 @strawberry.type
@@ -148,13 +152,14 @@ def build_schema(settings: Settings | None = None) -> strawberry.Schema:
         query=Query,
         mutation=Mutation,
         subscription=Subscription,
-        types=[Profile, Service, Proxy, CommandTemplate, Command],
+        types=[Profile, Service, Proxy, CommandTemplate, Command, AuditEvent],
         extensions=[
             lambda: AddValidationRules(rules),
             lambda: MaskErrors(should_mask_error=is_unexpected),
             # QueryLimits also parses (with a cache), after checking the query's size.
             lambda: QueryLimits(limits),
             lambda: ValidationCache(maxsize=256),
+            MutationAudit,
         ],
         config=StrawberryConfig(),
         execution_context_class=PerEventMemoExecutionContext,
