@@ -9,6 +9,7 @@ is on record too; a failure to write it is logged and never fails the mutation.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import logging
@@ -228,11 +229,18 @@ class MutationAudit(SchemaExtension):
     ) -> Any:
         action = info.field_name
         fields = given_fields(info, self.execution_context.variables or {})
+        # Shielded: a client that hangs up mid-mutation cancels the request, and a mutation
+        # that committed just before must still be on record.
         try:
             result = run()
             payload = await result if isawaitable(result) else result
-        except Exception as exc:
-            await write_entry(info.context, raised(action, exc, kwargs, fields))
+        except asyncio.CancelledError:
+            detail = {"fields": fields, "error": "CANCELLED"}  # it may have committed
+            gone = Entry(action, "error", argument_id(kwargs), detail)
+            await asyncio.shield(write_entry(info.context, gone))
             raise
-        await write_entry(info.context, returned(action, payload, kwargs, fields))
+        except Exception as exc:
+            await asyncio.shield(write_entry(info.context, raised(action, exc, kwargs, fields)))
+            raise
+        await asyncio.shield(write_entry(info.context, returned(action, payload, kwargs, fields)))
         return payload

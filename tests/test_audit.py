@@ -5,6 +5,7 @@ SQLite and PostgreSQL both."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from datetime import UTC, datetime, timedelta
@@ -290,3 +291,33 @@ async def test_an_event_is_a_node(gql: GraphQLClient) -> None:
         id=event["id"],
     )
     assert data["node"] == {"action": "createProfile", "outcome": "ok"}
+
+
+async def test_a_mutation_whose_client_hung_up_is_on_record(
+    gql: GraphQLClient, app: Starlette, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client that goes away mid-mutation cancels the request: the mutation may have
+    committed, so the event is written anyway (shielded), saying it was cancelled."""
+    import server.profiles as profile_service
+
+    entered = asyncio.Event()
+
+    async def hanging(*_args: Any, **_kwargs: Any) -> Any:
+        entered.set()
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(profile_service, "create_profile", hanging)
+    request = asyncio.create_task(gql.raw(CREATE_PROFILE, input={"name": "gone"}))
+    await asyncio.wait_for(entered.wait(), 10)
+    request.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await request
+    async with app.state.services.sessionmaker() as session:
+        for _ in range(100):  # the shielded write finishes on its own
+            rows = list(await session.scalars(select(AuditEvent)))
+            if rows:
+                break
+            await asyncio.sleep(0.05)
+    assert [(r.action, r.outcome, r.detail) for r in rows] == [
+        ("createProfile", "error", {"fields": ["name"], "error": "CANCELLED"})
+    ]
