@@ -29,9 +29,11 @@ from server import migrate
 from server.access import AccessControl, Authenticator
 from server.auth import SessionPolicy, TokenHasher, load_token_hasher
 from server.broker import Broker
+from server.csrf import CsrfProtection
 from server.db import create_engine, create_sessionmaker
 from server.graphql_http import StrictGraphQL
 from server.limits import request_walls
+from server.login import login_routes
 from server.logstream import stream_command_logs
 from server.metrics import Metrics
 from server.models import Command
@@ -191,9 +193,11 @@ def create_app(settings: Settings) -> Starlette:
         Route("/graphql", graphql, methods=["GET", "POST"]),
         WebSocketRoute("/graphql", graphql),
         Route("/api/commands/{command_id}/logs/stream", stream_command_logs),
+        *login_routes(settings),
     ]
     middleware = [
         *request_walls(settings),
         Middleware(AccessControl, metrics_allow=settings.metrics_allow),
+        Middleware(CsrfProtection),
     ]
     return Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
