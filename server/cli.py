@@ -380,7 +380,7 @@ def add_user_commands(commands: argparse._SubParsersAction[argparse.ArgumentPars
         "create", help=f"add a user (password asked twice, or from {PASSWORD_ENV})"
     )
     create.add_argument("name")
-    create.add_argument("--role", choices=["admin", "viewer"], default="admin")
+    create.add_argument("--role", default="admin", help="admin (the default) or viewer")
     create.set_defaults(func=cmd_user_create)
     actions.add_parser("list", help="list users: name, role, created, last login").set_defaults(
         func=cmd_user_list

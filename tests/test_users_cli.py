@@ -148,6 +148,8 @@ def test_user_mistakes_are_one_line(
     assert password_works(cli, "alice", PASSWORD)
     monkeypatch.setenv("CORRAL_USER_PASSWORD", PASSWORD)
     capsys.readouterr()
+    assert main(["user", "create", "bob", "--role", "root"]) == 1
+    assert "role: must be admin or viewer" in one_error_line(capsys)
     assert main(["user", "create", "alice"]) == 1
     assert "a user 'alice' exists already" in one_error_line(capsys)
     assert main(["user", "set-password", "nobody"]) == 1
