@@ -47,4 +47,7 @@ def render_page(
         .get_template(template)
         .render(user=user, csrf_token=csrf_token, **context)
     )
-    return HTMLResponse(html, status_code=status_code, headers=headers)
+    # Pages carry per-session (or per-form) tokens: never kept by a cache.
+    return HTMLResponse(
+        html, status_code=status_code, headers={"Cache-Control": "no-store", **(headers or {})}
+    )

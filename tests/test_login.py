@@ -363,6 +363,7 @@ async def test_pages_carry_the_csrf_token_only_with_a_session(
     app: Starlette, browser: httpx.AsyncClient
 ) -> None:
     anonymous = await browser.get("/login")
+    assert anonymous.headers["cache-control"] == "no-store"
     assert "csrf-token" not in anonymous.text
     assert "hx-headers" not in anonymous.text
     assert (await log_in(browser)).status_code == 303
