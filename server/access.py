@@ -38,7 +38,8 @@ log = logging.getLogger("corral.access")
 
 PRINCIPAL_SCOPE_KEY = "corral.principal"
 SESSION_COOKIE = "corral_session"
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/login"})
+# /logout: with an expired session it still clears the cookie (CSRF-checked with a live one).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/login", "/logout"})
 OPEN_PREFIXES = ("/static/",)
 METRICS_PATH = "/metrics"
 

@@ -31,10 +31,12 @@ from server import migrate
 from server.access import AccessControl, Authenticator
 from server.auth import SessionPolicy, TokenHasher, load_token_hasher
 from server.broker import Broker
+from server.csrf import CsrfProtection
 from server.db import create_engine, create_sessionmaker
 from server.graphql_http import GRAPHIQL_CDN_ORIGIN, StrictGraphQL
 from server.headers import SecurityHeaders, content_security_policy
 from server.limits import request_walls
+from server.login import login_routes
 from server.logstream import stream_command_logs
 from server.metrics import Metrics
 from server.models import Command
@@ -200,11 +202,13 @@ def create_app(settings: Settings) -> Starlette:
         WebSocketRoute("/graphql", graphql),
         Route("/api/commands/{command_id}/logs/stream", stream_command_logs),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+        *login_routes(settings),
     ]
     policy = content_security_policy([GRAPHIQL_CDN_ORIGIN] if settings.graphiql_cdn else [])
     middleware = [
         Middleware(SecurityHeaders, html_policy=policy),
         *request_walls(settings),
         Middleware(AccessControl, metrics_allow=settings.metrics_allow),
+        Middleware(CsrfProtection),
     ]
     return Starlette(routes=routes, lifespan=lifespan, middleware=middleware)
