@@ -39,7 +39,7 @@ log = logging.getLogger("corral.access")
 PRINCIPAL_SCOPE_KEY = "corral.principal"
 SESSION_COOKIE = "corral_session"
 # /logout: with an expired session it still clears the cookie (CSRF-checked with a live one).
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/login", "/logout"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/login", "/logout", "/favicon.ico"})
 OPEN_PREFIXES = ("/static/",)
 METRICS_PATH = "/metrics"
 

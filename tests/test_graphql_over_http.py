@@ -28,6 +28,7 @@ from websockets.typing import Origin, Subprotocol
 from graphql_schema.relay import encode_id
 from server import profiles as profile_service
 from server.app import create_app
+from server.auth import create_user
 from server.graphql_http import (
     GRAPHIQL_SCRIPTS,
     GRAPHIQL_STYLES,
@@ -376,6 +377,7 @@ async def test_graphiql_from_the_cdn_is_pinned_with_sri(settings: Settings) -> N
     assert "script-src 'self' https://unpkg.com" in csp
 
 
+PASSWORD = "correct horse battery"
 BROWSER_SCRIPT = r"""
 const { chromium } = require(process.env.PLAYWRIGHT_CORE);
 (async () => {
@@ -388,13 +390,13 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE);
   });
   const found = { errors: [], foreign: [], violations: [] };
   try {
-    const page = await browser.newPage({
-      viewport: { width: 1400, height: 900 },
-      extraHTTPHeaders: { Authorization: `Bearer ${process.env.CORRAL_TOKEN}` },
-    });
+    const page = await browser.newPage({ viewport: { width: 1400, height: 900 } });
     page.on('pageerror', (error) => found.errors.push(String(error)));
     page.on('console', (message) => {
       if (message.type() === 'error') found.errors.push(message.text());
+    });
+    page.on('response', (response) => {
+      if (response.status() >= 400) found.errors.push(`${response.status()} ${response.url()}`);
     });
     page.on('request', (request) => {
       if (!request.url().startsWith(origin) && !request.url().startsWith('data:')) {
@@ -407,7 +409,13 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE);
         window.__violations.push(`${event.violatedDirective} ${event.blockedURI}`);
       });
     });
+    // Not logged in: the browser is sent to the login page, and back after it. GraphiQL's
+    // POSTs then ride on the session cookie, with the page's CSRF token in a header.
     await page.goto(`${url}?q=${encodeURIComponent('{ __typename }')}`);
+    await page.locator('input[name="name"]').fill(process.env.CORRAL_USER);
+    await page.locator('input[name="password"]').fill(process.env.CORRAL_PASSWORD);
+    await page.locator('button[type="submit"]').click();
+    await page.waitForURL((target) => target.pathname === '/graphql', { timeout: 20000 });
     await page.locator('.graphiql-query-editor .CodeMirror').waitFor({ timeout: 20000 });
     await page.locator('.graphiql-execute-button').click();
     await page.locator('.graphiql-response').getByText('"Query"').waitFor({ timeout: 20000 });
@@ -434,13 +442,17 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE);
 
 
 async def test_graphiql_renders_offline_in_chromium(settings: Settings, tmp_path: Path) -> None:
-    """Real headless Chromium, a real server: the editor renders (not "Loading..."), runs a
-    query, loads nothing from another origin and breaks no CSP rule."""
+    """Real headless Chromium, a real server: the login page first, then the editor renders
+    (not "Loading..."), runs a query over the session (its CSRF token sent), loads nothing
+    from another origin and breaks no CSP rule."""
     assert PLAYWRIGHT_CORE.is_dir(), "runner/js/node_modules (make setup) is missing"
     script = tmp_path / "graphiql.cjs"
     script.write_text(BROWSER_SCRIPT)
     shot = tmp_path / "graphiql.png"
     async with running_server(settings) as live:
+        async with live.app.state.services.sessionmaker() as session:
+            await create_user(session, "grace", PASSWORD)
+            await session.commit()
         process = await asyncio.create_subprocess_exec(
             "node",
             str(script),
@@ -450,7 +462,8 @@ async def test_graphiql_renders_offline_in_chromium(settings: Settings, tmp_path
             env={
                 "PLAYWRIGHT_CORE": str(PLAYWRIGHT_CORE),
                 "PATH": "/usr/bin:/bin",
-                "CORRAL_TOKEN": live.app.state.admin_token,
+                "CORRAL_USER": "grace",
+                "CORRAL_PASSWORD": PASSWORD,
             },
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
