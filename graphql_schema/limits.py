@@ -1,7 +1,8 @@
 """Per-operation limits that validation rules cannot state: query size, cost, response size.
 
 One `QueryLimits` extension per operation, over HTTP and WebSocket alike:
-- a query text over `graphql_max_query_bytes` is refused before it is parsed;
+- a query text over `graphql_max_query_bytes` is refused before it is parsed, and one of
+  more than `graphql_max_tokens` tokens while it is parsed (the parser stops there);
 - an operation whose estimated cost (graphql_schema/cost.py, variables resolved) is over
   `graphql_max_cost` is refused before it runs; and since a list without `first` may be
   longer than the estimate assumed, the items such lists return are counted as they come
@@ -31,6 +32,8 @@ from strawberry.types.graphql import OperationType
 from graphql_schema.cost import CostModel
 
 NAME = re.compile(r"[_A-Za-z][_0-9A-Za-z]*")
+# How graphql-core's parser words the stop at `max_tokens` (a GraphQLSyntaxError).
+_TOKEN_LIMIT = re.compile(r"Document contains more than \d+ tokens")
 PARSE_CACHE_SIZE = 256
 
 
@@ -39,6 +42,7 @@ class Limits:
     """What one schema allows; built once per schema and shared by its requests."""
 
     max_query_bytes: int
+    max_tokens: int
     max_cost: int
     max_response_bytes: int
     cost_model: CostModel
@@ -61,6 +65,15 @@ def query_size_error(query: str, limit: int) -> GraphQLError | None:
         f"the query is {size} bytes, more than the limit of {limit}; "
         "pass values as variables or split the operation",
         extensions={"code": "QUERY_TOO_LARGE", "size": size, "limit": limit},
+    )
+
+
+def token_count_error(limit: int) -> GraphQLError:
+    """The error for a query text of more than `limit` tokens."""
+    return GraphQLError(
+        f"the query has more than {limit} tokens (names, punctuation, values, comments); "
+        "pass values as variables or split the operation",
+        extensions={"code": "QUERY_TOO_LARGE", "limit": limit},
     )
 
 
@@ -161,16 +174,20 @@ class QueryLimits(SchemaExtension):
     def on_parse(self) -> Iterator[None]:
         context = self.execution_context
         query = context.query or ""
+        # Set in the options, so that Strawberry's own parse (after a syntax error) stops too.
+        context.parse_options["max_tokens"] = self.limits.max_tokens
         self.refusal = query_size_error(query, self.limits.max_query_bytes)
-        if self.refusal is not None:
-            context.graphql_document = _placeholder(context.operation_name)
-        else:
+        if self.refusal is None:
             try:
                 context.graphql_document = _parse(query, **context.parse_options)
-            except GraphQLError:
-                # Strawberry parses it again and reports the syntax error its own way
-                # (raised from here, it would escape a WebSocket operation as a crash).
+            except GraphQLError as error:
+                if _TOKEN_LIMIT.search(error.message):
+                    self.refusal = token_count_error(self.limits.max_tokens)
+                # Otherwise Strawberry parses it again and reports the syntax error its own
+                # way (raised from here, it would escape a WebSocket operation as a crash).
                 context.graphql_document = None
+        if self.refusal is not None:
+            context.graphql_document = _placeholder(context.operation_name)
         yield
 
     def on_execute(self) -> Iterator[None]:

@@ -58,11 +58,13 @@ def decode_id(global_id: str) -> tuple[str, int] | None:
 
 
 def pk_of(global_id: str, type_name: str, *, field: str) -> int:
-    """The primary key of a global ID of the given type, or a NOT_FOUND user error on `field`."""
+    """The primary key of a global ID of the given type, or a NOT_FOUND user error on `field`
+    (which never quotes the value: a client may have pasted a token where the ID goes)."""
     decoded = decode_id(global_id)
     if decoded is None or decoded[0] != type_name:
-        shown = repr(global_id[:64]) + ("…" if len(global_id) > 64 else "")
-        raise InvalidInput.one(field, f"not a {type_name} ID: {shown}", ErrorCode.NOT_FOUND)
+        raise InvalidInput.one(
+            field, f"not a {type_name} ID (not an ID, or another type's)", ErrorCode.NOT_FOUND
+        )
     return decoded[1]
 
 
@@ -120,15 +122,19 @@ async def paginate(
     convert: Callable[[Any], T],
     first: int | None,
     after: str | None,
+    *,
+    descending: bool = False,
 ) -> Connection[T]:
-    """Keyset pagination by primary key (stable under inserts), `first` items after `after`."""
+    """Keyset pagination by primary key (stable under inserts), `first` items after `after`
+    (newest first when `descending`)."""
     limit = DEFAULT_PAGE_SIZE if first is None else first
     maximum = info.context.settings.page_size_max
     if not 0 <= limit <= maximum:
         raise GraphQLError(f"first must be between 0 and {maximum}")
-    page_stmt = stmt.order_by(id_column).limit(limit + 1)
+    page_stmt = stmt.order_by(id_column.desc() if descending else id_column).limit(limit + 1)
     if after is not None:
-        page_stmt = page_stmt.where(id_column > decode_cursor(after))
+        cursor = decode_cursor(after)
+        page_stmt = page_stmt.where(id_column < cursor if descending else id_column > cursor)
     async with info.context.reading() as session:
         rows: Sequence[Any] = (await session.scalars(page_stmt)).all()
 

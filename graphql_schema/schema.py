@@ -8,6 +8,7 @@ from typing import Any
 import strawberry
 from strawberry.extensions import (
     AddValidationRules,
+    DisableIntrospection,
     MaskErrors,
     MaxAliasesLimiter,
     QueryDepthLimiter,
@@ -17,6 +18,7 @@ from strawberry.schema.config import StrawberryConfig
 from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
 
 from graphql_schema.access import AccessMutations, ApiToken, Me, resolve_api_tokens, resolve_me
+from graphql_schema.audit import AuditEvent, MutationAudit, load_audit_event, resolve_audit_events
 from graphql_schema.commands import (
     LOG_PAGE_MAX,
     Command,
@@ -63,6 +65,8 @@ async def _load_node(info: Info, type_name: str, pk: int) -> Node | None:
 
             token = await session.get(ApiTokenRow, pk)
         return None if token is None else ApiToken.from_row(token)
+    if type_name == "AuditEvent":
+        return await load_audit_event(info, pk)
     if type_name == "Command":
         async with info.context.reading() as session:
             from server.models import Command as CommandRow
@@ -93,6 +97,7 @@ class Query:
     compose_command: ComposedCommand = strawberry.field(resolver=resolve_compose_command)
     me: Me = strawberry.field(resolver=resolve_me)
     api_tokens: Connection[ApiToken] = strawberry.field(resolver=resolve_api_tokens)
+    audit_events: Connection[AuditEvent] = strawberry.field(resolver=resolve_audit_events)
 
 
 @strawberry.type
@@ -113,6 +118,7 @@ def query_limits(settings: Settings) -> Limits:
     page: connections by `first` or DEFAULT_PAGE_SIZE, Command.logs by `first` or all)."""
     return Limits(
         max_query_bytes=settings.graphql_max_query_bytes,
+        max_tokens=settings.graphql_max_tokens,
         max_cost=settings.graphql_max_cost,
         max_response_bytes=settings.graphql_max_response_bytes,
         cost_model=CostModel(
@@ -140,7 +146,8 @@ class PerEventMemoExecutionContext(StrawberryGraphQLCoreExecutionContext):
 
 
 def build_schema(settings: Settings | None = None) -> strawberry.Schema:
-    """The schema, with depth, alias, query size, cost and response limits from settings."""
+    """The schema, with depth, alias, query size, token, cost and response limits (and
+    introspection on or off) from settings."""
     settings = settings or Settings()
     # The limits' rules are built once, here: the limiter extensions build new rule classes
     # each time they are made (once a request), and a validation cached under one request's
@@ -149,20 +156,25 @@ def build_schema(settings: Settings | None = None) -> strawberry.Schema:
         *QueryDepthLimiter(max_depth=settings.graphql_max_depth).validation_rules,
         *MaxAliasesLimiter(max_alias_count=settings.graphql_max_aliases).validation_rules,
     ]
+    if not settings.graphql_introspection:
+        rules.extend(DisableIntrospection().validation_rules)
     limits = query_limits(settings)
     return CorralSchema(
         query=Query,
         mutation=Mutation,
         subscription=Subscription,
-        types=[Profile, Service, Proxy, CommandTemplate, Command, ApiToken],
+        types=[Profile, Service, Proxy, CommandTemplate, Command, ApiToken, AuditEvent],
         extensions=[
             lambda: AddValidationRules(rules),
             lambda: MaskErrors(should_mask_error=is_unexpected),
             # QueryLimits also parses (with a cache), after checking the query's size.
             lambda: QueryLimits(limits),
-            # After the limits (a refused query never gets this far); before any resolver.
+            # After the limits (a refused query never gets this far), and inside the audit
+            # (a resolver hook listed earlier runs nested in a later one's): its refusals
+            # are on record as `denied`.
             RoleGuard,
             lambda: ValidationCache(maxsize=256),
+            MutationAudit,
         ],
         config=StrawberryConfig(),
         execution_context_class=PerEventMemoExecutionContext,

@@ -38,7 +38,8 @@ log = logging.getLogger("corral.access")
 
 PRINCIPAL_SCOPE_KEY = "corral.principal"
 SESSION_COOKIE = "corral_session"
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/login"})
+# /logout: with an expired session it still clears the cookie (CSRF-checked with a live one).
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/login", "/logout", "/favicon.ico"})
 OPEN_PREFIXES = ("/static/",)
 METRICS_PATH = "/metrics"
 
@@ -167,6 +168,10 @@ class AccessControl:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        if scope["path"].startswith(OPEN_PREFIXES):  # static assets: no lookup at all
+            scope[PRINCIPAL_SCOPE_KEY] = None
             await self.app(scope, receive, send)
             return
         authenticator: Authenticator | None = getattr(scope["app"].state, "authenticator", None)

@@ -8,6 +8,7 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select, text
@@ -17,7 +18,8 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
-from starlette.routing import Route, WebSocketRoute
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
@@ -29,9 +31,12 @@ from server import migrate
 from server.access import AccessControl, Authenticator
 from server.auth import SessionPolicy, TokenHasher, load_token_hasher
 from server.broker import Broker
+from server.csrf import CsrfProtection
 from server.db import create_engine, create_sessionmaker
-from server.graphql_http import StrictGraphQL
+from server.graphql_http import GRAPHIQL_CDN_ORIGIN, StrictGraphQL
+from server.headers import SecurityHeaders, content_security_policy
 from server.limits import request_walls
+from server.login import login_routes
 from server.logstream import stream_command_logs
 from server.metrics import Metrics
 from server.models import Command
@@ -40,6 +45,7 @@ from server.settings import Settings
 
 log = logging.getLogger("corral.app")
 CONTEXT_SCOPE_KEY = "corral.graphql_context"
+STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
 
 class StartupError(Exception):
@@ -183,7 +189,11 @@ def create_app(settings: Settings) -> Starlette:
             await render_pool.close()
             await engine.dispose()
 
-    graphql = GraphQLEndpoint(build_schema(settings), graphql_ide="graphiql")
+    graphql = GraphQLEndpoint(
+        build_schema(settings),
+        graphql_ide="graphiql" if settings.graphiql else None,
+        graphiql_cdn=settings.graphiql_cdn,
+    )
     routes = [
         Route("/healthz", healthz),
         Route("/readyz", readyz),
@@ -191,9 +201,14 @@ def create_app(settings: Settings) -> Starlette:
         Route("/graphql", graphql, methods=["GET", "POST"]),
         WebSocketRoute("/graphql", graphql),
         Route("/api/commands/{command_id}/logs/stream", stream_command_logs),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+        *login_routes(settings),
     ]
+    policy = content_security_policy([GRAPHIQL_CDN_ORIGIN] if settings.graphiql_cdn else [])
     middleware = [
+        Middleware(SecurityHeaders, html_policy=policy),
         *request_walls(settings),
         Middleware(AccessControl, metrics_allow=settings.metrics_allow),
+        Middleware(CsrfProtection),
     ]
     return Starlette(routes=routes, lifespan=lifespan, middleware=middleware)

@@ -6,6 +6,7 @@ logs or returns a password, a token or a session id in clear (only their preview
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import secrets
@@ -143,19 +144,32 @@ async def set_password(session: AsyncSession, name: str, password: str) -> User:
     return user
 
 
-async def delete_user(session: AsyncSession, name: str) -> None:
-    """Remove a user (their sessions go with them; their API tokens stay, unowned)."""
+async def delete_user(session: AsyncSession, name: str) -> User:
+    """Remove a user (their sessions go with them; their API tokens stay, unowned); the
+    last admin stays, or nobody could administer Corral."""
     user = await find_user(session, name)
     if user is None:
         raise InvalidInput.one("name", f"no user {name!r}.", ErrorCode.NOT_FOUND)
+    if user.role == Role.ADMIN.value and await count_admins(session) <= 1:
+        raise InvalidInput.one(
+            "name",
+            f"{user.name!r} is the last admin: make another admin first.",
+            ErrorCode.IN_USE,
+        )
     await session.execute(delete(UserSession).where(UserSession.user_id == user.id))
     await session.delete(user)
     await session.flush()
+    return user
 
 
 async def list_users(session: AsyncSession) -> list[User]:
     """Every user, by name."""
     return list(await session.scalars(select(User).order_by(User.name)))
+
+
+async def has_users(session: AsyncSession) -> bool:
+    """Whether any user exists (none on a new installation)."""
+    return await session.scalar(select(User.id).limit(1)) is not None
 
 
 async def count_admins(session: AsyncSession) -> int:
@@ -166,12 +180,16 @@ async def count_admins(session: AsyncSession) -> int:
 async def check_login(session: AsyncSession, name: str, password: str) -> User | None:
     """The user if `password` is theirs (rehashing an outdated hash), else None; as slow
     for an unknown name as for a wrong password."""
-    user = await find_user(session, name) if len(name) <= NAME_MAX else None
-    if not verify_password(None if user is None else user.password_hash, password[:PASSWORD_MAX]):
+    # A name no user can have (too long; a NUL, which PostgreSQL text refuses) is not looked up.
+    plausible = len(name) <= NAME_MAX and name.isprintable()
+    user = await find_user(session, name) if plausible else None
+    # argon2 takes tens of milliseconds of CPU on purpose: not on the event loop.
+    stored = None if user is None else user.password_hash
+    if not await asyncio.to_thread(verify_password, stored, password[:PASSWORD_MAX]):
         return None
     assert user is not None
     if _hasher.check_needs_rehash(user.password_hash):
-        user.password_hash = hash_password(password)
+        user.password_hash = await asyncio.to_thread(hash_password, password)
     user.last_login_at = utcnow()
     await session.flush()
     return user
@@ -337,6 +355,11 @@ async def resolve_session(
     if now - row.last_seen_at >= TOUCH_EVERY:
         row.last_seen_at = now
         await session.flush()
+    return session_principal(user, row)
+
+
+def session_principal(user: User, row: UserSession) -> Principal:
+    """Who a request with this login session acts as."""
     return Principal(
         kind="user",
         name=user.name,

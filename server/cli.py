@@ -1,35 +1,43 @@
-"""The `corral` command: serve, migrate, genkey, rotate-key, schema, token."""
+"""The `corral` command: serve, migrate, genkey, rotate-key, schema, user, token."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import gc
+import getpass
+import ipaddress
 import logging
+import os
+import secrets
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from runner.sandbox import SandboxError
 from runner.supervisor import runner_sandbox
 from server import __version__, migrate
-from server.app import (
-    StartupError,
-    create_app,
-    prepare_access,
-    prepare_database,
-    run_standalone_runner,
-)
+from server.app import StartupError, create_app, prepare_database, run_standalone_runner
+from server.audit import record_event
 from server.auth import (
     CLI,
     TokenHasher,
+    check_password,
+    count_admins,
     create_api_token,
+    create_user,
+    delete_user,
+    has_users,
     list_api_tokens,
+    list_users,
+    load_token_hasher,
     revoke_api_token,
+    set_password,
     token_is_active,
 )
 from server.db import create_engine, create_sessionmaker
@@ -37,11 +45,12 @@ from server.errors import InvalidInput
 from server.keyrotation import DEFAULT_BATCH_SIZE, rotate_key
 from server.limits import uvicorn_limits
 from server.models import ApiToken, utcnow
-from server.secretbox import SecretKeyError, generate_key
+from server.secretbox import SecretKeyError, generate_key, load_secret_box
 from server.settings import WILDCARD_ADDRESSES, Settings
 
 T = TypeVar("T")
-TokenWork = Callable[[AsyncSession, TokenHasher], Awaitable[T]]
+PASSWORD_ENV = "CORRAL_USER_PASSWORD"  # noqa: S105 - the variable's name, not a password
+FIRST_ADMIN = "admin"
 
 
 class CliError(Exception):
@@ -122,11 +131,66 @@ def freeze_startup_heap() -> None:
     gc.freeze()
 
 
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+async def _first_admin(session: AsyncSession) -> str | None:
+    """On a new embedded installation: the user `admin` with a random password (returned
+    to be shown once; only its hash is stored)."""
+    if await has_users(session):
+        return None
+    password = secrets.token_urlsafe(16)
+    user = await create_user(session, FIRST_ADMIN, password, "admin")
+    await _record_user_change(session, "createUser", user.id, name=user.name, role=user.role)
+    try:
+        await session.commit()
+    except IntegrityError:  # another `corral serve` made it a moment ago
+        return None
+    return password
+
+
+async def _prepare_serve(settings: Settings) -> str | None:
+    """Prepare the database; refuse to listen beyond this machine with no admin to log in;
+    make the first admin of a new embedded installation (its password is returned)."""
+    engine = create_engine(settings)
+    try:
+        await prepare_database(settings, engine)
+        async with create_sessionmaker(engine)() as session:
+            if not is_loopback(settings.host) and await count_admins(session) == 0:
+                raise CliError(
+                    f"refusing to listen on {settings.host} (beyond this machine) while no admin "
+                    "user exists: create one first with `corral user create NAME`"
+                )
+            return await _first_admin(session) if settings.is_embedded else None
+    finally:
+        await engine.dispose()
+
+
+def print_first_admin(password: str) -> None:
+    """Show the first admin's password, once, on the console (never through logging)."""
+    print(
+        f"Corral made the first admin user: name {FIRST_ADMIN!r}, password {password}\n"
+        "  This password is shown only this once. Log in at /login, then change it with "
+        f"`corral user set-password {FIRST_ADMIN}`.",
+        flush=True,
+    )
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     settings = load_settings(host=args.host, port=args.port)
-    asyncio.run(_prepare(settings))
+    first_password = asyncio.run(_prepare_serve(settings))
+    if first_password is not None:
+        print_first_admin(first_password)
     app = create_app(settings)
     freeze_startup_heap()
     config = uvicorn.Config(
@@ -212,7 +276,144 @@ def cmd_schema(_args: argparse.Namespace) -> None:
     sys.stdout.write(schema_sdl())
 
 
-# --- corral token ----------------------------------------------------------------------
+# --- corral user ------------------------------------------------------------------------
+
+
+def _describe(exc: InvalidInput) -> str:
+    return "; ".join(f"{'.'.join(error.field)}: {error.message}" for error in exc.errors)
+
+
+def run_in_session(settings: Settings, work: Callable[[AsyncSession], Awaitable[T]]) -> T:
+    """Run `work` in one database session (committed when it succeeds); a user's mistake
+    (InvalidInput) becomes a CliError."""
+
+    async def run() -> T:
+        engine = create_engine(settings)
+        try:
+            await prepare_database(settings, engine)
+            async with create_sessionmaker(engine)() as session:
+                try:
+                    result = await work(session)
+                except InvalidInput as exc:
+                    raise CliError(_describe(exc)) from None
+                await session.commit()
+                return result
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(run())
+
+
+def read_new_password() -> str:
+    """A new password: from CORRAL_USER_PASSWORD (scripts), else asked twice."""
+    password = os.environ.get(PASSWORD_ENV)
+    if password is None:
+        try:
+            password = getpass.getpass("Password: ")
+            again = getpass.getpass("Password again: ")
+        except EOFError:
+            raise CliError(f"no password given (type it, or set {PASSWORD_ENV})") from None
+        if password != again:
+            raise CliError("the two passwords differ")
+    try:
+        return check_password(password)
+    except InvalidInput as exc:
+        raise CliError(_describe(exc)) from None
+
+
+async def _record_user_change(
+    session: AsyncSession, action: str, user_id: int, **detail: str
+) -> None:
+    await record_event(
+        session,
+        principal=CLI,
+        action=action,
+        outcome="ok",
+        object_type="user",
+        object_id=str(user_id),
+        detail=detail,
+    )
+
+
+def cmd_user_create(args: argparse.Namespace) -> None:
+    settings = load_settings()
+    password = read_new_password()
+
+    async def work(session: AsyncSession) -> str:
+        user = await create_user(session, args.name, password, args.role)
+        await _record_user_change(session, "createUser", user.id, name=user.name, role=user.role)
+        return f"user {user.name!r} created ({user.role})"
+
+    print(run_in_session(settings, work))
+
+
+def cmd_user_list(_args: argparse.Namespace) -> None:
+    settings = load_settings()
+
+    async def work(session: AsyncSession) -> list[tuple[str, ...]]:
+        return [
+            (
+                user.name,
+                user.role,
+                f"{user.created_at:%Y-%m-%d %H:%M}",
+                "never" if user.last_login_at is None else f"{user.last_login_at:%Y-%m-%d %H:%M}",
+            )
+            for user in await list_users(session)
+        ]
+
+    rows = [("NAME", "ROLE", "CREATED (UTC)", "LAST LOGIN (UTC)"), *run_in_session(settings, work)]
+    widths = [max(len(row[column]) for row in rows) for column in range(3)]
+    for row in rows:
+        padded = [cell.ljust(width) for cell, width in zip(row[:3], widths, strict=True)]
+        print("  ".join([*padded, row[3]]))
+
+
+def cmd_user_set_password(args: argparse.Namespace) -> None:
+    settings = load_settings()
+    password = read_new_password()
+
+    async def work(session: AsyncSession) -> str:
+        user = await set_password(session, args.name, password)
+        await _record_user_change(session, "setUserPassword", user.id, name=user.name)
+        return f"password of {user.name!r} changed; their sessions are ended"
+
+    print(run_in_session(settings, work))
+
+
+def cmd_user_delete(args: argparse.Namespace) -> None:
+    settings = load_settings()
+
+    async def work(session: AsyncSession) -> str:
+        user = await delete_user(session, args.name)
+        await _record_user_change(session, "deleteUser", user.id, name=user.name)
+        return f"user {user.name!r} deleted"
+
+    print(run_in_session(settings, work))
+
+
+def add_user_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    user = commands.add_parser("user", help="manage the users who log in to the panel")
+    actions = user.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = actions.add_parser(
+        "create", help=f"add a user (password asked twice, or from {PASSWORD_ENV})"
+    )
+    create.add_argument("name")
+    create.add_argument("--role", default="admin", help="admin (the default) or viewer")
+    create.set_defaults(func=cmd_user_create)
+    actions.add_parser("list", help="list users: name, role, created, last login").set_defaults(
+        func=cmd_user_list
+    )
+    change = actions.add_parser(
+        "set-password", help="change a user's password (ends their sessions)"
+    )
+    change.add_argument("name")
+    change.set_defaults(func=cmd_user_set_password)
+    delete = actions.add_parser("delete", help="remove a user (never the last admin)")
+    delete.add_argument("name")
+    delete.set_defaults(func=cmd_user_delete)
+
+
+# --- corral token -----------------------------------------------------------------------
 
 TOKEN_DAYS_MAX = 3650
 
@@ -237,25 +438,27 @@ def _token_pk(text: str) -> int:
     return decoded[1]
 
 
-def _one_line(exc: InvalidInput) -> str:
-    return "; ".join(f"{'.'.join(e.field) or 'input'}: {e.message}" for e in exc.errors)
+def run_with_tokens(
+    settings: Settings, work: Callable[[AsyncSession, TokenHasher], Awaitable[T]]
+) -> T:
+    """`run_in_session`, with the installation's token hasher."""
+
+    async def with_hasher(session: AsyncSession) -> T:
+        return await work(session, await load_token_hasher(session, load_secret_box(settings)))
+
+    return run_in_session(settings, with_hasher)
 
 
-async def _with_tokens(settings: Settings, work: TokenWork[T]) -> T:
-    """Run `work` in one committed transaction, with the installation's token hasher."""
-    engine = create_engine(settings)
-    try:
-        box = await prepare_database(settings, engine)
-        hasher = await prepare_access(engine, box)
-        async with create_sessionmaker(engine)() as session:
-            try:
-                result = await work(session, hasher)
-            except InvalidInput as exc:
-                raise CliError(_one_line(exc)) from exc
-            await session.commit()
-            return result
-    finally:
-        await engine.dispose()
+async def _record_token_change(session: AsyncSession, action: str, token: ApiToken) -> None:
+    await record_event(
+        session,
+        principal=CLI,
+        action=action,
+        outcome="ok",
+        object_type="api_token",
+        object_id=str(token.id),
+        detail={"name": token.name, "role": token.role},
+    )
 
 
 def cmd_token_create(args: argparse.Namespace) -> None:
@@ -264,11 +467,13 @@ def cmd_token_create(args: argparse.Namespace) -> None:
     expires_at = None if lifetime is None else utcnow() + lifetime
 
     async def work(session: AsyncSession, hasher: TokenHasher) -> tuple[ApiToken, str]:
-        return await create_api_token(
+        token, plaintext = await create_api_token(
             session, hasher, name=args.name, role=args.role, created_by=CLI, expires_at=expires_at
         )
+        await _record_token_change(session, "createApiToken", token)
+        return token, plaintext
 
-    token, plaintext = asyncio.run(_with_tokens(settings, work))
+    token, plaintext = run_with_tokens(settings, work)
     print(plaintext, flush=True)  # alone on stdout: TOKEN=$(corral token create ...)
     until = "never expires" if token.expires_at is None else f"expires {token.expires_at:%Y-%m-%d}"
     print(
@@ -278,55 +483,53 @@ def cmd_token_create(args: argparse.Namespace) -> None:
     )
 
 
+def _when(moment: datetime | None) -> str:
+    return "-" if moment is None else f"{moment:%Y-%m-%d %H:%M}Z"
+
+
+def _token_row(token: ApiToken, now: datetime) -> tuple[str, ...]:
+    state = "active" if token_is_active(token, now) else "expired"
+    if token.revoked_at is not None:
+        state = "revoked"
+    return (
+        str(token.id),
+        token.name,
+        token.role,
+        state,
+        token.preview,
+        _when(token.created_at),
+        _when(token.expires_at),
+        _when(token.last_used_at),
+    )
+
+
 def cmd_token_list(_args: argparse.Namespace) -> None:
     settings = load_settings()
 
-    async def work(session: AsyncSession, _hasher: TokenHasher) -> list[ApiToken]:
+    async def work(session: AsyncSession) -> list[ApiToken]:
         return await list_api_tokens(session)
 
-    tokens = asyncio.run(_with_tokens(settings, work))
     now = utcnow()
     print("ID\tNAME\tROLE\tSTATE\tPREVIEW\tCREATED\tEXPIRES\tLAST USED")
-    for token in tokens:
-        state = (
-            "revoked"
-            if token.revoked_at is not None
-            else ("active" if token_is_active(token, now) else "expired")
-        )
-        print(
-            "\t".join(
-                (
-                    str(token.id),
-                    token.name,
-                    token.role,
-                    state,
-                    token.preview,
-                    _when(token.created_at),
-                    _when(token.expires_at),
-                    _when(token.last_used_at),
-                )
-            )
-        )
-
-
-def _when(moment: datetime | None) -> str:
-    return "-" if moment is None else f"{moment:%Y-%m-%d %H:%M}Z"
+    for token in run_in_session(settings, work):
+        print("\t".join(_token_row(token, now)))
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> None:
     settings = load_settings()
     pk = _token_pk(args.id.strip())
 
-    async def work(session: AsyncSession, _hasher: TokenHasher) -> ApiToken:
-        return await revoke_api_token(session, pk)
+    async def work(session: AsyncSession) -> str:
+        token = await revoke_api_token(session, pk)
+        await _record_token_change(session, "revokeApiToken", token)
+        return f"API token {token.id} {token.name!r} is revoked: requests with it are refused"
 
-    token = asyncio.run(_with_tokens(settings, work))
-    print(f"API token {token.id} {token.name!r} is revoked: requests with it are refused")
+    print(run_in_session(settings, work))
 
 
-def _add_token_commands(commands: Any) -> None:
+def add_token_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     token = commands.add_parser("token", help="create, list and revoke API tokens")
-    actions = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    actions = token.add_subparsers(dest="action", required=True, metavar="ACTION")
     create = actions.add_parser("create", help="make a token; prints it (only it) on stdout, once")
     create.add_argument("--name", required=True, help="what the token is for")
     create.add_argument("--role", choices=("admin", "viewer"), default="viewer")
@@ -376,7 +579,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("schema", help="print the GraphQL schema (SDL)").set_defaults(
         func=cmd_schema
     )
-    _add_token_commands(commands)
+    add_user_commands(commands)
+    add_token_commands(commands)
     return parser
 
 

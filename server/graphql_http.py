@@ -1,6 +1,13 @@
 """GraphQL over HTTP and WebSocket, strict about its input: every malformed request is a 4xx
 (or a 4400 close) with one readable line, never a 500.
 
+Over HTTP it follows the GraphQL-over-HTTP spec where Strawberry does not (0.341 answers
+application/json only): the response type is negotiated from `Accept`
+(`application/graphql-response+json`, whose request errors are 400s, or `application/json`,
+always 200; neither acceptable: 406), and a mutation over GET is a 405 with `Allow: POST`.
+The GraphiQL page loads pinned copies of its scripts from /static/graphiql/ (or, by a
+setting, the same files from unpkg.com with SRI), and no inline script.
+
 Strawberry's views assume a well-formed envelope in places: a JSON body that is a string or
 a number, a WebSocket message that is not an object, or a `subscribe` without a payload
 raised AttributeError / TypeError (a 500, or a WebSocket torn down with a logged traceback).
@@ -8,15 +15,23 @@ raised AttributeError / TypeError (a 500, or a WebSocket torn down with a logged
 
 from __future__ import annotations
 
+import html
 import json
+import logging
 import re
 from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from cross_web import AsyncHTTPRequestAdapter, HTTPException
 from starlette.datastructures import Headers
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, PlainTextResponse, Response
+from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import MissingQueryError
+from strawberry.http import GraphQLHTTPResponse
+from strawberry.http.websocket_origin import is_same_origin
 from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOperationTypeError
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
@@ -29,10 +44,13 @@ from strawberry.subscriptions.protocols.graphql_transport_ws.types import (
 )
 from strawberry.types import ExecutionResult
 from strawberry.types.graphql import OperationType
+from strawberry.types.unset import UNSET
 
 from graphql_schema.context import Context
-from server.access import Authenticator, bearer_token
+from server.access import Authenticator, bearer_token, principal_of
 from server.auth import Principal
+
+log = logging.getLogger("corral.graphql")
 
 # Deepest JSON a request may carry (variables included). GraphQL inputs nest a few levels;
 # a deeper value only serves to exhaust the stack of whatever walks it later.
@@ -106,6 +124,156 @@ def _invalid_ws_message(message: object) -> str | None:
         if payload.get(key) is not None and not isinstance(payload[key], kind):
             return f"`payload.{key}` must be {'an object' if kind is dict else 'a string'}"
     return None
+
+
+GRAPHQL_RESPONSE_JSON = "application/graphql-response+json"
+JSON_MEDIA_TYPE = "application/json"
+_MEDIA_TYPE_KEY = "corral.graphql_media_type"
+_REQUEST_ERROR_KEY = "corral.graphql_request_error"
+
+
+def _media_ranges(accept: str) -> list[tuple[str, float]]:
+    """`(media range, q)` of each entry of an Accept header (lower case; a range with a
+    malformed q is left out)."""
+    ranges = []
+    for entry in accept.split(","):
+        name, *params = (part.strip() for part in entry.split(";"))
+        quality = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    quality = min(max(float(value), 0.0), 1.0)
+                except ValueError:
+                    quality = -1.0
+        if name and quality >= 0:
+            ranges.append((name.lower(), quality))
+    return ranges
+
+
+def _quality(ranges: list[tuple[str, float]], media_type: str) -> float:
+    """The q an Accept header gives `media_type`: that of its most specific matching range
+    (RFC 9110 12.5.1), 0 when none matches."""
+    family = media_type.split("/")[0] + "/*"
+    for candidate in (media_type, family, "*/*"):
+        found = [quality for name, quality in ranges if name == candidate]
+        if found:
+            return max(found)
+    return 0.0
+
+
+def negotiate_media_type(accept: str | None) -> str | None:
+    """The response type for a GraphQL request's Accept header, or None (a 406).
+
+    application/graphql-response+json when the client names it, at least as high as
+    application/json; otherwise application/json when allowed (a missing Accept, `*/*`
+    or `application/*` included: such clients, curl's default among them, got JSON with
+    200 before, and keep it)."""
+    if accept is None or not accept.strip():
+        return JSON_MEDIA_TYPE
+    ranges = _media_ranges(accept)
+    named = max((q for name, q in ranges if name == GRAPHQL_RESPONSE_JSON), default=0.0)
+    as_json = _quality(ranges, JSON_MEDIA_TYPE)
+    if named > 0 and named >= as_json:
+        return GRAPHQL_RESPONSE_JSON
+    return JSON_MEDIA_TYPE if as_json > 0 else None
+
+
+def is_request_error(result: ExecutionResult) -> bool:
+    """A result without data whose errors belong to no field: the request failed before it
+    ran (syntax, validation, variables, a limit)."""
+    if result.data is not None or not result.errors:
+        return False
+    return not any(error.path for error in result.errors)
+
+
+class MethodNotAllowed(HTTPException):
+    """A 405, with the methods the operation may use."""
+
+    def __init__(self, reason: str, allow: str) -> None:
+        super().__init__(405, reason)
+        self.allow = allow
+
+
+@dataclass(frozen=True)
+class PageAsset:
+    """A file the GraphiQL page loads: its name in static/graphiql/, its pinned CDN URL and
+    its SRI hash (the same file: Strawberry's graphiql.html names these URLs and hashes)."""
+
+    name: str
+    cdn_url: str
+    integrity: str
+
+    def tag(self, cdn: bool) -> str:
+        url = self.cdn_url if cdn else f"{GRAPHIQL_STATIC_URL}/{self.name}"
+        crossorigin = " crossorigin" if cdn else ""
+        if self.name.endswith(".css"):
+            return f'<link rel="stylesheet" href="{url}" integrity="{self.integrity}"{crossorigin}>'
+        return f'<script src="{url}" integrity="{self.integrity}"{crossorigin}></script>'
+
+
+GRAPHIQL_STATIC_URL = "/static/graphiql"
+GRAPHIQL_CDN_ORIGIN = "https://unpkg.com"
+GRAPHIQL_STYLES = (
+    PageAsset(
+        "graphiql.min.css",
+        f"{GRAPHIQL_CDN_ORIGIN}/graphiql@3.8.3/graphiql.min.css",
+        "sha384-Mq3vbRBY71jfjQAt/DcjxUIYY33ksal4cgdRt9U/hNPvHBCaT2JfJ/PTRiPKf0aM",
+    ),
+    PageAsset(
+        "plugin-explorer.css",
+        f"{GRAPHIQL_CDN_ORIGIN}/@graphiql/plugin-explorer@1.0.2/dist/style.css",
+        "sha384-5DFJlDPW2tSATRbM8kzoP1j194jexLswuNmClWoRr2Q0x7R68JIQzPHZ02Faktwi",
+    ),
+)
+GRAPHIQL_SCRIPTS = (
+    PageAsset(
+        "react.production.min.js",
+        f"{GRAPHIQL_CDN_ORIGIN}/react@18.2.0/umd/react.production.min.js",
+        "sha384-tMH8h3BGESGckSAVGZ82T9n90ztNXxvdwvdM6UoR56cYcf+0iGXBliJ29D+wZ/x8",
+    ),
+    PageAsset(
+        "react-dom.production.min.js",
+        f"{GRAPHIQL_CDN_ORIGIN}/react-dom@18.2.0/umd/react-dom.production.min.js",
+        "sha384-bm7MnzvK++ykSwVJ2tynSE5TRdN+xL418osEVF2DE/L/gfWHj91J2Sphe582B1Bh",
+    ),
+    PageAsset(
+        "graphiql.min.js",
+        f"{GRAPHIQL_CDN_ORIGIN}/graphiql@3.8.3/graphiql.min.js",
+        "sha384-HbRVEFG0JGJZeAHCJ9Xm2+tpknBQ7QZmNlO/DgZtkZ0aJSypT96YYGRNod99l9Ie",
+    ),
+    PageAsset(
+        "plugin-explorer.umd.js",
+        f"{GRAPHIQL_CDN_ORIGIN}/@graphiql/plugin-explorer@1.0.2/dist/index.umd.js",
+        "sha384-2oonKe47vfHIZnmB6ZZ10vl7T0Y+qrHQF2cmNTaFDuPshpKqpUMGMc9jgj9MLDZ9",
+    ),
+)
+# Corral's own: always from this server.
+GRAPHIQL_PAGE_STYLE = f"{GRAPHIQL_STATIC_URL}/corral-graphiql.css"
+GRAPHIQL_PAGE_SCRIPT = f"{GRAPHIQL_STATIC_URL}/corral-graphiql.js"
+
+
+def graphiql_page(cdn: bool) -> str:
+    """The GraphiQL page: the pinned assets (local or from the CDN), then Corral's script."""
+    styles = "\n    ".join(asset.tag(cdn) for asset in GRAPHIQL_STYLES)
+    scripts = "\n    ".join(asset.tag(cdn) for asset in GRAPHIQL_SCRIPTS)
+    return f"""<!doctype html>
+<html lang="en">
+  <head>
+    <meta charset="utf-8">
+    <meta name="csrf-token" content="{{csrf_token}}">
+    <title>Corral GraphiQL</title>
+    <link rel="icon" href="data:,">
+    {styles}
+    <link rel="stylesheet" href="{GRAPHIQL_PAGE_STYLE}">
+  </head>
+  <body>
+    <div id="graphiql" class="graphiql-container">Loading...</div>
+    {scripts}
+    <script src="{GRAPHIQL_PAGE_SCRIPT}"></script>
+  </body>
+</html>
+"""
 
 
 def connection_init_token(payload: dict[str, Any]) -> str | None:
@@ -198,14 +366,73 @@ class StrictTransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
 
 
 class StrictGraphQL(GraphQL[Context, None]):
-    """Strawberry's ASGI app with strict input. Subscriptions are served over the
-    WebSocket only (graphql-transport-ws, the protocol the API names)."""
+    """Strawberry's ASGI app with strict input and negotiated responses. Subscriptions are
+    served over the WebSocket only (graphql-transport-ws, the protocol the API names)."""
 
     graphql_transport_ws_handler_class = StrictTransportWSHandler
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, graphiql_cdn: bool = False, **kwargs: Any) -> None:
         kwargs.setdefault("subscription_protocols", (GRAPHQL_TRANSPORT_WS_PROTOCOL,))
         super().__init__(*args, **kwargs)
+        self.graphiql_html = graphiql_page(cdn=graphiql_cdn)
+
+    def _check_websocket_origin(self, request: WebSocket) -> bool:
+        """Strawberry's check (0.341), which logs each refusal at WARNING: a page on another
+        site that tries the socket is its visitor's doing, not the operator's (INFO here)."""
+        headers = self.get_websocket_headers(request)
+        origin, host = headers.get("origin"), headers.get("host")
+        if (
+            origin is None
+            or headers.get("sec-fetch-site") == "same-origin"
+            or is_same_origin(origin, host)
+            or self.is_websocket_origin_allowed(request, origin)
+        ):
+            return True
+        log.info("refused a WebSocket from origin %r to host %r", origin[:100], host)
+        return False
+
+    async def render_graphql_ide(self, request: Request) -> Response:
+        """The page, with the session's CSRF token for its requests (a logged-in browser's
+        POSTs carry it in X-CSRF-Token; with a Bearer token there is none to carry)."""
+        principal = principal_of(request.scope)
+        token = "" if principal is None or principal.csrf_token is None else principal.csrf_token
+        return HTMLResponse(self.graphiql_html.replace("{csrf_token}", html.escape(token)))
+
+    async def run(
+        self, request: Request | WebSocket, context: Any = UNSET, root_value: Any = UNSET
+    ) -> Any:
+        """Strawberry's, with the response type negotiated first (406 when neither JSON
+        type is acceptable) and set last, with 400 for a request error when the client
+        takes application/graphql-response+json."""
+        if isinstance(request, WebSocket) or self.should_render_graphql_ide(
+            self.request_adapter_class(request)
+        ):
+            return await super().run(request, context, root_value)
+        media_type = negotiate_media_type(request.headers.get("accept"))
+        if media_type is None:
+            raise HTTPException(
+                406,
+                f"Accept allows neither {GRAPHQL_RESPONSE_JSON} nor {JSON_MEDIA_TYPE}, "
+                "the types of GraphQL responses",
+            )
+        request.scope[_MEDIA_TYPE_KEY] = media_type
+        try:
+            response: Response = await super().run(request, context, root_value)
+        except MethodNotAllowed as exc:
+            return PlainTextResponse(exc.reason, 405, headers={"Allow": exc.allow})
+        if media_type == GRAPHQL_RESPONSE_JSON and response.media_type == JSON_MEDIA_TYPE:
+            response.headers["content-type"] = GRAPHQL_RESPONSE_JSON
+            if request.scope.get(_REQUEST_ERROR_KEY):
+                response.status_code = 400
+        return response
+
+    async def process_result(self, request: Request, result: ExecutionResult) -> Any:
+        processed: GraphQLHTTPResponse = await super().process_result(request, result)
+        if request.scope.get(_MEDIA_TYPE_KEY) == GRAPHQL_RESPONSE_JSON and is_request_error(result):
+            # The spec: a request error's response has no `data` entry (it never ran).
+            processed.pop("data", None)
+            request.scope[_REQUEST_ERROR_KEY] = True
+        return processed
 
     def decode_json(self, data: str | bytes) -> object:
         return decode_request_json(data)
@@ -240,8 +467,9 @@ class StrictGraphQL(GraphQL[Context, None]):
         root_value: None,
         request_data: Any,
     ) -> ExecutionResult:
-        """As Strawberry's, but a subscription over plain HTTP is a 400: executed as a query
-        it failed inside (a masked error), since its resolver yields instead of returning."""
+        """As Strawberry's, but a subscription over plain HTTP is a 400 that names the
+        WebSocket (executed as a query it failed inside: a masked error, since its resolver
+        yields instead of returning), and a mutation over GET a 405 with `Allow: POST`."""
         allowed = {OperationType.QUERY}
         if request_adapter.method == "POST":
             allowed.add(OperationType.MUTATION)
@@ -259,6 +487,8 @@ class StrictGraphQL(GraphQL[Context, None]):
             raise HTTPException(400, exc.as_http_error_reason()) from exc
         except InvalidOperationTypeError as exc:
             reason = exc.as_http_error_reason(request_adapter.method)
+            if exc.operation_type is OperationType.MUTATION:
+                raise MethodNotAllowed(f"{reason}: send mutations with POST", "POST") from exc
             if exc.operation_type is OperationType.SUBSCRIPTION:
                 reason += " (subscribe over the WebSocket at /graphql, graphql-transport-ws)"
             raise HTTPException(400, reason) from exc

@@ -98,6 +98,26 @@ class Settings(BaseSettings):
         description="Longest GraphQL query text (bytes, UTF-8), over HTTP and WebSocket; "
         "a longer one is refused before it is parsed.",
     )
+    graphql_max_tokens: int = Field(
+        default=2000,
+        ge=100,
+        description="Most tokens (names, punctuation, values, comments) a GraphQL query text "
+        "may hold; the parser stops at the next one and the query is refused.",
+    )
+    graphql_introspection: bool = Field(
+        default=True,
+        description="Answer introspection queries (`__schema`, `__type`); off: they get a "
+        "validation error (`__typename` still works).",
+    )
+    graphiql: bool = Field(
+        default=True,
+        description="Show the GraphiQL IDE to a browser at GET /graphql; off: 404 there.",
+    )
+    graphiql_cdn: bool = Field(
+        default=False,
+        description="Load GraphiQL's scripts and styles from unpkg.com (pinned, with SRI) "
+        "instead of the copies Corral serves under /static/graphiql/.",
+    )
     graphql_max_response_bytes: int = Field(
         default=8 * 1024 * 1024,
         ge=1024,

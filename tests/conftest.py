@@ -31,7 +31,11 @@ from server.db import create_engine
 from server.models import Base
 from server.secretbox import generate_key
 from server.settings import Settings
-from tests.fixtures.auth import admin_headers, issue_api_token
+from tests.fixtures.auth import (  # re-exported: tests import them from here
+    admin_headers,
+    bearer,  # noqa: F401
+    issue_api_token,
+)
 
 pytest_plugins = ["tests.fixtures.netfakes"]  # the `site` and `upstream` fixtures
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +12,14 @@ import httpx
 import pytest
 
 from server import __version__
-from tests.fixtures.processes import CORRAL_BIN, free_port, stop, wait_for_http
+from tests.fixtures.processes import (
+    CORRAL_BIN,
+    browser_login,
+    first_admin_password,
+    free_port,
+    stop,
+    wait_for_http,
+)
 
 
 def corral_env(**extra: str) -> dict[str, str]:
@@ -63,13 +71,19 @@ def test_serve_runs_on_embedded_sqlite_with_no_configuration(
 ) -> None:
     process, base = serve
     assert httpx.get(f"{base}/readyz").text == "ready"
+    password, _printed = first_admin_password(process)  # the first admin, made on this start
     mutation = 'mutation { createProfile(input: {name: "first"}) { profile { name } } }'
-    body = httpx.post(f"{base}/graphql", json={"query": mutation}).json()
+    with httpx.Client(base_url=base) as browser:
+        assert browser_login(browser, "admin", password).status_code == 303
+        csrf = re.search(r'name="csrf-token" content="([^"]+)"', browser.get("/").text)
+        assert csrf is not None
+        headers = {"X-CSRF-Token": csrf.group(1)}
+        body = browser.post("/graphql", json={"query": mutation}, headers=headers).json()
+        graphiql = browser.get("/graphql", headers={"accept": "text/html"})
     assert body["data"]["createProfile"]["profile"] == {"name": "first"}
     data_dir = tmp_path / ".corral"
     assert (data_dir / "corral.db").exists()
     assert (data_dir / "secret.key").stat().st_mode & 0o777 == 0o600
-    graphiql = httpx.get(f"{base}/graphql", headers={"accept": "text/html"})
     assert graphiql.status_code == 200
     assert "graphiql" in graphiql.text.lower()
     code, output = stop(process)

@@ -143,7 +143,9 @@ async def test_fifty_stalled_subscribers_stay_within_the_memory_bound_and_reader
             readers.extend((sse_reader, ws_reader))
             for i in range(STALLED):
                 if i % STALLED_SOCKETS_EVERY:
-                    client = await stalled_event_stream(port(live), stream_path(command_id))
+                    client = await stalled_event_stream(
+                        port(live), stream_path(command_id), live.headers
+                    )
                 else:
                     client = await stalled_subscription(
                         port(live), connection_init(live.app), COMMAND_LOGS, id=command_id
