@@ -1,8 +1,9 @@
 """Roles, enforced once, here: what a principal may do once it is in.
 
 `admin` may do everything. `viewer` reads everything but secrets and changes nothing:
-- every mutation is refused by `RoleGuard`, a schema extension that sees the operation's
-  type before anything runs (a new Mutation field is covered without doing anything);
+- every mutation is refused by `RoleGuard`, a schema extension that sees each top-level
+  field of every operation and its operation's type (a new Mutation field is covered
+  without doing anything);
 - every field that shows something of a secret is declared with `secret_field`, whose
   extension refuses it to anyone but an admin.
 Without a principal (an in-process caller that passed none) nothing is allowed: a missing
@@ -15,11 +16,9 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import strawberry
-from graphql import GraphQLError, OperationDefinitionNode
-from graphql.language import FieldNode
+from graphql import GraphQLError, GraphQLResolveInfo, OperationType
 from strawberry.extensions import FieldExtension, SchemaExtension
 from strawberry.types.base import StrawberryObjectDefinition
-from strawberry.types.graphql import OperationType
 
 from server.auth import Principal
 
@@ -57,49 +56,32 @@ def require_principal(principal: Principal | None) -> Principal:
     return principal
 
 
-def _root_fields(operation: OperationDefinitionNode) -> list[str] | None:
-    """The names of an operation's top-level fields; None when it selects through a
-    fragment (then it is judged as a whole)."""
-    names = []
-    for selection in operation.selection_set.selections:
-        if not isinstance(selection, FieldNode):
-            return None
-        names.append(selection.name.value)
-    return names
-
-
-def viewer_may_run(operation: OperationDefinitionNode) -> bool:
-    names = _root_fields(operation)
-    return names is not None and all(name in VIEWER_MUTATIONS for name in names)
-
-
 class RoleGuard(SchemaExtension):
-    """Refuses any operation without a principal, and a mutation (over HTTP or a WebSocket)
-    to anyone but an admin, before any field resolves: no partial effect."""
+    """Refuses any operation without a principal (before anything runs), and every
+    top-level field of a mutation (over HTTP or a WebSocket) to anyone but an admin, as
+    the field is about to run: no resolver of it runs, so nothing changes, and the audit
+    log (MutationAudit, outside this) records each refusal as `denied`."""
 
     def on_execute(self) -> Iterator[None]:
-        context = self.execution_context
-        principal: Principal | None = getattr(context.context, "principal", None)
-        if principal is None:
+        if getattr(self.execution_context.context, "principal", None) is None:
             raise unauthenticated_error()
-        if context.operation_type == OperationType.MUTATION and not (
-            principal.is_admin or self._viewer_may_run()
-        ):
-            raise forbidden_error(principal, "run mutations: it reads only")
         yield
 
-    def _viewer_may_run(self) -> bool:
-        document = self.execution_context.graphql_document
-        if document is None:
-            return False
-        name = self.execution_context.operation_name
-        operations = [
-            node
-            for node in document.definitions
-            if isinstance(node, OperationDefinitionNode)
-            and (name is None or (node.name is not None and node.name.value == name))
-        ]
-        return len(operations) == 1 and viewer_may_run(operations[0])
+    def resolve(
+        self,
+        _next: Callable[..., Any],
+        root: Any,
+        info: GraphQLResolveInfo[Any],
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        if info.path.prev is None and info.operation.operation is OperationType.MUTATION:
+            principal: Principal | None = info.context.principal
+            if principal is None:
+                raise unauthenticated_error()
+            if not principal.is_admin and info.field_name not in VIEWER_MUTATIONS:
+                raise forbidden_error(principal, "run mutations: it reads only")
+        return _next(root, info, *args, **kwargs)
 
 
 class SecretField(FieldExtension):

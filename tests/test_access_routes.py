@@ -265,6 +265,9 @@ async def test_a_viewer_is_refused_every_mutation_with_no_effect(
     assert body["errors"][0]["extensions"]["code"] == "FORBIDDEN"
     async with app.state.services.sessionmaker() as session:
         assert await session.scalar(select(func.count()).select_from(Profile)) == 0
+    # Each refusal is on record (the audit log wraps the role check).
+    audit = await gql('{ auditEvents(first: 5, action: "createProfile") { nodes { outcome } } }')
+    assert {node["outcome"] for node in audit["auditEvents"]["nodes"]} == {"denied"}
     # The same operation by an admin goes through (the refusal is the role's).
     made = await gql('mutation { createProfile(input: {name: "p"}) { profile { name } } }')
     assert made["createProfile"]["profile"] == {"name": "p"}
