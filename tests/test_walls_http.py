@@ -32,6 +32,7 @@ from server.limits import BodySizeLimit
 from server.secretbox import load_secret_box
 from server.settings import Settings
 from tests.conftest import GraphQLClient
+from tests.fixtures.auth import connection_init
 from tests.fixtures.processes import CORRAL_BIN, free_port, stop, wait_for_http
 from tests.fixtures.servers import LiveServer, running_server
 
@@ -137,7 +138,7 @@ async def test_huge_declared_body_is_refused_without_being_sent(live: LiveServer
 
 async def test_websocket_message_over_the_limit_closes_with_1009(live: LiveServer) -> None:
     async with connect(live.ws_url, subprotocols=PROTOCOL, open_timeout=10) as ws:
-        await ws.send(json.dumps({"type": "connection_init", "payload": {}}))
+        await ws.send(json.dumps(connection_init(live.app)))
         assert json.loads(await ws.recv()) == {"type": "connection_ack"}
         message = {
             "type": "subscribe",
@@ -158,6 +159,19 @@ async def test_corral_serve_bounds_bodies_and_websocket_messages(tmp_path: Path)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
     env["CORRAL_MAX_REQUEST_BYTES"] = str(LIMIT)
+    made = subprocess.run(  # a token for the WebSocket, made as an operator would
+        [str(CORRAL_BIN), "token", "create", "--name", "walls"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=True,
+    )
+    init = {
+        "type": "connection_init",
+        "payload": {"authorization": f"Bearer {made.stdout.strip()}"},
+    }
     process = subprocess.Popen(
         [str(CORRAL_BIN), "serve", "--port", str(port)],
         cwd=tmp_path,
@@ -173,7 +187,7 @@ async def test_corral_serve_bounds_bodies_and_websocket_messages(tmp_path: Path)
             response = await http.post("/graphql", content=graphql_body(LIMIT + 1), headers=JSON)
         assert response.status_code == 413, response.text
         async with connect(f"ws://127.0.0.1:{port}/graphql", subprotocols=PROTOCOL) as ws:
-            await ws.send(json.dumps({"type": "connection_init", "payload": {}}))
+            await ws.send(json.dumps(init))
             assert json.loads(await ws.recv()) == {"type": "connection_ack"}
             await ws.send(json.dumps({"type": "ping", "payload": {"pad": "x" * LIMIT}}))
             with pytest.raises(ConnectionClosed) as closed:
@@ -264,7 +278,7 @@ async def test_foreign_host_cannot_open_a_websocket(live: LiveServer) -> None:
         subprotocols=PROTOCOL,
         open_timeout=10,
     ) as ws:
-        await ws.send(json.dumps({"type": "connection_init", "payload": {}}))
+        await ws.send(json.dumps(connection_init(live.app)))
         assert json.loads(await ws.recv()) == {"type": "connection_ack"}
 
 
@@ -400,7 +414,7 @@ MALFORMED_WS_MESSAGES = [
 async def test_malformed_websocket_messages_close_with_4400(live: LiveServer) -> None:
     for message, reason in MALFORMED_WS_MESSAGES:
         async with connect(live.ws_url, subprotocols=PROTOCOL, open_timeout=10) as ws:
-            await ws.send(json.dumps({"type": "connection_init", "payload": {}}))
+            await ws.send(json.dumps(connection_init(live.app)))
             assert json.loads(await ws.recv()) == {"type": "connection_ack"}
             await ws.send(message)
             with pytest.raises(ConnectionClosed) as closed:
