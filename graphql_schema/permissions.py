@@ -22,7 +22,7 @@ from strawberry.types.base import StrawberryObjectDefinition
 
 from server.auth import Principal
 
-# Mutations a viewer may run (default: none). The login branch's own logout would go here.
+# Mutations a viewer may run: none (its own logout is `POST /logout`, not a mutation).
 VIEWER_MUTATIONS: frozenset[str] = frozenset()
 
 
