@@ -27,11 +27,21 @@ from server.auth import (
     Principal,
     SessionPolicy,
     TokenHasher,
-    authenticate_token,
-    resolve_session,
+    end_session,
+    find_live_token,
+    find_session,
+    looks_like_api_token,
+    needs_touch,
+    session_principal,
+    token_principal,
+    touch_api_token,
+    touch_session,
 )
+from server.db import READ_ONLY
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 log = logging.getLogger("corral.access")
@@ -80,11 +90,21 @@ class Authenticator:
         self.policy = policy
         self.signer = session_signer(hasher)
 
+    # Credentials are read on a read-only connection (on SQLite, no write lock for every
+    # request: it would queue behind the runner's log writes); the rare write (a last-used
+    # time a minute old, an expired session) is a transaction of its own.
     async def from_token(self, token: str) -> Principal | None:
+        if not looks_like_api_token(token):
+            return None
         async with self.sessionmaker() as session:
-            principal = await authenticate_token(session, self.hasher, token)
+            await session.connection(execution_options=READ_ONLY)
+            row = await find_live_token(session, self.hasher, token)
             await session.commit()
-        return principal
+        if row is None:
+            return None
+        if needs_touch(row.last_used_at):
+            await self._write(touch_api_token, row.id)
+        return token_principal(row)
 
     async def from_cookie(self, cookie: str) -> Principal | None:
         try:
@@ -92,9 +112,24 @@ class Authenticator:
         except (BadSignature, UnicodeDecodeError):
             return None
         async with self.sessionmaker() as session:
-            principal = await resolve_session(session, self.hasher, raw_id, self.policy)
+            await session.connection(execution_options=READ_ONLY)
+            found = await find_session(session, self.hasher, raw_id, self.policy)
             await session.commit()
-        return principal
+        if found is None:
+            return None
+        if found.expired:
+            await self._write(end_session, found.row.id)
+            return None
+        if found.user is None:
+            return None
+        if needs_touch(found.row.last_seen_at):
+            await self._write(touch_session, found.row.id)
+        return session_principal(found.user, found.row)
+
+    async def _write(self, change: Callable[[AsyncSession, int], Awaitable[None]], pk: int) -> None:
+        async with self.sessionmaker() as session:
+            await change(session, pk)
+            await session.commit()
 
     def cookie_value(self, raw_id: str) -> str:
         """What the session cookie holds for a session id: the id, signed."""

@@ -16,7 +16,7 @@ from typing import Literal
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from server.errors import ErrorCode, InvalidInput
@@ -283,21 +283,32 @@ async def revoke_api_token(session: AsyncSession, token_id: int) -> ApiToken:
     return token
 
 
-async def authenticate_token(
+async def find_live_token(
     session: AsyncSession, hasher: TokenHasher, plaintext: str
-) -> Principal | None:
-    """The principal of a live (not revoked, not expired) token, else None."""
+) -> ApiToken | None:
+    """The live (not revoked, not expired) token with this plaintext, else None; reads only."""
     if not looks_like_api_token(plaintext):
         return None
     token = await session.scalar(
         select(ApiToken).where(ApiToken.token_hash == hasher.digest(plaintext))
     )
-    now = utcnow()
-    if token is None or not token_is_active(token, now):
-        return None
-    if token.last_used_at is None or now - token.last_used_at >= TOUCH_EVERY:
-        token.last_used_at = now
-        await session.flush()
+    return token if token is not None and token_is_active(token, utcnow()) else None
+
+
+def needs_touch(last: datetime | None) -> bool:
+    """Whether a last-used time is old enough to be written again (at most once a minute)."""
+    return last is None or utcnow() - last >= TOUCH_EVERY
+
+
+async def touch_api_token(session: AsyncSession, token_id: int) -> None:
+    """Record that a token was used now."""
+    await session.execute(
+        update(ApiToken).where(ApiToken.id == token_id).values(last_used_at=utcnow())
+    )
+
+
+def token_principal(token: ApiToken) -> Principal:
+    """Who a request with this API token acts as."""
     return Principal(
         kind="token",
         name=token.created_by or token.name,
@@ -333,10 +344,19 @@ async def start_session(
     return row, raw_id
 
 
-async def resolve_session(
+@dataclass(frozen=True)
+class FoundSession:
+    """A login session looked up by its id: live (with its user) or expired."""
+
+    row: UserSession
+    user: User | None
+    expired: bool
+
+
+async def find_session(
     session: AsyncSession, hasher: TokenHasher, raw_id: str, policy: SessionPolicy
-) -> Principal | None:
-    """The principal of a live session id, else None (an expired one is deleted)."""
+) -> FoundSession | None:
+    """The login session with this id, live or expired, or None; reads only."""
     if not 20 < len(raw_id) < 100:
         return None
     row = await session.scalar(
@@ -346,16 +366,15 @@ async def resolve_session(
         return None
     now = utcnow()
     if now - row.last_seen_at > policy.idle or now - row.created_at > policy.absolute:
-        await session.delete(row)
-        await session.flush()
-        return None
-    user = await session.get(User, row.user_id)
-    if user is None:
-        return None
-    if now - row.last_seen_at >= TOUCH_EVERY:
-        row.last_seen_at = now
-        await session.flush()
-    return session_principal(user, row)
+        return FoundSession(row, None, expired=True)
+    return FoundSession(row, await session.get(User, row.user_id), expired=False)
+
+
+async def touch_session(session: AsyncSession, session_id: int) -> None:
+    """Record that a login session was used now (its idle time starts again)."""
+    await session.execute(
+        update(UserSession).where(UserSession.id == session_id).values(last_seen_at=utcnow())
+    )
 
 
 def session_principal(user: User, row: UserSession) -> Principal:

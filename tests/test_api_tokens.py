@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from datetime import timedelta
 from typing import Any
 
@@ -304,3 +305,23 @@ def test_cli_bad_input_is_one_line_and_exit_1(
     assert err.count("\n") == 1
     assert err.startswith("corral: error: ")
     assert message in err
+
+
+async def test_authentication_takes_no_sqlite_write_lock(
+    backend: str, settings: Settings, client: httpx.AsyncClient
+) -> None:
+    """Every request looks its token up: on SQLite that must not wait for the write lock
+    (the runner's log writer holds it often), only the once-a-minute last-used write does."""
+    if backend != "sqlite":
+        pytest.skip("the write lock is SQLite's")
+    first = await client.post("/graphql", json={"query": ME})  # its last use is now fresh
+    assert first.status_code == 200, first.text
+    lock = sqlite3.connect(settings.data_dir / "corral.db", timeout=30, isolation_level=None)
+    try:
+        lock.execute("BEGIN IMMEDIATE")
+        response = await asyncio.wait_for(client.post("/graphql", json={"query": ME}), 3)
+        lock.execute("ROLLBACK")
+    finally:
+        lock.close()
+    assert response.status_code == 200, response.text
+    assert response.json()["data"]["me"]["kind"] == "token"

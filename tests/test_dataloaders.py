@@ -63,6 +63,24 @@ def settings(settings: Settings) -> Settings:
     return settings.model_copy(update={"embedded_runner": False})  # count only the query's SQL
 
 
+def without_authentication(statements: list[str]) -> list[str]:
+    """The statements less the request's authentication (its API token looked up, in a
+    transaction of its own, and its last-used time in another), not the query's work."""
+    kept: list[str] = []
+    skip_commit = False
+    for statement in statements:
+        if "api_tokens" in statement:
+            if kept and kept[-1].upper().startswith("BEGIN"):
+                kept.pop()
+            skip_commit = True
+            continue
+        if skip_commit and statement.upper() in ("COMMIT", "ROLLBACK"):
+            skip_commit = False
+            continue
+        kept.append(statement)
+    return kept
+
+
 @pytest.mark.parametrize("profiles", [5, 500])
 async def test_nested_query_statement_count_is_constant(
     app: Starlette, gql: GraphQLClient, count_statements: StatementCounter, profiles: int
@@ -77,7 +95,8 @@ async def test_nested_query_statement_count_is_constant(
     assert edges[0]["node"]["services"][0]["tokenPreview"] == "own-…0000"
     # page, count, profile services, profile proxies, service usage, via: the same SELECTs
     # for 5 and 500 profiles (each read also ends its transaction: BEGIN on SQLite).
-    selects = [s for s in count_statements.statements if s.lstrip().upper().startswith("SELECT")]
+    statements = without_authentication(count_statements.statements)
+    selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
     print(f"{profiles} profiles: {len(selects)} SELECTs, {len(count_statements.statements)} in all")
     assert len(selects) == 6, selects
-    assert len(count_statements.statements) <= 12, count_statements.statements
+    assert len(statements) <= 12, statements
