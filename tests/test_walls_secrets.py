@@ -438,14 +438,16 @@ def test_corral_serve_logs_no_query_text_and_no_secret(tmp_path: Any) -> None:
 
     import httpx
 
-    from tests.fixtures.processes import CORRAL_BIN, free_port, stop, wait_for_http
+    from tests.fixtures.processes import CORRAL_BIN, cli_token, free_port, stop, wait_for_http
     from tests.test_cli import corral_env
 
     port = free_port()
+    env = corral_env(CORRAL_LOG_LEVEL="debug")
+    http = httpx.Client(headers={"Authorization": f"Bearer {cli_token(tmp_path, env)}"})
     process = subprocess.Popen(
         [str(CORRAL_BIN), "serve", "--port", str(port)],
         cwd=tmp_path,
-        env=corral_env(CORRAL_LOG_LEVEL="debug"),
+        env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -454,17 +456,18 @@ def test_corral_serve_logs_no_query_text_and_no_secret(tmp_path: Any) -> None:
     try:
         wait_for_http(f"{base}/healthz", process)
         query = f'{{ profiles(search: "{TOKEN}") {{ totalCount }} }}'
-        assert httpx.get(f"{base}/graphql", params={"query": query}).status_code == 200
+        assert http.get(f"{base}/graphql", params={"query": query}).status_code == 200
         mistyped = {"name": 1, "kind": "github", "envVar": "GH_T", "token": TOKEN}
-        httpx.post(
+        http.post(
             f"{base}/graphql", json={"query": CREATE_SERVICE, "variables": {"input": mistyped}}
         )
-        httpx.post(f"{base}/graphql", json={"query": BAD_DOCUMENTS["syntax-missing-colon"]})
+        http.post(f"{base}/graphql", json={"query": BAD_DOCUMENTS["syntax-missing-colon"]})
         links = {"links": [f"vless://{TOKEN}@h.example.com:443"]}
         importing = "mutation($links: [String!]!) { importProxies(links: $links) { userErrors { message } } }"
-        body = httpx.post(f"{base}/graphql", json={"query": importing, "variables": links}).json()
+        body = http.post(f"{base}/graphql", json={"query": importing, "variables": links}).json()
         assert body["data"]["importProxies"]["userErrors"]
     finally:
+        http.close()
         _code, output = stop(process)
     assert '"GET /graphql?… HTTP/1.1" 200' in output, output
     assert "GraphQL error" in output  # client mistakes are logged, at INFO, without values
