@@ -386,7 +386,7 @@ def cmd_user_delete(args: argparse.Namespace) -> None:
     async def work(session: AsyncSession) -> str:
         user = await delete_user(session, args.name)
         await _record_user_change(session, "deleteUser", user.id, name=user.name)
-        return f"user {user.name!r} deleted"
+        return f"user {user.name!r} deleted; their sessions are ended, their API tokens revoked"
 
     print(run_in_session(settings, work))
 

@@ -1,0 +1,45 @@
+"""Attacks on access control that once worked, each kept out by the fix beside its test."""
+
+from __future__ import annotations
+
+import httpx
+from starlette.applications import Starlette
+
+from server.auth import create_api_token, create_user, delete_user, session_principal, start_session
+from tests.fixtures.auth import bearer
+
+ME = {"query": "{ me { name role kind } }"}
+
+
+async def test_a_deleted_user_s_api_tokens_stop_working(
+    app: Starlette, client: httpx.AsyncClient
+) -> None:
+    # Before: deleting an admin ended their sessions, but a token they had made with one
+    # (createApiToken) kept full admin access, under their name, after they were gone.
+    services = app.state.services
+    async with services.sessionmaker() as session:
+        await create_user(session, "ann", "ann's long password", "admin")  # not the last
+        bob = await create_user(session, "bob", "bob's long password", "admin")
+        row, _raw_id = await start_session(session, services.token_hasher, bob, "127.0.0.1")
+        _token, plaintext = await create_api_token(
+            session,
+            services.token_hasher,
+            name="bob's script",
+            role="admin",
+            created_by=session_principal(bob, row),
+        )
+        _other, unrelated = await create_api_token(
+            session, services.token_hasher, name="ci", role="viewer"
+        )
+        await session.commit()
+    assert (await client.post("/graphql", json=ME, headers=bearer(plaintext))).status_code == 200
+
+    async with services.sessionmaker() as session:
+        await delete_user(session, "bob")
+        await session.commit()
+
+    refused = await client.post("/graphql", json=ME, headers=bearer(plaintext))
+    assert refused.status_code == 401
+    assert refused.json()["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
+    # Tokens nobody in particular made (the CLI's) are not the deleted user's.
+    assert (await client.post("/graphql", json=ME, headers=bearer(unrelated))).status_code == 200
