@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 from starlette.applications import Starlette
 
 from server.auth import create_api_token, create_user, delete_user, session_principal, start_session
-from tests.fixtures.auth import bearer
+from tests.fixtures.auth import bearer, issue_api_token
+from tests.test_login import PASSWORD, add_user, browser_for, log_in
 
 ME = {"query": "{ me { name role kind } }"}
 
@@ -43,3 +46,26 @@ async def test_a_deleted_user_s_api_tokens_stop_working(
     assert refused.json()["errors"][0]["extensions"]["code"] == "UNAUTHENTICATED"
     # Tokens nobody in particular made (the CLI's) are not the deleted user's.
     assert (await client.post("/graphql", json=ME, headers=bearer(unrelated))).status_code == 200
+
+
+async def test_a_password_typed_as_the_name_is_not_in_the_audit_log(app: Starlette) -> None:
+    # Before: a failed login's name was recorded as typed, and every viewer reads the
+    # audit log: a password typed into the name field (tab slip) was shown to them, forever.
+    await add_user(app)
+    slipped = "Tr0ub4dor&3-my-real-password"
+    async with browser_for(app) as browser:
+        assert (await log_in(browser, name=slipped, password="alice")).status_code == 401
+        assert (await log_in(browser, name=" alice ", password="wrong guess")).status_code == 401
+        for _ in range(5):  # then rate-limited: still not recorded
+            await log_in(browser, name=slipped, password="x")
+        assert (await log_in(browser, name="alice", password=PASSWORD)).status_code == 429
+    viewer = await issue_api_token(app, role="viewer", name="viewer")
+    async with browser_for(app) as http:
+        query = "{ auditEvents(first: 50) { nodes { actor action outcome detail } } }"
+        body = (await http.post("/graphql", json={"query": query}, headers=bearer(viewer))).json()
+    events = body["data"]["auditEvents"]["nodes"]
+    assert slipped not in json.dumps(body)
+    logins = [(e["actor"], e["detail"]["reason"]) for e in events if e["action"] == "login"]
+    assert ("alice", "wrong-password") in logins  # a user's name is kept
+    assert (None, "wrong-password") in logins
+    assert (None, "rate-limited") in logins
