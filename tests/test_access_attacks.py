@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
+import pytest
+from sqlalchemy import update
 from starlette.applications import Starlette
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
+from websockets.typing import Subprotocol
 
+from server import graphql_http
 from server.auth import create_api_token, create_user, delete_user, session_principal, start_session
+from server.models import ApiToken, utcnow
+from server.settings import Settings
 from tests.fixtures.auth import bearer, issue_api_token
+from tests.fixtures.servers import running_server
 from tests.test_login import PASSWORD, add_user, browser_for, log_in
+from tests.test_streams import COMMAND_EVENTS, GraphQLSocket
 
 ME = {"query": "{ me { name role kind } }"}
 
@@ -69,3 +80,35 @@ async def test_a_password_typed_as_the_name_is_not_in_the_audit_log(app: Starlet
     assert ("alice", "wrong-password") in logins  # a user's name is kept
     assert (None, "wrong-password") in logins
     assert (None, "rate-limited") in logins
+
+
+async def test_an_open_websocket_closes_once_its_token_is_revoked(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: the credential was checked again only at the next `subscribe`: a revoked
+    # (leaked) token's live subscription to every command's events went on for as long as
+    # the socket stayed open.
+    monkeypatch.setattr(graphql_http, "CREDENTIAL_RECHECK_SECONDS", 0.1, raising=False)
+    async with running_server(settings) as live:
+        token = await issue_api_token(live.app, role="viewer", name="leaked")
+        async with connect(
+            live.ws_url, subprotocols=[Subprotocol("graphql-transport-ws")], open_timeout=10
+        ) as raw:
+            ws = GraphQLSocket(raw)
+            await ws.send(
+                {"type": "connection_init", "payload": {"authorization": f"Bearer {token}"}}
+            )
+            assert json.loads(await raw.recv()) == {"type": "connection_ack"}
+            await ws.subscribe("events", COMMAND_EVENTS)
+            await asyncio.sleep(0.5)  # checked again a few times: still open
+            assert raw.close_code is None
+            async with live.app.state.services.sessionmaker() as session:
+                await session.execute(
+                    update(ApiToken).where(ApiToken.name == "leaked").values(revoked_at=utcnow())
+                )
+                await session.commit()
+            with pytest.raises(ConnectionClosed) as closed:
+                async with asyncio.timeout(10):
+                    await raw.recv()
+            assert closed.value.rcvd is not None
+            assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4401, "Unauthorized")
