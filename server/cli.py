@@ -266,6 +266,12 @@ def cmd_rotate_key(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise CliError("--batch-size must be at least 1")
     report = asyncio.run(rotate_key(settings, batch_size=args.batch_size))
+
+    async def record(session: AsyncSession) -> None:
+        detail = {"reencrypted": dict(report.counts)}
+        await record_event(session, principal=CLI, action="rotateKey", outcome="ok", detail=detail)
+
+    run_in_session(settings, record)
     for line in report.lines():
         print(line)
 

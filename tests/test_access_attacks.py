@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 
 import httpx
 import pytest
-from sqlalchemy import update
+from sqlalchemy import select, update
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.applications import Starlette
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -15,12 +17,16 @@ from websockets.typing import Subprotocol
 
 from server import graphql_http
 from server.auth import create_api_token, create_user, delete_user, session_principal, start_session
-from server.models import ApiToken, utcnow
+from server.cli import main
+from server.models import ApiToken, AuditEvent, utcnow
 from server.settings import Settings
+from tests.conftest import TEST_KEY
 from tests.fixtures.auth import bearer, issue_api_token
 from tests.fixtures.servers import running_server
+from tests.test_key_rotation import NEW_KEY
 from tests.test_login import PASSWORD, add_user, browser_for, log_in
 from tests.test_streams import COMMAND_EVENTS, GraphQLSocket
+from tests.test_users_cli import query
 
 ME = {"query": "{ me { name role kind } }"}
 
@@ -112,3 +118,28 @@ async def test_an_open_websocket_closes_once_its_token_is_revoked(
                     await raw.recv()
             assert closed.value.rcvd is not None
             assert (closed.value.rcvd.code, closed.value.rcvd.reason) == (4401, "Unauthorized")
+
+
+def test_rotate_key_is_in_the_audit_log(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Before: every other CLI change was audited, but `corral rotate-key`, which rewrites
+    # every stored secret, left no trace.
+    for name in [name for name in os.environ if name.startswith("CORRAL_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("CORRAL_DATA_DIR", str(settings.data_dir))
+    if settings.database_url is not None:
+        monkeypatch.setenv("CORRAL_DATABASE_URL", settings.database_url)
+    monkeypatch.setenv("CORRAL_SECRET_KEY", f"{NEW_KEY},{TEST_KEY}")
+    assert main(["rotate-key"]) == 0
+    assert "re-encrypted" in capsys.readouterr().out
+
+    async def rotations(session: AsyncSession) -> list[AuditEvent]:
+        return list(
+            await session.scalars(select(AuditEvent).where(AuditEvent.action == "rotateKey"))
+        )
+
+    [event] = query(settings, rotations)
+    assert (event.actor, event.actor_kind, event.outcome) == ("cli", "cli", "ok")
+    assert set(event.detail["reencrypted"]) >= {"service tokens"}
+    assert NEW_KEY not in json.dumps(event.detail)
