@@ -145,8 +145,9 @@ async def set_password(session: AsyncSession, name: str, password: str) -> User:
 
 
 async def delete_user(session: AsyncSession, name: str) -> User:
-    """Remove a user (their sessions go with them; their API tokens stay, unowned); the
-    last admin stays, or nobody could administer Corral."""
+    """Remove a user: their sessions end and the API tokens they made are revoked (a token
+    is their access too: one made with an admin session kept a deleted admin in); the last
+    admin stays, or nobody could administer Corral."""
     user = await find_user(session, name)
     if user is None:
         raise InvalidInput.one("name", f"no user {name!r}.", ErrorCode.NOT_FOUND)
@@ -157,6 +158,11 @@ async def delete_user(session: AsyncSession, name: str) -> User:
             ErrorCode.IN_USE,
         )
     await session.execute(delete(UserSession).where(UserSession.user_id == user.id))
+    await session.execute(
+        update(ApiToken)
+        .where(ApiToken.user_id == user.id, ApiToken.revoked_at.is_(None))
+        .values(revoked_at=utcnow())
+    )
     await session.delete(user)
     await session.flush()
     return user

@@ -266,6 +266,12 @@ def cmd_rotate_key(args: argparse.Namespace) -> None:
     if args.batch_size < 1:
         raise CliError("--batch-size must be at least 1")
     report = asyncio.run(rotate_key(settings, batch_size=args.batch_size))
+
+    async def record(session: AsyncSession) -> None:
+        detail = {"reencrypted": dict(report.counts)}
+        await record_event(session, principal=CLI, action="rotateKey", outcome="ok", detail=detail)
+
+    run_in_session(settings, record)
     for line in report.lines():
         print(line)
 
@@ -386,7 +392,7 @@ def cmd_user_delete(args: argparse.Namespace) -> None:
     async def work(session: AsyncSession) -> str:
         user = await delete_user(session, args.name)
         await _record_user_change(session, "deleteUser", user.id, name=user.name)
-        return f"user {user.name!r} deleted"
+        return f"user {user.name!r} deleted; their sessions are ended, their API tokens revoked"
 
     print(run_in_session(settings, work))
 

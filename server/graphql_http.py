@@ -15,6 +15,8 @@ raised AttributeError / TypeError (a 500, or a WebSocket torn down with a logged
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import html
 import json
 import logging
@@ -60,6 +62,10 @@ WS_ID_MAX = 256
 _JSON_KINDS = {str: "a string", int: "a number", float: "a number", bool: "a boolean"}
 # graphql-transport-ws's close for no or bad credentials.
 WS_UNAUTHORIZED = 4401
+# How often an open WebSocket's credential is checked again: a token revoked or expired, a
+# session logged out or ended, a user deleted, closes it (4401) within this time, even if
+# it only listens to a subscription.
+CREDENTIAL_RECHECK_SECONDS = 30.0
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -299,12 +305,15 @@ class StrictTransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
     none or a bad one closes 4401 "Unauthorized". The credential is checked again at every
     `subscribe` (a token revoked since closes the connection 4401 then); its principal is
     the context's for the connection's operations, whose role RoleGuard and the secret
-    fields judge as over HTTP. (A handshake from another site's page, which would carry the
-    user's cookie, is refused by Strawberry's origin check before any of this; a
-    `ConnectionRejectionError` from the view's `on_ws_connect` closes 4403.)
+    fields judge as over HTTP. It is also checked every CREDENTIAL_RECHECK_SECONDS while
+    the connection is open, so a long-lived subscription ends with its credential. (A
+    handshake from another site's page, which would carry the user's cookie, is refused by
+    Strawberry's origin check before any of this; a `ConnectionRejectionError` from the
+    view's `on_ws_connect` closes 4403.)
     """
 
     _recheck: Recheck | None = None
+    _watch: asyncio.Task[None] | None = None
 
     async def handle_message(self, message: Message) -> None:
         problem = _invalid_ws_message(message)
@@ -324,6 +333,32 @@ class StrictTransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
             await self.websocket.close(code=WS_UNAUTHORIZED, reason="Unauthorized")
             return
         await super().handle_connection_init(message)
+        if self.connection_acknowledged and self._recheck is not None and self._watch is None:
+            self._watch = asyncio.create_task(self._watch_credential(self._recheck))
+
+    async def _watch_credential(self, recheck: Recheck) -> None:
+        """Close the connection (4401) once its credential no longer authenticates."""
+        while True:
+            await asyncio.sleep(CREDENTIAL_RECHECK_SECONDS)
+            try:
+                principal = await recheck()
+            except Exception as exc:  # the database is away a moment: check again next time
+                # Its type only: a driver's message may quote the statement's parameters.
+                log.warning(
+                    "could not check a WebSocket's credential again: %s", type(exc).__name__
+                )
+                continue
+            if principal is None:
+                await self.websocket.close(code=WS_UNAUTHORIZED, reason="Unauthorized")
+                return
+            self.context.principal = principal  # a changed role applies from now on
+
+    async def shutdown(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        await super().shutdown()
 
     async def handle_subscribe(self, message: SubscribeMessage) -> None:
         if self.connection_acknowledged and self._recheck is not None:

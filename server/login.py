@@ -29,6 +29,7 @@ from server.auth import (
     TokenHasher,
     check_login,
     end_session,
+    find_user,
     session_principal,
     start_session,
 )
@@ -74,6 +75,16 @@ def shown_name(name: str) -> str | None:
     """A tried user name as the audit log may hold it (printable, at most NAME_MAX)."""
     cleaned = "".join(char if char.isprintable() else "?" for char in name.strip())
     return cleaned[:NAME_MAX] or None
+
+
+async def known_name(session: AsyncSession, name: str) -> str | None:
+    """A failed login's name as the audit log keeps it: only when it is a user's. What was
+    typed into the name field may be the password (a slip of the tab key), and every
+    viewer reads the audit log."""
+    shown = shown_name(name)
+    if shown is None or shown != name.strip():  # not printable, or too long: nobody's
+        return None
+    return shown if await find_user(session, shown) is not None else None
 
 
 def is_https(request: Request) -> bool:
@@ -162,7 +173,8 @@ class LoginPages:
         services: AppServices = request.app.state.services
         async with services.sessionmaker() as session:
             if not isinstance(attempt, Attempt):
-                await _record_login(session, None, "error", name, address, "rate-limited")
+                actor = await known_name(session, name)
+                await _record_login(session, None, "error", actor, address, "rate-limited")
                 await session.commit()
                 message = (
                     "Too many failed logins for this name or from this address: "
@@ -178,7 +190,8 @@ class LoginPages:
                 )
             user = await check_login(session, name, password)
             if user is None:
-                await _record_login(session, None, "error", name, address, "wrong-password")
+                actor = await known_name(session, name)
+                await _record_login(session, None, "error", actor, address, "wrong-password")
                 await session.commit()
                 return self.form(
                     request, status_code=401, message=WRONG_LOGIN, name=name, next_path=next_path
@@ -250,12 +263,12 @@ async def _record_login(
     session: AsyncSession,
     principal: Principal | None,
     outcome: Outcome,
-    name: str,
+    actor: str | None,
     address: str,
     reason: str | None,
 ) -> None:
-    """A login in the audit log: who tried, from where, and why it failed (never the
-    password)."""
+    """A login in the audit log: who tried (a user's name, else nobody), from where, and
+    why it failed (never the password)."""
     await record_event(
         session,
         principal=principal,
@@ -265,7 +278,7 @@ async def _record_login(
         object_id=None if principal is None else str(principal.user_id),
         detail=None if reason is None else {"reason": reason},
         client_address=address,
-        actor=shown_name(name),
+        actor=actor,
     )
 
 
