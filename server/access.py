@@ -52,6 +52,9 @@ SESSION_COOKIE = "corral_session"
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/login", "/logout", "/favicon.ico"})
 OPEN_PREFIXES = ("/static/",)
 METRICS_PATH = "/metrics"
+# A long-lived stream (a WebSocket, an SSE log stream) checks its credential again this
+# often, and ends once it no longer authenticates (revoked, expired, logged out).
+CREDENTIAL_RECHECK_SECONDS = 30.0
 
 
 def principal_of(scope: Scope) -> Principal | None:

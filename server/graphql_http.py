@@ -49,6 +49,7 @@ from strawberry.types.graphql import OperationType
 from strawberry.types.unset import UNSET
 
 from graphql_schema.context import Context
+from server import access
 from server.access import Authenticator, bearer_token, principal_of
 from server.auth import Principal
 
@@ -62,10 +63,9 @@ WS_ID_MAX = 256
 _JSON_KINDS = {str: "a string", int: "a number", float: "a number", bool: "a boolean"}
 # graphql-transport-ws's close for no or bad credentials.
 WS_UNAUTHORIZED = 4401
-# How often an open WebSocket's credential is checked again: a token revoked or expired, a
-# session logged out or ended, a user deleted, closes it (4401) within this time, even if
-# it only listens to a subscription.
-CREDENTIAL_RECHECK_SECONDS = 30.0
+# An open WebSocket's credential is checked again every access.CREDENTIAL_RECHECK_SECONDS:
+# a token revoked or expired, a session logged out or ended, a user deleted, closes it
+# (4401) within that time, even if it only listens to a subscription.
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -339,7 +339,7 @@ class StrictTransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
     async def _watch_credential(self, recheck: Recheck) -> None:
         """Close the connection (4401) once its credential no longer authenticates."""
         while True:
-            await asyncio.sleep(CREDENTIAL_RECHECK_SECONDS)
+            await asyncio.sleep(access.CREDENTIAL_RECHECK_SECONDS)
             try:
                 principal = await recheck()
             except Exception as exc:  # the database is away a moment: check again next time

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import AsyncIterator
 from json.encoder import encode_basestring_ascii
 from typing import Any
 
+import anyio
+from anyio import CancelScope
 from sse_starlette import EventSourceResponse
+from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
@@ -15,12 +19,15 @@ from starlette.types import Receive, Scope, Send
 from graphql_schema.context import AppServices, client_key
 from graphql_schema.relay import decode_id
 from runner.logwriter import StoredBatch
+from server import access
+from server.access import Authenticator
 from server.broker import StatusChange
 from server.db import READ_ONLY
 from server.models import Command
 from server.streams import FinalStatus, follow_command, pieces
 from server.subscribers import SubscriberLimits, TooManySubscribers
 
+log = logging.getLogger("corral.streams")
 MAX_SEQ = 2**31 - 1  # seq is a 32-bit integer column
 
 
@@ -69,9 +76,37 @@ class _CountedStream(EventSourceResponse):
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            async with anyio.create_task_group() as group:
+                group.start_soon(self._serve, scope, receive, send, group.cancel_scope)
+                group.start_soon(self._watch_credential, scope, group.cancel_scope)
         finally:
             self._limits.release(self._client)
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, done: CancelScope) -> None:
+        await EventSourceResponse.__call__(self, scope, receive, send)
+        done.cancel()
+
+    async def _watch_credential(self, scope: Scope, done: CancelScope) -> None:
+        """End the stream once the request's credential no longer authenticates (a revoked
+        or expired token, a logged-out session): checked every CREDENTIAL_RECHECK_SECONDS.
+        The client sees the stream end; reconnecting, it gets 401."""
+        authenticator: Authenticator | None = getattr(scope["app"].state, "authenticator", None)
+        if authenticator is None:
+            return
+        headers = Headers(scope=scope)
+        while True:
+            await anyio.sleep(access.CREDENTIAL_RECHECK_SECONDS)
+            try:
+                principal, _refused = await authenticator.from_headers(headers)
+            except Exception as exc:  # the database is away a moment: check again next time
+                log.warning(
+                    "could not check a log stream's credential again: %s", type(exc).__name__
+                )
+                continue
+            if principal is None:
+                log.info("a log stream's credential no longer holds: the stream ends")
+                done.cancel()
+                return
 
 
 async def stream_command_logs(request: Request) -> Response:

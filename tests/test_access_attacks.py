@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from typing import Any
 
 import httpx
 import pytest
@@ -15,13 +16,14 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
-from server import graphql_http
+from server import access
 from server.auth import create_api_token, create_user, delete_user, session_principal, start_session
 from server.cli import main
 from server.models import ApiToken, AuditEvent, utcnow
 from server.settings import Settings
-from tests.conftest import TEST_KEY
+from tests.conftest import TEST_KEY, GraphQLClient
 from tests.fixtures.auth import bearer, issue_api_token
+from tests.fixtures.commands import run
 from tests.fixtures.servers import running_server
 from tests.test_key_rotation import NEW_KEY
 from tests.test_login import PASSWORD, add_user, browser_for, log_in
@@ -94,7 +96,7 @@ async def test_an_open_websocket_closes_once_its_token_is_revoked(
     # Before: the credential was checked again only at the next `subscribe`: a revoked
     # (leaked) token's live subscription to every command's events went on for as long as
     # the socket stayed open.
-    monkeypatch.setattr(graphql_http, "CREDENTIAL_RECHECK_SECONDS", 0.1, raising=False)
+    monkeypatch.setattr(access, "CREDENTIAL_RECHECK_SECONDS", 0.1)
     async with running_server(settings) as live:
         token = await issue_api_token(live.app, role="viewer", name="leaked")
         async with connect(
@@ -143,3 +145,53 @@ def test_rotate_key_is_in_the_audit_log(
     assert (event.actor, event.actor_kind, event.outcome) == ("cli", "cli", "ok")
     assert set(event.detail["reencrypted"]) >= {"service tokens"}
     assert NEW_KEY not in json.dumps(event.detail)
+
+
+async def stream_end(chunks: Any) -> str:
+    """Read a response to its end: "ended" (closed properly) or "cut off" (the connection
+    dropped mid-body)."""
+    try:
+        async for _chunk in chunks:
+            pass
+    except httpx.RemoteProtocolError:
+        return "cut off"
+    return "ended"
+
+
+async def test_an_open_log_stream_ends_once_its_token_is_revoked(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Before: an SSE log stream opened with a token went on after the token was revoked,
+    # until its command ended (an hour, by default).
+    monkeypatch.setattr(access, "CREDENTIAL_RECHECK_SECONDS", 0.1)
+    async with running_server(settings) as live:
+        async with httpx.AsyncClient(base_url=live.base_url, headers=live.headers) as admin:
+            command_id = await run(GraphQLClient(admin), commandString="sleep 30")
+        token = await issue_api_token(live.app, role="viewer", name="leaked")
+        url = f"{live.base_url}/api/commands/{command_id}/logs/stream"
+        async with (
+            httpx.AsyncClient(timeout=20) as reader,
+            reader.stream("GET", url, headers=bearer(token)) as response,
+        ):
+            assert response.status_code == 200
+            chunks = response.aiter_raw()
+            await anext(chunks)  # it streams
+            await asyncio.sleep(0.5)  # checked again a few times: still open
+            async with live.app.state.services.sessionmaker() as session:
+                await session.execute(
+                    update(ApiToken).where(ApiToken.name == "leaked").values(revoked_at=utcnow())
+                )
+                await session.commit()
+            async with asyncio.timeout(10):
+                assert await stream_end(chunks) in ("ended", "cut off")
+        async with httpx.AsyncClient() as other:
+            again = await other.get(url, headers=bearer(token))
+        assert again.status_code == 401
+        async with httpx.AsyncClient(base_url=live.base_url, headers=live.headers) as admin:
+            await admin.post(
+                "/graphql",
+                json={
+                    "query": "mutation($id: ID!) { cancelCommand(id: $id) { userErrors { code } } }",
+                    "variables": {"id": command_id},
+                },
+            )
