@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from runner.compose import (
     MAX_RENDERED,
     SAFE_FORM,
     CompositionError,
+    literal_argv,
     quoted_placeholder_problem,
     render_argv,
 )
@@ -102,6 +104,71 @@ def test_output_is_cut_off_while_it_is_generated() -> None:
     source = "{% for i in range(100000) %}{{ 'x' * 1000 }}{% endfor %}"
     with pytest.raises(CompositionError, match=f"longer than {MAX_RENDERED:,} characters"):
         render_argv(source, {})
+
+
+# --- a source without template syntax is split without a worker ------------------------
+
+LITERAL_ALPHABET = " \t\nab'\"\\{}%#$;\x00"
+LITERAL_EDGES = [
+    "",
+    " ",
+    "\n",
+    "/bin/true",
+    "/bin/true\n",
+    "echo \\\n",  # ends in an escaped newline: Jinja drops the newline, so must this
+    "echo 'a\n'\n\n",
+    "echo 'open",
+    'echo "a\\"b" c\\ d',
+    "echo {a,b} } }} %} #} {",
+    "echo \x00",
+    "x" * MAX_RENDERED,
+    "x" * (MAX_RENDERED + 1),
+    "x" * MAX_RENDERED + "\n",
+]
+
+
+def _outcome(split: Any, source: str) -> Any:
+    try:
+        return split(source)
+    except CompositionError as exc:
+        return f"error: {exc}"
+
+
+@pytest.mark.parametrize("source", LITERAL_EDGES)
+def test_a_literal_source_splits_as_its_render_would(source: str) -> None:
+    assert _outcome(literal_argv, source) == _outcome(lambda s: render_argv(s, {}), source)
+
+
+def test_random_literal_sources_split_as_their_render_would() -> None:
+    rng = random.Random(10)
+    for _ in range(2000):
+        source = "".join(rng.choices(LITERAL_ALPHABET, k=rng.randrange(12)))
+        if any(opener in source for opener in ("{{", "{%", "{#")):
+            assert literal_argv(source) is None, repr(source)
+        else:
+            rendered = _outcome(lambda s: render_argv(s, {}), source)
+            assert _outcome(literal_argv, source) == rendered, repr(source)
+
+
+@pytest.mark.parametrize(
+    "source", ["echo {{ 1 }}", "echo {% if 1 %}x{% endif %}", "echo {# c #}x", "a\r\nb"]
+)
+def test_a_source_with_template_syntax_is_not_literal(source: str) -> None:
+    assert literal_argv(source) is None
+
+
+async def test_a_literal_source_needs_no_worker_a_template_does(pool: RenderPool) -> None:
+    assert await pool.render("/bin/echo 'a b' c", {"params": {}}) == ["/bin/echo", "a b", "c"]
+    with pytest.raises(CompositionError, match="does not split"):
+        await pool.render("echo 'open", {})
+    assert pool.pids == []
+    assert await pool.render("echo {{ 'a b' }}", {}) == ["echo", "a b"]
+    assert len(pool.pids) == 1
+    # A template that never ends still meets the time limit in its worker.
+    with pytest.raises(CompositionError, match=r"took longer than 1 s to render"):
+        await pool.render(
+            "{% for a in range(99999) %}{% for b in range(99999) %}{% endfor %}{% endfor %}", {}
+        )
 
 
 # --- the pool: limits, replacement, overhead, shutdown ----------------------------------
@@ -220,7 +287,7 @@ async def test_no_render_worker_survives_app_shutdown(settings: Settings) -> Non
         async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
             gql = GraphQLClient(http)
             data = await asyncio.gather(
-                *(gql(COMPOSE, input={"commandString": f"echo {i}"}) for i in range(4))
+                *(gql(COMPOSE, input={"commandString": f"echo {{{{ {i} }}}}"}) for i in range(4))
             )
         assert [d["composeCommand"]["argv"] for d in data] == [["echo", str(i)] for i in range(4)]
         pids = services.render_pool.pids
