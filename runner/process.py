@@ -9,6 +9,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import AsyncGenerator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,21 +38,23 @@ class Child:
     each slot's cycle (4 ms of 13).
     """
 
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+    def __init__(self, popen: subprocess.Popen[bytes], started_at: int) -> None:
         self._popen = popen
         assert popen.stdout is not None
         assert popen.stderr is not None
         self.stdout: IO[bytes] = popen.stdout
         self.stderr: IO[bytes] = popen.stderr
         SPAWNED.add(popen.pid)
-        stat = proc_stat(popen.pid)
-        self.started_at = stat.started_at if stat is not None else 0
+        self.started_at = started_at  # clock ticks after boot, at most the process's start
 
     @classmethod
     def start(cls, argv: list[str], env: dict[str, str], cwd: str, **options: Any) -> Child:
         """Start `argv` in a session (and process group) of its own; stdin is /dev/null.
         `options` go to Popen (e.g. user, group). Raises OSError when it cannot be started
         (nothing is left behind then)."""
+        # Read before the fork, not from the child's /proc/<pid>/stat after it: that read
+        # waits while the child execs (0.3 ms on average, 1 ms at p90 on a busy host).
+        started_at = boot_ticks()
         return cls(
             subprocess.Popen(  # an argv list, no shell
                 argv,
@@ -61,7 +65,8 @@ class Child:
                 cwd=cwd,
                 start_new_session=True,
                 **options,
-            )
+            ),
+            started_at,
         )
 
     @property
@@ -118,10 +123,19 @@ def _set_result(future: asyncio.Future[None]) -> None:
 
 
 def group_alive(pgid: int) -> bool:
-    """Whether any process of the group still exists (a subreaper first reaps the group's
-    members it adopted: their zombies would count as alive)."""
+    """Whether any process of the group still exists (a subreaper reaps the group's members
+    it adopted: their zombies would count as alive). The adopted are only looked for when
+    something of the group answers: a group that is gone has no zombies either."""
+    if not _group_answers(pgid):
+        return False
     if _subreaper:
         reap_adopted(lambda stat: stat.pgrp == pgid)
+        return _group_answers(pgid)
+    return True
+
+
+def _group_answers(pgid: int) -> bool:
+    """Whether a signal to the group would reach a process (a zombie counts)."""
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
@@ -314,6 +328,7 @@ SWEEPER = Sweeper()
 # orphans of commands still running (their session is a live leader's), and killed.
 
 PR_SET_CHILD_SUBREAPER = 36
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SPAWNED: set[int] = set()  # session leaders this process started and will reap itself
 _starting = 0  # children in a session of their own being started, not yet in SPAWNED
 
@@ -370,10 +385,28 @@ def proc_stat(pid: int) -> ProcStat | None:
     return ProcStat(fields[0], int(fields[2]), int(fields[3]), int(fields[19]))
 
 
-def adopted_children() -> dict[int, ProcStat]:
-    """This process's children that it did not start itself, with their stat."""
+def boot_ticks() -> int:
+    """Now, as /proc/<pid>/stat gives a process's start: clock ticks since boot, rounded
+    down as the kernel rounds."""
+    return time.clock_gettime_ns(time.CLOCK_BOOTTIME) // (1_000_000_000 // CLOCK_TICKS)
+
+
+def _adoptive_threads() -> list[str]:
+    """The threads of this process whose children are read for adopted ones: orphans come
+    to a subreaper's first live thread, the main one (Linux 3.19 on); before, to the thread
+    that started their ancestor, the event loop's, which is the one asking. Every thread
+    once the main one is gone. (Reading each thread's list cost 20 us a thread.)"""
+    if not threading.main_thread().is_alive():
+        return os.listdir("/proc/self/task")
+    return list({str(os.getpid()), str(threading.get_native_id())})
+
+
+def adopted_children(every_thread: bool = False) -> dict[int, ProcStat]:
+    """This process's children that it did not start itself, with their stat (those of
+    the threads orphans come to, or of `every_thread`)."""
     pids: list[int] = []
-    for task in os.listdir("/proc/self/task"):
+    tasks = os.listdir("/proc/self/task") if every_thread else _adoptive_threads()
+    for task in tasks:
         try:
             with open(f"/proc/self/task/{task}/children") as file:
                 pids += map(int, file.read().split())
@@ -392,11 +425,11 @@ def adopted_children() -> dict[int, ProcStat]:
     return found
 
 
-def reap_adopted(belongs: Callable[[ProcStat], bool]) -> list[int]:
+def reap_adopted(belongs: Callable[[ProcStat], bool], every_thread: bool = False) -> list[int]:
     """Reap the adopted zombies that `belongs` picks (nobody else waits for them); the
     living ones it picks are returned."""
     alive = []
-    for pid, stat in adopted_children().items():
+    for pid, stat in adopted_children(every_thread).items():
         if not belongs(stat):
             continue
         if stat.state == "Z":
@@ -411,7 +444,7 @@ def reap_orphans() -> None:
     """Reap the adopted zombies nobody waits for: a subreaper inherits every orphan below
     it (a browser's helpers whose parent died, say), not only a command's escaped ones."""
     if _subreaper and not _starting:
-        reap_adopted(lambda _stat: True)
+        reap_adopted(lambda _stat: True, every_thread=True)
 
 
 async def kill_adopted_escapees(started_at: int, timeout: float = 2.0) -> int:

@@ -1,14 +1,27 @@
 """Children started by runner.process.Child: their pipes are read without keeping the
-event loop from everything else."""
+event loop from everything else; what a child leaves behind comes back to a subreaper."""
 
 from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 
-from runner.process import Child, leader_exit, pipe_chunks
+from runner.process import (
+    CLOCK_TICKS,
+    Child,
+    become_subreaper,
+    group_alive,
+    kill_adopted_escapees,
+    leader_exit,
+    pipe_chunks,
+    proc_stat,
+)
+
+ENV = {"PATH": "/usr/bin:/bin"}
 
 CHATTY = (
     "import os, time\n"
@@ -45,3 +58,69 @@ async def test_a_child_writing_without_a_pause_does_not_stall_the_loop(tmp_path:
     assert received > 10_000
     assert len(gaps) > 100
     assert max(gaps) < 0.5  # without a turn between reads: the whole 1.5 s at once
+
+
+async def _exited(child: Child) -> int:
+    child.stdout.close()
+    child.stderr.close()
+    return await leader_exit(child)
+
+
+async def test_a_child_counts_as_started_no_later_than_it_did(tmp_path: Path) -> None:
+    # What a command leaves behind is told apart by its start: not before its first process.
+    child = Child.start(["sleep", "0.2"], ENV, str(tmp_path))
+    stat = proc_stat(child.pid)
+    assert stat is not None
+    assert child.started_at <= stat.started_at <= child.started_at + CLOCK_TICKS
+    assert await _exited(child) == 0
+
+
+async def test_a_group_is_alive_until_its_adopted_member_is_gone_and_reaped(
+    tmp_path: Path,
+) -> None:
+    # The leader goes first: its group's other member comes to this process (a subreaper),
+    # and its zombie must not keep the group alive.
+    assert become_subreaper()
+    child = Child.start(["sh", "-c", "sleep 0.3 & exit 0"], ENV, str(tmp_path))
+    assert await _exited(child) == 0
+    assert group_alive(child.pid)
+    deadline = time.monotonic() + 10
+    while group_alive(child.pid):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    assert not Path(f"/proc/{child.pid}").exists()  # nothing left, not even a zombie
+
+
+def _sleeping(tag: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if argv[:2] == [b"sleep", tag.encode()] and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def test_an_escapee_is_killed_when_the_loop_runs_off_the_main_thread(tmp_path: Path) -> None:
+    # Orphans come to the main thread of a subreaper (the kernel picks its first live
+    # thread), not to the thread that started their ancestor: a runner whose loop runs on
+    # another thread must still find them.
+    assert become_subreaper()
+    tag = f"300.{uuid.uuid4().int % 10**6}"
+    script = f"setsid env -i sleep {tag} </dev/null >/dev/null 2>&1 & exit 0"
+    killed: list[int] = []
+
+    async def command() -> None:
+        child = Child.start(["sh", "-c", script], ENV, str(tmp_path))
+        assert await _exited(child) == 0
+        killed.append(await kill_adopted_escapees(child.started_at))
+
+    runner = threading.Thread(target=asyncio.run, args=(command(),))
+    runner.start()
+    runner.join(30)
+    assert threading.get_native_id() != runner.native_id
+    assert killed == [1]
+    assert _sleeping(tag) == []
