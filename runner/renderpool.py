@@ -106,6 +106,11 @@ class _Worker:
             # its handlers): reap it here rather than hold its slot in the pool forever.
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.process.pid, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG: no wait
+            # Its transport still counts it as running: closed here, not left to warn
+            # (ResourceWarning) when collected.
+            transport = getattr(self.process, "_transport", None)
+            if transport is not None:
+                transport.close()
         SPAWNED.discard(self.process.pid)
 
 
@@ -199,16 +204,25 @@ class RenderPool:
     # -- the pool's bookkeeping ---------------------------------------------------------
 
     async def _acquire(self) -> _Worker:
-        async with self._changed:
-            while True:
-                if self._closed:
-                    raise CompositionError("the server is stopping; templates no longer render")
-                if self._idle:
-                    return self._idle.pop()
-                if len(self._live) + self._starting < self.size:
-                    self._starting += 1
-                    break
-                await self._changed.wait()
+        """An idle worker, or a slot to start one in. The wait for one is bounded like a
+        render: a pool that never frees a slot (a worker whose exit was never seen, once)
+        must refuse renders, not hold every caller forever."""
+        try:
+            async with asyncio.timeout(self.timeout_seconds), self._changed:
+                while True:
+                    if self._closed:
+                        raise CompositionError("the server is stopping; templates no longer render")
+                    if self._idle:
+                        return self._idle.pop()
+                    if len(self._live) + self._starting < self.size:
+                        self._starting += 1
+                        break
+                    await self._changed.wait()
+        except TimeoutError:
+            raise CompositionError(
+                f"no render worker was free within {self.timeout_seconds:g} s (all {self.size} "
+                "busy): the template was not rendered; try again when fewer commands start"
+            ) from None
         return await self._start_worker()
 
     async def _start_worker(self) -> _Worker:

@@ -20,6 +20,7 @@ from sqlalchemy import update
 from starlette.applications import Starlette
 
 from graphql_schema.context import AppServices
+from runner import renderpool
 from runner.compose import (
     MAX_RENDERED,
     SAFE_FORM,
@@ -28,6 +29,7 @@ from runner.compose import (
     quoted_placeholder_problem,
     render_argv,
 )
+from runner.process import use_pidfd_child_watcher
 from runner.renderpool import RenderPool
 from server.models import Command
 from server.settings import Settings
@@ -231,6 +233,41 @@ async def test_rendering_in_the_pool_costs_little(pool: RenderPool) -> None:
         assert await pool.render(source, context) == render_argv(source, context)
         timings.append(time.perf_counter() - started)
     assert sorted(timings)[len(timings) // 2] < 0.02  # a warm worker: no process start
+
+
+async def test_a_killed_worker_whose_exit_is_never_reported_is_reaped(
+    pool: RenderPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child watcher replaced after a worker started (the benchmark's, by the one the
+    Supervisor installs) drops the worker's exit: killing it must neither hang nor leave
+    its slot taken (every later render waited forever)."""
+    monkeypatch.setattr(renderpool, "KILL_WAIT_SECONDS", 0.3)
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(asyncio.get_running_loop())
+    asyncio.get_event_loop_policy().set_child_watcher(watcher)
+    assert await pool.render("echo {{ 1 }}", {}) == ["echo", "1"]
+    (worker,) = pool.pids
+    with pytest.warns(RuntimeWarning, match="pending handlers"):
+        use_pidfd_child_watcher()  # closes the old watcher: the worker's exit is lost
+    async with asyncio.timeout(REFUSED_WITHIN + 5):
+        with pytest.raises(CompositionError, match="took longer"):
+            await pool.render(
+                "{% for a in range(99999) %}{% for b in range(99999) %}{% endfor %}{% endfor %}", {}
+            )
+        assert not Path(f"/proc/{worker}").exists()  # killed and reaped, not a zombie
+        assert await pool.render("echo {{ 2 }}", {}) == ["echo", "2"]
+
+
+async def test_the_wait_for_a_free_worker_is_bounded(pool: RenderPool) -> None:
+    pool.timeout_seconds = 0.5
+    pool._starting = pool.size  # every slot taken, and none ever frees up
+    started = time.monotonic()
+    async with asyncio.timeout(5):  # unbounded, it would wait here forever
+        with pytest.raises(CompositionError, match=r"no render worker was free within 0.5 s"):
+            await pool.render("echo {{ 1 }}", {})
+    assert 0.4 < time.monotonic() - started < 3
+    pool._starting = 0
+    assert await pool.render("echo {{ 1 }}", {}) == ["echo", "1"]
 
 
 def test_workers_die_with_a_server_that_is_killed(tmp_path: Path) -> None:
