@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable, Iterator
+from collections.abc import AsyncGenerator, Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
@@ -77,10 +77,14 @@ class Child:
     def returncode(self) -> int | None:
         """The exit status once the process has exited (it is reaped on the first look
         after its exit, as asyncio's child watcher would)."""
-        code = self._popen.poll()
-        if code is not None:
-            SPAWNED.discard(self._popen.pid)
-        return code
+        return self._popen.poll()
+
+    def release(self) -> None:
+        """Once its group is stopped: its session is no longer a live command's, and what
+        is left of it counts as escaped. (Not at its exit: the rest of its group, bwrap's
+        namespace init say, is being stopped then, and another command's end took it for
+        escaped, killed it and waited for it.)"""
+        SPAWNED.discard(self._popen.pid)
 
 
 async def pipe_chunks(pipe: IO[bytes], size: int) -> AsyncGenerator[bytes, None]:
@@ -122,16 +126,49 @@ def _set_result(future: asyncio.Future[None]) -> None:
         future.set_result(None)
 
 
+async def wait_exits(pids: Collection[int], timeout: float) -> None:
+    """Return once every process of `pids` has exited (seen through pidfds, not polled), or
+    after `timeout`: at once when they are gone, the whole of it when `pids` is empty."""
+    if not pids:
+        await asyncio.sleep(timeout)
+        return
+    loop = asyncio.get_running_loop()
+    exits: dict[int, asyncio.Future[None]] = {}
+    try:
+        for pid in pids:
+            try:
+                pidfd = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue  # gone already
+            except (AttributeError, OSError):  # no pidfds here: wait out the time
+                await asyncio.sleep(timeout)
+                return
+            exits[pidfd] = loop.create_future()
+            loop.add_reader(pidfd, _set_result, exits[pidfd])
+        if exits:
+            await asyncio.wait(exits.values(), timeout=timeout)
+    finally:
+        for pidfd in exits:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+
+
 def group_alive(pgid: int) -> bool:
     """Whether any process of the group still exists (a subreaper reaps the group's members
-    it adopted: their zombies would count as alive). The adopted are only looked for when
-    something of the group answers: a group that is gone has no zombies either."""
+    it adopted: their zombies would count as alive)."""
+    return _adopted_alive(pgid) is not None
+
+
+def _adopted_alive(pgid: int) -> list[int] | None:
+    """None when nothing of the group is left; else its living members that this process
+    adopted (those it can wait for), after reaping the adopted zombies. The adopted are
+    only looked for when something of the group answers: a gone group has no zombies."""
     if not _group_answers(pgid):
-        return False
-    if _subreaper:
-        reap_adopted(lambda stat: stat.pgrp == pgid)
-        return _group_answers(pgid)
-    return True
+        return None
+    if not _subreaper:
+        return []
+    alive = reap_adopted(lambda stat: stat.pgrp == pgid)
+    return alive if _group_answers(pgid) else None
 
 
 def _group_answers(pgid: int) -> bool:
@@ -150,30 +187,34 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
 
 
-async def stop_group(pgid: int, process: Exits | None, grace: float) -> None:
+async def stop_group(pgid: int, process: Exits | None, grace: float) -> bool:
     """SIGTERM the whole group, wait up to `grace` seconds, then SIGKILL what is left.
+    Returns whether the group is gone (False: a member outlived even the SIGKILL's wait).
 
     Always reaps the leader (`process`) so no zombie stays behind.
     """
+    loop = asyncio.get_running_loop()
     if group_alive(pgid):
         _signal_group(pgid, signal.SIGTERM)
-        deadline = asyncio.get_running_loop().time() + grace
-        while group_alive(pgid) and asyncio.get_running_loop().time() < deadline:
+        deadline = loop.time() + grace
+        while (adopted := _adopted_alive(pgid)) is not None and loop.time() < deadline:
             if process is not None and process.returncode is None:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(leader_exit(process), 0.05)
-            else:
-                await asyncio.sleep(0.02)
+            else:  # e.g. bwrap's namespace init, still being torn down after its monitor
+                await wait_exits(adopted, 0.02)
         if group_alive(pgid):
             _signal_group(pgid, signal.SIGKILL)
     if process is not None:
         await leader_exit(process)
     # Members re-parented elsewhere may take a moment to vanish after SIGKILL.
-    for _ in range(100):
-        if not group_alive(pgid):
-            return
+    deadline = loop.time() + 1.0
+    while (adopted := _adopted_alive(pgid)) is not None:
+        if loop.time() >= deadline:
+            return False
         _signal_group(pgid, signal.SIGKILL)
-        await asyncio.sleep(0.01)
+        await wait_exits(adopted, 0.01)
+    return True
 
 
 async def leader_exit(process: Exits) -> int:
@@ -257,7 +298,7 @@ async def sweep_run(marker: str, leader_pid: int = 0, timeout: float = 2.0) -> i
     _kill_all(pids)
     deadline = asyncio.get_running_loop().time() + timeout
     while pids and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.02)
+        await wait_exits(pids, 0.02)
         pids = await SWEEPER.find(marker, leader_pid - 1)
     return len(found)
 
@@ -468,7 +509,7 @@ async def kill_adopted_escapees(started_at: int, timeout: float = 2.0) -> int:
             break
         _kill_all(alive)  # their children come up to this process as they die: again
         killed.update(alive)
-        await asyncio.sleep(0.01)
+        await wait_exits(alive, 0.01)
     return len(killed)
 
 

@@ -776,7 +776,10 @@ class Supervisor:
         process: Child,
         pumps: list[asyncio.Task[None]],
     ) -> None:
-        await stop_group(pgid, process, self.settings.kill_grace_seconds)
+        try:
+            await stop_group(pgid, process, self.settings.kill_grace_seconds)
+        finally:
+            process.release()
         escaped = await sweep_run(run_marker(self.runner_id, command_id), pgid)
         escaped += await kill_adopted_escapees(process.started_at)
         if escaped:

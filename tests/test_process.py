@@ -19,6 +19,8 @@ from runner.process import (
     leader_exit,
     pipe_chunks,
     proc_stat,
+    stop_group,
+    wait_exits,
 )
 
 ENV = {"PATH": "/usr/bin:/bin"}
@@ -116,6 +118,7 @@ def test_an_escapee_is_killed_when_the_loop_runs_off_the_main_thread(tmp_path: P
     async def command() -> None:
         child = Child.start(["sh", "-c", script], ENV, str(tmp_path))
         assert await _exited(child) == 0
+        child.release()
         killed.append(await kill_adopted_escapees(child.started_at))
 
     runner = threading.Thread(target=asyncio.run, args=(command(),))
@@ -124,3 +127,53 @@ def test_an_escapee_is_killed_when_the_loop_runs_off_the_main_thread(tmp_path: P
     assert threading.get_native_id() != runner.native_id
     assert killed == [1]
     assert _sleeping(tag) == []
+
+
+async def test_waiting_for_exits_ends_when_they_exit_not_at_the_timeout(tmp_path: Path) -> None:
+    children = [Child.start(["sleep", "0.2"], ENV, str(tmp_path)) for _ in range(2)]
+    started = time.monotonic()
+    await wait_exits([child.pid for child in children], 10)
+    assert 0.15 < time.monotonic() - started < 5
+    for child in children:
+        assert await _exited(child) == 0
+    started = time.monotonic()
+    await wait_exits([child.pid for child in children], 10)  # gone: at once
+    await wait_exits([], 0.1)  # nothing to watch: the whole timeout
+    assert 0.1 <= time.monotonic() - started < 5
+
+
+async def test_a_group_that_outlives_its_leader_is_stopped_as_soon_as_it_is_gone(
+    tmp_path: Path,
+) -> None:
+    # bwrap's monitor exits before its namespace's init: the group's last member is
+    # adopted, and its end is seen when it comes (not at the next poll).
+    assert become_subreaper()
+    for ignores_term, grace, within in ((False, 30.0, 1.0), (True, 0.5, 1.5)):
+        trap = "trap '' TERM; " if ignores_term else ""
+        script = f'sh -c "{trap}sleep 0.3; sleep 0.3" & exit 0'
+        child = Child.start(["sh", "-c", script], ENV, str(tmp_path))
+        assert await _exited(child) == 0
+        await asyncio.sleep(0.1)  # the member is adopted and running its first sleep
+        started = time.monotonic()
+        await stop_group(child.pid, child, grace)
+        assert time.monotonic() - started < within  # TERM ends it; else KILL after grace
+        assert not group_alive(child.pid)
+        assert not Path(f"/proc/{child.pid}").exists()
+
+
+async def test_a_group_being_stopped_is_not_taken_for_another_commands_escapee(
+    tmp_path: Path,
+) -> None:
+    # Two commands end together; the second one's group outlives its leader (bwrap's
+    # namespace init does, for a moment). The first one's end must leave it to its own stop.
+    assert become_subreaper()
+    first = Child.start(["true"], ENV, str(tmp_path))
+    second = Child.start(["sh", "-c", "sleep 5 & exit 0"], ENV, str(tmp_path))
+    assert await _exited(second) == 0
+    assert await _exited(first) == 0
+    first.release()
+    assert await kill_adopted_escapees(first.started_at) == 0
+    assert group_alive(second.pid)
+    assert await stop_group(second.pid, second, 0.5)
+    second.release()
+    assert await kill_adopted_escapees(second.started_at) == 0
