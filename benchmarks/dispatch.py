@@ -7,7 +7,8 @@ Per backend, in one run:
 1. baseline: asyncio.create_subprocess_exec("/bin/true") N times under a semaphore of C,
    each awaited (median of 3 runs after a warm-up one, before the server starts), child
    exits seen through pidfds (asyncio's default from Python 3.12 on; on 3.11, its
-   PidfdChildWatcher).
+   PidfdChildWatcher). When the runner sandboxes commands (bwrap), the same again with
+   /bin/true in that sandbox (`bare_sandboxed_seconds`): what the sandbox itself costs.
 2. the real app under uvicorn on 127.0.0.1 with its embedded runner off; a client in its own
    process POSTs N runCommand mutations one after another (latency with an idle runner).
 3. drain: a Supervisor (built as server/app.py's lifespan builds it, max_concurrency=C)
@@ -65,10 +66,12 @@ def _pidfd_child_watcher() -> None:
     asyncio.get_event_loop_policy().set_child_watcher(watcher)
 
 
-async def bare_spawn(commands: int, concurrency: int) -> float:
-    """Seconds to spawn and reap `commands` /bin/true, at most `concurrency` at once. The
-    heap is settled first, as the server's is (otherwise the first backend's baseline pays
-    full collections of everything imported, the second's does not)."""
+async def bare_spawn(
+    commands: int, concurrency: int, argv: tuple[str, ...] = (COMMAND,), **options: Any
+) -> float:
+    """Seconds to spawn and reap `commands` /bin/true (or `argv`), at most `concurrency` at
+    once. The heap is settled first, as the server's is (otherwise the first backend's
+    baseline pays full collections of everything imported, the second's does not)."""
     from server.cli import freeze_startup_heap
 
     freeze_startup_heap()
@@ -77,7 +80,7 @@ async def bare_spawn(commands: int, concurrency: int) -> float:
 
     async def one() -> None:
         async with gate:
-            process = await asyncio.create_subprocess_exec(COMMAND)
+            process = await asyncio.create_subprocess_exec(*argv, **options)
             await process.wait()
 
     started = time.perf_counter()
@@ -140,6 +143,32 @@ async def run_times(engine: Any) -> dict[str, Any]:
     return {"started_to_final_ms": percentiles(runs)}
 
 
+async def bare_sandboxed(settings: Any, commands: int, concurrency: int) -> list[float] | None:
+    """The bare spawn's runs with /bin/true in the runner's bwrap sandbox (None: no bwrap)."""
+    from runner.process import reap_orphans
+    from runner.sandbox import BWRAP
+    from runner.supervisor import runner_sandbox
+
+    sandbox = await asyncio.to_thread(runner_sandbox, settings)
+    if sandbox.mode != BWRAP:
+        return None
+    folder = settings.data_dir / "bare-sandboxed"
+    folder.mkdir()
+    if sandbox.run_as is not None:
+        os.chown(folder, sandbox.run_as.uid, sandbox.run_as.gid)
+    argv = tuple(sandbox.wrap([COMMAND], str(folder)))
+    progress(f"  the same in the {BWRAP} sandbox")
+    options = {**sandbox.popen_options(), "start_new_session": True}  # as the runner does
+    runs = [await bare_spawn(commands, concurrency, argv, **options) for _ in range(BARE_RUNS)]
+    # Once a Supervisor has run here (the first backend's), this process is a subreaper:
+    # each sandbox's namespace init, which outlives its monitor, comes to it and nobody else
+    # reaps it. Hundreds of zombies slowed every look the runner takes at its children in
+    # the drain (16 s instead of 1.7); in this process's own session, not even the lease
+    # loop reaped them.
+    reap_orphans()
+    return runs
+
+
 async def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from runner.supervisor import Supervisor
     from server.app import create_app
@@ -155,6 +184,10 @@ async def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> 
     async with backend_settings(
         backend, workdir, max_concurrency=concurrency, embedded_runner=False
     ) as settings:
+        sandboxed_runs = await bare_sandboxed(settings, commands, concurrency)
+        sandboxed = statistics.median(sandboxed_runs) if sandboxed_runs else None
+        if sandboxed_runs:
+            progress(f"  bare sandboxed: {[round(s, 3) for s in sandboxed_runs]} s")
         engine = observer_engine(settings)
         try:
             app = create_app(settings)
@@ -220,6 +253,8 @@ async def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> 
         "run_command_latency_ms": latency,
         "run_command_latency_ms_runner_idle": percentiles(idle["latencies_ms"]),
         "bare_runs_seconds": [round(s, 3) for s in bare_runs],
+        "bare_sandboxed_seconds": None if sandboxed is None else round(sandboxed, 3),
+        "ratio_to_bare_sandboxed": None if sandboxed is None else round(corral / sandboxed, 2),
         "corral_commands_per_s": round(commands / corral, 1),
         "bare_commands_per_s": round(commands / bare, 1),
         "succeeded": succeeded,

@@ -38,6 +38,7 @@ MAX_SEQUENCE = MAX_RENDERED
 # command line has use for, and Python refuses to print ints over 4,300 digits in any case.
 MAX_INT_BITS = 64 * 1024
 SAFE_FORM = "sh -c 'echo \"$1\"' _ {{ params.x }}"
+TOO_LONG = f"the rendered command is longer than {MAX_RENDERED:,} characters"
 PLACEHOLDER_SHOWN = 60
 
 
@@ -231,9 +232,7 @@ def _generate(template: Template, context: Mapping[str, Any]) -> str:
     for part in template.generate(**context):
         size += len(part)
         if size > MAX_RENDERED:
-            raise CompositionError(
-                f"the rendered command is longer than {MAX_RENDERED:,} characters"
-            )
+            raise CompositionError(TOO_LONG)
         parts.append(part)
     return "".join(parts)
 
@@ -256,6 +255,41 @@ def render_argv(source: str, context: Mapping[str, Any]) -> list[str]:
         raise CompositionError(f"template was refused by the sandbox: {exc}") from exc
     except (TemplateError, ArithmeticError, TypeError, ValueError) as exc:
         raise CompositionError(f"template failed to render: {exc}") from exc
+    return _split(rendered)
+
+
+# What starts Jinja syntax in a template; a source with none of it renders as itself.
+_SYNTAX_OPENERS = tuple(
+    opener
+    for opener in (
+        _ENVIRONMENT.block_start_string,
+        _ENVIRONMENT.variable_start_string,
+        _ENVIRONMENT.comment_start_string,
+        _ENVIRONMENT.line_statement_prefix,
+        _ENVIRONMENT.line_comment_prefix,
+    )
+    if opener
+)
+
+
+def literal_argv(source: str) -> list[str] | None:
+    """The argv of a template without any Jinja syntax, exactly as `render_argv` would
+    make it (CompositionError included), or None when it has some and must render.
+
+    Such a template runs no code: its render is the text itself (one trailing newline
+    dropped, as Jinja does), so it needs no worker process and its limits. Sources with a
+    carriage return are left to Jinja, which rewrites line endings.
+    """
+    if "\r" in source or any(opener in source for opener in _SYNTAX_OPENERS):
+        return None
+    rendered = source[:-1] if source.endswith("\n") else source
+    if len(rendered) > MAX_RENDERED:
+        raise CompositionError(TOO_LONG)
+    return _split(rendered)
+
+
+def _split(rendered: str) -> list[str]:
+    """A rendered command line as an argv (raises CompositionError)."""
     try:
         argv = shlex.split(rendered)
     except ValueError as exc:

@@ -5,7 +5,9 @@ for gigabytes (issue 10, item 4). So the server never renders one itself: each r
 goes to an idle worker (runner/renderworker.py) over a pipe, with a time limit; a worker
 that overruns is killed and a fresh one takes its place, and the caller gets a
 CompositionError that says which limit was hit. Workers start on first use and stay warm
-(a render costs a pipe round trip, not a process), and `close` kills them all.
+(a render costs a pipe round trip, not a process), and `close` kills them all. A source
+with no template syntax at all (`/bin/true`) is only split, right here: that round trip
+was a third of a short command's time on a busy runner.
 
 Why not a library: concurrent.futures cannot stop a running task, and `pebble`'s pool,
 which can, answers through threads and pickles results, which a template that escaped
@@ -24,7 +26,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from runner.compose import CompositionError
+from runner.compose import CompositionError, literal_argv
 from runner.process import SPAWNED, starting_own_child
 from server.settings import Settings
 
@@ -104,6 +106,11 @@ class _Worker:
             # its handlers): reap it here rather than hold its slot in the pool forever.
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(self.process.pid, os.WNOHANG)  # noqa: ASYNC222 - WNOHANG: no wait
+            # Its transport still counts it as running: closed here, not left to warn
+            # (ResourceWarning) when collected.
+            transport = getattr(self.process, "_transport", None)
+            if transport is not None:
+                transport.close()
         SPAWNED.discard(self.process.pid)
 
 
@@ -150,7 +157,11 @@ class RenderPool:
         return [worker.process.pid for worker in self._live]
 
     async def render(self, source: str, context: Mapping[str, Any]) -> list[str]:
-        """Render `source` with `context` into an argv in a worker (raises CompositionError)."""
+        """Render `source` with `context` into an argv in a worker (raises CompositionError).
+        A source without template syntax runs no code: it is split here, with no round trip."""
+        argv = literal_argv(source)
+        if argv is not None:
+            return argv
         request = json.dumps({"source": source, "context": context}).encode() + b"\n"
         worker = await self._acquire()
         try:
@@ -193,16 +204,25 @@ class RenderPool:
     # -- the pool's bookkeeping ---------------------------------------------------------
 
     async def _acquire(self) -> _Worker:
-        async with self._changed:
-            while True:
-                if self._closed:
-                    raise CompositionError("the server is stopping; templates no longer render")
-                if self._idle:
-                    return self._idle.pop()
-                if len(self._live) + self._starting < self.size:
-                    self._starting += 1
-                    break
-                await self._changed.wait()
+        """An idle worker, or a slot to start one in. The wait for one is bounded like a
+        render: a pool that never frees a slot (a worker whose exit was never seen, once)
+        must refuse renders, not hold every caller forever."""
+        try:
+            async with asyncio.timeout(self.timeout_seconds), self._changed:
+                while True:
+                    if self._closed:
+                        raise CompositionError("the server is stopping; templates no longer render")
+                    if self._idle:
+                        return self._idle.pop()
+                    if len(self._live) + self._starting < self.size:
+                        self._starting += 1
+                        break
+                    await self._changed.wait()
+        except TimeoutError:
+            raise CompositionError(
+                f"no render worker was free within {self.timeout_seconds:g} s (all {self.size} "
+                "busy): the template was not rendered; try again when fewer commands start"
+            ) from None
         return await self._start_worker()
 
     async def _start_worker(self) -> _Worker:

@@ -72,11 +72,19 @@ class Sandbox:
         """Whether commands are kept from Corral's private files."""
         return self.mode != NONE
 
+    @property
+    def contains_processes(self) -> bool:
+        """Whether nothing of a command outlives its process group: its processes live in a
+        PID namespace (--unshare-pid) whose init is in the group, and the kernel kills what
+        is left in a namespace when its init ends, wherever it went (setsid ...)."""
+        return self.mode == BWRAP and self.bwrap is not None
+
     def wrap(self, argv: Sequence[str], workdir: str, writable: Iterable[str] = ()) -> list[str]:
         """The argv that runs `argv` in the sandbox, in `workdir`, with `writable` folders
         (which must exist) read-write."""
         if self.mode != BWRAP or self.bwrap is None:
             return list(argv)
+        # --unshare-pid: what `contains_processes` stands on.
         args = [self.bwrap, "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
         args += _system_binds()
         args += ["--proc", "/proc", "--dev", "/dev"]

@@ -776,8 +776,16 @@ class Supervisor:
         process: Child,
         pumps: list[asyncio.Task[None]],
     ) -> None:
-        await stop_group(pgid, process, self.settings.kill_grace_seconds)
-        escaped = await sweep_run(run_marker(self.runner_id, command_id), pgid)
+        try:
+            gone = await stop_group(pgid, process, self.settings.kill_grace_seconds)
+        finally:
+            process.release()
+        escaped = 0
+        # A sandbox's PID namespace died with the group: no process of the run is left to
+        # look for by its marker (a look at every younger PID's environment: 1.4 ms p50,
+        # 14 ms p90 of each command's end on a busy host).
+        if not (gone and self.sandbox.contains_processes):
+            escaped = await sweep_run(run_marker(self.runner_id, command_id), pgid)
         escaped += await kill_adopted_escapees(process.started_at)
         if escaped:
             log_event("killed_escaped", command=command_id, processes=escaped)

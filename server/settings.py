@@ -187,7 +187,8 @@ class Settings(BaseSettings):
         gt=0,
         le=600,
         description="Longest time one command template may take to render; a render "
-        "that takes longer is stopped (its worker process killed) and refused.",
+        "that takes longer is stopped (its worker process killed) and refused. Also the "
+        "longest wait for a free worker.",
     )
     render_memory_bytes: int = Field(
         default=256 * 1024 * 1024,

@@ -1,14 +1,29 @@
 """Children started by runner.process.Child: their pipes are read without keeping the
-event loop from everything else."""
+event loop from everything else; what a child leaves behind comes back to a subreaper."""
 
 from __future__ import annotations
 
 import asyncio
 import sys
+import threading
 import time
+import uuid
 from pathlib import Path
 
-from runner.process import Child, leader_exit, pipe_chunks
+from runner.process import (
+    CLOCK_TICKS,
+    Child,
+    become_subreaper,
+    group_alive,
+    kill_adopted_escapees,
+    leader_exit,
+    pipe_chunks,
+    proc_stat,
+    stop_group,
+    wait_exits,
+)
+
+ENV = {"PATH": "/usr/bin:/bin"}
 
 CHATTY = (
     "import os, time\n"
@@ -45,3 +60,120 @@ async def test_a_child_writing_without_a_pause_does_not_stall_the_loop(tmp_path:
     assert received > 10_000
     assert len(gaps) > 100
     assert max(gaps) < 0.5  # without a turn between reads: the whole 1.5 s at once
+
+
+async def _exited(child: Child) -> int:
+    child.stdout.close()
+    child.stderr.close()
+    return await leader_exit(child)
+
+
+async def test_a_child_counts_as_started_no_later_than_it_did(tmp_path: Path) -> None:
+    # What a command leaves behind is told apart by its start: not before its first process.
+    child = Child.start(["sleep", "0.2"], ENV, str(tmp_path))
+    stat = proc_stat(child.pid)
+    assert stat is not None
+    assert child.started_at <= stat.started_at <= child.started_at + CLOCK_TICKS
+    assert await _exited(child) == 0
+
+
+async def test_a_group_is_alive_until_its_adopted_member_is_gone_and_reaped(
+    tmp_path: Path,
+) -> None:
+    # The leader goes first: its group's other member comes to this process (a subreaper),
+    # and its zombie must not keep the group alive.
+    assert become_subreaper()
+    child = Child.start(["sh", "-c", "sleep 0.3 & exit 0"], ENV, str(tmp_path))
+    assert await _exited(child) == 0
+    assert group_alive(child.pid)
+    deadline = time.monotonic() + 10
+    while group_alive(child.pid):
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.02)
+    assert not Path(f"/proc/{child.pid}").exists()  # nothing left, not even a zombie
+
+
+def _sleeping(tag: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if argv[:2] == [b"sleep", tag.encode()] and state != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def test_an_escapee_is_killed_when_the_loop_runs_off_the_main_thread(tmp_path: Path) -> None:
+    # Orphans come to the main thread of a subreaper (the kernel picks its first live
+    # thread), not to the thread that started their ancestor: a runner whose loop runs on
+    # another thread must still find them.
+    assert become_subreaper()
+    tag = f"300.{uuid.uuid4().int % 10**6}"
+    script = f"setsid env -i sleep {tag} </dev/null >/dev/null 2>&1 & exit 0"
+    killed: list[int] = []
+
+    async def command() -> None:
+        child = Child.start(["sh", "-c", script], ENV, str(tmp_path))
+        assert await _exited(child) == 0
+        child.release()
+        killed.append(await kill_adopted_escapees(child.started_at))
+
+    runner = threading.Thread(target=asyncio.run, args=(command(),))
+    runner.start()
+    runner.join(30)
+    assert threading.get_native_id() != runner.native_id
+    assert killed == [1]
+    assert _sleeping(tag) == []
+
+
+async def test_waiting_for_exits_ends_when_they_exit_not_at_the_timeout(tmp_path: Path) -> None:
+    children = [Child.start(["sleep", "0.2"], ENV, str(tmp_path)) for _ in range(2)]
+    started = time.monotonic()
+    await wait_exits([child.pid for child in children], 10)
+    assert 0.15 < time.monotonic() - started < 5
+    for child in children:
+        assert await _exited(child) == 0
+    started = time.monotonic()
+    await wait_exits([child.pid for child in children], 10)  # gone: at once
+    await wait_exits([], 0.1)  # nothing to watch: the whole timeout
+    assert 0.1 <= time.monotonic() - started < 5
+
+
+async def test_a_group_that_outlives_its_leader_is_stopped_as_soon_as_it_is_gone(
+    tmp_path: Path,
+) -> None:
+    # bwrap's monitor exits before its namespace's init: the group's last member is
+    # adopted, and its end is seen when it comes (not at the next poll).
+    assert become_subreaper()
+    for ignores_term, grace, within in ((False, 30.0, 1.0), (True, 0.5, 1.5)):
+        trap = "trap '' TERM; " if ignores_term else ""
+        script = f'sh -c "{trap}sleep 0.3; sleep 0.3" & exit 0'
+        child = Child.start(["sh", "-c", script], ENV, str(tmp_path))
+        assert await _exited(child) == 0
+        await asyncio.sleep(0.1)  # the member is adopted and running its first sleep
+        started = time.monotonic()
+        await stop_group(child.pid, child, grace)
+        assert time.monotonic() - started < within  # TERM ends it; else KILL after grace
+        assert not group_alive(child.pid)
+        assert not Path(f"/proc/{child.pid}").exists()
+
+
+async def test_a_group_being_stopped_is_not_taken_for_another_commands_escapee(
+    tmp_path: Path,
+) -> None:
+    # Two commands end together; the second one's group outlives its leader (bwrap's
+    # namespace init does, for a moment). The first one's end must leave it to its own stop.
+    assert become_subreaper()
+    first = Child.start(["true"], ENV, str(tmp_path))
+    second = Child.start(["sh", "-c", "sleep 5 & exit 0"], ENV, str(tmp_path))
+    assert await _exited(second) == 0
+    assert await _exited(first) == 0
+    first.release()
+    assert await kill_adopted_escapees(first.started_at) == 0
+    assert group_alive(second.pid)
+    assert await stop_group(second.pid, second, 0.5)
+    second.release()
+    assert await kill_adopted_escapees(second.started_at) == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import subprocess
 import sys
 import time
@@ -19,13 +20,16 @@ from sqlalchemy import update
 from starlette.applications import Starlette
 
 from graphql_schema.context import AppServices
+from runner import renderpool
 from runner.compose import (
     MAX_RENDERED,
     SAFE_FORM,
     CompositionError,
+    literal_argv,
     quoted_placeholder_problem,
     render_argv,
 )
+from runner.process import use_pidfd_child_watcher
 from runner.renderpool import RenderPool
 from server.models import Command
 from server.settings import Settings
@@ -105,6 +109,71 @@ def test_output_is_cut_off_while_it_is_generated() -> None:
         render_argv(source, {})
 
 
+# --- a source without template syntax is split without a worker ------------------------
+
+LITERAL_ALPHABET = " \t\nab'\"\\{}%#$;\x00"
+LITERAL_EDGES = [
+    "",
+    " ",
+    "\n",
+    "/bin/true",
+    "/bin/true\n",
+    "echo \\\n",  # ends in an escaped newline: Jinja drops the newline, so must this
+    "echo 'a\n'\n\n",
+    "echo 'open",
+    'echo "a\\"b" c\\ d',
+    "echo {a,b} } }} %} #} {",
+    "echo \x00",
+    "x" * MAX_RENDERED,
+    "x" * (MAX_RENDERED + 1),
+    "x" * MAX_RENDERED + "\n",
+]
+
+
+def _outcome(split: Any, source: str) -> Any:
+    try:
+        return split(source)
+    except CompositionError as exc:
+        return f"error: {exc}"
+
+
+@pytest.mark.parametrize("source", LITERAL_EDGES)
+def test_a_literal_source_splits_as_its_render_would(source: str) -> None:
+    assert _outcome(literal_argv, source) == _outcome(lambda s: render_argv(s, {}), source)
+
+
+def test_random_literal_sources_split_as_their_render_would() -> None:
+    rng = random.Random(10)
+    for _ in range(2000):
+        source = "".join(rng.choices(LITERAL_ALPHABET, k=rng.randrange(12)))
+        if any(opener in source for opener in ("{{", "{%", "{#")):
+            assert literal_argv(source) is None, repr(source)
+        else:
+            rendered = _outcome(lambda s: render_argv(s, {}), source)
+            assert _outcome(literal_argv, source) == rendered, repr(source)
+
+
+@pytest.mark.parametrize(
+    "source", ["echo {{ 1 }}", "echo {% if 1 %}x{% endif %}", "echo {# c #}x", "a\r\nb"]
+)
+def test_a_source_with_template_syntax_is_not_literal(source: str) -> None:
+    assert literal_argv(source) is None
+
+
+async def test_a_literal_source_needs_no_worker_a_template_does(pool: RenderPool) -> None:
+    assert await pool.render("/bin/echo 'a b' c", {"params": {}}) == ["/bin/echo", "a b", "c"]
+    with pytest.raises(CompositionError, match="does not split"):
+        await pool.render("echo 'open", {})
+    assert pool.pids == []
+    assert await pool.render("echo {{ 'a b' }}", {}) == ["echo", "a b"]
+    assert len(pool.pids) == 1
+    # A template that never ends still meets the time limit in its worker.
+    with pytest.raises(CompositionError, match=r"took longer than 1 s to render"):
+        await pool.render(
+            "{% for a in range(99999) %}{% for b in range(99999) %}{% endfor %}{% endfor %}", {}
+        )
+
+
 # --- the pool: limits, replacement, overhead, shutdown ----------------------------------
 
 
@@ -167,6 +236,41 @@ async def test_rendering_in_the_pool_costs_little(pool: RenderPool) -> None:
     assert sorted(timings)[len(timings) // 2] < 0.02  # a warm worker: no process start
 
 
+async def test_a_killed_worker_whose_exit_is_never_reported_is_reaped(
+    pool: RenderPool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A child watcher replaced after a worker started (the benchmark's, by the one the
+    Supervisor installs) drops the worker's exit: killing it must neither hang nor leave
+    its slot taken (every later render waited forever)."""
+    monkeypatch.setattr(renderpool, "KILL_WAIT_SECONDS", 0.3)
+    watcher = asyncio.PidfdChildWatcher()
+    watcher.attach_loop(asyncio.get_running_loop())
+    asyncio.get_event_loop_policy().set_child_watcher(watcher)
+    assert await pool.render("echo {{ 1 }}", {}) == ["echo", "1"]
+    (worker,) = pool.pids
+    with pytest.warns(RuntimeWarning, match="pending handlers"):
+        use_pidfd_child_watcher()  # closes the old watcher: the worker's exit is lost
+    async with asyncio.timeout(REFUSED_WITHIN + 5):
+        with pytest.raises(CompositionError, match="took longer"):
+            await pool.render(
+                "{% for a in range(99999) %}{% for b in range(99999) %}{% endfor %}{% endfor %}", {}
+            )
+        assert not Path(f"/proc/{worker}").exists()  # killed and reaped, not a zombie
+        assert await pool.render("echo {{ 2 }}", {}) == ["echo", "2"]
+
+
+async def test_the_wait_for_a_free_worker_is_bounded(pool: RenderPool) -> None:
+    pool.timeout_seconds = 0.5
+    pool._starting = pool.size  # every slot taken, and none ever frees up
+    started = time.monotonic()
+    async with asyncio.timeout(5):  # unbounded, it would wait here forever
+        with pytest.raises(CompositionError, match=r"no render worker was free within 0.5 s"):
+            await pool.render("echo {{ 1 }}", {})
+    assert 0.4 < time.monotonic() - started < 3
+    pool._starting = 0
+    assert await pool.render("echo {{ 1 }}", {}) == ["echo", "1"]
+
+
 def test_workers_die_with_a_server_that_is_killed(tmp_path: Path) -> None:
     script = (
         "import asyncio, os\n"
@@ -220,7 +324,7 @@ async def test_no_render_worker_survives_app_shutdown(settings: Settings) -> Non
         async with admin_client(application) as http:
             gql = GraphQLClient(http)
             data = await asyncio.gather(
-                *(gql(COMPOSE, input={"commandString": f"echo {i}"}) for i in range(4))
+                *(gql(COMPOSE, input={"commandString": f"echo {{{{ {i} }}}}"}) for i in range(4))
             )
         assert [d["composeCommand"]["argv"] for d in data] == [["echo", str(i)] for i in range(4)]
         pids = services.render_pool.pids

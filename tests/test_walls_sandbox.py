@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.sandbox import SandboxError
+from runner.sandbox import BWRAP, NONE, USER, RunAs, Sandbox, SandboxError
 from server.app import create_app
 from server.settings import Settings
 from tests.conftest import TEST_KEY, GraphQLClient
@@ -280,6 +280,16 @@ async def test_a_child_that_leaves_its_session_and_clears_its_environment_is_sto
         assert final["status"] == expected, final
         assert (workdir / "escaped.pid").read_text().strip().isdigit()  # it did run
         assert await wait_escapees(tag, False, 5) == []
+
+
+def test_only_a_pid_namespace_keeps_every_process_of_a_command_in_its_group() -> None:
+    """The runner looks for what left a command's group by its marker unless the sandbox's
+    PID namespace ended with the group (its init is a member): that needs --unshare-pid."""
+    bwrap = Sandbox(BWRAP, bwrap="/usr/bin/bwrap")
+    assert bwrap.contains_processes
+    assert "--unshare-pid" in bwrap.wrap(["true"], "/w")
+    assert not Sandbox(USER, run_as=RunAs(RUN_AS, 65534, 65534)).contains_processes
+    assert not Sandbox(NONE).contains_processes
 
 
 # -- which protection is in force ---------------------------------------------------------
