@@ -15,7 +15,7 @@ import pytest
 
 from server.settings import Settings
 from tests.conftest import TEST_KEY
-from tests.fixtures.processes import CORRAL_BIN, free_port, stop, wait_for_http
+from tests.fixtures.processes import CORRAL_BIN, cli_token, free_port, stop, wait_for_http
 from tests.test_supervisor import SLEEPERS, alive, pk, wait_processes
 
 RUN = """mutation($input: RunCommandInput!) { runCommand(input: $input) {
@@ -32,6 +32,7 @@ class Server:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[str] | None = None
+        self.token: str | None = None
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
@@ -47,6 +48,8 @@ class Server:
         return env
 
     def start(self) -> None:
+        if self.token is None:  # made as an operator would, before the first start
+            self.token = cli_token(self.settings.data_dir, self.env())
         self.process = subprocess.Popen(
             [str(CORRAL_BIN), "serve", "--port", str(self.port)],
             env=self.env(),
@@ -63,7 +66,10 @@ class Server:
 
     def gql(self, query: str, **variables: Any) -> dict[str, Any]:
         response = httpx.post(
-            f"{self.base}/graphql", json={"query": query, "variables": variables}, timeout=10
+            f"{self.base}/graphql",
+            json={"query": query, "variables": variables},
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=10,
         )
         body: dict[str, Any] = response.json()
         assert "errors" not in body, body
