@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Annotated
 
 import strawberry
-from sqlalchemy import false, select
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from graphql_schema.context import Info
@@ -173,17 +173,8 @@ async def resolve_profiles(
     info: Info, first: int | None = None, after: str | None = None, search: str | None = None
 ) -> Connection[Profile]:
     """Profiles by creation order; `search` matches names (case-insensitive substring)."""
-    stmt = select(models.Profile)
-    if search and "\x00" in search:  # no name can contain NUL (and PostgreSQL rejects it)
-        stmt = stmt.where(false())
-    elif search:
-        pattern = f"%{_escape_like(models.name_key(search))}%"
-        stmt = stmt.where(models.Profile.name_key.like(pattern, escape="\\"))
+    stmt = profile_service.name_search(select(models.Profile), search)
     return await paginate(info, stmt, models.Profile.id, Profile.from_row, first, after)
-
-
-def _escape_like(text: str) -> str:
-    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 @strawberry.type

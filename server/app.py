@@ -40,6 +40,8 @@ from server.login import login_routes
 from server.logstream import stream_command_logs
 from server.metrics import Metrics
 from server.models import Command
+from server.panel import panel_routes
+from server.panel_assets import csp_origins
 from server.secretbox import SecretBox, load_secret_box, verify_secret_box
 from server.settings import Settings
 
@@ -203,8 +205,11 @@ def create_app(settings: Settings) -> Starlette:
         Route("/api/commands/{command_id}/logs/stream", stream_command_logs),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
         *login_routes(settings),
+        *panel_routes(settings),
     ]
-    policy = content_security_policy([GRAPHIQL_CDN_ORIGIN] if settings.graphiql_cdn else [])
+    cdn_origins = [GRAPHIQL_CDN_ORIGIN] if settings.graphiql_cdn else []
+    cdn_origins += csp_origins(settings.panel_assets)
+    policy = content_security_policy(sorted(set(cdn_origins)))
     middleware = [
         Middleware(SecurityHeaders, html_policy=policy),
         *request_walls(settings),

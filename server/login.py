@@ -1,4 +1,4 @@
-"""The login page, login and logout (panel sessions), and the landing page after a login.
+"""The login page, login and logout (panel sessions).
 
 A login starts a new server-side session (server/auth.start_session) and drops the one the
 browser presented, so a session id planted before the login is worthless after it. The
@@ -103,7 +103,7 @@ async def read_form(request: Request) -> dict[str, str]:
 
 
 class LoginPages:
-    """GET/POST /login, POST /logout and GET /; one rate limiter for this app."""
+    """GET/POST /login and POST /logout; one rate limiter for this app."""
 
     def __init__(self, settings: Settings) -> None:
         self.limiter = LoginLimiter(settings.login_max_failures, settings.login_window_seconds)
@@ -249,10 +249,6 @@ class LoginPages:
         )
         return response
 
-    async def home(self, request: Request) -> Response:
-        """Where a login lands until the panel has its own pages."""
-        return render_page("home.html", principal_of(request.scope))
-
 
 def _authenticator(request: Request) -> Authenticator:
     authenticator: Authenticator = request.app.state.authenticator
@@ -283,10 +279,9 @@ async def _record_login(
 
 
 def login_routes(settings: Settings) -> list[Route]:
-    """The routes of the login page, logout, and the landing page."""
+    """The routes of the login page and logout (a login lands on the panel's `/`)."""
     pages = LoginPages(settings)
     return [
-        Route("/", pages.home, methods=["GET"]),
         Route("/login", pages.show, methods=["GET"]),
         Route("/login", pages.submit, methods=["POST"]),
         Route("/logout", pages.logout, methods=["POST"]),

@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, select
+from sqlalchemy import Select, delete, false, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from server.errors import ErrorCode, InvalidInput
-from server.models import NAME_MAX, PATH_MAX, Profile
+from server.models import NAME_MAX, PATH_MAX, Profile, name_key
 from server.settings import Settings
 from server.storage import profile_dir_problem
 from server.validation import (
@@ -117,6 +117,20 @@ async def delete_profile(session: AsyncSession, profile_id: int) -> list[str]:
     profile = await get_profile(session, profile_id)
     await session.execute(delete(Profile).where(Profile.id == profile.id))
     return [f"profile {profile.name!r} deleted; its command history is kept"]
+
+
+def name_search(stmt: Select[tuple[Profile]], search: str | None) -> Select[tuple[Profile]]:
+    """`stmt` narrowed to profiles whose name contains `search` (case-insensitive)."""
+    if search and "\x00" in search:  # no name can contain NUL (and PostgreSQL rejects it)
+        return stmt.where(false())
+    if search:
+        pattern = f"%{_escape_like(name_key(search))}%"
+        return stmt.where(Profile.name_key.like(pattern, escape="\\"))
+    return stmt
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 async def profiles_by_ids(session: AsyncSession, ids: list[int]) -> dict[int, Profile]:

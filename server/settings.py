@@ -118,6 +118,12 @@ class Settings(BaseSettings):
         description="Load GraphiQL's scripts and styles from unpkg.com (pinned, with SRI) "
         "instead of the copies Corral serves under /static/graphiql/.",
     )
+    panel_assets: Literal["local", "cdn"] = Field(
+        default="local",
+        description="Where the panel loads htmx from: `local` (the pinned copy under "
+        "/static/vendor/htmx/, works offline) or `cdn` (unpkg.com, pinned with SRI, and the "
+        "local copy when the CDN does not answer).",
+    )
     graphql_max_response_bytes: int = Field(
         default=8 * 1024 * 1024,
         ge=1024,
