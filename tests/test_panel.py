@@ -3,13 +3,16 @@ cookie session, as a browser without htmx uses them (and with the `HX-Request` h
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import html
+import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from pathlib import Path
 
 import httpx
 import pytest
@@ -20,7 +23,9 @@ from server.app import create_app
 from server.models import AuditEvent, Command, LogLine, Profile, utcnow
 from server.panel_assets import HTMX_CDN_URL, HTMX_INTEGRITY, HTMX_LOCAL_URL
 from server.settings import Settings
-from tests.test_login import add_user, browser_for, log_in
+from tests.fixtures.servers import running_server
+from tests.test_graphql_over_http import PLAYWRIGHT_CORE, ROOT
+from tests.test_login import PASSWORD, add_user, browser_for, log_in
 
 PAGES = ["/", "/profiles", "/runs"]
 
@@ -380,3 +385,153 @@ async def test_cdn_assets_are_pinned_with_a_local_fallback(settings: Settings) -
     assert '<script src="/static/htmx-fallback.js"></script>' in page.text
     csp = page.headers["content-security-policy"]
     assert "script-src 'self' https://unpkg.com;" in csp
+
+
+# --- in real headless Chromium ---------------------------------------------------------
+
+ARTIFACTS = ROOT / "test-artifacts"
+PANEL_BROWSER_SCRIPT = r"""
+const { chromium } = require(process.env.PLAYWRIGHT_CORE);
+(async () => {
+  const [base, chromiumPath, shots, runPath] = process.argv.slice(2);
+  const origin = new URL(base).origin;
+  const browser = await chromium.launch({
+    executablePath: chromiumPath,
+    args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update',
+           '--disable-sync', '--disable-gpu'],
+  });
+  const found = { errors: [], foreign: [], violations: [], htmxPosts: [] };
+  try {
+    const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+    page.on('pageerror', (error) => found.errors.push(String(error)));
+    page.on('console', (message) => {
+      // Chromium logs every 4xx; the duplicate name's 422 is expected.
+      if (message.type() === 'error' && !message.text().includes('status of 422')) {
+        found.errors.push(message.text());
+      }
+    });
+    page.on('response', (response) => {
+      // 422: the form with its errors, expected once below.
+      if (response.status() >= 400 && response.status() !== 422) {
+        found.errors.push(`${response.status()} ${response.url()}`);
+      }
+    });
+    page.on('request', (request) => {
+      if (!request.url().startsWith(origin) && !request.url().startsWith('data:')) {
+        found.foreign.push(request.url());
+      }
+      if (request.method() === 'POST' && new URL(request.url()).pathname === '/profiles') {
+        found.htmxPosts.push(request.headers()['hx-request'] || 'none');
+      }
+    });
+    await page.addInitScript(() => {
+      window.__violations = [];
+      document.addEventListener('securitypolicyviolation', (event) => {
+        window.__violations.push(`${event.violatedDirective} ${event.blockedURI}`);
+      });
+    });
+    const shoot = async (name) => {
+      for (const scheme of ['light', 'dark']) {
+        await page.emulateMedia({ colorScheme: scheme });
+        await page.screenshot({ path: `${shots}/panel-${name}-${scheme}.png`, fullPage: true });
+      }
+      await page.emulateMedia({ colorScheme: 'light' });
+    };
+    const collect = async () => {
+      found.violations.push(...await page.evaluate(() => window.__violations));
+    };
+
+    await page.goto(`${base}/profiles`);
+    await page.locator('input[name="name"]').fill(process.env.CORRAL_USER);
+    await page.locator('input[name="password"]').fill(process.env.CORRAL_PASSWORD);
+    await page.locator('button[type="submit"]').click();
+    await page.waitForURL((target) => target.pathname === '/profiles', { timeout: 20000 });
+    found.htmx = await page.evaluate(() => typeof window.htmx === 'object');
+    await collect();
+
+    await page.locator('#profile-create input[name="name"]').fill('Browser Made');
+    await page.locator('#profile-create input[name="tags"]').fill('e2e, chromium');
+    await page.locator('#profile-create button[type="submit"]').click();
+    await page.waitForURL((target) => /^\/profiles\/\d+$/.test(target.pathname), { timeout: 20000 });
+    found.flash = await page.locator('.flash').innerText();
+    await collect();
+    await shoot('profile');
+
+    await page.goto(`${base}/profiles`);
+    found.list = await page.locator('#profiles-table').innerText();
+    // The same name again: the error appears next to the field, swapped in by htmx.
+    await page.locator('#profile-create input[name="name"]').fill('browser made');
+    await page.locator('#profile-create button[type="submit"]').click();
+    await page.locator('#name-error').waitFor({ timeout: 20000 });
+    found.duplicate = await page.locator('#name-error').innerText();
+    found.kept = await page.locator('#profile-create input[name="name"]').inputValue();
+    found.stayed = new URL(page.url()).pathname;
+    await collect();
+    await shoot('profiles');
+
+    for (const [name, path] of [['dashboard', '/'], ['runs', '/runs'], ['run', runPath]]) {
+      await page.goto(`${base}${path}`);
+      await collect();
+      await shoot(name);
+    }
+    await page.goto(`${base}/profiles`);
+    await page.getByRole('link', { name: 'Browser Made' }).click();
+    await page.getByRole('link', { name: 'Delete this profile…' }).click();
+    await collect();
+    await shoot('profile-delete');
+    await page.setViewportSize({ width: 390, height: 844 });
+    await page.goto(`${base}${runPath}`);
+    await shoot('run-phone');
+  } finally {
+    await browser.close();
+  }
+  console.log(JSON.stringify(found));
+})().catch((error) => { console.error(error); process.exit(1); });
+"""
+
+
+async def test_panel_in_chromium(settings: Settings, tmp_path: Path, backend: str) -> None:
+    """Real headless Chromium, a real server: log in through the form, create a profile
+    through the panel's form with htmx active, see it in the list, get the duplicate name's
+    error inline; no console error, no CSP violation, nothing from another origin. Leaves
+    screenshots of every page (light and dark) in test-artifacts/."""
+    assert PLAYWRIGHT_CORE.is_dir(), "runner/js/node_modules (make setup) is missing"
+    script = tmp_path / "panel.cjs"
+    script.write_text(PANEL_BROWSER_SCRIPT)
+    shots = ARTIFACTS / backend
+    shots.mkdir(parents=True, exist_ok=True)
+    async with running_server(settings) as live:
+        await add_user(live.app, "grace", "admin")
+        run_id = await add_run(
+            live.app, "FAILED", lines=40, exit_code=1, error="exit status 1", profile_name="gone"
+        )
+        process = await asyncio.create_subprocess_exec(
+            "node",
+            str(script),
+            live.base_url,
+            settings.chromium_path,
+            str(shots),
+            f"/runs/{run_id}",
+            env={
+                "PLAYWRIGHT_CORE": str(PLAYWRIGHT_CORE),
+                "PATH": "/usr/bin:/bin",
+                "CORRAL_USER": "grace",
+                "CORRAL_PASSWORD": PASSWORD,
+            },
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        async with asyncio.timeout(120):
+            out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()[-3000:]
+    found = json.loads(out.decode().strip().splitlines()[-1])
+    assert found["htmx"] is True
+    assert found["htmxPosts"] == ["true", "true"]  # both form posts went through htmx
+    assert found["flash"] == "Profile Browser Made created."
+    assert "Browser Made" in found["list"]
+    assert "already" in found["duplicate"]
+    assert found["kept"] == "browser made"
+    assert found["stayed"] == "/profiles"
+    assert found["foreign"] == []
+    assert found["violations"] == []
+    assert found["errors"] == []
