@@ -10,7 +10,6 @@ import asyncio
 import base64
 import contextlib
 import hashlib
-import json
 import logging
 import re
 import time
@@ -38,10 +37,10 @@ from server.graphql_http import (
 from server.headers import SecurityHeaders, content_security_policy
 from server.settings import Settings
 from tests.fixtures.auth import admin_client
+from tests.fixtures.chromium import run_browser_script
 from tests.fixtures.servers import running_server
 
 ROOT = Path(__file__).resolve().parents[1]
-PLAYWRIGHT_CORE = ROOT / "runner" / "js" / "node_modules" / "playwright-core"
 PREFERRED = f"{GRAPHQL_RESPONSE_JSON}, application/json;q=0.9"
 PROTOCOL = [Subprotocol("graphql-transport-ws")]
 BROWSER = {"accept": "text/html,application/xhtml+xml,*/*;q=0.8"}
@@ -445,7 +444,6 @@ async def test_graphiql_renders_offline_in_chromium(settings: Settings, tmp_path
     """Real headless Chromium, a real server: the login page first, then the editor renders
     (not "Loading..."), runs a query over the session (its CSRF token sent), loads nothing
     from another origin and breaks no CSP rule."""
-    assert PLAYWRIGHT_CORE.is_dir(), "runner/js/node_modules (make setup) is missing"
     script = tmp_path / "graphiql.cjs"
     script.write_text(BROWSER_SCRIPT)
     shot = tmp_path / "graphiql.png"
@@ -453,25 +451,14 @@ async def test_graphiql_renders_offline_in_chromium(settings: Settings, tmp_path
         async with live.app.state.services.sessionmaker() as session:
             await create_user(session, "grace", PASSWORD)
             await session.commit()
-        process = await asyncio.create_subprocess_exec(
-            "node",
-            str(script),
+        found = await run_browser_script(
+            script,
             f"{live.base_url}/graphql",
             settings.chromium_path,
             str(shot),
-            env={
-                "PLAYWRIGHT_CORE": str(PLAYWRIGHT_CORE),
-                "PATH": "/usr/bin:/bin",
-                "CORRAL_USER": "grace",
-                "CORRAL_PASSWORD": PASSWORD,
-            },
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+            user="grace",
+            password=PASSWORD,
         )
-        async with asyncio.timeout(90):
-            out, err = await process.communicate()
-    assert process.returncode == 0, err.decode()[-3000:]
-    found = json.loads(out.decode().strip().splitlines()[-1])
     assert "Loading..." not in found["body"]
     assert '"__typename": "Query"' in found["response"]
     assert "Mutation" in found["docs"]

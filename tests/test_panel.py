@@ -3,11 +3,9 @@ cookie session, as a browser without htmx uses them (and with the `HX-Request` h
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import html
-import json
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -23,8 +21,8 @@ from server.app import create_app
 from server.models import AuditEvent, Command, LogLine, Profile, utcnow
 from server.panel_assets import HTMX_CDN_URL, HTMX_INTEGRITY, HTMX_LOCAL_URL
 from server.settings import Settings
+from tests.fixtures.chromium import ROOT, run_browser_script
 from tests.fixtures.servers import running_server
-from tests.test_graphql_over_http import PLAYWRIGHT_CORE, ROOT
 from tests.test_login import PASSWORD, add_user, browser_for, log_in
 
 PAGES = ["/", "/profiles", "/runs"]
@@ -495,7 +493,6 @@ async def test_panel_in_chromium(settings: Settings, tmp_path: Path, backend: st
     through the panel's form with htmx active, see it in the list, get the duplicate name's
     error inline; no console error, no CSP violation, nothing from another origin. Leaves
     screenshots of every page (light and dark) in test-artifacts/."""
-    assert PLAYWRIGHT_CORE.is_dir(), "runner/js/node_modules (make setup) is missing"
     script = tmp_path / "panel.cjs"
     script.write_text(PANEL_BROWSER_SCRIPT)
     shots = ARTIFACTS / backend
@@ -505,26 +502,16 @@ async def test_panel_in_chromium(settings: Settings, tmp_path: Path, backend: st
         run_id = await add_run(
             live.app, "FAILED", lines=40, exit_code=1, error="exit status 1", profile_name="gone"
         )
-        process = await asyncio.create_subprocess_exec(
-            "node",
-            str(script),
+        found = await run_browser_script(
+            script,
             live.base_url,
             settings.chromium_path,
             str(shots),
             f"/runs/{run_id}",
-            env={
-                "PLAYWRIGHT_CORE": str(PLAYWRIGHT_CORE),
-                "PATH": "/usr/bin:/bin",
-                "CORRAL_USER": "grace",
-                "CORRAL_PASSWORD": PASSWORD,
-            },
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+            user="grace",
+            password=PASSWORD,
+            timeout=120,
         )
-        async with asyncio.timeout(120):
-            out, err = await process.communicate()
-    assert process.returncode == 0, err.decode()[-3000:]
-    found = json.loads(out.decode().strip().splitlines()[-1])
     assert found["htmx"] is True
     assert found["htmxPosts"] == ["true", "true"]  # both form posts went through htmx
     assert found["flash"] == "Profile Browser Made created."
