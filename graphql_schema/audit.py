@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 from inspect import isawaitable
@@ -27,13 +26,9 @@ from strawberry.scalars import JSON
 from graphql_schema.context import Context, Info
 from graphql_schema.relay import Connection, Node, decode_id, encode_id, paginate
 from server import models
-from server.audit import Outcome, record_event
-
-log = logging.getLogger("corral.audit")
+from server.audit import AuditEntry, ok_entry, raised_entry, refused_entry, write_entry
 
 ResolveInfo = GraphQLResolveInfo[Context]
-
-FORBIDDEN = "FORBIDDEN"
 
 
 @strawberry.type(
@@ -106,16 +101,6 @@ async def load_audit_event(info: Info, pk: int) -> AuditEvent | None:
 # --- recording ---------------------------------------------------------------------------
 
 
-@dataclasses.dataclass
-class Entry:
-    """What one mutation field did, as the audit log records it."""
-
-    action: str
-    outcome: Outcome
-    object_id: str | None
-    detail: dict[str, Any]
-
-
 def given_fields(info: ResolveInfo, variables: dict[str, Any]) -> list[str]:
     """The names of the arguments the client gave, an input object's by its fields' names
     (from the request as sent: defaults the schema filled in are not "given")."""
@@ -160,52 +145,25 @@ def payload_object_id(payload: Any) -> str | None:
     return global_id(getattr(payload, "deleted_id", None))
 
 
-def returned(action: str, payload: Any, kwargs: dict[str, Any], fields: list[str]) -> Entry:
+def returned(action: str, payload: Any, kwargs: dict[str, Any], fields: list[str]) -> AuditEntry:
     """The entry of a mutation that returned (its userErrors, if any, make it an error)."""
     codes = [str(error.code) for error in getattr(payload, "user_errors", None) or ()]
-    detail: dict[str, Any] = {"fields": fields}
     if codes:
-        detail["userErrors"] = codes
-        outcome: Outcome = "denied" if FORBIDDEN in codes else "error"
-        return Entry(action, outcome, argument_id(kwargs), detail)
-    return Entry(action, "ok", payload_object_id(payload) or argument_id(kwargs), detail)
+        return refused_entry(action, codes, argument_id(kwargs), fields)
+    return ok_entry(action, payload_object_id(payload) or argument_id(kwargs), fields)
 
 
-def raised(action: str, exc: Exception, kwargs: dict[str, Any], fields: list[str]) -> Entry:
+def raised(action: str, exc: Exception, kwargs: dict[str, Any], fields: list[str]) -> AuditEntry:
     """The entry of a mutation that raised (a GraphQL error, or an unexpected one)."""
     code = (exc.extensions or {}).get("code") if isinstance(exc, GraphQLError) else None
-    detail: dict[str, Any] = {"fields": fields, "error": str(code) if code else "ERROR"}
-    outcome: Outcome = "denied" if code == FORBIDDEN else "error"
-    return Entry(action, outcome, argument_id(kwargs), detail)
+    return raised_entry(action, None if code is None else str(code), argument_id(kwargs), fields)
 
 
-async def write_entry(context: Context, entry: Entry) -> None:
-    """Append the entry in a transaction of its own; a failure is logged, not raised."""
-    principal = context.principal
+async def write_context_entry(context: Context, entry: AuditEntry) -> None:
+    """Append the entry for the request's principal and client (see `server.audit`)."""
     client = getattr(context.request, "client", None)
-    decoded = None if entry.object_id is None else decode_id(entry.object_id)
-    try:
-        async with context.app.sessionmaker() as session:
-            await record_event(
-                session,
-                principal=principal,
-                action=entry.action,
-                outcome=entry.outcome,
-                object_type=None if decoded is None else decoded[0],
-                object_id=entry.object_id,
-                detail=entry.detail,
-                client_address=None if client is None else client.host,
-            )
-            await session.commit()
-    except Exception:
-        # The row holds names and ids only, so the exception's text may be logged as is.
-        log.exception(
-            "could not record the audit event %s (%s) by %s on %s",
-            entry.action,
-            entry.outcome,
-            None if principal is None else principal.name,
-            entry.object_id,
-        )
+    address = None if client is None else client.host
+    await write_entry(context.app.sessionmaker, context.principal, entry, address)
 
 
 class MutationAudit(SchemaExtension):
@@ -235,12 +193,15 @@ class MutationAudit(SchemaExtension):
             result = run()
             payload = await result if isawaitable(result) else result
         except asyncio.CancelledError:
-            detail = {"fields": fields, "error": "CANCELLED"}  # it may have committed
-            gone = Entry(action, "error", argument_id(kwargs), detail)
-            await asyncio.shield(write_entry(info.context, gone))
+            gone = raised_entry(action, "CANCELLED", argument_id(kwargs), fields)  # committed?
+            await asyncio.shield(write_context_entry(info.context, gone))
             raise
         except Exception as exc:
-            await asyncio.shield(write_entry(info.context, raised(action, exc, kwargs, fields)))
+            await asyncio.shield(
+                write_context_entry(info.context, raised(action, exc, kwargs, fields))
+            )
             raise
-        await asyncio.shield(write_entry(info.context, returned(action, payload, kwargs, fields)))
+        await asyncio.shield(
+            write_context_entry(info.context, returned(action, payload, kwargs, fields))
+        )
         return payload

@@ -29,7 +29,7 @@ from graphql_schema.relay import (
 from runner.logwriter import StoredBatch
 from server import commands as command_domain
 from server import models
-from server.broker import CANCEL_TOPIC, QUEUE_TOPIC, STATUS_TOPIC, StatusChange, status_topic
+from server.broker import STATUS_TOPIC, StatusChange, status_topic
 from server.commands import RunRequest
 from server.db import READ_ONLY
 from server.errors import InvalidInput
@@ -306,41 +306,25 @@ class CommandMutations:
 
         async def work(session: AsyncSession) -> models.Command:
             request = run_request(input)
-            return await command_domain.create_command(
+            return await command_domain.run_command(
                 session, ctx.settings, ctx.secret_box, ctx.app.render_pool, request
             )
 
-        row, errors = await perform(info, work)
-        if row is not None:
-            ctx.broker.publish(QUEUE_TOPIC, row.id)
-            ctx.broker.publish_status(row.id, row.status)
-        return _command_payload(row, errors)
+        return _command_payload(*await perform(info, work))
 
     @strawberry.mutation(description="Cancel a queued or running command (its process group).")
     async def cancel_command(self, info: Info, id: strawberry.ID) -> CommandPayload:
-        async def work(session: AsyncSession) -> tuple[models.Command, bool]:
+        async def work(session: AsyncSession) -> models.Command:
             return await command_domain.cancel_command(session, pk_of(id, "Command", field="id"))
 
-        result, errors = await perform(info, work)
-        if result is None:
-            return _command_payload(None, errors)
-        row, running = result
-        if running:
-            info.context.broker.publish(CANCEL_TOPIC, row.id)
-        else:
-            info.context.broker.publish_status(row.id, row.status)
-        return _command_payload(row, [])
+        return _command_payload(*await perform(info, work))
 
     @strawberry.mutation(description="Queue a finished command once more.")
     async def retry_command(self, info: Info, id: strawberry.ID) -> CommandPayload:
         async def work(session: AsyncSession) -> models.Command:
             return await command_domain.retry_command(session, pk_of(id, "Command", field="id"))
 
-        row, errors = await perform(info, work)
-        if row is not None:
-            info.context.broker.publish(QUEUE_TOPIC, row.id)
-            info.context.broker.publish_status(row.id, row.status)
-        return _command_payload(row, errors)
+        return _command_payload(*await perform(info, work))
 
 
 def _command_pk(command_id: str) -> int:

@@ -8,7 +8,6 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.requests import HTTPConnection
 from strawberry.types import Info as StrawberryInfo
@@ -16,13 +15,12 @@ from strawberry.types import Info as StrawberryInfo
 from runner.renderpool import RenderPool
 from server.access import PRINCIPAL_SCOPE_KEY
 from server.auth import Principal, TokenHasher
-from server.broker import SECRETS_TOPIC, Broker
-from server.errors import ErrorCode, InvalidInput, UserError
-from server.known_secrets import take_secrets_changed
+from server.broker import Broker
 from server.metrics import Metrics
 from server.secretbox import SecretBox
 from server.settings import Settings
 from server.subscribers import SubscriberLimits
+from server.unit_of_work import unit_of_work
 
 if TYPE_CHECKING:
     from graphql_schema.loaders import Loaders
@@ -147,27 +145,10 @@ class Context:
 
     @asynccontextmanager
     async def writing(self) -> AsyncIterator[AsyncSession]:
-        """A unit of work: commit on success; roll back on InvalidInput or a constraint race."""
-        async with self.lock:
-            session = self.session
-            try:
-                yield session
-                await session.commit()
-            except InvalidInput:
-                await session.rollback()
-                raise
-            except IntegrityError as exc:
-                await session.rollback()
-                raise InvalidInput(
-                    [UserError((), _integrity_message(exc), ErrorCode.TAKEN)]
-                ) from exc
-            except BaseException:
-                await session.rollback()
-                raise
-            finally:
-                changed = take_secrets_changed(session)
-            if changed:  # committed: the runner's redactor must know the new secret now
-                self.broker.publish(SECRETS_TOPIC, None)
+        """A unit of work (`server.unit_of_work`): commit on success and announce what it
+        wrote; roll back on InvalidInput or a constraint race."""
+        async with self.lock, unit_of_work(self.session, self.broker) as session:
+            yield session
         # Fresh loaders: the payload must show what was just written, not cached rows.
         self._loaders = None
 
@@ -178,13 +159,6 @@ class Context:
             if self._session is not None:
                 await self._session.close()
                 self._session = None
-
-
-def _integrity_message(exc: IntegrityError) -> str:
-    text = str(exc.orig).lower()
-    if "unique" in text:
-        return "that conflicts with an existing record (a name already in use?)"
-    return "that refers to a record that no longer exists or is still in use"
 
 
 Info = StrawberryInfo[Context, None]

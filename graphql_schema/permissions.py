@@ -3,7 +3,8 @@
 `admin` may do everything. `viewer` reads everything but secrets and changes nothing:
 - every mutation is refused by `RoleGuard`, a schema extension that sees each top-level
   field of every operation and its operation's type (a new Mutation field is covered
-  without doing anything);
+  without doing anything), by the one role rule `server.actions.refusal` that the
+  panel's actions ask too;
 - every field that shows something of a secret is declared with `secret_field`, whose
   extension refuses it to anyone but an admin.
 Without a principal (an in-process caller that passed none) nothing is allowed: a missing
@@ -20,10 +21,9 @@ from graphql import GraphQLError, GraphQLResolveInfo, OperationType
 from strawberry.extensions import FieldExtension, SchemaExtension
 from strawberry.types.base import StrawberryObjectDefinition
 
+from server.actions import refusal
+from server.audit import FORBIDDEN
 from server.auth import Principal
-
-# Mutations a viewer may run: none (its own logout is `POST /logout`, not a mutation).
-VIEWER_MUTATIONS: frozenset[str] = frozenset()
 
 
 def unauthenticated_error() -> GraphQLError:
@@ -79,8 +79,9 @@ class RoleGuard(SchemaExtension):
             principal: Principal | None = info.context.principal
             if principal is None:
                 raise unauthenticated_error()
-            if not principal.is_admin and info.field_name not in VIEWER_MUTATIONS:
-                raise forbidden_error(principal, "run mutations: it reads only")
+            refused = refusal(principal, info.field_name, "run mutations")
+            if refused is not None:
+                raise GraphQLError(refused, extensions={"code": FORBIDDEN})
         return _next(root, info, *args, **kwargs)
 
 

@@ -23,13 +23,9 @@ from graphql_schema.relay import (
     optional_pk,
     paginate,
     pk_of,
-    user_errors,
 )
 from server import models
 from server import proxies as proxy_domain
-from server.errors import InvalidInput
-from xray.binary import XrayBinaryError, find_binary
-from xray.health import check_chain
 
 MAX_IMPORT_LINKS = 500
 
@@ -297,28 +293,12 @@ class ProxyImportMutations:
     @strawberry.mutation(description="Fetch the check URL through the proxy now; record health.")
     async def check_proxy(self, info: Info, id: strawberry.ID) -> ProxyPayload:
         ctx = info.context
-        try:
-            pk = pk_of(id, "Proxy", field="id")
-            async with ctx.reading() as session:
-                proxy = await proxy_domain.get_proxy(session, pk)
-                chain = await proxy_domain.proxy_chain(session, ctx.secret_box, proxy)
-            binary = find_binary(ctx.settings.xray_bin)
-        except InvalidInput as exc:
-            return ProxyPayload(user_errors=user_errors(exc))
-        except XrayBinaryError as exc:
-            return ProxyPayload(
-                user_errors=[UserError(field=None, message=str(exc), code="INVALID")]
-            )
-        result = await check_chain(
-            binary,
-            chain,
-            ctx.settings.proxy_check_url,
-            start_timeout=ctx.settings.sidecar_start_timeout,
-        )
 
         async def work(session: AsyncSession) -> models.Proxy:
-            row = await proxy_domain.get_proxy(session, pk)
-            return await proxy_domain.record_health(session, row, result)
+            pk = pk_of(id, "Proxy", field="id")
+            return await proxy_domain.check_proxy(
+                session, ctx.app.sessionmaker, ctx.settings, ctx.secret_box, pk
+            )
 
         row, errors = await perform(info, work)
         return ProxyPayload(proxy=None if row is None else Proxy.from_row(row), user_errors=errors)

@@ -14,9 +14,9 @@ from sqlalchemy import Select, func, select
 from graphql_schema.context import Info
 from server.errors import ErrorCode, InvalidInput
 from server.errors import UserError as UserErrorValue
+from server.ids import MAX_PK, decode_global_id, encode_global_id
 
 DEFAULT_PAGE_SIZE = 50
-MAX_PK = 2**31 - 1  # primary keys are 32-bit integers on both databases
 T = TypeVar("T")
 
 
@@ -43,18 +43,12 @@ def user_errors(exc: InvalidInput) -> list[UserError]:
 
 def encode_id(type_name: str, pk: int) -> strawberry.ID:
     """Relay global ID: base64 of `Type:pk`."""
-    return strawberry.ID(base64.b64encode(f"{type_name}:{pk}".encode()).decode())
+    return strawberry.ID(encode_global_id(type_name, pk))
 
 
 def decode_id(global_id: str) -> tuple[str, int] | None:
     """(type name, pk) of a global ID, or None when it is not one of ours."""
-    try:
-        type_name, _, raw = base64.b64decode(global_id, validate=True).decode().partition(":")
-        if not (type_name and raw.isascii() and raw.isdigit()) or int(raw) > MAX_PK:
-            return None
-        return type_name, int(raw)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        return None
+    return decode_global_id(global_id)
 
 
 def pk_of(global_id: str, type_name: str, *, field: str) -> int:

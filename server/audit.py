@@ -3,12 +3,17 @@ object, when, outcome, from where). Never a secret's value: callers pass names a
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from typing import Any, Literal
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.auth import Principal
+from server.ids import decode_global_id
 from server.models import AuditEvent
+
+log = logging.getLogger("corral.audit")
 
 Outcome = Literal["ok", "error", "denied"]
 
@@ -42,3 +47,73 @@ async def record_event(
     session.add(event)
     await session.flush()
     return event
+
+
+# --- one event per action, whoever calls (a GraphQL mutation, a panel route) ------------
+
+FORBIDDEN = "FORBIDDEN"
+
+
+@dataclasses.dataclass
+class AuditEntry:
+    """What one action did, as the audit log records it: the given field NAMES (never their
+    values), the object's global ID, and the error codes it ended with."""
+
+    action: str
+    outcome: Outcome
+    object_id: str | None
+    detail: dict[str, Any]
+
+
+def ok_entry(action: str, object_id: str | None, fields: list[str]) -> AuditEntry:
+    """An action that did what it was asked."""
+    return AuditEntry(action, "ok", object_id, {"fields": fields})
+
+
+def refused_entry(
+    action: str, codes: list[str], object_id: str | None, fields: list[str]
+) -> AuditEntry:
+    """An action that ended with user errors (denied when one of them is FORBIDDEN)."""
+    outcome: Outcome = "denied" if FORBIDDEN in codes else "error"
+    return AuditEntry(action, outcome, object_id, {"fields": fields, "userErrors": codes})
+
+
+def raised_entry(
+    action: str, code: str | None, object_id: str | None, fields: list[str]
+) -> AuditEntry:
+    """An action that raised: refused (FORBIDDEN: denied), cancelled, or unexpected."""
+    outcome: Outcome = "denied" if code == FORBIDDEN else "error"
+    return AuditEntry(action, outcome, object_id, {"fields": fields, "error": code or "ERROR"})
+
+
+async def write_entry(
+    sessions: async_sessionmaker[AsyncSession],
+    principal: Principal | None,
+    entry: AuditEntry,
+    client_address: str | None = None,
+) -> None:
+    """Append the entry in a transaction of its own, after the action's: a rolled-back
+    action is on record too. A failure is logged, never raised."""
+    decoded = None if entry.object_id is None else decode_global_id(entry.object_id)
+    try:
+        async with sessions() as session:
+            await record_event(
+                session,
+                principal=principal,
+                action=entry.action,
+                outcome=entry.outcome,
+                object_type=None if decoded is None else decoded[0],
+                object_id=entry.object_id,
+                detail=entry.detail,
+                client_address=client_address,
+            )
+            await session.commit()
+    except Exception:
+        # The row holds names and ids only, so the exception's text may be logged as is.
+        log.exception(
+            "could not record the audit event %s (%s) by %s on %s",
+            entry.action,
+            entry.outcome,
+            None if principal is None else principal.name,
+            entry.object_id,
+        )

@@ -42,6 +42,7 @@ from server.auth import (
 )
 from server.db import create_engine, create_sessionmaker
 from server.errors import InvalidInput
+from server.ids import MAX_PK, decode_global_id
 from server.keyrotation import DEFAULT_BATCH_SIZE, rotate_key
 from server.limits import uvicorn_limits
 from server.models import ApiToken, utcnow
@@ -434,11 +435,9 @@ def _token_days(text: str | None) -> timedelta | None:
 
 def _token_pk(text: str) -> int:
     """A token's id as `corral token list` shows it, or its GraphQL ID."""
-    from graphql_schema.relay import MAX_PK, decode_id
-
     if text.isascii() and text.isdigit() and int(text) <= MAX_PK:
         return int(text)
-    decoded = decode_id(text)
+    decoded = decode_global_id(text)
     if decoded is None or decoded[0] != "ApiToken":
         raise CliError("the token ID must be a number from `corral token list`")
     return decoded[1]

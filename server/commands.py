@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from runner.compose import CompositionError, check_params
 from runner.renderpool import RenderPool
+from server.broker import CANCEL_TOPIC, QUEUE_TOPIC
 from server.errors import ErrorCode, InvalidInput, UserError
 from server.models import (
     Command,
@@ -30,6 +31,7 @@ from server.secretbox import SecretBox
 from server.services import get_service
 from server.settings import Settings
 from server.templates import MAX_TIMEOUT_SECONDS, get_template
+from server.unit_of_work import announce, announce_status
 from server.validation import JSON_MAX_BYTES
 
 PROXY_URL_ENV = "CORRAL_PROXY_URL"
@@ -387,6 +389,20 @@ async def create_command(
     return command
 
 
+async def run_command(
+    session: AsyncSession,
+    settings: Settings,
+    box: SecretBox,
+    renderer: RenderPool,
+    request: RunRequest,
+) -> Command:
+    """Compose and queue a command; the runners hear of it once the unit of work commits."""
+    command = await create_command(session, settings, box, renderer, request)
+    announce(session, QUEUE_TOPIC, command.id)
+    announce_status(session, command.id, command.status)
+    return command
+
+
 async def get_command(session: AsyncSession, command_id: int, *, field: str = "id") -> Command:
     """The command with this id, or a NOT_FOUND error on `field`."""
     command = await session.get(Command, command_id)
@@ -395,21 +411,26 @@ async def get_command(session: AsyncSession, command_id: int, *, field: str = "i
     return command
 
 
-async def cancel_command(session: AsyncSession, command_id: int) -> tuple[Command, bool]:
-    """Cancel a command: a queued one at once; a running one is flagged for its runner to stop.
-
-    Returns the command and whether a runner must act (it was running).
-    """
+async def cancel_command(session: AsyncSession, command_id: int) -> Command:
+    """Cancel a command: a queued one at once; a running one is flagged, and its runner told
+    (once the unit of work commits) to stop its process group."""
     command = await get_command(session, command_id)
     status = CommandStatus(command.status)
     if status.is_final:
         raise InvalidInput.one(
             "id", f"the command has already finished ({status.value})", ErrorCode.INVALID
         )
-    if status is CommandStatus.RUNNING:
-        command.cancel_requested = True
-        await session.flush()
-        return command, True
+    if status is not CommandStatus.RUNNING and await _cancel_unclaimed(session, command):
+        announce_status(session, command.id, command.status)
+        return command
+    command.cancel_requested = True  # running, or a runner claimed it meanwhile
+    await session.flush()
+    announce(session, CANCEL_TOPIC, command.id)
+    return command
+
+
+async def _cancel_unclaimed(session: AsyncSession, command: Command) -> bool:
+    """Cancel a command no runner holds; False when a runner claimed it first."""
     result = await session.execute(
         update(Command)
         .where(Command.id == command.id, Command.status.in_(["QUEUED", "WAITING"]))
@@ -422,15 +443,12 @@ async def cancel_command(session: AsyncSession, command_id: int) -> tuple[Comman
         .execution_options(synchronize_session=False)
     )
     await session.refresh(command)
-    if not getattr(result, "rowcount", 0):  # a runner claimed it meanwhile
-        command.cancel_requested = True
-        await session.flush()
-        return command, True
-    return command, False
+    return bool(getattr(result, "rowcount", 0))
 
 
 async def retry_command(session: AsyncSession, command_id: int) -> Command:
-    """Queue a finished command once more (its earlier attempts and logs are kept)."""
+    """Queue a finished command once more (its earlier attempts and logs are kept); the
+    runners hear of it once the unit of work commits."""
     command = await get_command(session, command_id)
     status = CommandStatus(command.status)
     if not status.is_final:
@@ -448,4 +466,6 @@ async def retry_command(session: AsyncSession, command_id: int) -> Command:
     command.wait_reason = None
     command.cancel_requested = False
     await session.flush()
+    announce(session, QUEUE_TOPIC, command.id)
+    announce_status(session, command.id, command.status)
     return command

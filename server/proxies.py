@@ -9,13 +9,15 @@ import uuid
 from typing import Any
 
 from sqlalchemy import delete, select, update
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from server.db import READ_ONLY
 from server.errors import ErrorCode, InvalidInput, UserError
 from server.known_secrets import mark_secrets_changed
 from server.models import HOST_MAX, NAME_MAX, Profile, ProfileProxy, Proxy, ProxyProtocol, utcnow
 from server.profiles import get_profile
 from server.secretbox import SecretBox
+from server.settings import Settings
 from server.validation import (
     FieldInvalid,
     FieldSpec,
@@ -26,8 +28,9 @@ from server.validation import (
     json_object_field,
     text_field,
 )
+from xray.binary import XrayBinaryError, find_binary
 from xray.config import ConfigError, Hop, build_config
-from xray.health import HealthResult
+from xray.health import HealthResult, check_chain
 from xray.links import ShareLinkError, parse_share_link
 
 MAX_CHAIN_HOPS = 8
@@ -396,3 +399,29 @@ async def record_health(session: AsyncSession, proxy: Proxy, result: HealthResul
     proxy.health_checked_at = utcnow()
     await session.flush()
     return proxy
+
+
+async def check_proxy(
+    session: AsyncSession,
+    sessions: async_sessionmaker[AsyncSession],
+    settings: Settings,
+    box: SecretBox,
+    proxy_id: int,
+) -> Proxy:
+    """Fetch the check URL through the proxy's chain now (an Xray sidecar); store its health.
+
+    The chain is read through a session of its own and the check runs before `session` is
+    first used: a check takes seconds, and the unit of work must not hold SQLite's write
+    lock (or a PostgreSQL transaction) that long.
+    """
+    async with sessions() as reading:
+        await reading.connection(execution_options=READ_ONLY)
+        chain = await proxy_chain(reading, box, await get_proxy(reading, proxy_id))
+    try:
+        binary = find_binary(settings.xray_bin)
+    except XrayBinaryError as exc:
+        raise InvalidInput([UserError((), str(exc), ErrorCode.INVALID)]) from exc
+    result = await check_chain(
+        binary, chain, settings.proxy_check_url, start_timeout=settings.sidecar_start_timeout
+    )
+    return await record_health(session, await get_proxy(session, proxy_id), result)

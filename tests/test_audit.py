@@ -209,12 +209,12 @@ async def test_a_failed_audit_write_is_logged_and_the_mutation_stands(
     monkeypatch: pytest.MonkeyPatch,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    import graphql_schema.audit as audit_schema
+    import server.audit as audit_domain  # where every audit entry is written
 
     async def broken(*_args: Any, **_kwargs: Any) -> Any:
         raise OSError("audit table unavailable")
 
-    monkeypatch.setattr(audit_schema, "record_event", broken)
+    monkeypatch.setattr(audit_domain, "record_event", broken)
     caplog.set_level(logging.INFO)
     profile = await create_profile(gql, "alice")  # no error for the client
 
