@@ -33,7 +33,7 @@ from server.secretbox import load_secret_box
 from server.settings import Settings
 from tests.conftest import GraphQLClient
 from tests.fixtures.auth import connection_init
-from tests.fixtures.processes import CORRAL_BIN, free_port, stop, wait_for_http
+from tests.fixtures.processes import CORRAL_BIN, cli_token, free_port, stop, wait_for_http
 from tests.fixtures.servers import LiveServer, running_server
 
 LIMIT = 64 * 1024  # a small CORRAL_MAX_REQUEST_BYTES, so the tests move little data
@@ -159,18 +159,10 @@ async def test_corral_serve_bounds_bodies_and_websocket_messages(tmp_path: Path)
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
     env["CORRAL_MAX_REQUEST_BYTES"] = str(LIMIT)
-    made = subprocess.run(  # a token for the WebSocket, made as an operator would
-        [str(CORRAL_BIN), "token", "create", "--name", "walls"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-        check=True,
-    )
+    token = cli_token(tmp_path, env)  # for the WebSocket, made as an operator would
     init = {
         "type": "connection_init",
-        "payload": {"authorization": f"Bearer {made.stdout.strip()}"},
+        "payload": {"authorization": f"Bearer {token}"},
     }
     process = subprocess.Popen(
         [str(CORRAL_BIN), "serve", "--port", str(port)],
