@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from itsdangerous import BadSignature, TimestampSigner
@@ -27,10 +27,11 @@ from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
 from graphql_schema.context import AppServices
-from graphql_schema.relay import encode_id
+from graphql_schema.relay import decode_id, encode_id
 from server import profiles as profile_service
 from server.access import principal_of
-from server.audit import Outcome, record_event
+from server.actions import Forbidden, perform, refusal
+from server.audit import FORBIDDEN, raised_entry, write_entry
 from server.db import READ_ONLY
 from server.errors import InvalidInput, UserError
 from server.login import client_address, is_https, read_form
@@ -179,59 +180,39 @@ class Change:
     action: str
     fields: list[str]
     object_id: str | None = None
-    error_codes: list[str] = field(default_factory=list)
-
-
-async def record_change(
-    session: AsyncSession, request: Request, change: Change, outcome: Outcome
-) -> None:
-    """Append the change to the audit log in `session` (the caller commits).
-    TODO(#17): swap for server/actions.py once the shared helper lands (branch actions)."""
-    detail: dict[str, Any] = {"fields": change.fields, "via": "panel"}
-    if change.error_codes:
-        detail["userErrors"] = change.error_codes
-    await record_event(
-        session,
-        principal=principal_of(request.scope),
-        action=change.action,
-        outcome=outcome,
-        object_type=None if change.object_id is None else "Profile",
-        object_id=change.object_id,
-        detail=detail,
-        client_address=client_address(request),
-    )
-
-
-async def record_alone(request: Request, change: Change, outcome: Outcome) -> None:
-    """A refused or failed change, recorded in a transaction of its own."""
-    async with _services(request).sessionmaker() as session:
-        await record_change(session, request, change, outcome)
-        await session.commit()
 
 
 async def apply_change(
     request: Request, change: Change, work: Callable[[AsyncSession], Awaitable[Any]]
 ) -> Any:
-    """Run `work` in one transaction and record it; an InvalidInput rolls back, is recorded
-    as an error (its codes only) and raised again for the form to show."""
-    try:
-        async with _services(request).sessionmaker() as session:
-            result = await work(session)
-            await record_change(session, request, change, "ok")
-            await session.commit()
-    except InvalidInput as exc:
-        change.error_codes = [str(error.code) for error in exc.errors]
-        await record_alone(request, change, "error")
-        raise
-    return result
+    """Run `work` through server/actions.perform: the same role rule, unit of work and
+    audit event as the GraphQL mutation of the same name. An InvalidInput is rolled back,
+    audited as an error and raised again for the form to show."""
+    principal = principal_of(request.scope)
+    if principal is None:  # AccessControl lets no one in without one
+        raise Forbidden("not logged in")
+    pk = None if change.object_id is None else decode_id(change.object_id)
+    return await perform(
+        _services(request),
+        principal,
+        change.action,
+        work,
+        object_type="Profile",
+        object_id=None if pk is None else pk[1],
+        fields=change.fields,
+        client_address=client_address(request),
+    )
 
 
 async def refuse_viewer(request: Request, change: Change) -> Response | None:
-    """A 403 page (recorded as denied) unless the request is an admin's."""
+    """A 403 page, audited as denied by the same rule and entry as perform's, unless the
+    principal may take the action (checked before any form is read)."""
     principal = principal_of(request.scope)
-    if principal is not None and principal.is_admin:
+    if principal is not None and refusal(principal, change.action) is None:
         return None
-    await record_alone(request, change, "denied")
+    denied = raised_entry(change.action, FORBIDDEN, change.object_id, change.fields)
+    services = _services(request)
+    await write_entry(services.sessionmaker, principal, denied, client_address(request))
     return error_page(request, 403, "Not allowed", "Only an admin can change this.")
 
 
