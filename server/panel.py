@@ -263,7 +263,9 @@ def form_values(fields: dict[str, str], names: tuple[str, ...]) -> dict[str, Any
 
 
 def _int_or_text(raw: str) -> int | str:
-    return int(raw) if raw.lstrip("-").isdigit() and len(raw) < 12 else raw
+    # One sign at most, ASCII digits only: "--5" and "\u00b2" pass isdigit() but not int().
+    digits = raw.removeprefix("-")
+    return int(raw) if digits.isascii() and digits.isdigit() and len(raw) < 12 else raw
 
 
 def errors_by_field(errors: list[UserError]) -> dict[str, list[str]]:

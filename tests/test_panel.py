@@ -296,6 +296,18 @@ async def test_edit_profile(app: Starlette, admin: httpx.AsyncClient) -> None:
     assert 'value="wide"' in bad.text
 
 
+@pytest.mark.parametrize("width", ["--5", "\u00b2", "-"])
+async def test_a_malformed_number_is_a_form_error(
+    app: Starlette, admin: httpx.AsyncClient, width: str
+) -> None:
+    """Typed text that merely looks numeric (two signs, a superscript digit) is the form's
+    error next to its field, not a 500 from int()."""
+    profile_id = await add_profile(app, "alpha")
+    bad = await post_form(admin, f"/profiles/{profile_id}", name="alpha", viewportWidth=width)
+    assert bad.status_code == 422
+    assert 'id="viewportWidth-error"' in bad.text
+
+
 async def test_delete_profile_keeps_its_runs(app: Starlette, admin: httpx.AsyncClient) -> None:
     profile_id = await add_profile(app, "alpha")
     await add_run(app, "SUCCEEDED", profile_id=profile_id, profile_name="alpha")
