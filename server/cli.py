@@ -428,9 +428,13 @@ TOKEN_DAYS_MAX = 3650
 def _token_days(text: str | None) -> timedelta | None:
     if text is None:
         return None
-    if not text.strip().isdigit() or not 1 <= int(text) <= TOKEN_DAYS_MAX:
+    days = text.strip()
+    # ASCII digits only ("²" passes isdigit() but not int()), and few (int() refuses 4,300+).
+    if not (days.isascii() and days.isdigit() and len(days) < 12):
         raise CliError(f"--expires-in-days must be a whole number from 1 to {TOKEN_DAYS_MAX}")
-    return timedelta(days=int(text))
+    if not 1 <= int(days) <= TOKEN_DAYS_MAX:
+        raise CliError(f"--expires-in-days must be a whole number from 1 to {TOKEN_DAYS_MAX}")
+    return timedelta(days=int(days))
 
 
 def _token_pk(text: str) -> int:

@@ -287,6 +287,8 @@ async def test_cli_creates_lists_and_revokes_tokens(
         (("create", "--name", " "), "name: must not be blank."),
         (("create", "--name", "x", "--expires-in-days", "0"), "--expires-in-days must be"),
         (("create", "--name", "x", "--expires-in-days", "soon"), "--expires-in-days must be"),
+        (("create", "--name", "x", "--expires-in-days", "\u00b2"), "--expires-in-days must be"),
+        (("create", "--name", "x", "--expires-in-days", "9" * 5000), "--expires-in-days must be"),
         (("revoke", "999"), "id: no such API token."),
         (("revoke", "abc"), "the token ID must be a number"),
     ],
