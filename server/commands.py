@@ -423,8 +423,19 @@ async def cancel_command(session: AsyncSession, command_id: int) -> Command:
     if status is not CommandStatus.RUNNING and await _cancel_unclaimed(session, command):
         announce_status(session, command.id, command.status)
         return command
-    command.cancel_requested = True  # running, or a runner claimed it meanwhile
-    await session.flush()
+    # Running, or a runner claimed it meanwhile; flagged only while it is not final (a
+    # runner may also have finished it meanwhile: then the flag would stay true forever).
+    result = await session.execute(
+        update(Command)
+        .where(Command.id == command.id, Command.status.in_(["QUEUED", "WAITING", "RUNNING"]))
+        .values(cancel_requested=True)
+        .execution_options(synchronize_session=False)
+    )
+    await session.refresh(command)
+    if not getattr(result, "rowcount", 0):
+        raise InvalidInput.one(
+            "id", f"the command has already finished ({command.status})", ErrorCode.INVALID
+        )
     announce(session, CANCEL_TOPIC, command.id)
     return command
 

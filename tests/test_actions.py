@@ -10,19 +10,21 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.applications import Starlette
 
 from graphql_schema.relay import decode_id, encode_id
 from server import commands, proxies
 from server.actions import Forbidden, perform
+from server.app import create_app
 from server.auth import Principal, find_live_token, token_principal
 from server.broker import CANCEL_TOPIC, QUEUE_TOPIC, STATUS_TOPIC, StatusChange, Subscription
 from server.commands import RunRequest
 from server.models import AuditEvent, Command
 from server.settings import Settings
 from tests.conftest import GraphQLClient, bearer, issue_api_token
+from tests.fixtures.auth import admin_client
 from tests.fixtures.commands import RUN, run, wait_final, wait_status
 from tests.fixtures.netfakes import LocalSite, UpstreamHttpProxy
 
@@ -320,3 +322,29 @@ async def test_check_proxy_through_the_action_stores_health_like_graphql(
     _create, through_action, through_graphql = await audit_rows(app)
     assert through_action == through_graphql
     assert (through_action["action"], through_action["object_id"]) == ("checkProxy", proxy_id)
+
+
+async def test_a_cancel_racing_the_command_s_end_leaves_no_flag(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A runner claims the queued command and finishes it between the cancel's read and its
+    write: the cancel is an error, and `cancelRequested` does not stay true forever."""
+
+    async def finished_meanwhile(session: AsyncSession, row: Command) -> bool:
+        await session.execute(
+            update(Command).where(Command.id == row.id).values(status="SUCCEEDED")
+        )
+        await session.refresh(row)
+        return False  # as when the conditional update found it claimed
+
+    quiet = create_app(settings.model_copy(update={"embedded_runner": False}))
+    async with quiet.router.lifespan_context(quiet), admin_client(quiet) as http:
+        gql = GraphQLClient(http)
+        command_id = await run(gql, commandString="true")
+        monkeypatch.setattr(commands, "_cancel_unclaimed", finished_meanwhile)
+        payload = (await gql(CANCEL, id=command_id))["cancelCommand"]
+        assert [error["code"] for error in payload["userErrors"]] == ["INVALID"]
+        async with quiet.state.services.sessionmaker() as session:
+            stored = await session.get(Command, decode_id(command_id)[1])
+            assert stored is not None
+            assert stored.cancel_requested is False
