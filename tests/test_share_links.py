@@ -372,6 +372,7 @@ BAD_LINKS = [
     ("vmess-port-70000", vmess_link(port=70000), "the port is out of range (1-65535)"),
     ("vmess-missing-host", vmess_link(add=""), "the link has no host"),
     ("vmess-kcp", vmess_link(net="kcp"), "the vmess transport (net) is not supported"),
+    ("vmess-aid-superscript", vmess_link(aid="\u00b2"), "the vmess aid is not a number"),
     ("vmess-field-type", vmess_link(port=[443]), "the vmess field 'port' must be a string"),
     ("vless-missing-port", f"vless://{UUID}@vl.example.com", "the link has no port"),
     ("vless-empty-port", f"vless://{UUID}@vl.example.com:", "the link has no port"),

@@ -694,6 +694,10 @@ def test_features_used_names_what_the_binary_must_support() -> None:
             [HTTP_HOP, Hop("bad-hop", "vmess", "h.example.com", 1)],
             "proxy 'bad-hop': vmess needs a UUID",
         ),
+        (
+            [Hop("x", "vmess", "h.example.com", 1, None, UUID, {"alterId": "\u00b2"})],
+            "settings.alterId must be a number from 0 to 65535",
+        ),
     ],
 )
 def test_unusable_input_is_a_config_error(chain: list[Hop], message: str) -> None:

@@ -306,8 +306,9 @@ def _shadowsocks(hop: Hop, address: str, port: int) -> dict[str, Any]:
 def _vmess(hop: Hop, address: str, port: int) -> dict[str, Any]:
     user_id = _uuid(hop)
     alter_id = hop.settings.get("alterId", 0) or 0
-    if isinstance(alter_id, str) and alter_id.strip().isdigit():
-        alter_id = int(alter_id)
+    digits = alter_id.strip() if isinstance(alter_id, str) else ""
+    if digits.isascii() and digits.isdigit() and len(digits) <= 5:  # int("²") would raise
+        alter_id = int(digits)
     if isinstance(alter_id, bool) or not isinstance(alter_id, int) or not 0 <= alter_id <= 65535:
         raise ConfigError(f"settings.alterId must be a number from 0 to 65535, not {alter_id!r}")
     cipher = _text(hop.settings, "cipher") or "auto"

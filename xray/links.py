@@ -299,7 +299,7 @@ def _vmess_settings(field_text: Callable[[str], str]) -> dict[str, Any]:
         raise ShareLinkError("the vmess tls value is not supported; use tls or none")
     settings: dict[str, Any] = {"network": network, "security": security}
     alter_id = field_text("aid") or "0"
-    if not alter_id.isdigit():
+    if not (alter_id.isascii() and alter_id.isdigit() and len(alter_id) <= 5):  # not "²"
         raise ShareLinkError("the vmess aid is not a number")
     settings["alterId"] = int(alter_id)
     settings["cipher"] = field_text("scy").lower() or "auto"
