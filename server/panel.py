@@ -33,7 +33,7 @@ from server.access import principal_of
 from server.actions import Forbidden, perform, refusal
 from server.audit import FORBIDDEN, raised_entry, write_entry
 from server.db import READ_ONLY
-from server.errors import InvalidInput, UserError
+from server.errors import ErrorCode, InvalidInput, UserError
 from server.login import client_address, is_https, read_form
 from server.models import (
     Command,
@@ -528,8 +528,11 @@ async def profile_delete(request: Request) -> Response:
             change,
             lambda session: profile_service.delete_profile(session, profile_id),
         )
-    except InvalidInput:
-        return not_found(request, "profile")
+    except InvalidInput as exc:
+        if any(error.code is ErrorCode.NOT_FOUND for error in exc.errors):
+            return not_found(request, "profile")
+        reasons = " ".join(error.message for error in exc.errors)
+        return error_page(request, 409, "Cannot delete this profile", reasons)
     return redirect_with_flash(request, "/profiles", " ".join(notices).capitalize() + ".")
 
 

@@ -324,6 +324,24 @@ async def test_delete_profile_keeps_its_runs(app: Starlette, admin: httpx.AsyncC
     assert event.outcome == "ok"
 
 
+async def test_a_delete_refused_for_another_reason_says_why(
+    app: Starlette, admin: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not every refusal is "no such profile": the domain's reason is shown (409)."""
+    from server import profiles as profile_service
+    from server.errors import ErrorCode, InvalidInput
+
+    async def in_use(*_args: object, **_kwargs: object) -> list[str]:
+        raise InvalidInput.one("id", "a runner holds its browser right now", ErrorCode.IN_USE)
+
+    profile_id = await add_profile(app, "busy")
+    monkeypatch.setattr(profile_service, "delete_profile", in_use)
+    answer = await post_form(admin, f"/profiles/{profile_id}/delete")
+    assert answer.status_code == 409
+    assert "a runner holds its browser right now" in answer.text
+    assert "no such profile" not in answer.text.lower()
+
+
 # --- runs and the dashboard ------------------------------------------------------------
 
 
