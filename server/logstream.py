@@ -64,7 +64,7 @@ def _after_seq(request: Request) -> int | None:
     return int(raw)
 
 
-class _CountedStream(EventSourceResponse):
+class CountedStream(EventSourceResponse):
     """An SSE response that holds a subscriber's place until it ends, however it ends."""
 
     def __init__(
@@ -148,4 +148,4 @@ async def stream_command_logs(request: Request) -> Response:
                     "data": json.dumps({"status": item.status, "final": True}),
                 }
 
-    return _CountedStream(events(), services.subscriber_limits, client, ping=15)
+    return CountedStream(events(), services.subscriber_limits, client, ping=15)

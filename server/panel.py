@@ -28,6 +28,7 @@ from starlette.routing import Route
 
 from graphql_schema.context import AppServices
 from graphql_schema.relay import decode_id, encode_id
+from server import commands as command_service
 from server import profiles as profile_service
 from server.access import principal_of
 from server.actions import Forbidden, perform, refusal
@@ -47,6 +48,7 @@ from server.models import (
 )
 from server.pages import render_page
 from server.panel_assets import panel_assets
+from server.panel_tail import run_tail
 from server.secretbox import token_preview
 from server.settings import Settings
 
@@ -180,6 +182,7 @@ class Change:
     action: str
     fields: list[str]
     object_id: str | None = None
+    object_type: str = "Profile"
 
 
 async def apply_change(
@@ -197,7 +200,7 @@ async def apply_change(
         principal,
         change.action,
         work,
-        object_type="Profile",
+        object_type=change.object_type,
         object_id=None if pk is None else pk[1],
         fields=change.fields,
         client_address=client_address(request),
@@ -582,8 +585,61 @@ async def run_page(request: Request) -> Response:
         )
         lines = list(reversed(list(tail)))
         return render_view(
-            request, "run.html", "_run_log.html", run=command, lines=lines, log_tail=LOG_TAIL
+            request,
+            "run.html",
+            "_run_log.html",
+            run=command,
+            lines=lines,
+            log_tail=LOG_TAIL,
+            final=CommandStatus(command.status).is_final,
+            previous_attempt=1,
         )
+
+
+RUN_ACTIONS: dict[str, Callable[[AsyncSession, int], Awaitable[Command]]] = {
+    "cancelCommand": command_service.cancel_command,
+    "retryCommand": command_service.retry_command,
+}
+
+
+async def _run_action(request: Request, action: str) -> Response:
+    """Cancel or retry a run from its page: the GraphQL mutation's role rule, unit of work
+    and audit entry (server/actions.perform); a refusal is the flash on the run page."""
+    command_id = path_id(request, "command_id")
+    if command_id is None:
+        return not_found(request, "run")
+    change = Change(action, ["id"], encode_id("Command", command_id), object_type="Command")
+    refused = await refuse_viewer(request, change)
+    if refused is not None:
+        return refused
+    target = f"/runs/{command_id}"
+    try:
+        command: Command = await apply_change(
+            request, change, lambda session: RUN_ACTIONS[action](session, command_id)
+        )
+    except InvalidInput as exc:
+        if any(error.code is ErrorCode.NOT_FOUND for error in exc.errors):
+            return not_found(request, "run")
+        reasons = "; ".join(error.message for error in exc.errors)
+        verb = "cancel" if action == "cancelCommand" else "retry"
+        return redirect_with_flash(request, target, f"Could not {verb} this run: {reasons}.")
+    return redirect_with_flash(request, target, _run_action_done(action, command))
+
+
+def _run_action_done(action: str, command: Command) -> str:
+    if action == "retryCommand":
+        return f"Run #{command.id} is queued again."
+    if command.status == CommandStatus.CANCELLED.value:
+        return f"Run #{command.id} cancelled."
+    return f"Cancel requested: run #{command.id} stops in a moment."
+
+
+async def run_cancel(request: Request) -> Response:
+    return await _run_action(request, "cancelCommand")
+
+
+async def run_retry(request: Request) -> Response:
+    return await _run_action(request, "retryCommand")
 
 
 def panel_routes(_settings: Settings) -> list[Route]:
@@ -598,4 +654,7 @@ def panel_routes(_settings: Settings) -> list[Route]:
         Route("/profiles/{profile_id}/delete", profile_delete, methods=["POST"]),
         Route("/runs", run_list, methods=["GET"]),
         Route("/runs/{command_id}", run_page, methods=["GET"]),
+        Route("/runs/{command_id}/tail", run_tail, methods=["GET"]),
+        Route("/runs/{command_id}/cancel", run_cancel, methods=["POST"]),
+        Route("/runs/{command_id}/retry", run_retry, methods=["POST"]),
     ]

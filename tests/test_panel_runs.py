@@ -1,0 +1,257 @@
+"""The run page's live log tail (`/runs/{id}/tail`), and its cancel and retry buttons
+(issue #17): through a real server for the SSE stream, in-process for the forms, and in
+real headless Chromium for the page following a running command."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import html
+import re
+from collections.abc import AsyncIterator
+
+import httpx
+from sqlalchemy import select
+from starlette.applications import Starlette
+
+from graphql_schema.relay import encode_id
+from server.models import Command, LogLine
+from server.settings import Settings
+from tests.conftest import GraphQLClient
+from tests.fixtures.commands import run, wait_status
+from tests.fixtures.servers import LiveServer, running_server
+from tests.test_login import add_user, log_in
+from tests.test_panel import add_run, admin, audit_of, csrf_of, viewer  # noqa: F401
+from tests.test_streams import SseEvent, pk, sse_events
+
+STREAM_TIMEOUT = 30.0
+SLOW_LINES = "sh -c 'for i in 1 2 3; do echo tail-$i; sleep 0.3; done'"
+
+
+@contextlib.asynccontextmanager
+async def live_admin(settings: Settings) -> AsyncIterator[tuple[LiveServer, httpx.AsyncClient]]:
+    """A real server and a browser-like client logged in to it as the admin grace."""
+    async with running_server(settings) as live:
+        await add_user(live.app, "grace", "admin")
+        async with httpx.AsyncClient(base_url=live.base_url, timeout=STREAM_TIMEOUT) as http:
+            assert (await log_in(http, "grace")).status_code == 303
+            yield live, http
+
+
+async def read_tail(
+    http: httpx.AsyncClient, run_id: int, after: int, last_event_id: str | None = None
+) -> list[SseEvent]:
+    """Every event of the run's tail until the server ends it."""
+    headers = {} if last_event_id is None else {"Last-Event-ID": last_event_id}
+    events: list[SseEvent] = []
+    async with (
+        asyncio.timeout(STREAM_TIMEOUT),
+        http.stream("GET", f"/runs/{run_id}/tail?after={after}", headers=headers) as response,
+    ):
+        assert response.status_code == 200, await response.aread()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        async for event in sse_events(response):
+            events.append(event)
+    return events
+
+
+def texts_of(events: list[SseEvent]) -> list[str]:
+    """The log lines' texts the `lines` events carry, as a browser shows them."""
+    fragments = "".join(event.data for event in events if event.event == "lines")
+    spans = re.findall(r'<span class="line[^"]*" data-seq="\d+">(.*?)</span>\n', fragments)
+    return [html.unescape(re.sub(r"<[^>]+>", "", span)).split(" ", 1)[1] for span in spans]
+
+
+async def stored_lines(app: Starlette, run_id: int) -> list[tuple[int, str]]:
+    """(seq, text as the page shows it) of the run's stored lines."""
+    async with app.state.services.sessionmaker() as session:
+        rows = await session.scalars(
+            select(LogLine).where(LogLine.command_id == run_id).order_by(LogLine.seq)
+        )
+        return [
+            (row.seq, row.text if row.stream == "stdout" else f"[{row.stream}] {row.text}")
+            for row in rows
+        ]
+
+
+# --- the tail --------------------------------------------------------------------------
+
+
+async def test_tail_follows_a_running_command_then_stops(settings: Settings) -> None:
+    async with live_admin(settings) as (live, http):
+        gql = GraphQLClient(httpx.AsyncClient(base_url=live.base_url, headers=live.headers))
+        async with gql.http:
+            command_id = await run(gql, commandString=SLOW_LINES)
+            run_id = pk(command_id)
+            await wait_status(gql, command_id, {"RUNNING"})
+            page = await http.get(f"/runs/{run_id}")
+            match = re.search(r'data-tail="/runs/\d+/tail\?after=(\d+)"', page.text)
+            assert match is not None, page.text
+            after = int(match.group(1))
+            assert after < 3
+            events = await read_tail(http, run_id, after)
+        kinds = [event.event for event in events]
+        assert kinds[-1] == "end"
+        assert "status-succeeded" in events[-1].data
+        assert "status" in kinds
+        stored = await stored_lines(live.app, run_id)
+        texts = texts_of(events)
+        assert "tail-3" in texts
+        assert texts == [shown for seq, shown in stored if seq > after]  # each line once
+        last_id = [event.id for event in events if event.event == "lines"][-1]
+        assert last_id == str(stored[-1][0])
+        # The browser's EventSource reconnects when a stream ends: 204 stops it.
+        again = await http.get(f"/runs/{run_id}/tail?after=0", headers={"Last-Event-ID": last_id})
+        assert again.status_code == 204
+        # A finished run's page does not follow at all.
+        assert "data-tail" not in (await http.get(f"/runs/{run_id}")).text
+
+
+async def test_tail_sends_escaped_lines_of_each_stream(settings: Settings) -> None:
+    script = 'sh -c \'echo "<script>x</script>"; echo "a & b" >&2\''
+    async with live_admin(settings) as (live, http):
+        gql = GraphQLClient(httpx.AsyncClient(base_url=live.base_url, headers=live.headers))
+        async with gql.http:
+            command_id = await run(gql, commandString=script)
+            await wait_status(gql, command_id, {"SUCCEEDED"})
+        events = await read_tail(http, pk(command_id), 0)
+        stored = await stored_lines(live.app, pk(command_id))
+    fragments = "".join(event.data for event in events if event.event == "lines")
+    assert "<script>" not in fragments
+    assert "&lt;script&gt;x&lt;/script&gt;" in fragments
+    assert '<span class="stream">[stderr]</span> a &amp; b' in fragments
+    assert 'class="line stream-stderr"' in fragments
+    texts = texts_of(events)
+    assert texts == [shown for _seq, shown in stored]
+    assert {"<script>x</script>", "[stderr] a & b"} <= set(texts)
+    assert events[-1].event == "end"
+
+
+async def test_tail_refuses_bad_requests(app: Starlette, admin: httpx.AsyncClient) -> None:  # noqa: F811
+    run_id = await add_run(app, "SUCCEEDED", lines=2)
+    assert (await admin.get(f"/runs/{run_id}/tail?after=x")).status_code == 400
+    assert (await admin.get("/runs/999999/tail")).status_code == 404
+    assert (await admin.get(f"/runs/{run_id}/tail?after=2")).status_code == 204
+    anonymous = httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://localhost"
+    )
+    async with anonymous:
+        refused = await anonymous.get(f"/runs/{run_id}/tail?after=0")
+    assert refused.status_code in (303, 401), refused.status_code
+    assert "line 1" not in refused.text
+
+
+async def test_attempts_are_separated(app: Starlette, admin: httpx.AsyncClient) -> None:  # noqa: F811
+    from server.panel_tail import TailLine, render_lines
+
+    lines = [TailLine(1, 1, "stdout", "one"), TailLine(2, 2, "system", "two")]
+    rendered = render_lines(lines, previous_attempt=1)
+    assert rendered.count('role="separator"') == 1
+    assert "Attempt 2</span>" in rendered
+    assert '<span class="stream">[system]</span> two' in rendered
+    assert "Attempt 2" in render_lines(lines[1:], previous_attempt=1)
+    assert "separator" not in render_lines(lines[1:], previous_attempt=2)
+
+
+# --- cancel and retry ------------------------------------------------------------------
+
+
+async def test_buttons_for_admins_only(
+    app: Starlette,
+    admin: httpx.AsyncClient,  # noqa: F811
+    viewer: httpx.AsyncClient,  # noqa: F811
+) -> None:
+    running = await add_run(app, "RUNNING", lines=1)
+    failed = await add_run(app, "FAILED", lines=1)
+    page = (await admin.get(f"/runs/{running}")).text
+    assert f'action="/runs/{running}/cancel"' in page
+    assert "/retry" not in page
+    assert f'data-tail="/runs/{running}/tail?after=1"' in page
+    assert '<script src="/static/run-tail.js" defer></script>' in page
+    page = (await admin.get(f"/runs/{failed}")).text
+    assert f'action="/runs/{failed}/retry"' in page
+    assert "/cancel" not in page
+    assert "run-tail.js" not in page
+    for run_id in (running, failed):
+        page = (await viewer.get(f"/runs/{run_id}")).text
+        assert "/cancel" not in page
+        assert "/retry" not in page
+
+
+async def test_viewer_posts_are_refused(
+    app: Starlette,
+    viewer: httpx.AsyncClient,  # noqa: F811
+) -> None:
+    run_id = await add_run(app, "FAILED")
+    token = csrf_of(await viewer.get(f"/runs/{run_id}"))
+    for action in ("cancel", "retry"):
+        refused = await viewer.post(f"/runs/{run_id}/{action}", data={"csrf_token": token})
+        assert refused.status_code == 403
+    async with app.state.services.sessionmaker() as session:
+        command = await session.get(Command, run_id)
+        assert command is not None
+        assert command.status == "FAILED"
+    for action in ("cancelCommand", "retryCommand"):
+        events = await audit_of(app, action)
+        assert [(event.outcome, event.actor) for event in events] == [("denied", "victor")]
+
+
+async def test_cancel_a_long_run_from_its_page(
+    app: Starlette,
+    gql: GraphQLClient,
+    admin: httpx.AsyncClient,  # noqa: F811
+) -> None:
+    command_id = await run(gql, commandString="sleep 30")
+    await wait_status(gql, command_id, {"RUNNING"})
+    run_id = pk(command_id)
+    token = csrf_of(await admin.get(f"/runs/{run_id}"))
+    answer = await admin.post(f"/runs/{run_id}/cancel", data={"csrf_token": token})
+    assert answer.status_code == 303
+    assert answer.headers["location"] == f"/runs/{run_id}"
+    await wait_status(gql, command_id, {"CANCELLED"})
+    page = await admin.get(f"/runs/{run_id}")
+    assert f"Cancel requested: run #{run_id} stops in a moment." in page.text
+    [event] = await audit_of(app, "cancelCommand")
+    assert (event.outcome, event.actor, event.actor_kind) == ("ok", "alice", "user")
+    assert (event.object_type, event.object_id) == ("Command", encode_id("Command", run_id))
+    assert event.detail == {"fields": ["id"]}
+    # Cancelling it again: the reason, on the run page, not a 500.
+    again = await admin.post(f"/runs/{run_id}/cancel", data={"csrf_token": token})
+    assert again.status_code == 303
+    page = await admin.get(f"/runs/{run_id}")
+    assert "Could not cancel this run: the command has already finished (CANCELLED)." in page.text
+
+
+async def test_retry_a_failed_run(
+    app: Starlette,
+    admin: httpx.AsyncClient,  # noqa: F811
+) -> None:
+    run_id = await add_run(app, "FAILED", lines=1, exit_code=1)
+    token = csrf_of(await admin.get(f"/runs/{run_id}"))
+    answer = await admin.post(f"/runs/{run_id}/retry", data={"csrf_token": token})
+    assert answer.status_code == 303
+    page = await admin.get(f"/runs/{run_id}")
+    assert f"Run #{run_id} is queued again." in page.text
+    async with app.state.services.sessionmaker() as session:
+        command = await session.get(Command, run_id)
+        assert command is not None
+        assert command.max_attempts == 2
+        assert command.status != "FAILED"  # queued (a runner may hold it already)
+    [event] = await audit_of(app, "retryCommand")
+    assert (event.outcome, event.actor) == ("ok", "alice")
+
+
+async def test_retry_of_an_unfinished_run_says_why(
+    app: Starlette,
+    admin: httpx.AsyncClient,  # noqa: F811
+) -> None:
+    run_id = await add_run(app, "RUNNING")
+    token = csrf_of(await admin.get(f"/runs/{run_id}"))
+    answer = await admin.post(f"/runs/{run_id}/retry", data={"csrf_token": token})
+    assert answer.status_code == 303
+    page = await admin.get(f"/runs/{run_id}")
+    assert "Could not retry this run: only a finished command can be retried" in page.text
+    missing = await admin.post("/runs/999999/retry", data={"csrf_token": token})
+    assert missing.status_code == 404
+    events = await audit_of(app, "retryCommand")
+    assert [event.outcome for event in events] == ["error", "error"]
