@@ -9,6 +9,7 @@ import contextlib
 import html
 import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import httpx
 from sqlalchemy import select
@@ -18,9 +19,10 @@ from graphql_schema.relay import encode_id
 from server.models import Command, LogLine
 from server.settings import Settings
 from tests.conftest import GraphQLClient
+from tests.fixtures.chromium import ROOT, run_browser_script
 from tests.fixtures.commands import run, wait_status
 from tests.fixtures.servers import LiveServer, running_server
-from tests.test_login import add_user, log_in
+from tests.test_login import PASSWORD, add_user, log_in
 from tests.test_panel import add_run, admin, audit_of, csrf_of, viewer  # noqa: F401
 from tests.test_streams import SseEvent, pk, sse_events
 
@@ -72,6 +74,15 @@ async def stored_lines(app: Starlette, run_id: int) -> list[tuple[int, str]]:
             (row.seq, row.text if row.stream == "stdout" else f"[{row.stream}] {row.text}")
             for row in rows
         ]
+
+
+async def wait_line(app: Starlette, run_id: int, text: str, timeout: float = 20.0) -> None:
+    """Until the run has stored a line `text`."""
+    async with asyncio.timeout(timeout):
+        for _poll in iter(int, 1):
+            if text in [shown for _seq, shown in await stored_lines(app, run_id)]:
+                return
+            await asyncio.sleep(0.05)
 
 
 # --- the tail --------------------------------------------------------------------------
@@ -255,3 +266,101 @@ async def test_retry_of_an_unfinished_run_says_why(
     assert missing.status_code == 404
     events = await audit_of(app, "retryCommand")
     assert [event.outcome for event in events] == ["error", "error"]
+
+
+# --- in real headless Chromium ---------------------------------------------------------
+
+LIVE_BROWSER_SCRIPT = r"""
+const { chromium } = require(process.env.PLAYWRIGHT_CORE);
+(async () => {
+  const [base, chromiumPath, shots, runPath] = process.argv.slice(2);
+  const browser = await chromium.launch({
+    executablePath: chromiumPath,
+    args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update',
+           '--disable-sync', '--disable-gpu'],
+  });
+  const found = { errors: [], violations: [] };
+  try {
+    const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+    page.on('pageerror', (error) => found.errors.push(String(error)));
+    page.on('console', (message) => {
+      if (message.type() === 'error') found.errors.push(message.text());
+    });
+    await page.addInitScript(() => {
+      window.__violations = [];
+      document.addEventListener('securitypolicyviolation', (event) => {
+        window.__violations.push(`${event.violatedDirective} ${event.blockedURI}`);
+      });
+    });
+    const shoot = async (name) => {
+      for (const scheme of ['light', 'dark']) {
+        await page.emulateMedia({ colorScheme: scheme });
+        await page.screenshot({ path: `${shots}/panel-${name}-${scheme}.png`, fullPage: true });
+      }
+      await page.emulateMedia({ colorScheme: 'light' });
+    };
+    await page.goto(`${base}/login`);
+    await page.locator('input[name="name"]').fill(process.env.CORRAL_USER);
+    await page.locator('input[name="password"]').fill(process.env.CORRAL_PASSWORD);
+    await page.locator('button[type="submit"]').click();
+    await page.waitForURL((target) => target.pathname === '/', { timeout: 20000 });
+    await page.goto(`${base}${runPath}`);
+    found.atLoad = await page.locator('#log-lines').innerText();
+    // Printed after the page loaded: it arrives through the tail.
+    await page.locator('#log-lines', { hasText: 'late line' }).waitFor({ timeout: 20000 });
+    found.afterLoad = await page.locator('#log-lines').innerText();
+    found.state = await page.locator('#log-state').innerText();
+    await shoot('run-live');
+    await page.locator('#run-cancel button').click();
+    await page.waitForURL((target) => target.pathname === runPath, { timeout: 20000 });
+    found.flash = await page.locator('.flash').innerText();
+    await page.locator('#run-status .status-cancelled').waitFor({ timeout: 20000 });
+    found.status = await page.locator('#run-status').innerText();
+    await shoot('run-cancelled');
+    found.violations = await page.evaluate(() => window.__violations);
+  } finally {
+    await browser.close();
+  }
+  console.log(JSON.stringify(found));
+})().catch((error) => { console.error(error); process.exit(1); });
+"""
+
+
+async def test_run_page_follows_live_and_cancels_in_chromium(
+    settings: Settings, tmp_path: Path, backend: str
+) -> None:
+    """Real Chromium on a running command's page: a line printed after the page loaded
+    appears through the tail (no CSP violation, no console error); Cancel stops the run
+    and the badge turns to cancelled. Leaves screenshots in test-artifacts/."""
+    script = tmp_path / "live.cjs"
+    script.write_text(LIVE_BROWSER_SCRIPT)
+    shots = ROOT / "test-artifacts" / backend
+    shots.mkdir(parents=True, exist_ok=True)
+    slow = 'sh -c \'echo before-load; sleep 3; printf "late %s\\n" line; echo "<b>bold?</b>"; sleep 60\''
+    async with running_server(settings) as live:
+        await add_user(live.app, "grace", "admin")
+        gql = GraphQLClient(httpx.AsyncClient(base_url=live.base_url, headers=live.headers))
+        async with gql.http:
+            command_id = await run(gql, commandString=slow)
+            await wait_status(gql, command_id, {"RUNNING"})
+            await wait_line(live.app, pk(command_id), "before-load")
+            found = await run_browser_script(
+                script,
+                live.base_url,
+                settings.chromium_path,
+                str(shots),
+                f"/runs/{pk(command_id)}",
+                user="grace",
+                password=PASSWORD,
+                timeout=120,
+            )
+            await wait_status(gql, command_id, {"CANCELLED"})
+    assert "before-load" in found["atLoad"]
+    assert "late line" not in found["atLoad"]
+    assert "late line" in found["afterLoad"]
+    assert "<b>bold?</b>" in found["afterLoad"]  # shown as text, not markup
+    assert found["state"] == "Following live…"
+    assert "Cancel requested" in found["flash"]
+    assert found["status"] == "cancelled"
+    assert found["violations"] == []
+    assert found["errors"] == []
