@@ -21,7 +21,7 @@ from server.app import create_app
 from server.models import AuditEvent, Command, LogLine, Profile, utcnow
 from server.panel_assets import HTMX_CDN_URL, HTMX_INTEGRITY, HTMX_LOCAL_URL
 from server.settings import Settings
-from tests.fixtures.chromium import ROOT, run_browser_script
+from tests.fixtures.chromium import PAGE_HELPERS_JS, ROOT, run_browser_script
 from tests.fixtures.servers import running_server
 from tests.test_login import PASSWORD, add_user, browser_for, log_in
 
@@ -452,19 +452,7 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE);
         found.htmxPosts.push(request.headers()['hx-request'] || 'none');
       }
     });
-    await page.addInitScript(() => {
-      window.__violations = [];
-      document.addEventListener('securitypolicyviolation', (event) => {
-        window.__violations.push(`${event.violatedDirective} ${event.blockedURI}`);
-      });
-    });
-    const shoot = async (name) => {
-      for (const scheme of ['light', 'dark']) {
-        await page.emulateMedia({ colorScheme: scheme });
-        await page.screenshot({ path: `${shots}/panel-${name}-${scheme}.png`, fullPage: true });
-      }
-      await page.emulateMedia({ colorScheme: 'light' });
-    };
+    /*PAGE_HELPERS*/
     const collect = async () => {
       found.violations.push(...await page.evaluate(() => window.__violations));
     };
@@ -515,7 +503,7 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE);
   }
   console.log(JSON.stringify(found));
 })().catch((error) => { console.error(error); process.exit(1); });
-"""
+""".replace("/*PAGE_HELPERS*/", PAGE_HELPERS_JS)
 
 
 async def test_panel_in_chromium(settings: Settings, tmp_path: Path, backend: str) -> None:

@@ -19,7 +19,7 @@ from graphql_schema.relay import encode_id
 from server.models import Command, LogLine
 from server.settings import Settings
 from tests.conftest import GraphQLClient
-from tests.fixtures.chromium import ROOT, run_browser_script
+from tests.fixtures.chromium import PAGE_HELPERS_JS, ROOT, run_browser_script
 from tests.fixtures.commands import run, wait_status
 from tests.fixtures.servers import LiveServer, running_server
 from tests.test_login import PASSWORD, add_user, log_in
@@ -286,19 +286,7 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE);
     page.on('console', (message) => {
       if (message.type() === 'error') found.errors.push(message.text());
     });
-    await page.addInitScript(() => {
-      window.__violations = [];
-      document.addEventListener('securitypolicyviolation', (event) => {
-        window.__violations.push(`${event.violatedDirective} ${event.blockedURI}`);
-      });
-    });
-    const shoot = async (name) => {
-      for (const scheme of ['light', 'dark']) {
-        await page.emulateMedia({ colorScheme: scheme });
-        await page.screenshot({ path: `${shots}/panel-${name}-${scheme}.png`, fullPage: true });
-      }
-      await page.emulateMedia({ colorScheme: 'light' });
-    };
+    /*PAGE_HELPERS*/
     await page.goto(`${base}/login`);
     await page.locator('input[name="name"]').fill(process.env.CORRAL_USER);
     await page.locator('input[name="password"]').fill(process.env.CORRAL_PASSWORD);
@@ -323,7 +311,7 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE);
   }
   console.log(JSON.stringify(found));
 })().catch((error) => { console.error(error); process.exit(1); });
-"""
+""".replace("/*PAGE_HELPERS*/", PAGE_HELPERS_JS)
 
 
 async def test_run_page_follows_live_and_cancels_in_chromium(
