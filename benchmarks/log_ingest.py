@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import secrets
 import shlex
 import sqlite3
@@ -50,6 +51,8 @@ from benchmarks.common import (
     wait_for_value,
 )
 
+# The interpreter itself (not the venv's link to it), for a sandboxed child.
+CHILD_PYTHON = os.path.realpath(sys.executable)
 STORED_RATIO_MIN = 0.5
 P99_MS_MAX = 50.0
 SECRET_EVERY = 10
@@ -377,8 +380,12 @@ async def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> 
     token = "bench_" + secrets.token_hex(16)
     texts = [bulk_line(i, MASK) for i in range(lines)]
     child = write_child(workdir)
-    python = shlex.quote(sys.executable)
-    async with backend_settings(backend, workdir) as settings:
+    # The child runs in the commands' sandbox (bwrap by default), which shows it only system
+    # paths and what CORRAL_SANDBOX_PATHS adds: its script's folder and the interpreter's
+    # own installation (it runs with -S: no site-packages needed).
+    python = shlex.quote(CHILD_PYTHON)
+    readable = [workdir, Path(sys.base_prefix)]
+    async with backend_settings(backend, workdir, sandbox_paths=readable) as settings:
         progress(f"{backend}: baseline bulk insert of {lines} rows")
         base = await baseline(settings, backend, texts)
         progress(f"  {base['driver']}: {base['lines_per_s']} lines/s")
