@@ -179,7 +179,7 @@ def unauthorised(scope: Scope, headers: Headers, refused: bool) -> Response:
     """401 for API clients (a GraphQL-shaped body on /graphql), a redirect for browsers."""
     if not refused and wants_html(scope, headers):
         target = scope["path"] + (
-            f"?{scope['query_string'].decode()}" if scope["query_string"] else ""
+            f"?{scope['query_string'].decode('latin-1')}" if scope["query_string"] else ""
         )
         return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
     reason = (

@@ -195,3 +195,22 @@ async def test_an_open_log_stream_ends_once_its_token_is_revoked(
                     "variables": {"id": command_id},
                 },
             )
+
+
+def test_a_browser_sent_to_login_with_a_query_string_of_raw_bytes() -> None:
+    # Before: a query string that is not UTF-8 (obs-text bytes, which HTTP/1.1 servers may
+    # pass through) raised UnicodeDecodeError on the way to the login redirect: a 500.
+    from starlette.datastructures import Headers
+
+    from server.access import unauthorised
+
+    scope = {
+        "type": "http",
+        "method": "GET",
+        "path": "/runs",
+        "query_string": b"page=\xff",
+        "headers": [(b"accept", b"text/html")],
+    }
+    response = unauthorised(scope, Headers(scope=scope), refused=False)
+    assert response.status_code == 303
+    assert response.headers["location"].startswith("/login?next=%2Fruns%3Fpage%3D")
