@@ -33,6 +33,7 @@ from server.broker import STATUS_TOPIC, StatusChange, status_topic
 from server.commands import RunRequest
 from server.db import READ_ONLY
 from server.errors import InvalidInput
+from server.models import FINAL_STATUSES
 from server.streams import follow_command
 from server.subscribers import TooManySubscribers
 
@@ -331,7 +332,8 @@ def _command_pk(command_id: str) -> int:
     try:
         return pk_of(command_id, "Command", field="commandId")
     except InvalidInput as exc:
-        raise GraphQLError(f"no such command: {command_id!r}") from exc
+        # Not quoted: a client may paste anything where an ID goes (a token, say).
+        raise GraphQLError("no such command (not a Command ID)") from exc
 
 
 async def _load_command(info: Info, pk: int) -> models.Command | None:
@@ -362,7 +364,7 @@ class Subscription:
     ) -> AsyncGenerator[LogLine, None]:
         pk = _command_pk(command_id)
         if await _load_command(info, pk) is None:
-            raise GraphQLError(f"no such command: {command_id!r}")
+            raise GraphQLError("no such command", extensions={"code": "NOT_FOUND"})
         app = info.context.app
         client = _admit_subscriber(info)
         try:
@@ -397,6 +399,16 @@ class Subscription:
         last: str | None = None
         try:
             async with app.broker.subscribe(topic) as subscription:
+                if pk is not None:  # subscribed first: no change between read and listen lost
+                    current = await _load_command(info, pk)
+                    if current is None:
+                        raise GraphQLError("no such command", extensions={"code": "NOT_FOUND"})
+                    last = current.status
+                    yield CommandEvent(
+                        command=Command.from_row(current), status=CommandStatus(current.status)
+                    )
+                    if current.status in FINAL_STATUSES:
+                        return
                 while True:
                     message = await subscription.get()
                     if message is None:  # lagged: the one command's status can be re-read
@@ -409,12 +421,16 @@ class Subscription:
                         message = StatusChange(pk, current.status)
                     if not isinstance(message, StatusChange):
                         continue
+                    if pk is not None and message.status == last:
+                        continue  # the status already sent first
                     last = message.status
                     row = await _load_command(info, message.command_id)
                     if row is not None:
                         yield CommandEvent(
                             command=Command.from_row(row), status=CommandStatus(message.status)
                         )
+                    if pk is not None and message.status in FINAL_STATUSES:
+                        return  # one command's events complete after its final status
         finally:
             app.metrics.subscribers.dec()
             app.subscriber_limits.release(client)

@@ -429,11 +429,21 @@ async def test_command_logs_subscription_replays_after_seq_then_live_and_complet
         assert replay[3:] == lines
 
 
+@pytest.mark.parametrize(
+    ("query", "given"),
+    [
+        (COMMAND_LOGS, encode_id("Command", 424242)),
+        (COMMAND_EVENTS, encode_id("Command", 424242)),
+        (COMMAND_LOGS, "ghp_Pasted0Token0Where0An0Id0Goes0aaaa"),  # never quoted back
+        (COMMAND_EVENTS, "ghp_Pasted0Token0Where0An0Id0Goes0aaaa"),
+    ],
+    ids=["logs-unknown", "events-unknown", "logs-not-an-id", "events-not-an-id"],
+)
 async def test_command_logs_subscription_of_an_unknown_command_is_an_error(
-    live: LiveServer,
+    live: LiveServer, query: str, given: str
 ) -> None:
     async with GraphQLSocket.open(live) as ws:
-        await ws.subscribe("missing", COMMAND_LOGS, id=encode_id("Command", 424242))
+        await ws.subscribe("missing", query, id=given)
         message = await ws.receive()
         assert message["id"] == "missing", message
         # graphql-transport-ws allows either: an `error`, or a `next` with errors and then
@@ -445,6 +455,7 @@ async def test_command_logs_subscription_of_an_unknown_command_is_an_error(
             assert message["type"] == "error", message
             errors = message["payload"]
         assert "no such command" in errors[0]["message"]
+        assert "ghp_" not in json.dumps(errors)
 
 
 async def test_stopped_or_dropped_subscriptions_are_released(
@@ -494,15 +505,25 @@ async def test_command_events_subscription_yields_running_then_succeeded(
             assert cancelled["cancelCommand"]["userErrors"] == []
 
             events: dict[str, list[tuple[str, str]]] = {"one": [], "all": []}
-            while ("SUCCEEDED" not in [s for _, s in events["one"]]) or len(events["all"]) < 3:
+            completed: set[str] = set()
+            while "one" not in completed or len(events["all"]) < 3:
                 message = await ws.receive()
+                if message["type"] == "complete":
+                    completed.add(message["id"])
+                    continue
                 assert message["type"] == "next", message
                 event = message["payload"]["data"]["commandEvents"]
                 events[message["id"]].append((event["command"]["id"], event["status"]))
-            for sub_id in ("one", "all"):
-                await ws.send({"id": sub_id, "type": "complete"})
+            await ws.send({"id": "all", "type": "complete"})
 
-            assert events["one"] == [(command_id, "RUNNING"), (command_id, "SUCCEEDED")]
+            # One command's events: its status when subscribed first, then its changes,
+            # complete after the final one (API.md); all commands': changes only.
+            assert events["one"] == [
+                (command_id, "QUEUED"),
+                (command_id, "RUNNING"),
+                (command_id, "SUCCEEDED"),
+            ]
+            assert completed == {"one"}
             assert events["all"] == [
                 (blocker, "CANCELLED"),
                 (command_id, "RUNNING"),
