@@ -57,9 +57,11 @@ _END = "}\r\n\r\n"
 _json_str = encode_basestring_ascii
 
 
-def _after_seq(request: Request) -> int | None:
-    raw = request.headers.get("last-event-id") or request.query_params.get("afterSeq") or "0"
-    if not (raw.isascii() and raw.isdigit()) or int(raw) > MAX_SEQ:
+def after_seq(request: Request, parameter: str = "afterSeq") -> int | None:
+    """Where a log stream resumes: Last-Event-ID, else the query `parameter`, else 0; None
+    when it is not a log seq."""
+    raw = request.headers.get("last-event-id") or request.query_params.get(parameter) or "0"
+    if not (raw.isascii() and raw.isdigit() and len(raw) < 12) or int(raw) > MAX_SEQ:
         return None
     return int(raw)
 
@@ -115,7 +117,7 @@ async def stream_command_logs(request: Request) -> Response:
     decoded = decode_id(request.path_params["command_id"])
     if decoded is None or decoded[0] != "Command":
         return JSONResponse({"error": "not a Command ID"}, status_code=404)
-    after = _after_seq(request)
+    after = after_seq(request)
     if after is None:
         return JSONResponse({"error": "Last-Event-ID must be a log seq"}, status_code=400)
     async with services.sessionmaker() as session:

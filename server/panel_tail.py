@@ -25,7 +25,7 @@ from graphql_schema.context import AppServices, client_key
 from runner.logwriter import StoredBatch
 from server.broker import StatusChange
 from server.db import READ_ONLY
-from server.logstream import MAX_SEQ, CountedStream
+from server.logstream import CountedStream, after_seq
 from server.models import Command, CommandStatus, LogLine
 from server.pages import page_environment
 from server.streams import FinalStatus, follow_command, pieces
@@ -62,13 +62,6 @@ def tail_lines(batch: StoredBatch) -> Iterator[TailLine]:
             yield TailLine(seq, run.attempt, run.stream, text)
 
 
-def _after_seq(request: Request) -> int | None:
-    raw = request.headers.get("last-event-id") or request.query_params.get("after") or "0"
-    if not (raw.isascii() and raw.isdigit() and len(raw) < 12) or int(raw) > MAX_SEQ:
-        return None
-    return int(raw)
-
-
 def _command_id(request: Request) -> int | None:
     raw = str(request.path_params["command_id"])
     return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 12 else None
@@ -98,7 +91,7 @@ async def run_tail(request: Request) -> Response:
     """SSE of the run's log lines after `after`, its status, and `end` once it is over."""
     services: AppServices = request.app.state.services
     command_id = _command_id(request)
-    after = _after_seq(request)
+    after = after_seq(request, "after")
     if command_id is None:
         return PlainTextResponse("There is no such run.", status_code=404)
     if after is None:
