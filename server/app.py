@@ -41,7 +41,7 @@ from server.logstream import stream_command_logs
 from server.metrics import Metrics
 from server.models import Command
 from server.panel import panel_routes
-from server.panel_assets import csp_origins
+from server.panel.assets import csp_origins
 from server.secretbox import SecretBox, load_secret_box, verify_secret_box
 from server.settings import Settings
 

@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 
 from server.app import create_app
 from server.models import AuditEvent, Command, LogLine, Profile, utcnow
-from server.panel_assets import HTMX_CDN_URL, HTMX_INTEGRITY, HTMX_LOCAL_URL
+from server.panel.assets import HTMX_CDN_URL, HTMX_INTEGRITY, HTMX_LOCAL_URL
 from server.settings import Settings
 from tests.fixtures.chromium import PAGE_HELPERS_JS, ROOT, run_browser_script
 from tests.fixtures.servers import running_server

@@ -153,7 +153,7 @@ async def test_tail_refuses_bad_requests(app: Starlette, admin: httpx.AsyncClien
 
 
 async def test_attempts_are_separated(app: Starlette, admin: httpx.AsyncClient) -> None:  # noqa: F811
-    from server.panel_tail import TailLine, render_lines
+    from server.panel.tail import TailLine, render_lines
 
     lines = [TailLine(1, 1, "stdout", "one"), TailLine(2, 2, "system", "two")]
     rendered = render_lines(lines, previous_attempt=1)

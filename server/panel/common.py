@@ -1,0 +1,258 @@
+"""What every panel page shares: rendering (full page or htmx partial), flash messages,
+the read session, changes through server/actions.perform, paging and form helpers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from itsdangerous import BadSignature, TimestampSigner
+from sqlalchemy import Select, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from graphql_schema.context import AppServices
+from graphql_schema.relay import decode_id
+from server.access import principal_of
+from server.actions import Forbidden, perform, refusal
+from server.audit import FORBIDDEN, raised_entry, write_entry
+from server.db import READ_ONLY
+from server.errors import UserError
+from server.login import client_address, is_https
+from server.pages import render_page
+from server.panel.assets import panel_assets
+from server.settings import Settings
+
+PAGE_SIZE = 25
+RECENT = 10  # recent failures on the dashboard, recent runs on a profile's page
+FLASH_COOKIE = "corral_flash"
+FLASH_SECONDS = 60
+# The panel's menu; `admin` entries are shown to admins only.
+NAV = (
+    ("Dashboard", "/", False),
+    ("Profiles", "/profiles", False),
+    ("Services", "/services", False),
+    ("Proxies", "/proxies", False),
+    ("Templates", "/templates", False),
+    ("Compose", "/compose", False),
+    ("Runs", "/runs", False),
+    ("Audit", "/audit", True),
+    ("API tokens", "/tokens", True),
+)
+# Integer inputs of the panel's forms, by the domain's (GraphQL's) field names.
+INT_FIELDS = frozenset({"viewportWidth", "viewportHeight"})
+
+
+# --- rendering -------------------------------------------------------------------------
+
+
+def wants_partial(request: Request) -> bool:
+    """An htmx swap (not a boosted page load) gets the partial alone."""
+    headers = request.headers
+    return headers.get("hx-request") == "true" and headers.get("hx-boosted") != "true"
+
+
+def _flash_signer(request: Request) -> TimestampSigner:
+    key = request.app.state.authenticator.hasher.derive("corral panel flash")
+    return TimestampSigner(key, salt="corral.flash")
+
+
+def take_flash(request: Request) -> str | None:
+    """The message a redirect left for this page (signed, so no other site can plant one)."""
+    cookie = request.cookies.get(FLASH_COOKIE)
+    if not cookie:
+        return None
+    try:
+        return _flash_signer(request).unsign(cookie, max_age=FLASH_SECONDS).decode()
+    except (BadSignature, UnicodeDecodeError):
+        return None
+
+
+def redirect_with_flash(request: Request, target: str, message: str) -> Response:
+    """After a change: 303 to `target` (htmx: an `HX-Redirect`), the message shown there."""
+    if wants_partial(request):
+        response: Response = Response(status_code=200, headers={"HX-Redirect": target})
+    else:
+        response = RedirectResponse(target, status_code=303)
+    response.set_cookie(
+        FLASH_COOKIE,
+        _flash_signer(request).sign(message).decode(),
+        max_age=FLASH_SECONDS,
+        path="/",
+        secure=is_https(request),
+        httponly=True,
+        samesite="lax",
+    )
+    return response
+
+
+def render_view(
+    request: Request, page: str, partial: str, *, status_code: int = 200, **context: Any
+) -> Response:
+    """`page` (which includes `partial`), or `partial` alone for an htmx swap."""
+    settings: Settings = request.app.state.services.settings
+    principal = principal_of(request.scope)
+    full = not wants_partial(request)
+    flash = take_flash(request) if full else None
+    response = render_page(
+        page if full else partial,
+        principal,
+        status_code=status_code,
+        assets=panel_assets(settings.panel_assets),
+        nav=NAV,
+        path=request.url.path,
+        flash=flash,
+        can_edit=principal is not None and principal.is_admin,
+        **context,
+    )
+    if flash is not None:
+        response.delete_cookie(FLASH_COOKIE, path="/", secure=is_https(request))
+    return response
+
+
+def error_page(request: Request, status_code: int, title: str, message: str) -> Response:
+    settings: Settings = request.app.state.services.settings
+    return render_page(
+        "error.html",
+        principal_of(request.scope),
+        status_code=status_code,
+        assets=panel_assets(settings.panel_assets),
+        nav=NAV,
+        path=request.url.path,
+        title=title,
+        message=message,
+    )
+
+
+def not_found(request: Request, what: str) -> Response:
+    return error_page(request, 404, "Not found", f"There is no such {what}.")
+
+
+# --- sessions and audit ----------------------------------------------------------------
+
+
+def app_services(request: Request) -> AppServices:
+    services: AppServices = request.app.state.services
+    return services
+
+
+@asynccontextmanager
+async def reading(request: Request) -> AsyncIterator[AsyncSession]:
+    """The request's session for reads (on SQLite it takes no write lock)."""
+    async with app_services(request).sessionmaker() as session:
+        await session.connection(execution_options=READ_ONLY)
+        yield session
+
+
+@dataclass
+class Change:
+    """A panel action as the audit log records it (GraphQL's action names; the input's field
+    names, never their values)."""
+
+    action: str
+    fields: list[str]
+    object_id: str | None = None
+    object_type: str = "Profile"
+
+
+async def apply_change(
+    request: Request, change: Change, work: Callable[[AsyncSession], Awaitable[Any]]
+) -> Any:
+    """Run `work` through server/actions.perform: the same role rule, unit of work and
+    audit event as the GraphQL mutation of the same name. An InvalidInput is rolled back,
+    audited as an error and raised again for the form to show."""
+    principal = principal_of(request.scope)
+    if principal is None:  # AccessControl lets no one in without one
+        raise Forbidden("not logged in")
+    pk = None if change.object_id is None else decode_id(change.object_id)
+    return await perform(
+        app_services(request),
+        principal,
+        change.action,
+        work,
+        object_type=change.object_type,
+        object_id=None if pk is None else pk[1],
+        fields=change.fields,
+        client_address=client_address(request),
+    )
+
+
+async def refuse_viewer(request: Request, change: Change) -> Response | None:
+    """A 403 page, audited as denied by the same rule and entry as perform's, unless the
+    principal may take the action (checked before any form is read)."""
+    principal = principal_of(request.scope)
+    if principal is not None and refusal(principal, change.action) is None:
+        return None
+    denied = raised_entry(change.action, FORBIDDEN, change.object_id, change.fields)
+    services = app_services(request)
+    await write_entry(services.sessionmaker, principal, denied, client_address(request))
+    return error_page(request, 403, "Not allowed", "Only an admin can change this.")
+
+
+# --- paging ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Paging:
+    page: int
+    pages: int
+    total: int
+
+    @property
+    def offset(self) -> int:
+        return (self.page - 1) * PAGE_SIZE
+
+
+def page_number(request: Request) -> int:
+    raw = request.query_params.get("page", "1")
+    return int(raw) if raw.isascii() and raw.isdigit() and 0 < len(raw) < 7 else 1
+
+
+async def paged(session: AsyncSession, stmt: Select[Any], wanted: int) -> Paging:
+    """The page `wanted` (clamped to the last) of `stmt`'s rows."""
+    total = int(await session.scalar(select(func.count()).select_from(stmt.subquery())) or 0)
+    pages = max(1, math.ceil(total / PAGE_SIZE))
+    return Paging(page=max(1, min(wanted, pages)), pages=pages, total=total)
+
+
+# --- forms -----------------------------------------------------------------------------
+
+
+def form_values(fields: dict[str, str], names: tuple[str, ...]) -> dict[str, Any]:
+    """The form's fields as the domain service takes them (it validates: an integer field
+    that is not a number goes through as typed, for the domain to refuse)."""
+    values: dict[str, Any] = {}
+    for name in names:
+        raw = fields.get(name, "")
+        if name == "headless":
+            values[name] = raw == "on"
+        elif name == "tags":
+            values[name] = [tag.strip() for tag in raw.split(",") if tag.strip()]
+        elif name in INT_FIELDS:
+            values[name] = None if not raw.strip() else _int_or_text(raw.strip())
+        else:
+            values[name] = raw
+    return values
+
+
+def _int_or_text(raw: str) -> int | str:
+    # One sign at most, ASCII digits only: "--5" and "\u00b2" pass isdigit() but not int().
+    digits = raw.removeprefix("-")
+    return int(raw) if digits.isascii() and digits.isdigit() and len(raw) < 12 else raw
+
+
+def errors_by_field(errors: list[UserError]) -> dict[str, list[str]]:
+    """User errors keyed by their first field name ("" for the form as a whole)."""
+    found: dict[str, list[str]] = {}
+    for error in errors:
+        found.setdefault(error.field[0] if error.field else "", []).append(error.message)
+    return found
+
+
+def path_id(request: Request, name: str) -> int | None:
+    raw = str(request.path_params[name])
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 12 else None
