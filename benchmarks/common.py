@@ -535,9 +535,68 @@ def _graphql_poster(job: dict[str, Any]) -> dict[str, Any]:
     return {"latencies_ms": latencies, "ids": ids, "errors": errors[:5], "error_count": len(errors)}
 
 
+def _page_getter(job: dict[str, Any]) -> dict[str, Any]:
+    """GET `url` `requests` times, one after another on one keep-alive connection; each
+    round trip timed (the body read in full)."""
+    import httpx
+
+    latencies: list[float] = []
+    status = size = 0
+    with httpx.Client(headers=auth_headers(job["token"]), timeout=60.0) as client:
+        client.get(job["url"])  # connect and warm up, not timed
+        for _ in range(job["requests"]):
+            started = time.perf_counter()
+            response = client.get(job["url"])
+            body = response.content
+            latencies.append((time.perf_counter() - started) * 1000)
+            status, size = response.status_code, len(body)
+            if status != 200:
+                raise RuntimeError(f"GET {job['url']} answered {status}")
+    return {"latencies_ms": latencies, "status": status, "bytes": size}
+
+
+def _tail_reader(job: dict[str, Any]) -> dict[str, Any]:
+    """Read the panel's live tail (SSE of HTML fragments) to its `end` event, as a browser's
+    EventSource would; counts the lines (one `class="line ` span each) and the bytes."""
+    import httpx
+
+    lines = size = 0
+    ended = False
+    started = time.perf_counter()
+    first_event_ms = None
+    carry = b""
+    timeout = httpx.Timeout(job.get("timeout", 120.0), connect=10.0)
+    headers = {"accept": "text/event-stream", **auth_headers(job["token"])}
+    with (
+        httpx.Client(timeout=timeout) as client,
+        client.stream("GET", job["url"], headers=headers) as response,
+    ):
+        if response.status_code != 200:
+            raise RuntimeError(f"the tail answered {response.status_code}")
+        for chunk in response.iter_raw():
+            if first_event_ms is None:
+                first_event_ms = round((time.perf_counter() - started) * 1000, 1)
+            size += len(chunk)
+            window = carry + chunk
+            lines += window.count(b'class="line ') - carry.count(b'class="line ')
+            if b"event: end" in window:
+                ended = True
+                break
+            carry = window[-32:]
+    return {
+        "lines": lines,
+        "bytes": size,
+        "ended": ended,
+        "seconds": time.perf_counter() - started,
+        "first_event_ms": first_event_ms,
+    }
+
+
 ROLES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "sse": _sse_client,
     "graphql": _graphql_poster,
+    "pages": _page_getter,
+    "tail": _tail_reader,
 }
 
 
