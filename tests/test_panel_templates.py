@@ -468,6 +468,10 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE);
     await source.fill('echo hello {{ params.who }} x{{ params.times }}');
     await page.locator('#preview-argv', { hasText: 'x2' }).waitFor({ timeout: 10000 });
     await shoot('template-editor');
+    await page.goto(`${base}/templates/${templateId}/delete`);
+    await shoot('template-delete');
+    await page.goto(`${base}/templates/new`);
+    await shoot('template-new');
     // Compose: pick the template (htmx swaps the typed fields in), fill, preview, run.
     await page.goto(`${base}/compose`);
     await page.locator('#pick-template').selectOption(templateId);
