@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from sqlalchemy import insert, select, update
@@ -30,7 +30,7 @@ from server.proxies import get_proxy
 from server.secretbox import SecretBox
 from server.services import get_service
 from server.settings import Settings
-from server.templates import MAX_TIMEOUT_SECONDS, get_template
+from server.templates import MAX_TIMEOUT_SECONDS, draft_template, get_template, sample_params
 from server.unit_of_work import announce, announce_status
 from server.validation import JSON_MAX_BYTES
 
@@ -306,6 +306,34 @@ async def compose_command(
 ) -> Composition:
     """Resolve and validate everything a run needs, and render its argv (runs nothing)."""
     source, template = await _source(session, request)
+    return await _compose(session, settings, box, renderer, request, source, template)
+
+
+async def compose_draft(
+    session: AsyncSession,
+    settings: Settings,
+    box: SecretBox,
+    renderer: RenderPool,
+    values: dict[str, Any],
+    request: RunRequest,
+) -> Composition:
+    """compose_command for an unsaved template (`values` as create_template takes them):
+    the editor's live preview. Parameters without a typed value or default get a sample."""
+    draft = draft_template(values)
+    params = {**sample_params(draft.parameters), **request.params}
+    with_params = replace(request, template_id=None, command_string=None, params=params)
+    return await _compose(session, settings, box, renderer, with_params, draft.template, draft)
+
+
+async def _compose(
+    session: AsyncSession,
+    settings: Settings,
+    box: SecretBox,
+    renderer: RenderPool,
+    request: RunRequest,
+    source: str,
+    template: CommandTemplate | None,
+) -> Composition:
     profile = (
         None
         if request.profile_id is None

@@ -126,6 +126,36 @@ TEMPLATE_FIELDS = [
 ]
 
 
+# What a preview of an unsaved template checks: everything but its name and description.
+DRAFT_FIELDS = [spec for spec in TEMPLATE_FIELDS if spec.api_name not in ("name", "description")]
+SAMPLE_VALUES: dict[str, Any] = {"int": 0, "bool": False}
+
+
+def draft_template(values: dict[str, Any]) -> CommandTemplate:
+    """An unsaved template from `values`, checked as create_template checks them (its name
+    aside): what the panel's editor previews while the admin types. Never added to a session."""
+    template = CommandTemplate(parameters=[], env={}, max_attempts=1, backoff_seconds=5.0)
+    drafted = {key: value for key, value in values.items() if key not in ("name", "description")}
+    apply_fields(template, drafted, DRAFT_FIELDS, creating=True)
+    return template
+
+
+def sample_params(parameters: list[dict[str, Any]]) -> dict[str, Any]:
+    """A stand-in value for each required parameter without a default (a preview has none
+    typed): 0, false, the first choice, or `<name>` for a string."""
+    samples: dict[str, Any] = {}
+    for parameter in parameters:
+        if parameter.get("default") is None and parameter.get("required"):
+            kind = parameter["type"]
+            choices = parameter.get("choices") or []
+            samples[parameter["name"]] = (
+                choices[0]
+                if kind == "choice"
+                else SAMPLE_VALUES.get(kind, f"<{parameter['name']}>")
+            )
+    return samples
+
+
 async def get_template(
     session: AsyncSession, template_id: int, *, field: str = "id"
 ) -> CommandTemplate:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from starlette.routing import Route
 
+from server.panel.compose import compose_page, compose_preview, compose_run
 from server.panel.dashboard import dashboard
 from server.panel.profiles import (
     profile_create,
@@ -26,6 +27,16 @@ from server.panel.profiles import (
 )
 from server.panel.runs import run_cancel, run_list, run_page, run_retry
 from server.panel.tail import run_tail
+from server.panel.templates import (
+    template_create,
+    template_delete,
+    template_delete_page,
+    template_list,
+    template_new,
+    template_page,
+    template_preview,
+    template_update,
+)
 from server.settings import Settings
 
 
@@ -44,4 +55,15 @@ def panel_routes(_settings: Settings) -> list[Route]:
         Route("/runs/{command_id}/tail", run_tail, methods=["GET"]),
         Route("/runs/{command_id}/cancel", run_cancel, methods=["POST"]),
         Route("/runs/{command_id}/retry", run_retry, methods=["POST"]),
+        Route("/templates", template_list, methods=["GET"]),
+        Route("/templates", template_create, methods=["POST"]),
+        Route("/templates/new", template_new, methods=["GET"]),
+        Route("/templates/preview", template_preview, methods=["POST"]),
+        Route("/templates/{template_id}", template_page, methods=["GET"]),
+        Route("/templates/{template_id}", template_update, methods=["POST"]),
+        Route("/templates/{template_id}/delete", template_delete_page, methods=["GET"]),
+        Route("/templates/{template_id}/delete", template_delete, methods=["POST"]),
+        Route("/compose", compose_page, methods=["GET"]),
+        Route("/compose/preview", compose_preview, methods=["POST"]),
+        Route("/compose/run", compose_run, methods=["POST"]),
     ]
