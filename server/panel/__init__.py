@@ -25,6 +25,15 @@ from server.panel.profiles import (
     profile_update,
 )
 from server.panel.runs import run_cancel, run_list, run_page, run_retry
+from server.panel.services import (
+    service_create,
+    service_delete,
+    service_delete_page,
+    service_list,
+    service_page,
+    service_token,
+    service_update,
+)
 from server.panel.tail import run_tail
 from server.settings import Settings
 
@@ -44,4 +53,11 @@ def panel_routes(_settings: Settings) -> list[Route]:
         Route("/runs/{command_id}/tail", run_tail, methods=["GET"]),
         Route("/runs/{command_id}/cancel", run_cancel, methods=["POST"]),
         Route("/runs/{command_id}/retry", run_retry, methods=["POST"]),
+        Route("/services", service_list, methods=["GET"]),
+        Route("/services", service_create, methods=["POST"]),
+        Route("/services/{service_id}", service_page, methods=["GET"]),
+        Route("/services/{service_id}", service_update, methods=["POST"]),
+        Route("/services/{service_id}/token", service_token, methods=["POST"]),
+        Route("/services/{service_id}/delete", service_delete_page, methods=["GET"]),
+        Route("/services/{service_id}/delete", service_delete, methods=["POST"]),
     ]
