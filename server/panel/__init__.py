@@ -16,6 +16,14 @@ from __future__ import annotations
 from starlette.routing import Route
 
 from server.panel.dashboard import dashboard
+from server.panel.profile_links import (
+    attach_proxy,
+    default_proxy,
+    detach_proxy,
+    link_service,
+    profile_service_token,
+    unlink_service,
+)
 from server.panel.profiles import (
     profile_create,
     profile_delete,
@@ -60,4 +68,16 @@ def panel_routes(_settings: Settings) -> list[Route]:
         Route("/services/{service_id}/token", service_token, methods=["POST"]),
         Route("/services/{service_id}/delete", service_delete_page, methods=["GET"]),
         Route("/services/{service_id}/delete", service_delete, methods=["POST"]),
+        Route("/profiles/{profile_id}/services", link_service, methods=["POST"]),
+        Route(
+            "/profiles/{profile_id}/services/{service_id}/token",
+            profile_service_token,
+            methods=["POST"],
+        ),
+        Route(
+            "/profiles/{profile_id}/services/{service_id}/unlink", unlink_service, methods=["POST"]
+        ),
+        Route("/profiles/{profile_id}/proxies", attach_proxy, methods=["POST"]),
+        Route("/profiles/{profile_id}/proxies/{proxy_id}/default", default_proxy, methods=["POST"]),
+        Route("/profiles/{profile_id}/proxies/{proxy_id}/detach", detach_proxy, methods=["POST"]),
     ]
