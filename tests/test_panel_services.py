@@ -194,9 +194,10 @@ async def test_a_bad_token_is_an_error_that_does_not_quote_it(
     assert second.detail == {"fields": ["token"], "userErrors": ["BLANK"]}
 
 
-async def test_duplicate_service_name_is_shown_next_to_the_field(
+async def test_form_errors_are_inline_and_keep_what_was_typed(
     app: Starlette, admin: httpx.AsyncClient
 ) -> None:
+    """A duplicate name on create; bad values on edit (each next to its field)."""
     await add_service(app, "GitHub")
     answer = await post_form(
         admin, "/services", name="github", envVar="GH_TOKEN", settings='{"a": 1}', token=SECRET
@@ -222,12 +223,7 @@ async def test_duplicate_service_name_is_shown_next_to_the_field(
     )
     assert swap.status_code == 422
     assert swap.text.lstrip().startswith('<form id="service-create"')
-
-
-async def test_edit_errors_are_inline_and_keep_what_was_typed(
-    app: Starlette, admin: httpx.AsyncClient
-) -> None:
-    service_id = await add_service(app, "github", token=SECRET)
+    service_id = await add_service(app, "gitlab", token=SECRET)
     typed = {"name": "GitHub Enterprise", "kind": "github", "settings": "{not json"}
     bad = await post_form(
         admin,
@@ -422,7 +418,11 @@ async def test_attach_detach_and_default_proxies(app: Starlette, admin: httpx.As
 # --- who may post ----------------------------------------------------------------------
 
 
-async def test_viewer_forged_posts_are_refused(app: Starlette, viewer: httpx.AsyncClient) -> None:
+async def test_forged_posts_are_refused(
+    app: Starlette, viewer: httpx.AsyncClient, admin: httpx.AsyncClient
+) -> None:
+    """A viewer's posts (with its CSRF token) are 403 and audited as denied; an admin's
+    without the CSRF token are 403 too."""
     service_id = await add_service(app, "github", token=SECRET)
     profile_id = await add_profile(app, "alpha")
     proxy_id = await add_proxy(app, "exit-1")
@@ -447,10 +447,18 @@ async def test_viewer_forged_posts_are_refused(app: Starlette, viewer: httpx.Asy
         answer = await post_form(viewer, path, **fields)
         assert answer.status_code == 403, path
         assert "Only an admin can change this." in answer.text
+    for path, fields in (
+        ("/services", {"name": "no-token", "envVar": "NO_TOKEN"}),
+        (f"/services/{service_id}/token", {"clear": "1"}),
+        (f"{base}/services/{service_id}/unlink", {}),
+    ):
+        refused = await admin.post(path, data=fields)  # no csrf_token
+        assert refused.status_code == 403, path
     service = await service_row(app, "github")
     assert service is not None
     assert service.token_encrypted is not None
     assert await service_row(app, "forged") is None
+    assert await service_row(app, "no-token") is None
     assert await links_of(app, profile_id) == ({service_id: False}, {proxy_id: False})
     denied = [(e.action, e.outcome, e.actor) for e in await secret_free_audit(app)]
     assert [event for event in denied if event[0] != "login"] == [
@@ -468,23 +476,6 @@ async def test_viewer_forged_posts_are_refused(app: Starlette, viewer: httpx.Asy
             "detachProxy",
         )
     ]
-
-
-async def test_posts_need_the_csrf_token(app: Starlette, admin: httpx.AsyncClient) -> None:
-    service_id = await add_service(app, "github")
-    profile_id = await add_profile(app, "alpha")
-    for path, fields in (
-        ("/services", {"name": "no-token", "envVar": "NO_TOKEN"}),
-        (f"/services/{service_id}/token", {"token": SECRET}),
-        (f"/profiles/{profile_id}/services", {"serviceId": str(service_id)}),
-    ):
-        refused = await admin.post(path, data=fields)
-        assert refused.status_code == 403, path
-    assert await service_row(app, "no-token") is None
-    service = await service_row(app, "github")
-    assert service is not None
-    assert service.token_encrypted is None
-    assert await links_of(app, profile_id) == ({}, {})
 
 
 # --- in real headless Chromium ---------------------------------------------------------
