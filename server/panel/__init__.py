@@ -17,6 +17,14 @@ from starlette.routing import Route
 
 from server.panel.compose import compose_page, compose_preview, compose_run
 from server.panel.dashboard import dashboard
+from server.panel.profile_links import (
+    attach_proxy,
+    default_proxy,
+    detach_proxy,
+    link_service,
+    profile_service_token,
+    unlink_service,
+)
 from server.panel.profiles import (
     profile_create,
     profile_delete,
@@ -26,6 +34,15 @@ from server.panel.profiles import (
     profile_update,
 )
 from server.panel.runs import run_cancel, run_list, run_page, run_retry
+from server.panel.services import (
+    service_create,
+    service_delete,
+    service_delete_page,
+    service_list,
+    service_page,
+    service_token,
+    service_update,
+)
 from server.panel.tail import run_tail
 from server.panel.templates import (
     template_create,
@@ -66,4 +83,23 @@ def panel_routes(_settings: Settings) -> list[Route]:
         Route("/compose", compose_page, methods=["GET"]),
         Route("/compose/preview", compose_preview, methods=["POST"]),
         Route("/compose/run", compose_run, methods=["POST"]),
+        Route("/services", service_list, methods=["GET"]),
+        Route("/services", service_create, methods=["POST"]),
+        Route("/services/{service_id}", service_page, methods=["GET"]),
+        Route("/services/{service_id}", service_update, methods=["POST"]),
+        Route("/services/{service_id}/token", service_token, methods=["POST"]),
+        Route("/services/{service_id}/delete", service_delete_page, methods=["GET"]),
+        Route("/services/{service_id}/delete", service_delete, methods=["POST"]),
+        Route("/profiles/{profile_id}/services", link_service, methods=["POST"]),
+        Route(
+            "/profiles/{profile_id}/services/{service_id}/token",
+            profile_service_token,
+            methods=["POST"],
+        ),
+        Route(
+            "/profiles/{profile_id}/services/{service_id}/unlink", unlink_service, methods=["POST"]
+        ),
+        Route("/profiles/{profile_id}/proxies", attach_proxy, methods=["POST"]),
+        Route("/profiles/{profile_id}/proxies/{proxy_id}/default", default_proxy, methods=["POST"]),
+        Route("/profiles/{profile_id}/proxies/{proxy_id}/detach", detach_proxy, methods=["POST"]),
     ]

@@ -43,6 +43,7 @@ from server.panel.common import (
 )
 from server.secretbox import token_preview
 
+CHOICES = 500  # services or proxies offered in a link form's select
 # The profile form's inputs, by the domain's (GraphQL's) field names.
 CREATE_FIELDS = ("name", "notes", "tags")
 EDIT_FIELDS = (
@@ -136,6 +137,26 @@ class ProfileDetail:
     runs: list[Command]
     run_count: int
     data_dir: str
+    service_choices: list[Service]  # not linked yet (for an admin's "link" select)
+    proxy_choices: list[Proxy]  # not attached yet
+
+
+async def _link_choices(
+    request: Request, session: AsyncSession, profile_id: int
+) -> tuple[list[Service], list[Proxy]]:
+    """The services and proxies an admin may still link to the profile (none for viewers)."""
+    principal = principal_of(request.scope)
+    if principal is None or not principal.is_admin:
+        return [], []
+    linked = select(ProfileService.service_id).where(ProfileService.profile_id == profile_id)
+    attached = select(ProfileProxy.proxy_id).where(ProfileProxy.profile_id == profile_id)
+    services = await session.scalars(
+        select(Service).where(Service.id.not_in(linked)).order_by(Service.name_key).limit(CHOICES)
+    )
+    proxies = await session.scalars(
+        select(Proxy).where(Proxy.id.not_in(attached)).order_by(Proxy.name_key).limit(CHOICES)
+    )
+    return list(services), list(proxies)
 
 
 async def _profile_detail(
@@ -170,7 +191,10 @@ async def _profile_detail(
     runs_stmt = select(Command).where(Command.profile_id == profile.id)
     runs = await session.scalars(runs_stmt.order_by(Command.id.desc()).limit(RECENT))
     run_count = await session.scalar(select(func.count()).select_from(runs_stmt.subquery()))
+    service_choices, proxy_choices = await _link_choices(request, session, profile.id)
     return ProfileDetail(
+        service_choices=service_choices,
+        proxy_choices=proxy_choices,
         services=services,
         proxies=[(proxy, bool(is_default)) for proxy, is_default in proxies],
         runs=list(runs),
@@ -179,7 +203,7 @@ async def _profile_detail(
     )
 
 
-async def _show_profile(
+async def show_profile(
     request: Request,
     profile_id: int,
     *,
@@ -187,7 +211,11 @@ async def _show_profile(
     errors: dict[str, list[str]] | None = None,
     status_code: int = 200,
     page: str = "profile.html",
+    partial: str = "_profile_edit_form.html",
+    link_errors: dict[str, list[str]] | None = None,
 ) -> Response:
+    """The profile's page (or `partial` alone for htmx); `link_errors` are those of the
+    service and proxy link forms (server/panel/profile_links.py)."""
     async with reading(request) as session:
         profile = await session.get(Profile, profile_id)
         if profile is None:
@@ -196,12 +224,13 @@ async def _show_profile(
     return render_view(
         request,
         page,
-        "_profile_edit_form.html",
+        partial,
         status_code=status_code,
         profile=profile,
         detail=detail,
         form=profile_form(profile) if form is None else form,
         errors=errors or {},
+        link_errors=link_errors or {},
     )
 
 
@@ -209,7 +238,7 @@ async def profile_page(request: Request) -> Response:
     profile_id = path_id(request, "profile_id")
     if profile_id is None:
         return not_found(request, "profile")
-    return await _show_profile(request, profile_id)
+    return await show_profile(request, profile_id)
 
 
 async def profile_update(request: Request) -> Response:
@@ -233,7 +262,7 @@ async def profile_update(request: Request) -> Response:
         errors = errors_by_field(exc.errors)
         if "id" in errors:
             return not_found(request, "profile")
-        return await _show_profile(request, profile_id, form=fields, errors=errors, status_code=422)
+        return await show_profile(request, profile_id, form=fields, errors=errors, status_code=422)
     return redirect_with_flash(request, f"/profiles/{profile.id}", "Profile saved.")
 
 
@@ -242,7 +271,7 @@ async def profile_delete_page(request: Request) -> Response:
     profile_id = path_id(request, "profile_id")
     if profile_id is None:
         return not_found(request, "profile")
-    return await _show_profile(request, profile_id, page="profile_delete.html")
+    return await show_profile(request, profile_id, page="profile_delete.html")
 
 
 async def profile_delete(request: Request) -> Response:
