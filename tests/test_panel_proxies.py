@@ -356,7 +356,11 @@ async def test_import_keeps_the_good_and_shows_each_bad_link(
     assert "s0cks-Secret-77" not in answer.text
     assert "link 3:" not in form  # the domain's index, not the line, is not shown
     [event] = await audit_of(app, "importProxies")
-    assert (event.outcome, event.detail) == ("ok", {"fields": ["links"]})
+    # As GraphQL's importProxies records it: an error with the bad links' codes.
+    assert (event.outcome, event.detail) == (
+        "error",
+        {"fields": ["links"], "userErrors": ["INVALID", "INVALID", "INVALID"]},
+    )
     # Nothing secret in any page or any audit entry.
     pages = [await admin.get("/proxies")]
     for name in ("vl-one", "local-socks"):
@@ -405,6 +409,21 @@ async def test_graphql_import_keeps_its_link_limit(gql: GraphQLClient) -> None:
         l=["http://127.0.0.1:1"] * (MAX_IMPORT_LINKS + 1),
     )
     assert data["importProxies"]["userErrors"] == [{"field": ["links"], "code": "TOO_LONG"}]
+
+
+async def test_panel_and_graphql_audit_an_import_alike(
+    app: Starlette,
+    admin: httpx.AsyncClient,  # noqa: F811
+    gql: GraphQLClient,
+) -> None:
+    await post(admin, "/proxies/import", links=f"{GOOD_SOCKS}\n{BAD_TROJAN}")
+    await gql(
+        "mutation($l: [String!]!) { importProxies(links: $l) { userErrors { code } } }",
+        l=[GOOD_VLESS, BAD_UUID],
+    )
+    panel, graphql = await audit_of(app, "importProxies")
+    assert (panel.outcome, panel.detail) == (graphql.outcome, graphql.detail)
+    assert panel.detail == {"fields": ["links"], "userErrors": ["INVALID"]}
 
 
 # --- delete ------------------------------------------------------------------------------

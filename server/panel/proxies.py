@@ -287,6 +287,7 @@ async def proxy_import(request: Request) -> Response:
         request,
         change,
         lambda session: proxy_service.import_proxies(session, box, [link for _, link in lines]),
+        error_codes=lambda result: [error.code.value for error in result[1]],
     )
     names = [proxy.name for proxy in created]
     if not errors:
