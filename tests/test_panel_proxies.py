@@ -134,6 +134,7 @@ async def test_viewer_forged_posts_are_refused(
 async def test_create_with_write_only_credentials(
     app: Starlette,
     admin: httpx.AsyncClient,  # noqa: F811
+    viewer: httpx.AsyncClient,  # noqa: F811
 ) -> None:
     answer = await post(
         admin,
@@ -159,6 +160,8 @@ async def test_create_with_write_only_credentials(
     page = await admin.get(answer.headers["location"])
     assert "Proxy Office created." in page.text
     assert "user name set, password set (pane…-QRS)" in page.text  # the preview only
+    as_viewer = await viewer.get(f"/proxies/{proxy.id}")
+    assert "user name set, password set</dd>" in as_viewer.text  # no preview for viewers
     for path in ("/proxies", f"/proxies/{proxy.id}", f"/proxies/{proxy.id}/delete"):
         text = (await admin.get(path)).text
         assert PASSWORD not in text, path
@@ -302,6 +305,7 @@ async def test_list_pages_and_shows_health(
     assert "unreachable &lt;refused&gt;" in first.text  # escaped
     second = await admin.get("/proxies", params={"page": "2"})
     assert second.text.count('<tr id="proxy-') == 4
+    assert second.text.count('<input type="hidden" name="page" value="2">') == 4
 
 
 def test_ages_read_at_a_glance() -> None:
@@ -499,6 +503,8 @@ async def test_check_now_with_and_without_htmx(
     await post(admin, f"/proxies/{down}/check", view="row")
     listing = html.unescape((await admin.get("/proxies")).text)
     assert "Proxy down failed its check: upstream proxy 'down'" in listing
+    back = await post(admin, f"/proxies/{down}/check", view="row", page="2")
+    assert back.headers["location"] == "/proxies?page=2"  # the list page it was pressed on
     assert 'status-failed">failed<' in listing.split(">down<")[1]
 
 

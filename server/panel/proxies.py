@@ -469,7 +469,7 @@ async def proxy_check(request: Request) -> Response:
     if refused is not None:
         return refused
     services = app_services(request)
-    back = "/proxies" if from_list else f"/proxies/{proxy_id}"
+    back = _back_to(fields, proxy_id)
     try:
         proxy: Proxy = await apply_change(
             request,
@@ -491,6 +491,18 @@ async def proxy_check(request: Request) -> Response:
         return redirect_with_flash(request, back, "The proxy is gone.")
     partial = "_proxy_row.html" if from_list else "_proxy_health.html"
     return render_view(request, "proxies.html", partial, row=row, proxy=row.proxy)
+
+
+def _back_to(fields: dict[str, str], proxy_id: int) -> str:
+    """Where a plain (no htmx) check returns: the list page it was pressed on, or the proxy."""
+    if fields.get("view") != "row":
+        return f"/proxies/{proxy_id}"
+    page = fields.get("page", "")
+    return (
+        f"/proxies?page={page}"
+        if page.isascii() and page.isdigit() and len(page) < 7
+        else "/proxies"
+    )
 
 
 def _checked(proxy: Proxy) -> str:
