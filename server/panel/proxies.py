@@ -236,6 +236,8 @@ class ImportProblem:
 
 @dataclass(frozen=True)
 class ImportResult:
+    """What the import form shows after a paste with bad links."""
+
     text: str  # what the textarea shows: the failed lines
     problems: list[ImportProblem]
     imported: list[str]
@@ -280,8 +282,8 @@ async def proxy_import(request: Request) -> Response:
     numbered = enumerate(fields.get("links", "").splitlines(), start=1)
     lines = [(number, line.strip()) for number, line in numbered if line.strip()]
     if not lines:
-        empty = UserError(("links",), "paste at least one share link", ErrorCode.REQUIRED)
-        return await _import_refused(request, ImportResult.empty(), [empty.message])
+        reason = "paste at least one share link"
+        return await _import_refused(request, ImportResult.empty(), [reason])
     box = app_services(request).secret_box
     created, errors = await apply_change(
         request,
