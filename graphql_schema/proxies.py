@@ -27,8 +27,6 @@ from graphql_schema.relay import (
 from server import models
 from server import proxies as proxy_domain
 
-MAX_IMPORT_LINKS = 500
-
 if TYPE_CHECKING:
     from graphql_schema.profiles import Profile
 
@@ -273,16 +271,6 @@ class ProxyImportMutations:
     )
     async def import_proxies(self, info: Info, links: list[str]) -> ImportProxiesPayload:
         box = info.context.secret_box
-        if len(links) > MAX_IMPORT_LINKS:
-            return ImportProxiesPayload(
-                user_errors=[
-                    UserError(
-                        field=["links"],
-                        message=f"at most {MAX_IMPORT_LINKS} links at once",
-                        code="TOO_LONG",
-                    )
-                ]
-            )
         async with info.context.writing() as session:
             created, errors = await proxy_domain.import_proxies(session, box, links)
         return ImportProxiesPayload(

@@ -58,6 +58,7 @@ async def perform(
     object_id: int | None = None,
     fields: Iterable[str] = (),
     client_address: str | None = None,
+    error_codes: Callable[[T], list[str]] | None = None,
 ) -> T:
     """Take `action` as `principal`: refuse it (Forbidden) unless allowed, else run `work` as
     one unit of work and publish what it announced once committed; audit it either way.
@@ -65,7 +66,9 @@ async def perform(
     `object_id` is the primary key of the `object_type` row the action is about, if known
     before (the row `work` returns, when it has an `id`, names it after); `fields` are the
     NAMES of the fields the caller was given (as a mutation's audit names its input's).
-    InvalidInput passes through (rolled back) for the caller to show.
+    InvalidInput passes through (rolled back) for the caller to show. `error_codes` reads
+    the user errors a committed result still carries (an import's bad links): the action is
+    then audited as an error with those codes, as GraphQL audits a payload's userErrors.
     """
     given = list(fields)
     asked = None if object_id is None else encode_global_id(object_type, object_id)
@@ -88,7 +91,8 @@ async def perform(
         await asyncio.shield(write_entry(services.sessionmaker, principal, entry, client_address))
         raise
     done = _object_id(object_type, result) or asked
-    entry = ok_entry(action, done, given)
+    codes = [] if error_codes is None else error_codes(result)
+    entry = refused_entry(action, codes, done, given) if codes else ok_entry(action, done, given)
     await asyncio.shield(write_entry(services.sessionmaker, principal, entry, client_address))
     return result
 

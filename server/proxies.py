@@ -34,6 +34,7 @@ from xray.health import HealthResult, check_chain
 from xray.links import ShareLinkError, parse_share_link
 
 MAX_CHAIN_HOPS = 8
+MAX_IMPORT_LINKS = 500
 CREDENTIAL_MAX = 1024
 USERNAME_PROTOCOLS = {ProxyProtocol.HTTP, ProxyProtocol.HTTPS, ProxyProtocol.SOCKS5}
 PASSWORD_REQUIRED = {
@@ -353,6 +354,9 @@ async def import_proxies(
     """Import share links; each bad link gets its own error, the good ones are created."""
     created: list[Proxy] = []
     errors: list[UserError] = []
+    if len(links) > MAX_IMPORT_LINKS:
+        message = f"at most {MAX_IMPORT_LINKS} links at once"
+        return created, [UserError(("links",), message, ErrorCode.TOO_LONG)]
     for index, link in enumerate(links):
         where = ("links", str(index))
         try:

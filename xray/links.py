@@ -416,3 +416,29 @@ PARSERS: dict[str, Callable[[str], ParsedProxy]] = {
     "http": _plain_proxy("http"),
     "https": _plain_proxy("https"),
 }
+
+
+def redact_share_link(link: str, limit: int = 160) -> str:
+    """A share link as it may be shown back (next to its import error): scheme, host:port and
+    name only. User info (passwords, UUIDs) and base64 bodies (vmess://, legacy ss://, which
+    hold them) become `…`; anything not shaped like a link is hidden whole."""
+    text = link.strip()
+    scheme, separator, rest = text.partition("://")
+    if not separator or not re.fullmatch(r"[A-Za-z][A-Za-z0-9+.-]{0,15}", scheme):
+        return "…"
+    rest, hashed, fragment = rest.partition("#")
+    body, queried, _query = rest.partition("?")
+    _userinfo, at, hostport = body.rpartition("@")
+    if at:
+        shown = f"{scheme}://…@{hostport}"
+    elif scheme.lower() not in ("vmess", "ss") and re.fullmatch(
+        r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._-]+):[0-9]{1,5}/?", body
+    ):
+        shown = f"{scheme}://{body}"
+    else:
+        shown = f"{scheme}://…"
+    if queried:
+        shown += "?…"
+    if hashed:
+        shown += "#" + unquote(fragment)
+    return shown if len(shown) <= limit else shown[: limit - 1] + "…"

@@ -33,6 +33,16 @@ from server.panel.profiles import (
     profile_page,
     profile_update,
 )
+from server.panel.proxies import (
+    proxy_check,
+    proxy_create,
+    proxy_delete,
+    proxy_delete_page,
+    proxy_import,
+    proxy_list,
+    proxy_page,
+    proxy_update,
+)
 from server.panel.runs import run_cancel, run_list, run_page, run_retry
 from server.panel.services import (
     service_create,
@@ -67,6 +77,14 @@ def panel_routes(_settings: Settings) -> list[Route]:
         Route("/profiles/{profile_id}", profile_update, methods=["POST"]),
         Route("/profiles/{profile_id}/delete", profile_delete_page, methods=["GET"]),
         Route("/profiles/{profile_id}/delete", profile_delete, methods=["POST"]),
+        Route("/proxies", proxy_list, methods=["GET"]),
+        Route("/proxies", proxy_create, methods=["POST"]),
+        Route("/proxies/import", proxy_import, methods=["POST"]),
+        Route("/proxies/{proxy_id}", proxy_page, methods=["GET"]),
+        Route("/proxies/{proxy_id}", proxy_update, methods=["POST"]),
+        Route("/proxies/{proxy_id}/check", proxy_check, methods=["POST"]),
+        Route("/proxies/{proxy_id}/delete", proxy_delete_page, methods=["GET"]),
+        Route("/proxies/{proxy_id}/delete", proxy_delete, methods=["POST"]),
         Route("/runs", run_list, methods=["GET"]),
         Route("/runs/{command_id}", run_page, methods=["GET"]),
         Route("/runs/{command_id}/tail", run_tail, methods=["GET"]),

@@ -160,7 +160,10 @@ class Change:
 
 
 async def apply_change(
-    request: Request, change: Change, work: Callable[[AsyncSession], Awaitable[Any]]
+    request: Request,
+    change: Change,
+    work: Callable[[AsyncSession], Awaitable[Any]],
+    error_codes: Callable[[Any], list[str]] | None = None,
 ) -> Any:
     """Run `work` through server/actions.perform: the same role rule, unit of work and
     audit event as the GraphQL mutation of the same name. An InvalidInput is rolled back,
@@ -178,6 +181,7 @@ async def apply_change(
         object_id=None if pk is None else pk[1],
         fields=change.fields,
         client_address=client_address(request),
+        error_codes=error_codes,
     )
 
 
