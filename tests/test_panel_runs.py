@@ -296,10 +296,25 @@ async def test_retry_of_an_unfinished_run_says_why(
 
 # --- in real headless Chromium ---------------------------------------------------------
 
+# The run pages' browser scripts: collect page errors and console errors in `found.errors`,
+# then log in (in place of a `/*LOG_IN*/` line, after PAGE_HELPERS_JS, where `page` exists).
+LOG_IN_JS = r"""
+    page.on('pageerror', (error) => found.errors.push(String(error)));
+    page.on('console', (message) => {
+      if (message.type() === 'error') found.errors.push(message.text());
+    });
+    await page.goto(`${base}/login`);
+    await page.locator('input[name="name"]').fill(process.env.CORRAL_USER);
+    await page.locator('input[name="password"]').fill(process.env.CORRAL_PASSWORD);
+    await page.locator('button[type="submit"]').click();
+    await page.waitForURL((target) => target.pathname === '/', { timeout: 20000 });
+"""
+
 LIVE_BROWSER_SCRIPT = r"""
 const { chromium } = require(process.env.PLAYWRIGHT_CORE);
+const fs = require('fs');
 (async () => {
-  const [base, chromiumPath, shots, runPath] = process.argv.slice(2);
+  const [base, chromiumPath, shots, runPath, runDir] = process.argv.slice(2);
   const browser = await chromium.launch({
     executablePath: chromiumPath,
     args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update',
@@ -308,18 +323,11 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE);
   const found = { errors: [], violations: [] };
   try {
     const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
-    page.on('pageerror', (error) => found.errors.push(String(error)));
-    page.on('console', (message) => {
-      if (message.type() === 'error') found.errors.push(message.text());
-    });
     /*PAGE_HELPERS*/
-    await page.goto(`${base}/login`);
-    await page.locator('input[name="name"]').fill(process.env.CORRAL_USER);
-    await page.locator('input[name="password"]').fill(process.env.CORRAL_PASSWORD);
-    await page.locator('button[type="submit"]').click();
-    await page.waitForURL((target) => target.pathname === '/', { timeout: 20000 });
+    /*LOG_IN*/
     await page.goto(`${base}${runPath}`);
     found.atLoad = await page.locator('#log-lines').innerText();
+    fs.writeFileSync(`${runDir}/go`, '');  // the run prints its late lines now
     // Printed after the page loaded: it arrives through the tail.
     await page.locator('#log-lines', { hasText: 'late line' }).waitFor({ timeout: 20000 });
     found.afterLoad = await page.locator('#log-lines').innerText();
@@ -339,7 +347,7 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE);
   }
   console.log(JSON.stringify(found));
 })().catch((error) => { console.error(error); process.exit(1); });
-""".replace("/*PAGE_HELPERS*/", PAGE_HELPERS_JS)
+""".replace("/*PAGE_HELPERS*/", PAGE_HELPERS_JS).replace("/*LOG_IN*/", LOG_IN_JS)
 
 
 async def test_run_page_follows_live_and_cancels_in_chromium(
@@ -352,7 +360,7 @@ async def test_run_page_follows_live_and_cancels_in_chromium(
     script.write_text(LIVE_BROWSER_SCRIPT)
     shots = ROOT / "test-artifacts" / backend
     shots.mkdir(parents=True, exist_ok=True)
-    slow = 'sh -c \'echo before-load; sleep 3; printf "late %s\\n" line; echo "<b>bold?</b>"; sleep 60\''
+    slow = 'sh -c \'echo before-load; while [ ! -e go ]; do sleep 0.1; done; printf "late %s\\n" line; echo "<b>bold?</b>"; sleep 60\''
     async with running_server(settings) as live:
         await add_user(live.app, "grace", "admin")
         gql = GraphQLClient(httpx.AsyncClient(base_url=live.base_url, headers=live.headers))
@@ -366,6 +374,7 @@ async def test_run_page_follows_live_and_cancels_in_chromium(
                 settings.chromium_path,
                 str(shots),
                 f"/runs/{pk(command_id)}",
+                str(settings.commands_dir / str(pk(command_id))),
                 user="grace",
                 password=PASSWORD,
                 timeout=120,

@@ -16,6 +16,7 @@ from __future__ import annotations
 from starlette.routing import Route
 
 from server.panel.dashboard import dashboard
+from server.panel.live_statuses import run_statuses
 from server.panel.profiles import (
     profile_create,
     profile_delete,
@@ -24,7 +25,8 @@ from server.panel.profiles import (
     profile_page,
     profile_update,
 )
-from server.panel.runs import run_cancel, run_list, run_page, run_retry
+from server.panel.run_files import run_file
+from server.panel.runs import run_cancel, run_list, run_log, run_page, run_retry
 from server.panel.tail import run_tail
 from server.settings import Settings
 
@@ -40,7 +42,10 @@ def panel_routes(_settings: Settings) -> list[Route]:
         Route("/profiles/{profile_id}/delete", profile_delete_page, methods=["GET"]),
         Route("/profiles/{profile_id}/delete", profile_delete, methods=["POST"]),
         Route("/runs", run_list, methods=["GET"]),
+        Route("/runs/statuses", run_statuses, methods=["GET"]),
         Route("/runs/{command_id}", run_page, methods=["GET"]),
+        Route("/runs/{command_id}/log", run_log, methods=["GET"]),
+        Route("/runs/{command_id}/files/{path:path}", run_file, methods=["GET"]),
         Route("/runs/{command_id}/tail", run_tail, methods=["GET"]),
         Route("/runs/{command_id}/cancel", run_cancel, methods=["POST"]),
         Route("/runs/{command_id}/retry", run_retry, methods=["POST"]),
