@@ -353,6 +353,7 @@ const fs = require('fs');
     found.linesAfter = await page.locator('#log-lines .line').count();
     found.firstSeqAfter = Number(await page.locator('#log-lines .line').first().getAttribute('data-seq'));
     found.olderHint = await page.locator('#log-older').innerText();
+    found.logStart = (await page.locator('#log-lines').innerText()).slice(0, 20);
     found.urlAfter = new URL(page.url()).pathname;
     await page.locator('#log-older').scrollIntoViewIfNeeded();
     await shoot('run-older-lines');
@@ -416,6 +417,7 @@ async def test_runs_list_and_run_page_in_chromium(
     assert found["linesAfter"] == 400
     assert found["firstSeqAfter"] == found["firstSeqAtLoad"] - 200
     assert "older line" in found["olderHint"]
+    assert found["logStart"].startswith(f"{found['firstSeqAfter']} out-")  # no blank line
     assert found["urlAfter"] == f"/runs/{pk(command_id)}"
     assert found["violations"] == []
     assert found["errors"] == []
