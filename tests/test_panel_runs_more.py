@@ -335,6 +335,11 @@ const fs = require('fs');
       await page.locator('#runs-live', { hasText: 'Every run shown is over.' }).waitFor({ timeout: 10000 });
     } catch (error) {}
     found.listState = await page.locator('#runs-live').innerText();
+    // The filters swap the table in place and keep the URL in step.
+    await page.locator('#status').selectOption('FAILED');
+    await page.locator('#runs-table .empty').waitFor({ timeout: 10000 });
+    found.filteredEmpty = await page.locator('#runs-table .empty').innerText();
+    found.filteredUrl = page.url();
     // The run page: its events, its files, a download, older lines on demand.
     await page.goto(`${base}${runPath}`);
     found.events = await page.locator('#run-events').innerText();
@@ -348,11 +353,13 @@ const fs = require('fs');
     ]);
     found.downloadName = download.suggestedFilename();
     found.downloaded = fs.readFileSync(await download.path(), 'utf8');
-    await page.locator('#log-older a').click();
+    await page.locator('#log-older a').focus();
+    await page.keyboard.press('Enter');
     await page.waitForFunction((before) => document.querySelectorAll('#log-lines .line').length > before, found.linesAtLoad, { timeout: 10000 });
     found.linesAfter = await page.locator('#log-lines .line').count();
     found.firstSeqAfter = Number(await page.locator('#log-lines .line').first().getAttribute('data-seq'));
     found.olderHint = await page.locator('#log-older').innerText();
+    found.focused = await page.evaluate(() => document.activeElement && document.activeElement.id);
     found.logStart = (await page.locator('#log-lines').innerText()).slice(0, 20);
     found.urlAfter = new URL(page.url()).pathname;
     await page.locator('#log-older').scrollIntoViewIfNeeded();
@@ -408,6 +415,8 @@ async def test_runs_list_and_run_page_in_chromium(
     assert found["listStatusLater"] == "succeeded"
     assert found["sameDocument"] is True
     assert found["listState"] == "Every run shown is over."
+    assert found["filteredEmpty"] == "No runs match these filters."
+    assert "/runs?status=FAILED" in found["filteredUrl"]
     assert "progress" in found["events"]
     assert "artifact" in found["events"]
     assert "progress\tdone 1 total 2" in found["events"]
@@ -417,6 +426,7 @@ async def test_runs_list_and_run_page_in_chromium(
     assert found["linesAfter"] == 400
     assert found["firstSeqAfter"] == found["firstSeqAtLoad"] - 200
     assert "older line" in found["olderHint"]
+    assert found["focused"] == "log-older-link"  # the keyboard stays where it was
     assert found["logStart"].startswith(f"{found['firstSeqAfter']} out-")  # no blank line
     assert found["urlAfter"] == f"/runs/{pk(command_id)}"
     assert found["violations"] == []
