@@ -364,6 +364,10 @@ const fs = require('fs');
     found.urlAfter = new URL(page.url()).pathname;
     await page.locator('#log-older').scrollIntoViewIfNeeded();
     await shoot('run-older-lines');
+    // Without htmx the link is a page of its own (here opened as a plain link would).
+    await page.goto(`${base}${runPath}/log?before=${found.firstSeqAfter}`);
+    found.plainTitle = await page.locator('h1').innerText();
+    await shoot('run-log-page');
     found.violations = await page.evaluate(() => window.__violations);
   } finally {
     await browser.close();
@@ -426,6 +430,7 @@ async def test_runs_list_and_run_page_in_chromium(
     assert found["linesAfter"] == 400
     assert found["firstSeqAfter"] == found["firstSeqAtLoad"] - 200
     assert "older line" in found["olderHint"]
+    assert found["plainTitle"] == f"Run #{pk(command_id)}: older log lines"
     assert found["focused"] == "log-older-link"  # the keyboard stays where it was
     assert found["logStart"].startswith(f"{found['firstSeqAfter']} out-")  # no blank line
     assert found["urlAfter"] == f"/runs/{pk(command_id)}"
