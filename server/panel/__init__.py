@@ -17,6 +17,7 @@ from starlette.routing import Route
 
 from server.panel.compose import compose_page, compose_preview, compose_run
 from server.panel.dashboard import dashboard
+from server.panel.live_statuses import run_statuses
 from server.panel.profile_links import (
     attach_proxy,
     default_proxy,
@@ -43,7 +44,8 @@ from server.panel.proxies import (
     proxy_page,
     proxy_update,
 )
-from server.panel.runs import run_cancel, run_list, run_page, run_retry
+from server.panel.run_files import run_file
+from server.panel.runs import run_cancel, run_list, run_log, run_page, run_retry
 from server.panel.services import (
     service_create,
     service_delete,
@@ -86,7 +88,10 @@ def panel_routes(_settings: Settings) -> list[Route]:
         Route("/proxies/{proxy_id}/delete", proxy_delete_page, methods=["GET"]),
         Route("/proxies/{proxy_id}/delete", proxy_delete, methods=["POST"]),
         Route("/runs", run_list, methods=["GET"]),
+        Route("/runs/statuses", run_statuses, methods=["GET"]),
         Route("/runs/{command_id}", run_page, methods=["GET"]),
+        Route("/runs/{command_id}/log", run_log, methods=["GET"]),
+        Route("/runs/{command_id}/files/{path:path}", run_file, methods=["GET"]),
         Route("/runs/{command_id}/tail", run_tail, methods=["GET"]),
         Route("/runs/{command_id}/cancel", run_cancel, methods=["POST"]),
         Route("/runs/{command_id}/retry", run_retry, methods=["POST"]),

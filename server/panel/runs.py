@@ -1,10 +1,15 @@
-"""Runs: the list, a run's page, cancel and retry (the live tail is server/panel/tail.py)."""
+"""Runs: the list (filters, live statuses), a run's page (facts, events, files, the log's
+tail and older lines on demand), cancel and retry. The live tail is server/panel/tail.py,
+the statuses' stream server/panel/live_statuses.py, the files server/panel/run_files.py."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
 
-from sqlalchemy import select
+import anyio
+from sqlalchemy import Select, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 from starlette.responses import Response
@@ -14,8 +19,11 @@ from server import commands as command_service
 from server.errors import ErrorCode, InvalidInput
 from server.models import (
     Command,
+    CommandEvent,
     CommandStatus,
+    CommandTemplate,
     LogLine,
+    Profile,
 )
 from server.panel.common import (
     PAGE_SIZE,
@@ -30,65 +38,184 @@ from server.panel.common import (
     refuse_viewer,
     render_view,
 )
+from server.panel.run_files import list_files, run_dir
 
-LOG_TAIL = 200  # the run page shows this many of the last log lines
+LOG_TAIL = 200  # the run page shows this many of the last log lines (and loads as many older)
+EVENTS_SHOWN = 50  # the run page shows the latest this many of the script's events
+AD_HOC = "ad-hoc"  # the template filter's value for runs of no template
 
 
-# --- runs ------------------------------------------------------------------------------
+# --- the list --------------------------------------------------------------------------
 
 
-def status_filter(request: Request) -> str | None:
-    raw = request.query_params.get("status", "").strip().upper()
-    return raw if raw in CommandStatus.__members__ else None
+def _query_id(request: Request, name: str) -> int | None:
+    raw = request.query_params.get(name, "")
+    return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 12 else None
+
+
+@dataclass(frozen=True)
+class RunFilters:
+    """The list's filters, as the URL (and every paging link) carries them."""
+
+    status: str | None = None
+    profile: int | None = None
+    template: int | str | None = None  # a template's id, or AD_HOC
+
+    @classmethod
+    def of(cls, request: Request) -> RunFilters:
+        status = request.query_params.get("status", "").strip().upper()
+        ad_hoc = request.query_params.get("template") == AD_HOC
+        return cls(
+            status=status if status in CommandStatus.__members__ else None,
+            profile=_query_id(request, "profile"),
+            template=AD_HOC if ad_hoc else _query_id(request, "template"),
+        )
+
+    def params(self) -> dict[str, str]:
+        values = {"status": self.status, "profile": self.profile, "template": self.template}
+        return {name: str(value) for name, value in values.items() if value is not None}
+
+    def apply(self, stmt: Select[Any]) -> Select[Any]:
+        if self.status is not None:
+            stmt = stmt.where(Command.status == self.status)
+        if self.profile is not None:
+            stmt = stmt.where(Command.profile_id == self.profile)
+        if self.template == AD_HOC:
+            stmt = stmt.where(Command.template_id.is_(None))
+        elif self.template is not None:
+            stmt = stmt.where(Command.template_id == self.template)
+        return stmt
+
+
+async def _choices(session: AsyncSession, model: type[Profile | CommandTemplate]) -> list[Any]:
+    return list(await session.execute(select(model.id, model.name).order_by(model.name_key)))
 
 
 async def run_list(request: Request) -> Response:
-    status = status_filter(request)
-    stmt = select(Command)
-    if status is not None:
-        stmt = stmt.where(Command.status == status)
+    """Runs, newest first, filtered by status, profile and template; their statuses follow
+    live (server/panel/live_statuses.py) while any shown run is not over."""
+    filters = RunFilters.of(request)
+    stmt = filters.apply(select(Command))
     async with reading(request) as session:
         paging = await paged(session, stmt, page_number(request))
-        runs = await session.scalars(
-            stmt.order_by(Command.id.desc()).offset(paging.offset).limit(PAGE_SIZE)
+        runs = list(
+            await session.scalars(
+                stmt.order_by(Command.id.desc()).offset(paging.offset).limit(PAGE_SIZE)
+            )
         )
-        return render_view(
-            request,
-            "runs.html",
-            "_runs_table.html",
-            runs=list(runs),
-            paging=paging,
-            status=status,
-            statuses=[status.value for status in CommandStatus],
+        profiles = await _choices(session, Profile)
+        templates = await _choices(session, CommandTemplate)
+    following = [run.id for run in runs if not CommandStatus(run.status).is_final]
+    return render_view(
+        request,
+        "runs.html",
+        "_runs_table.html",
+        runs=runs,
+        paging=paging,
+        filters=filters,
+        params=filters.params(),
+        statuses=[status.value for status in CommandStatus],
+        profiles=profiles,
+        templates=templates,
+        template_names=dict(templates),
+        ad_hoc=AD_HOC,
+        following=following,
+    )
+
+
+# --- a run -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LogPage:
+    """Log lines before a seq: `previous_attempt` is the attempt of the line just before
+    them (for the attempt separators), `older` the seq older lines are loaded before (None
+    when these start the log)."""
+
+    lines: list[LogLine]
+    previous_attempt: int
+    older: int | None
+
+
+async def log_before(session: AsyncSession, command_id: int, before: int | None) -> LogPage:
+    """The LOG_TAIL lines before `before` (None: the log's end): one read of the primary
+    key's index, backwards, whatever the log's length (no count)."""
+    stmt = select(LogLine).where(LogLine.command_id == command_id)
+    if before is not None:
+        stmt = stmt.where(LogLine.seq < before)
+    rows = list(await session.scalars(stmt.order_by(LogLine.seq.desc()).limit(LOG_TAIL + 1)))
+    shown = list(reversed(rows[:LOG_TAIL]))
+    if len(rows) <= LOG_TAIL:
+        return LogPage(shown, 1, None)
+    return LogPage(shown, rows[LOG_TAIL].attempt, shown[0].seq)
+
+
+async def _events(session: AsyncSession, command_id: int) -> tuple[list[CommandEvent], bool]:
+    rows = list(
+        await session.scalars(
+            select(CommandEvent)
+            .where(CommandEvent.command_id == command_id)
+            .order_by(CommandEvent.id.desc())
+            .limit(EVENTS_SHOWN + 1)
         )
+    )
+    return rows[:EVENTS_SHOWN], len(rows) > EVENTS_SHOWN
+
+
+async def _run_of(request: Request, session: AsyncSession) -> Command | None:
+    """The run the path names, if there is one."""
+    command_id = path_id(request, "command_id")
+    return None if command_id is None else await session.get(Command, command_id)
 
 
 async def run_page(request: Request) -> Response:
-    """A run: status, timing, exit code, error, argv and the last LOG_TAIL log lines."""
-    command_id = path_id(request, "command_id")
-    if command_id is None:
-        return not_found(request, "run")
+    """A run: status, timing, exit code, error, argv, its events and files, and the last
+    LOG_TAIL log lines (older ones on demand)."""
     async with reading(request) as session:
-        command = await session.get(Command, command_id)
+        command = await _run_of(request, session)
         if command is None:
             return not_found(request, "run")
-        tail = await session.scalars(
-            select(LogLine)
-            .where(LogLine.command_id == command_id)
-            .order_by(LogLine.seq.desc())
-            .limit(LOG_TAIL)
-        )
-        lines = list(reversed(list(tail)))
-        return render_view(
-            request,
-            "run.html",
-            "_run_log.html",
-            run=command,
-            lines=lines,
-            log_tail=LOG_TAIL,
-            final=CommandStatus(command.status).is_final,
-            previous_attempt=1,
-        )
+        command_id = command.id
+        log = await log_before(session, command_id, None)
+        events, more_events = await _events(session, command_id)
+        template = None
+        if command.template_id is not None:
+            template = await session.get(CommandTemplate, command.template_id)
+    files = await anyio.to_thread.run_sync(list_files, run_dir(request, command_id))
+    return render_view(
+        request,
+        "run.html",
+        "_run_log.html",
+        run=command,
+        run_template=template,
+        lines=log.lines,
+        log=log,
+        final=CommandStatus(command.status).is_final,
+        previous_attempt=log.previous_attempt,
+        events=events,
+        more_events=more_events,
+        files=files,
+    )
+
+
+async def run_log(request: Request) -> Response:
+    """`GET /runs/{id}/log?before=SEQ`: the LOG_TAIL lines before SEQ; htmx prepends them
+    to the page's log, a plain link gets them as a page of their own."""
+    async with reading(request) as session:
+        command = await _run_of(request, session)
+        if command is None:
+            return not_found(request, "run")
+        log = await log_before(session, command.id, _query_id(request, "before"))
+    return render_view(
+        request,
+        "run_log_page.html",
+        "_log_older.html",
+        run=command,
+        log=log,
+        lines=log.lines,
+        previous_attempt=log.previous_attempt,
+        log_tail=LOG_TAIL,
+    )
 
 
 RUN_ACTIONS: dict[str, Callable[[AsyncSession, int], Awaitable[Command]]] = {

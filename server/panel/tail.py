@@ -5,8 +5,10 @@ last line (`?after=`, or the browser's `Last-Event-ID` on a reconnect). Each `li
 is the same `_log_lines.html` partial the page renders its lines with (escaped by Jinja),
 its id the last seq it holds; a `status` event is the run's status badge; an `end` event
 (the final badge) comes once the run is over and every line was sent, and the stream ends.
-A browser's EventSource reconnects whenever a stream ends, so a request for a run that is
-over, with nothing after its seq, gets 204: the one answer that makes EventSource stop.
+A browser's EventSource reconnects whenever a stream ends, so a *reconnect* (Last-Event-ID
+sent) for a run that is over, with nothing after its seq, gets 204: the one answer that makes
+EventSource stop. A first connection always gets a stream, ending with `end`: a run that
+became final between the page's render and this connection still gets its final badge.
 
 Authenticated like the page by AccessControl; CountedStream holds the subscriber's place
 and ends the stream once its session no longer holds (checked every 30 s).
@@ -99,7 +101,8 @@ async def run_tail(request: Request) -> Response:
     start = await _start(services, command_id, after)
     if start is None:
         return PlainTextResponse("There is no such run.", status_code=404)
-    if CommandStatus(start.status).is_final and not start.more_lines:
+    reconnect = "last-event-id" in request.headers
+    if reconnect and CommandStatus(start.status).is_final and not start.more_lines:
         return Response(status_code=204)  # over and all sent: EventSource stops here
     client = client_key(request)
     try:
@@ -127,9 +130,11 @@ async def _tail_events(
                 if not lines:
                     continue
                 html = render_lines(lines, attempt)
-                attempt = lines[-1].attempt
-                yield {"event": "lines", "id": str(lines[-1].seq), "data": html}
+                attempt, after = lines[-1].attempt, lines[-1].seq
+                yield {"event": "lines", "id": str(after), "data": html}
         elif isinstance(item, StatusChange):
             yield {"event": "status", "data": render_status(item.status)}
         elif isinstance(item, FinalStatus):
-            yield {"event": "end", "data": render_status(item.status)}
+            # With an id, so that even a stream that sent no line makes a browser's reconnect
+            # carry Last-Event-ID (and get its 204).
+            yield {"event": "end", "id": str(after), "data": render_status(item.status)}
