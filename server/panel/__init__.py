@@ -15,6 +15,13 @@ from __future__ import annotations
 
 from starlette.routing import Route
 
+from server.panel.admin import (
+    audit_list,
+    token_create,
+    token_list,
+    token_revoke,
+    token_revoke_page,
+)
 from server.panel.dashboard import dashboard
 from server.panel.profiles import (
     profile_create,
@@ -44,4 +51,9 @@ def panel_routes(_settings: Settings) -> list[Route]:
         Route("/runs/{command_id}/tail", run_tail, methods=["GET"]),
         Route("/runs/{command_id}/cancel", run_cancel, methods=["POST"]),
         Route("/runs/{command_id}/retry", run_retry, methods=["POST"]),
+        Route("/audit", audit_list, methods=["GET"]),
+        Route("/tokens", token_list, methods=["GET"]),
+        Route("/tokens", token_create, methods=["POST"]),
+        Route("/tokens/{token_id}/revoke", token_revoke_page, methods=["GET"]),
+        Route("/tokens/{token_id}/revoke", token_revoke, methods=["POST"]),
     ]

@@ -1,4 +1,5 @@
-"""The dashboard: counts, what runs now, recent failures, unhealthy proxies."""
+"""The dashboard: counts, what runs now, what waits and why, recent failures, unhealthy
+proxies; each count links to its list (filtered where the list can be)."""
 
 from __future__ import annotations
 
@@ -22,10 +23,14 @@ from server.panel.common import (
 
 # --- dashboard -------------------------------------------------------------------------
 FAILED_STATUSES = (CommandStatus.FAILED.value, CommandStatus.TIMED_OUT.value)
+WAITING_STATUSES = (CommandStatus.QUEUED.value, CommandStatus.WAITING.value)
+# The list page each count links to.
+COUNT_LINKS = {"Profiles": "/profiles", "Services": "/services", "Proxies": "/proxies"}
 
 
 async def dashboard(request: Request) -> Response:
-    """Counts, what runs now, recent failures, proxies whose last check failed."""
+    """Counts, what runs now, what waits (oldest first) and why, recent failures, proxies
+    whose last check failed."""
     async with reading(request) as session:
         counts = {
             label: int(await session.scalar(select(func.count()).select_from(model)) or 0)
@@ -42,6 +47,12 @@ async def dashboard(request: Request) -> Response:
             .order_by(Command.started_at, Command.id)
             .limit(PAGE_SIZE)
         )
+        waiting = await session.scalars(
+            select(Command)
+            .where(Command.status.in_(WAITING_STATUSES))
+            .order_by(Command.created_at, Command.id)
+            .limit(PAGE_SIZE)
+        )
         failures = await session.scalars(
             select(Command)
             .where(Command.status.in_(FAILED_STATUSES))
@@ -56,10 +67,13 @@ async def dashboard(request: Request) -> Response:
             "dashboard.html",
             "_dashboard.html",
             counts=counts,
+            count_links=COUNT_LINKS,
             runs_by_status=[
                 (status.value, by_status.get(status.value, 0)) for status in CommandStatus
             ],
             running=list(running),
+            waiting=list(waiting),
+            waiting_total=sum(by_status.get(status, 0) for status in WAITING_STATUSES),
             failures=list(failures),
             unhealthy=list(unhealthy),
         )
