@@ -14,7 +14,7 @@ from sqlalchemy import select
 from starlette.applications import Starlette
 from starlette.requests import Request
 
-from server.models import ApiToken, AuditEvent
+from server.models import ApiToken, AuditEvent, Service, ServiceUsage
 from server.panel.common import FLASH_COOKIE, redirect_with_flash
 from server.settings import Settings
 from tests.conftest import GraphQLClient
@@ -316,6 +316,36 @@ async def test_dashboard_says_what_waits_and_why(
     assert 'href="/runs?status=FAILED"' in page
     assert '<a href="/profiles"><span class="count">0</span> profiles</a>' in page
     assert '<a href="/runs?status=QUEUED"><span class="count">1</span>' in page
+
+
+async def test_dashboard_lists_tokens_near_their_limit(
+    app: Starlette,
+    admin: httpx.AsyncClient,  # noqa: F811
+) -> None:
+    """The latest budget of each token counts: an old low reading superseded by a fresh
+    one is not listed; a nearly spent shared token and a refused profile token are."""
+    profile_id = await add_profile(app, "alpha")
+    async with app.state.services.sessionmaker() as session:
+        github, openai = Service(name="GitHub", env_var="GH"), Service(name="OpenAI", env_var="OA")
+        session.add_all([github, openai])
+        await session.flush()
+        session.add_all(
+            [
+                ServiceUsage(service_id=openai.id, remaining=1, limit=100),
+                ServiceUsage(service_id=openai.id, remaining=99, limit=100),  # reset since
+                ServiceUsage(service_id=github.id, remaining=400, limit=5000),
+                ServiceUsage(service_id=github.id, profile_id=profile_id, token_valid=False),
+            ]
+        )
+        await session.commit()
+        github_id = github.id
+    page = html.unescape((await admin.get("/")).text)
+    limits = page.split('id="limits-h"')[1].split("</section>")[0]
+    assert "OpenAI" not in limits
+    assert f'<a href="/services/{github_id}">GitHub</a>' in limits
+    assert "400 of 5000" in limits
+    assert f'<a href="/profiles/{profile_id}">alpha</a>\'s own' in limits
+    assert ">refused</span>" in limits
 
 
 async def test_error_flash_is_an_alert(
