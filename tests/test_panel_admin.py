@@ -161,6 +161,12 @@ async def test_audit_filters(
     assert by_outcome["denied"] == ["denied"]
     assert by_outcome["ok"] == ["ok"] * 3  # 2 logins, 1 create
     assert "<code>TAKEN</code>" in (await admin.get("/audit?outcome=error")).text
+    # GraphQL filters the same way.
+    gql = GraphQLClient(browser_for(app))
+    gql.http.headers.update(bearer(app.state.admin_token))
+    async with gql.http:
+        denied = await gql('{ auditEvents(outcome: "denied") { edges { node { actor } } } }')
+    assert [edge["node"]["actor"] for edge in denied["auditEvents"]["edges"]] == ["victor"]
     victor = await admin.get("/audit", params={"user": "victor"})
     assert re.findall(r"<td><code>(\w+)</code></td>", victor.text) == ["createProfile", "login"]
     both = await admin.get("/audit", params={"user": "alice", "action": "createProfile"})
