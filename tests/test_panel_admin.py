@@ -474,6 +474,12 @@ async def test_tokens_and_audit_in_chromium(
         await add_run(live.app, "WAITING", wait_reason="profile 'alpha' is busy with command 1")
         await add_run(live.app, "QUEUED")
         await add_run(live.app, "FAILED", error="exit status 1")
+        async with live.app.state.services.sessionmaker() as session:
+            service = Service(name="GitHub", env_var="GITHUB_TOKEN")
+            session.add(service)
+            await session.flush()
+            session.add(ServiceUsage(service_id=service.id, remaining=12, limit=5000))
+            await session.commit()
         found = await run_browser_script(
             script,
             live.base_url,
