@@ -75,9 +75,10 @@ async def resolve_audit_events(
     object_id: strawberry.ID | None = None,
     action: str | None = None,
     since: datetime | None = None,
+    outcome: str | None = None,
 ) -> Connection[AuditEvent]:
     """Audit events, newest first; each filter given narrows (`since`: at or after, naive
-    times are UTC)."""
+    times are UTC; `outcome`: ok, error or denied)."""
     row = models.AuditEvent
     stmt = select(row)
     if actor is not None:
@@ -86,6 +87,8 @@ async def resolve_audit_events(
         stmt = stmt.where(row.object_id == object_id)
     if action is not None:
         stmt = stmt.where(row.action == action)
+    if outcome is not None:
+        stmt = stmt.where(row.outcome == outcome)
     if since is not None:
         stmt = stmt.where(row.at >= (since if since.tzinfo else since.replace(tzinfo=UTC)))
     return await paginate(info, stmt, row.id, AuditEvent.from_row, first, after, descending=True)

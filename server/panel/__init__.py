@@ -15,6 +15,13 @@ from __future__ import annotations
 
 from starlette.routing import Route
 
+from server.panel.admin import (
+    audit_list,
+    token_create,
+    token_list,
+    token_revoke,
+    token_revoke_page,
+)
 from server.panel.compose import compose_page, compose_preview, compose_run
 from server.panel.dashboard import dashboard
 from server.panel.live_statuses import run_statuses
@@ -125,4 +132,9 @@ def panel_routes(_settings: Settings) -> list[Route]:
         Route("/profiles/{profile_id}/proxies", attach_proxy, methods=["POST"]),
         Route("/profiles/{profile_id}/proxies/{proxy_id}/default", default_proxy, methods=["POST"]),
         Route("/profiles/{profile_id}/proxies/{proxy_id}/detach", detach_proxy, methods=["POST"]),
+        Route("/audit", audit_list, methods=["GET"]),
+        Route("/tokens", token_list, methods=["GET"]),
+        Route("/tokens", token_create, methods=["POST"]),
+        Route("/tokens/{token_id}/revoke", token_revoke_page, methods=["GET"]),
+        Route("/tokens/{token_id}/revoke", token_revoke, methods=["POST"]),
     ]

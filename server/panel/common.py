@@ -7,7 +7,7 @@ import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from itsdangerous import BadSignature, TimestampSigner
 from sqlalchemy import Select, func, select
@@ -31,6 +31,8 @@ PAGE_SIZE = 25
 RECENT = 10  # recent failures on the dashboard, recent runs on a profile's page
 FLASH_COOKIE = "corral_flash"
 FLASH_SECONDS = 60
+FlashKind = Literal["success", "error"]
+FLASH_KINDS: tuple[str, ...] = ("success", "error")
 # The panel's menu; `admin` entries are shown to admins only.
 NAV = (
     ("Dashboard", "/", False),
@@ -61,26 +63,32 @@ def _flash_signer(request: Request) -> TimestampSigner:
     return TimestampSigner(key, salt="corral.flash")
 
 
-def take_flash(request: Request) -> str | None:
-    """The message a redirect left for this page (signed, so no other site can plant one)."""
+def take_flash(request: Request) -> tuple[str, str] | None:
+    """(kind, message) a redirect left for this page (signed, so no other site can plant
+    one); kind is one of FLASH_KINDS."""
     cookie = request.cookies.get(FLASH_COOKIE)
     if not cookie:
         return None
     try:
-        return _flash_signer(request).unsign(cookie, max_age=FLASH_SECONDS).decode()
+        value = _flash_signer(request).unsign(cookie, max_age=FLASH_SECONDS).decode()
     except (BadSignature, UnicodeDecodeError):
         return None
+    kind, _, message = value.partition(":")
+    return (kind, message) if kind in FLASH_KINDS else ("success", value)
 
 
-def redirect_with_flash(request: Request, target: str, message: str) -> Response:
-    """After a change: 303 to `target` (htmx: an `HX-Redirect`), the message shown there."""
+def redirect_with_flash(
+    request: Request, target: str, message: str, kind: FlashKind = "success"
+) -> Response:
+    """After a change: 303 to `target` (htmx: an `HX-Redirect`), the message shown there
+    as a success or an error (never put a secret in it: it travels in a cookie)."""
     if wants_partial(request):
         response: Response = Response(status_code=200, headers={"HX-Redirect": target})
     else:
         response = RedirectResponse(target, status_code=303)
     response.set_cookie(
         FLASH_COOKIE,
-        _flash_signer(request).sign(message).decode(),
+        _flash_signer(request).sign(f"{kind}:{message}").decode(),
         max_age=FLASH_SECONDS,
         path="/",
         secure=is_https(request),
@@ -98,6 +106,7 @@ def render_view(
     principal = principal_of(request.scope)
     full = not wants_partial(request)
     flash = take_flash(request) if full else None
+    flash_kind, flash_message = flash or ("success", None)
     response = render_page(
         page if full else partial,
         principal,
@@ -105,7 +114,8 @@ def render_view(
         assets=panel_assets(settings.panel_assets),
         nav=NAV,
         path=request.url.path,
-        flash=flash,
+        flash=flash_message,
+        flash_kind=flash_kind,
         can_edit=principal is not None and principal.is_admin,
         **context,
     )

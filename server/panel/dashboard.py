@@ -1,8 +1,10 @@
-"""The dashboard: counts, what runs now, recent failures, unhealthy proxies."""
+"""The dashboard: counts, what runs now, what waits and why, recent failures, unhealthy
+proxies; each count links to its list (filtered where the list can be)."""
 
 from __future__ import annotations
 
-from sqlalchemy import func, select
+from sqlalchemy import func, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -12,6 +14,7 @@ from server.models import (
     Profile,
     Proxy,
     Service,
+    ServiceUsage,
 )
 from server.panel.common import (
     PAGE_SIZE,
@@ -22,10 +25,40 @@ from server.panel.common import (
 
 # --- dashboard -------------------------------------------------------------------------
 FAILED_STATUSES = (CommandStatus.FAILED.value, CommandStatus.TIMED_OUT.value)
+WAITING_STATUSES = (CommandStatus.QUEUED.value, CommandStatus.WAITING.value)
+NEAR_LIMIT = 0.1  # a token with at most this share of its budget left is "near its limit"
+# The list page each count links to.
+COUNT_LINKS = {"Profiles": "/profiles", "Services": "/services", "Proxies": "/proxies"}
+
+
+async def tokens_near_limit(session: AsyncSession) -> list[tuple[ServiceUsage, str, str | None]]:
+    """The latest budget seen of each token (a service's shared one, a profile's own) that is
+    nearly spent or was refused, with the service's and the profile's names."""
+    latest = (
+        select(func.max(ServiceUsage.id).label("last_id"))
+        .group_by(ServiceUsage.service_id, ServiceUsage.profile_id)
+        .subquery()
+    )
+    rows = await session.execute(
+        select(ServiceUsage, Service.name, Profile.name)
+        .join(latest, ServiceUsage.id == latest.c.last_id)
+        .join(Service, Service.id == ServiceUsage.service_id)
+        .outerjoin(Profile, Profile.id == ServiceUsage.profile_id)
+        .where(
+            or_(
+                ServiceUsage.token_valid.is_(False),
+                ServiceUsage.remaining <= ServiceUsage.limit * NEAR_LIMIT,
+            )
+        )
+        .order_by(ServiceUsage.remaining, Service.name_key)
+        .limit(PAGE_SIZE)
+    )
+    return [(usage, service, profile) for usage, service, profile in rows]
 
 
 async def dashboard(request: Request) -> Response:
-    """Counts, what runs now, recent failures, proxies whose last check failed."""
+    """Counts, what runs now, what waits (oldest first) and why, recent failures, proxies
+    whose last check failed."""
     async with reading(request) as session:
         counts = {
             label: int(await session.scalar(select(func.count()).select_from(model)) or 0)
@@ -42,6 +75,12 @@ async def dashboard(request: Request) -> Response:
             .order_by(Command.started_at, Command.id)
             .limit(PAGE_SIZE)
         )
+        waiting = await session.scalars(
+            select(Command)
+            .where(Command.status.in_(WAITING_STATUSES))
+            .order_by(Command.created_at, Command.id)
+            .limit(PAGE_SIZE)
+        )
         failures = await session.scalars(
             select(Command)
             .where(Command.status.in_(FAILED_STATUSES))
@@ -56,10 +95,14 @@ async def dashboard(request: Request) -> Response:
             "dashboard.html",
             "_dashboard.html",
             counts=counts,
+            count_links=COUNT_LINKS,
             runs_by_status=[
                 (status.value, by_status.get(status.value, 0)) for status in CommandStatus
             ],
             running=list(running),
+            waiting=list(waiting),
+            waiting_total=sum(by_status.get(status, 0) for status in WAITING_STATUSES),
             failures=list(failures),
             unhealthy=list(unhealthy),
+            near_limit=await tokens_near_limit(session),
         )

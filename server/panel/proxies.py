@@ -24,6 +24,7 @@ from server.models import Profile, ProfileProxy, Proxy, ProxyProtocol, utcnow
 from server.panel.common import (
     PAGE_SIZE,
     Change,
+    FlashKind,
     app_services,
     apply_change,
     error_page,
@@ -484,13 +485,16 @@ async def proxy_check(request: Request) -> Response:
         if any(error.code is ErrorCode.NOT_FOUND for error in exc.errors):
             return not_found(request, "proxy")
         reasons = "; ".join(error.message for error in exc.errors)
-        return redirect_with_flash(request, back, f"Could not check the proxy: {reasons}.")
+        return redirect_with_flash(
+            request, back, f"Could not check the proxy: {reasons}.", kind="error"
+        )
     if not wants_partial(request):
-        return redirect_with_flash(request, back, _checked(proxy))
+        kind: FlashKind = "success" if proxy.health_ok else "error"
+        return redirect_with_flash(request, back, _checked(proxy), kind=kind)
     async with reading(request) as session:
         row = await _row(session, proxy_id)
     if row is None:  # deleted while it was checked
-        return redirect_with_flash(request, back, "The proxy is gone.")
+        return redirect_with_flash(request, back, "The proxy is gone.", kind="error")
     partial = "_proxy_row.html" if from_list else "_proxy_health.html"
     return render_view(request, "proxies.html", partial, row=row, proxy=row.proxy)
 

@@ -244,7 +244,9 @@ async def _run_action(request: Request, action: str) -> Response:
             return not_found(request, "run")
         reasons = "; ".join(error.message for error in exc.errors)
         verb = "cancel" if action == "cancelCommand" else "retry"
-        return redirect_with_flash(request, target, f"Could not {verb} this run: {reasons}.")
+        return redirect_with_flash(
+            request, target, f"Could not {verb} this run: {reasons}.", kind="error"
+        )
     return redirect_with_flash(request, target, _run_action_done(action, command))
 
 
