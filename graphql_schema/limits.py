@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sized
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
+from inspect import isawaitable
 from typing import Any
 
 from graphql import DocumentNode, GraphQLError, parse
@@ -130,6 +131,8 @@ class CountedList(FieldExtension):
 
 
 def _charged(result: Any) -> Any:
+    if isawaitable(result):  # a plain resolver that could not answer at once
+        return _charged_later(result)
     meter = _meter.get()
     if meter is None or not isinstance(result, Sized):
         return result
@@ -139,6 +142,10 @@ def _charged(result: Any) -> Any:
         return []
     meter.charge(len(result))
     return result
+
+
+async def _charged_later(result: Awaitable[Any]) -> Any:
+    return _charged(await result)
 
 
 def response_size_error(size: int, limit: int) -> GraphQLError:

@@ -103,9 +103,10 @@ def _require_admin_for(info: Any) -> None:
     require_admin(info.context.principal, f"read {info.path.typename}.{info.field_name}")
 
 
-def secret_field(description: str) -> Any:
+def secret_field(description: str, resolver: Callable[..., Any] | None = None) -> Any:
     """A field that shows something of a secret (a preview): admins only."""
     return strawberry.field(
+        resolver=resolver,  # type: ignore[arg-type]  # None: a plain field
         description=f"{description} Admins only (FORBIDDEN for a viewer).",
         extensions=[SecretField()],
     )

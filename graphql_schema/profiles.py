@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any, cast
 
 import strawberry
 from sqlalchemy import select
@@ -11,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from graphql_schema.context import Info
 from graphql_schema.limits import CountedList
+from graphql_schema.loaders import ProxyUse
 from graphql_schema.mutation import perform, provided
 from graphql_schema.permissions import secret_field
 from graphql_schema.relay import (
@@ -19,12 +21,12 @@ from graphql_schema.relay import (
     Node,
     UserError,
     encode_id,
+    node_fields,
     paginate,
     pk_of,
 )
 from server import models
 from server import profiles as profile_service
-from server.secretbox import token_preview
 
 if TYPE_CHECKING:
     from graphql_schema.commands import Command
@@ -36,12 +38,20 @@ ServiceRef = Annotated["Service", strawberry.lazy("graphql_schema.services")]
 CommandRef = Annotated["Command", strawberry.lazy("graphql_schema.commands")]
 
 
+def _link_token_preview(root: ProfileServiceLink, info: Info) -> str | None:
+    # Decrypted only when asked for (issue 16).
+    return info.context.token_preview(root.token_encrypted)
+
+
 @strawberry.type(description="A profile's link to a service, with the profile's own account token.")
 class ProfileServiceLink:
     service: ServiceRef
     has_token: bool = strawberry.field(description="Whether the profile has its own token.")
-    token_preview: str | None = secret_field("e.g. `ghp_…a1b2`; never the token.")
+    token_preview: str | None = secret_field(
+        "e.g. `ghp_…a1b2`; never the token.", resolver=_link_token_preview
+    )
     created_at: datetime
+    token_encrypted: strawberry.Private[bytes | None]
 
 
 @strawberry.type(description="A Chrome profile: a user-data-dir with its browser settings.")
@@ -62,6 +72,9 @@ class Profile(Node):
     created_at: datetime
     updated_at: datetime
     row: strawberry.Private[models.Profile]
+    # Set by `prefetch_links` for the profiles of a page; otherwise loaded per profile.
+    service_links: strawberry.Private[list[ProfileServiceLink] | None] = None
+    proxy_use: strawberry.Private[ProxyUse | None] = None
 
     @classmethod
     def from_row(cls, row: models.Profile) -> Profile:
@@ -86,39 +99,30 @@ class Profile(Node):
     def user_data_dir(self, info: Info) -> str:
         return profile_service.user_data_dir(self.row, info.context.settings)
 
+    # The links' resolvers are plain functions: a prefetched page answers at once, without
+    # an await per profile; any other profile returns the loader's awaitable, which
+    # graphql-core awaits (the cast tells the type checker so).
     @strawberry.field(extensions=[CountedList()])
-    async def services(self, info: Info) -> list[ProfileServiceLink]:
-        from graphql_schema.services import Service
-
-        links = await info.context.loaders.profile_services.load(self.row.id)
-        box = info.context.secret_box
-        return [
-            ProfileServiceLink(
-                service=Service.from_row(service, box),
-                has_token=link.token_encrypted is not None,
-                token_preview=(
-                    token_preview(box.decrypt(link.token_encrypted))
-                    if link.token_encrypted is not None
-                    else None
-                ),
-                created_at=link.created_at,
-            )
-            for link, service in links
-        ]
+    def services(self, info: Info) -> list[ProfileServiceLink]:
+        if self.service_links is not None:
+            return self.service_links
+        links = info.context.loaders.profile_services.load(self.row.id)
+        return cast("list[ProfileServiceLink]", links)
 
     @strawberry.field(description="The proxies this profile may use.", extensions=[CountedList()])
-    async def proxies(self, info: Info) -> list[ProxyRef]:
-        from graphql_schema.proxies import Proxy
-
-        links = await info.context.loaders.profile_proxies.load(self.row.id)
-        return [Proxy.from_row(proxy) for _link, proxy in links]
+    def proxies(self, info: Info) -> list[ProxyRef]:
+        if self.proxy_use is not None:
+            return self.proxy_use.proxies
+        return cast("list[Proxy]", self._proxy_use(info, lambda use: use.proxies))
 
     @strawberry.field(description="The proxy a run uses when none is named.")
-    async def default_proxy(self, info: Info) -> ProxyRef | None:
-        from graphql_schema.proxies import Proxy
+    def default_proxy(self, info: Info) -> ProxyRef | None:
+        if self.proxy_use is not None:
+            return self.proxy_use.default
+        return cast("Proxy | None", self._proxy_use(info, lambda use: use.default))
 
-        links = await info.context.loaders.profile_proxies.load(self.row.id)
-        return next((Proxy.from_row(proxy) for link, proxy in links if link.is_default), None)
+    async def _proxy_use(self, info: Info, pick: Callable[[ProxyUse], Any]) -> Any:
+        return pick(await info.context.loaders.profile_proxies.load(self.row.id))
 
     @strawberry.field
     async def commands(
@@ -174,7 +178,27 @@ async def resolve_profiles(
 ) -> Connection[Profile]:
     """Profiles by creation order; `search` matches names (case-insensitive substring)."""
     stmt = profile_service.name_search(select(models.Profile), search)
-    return await paginate(info, stmt, models.Profile.id, Profile.from_row, first, after)
+    page = await paginate(info, stmt, models.Profile.id, Profile.from_row, first, after)
+    await prefetch_links(info, [edge.node for edge in page.edges])
+    return page
+
+
+async def prefetch_links(info: Info, profiles: list[Profile]) -> None:
+    """Load the links the query asks of a page's profiles, for the whole page at once: the
+    same statements the loaders would send, and the nodes' link fields answer at once."""
+    wanted = node_fields(info)
+    ids = [profile.row.id for profile in profiles]
+    loaders = info.context.loaders
+    if ids and "services" in wanted:
+        for profile, links in zip(
+            profiles, await loaders.profile_services.load_many(ids), strict=True
+        ):
+            profile.service_links = links
+    if ids and not wanted.isdisjoint(("proxies", "defaultProxy")):
+        for profile, use in zip(
+            profiles, await loaders.profile_proxies.load_many(ids), strict=True
+        ):
+            profile.proxy_use = use
 
 
 @strawberry.type
