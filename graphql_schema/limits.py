@@ -21,7 +21,6 @@ from collections.abc import Awaitable, Callable, Iterator, Sized
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import lru_cache
-from inspect import isawaitable
 from typing import Any
 
 from graphql import DocumentNode, GraphQLError, parse
@@ -122,17 +121,16 @@ class CountedList(FieldExtension):
     """Charges the length of a list field without `first` to the operation's meter."""
 
     def resolve(self, next_: Callable[..., Any], source: Any, info: Any, **kwargs: Any) -> Any:
-        return _charged(next_(source, info, **kwargs))
+        return charge(next_(source, info, **kwargs))
 
     async def resolve_async(
         self, next_: Callable[..., Awaitable[Any]], source: Any, info: Any, **kwargs: Any
     ) -> Any:
-        return _charged(await next_(source, info, **kwargs))
+        return charge(await next_(source, info, **kwargs))
 
 
-def _charged(result: Any) -> Any:
-    if isawaitable(result):  # a plain resolver that could not answer at once
-        return _charged_later(result)
+def charge(result: Any) -> Any:
+    """`result`, its length (when it has one) charged to the operation's meter."""
     meter = _meter.get()
     if meter is None or not isinstance(result, Sized):
         return result
@@ -142,10 +140,6 @@ def _charged(result: Any) -> Any:
         return []
     meter.charge(len(result))
     return result
-
-
-async def _charged_later(result: Awaitable[Any]) -> Any:
-    return _charged(await result)
 
 
 def response_size_error(size: int, limit: int) -> GraphQLError:

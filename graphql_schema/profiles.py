@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Any, cast
+from typing import TYPE_CHECKING, Annotated, Any
 
 import strawberry
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from graphql_schema.context import Info
+from graphql_schema.direct import NOT_AT_ONCE, answer_at_once
 from graphql_schema.limits import CountedList
 from graphql_schema.loaders import ProxyUse
 from graphql_schema.mutation import perform, provided
@@ -43,12 +43,26 @@ def _link_token_preview(root: ProfileServiceLink, info: Info) -> str | None:
     return info.context.token_preview(root.token_encrypted)
 
 
+def _prefetched_services(profile: Profile, _info: Any) -> Any:
+    return NOT_AT_ONCE if profile.service_links is None else profile.service_links
+
+
+def _prefetched_proxies(profile: Profile, _info: Any) -> Any:
+    return NOT_AT_ONCE if profile.proxy_use is None else profile.proxy_use.proxies
+
+
+def _prefetched_default_proxy(profile: Profile, _info: Any) -> Any:
+    return NOT_AT_ONCE if profile.proxy_use is None else profile.proxy_use.default
+
+
 @strawberry.type(description="A profile's link to a service, with the profile's own account token.")
 class ProfileServiceLink:
     service: ServiceRef
     has_token: bool = strawberry.field(description="Whether the profile has its own token.")
     token_preview: str | None = secret_field(
-        "e.g. `ghp_…a1b2`; never the token.", resolver=_link_token_preview
+        "e.g. `ghp_…a1b2`; never the token.",
+        resolver=_link_token_preview,
+        metadata=answer_at_once(_link_token_preview),
     )
     created_at: datetime
     token_encrypted: strawberry.Private[bytes | None]
@@ -99,30 +113,26 @@ class Profile(Node):
     def user_data_dir(self, info: Info) -> str:
         return profile_service.user_data_dir(self.row, info.context.settings)
 
-    # The links' resolvers are plain functions: a prefetched page answers at once, without
-    # an await per profile; any other profile returns the loader's awaitable, which
-    # graphql-core awaits (the cast tells the type checker so).
-    @strawberry.field(extensions=[CountedList()])
-    def services(self, info: Info) -> list[ProfileServiceLink]:
-        if self.service_links is not None:
-            return self.service_links
-        links = info.context.loaders.profile_services.load(self.row.id)
-        return cast("list[ProfileServiceLink]", links)
+    # A page's profiles have their links prefetched (`prefetch_links`): those answer at
+    # once (graphql_schema/direct.py); any other profile loads them here.
+    @strawberry.field(extensions=[CountedList()], metadata=answer_at_once(_prefetched_services))
+    async def services(self, info: Info) -> list[ProfileServiceLink]:
+        return await info.context.loaders.profile_services.load(self.row.id)
 
-    @strawberry.field(description="The proxies this profile may use.", extensions=[CountedList()])
-    def proxies(self, info: Info) -> list[ProxyRef]:
-        if self.proxy_use is not None:
-            return self.proxy_use.proxies
-        return cast("list[Proxy]", self._proxy_use(info, lambda use: use.proxies))
+    @strawberry.field(
+        description="The proxies this profile may use.",
+        extensions=[CountedList()],
+        metadata=answer_at_once(_prefetched_proxies),
+    )
+    async def proxies(self, info: Info) -> list[ProxyRef]:
+        return (await info.context.loaders.profile_proxies.load(self.row.id)).proxies
 
-    @strawberry.field(description="The proxy a run uses when none is named.")
-    def default_proxy(self, info: Info) -> ProxyRef | None:
-        if self.proxy_use is not None:
-            return self.proxy_use.default
-        return cast("Proxy | None", self._proxy_use(info, lambda use: use.default))
-
-    async def _proxy_use(self, info: Info, pick: Callable[[ProxyUse], Any]) -> Any:
-        return pick(await info.context.loaders.profile_proxies.load(self.row.id))
+    @strawberry.field(
+        description="The proxy a run uses when none is named.",
+        metadata=answer_at_once(_prefetched_default_proxy),
+    )
+    async def default_proxy(self, info: Info) -> ProxyRef | None:
+        return (await info.context.loaders.profile_proxies.load(self.row.id)).default
 
     @strawberry.field
     async def commands(
@@ -190,14 +200,10 @@ async def prefetch_links(info: Info, profiles: list[Profile]) -> None:
     ids = [profile.row.id for profile in profiles]
     loaders = info.context.loaders
     if ids and "services" in wanted:
-        for profile, links in zip(
-            profiles, await loaders.profile_services.load_many(ids), strict=True
-        ):
+        for profile, links in zip(profiles, await loaders.links_to_services(ids), strict=True):
             profile.service_links = links
     if ids and not wanted.isdisjoint(("proxies", "defaultProxy")):
-        for profile, use in zip(
-            profiles, await loaders.profile_proxies.load_many(ids), strict=True
-        ):
+        for profile, use in zip(profiles, await loaders.proxy_uses(ids), strict=True):
             profile.proxy_use = use
 
 

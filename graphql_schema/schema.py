@@ -6,7 +6,6 @@ from collections.abc import Callable
 from typing import Any
 
 import strawberry
-from graphql import GraphQLObjectType
 from strawberry.extensions import (
     AddValidationRules,
     DisableIntrospection,
@@ -15,11 +14,8 @@ from strawberry.extensions import (
     QueryDepthLimiter,
     ValidationCache,
 )
-from strawberry.resolvers import is_default_resolver
 from strawberry.schema.config import StrawberryConfig
 from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
-from strawberry.schema.schema_converter import GraphQLCoreConverter
-from strawberry.types.field import StrawberryField
 
 from graphql_schema.access import AccessMutations, ApiToken, Me, resolve_api_tokens, resolve_me
 from graphql_schema.audit import AuditEvent, MutationAudit, load_audit_event, resolve_audit_events
@@ -34,6 +30,7 @@ from graphql_schema.commands import (
 )
 from graphql_schema.context import Info
 from graphql_schema.cost import CostModel, ListBound
+from graphql_schema.direct import install_direct_resolvers
 from graphql_schema.errors import CorralSchema, is_unexpected
 from graphql_schema.limits import Limits, QueryLimits
 from graphql_schema.permissions import RoleGuard
@@ -225,35 +222,8 @@ def build_schema(settings: Settings | None = None) -> strawberry.Schema:
         config=StrawberryConfig(),
         execution_context_class=CorralExecutionContext,
     )
-    read_plain_fields_directly(schema)
+    install_direct_resolvers(schema)
     return schema
-
-
-def read_plain_fields_directly(schema: strawberry.Schema) -> None:
-    """Resolve plain fields (no resolver, no extension: an attribute of the object) with
-    one `getattr`. Strawberry's own resolver for them goes through two more calls and a
-    property; they are most of the fields of a big page (issue 16)."""
-    for graphql_type in schema._schema.type_map.values():
-        if not isinstance(graphql_type, GraphQLObjectType):
-            continue
-        for graphql_field in graphql_type.fields.values():
-            field = (graphql_field.extensions or {}).get(GraphQLCoreConverter.DEFINITION_BACKREF)
-            if (
-                isinstance(field, StrawberryField)
-                and field.is_basic_field
-                and not field.is_subscription
-                and field.default_resolver is getattr
-                and is_default_resolver(graphql_field.resolve)
-            ):
-                graphql_field.resolve = _attribute_of(field.python_name)
-
-
-def _attribute_of(name: str) -> Callable[..., Any]:
-    def resolve(source: Any, _info: Any) -> Any:
-        return getattr(source, name)
-
-    resolve._is_default = True  # type: ignore[attr-defined]  # as Strawberry marks its own
-    return resolve
 
 
 def schema_sdl() -> str:

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from strawberry.scalars import JSON
 
 from graphql_schema.context import Info
+from graphql_schema.direct import answer_at_once
 from graphql_schema.limits import CountedList
 from graphql_schema.mutation import perform, provided
 from graphql_schema.permissions import secret_field
@@ -56,7 +57,9 @@ class Service(Node):
     env_var: str = strawberry.field(description="The variable a child receives the token in.")
     has_token: bool = strawberry.field(description="Whether a shared token is set.")
     token_preview: str | None = secret_field(
-        "e.g. `ghp_…a1b2`; never the token.", resolver=_shared_token_preview
+        "e.g. `ghp_…a1b2`; never the token.",
+        resolver=_shared_token_preview,
+        metadata=answer_at_once(_shared_token_preview),
     )
     settings: JSON
     rate_limit_policy: JSON

@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+import strawberry
 from starlette.applications import Starlette
 
 from graphql_schema.context import AppServices
@@ -221,3 +222,22 @@ def test_schema_extension_resolve_hooks_are_root_field_hooks() -> None:
     hooks = {type(ext) for ext in schema.get_extensions() if ext._implements_resolve()}
     assert hooks
     assert hooks <= set(ROOT_FIELD_HOOKS)
+
+
+def test_a_field_answered_at_once_keeps_its_checks_or_the_schema_refuses_it() -> None:
+    from strawberry.extensions import FieldExtension
+
+    from graphql_schema.direct import answer_at_once, install_direct_resolvers
+
+    class Unknown(FieldExtension):
+        def resolve(self, next_: Any, source: Any, info: Any, **kwargs: Any) -> Any:
+            return next_(source, info, **kwargs)
+
+    @strawberry.type
+    class Query:
+        @strawberry.field(extensions=[Unknown()], metadata=answer_at_once(lambda _s, _i: 1))
+        def value(self) -> int:
+            return 1
+
+    with pytest.raises(TypeError, match="answer_at_once"):
+        install_direct_resolvers(strawberry.Schema(query=Query))
