@@ -20,8 +20,10 @@ Per backend, in one run:
    A client in its own process POSTs each --requests times, one after another on one
    keep-alive connection, and times each round trip: `/graphql` with QUERY, then the two
    baselines. The three answers must be the same JSON (checked).
-Also reported: the floor executed in this process without HTTP, and per GraphQL query the
-SQL statements the app sent and the secrets it decrypted.
+Also reported: the floor executed in this process without HTTP; the server's CPU time a
+request for each endpoint, and its ratio (steadier than latencies on a shared host); and
+per GraphQL query the SQL statements the app sent (its authentication's included) and the
+secrets it decrypted.
 Target (issue #16): GraphQL p50 <= 3x the hand-written query's, on both databases.
 Prints one JSON object on stdout; progress on stderr.
 """
@@ -299,7 +301,9 @@ async def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> 
             cpu = CpuClock()
             hand = await timed_posts(f"{base_url}/bench/handwritten", {}, args.requests)
             hand_cpu = cpu.read()
+            cpu = CpuClock()
             floor_http = await timed_posts(f"{base_url}/bench/floor", {}, args.requests)
+            floor_cpu = cpu.read()
             floor_direct = in_process_floor(floor[0], args.profiles, args.requests)
         if graphql["body"] != hand["body"] or floor_http["body"] != hand["body"]:
             raise RuntimeError("the GraphQL answer, the hand-written one and the floor's differ")
@@ -320,6 +324,15 @@ async def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> 
                 "p50": ratio(f["p50"], h["p50"]),
                 "p99": ratio(f["p99"], h["p99"]),
             },
+            # Server CPU a request (warm-ups included), steadier than latency on a busy host.
+            "server_cpu_ms_per_request": {
+                "graphql": round(graphql_cpu["process"] * 1000 / queries, 1),
+                "handwritten": round(hand_cpu["process"] * 1000 / queries, 1),
+                "floor": round(floor_cpu["process"] * 1000 / queries, 1),
+            },
+            "ratio_server_cpu_graphql_to_handwritten": ratio(
+                graphql_cpu["process"], hand_cpu["process"]
+            ),
             "statements_per_query": round(tally.statements / queries, 1),
             "decryptions_per_query": round(tally.decryptions / queries, 1),
             "meets_target": g["p50"] <= RATIO_TARGET * h["p50"],
