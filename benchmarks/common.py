@@ -592,11 +592,36 @@ def _tail_reader(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _poster(job: dict[str, Any]) -> dict[str, Any]:
+    """POST the JSON `body` to `url` `requests` times, one after another on one keep-alive
+    connection (after `warmup` untimed ones); each round trip timed, the body read in full.
+    The last body is returned (parsed) so that the benchmark can compare answers."""
+    import httpx
+
+    latencies: list[float] = []
+    status = size = 0
+    body = job["body"]
+    answer: bytes = b""
+    with httpx.Client(headers=auth_headers(job["token"]), timeout=60.0) as client:
+        for _ in range(job.get("warmup", 3)):
+            client.post(job["url"], json=body)
+        for _ in range(job["requests"]):
+            started = time.perf_counter()
+            response = client.post(job["url"], json=body)
+            answer = response.content
+            latencies.append((time.perf_counter() - started) * 1000)
+            status, size = response.status_code, len(answer)
+            if status != 200:
+                raise RuntimeError(f"POST {job['url']} answered {status}: {answer[:300]!r}")
+    return {"latencies_ms": latencies, "status": status, "bytes": size, "body": json.loads(answer)}
+
+
 ROLES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "sse": _sse_client,
     "graphql": _graphql_poster,
     "pages": _page_getter,
     "tail": _tail_reader,
+    "posts": _poster,
 }
 
 

@@ -170,7 +170,7 @@ class Command(Node):
         from graphql_schema.services import Service
 
         rows = await info.context.loaders.command_services.load(self.row.id)
-        return [Service.from_row(row, info.context.secret_box) for row in rows]
+        return [Service.from_row(row) for row in rows]
 
     @strawberry.field(description="Stored log lines after `afterSeq`, oldest first.")
     async def logs(

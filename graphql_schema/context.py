@@ -17,7 +17,7 @@ from server.access import PRINCIPAL_SCOPE_KEY
 from server.auth import Principal, TokenHasher
 from server.broker import Broker
 from server.metrics import Metrics
-from server.secretbox import SecretBox
+from server.secretbox import SecretBox, token_preview
 from server.settings import Settings
 from server.subscribers import SubscriberLimits
 from server.unit_of_work import unit_of_work
@@ -91,6 +91,7 @@ class Context:
     _principal: Principal | None = None
     _loaders: Loaders | None = None
     _closed: bool = False
+    _previews: dict[bytes, str] = field(default_factory=dict)
 
     @property
     def settings(self) -> Settings:
@@ -99,6 +100,18 @@ class Context:
     @property
     def secret_box(self) -> SecretBox:
         return self.app.secret_box
+
+    def token_preview(self, ciphertext: bytes | None) -> str | None:
+        """The preview of a stored token (None when there is none), decrypted once a
+        request: a service's shared token is on every profile linked to it."""
+        if ciphertext is None:
+            return None
+        preview = self._previews.get(ciphertext)
+        if preview is None:
+            preview = self._previews[ciphertext] = token_preview(
+                self.secret_box.decrypt(ciphertext)
+            )
+        return preview
 
     @property
     def principal(self) -> Principal | None:

@@ -121,15 +121,16 @@ class CountedList(FieldExtension):
     """Charges the length of a list field without `first` to the operation's meter."""
 
     def resolve(self, next_: Callable[..., Any], source: Any, info: Any, **kwargs: Any) -> Any:
-        return _charged(next_(source, info, **kwargs))
+        return charge(next_(source, info, **kwargs))
 
     async def resolve_async(
         self, next_: Callable[..., Awaitable[Any]], source: Any, info: Any, **kwargs: Any
     ) -> Any:
-        return _charged(await next_(source, info, **kwargs))
+        return charge(await next_(source, info, **kwargs))
 
 
-def _charged(result: Any) -> Any:
+def charge(result: Any) -> Any:
+    """`result`, its length (when it has one) charged to the operation's meter."""
     meter = _meter.get()
     if meter is None or not isinstance(result, Sized):
         return result

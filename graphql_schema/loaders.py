@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple
 
-from sqlalchemy import Row, Select, func, select
+from sqlalchemy import Row, Select, and_, func, select
+from sqlalchemy.orm import aliased
 from strawberry.dataloader import DataLoader
 
 from server.models import (
@@ -22,13 +24,55 @@ from server.models import (
 )
 
 if TYPE_CHECKING:
+    from graphql_schema import profiles as profile_types
+    from graphql_schema import proxies as proxy_types
+    from graphql_schema import services as service_types
     from graphql_schema.context import Context
 
 M = TypeVar("M", bound=Base)
+Ts = TypeVarTuple("Ts")
+
+
+@dataclass(frozen=True)
+class ProxyUse:
+    """A profile's proxies (by name) and its default one, ready to answer."""
+
+    proxies: list[proxy_types.Proxy]
+    default: proxy_types.Proxy | None
+
+
+def _each_target_once(
+    link_columns: list[Any], target_id: Any, target: type[Service] | type[Proxy], ids: list[int]
+) -> Select[Any]:
+    """The links of the profiles `ids` (`link_columns`, then `target_id`), ordered by their
+    target's name, each with its target row on the first of its links only (None on the
+    others): one statement still, but a page of 500 profiles linked to the same few
+    services no longer reads and decodes each service's row (its JSON, its times) once a
+    link (issue 16)."""
+    profile_id = link_columns[0]
+    numbered = (
+        select(
+            *link_columns,
+            target_id,
+            func.row_number().over(partition_by=target_id, order_by=profile_id).label("nth"),
+        )
+        .where(profile_id.in_(ids))
+        .subquery()
+    )
+    names = aliased(target)
+    linked_id = numbered.c[target_id.key]
+    return (
+        select(*(numbered.c[column.key] for column in link_columns), linked_id, target)
+        .join(names, names.id == linked_id)
+        .outerjoin(target, and_(target.id == linked_id, numbered.c.nth == 1))
+        .order_by(names.name)
+    )
 
 
 class Loaders:
-    """The request's loaders, built lazily by the context."""
+    """The request's loaders, built lazily by the context. The profiles' links come back as
+    ready GraphQL objects, one object per service and proxy a request (a page of 500
+    profiles links the same few services a thousand times)."""
 
     def __init__(self, context: Context) -> None:
         self._context = context
@@ -36,22 +80,41 @@ class Loaders:
         self.service = DataLoader(self._by_id(Service))
         self.proxy = DataLoader(self._by_id(Proxy))
         self.template = DataLoader(self._by_id(CommandTemplate))
-        self.profile_services = DataLoader(self._profile_services)
-        self.profile_proxies = DataLoader(self._profile_proxies)
+        self.profile_services = DataLoader(self.links_to_services)
+        self.profile_proxies = DataLoader(self.proxy_uses)
         self.service_profiles = DataLoader(self._service_profiles)
         self.proxy_profiles = DataLoader(self._proxy_profiles)
         self.command_services = DataLoader(self._command_services)
         self.service_usage = DataLoader(self._service_usage)
+        self._services: dict[int, service_types.Service] = {}
+        self._proxies: dict[int, proxy_types.Proxy] = {}
 
-    async def _rows(self, stmt: Select[Any]) -> Sequence[Row[Any]]:
+    def service_node(self, row: Service) -> service_types.Service:
+        """The request's GraphQL object of a service row."""
+        node = self._services.get(row.id)
+        if node is None:
+            from graphql_schema.services import Service as ServiceNode
+
+            node = self._services[row.id] = ServiceNode.from_row(row)
+        return node
+
+    def proxy_node(self, row: Proxy) -> proxy_types.Proxy:
+        """The request's GraphQL object of a proxy row."""
+        node = self._proxies.get(row.id)
+        if node is None:
+            from graphql_schema.proxies import Proxy as ProxyNode
+
+            node = self._proxies[row.id] = ProxyNode.from_row(row)
+        return node
+
+    async def _rows(self, stmt: Select[*Ts]) -> Sequence[Row[*Ts]]:
         async with self._context.reading() as session:
-            rows: Sequence[Row[Any]] = (await session.execute(stmt)).all()
-            return rows
+            return (await session.execute(stmt)).all()
 
     def _by_id(self, model: type[M]) -> Any:
         async def load(ids: list[int]) -> list[M | None]:
             rows = await self._rows(select(model).where(model.id.in_(ids)))  # type: ignore[attr-defined]
-            found = {row[0].id: row[0] for row in rows}
+            found: dict[int, M] = {row[0].id: row[0] for row in rows}  # type: ignore[attr-defined]
             return [found.get(pk) for pk in ids]
 
         return load
@@ -64,23 +127,47 @@ class Loaders:
             groups[key].append(values[0] if len(values) == 1 else values)
         return [groups.get(key, []) for key in keys]
 
-    async def _profile_services(self, ids: list[int]) -> list[list[tuple[ProfileService, Service]]]:
-        stmt = (
-            select(ProfileService.profile_id, ProfileService, Service)
-            .join(Service, Service.id == ProfileService.service_id)
-            .where(ProfileService.profile_id.in_(ids))
-            .order_by(Service.name)
-        )
-        return await self._grouped(ids, stmt)
+    async def links_to_services(
+        self, ids: list[int]
+    ) -> list[list[profile_types.ProfileServiceLink]]:
+        """The service links of each profile of `ids`, in one statement (also the batch of
+        `profile_services`; a page calls it directly, without a future per profile)."""
+        from graphql_schema.profiles import ProfileServiceLink
 
-    async def _profile_proxies(self, ids: list[int]) -> list[list[tuple[ProfileProxy, Proxy]]]:
-        stmt = (
-            select(ProfileProxy.profile_id, ProfileProxy, Proxy)
-            .join(Proxy, Proxy.id == ProfileProxy.proxy_id)
-            .where(ProfileProxy.profile_id.in_(ids))
-            .order_by(Proxy.name)
+        link = ProfileService
+        columns = [link.profile_id, link.token_encrypted, link.created_at]
+        rows: Sequence[Any] = await self._rows(
+            _each_target_once(columns, link.service_id, Service, ids)
         )
-        return await self._grouped(ids, stmt)
+        nodes = {row[-1].id: self.service_node(row[-1]) for row in rows if row[-1] is not None}
+        groups: dict[int, list[ProfileServiceLink]] = defaultdict(list)
+        for profile_id, token, created_at, service_id, _service in rows:
+            groups[profile_id].append(
+                ProfileServiceLink(
+                    service=nodes[service_id],
+                    has_token=token is not None,
+                    created_at=created_at,
+                    token_encrypted=token,
+                )
+            )
+        return [groups.get(key, []) for key in ids]
+
+    async def proxy_uses(self, ids: list[int]) -> list[ProxyUse]:
+        """The proxies of each profile of `ids`, in one statement (also the batch of
+        `profile_proxies`)."""
+        columns = [ProfileProxy.profile_id, ProfileProxy.is_default]
+        rows: Sequence[Any] = await self._rows(
+            _each_target_once(columns, ProfileProxy.proxy_id, Proxy, ids)
+        )
+        nodes = {row[-1].id: self.proxy_node(row[-1]) for row in rows if row[-1] is not None}
+        proxies: dict[int, list[proxy_types.Proxy]] = defaultdict(list)
+        defaults: dict[int, proxy_types.Proxy] = {}
+        for profile_id, is_default, proxy_id, _proxy in rows:
+            node = nodes[proxy_id]
+            proxies[profile_id].append(node)
+            if is_default:
+                defaults.setdefault(profile_id, node)
+        return [ProxyUse(proxies.get(key, []), defaults.get(key)) for key in ids]
 
     async def _service_profiles(self, ids: list[int]) -> list[list[Profile]]:
         stmt = (

@@ -89,25 +89,31 @@ class SecretField(FieldExtension):
     """Refuses the field to anyone but an admin (a FORBIDDEN error on that field)."""
 
     def resolve(self, next_: Callable[..., Any], source: Any, info: Any, **kwargs: Any) -> Any:
-        _require_admin_for(info)
+        require_admin_for(info)
         return next_(source, info, **kwargs)
 
     async def resolve_async(
         self, next_: Callable[..., Awaitable[Any]], source: Any, info: Any, **kwargs: Any
     ) -> Any:
-        _require_admin_for(info)
+        require_admin_for(info)
         return await next_(source, info, **kwargs)
 
 
-def _require_admin_for(info: Any) -> None:
+def require_admin_for(info: Any) -> None:
     require_admin(info.context.principal, f"read {info.path.typename}.{info.field_name}")
 
 
-def secret_field(description: str) -> Any:
+def secret_field(
+    description: str,
+    resolver: Callable[..., Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> Any:
     """A field that shows something of a secret (a preview): admins only."""
     return strawberry.field(
+        resolver=resolver,  # type: ignore[arg-type]  # None: a plain field
         description=f"{description} Admins only (FORBIDDEN for a viewer).",
         extensions=[SecretField()],
+        metadata=metadata,
     )
 
 

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import strawberry
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from graphql_schema.context import Info
+from graphql_schema.direct import NOT_AT_ONCE, answer_at_once
 from graphql_schema.limits import CountedList
+from graphql_schema.loaders import ProxyUse
 from graphql_schema.mutation import perform, provided
 from graphql_schema.permissions import secret_field
 from graphql_schema.relay import (
@@ -19,12 +21,12 @@ from graphql_schema.relay import (
     Node,
     UserError,
     encode_id,
+    node_fields,
     paginate,
     pk_of,
 )
 from server import models
 from server import profiles as profile_service
-from server.secretbox import token_preview
 
 if TYPE_CHECKING:
     from graphql_schema.commands import Command
@@ -36,12 +38,34 @@ ServiceRef = Annotated["Service", strawberry.lazy("graphql_schema.services")]
 CommandRef = Annotated["Command", strawberry.lazy("graphql_schema.commands")]
 
 
+def _link_token_preview(root: ProfileServiceLink, info: Info) -> str | None:
+    # Decrypted only when asked for (issue 16).
+    return info.context.token_preview(root.token_encrypted)
+
+
+def _prefetched_services(profile: Profile, _info: Any) -> Any:
+    return NOT_AT_ONCE if profile.service_links is None else profile.service_links
+
+
+def _prefetched_proxies(profile: Profile, _info: Any) -> Any:
+    return NOT_AT_ONCE if profile.proxy_use is None else profile.proxy_use.proxies
+
+
+def _prefetched_default_proxy(profile: Profile, _info: Any) -> Any:
+    return NOT_AT_ONCE if profile.proxy_use is None else profile.proxy_use.default
+
+
 @strawberry.type(description="A profile's link to a service, with the profile's own account token.")
 class ProfileServiceLink:
     service: ServiceRef
     has_token: bool = strawberry.field(description="Whether the profile has its own token.")
-    token_preview: str | None = secret_field("e.g. `ghp_…a1b2`; never the token.")
+    token_preview: str | None = secret_field(
+        "e.g. `ghp_…a1b2`; never the token.",
+        resolver=_link_token_preview,
+        metadata=answer_at_once(_link_token_preview),
+    )
     created_at: datetime
+    token_encrypted: strawberry.Private[bytes | None]
 
 
 @strawberry.type(description="A Chrome profile: a user-data-dir with its browser settings.")
@@ -62,6 +86,9 @@ class Profile(Node):
     created_at: datetime
     updated_at: datetime
     row: strawberry.Private[models.Profile]
+    # Set by `prefetch_links` for the profiles of a page; otherwise loaded per profile.
+    service_links: strawberry.Private[list[ProfileServiceLink] | None] = None
+    proxy_use: strawberry.Private[ProxyUse | None] = None
 
     @classmethod
     def from_row(cls, row: models.Profile) -> Profile:
@@ -86,39 +113,26 @@ class Profile(Node):
     def user_data_dir(self, info: Info) -> str:
         return profile_service.user_data_dir(self.row, info.context.settings)
 
-    @strawberry.field(extensions=[CountedList()])
+    # A page's profiles have their links prefetched (`prefetch_links`): those answer at
+    # once (graphql_schema/direct.py); any other profile loads them here.
+    @strawberry.field(extensions=[CountedList()], metadata=answer_at_once(_prefetched_services))
     async def services(self, info: Info) -> list[ProfileServiceLink]:
-        from graphql_schema.services import Service
+        return await info.context.loaders.profile_services.load(self.row.id)
 
-        links = await info.context.loaders.profile_services.load(self.row.id)
-        box = info.context.secret_box
-        return [
-            ProfileServiceLink(
-                service=Service.from_row(service, box),
-                has_token=link.token_encrypted is not None,
-                token_preview=(
-                    token_preview(box.decrypt(link.token_encrypted))
-                    if link.token_encrypted is not None
-                    else None
-                ),
-                created_at=link.created_at,
-            )
-            for link, service in links
-        ]
-
-    @strawberry.field(description="The proxies this profile may use.", extensions=[CountedList()])
+    @strawberry.field(
+        description="The proxies this profile may use.",
+        extensions=[CountedList()],
+        metadata=answer_at_once(_prefetched_proxies),
+    )
     async def proxies(self, info: Info) -> list[ProxyRef]:
-        from graphql_schema.proxies import Proxy
+        return (await info.context.loaders.profile_proxies.load(self.row.id)).proxies
 
-        links = await info.context.loaders.profile_proxies.load(self.row.id)
-        return [Proxy.from_row(proxy) for _link, proxy in links]
-
-    @strawberry.field(description="The proxy a run uses when none is named.")
+    @strawberry.field(
+        description="The proxy a run uses when none is named.",
+        metadata=answer_at_once(_prefetched_default_proxy),
+    )
     async def default_proxy(self, info: Info) -> ProxyRef | None:
-        from graphql_schema.proxies import Proxy
-
-        links = await info.context.loaders.profile_proxies.load(self.row.id)
-        return next((Proxy.from_row(proxy) for link, proxy in links if link.is_default), None)
+        return (await info.context.loaders.profile_proxies.load(self.row.id)).default
 
     @strawberry.field
     async def commands(
@@ -174,7 +188,23 @@ async def resolve_profiles(
 ) -> Connection[Profile]:
     """Profiles by creation order; `search` matches names (case-insensitive substring)."""
     stmt = profile_service.name_search(select(models.Profile), search)
-    return await paginate(info, stmt, models.Profile.id, Profile.from_row, first, after)
+    page = await paginate(info, stmt, models.Profile.id, Profile.from_row, first, after)
+    await prefetch_links(info, [edge.node for edge in page.edges])
+    return page
+
+
+async def prefetch_links(info: Info, profiles: list[Profile]) -> None:
+    """Load the links the query asks of a page's profiles, for the whole page at once: the
+    same statements the loaders would send, and the nodes' link fields answer at once."""
+    wanted = node_fields(info)
+    ids = [profile.row.id for profile in profiles]
+    loaders = info.context.loaders
+    if ids and "services" in wanted:
+        for profile, links in zip(profiles, await loaders.links_to_services(ids), strict=True):
+            profile.service_links = links
+    if ids and not wanted.isdisjoint(("proxies", "defaultProxy")):
+        for profile, use in zip(profiles, await loaders.proxy_uses(ids), strict=True):
+            profile.proxy_use = use
 
 
 @strawberry.type

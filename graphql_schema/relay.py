@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 import binascii
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
 import strawberry
 from graphql import GraphQLError
 from sqlalchemy import Select, func, select
+from strawberry.types.nodes import SelectedField, Selection
 
 from graphql_schema.context import Info
 from server.errors import ErrorCode, InvalidInput
@@ -93,6 +94,31 @@ class Connection(Generic[T]):
     @strawberry.field(description="The items of this page (the edges' nodes).")
     def nodes(self) -> list[T]:
         return [edge.node for edge in self.edges]
+
+
+def _fields(selections: Iterable[Selection]) -> Iterator[SelectedField]:
+    """The fields of a selection, those of its fragments included."""
+    for selection in selections:
+        if isinstance(selection, SelectedField):
+            yield selection
+        else:
+            yield from _fields(selection.selections)
+
+
+def node_fields(info: Info) -> set[str]:
+    """The GraphQL names of the fields a connection's resolver is asked of its nodes (under
+    `edges { node }` and `nodes`, fragments included; directives ignored: a field under
+    `@skip` counts as asked)."""
+    names: set[str] = set()
+    for connection in _fields(info.selected_fields):
+        for child in _fields(connection.selections):
+            if child.name == "nodes":
+                names.update(field.name for field in _fields(child.selections))
+            elif child.name == "edges":
+                for node in _fields(child.selections):
+                    if node.name == "node":
+                        names.update(field.name for field in _fields(node.selections))
+    return names
 
 
 def encode_cursor(pk: int) -> str:

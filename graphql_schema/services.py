@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from strawberry.scalars import JSON
 
 from graphql_schema.context import Info
+from graphql_schema.direct import answer_at_once
 from graphql_schema.limits import CountedList
 from graphql_schema.mutation import perform, provided
 from graphql_schema.permissions import secret_field
@@ -25,7 +26,6 @@ from graphql_schema.relay import (
 )
 from server import models
 from server import services as service_domain
-from server.secretbox import SecretBox, token_preview
 
 if TYPE_CHECKING:
     from graphql_schema.profiles import Profile
@@ -42,6 +42,12 @@ class ServiceUsage:
     token_valid: bool | None
 
 
+def _shared_token_preview(root: Service, info: Info) -> str | None:
+    # Decrypted only when asked for (issue 16: a page of profiles decrypted every linked
+    # service's shared token, asked or not).
+    return info.context.token_preview(root.row.token_encrypted)
+
+
 @strawberry.type(description="An outside provider (GitHub, OpenAI, ...) whose token a child gets.")
 class Service(Node):
     id: strawberry.ID
@@ -50,7 +56,11 @@ class Service(Node):
     base_url: str | None
     env_var: str = strawberry.field(description="The variable a child receives the token in.")
     has_token: bool = strawberry.field(description="Whether a shared token is set.")
-    token_preview: str | None = secret_field("e.g. `ghp_…a1b2`; never the token.")
+    token_preview: str | None = secret_field(
+        "e.g. `ghp_…a1b2`; never the token.",
+        resolver=_shared_token_preview,
+        metadata=answer_at_once(_shared_token_preview),
+    )
     settings: JSON
     rate_limit_policy: JSON
     created_at: datetime
@@ -58,16 +68,14 @@ class Service(Node):
     row: strawberry.Private[models.Service]
 
     @classmethod
-    def from_row(cls, row: models.Service, box: SecretBox) -> Service:
-        token = row.token_encrypted
+    def from_row(cls, row: models.Service) -> Service:
         return cls(
             id=encode_id("Service", row.id),
             name=row.name,
             kind=row.kind,
             base_url=row.base_url,
             env_var=row.env_var,
-            has_token=token is not None,
-            token_preview=None if token is None else token_preview(box.decrypt(token)),
+            has_token=row.token_encrypted is not None,
             settings=JSON(row.settings),
             rate_limit_policy=JSON(row.rate_limit_policy),
             created_at=row.created_at,
@@ -150,12 +158,11 @@ async def resolve_services(
     info: Info, first: int | None = None, after: str | None = None
 ) -> Connection[Service]:
     """Services by creation order."""
-    box = info.context.secret_box
     return await paginate(
         info,
         select(models.Service),
         models.Service.id,
-        lambda row: Service.from_row(row, box),
+        Service.from_row,
         first,
         after,
     )
@@ -170,7 +177,7 @@ class ServiceMutations:
             info, lambda session: service_domain.create_service(session, box, provided(input))
         )
         return ServicePayload(
-            service=None if row is None else Service.from_row(row, box), user_errors=errors
+            service=None if row is None else Service.from_row(row), user_errors=errors
         )
 
     @strawberry.mutation
@@ -183,7 +190,7 @@ class ServiceMutations:
 
         row, errors = await perform(info, work)
         return ServicePayload(
-            service=None if row is None else Service.from_row(row, box), user_errors=errors
+            service=None if row is None else Service.from_row(row), user_errors=errors
         )
 
     @strawberry.mutation
@@ -214,7 +221,7 @@ class ServiceMutations:
         if result is None:
             return LinkServicePayload(user_errors=errors)
         return LinkServicePayload(
-            profile=Profile.from_row(result[0]), service=Service.from_row(result[1], box)
+            profile=Profile.from_row(result[0]), service=Service.from_row(result[1])
         )
 
     @strawberry.mutation(description="Remove a profile's link to a service (and its own token).")
@@ -222,8 +229,6 @@ class ServiceMutations:
         self, info: Info, profile_id: strawberry.ID, service_id: strawberry.ID
     ) -> LinkServicePayload:
         from graphql_schema.profiles import Profile
-
-        box = info.context.secret_box
 
         async def work(session: AsyncSession) -> tuple[models.Profile, models.Service]:
             profile_pk = pk_of(profile_id, "Profile", field="profileId")
@@ -236,5 +241,5 @@ class ServiceMutations:
         if result is None:
             return LinkServicePayload(user_errors=errors)
         return LinkServicePayload(
-            profile=Profile.from_row(result[0]), service=Service.from_row(result[1], box)
+            profile=Profile.from_row(result[0]), service=Service.from_row(result[1])
         )

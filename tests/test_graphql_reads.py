@@ -1,0 +1,243 @@
+"""Issue 16's read path: a page of profiles with their links costs the same statements, a
+token is decrypted only when its preview is asked for, and the links answer the same
+whichever way a profile is reached (a page, a fragment, `nodes`, a node, a service)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import pytest
+import strawberry
+from starlette.applications import Starlette
+
+from graphql_schema.context import AppServices
+from graphql_schema.schema import ROOT_FIELD_HOOKS, build_schema
+from server.ids import decode_global_id
+from server.models import Profile, ProfileProxy, ProfileService, Proxy, Service
+from server.settings import Settings
+from tests.conftest import GraphQLClient, StatementCounter
+from tests.fixtures.auth import bearer, issue_api_token
+from tests.test_dataloaders import without_authentication
+from tests.test_walls_query_cost import refusal, seed_mesh
+
+SERVICES = PROXIES = 4
+
+# The issue's query.
+PAGE = """
+query($first: Int) {
+  profiles(first: $first) { edges { node {
+    id name
+    services { service { id name } hasToken tokenPreview }
+    proxies { id name host port }
+    defaultProxy { id }
+  } } }
+}
+"""
+
+
+async def seed(app: Starlette, profiles: int) -> None:
+    """`profiles` profiles, each linked to 2 of 4 services (its own token on the first link
+    only; every service has a shared token) and to 2 of 4 proxies (the first the default)."""
+    services: AppServices = app.state.services
+    box = services.secret_box
+    async with services.sessionmaker() as session:
+        svc = [
+            Service(
+                name=f"svc{i}", env_var=f"TOKEN_{i}", token_encrypted=box.encrypt(f"shared-{i}")
+            )
+            for i in range(SERVICES)
+        ]
+        px = [
+            Proxy(name=f"px{i}", protocol="http", host=f"10.0.0.{i}", port=3000 + i)
+            for i in range(PROXIES)
+        ]
+        rows = [Profile(name=f"profile-{n:03d}") for n in range(profiles)]
+        session.add_all([*svc, *px, *rows])
+        await session.flush()
+        for n, row in enumerate(rows):
+            for k in (0, 1):
+                token = box.encrypt(f"own-token-{n:05d}-{k}") if k == 0 else None
+                session.add(
+                    ProfileService(
+                        profile_id=row.id,
+                        service_id=svc[(n + k) % SERVICES].id,
+                        token_encrypted=token,
+                    )
+                )
+                session.add(
+                    ProfileProxy(
+                        profile_id=row.id, proxy_id=px[(n + 2 * k) % PROXIES].id, is_default=k == 0
+                    )
+                )
+        await session.commit()
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"embedded_runner": False})  # count only the query's SQL
+
+
+@pytest.fixture
+def decryptions(app: Starlette, monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
+    """The ciphertexts the app's SecretBox decrypts from now on."""
+    box = app.state.services.secret_box
+    seen: list[bytes] = []
+    decrypt: Callable[[bytes], str] = box.decrypt
+
+    def counted(ciphertext: bytes) -> str:
+        seen.append(ciphertext)
+        return decrypt(ciphertext)
+
+    monkeypatch.setattr(box, "decrypt", counted)
+    return seen
+
+
+def node_of(data: dict[str, Any], n: int) -> dict[str, Any]:
+    node: dict[str, Any] = data["profiles"]["edges"][n]["node"]
+    return node
+
+
+@pytest.mark.parametrize("profiles", [3, 60])
+async def test_the_page_costs_three_selects_whatever_its_size(
+    app: Starlette, gql: GraphQLClient, count_statements: StatementCounter, profiles: int
+) -> None:
+    await seed(app, profiles)
+    count_statements.statements.clear()
+    data = await gql(PAGE, first=profiles)
+    assert len(data["profiles"]["edges"]) == profiles
+    # page, the page's service links, the page's proxy links
+    statements = without_authentication(count_statements.statements)
+    selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
+    assert len(selects) == 3, selects
+    assert len(statements) <= 6, statements
+
+
+async def test_the_page_answers_every_field(app: Starlette, gql: GraphQLClient) -> None:
+    await seed(app, 5)
+    node = node_of(await gql(PAGE, first=5), 1)
+    assert node["name"] == "profile-001"
+    assert (decode_global_id(node["id"]) or ("", 0))[0] == "Profile"
+    assert [link["service"]["name"] for link in node["services"]] == ["svc1", "svc2"]
+    assert [link["hasToken"] for link in node["services"]] == [True, False]
+    assert [link["tokenPreview"] for link in node["services"]] == ["own-…01-0", None]
+    assert [(p["name"], p["host"], p["port"]) for p in node["proxies"]] == [
+        ("px1", "10.0.0.1", 3001),
+        ("px3", "10.0.0.3", 3003),
+    ]
+    px1 = node["proxies"][0]["id"]
+    assert node["defaultProxy"] == {"id": px1}
+
+
+async def test_a_token_is_decrypted_only_when_its_preview_is_asked_for(
+    app: Starlette, gql: GraphQLClient, decryptions: list[bytes]
+) -> None:
+    await seed(app, 10)
+    decryptions.clear()
+    await gql(PAGE, first=10)
+    # the 10 profiles' own tokens; not the services' shared ones, which no field asked for
+    assert len(decryptions) == 10
+    decryptions.clear()
+    await gql("{ profiles(first: 10) { nodes { services { hasToken service { name } } } } }")
+    assert decryptions == []
+    decryptions.clear()
+    # the shared tokens, asked of every link: each service's decrypted once a request
+    data = await gql("{ profiles(first: 10) { nodes { services { service { tokenPreview } } } } }")
+    assert len(decryptions) == SERVICES
+    previews = {
+        link["service"]["tokenPreview"] for p in data["profiles"]["nodes"] for link in p["services"]
+    }
+    assert previews == {f"…-{i}" for i in range(SERVICES)}
+    decryptions.clear()
+    await gql("{ services { nodes { name hasToken } } }")
+    assert decryptions == []
+
+
+async def test_links_answer_the_same_however_a_profile_is_reached(
+    app: Starlette, gql: GraphQLClient
+) -> None:
+    await seed(app, 4)
+    links = "services { tokenPreview service { name } } proxies { name } defaultProxy { name }"
+    page = await gql(f"{{ profiles {{ edges {{ node {{ id {links} }} }} }} }}")
+    expected = {edge["node"]["id"]: edge["node"] for edge in page["profiles"]["edges"]}
+    # through a fragment, through `nodes`, skipped by a directive (still prefetched: fine)
+    fragment = await gql(
+        f"{{ profiles {{ edges {{ node {{ ...F }} }} }} }} fragment F on Profile {{ id {links} }}"
+    )
+    assert {e["node"]["id"]: e["node"] for e in fragment["profiles"]["edges"]} == expected
+    nodes = await gql(f"{{ profiles {{ nodes {{ id {links} }} }} }}")
+    assert {node["id"]: node for node in nodes["profiles"]["nodes"]} == expected
+    skipped = await gql(
+        f"{{ profiles {{ nodes {{ id services @skip(if: true) {{ hasToken }} {links} }} }} }}"
+    )
+    assert {node["id"]: node for node in skipped["profiles"]["nodes"]} == expected
+    # one by one: a node, and the profiles of a service (the loaders, per profile)
+    for pk, want in expected.items():
+        node = await gql(f'{{ node(id: "{pk}") {{ ... on Profile {{ id {links} }} }} }}')
+        assert node["node"] == want
+    services = await gql(f"{{ services {{ nodes {{ profiles {{ id {links} }} }} }} }}")
+    reached = [p for s in services["services"]["nodes"] for p in s["profiles"]]
+    assert len(reached) == 8
+    assert all(profile == expected[profile["id"]] for profile in reached)
+
+
+async def test_a_viewer_gets_the_page_but_not_the_previews(
+    app: Starlette, client: httpx.AsyncClient
+) -> None:
+    await seed(app, 2)
+    viewer = bearer(await issue_api_token(app, role="viewer"))
+    response = await client.post("/graphql", json={"query": PAGE}, headers=viewer)
+    body = response.json()
+    assert [edge["node"]["name"] for edge in body["data"]["profiles"]["edges"]] == [
+        "profile-000",
+        "profile-001",
+    ]
+    assert {e["extensions"]["code"] for e in body["errors"]} == {"FORBIDDEN"}
+    assert all(e["path"][-1] == "tokenPreview" for e in body["errors"])
+
+
+async def test_lists_loaded_per_profile_are_still_counted(settings: Settings) -> None:
+    # Profile.proxies reached through Proxy.profiles is loaded per profile (an awaitable
+    # from a plain resolver): 30 proxies x 30 profiles x 30 proxies is past the budget.
+    from server.app import create_app
+    from tests.fixtures.auth import admin_client
+    from tests.test_walls_query_cost import _post
+
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        await seed_mesh(app)
+        async with admin_client(app) as http:
+            body = await _post(
+                http, "{ proxies(first: 30) { nodes { profiles { proxies { id } } } } }"
+            )
+    error = refusal(body, "QUERY_TOO_COSTLY")
+    assert error["extensions"]["cost"] > error["extensions"]["budget"]
+
+
+def test_schema_extension_resolve_hooks_are_root_field_hooks() -> None:
+    # CorralExecutionContext runs the hooks on root fields only: a hook that needs to see
+    # other fields must not be added without changing that.
+    schema = build_schema()
+    hooks = {type(ext) for ext in schema.get_extensions() if ext._implements_resolve()}
+    assert hooks
+    assert hooks <= set(ROOT_FIELD_HOOKS)
+
+
+def test_a_field_answered_at_once_keeps_its_checks_or_the_schema_refuses_it() -> None:
+    from strawberry.extensions import FieldExtension
+
+    from graphql_schema.direct import answer_at_once, install_direct_resolvers
+
+    class Unknown(FieldExtension):
+        def resolve(self, next_: Any, source: Any, info: Any, **kwargs: Any) -> Any:
+            return next_(source, info, **kwargs)
+
+    @strawberry.type
+    class Query:
+        @strawberry.field(extensions=[Unknown()], metadata=answer_at_once(lambda _s, _i: 1))
+        def value(self) -> int:
+            return 1
+
+    with pytest.raises(TypeError, match="answer_at_once"):
+        install_direct_resolvers(strawberry.Schema(query=Query))
