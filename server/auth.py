@@ -35,6 +35,16 @@ _hasher = PasswordHasher()  # argon2id with the library's (RFC 9106 low-memory) 
 # password (no user enumeration by timing).
 _DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
 
+
+def set_password_cost(*, time_cost: int, memory_kib: int, parallelism: int) -> None:
+    """Hash new passwords (and the dummy) with these argon2id parameters instead. For the
+    test suite, whose hundreds of logins would otherwise spend minutes of CPU on purpose;
+    Corral itself never calls it. Existing hashes verify either way (they carry theirs)."""
+    global _hasher, _DUMMY_HASH
+    _hasher = PasswordHasher(time_cost=time_cost, memory_cost=memory_kib, parallelism=parallelism)
+    _DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
 PrincipalKind = Literal["user", "token", "cli", "system"]
 
 

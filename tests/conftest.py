@@ -25,7 +25,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from starlette.applications import Starlette
 
-from server import migrate
+from server import auth, migrate
 from server.app import create_app
 from server.db import create_engine
 from server.models import Base
@@ -36,6 +36,10 @@ from tests.fixtures.auth import (  # re-exported: tests import them from here
     bearer,  # noqa: F401
     issue_api_token,
 )
+
+# Cheap argon2id for the suite's many logins (0.3-0.4 s each with the production parameters
+# on this 2-core machine); tests/test_login.py checks the production parameters themselves.
+auth.set_password_cost(time_cost=1, memory_kib=1024, parallelism=1)
 
 pytest_plugins = ["tests.fixtures.netfakes"]  # the `site` and `upstream` fixtures
 

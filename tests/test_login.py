@@ -4,6 +4,8 @@ limit, and CSRF protection of cookie-authenticated requests."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
@@ -23,6 +25,7 @@ from server.csrf import CsrfProtection
 from server.models import AuditEvent, Role, UserSession, utcnow
 from server.ratelimit import Attempt, LoginLimiter
 from tests.conftest import admin_headers
+from tests.fixtures.chromium import ROOT
 
 PASSWORD = "correct horse battery"
 CREATE_PROFILE = 'mutation { createProfile(input: {name: "via-cookie"}) { profile { name } } }'
@@ -402,3 +405,13 @@ async def test_csrf_form_body_is_replayed_to_the_route() -> None:
         assert (await http.post("/echo", data={"csrf_token": "t0k3"})).status_code == 403
         header = await http.post("/echo", content=b"raw", headers={"X-CSRF-Token": "t0k3n"})
         assert header.text == "raw"
+
+
+def test_corral_itself_hashes_passwords_with_argon2id_production_parameters() -> None:
+    """The suite hashes with cheap parameters (tests/conftest.py); Corral's own processes
+    keep argon2-cffi's RFC 9106 low-memory profile (64 MiB, 3 passes, 4 lanes)."""
+    code = "from server.auth import hash_password; print(hash_password('a good password'))"
+    found = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert found.stdout.startswith("$argon2id$v=19$m=65536,t=3,p=4$"), found.stdout
