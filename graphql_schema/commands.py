@@ -246,6 +246,11 @@ class ComposedCommand:
     argv: list[str]
     env: list[str] = strawberry.field(description="Environment variable names (values hidden).")
     errors: list[UserError]
+    routing_table: list[str] = strawberry.field(
+        default_factory=list,
+        description="The run's effective routing: one line a rule (first match wins), then "
+        "where everything else goes; empty without a proxy.",
+    )
 
 
 @strawberry.type
@@ -290,7 +295,12 @@ async def resolve_compose_command(info: Info, input: RunCommandInput) -> Compose
             )
     except InvalidInput as exc:
         return ComposedCommand(argv=[], env=[], errors=user_errors(exc))
-    return ComposedCommand(argv=composed.argv, env=composed.env_names, errors=[])
+    return ComposedCommand(
+        argv=composed.argv,
+        env=composed.env_names,
+        errors=[],
+        routing_table=composed.routing_table,
+    )
 
 
 def _command_payload(row: models.Command | None, errors: list[UserError]) -> CommandPayload:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import strawberry
 from sqlalchemy import select
@@ -26,6 +26,7 @@ from graphql_schema.relay import (
 )
 from server import models
 from server import proxies as proxy_domain
+from server.routing import initial_rules, set_routing_rules
 
 if TYPE_CHECKING:
     from graphql_schema.profiles import Profile
@@ -51,6 +52,44 @@ class ProxyHealth:
     error: str | None
     exit_ip: str | None
     checked_at: datetime
+
+
+@strawberry.enum(description="Where a routing rule sends what it matches.")
+class RoutingAction(enum.Enum):
+    PROXY = "PROXY"
+    VIA = "VIA"
+    DIRECT = "DIRECT"
+    BLOCK = "BLOCK"
+
+
+@strawberry.type(description="A routing rule: what it matches (all given parts) and where it goes.")
+class RoutingRule:
+    domains: list[str] = strawberry.field(
+        description="Xray domain matchers: full:, domain:, keyword:, regexp:, geosite:."
+    )
+    ips: list[str] = strawberry.field(description="Addresses, CIDRs or geoip:cc.")
+    ports: str | None = strawberry.field(description="e.g. 443, 1000-2000 or 80,443.")
+    network: str | None = strawberry.field(description="tcp, udp or tcp,udp.")
+    action: RoutingAction
+    via_proxy_id: strawberry.Private[int | None]
+
+    @strawberry.field(description="The proxy a VIA rule goes through (its own chain).")
+    async def via_proxy(self, info: Info) -> Proxy | None:
+        if self.via_proxy_id is None:
+            return None
+        row = await info.context.loaders.proxy.load(self.via_proxy_id)
+        return None if row is None else Proxy.from_row(row)
+
+    @classmethod
+    def from_stored(cls, rule: dict[str, Any]) -> RoutingRule:
+        return cls(
+            domains=list(rule.get("domains") or []),
+            ips=list(rule.get("ips") or []),
+            ports=rule.get("ports"),
+            network=rule.get("network"),
+            action=RoutingAction(rule.get("action", "PROXY")),
+            via_proxy_id=rule.get("via_proxy_id"),
+        )
 
 
 @strawberry.type(description="An upstream proxy; chained through `via` when set.")
@@ -87,6 +126,13 @@ class Proxy(Node):
             return None
         row = await info.context.loaders.proxy.load(self.row.via_id)
         return None if row is None else Proxy.from_row(row)
+
+    @strawberry.field(
+        description="Ordered, first match wins; a new proxy starts with the default block "
+        "list; what no rule matches goes through this proxy's chain."
+    )
+    def routing_rules(self) -> list[RoutingRule]:
+        return [RoutingRule.from_stored(rule) for rule in self.row.routing_rules]
 
     @strawberry.field
     def health(self) -> ProxyHealth | None:
@@ -153,6 +199,40 @@ class AttachProxyInput:
     )
 
 
+@strawberry.input(description="A routing rule; give at least one of domains, ips, ports, network.")
+class RoutingRuleInput:
+    domains: list[str] = strawberry.field(default_factory=list)
+    ips: list[str] = strawberry.field(default_factory=list)
+    ports: str | None = None
+    network: str | None = None
+    action: RoutingAction = RoutingAction.PROXY
+    via_proxy_id: strawberry.ID | None = strawberry.field(
+        default=None, description="The proxy of a VIA rule."
+    )
+
+
+@strawberry.input
+class SetRoutingRulesInput:
+    proxy_id: strawberry.ID
+    rules: list[RoutingRuleInput]
+
+
+def _stored_rules(data: SetRoutingRulesInput) -> list[dict[str, Any]]:
+    return [
+        {
+            "domains": rule.domains,
+            "ips": rule.ips,
+            "ports": rule.ports,
+            "network": rule.network,
+            "action": rule.action.value,
+            "via_proxy_id": optional_pk(
+                rule.via_proxy_id, "Proxy", field=f"rules.{index}.viaProxyId"
+            ),
+        }
+        for index, rule in enumerate(data.rules)
+    ]
+
+
 @strawberry.type
 class ProxyPayload:
     proxy: Proxy | None = None
@@ -203,10 +283,13 @@ def _attach_payload(
 class ProxyMutations:
     @strawberry.mutation
     async def create_proxy(self, info: Info, input: CreateProxyInput) -> ProxyPayload:
-        box = info.context.secret_box
+        box, settings = info.context.secret_box, info.context.settings
 
         async def work(session: AsyncSession) -> models.Proxy:
-            return await proxy_domain.create_proxy(session, box, _proxy_values(input))
+            rules = initial_rules(settings)
+            return await proxy_domain.create_proxy(
+                session, box, _proxy_values(input), routing_rules=rules
+            )
 
         row, errors = await perform(info, work)
         return ProxyPayload(proxy=None if row is None else Proxy.from_row(row), user_errors=errors)
@@ -270,13 +353,30 @@ class ProxyImportMutations:
         "link is its own userError (field [links, index]), the good ones are created."
     )
     async def import_proxies(self, info: Info, links: list[str]) -> ImportProxiesPayload:
-        box = info.context.secret_box
+        box, rules = info.context.secret_box, initial_rules(info.context.settings)
         async with info.context.writing() as session:
-            created, errors = await proxy_domain.import_proxies(session, box, links)
+            created, errors = await proxy_domain.import_proxies(
+                session, box, links, routing_rules=rules
+            )
         return ImportProxiesPayload(
             proxies=[Proxy.from_row(row) for row in created],
             user_errors=[UserError.from_value(error) for error in errors],
         )
+
+    @strawberry.mutation(
+        description="Replace a proxy's routing rules (ordered, first match wins); refused "
+        "whole when a rule is malformed or the installed Xray binary cannot run it."
+    )
+    async def set_routing_rules(self, info: Info, input: SetRoutingRulesInput) -> ProxyPayload:
+        ctx = info.context
+
+        async def work(session: AsyncSession) -> models.Proxy:
+            pk = pk_of(input.proxy_id, "Proxy", field="proxyId")
+            rules = _stored_rules(input)
+            return await set_routing_rules(session, ctx.settings, ctx.secret_box, pk, rules)
+
+        row, errors = await perform(info, work)
+        return ProxyPayload(proxy=None if row is None else Proxy.from_row(row), user_errors=errors)
 
     @strawberry.mutation(description="Fetch the check URL through the proxy now; record health.")
     async def check_proxy(self, info: Info, id: strawberry.ID) -> ProxyPayload:

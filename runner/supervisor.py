@@ -63,11 +63,13 @@ from server.models import (
 )
 from server.profiles import user_data_dir
 from server.proxies import proxy_chain
+from server.routing import run_routing
 from server.secretbox import SecretBox
 from server.settings import Settings
 from server.storage import prepare_workspace, profile_dir_problem
 from xray.binary import XrayBinary, XrayBinaryError, find_binary
 from xray.config import Hop
+from xray.routing import Routing
 from xray.sidecar import SidecarError, SidecarProcess
 
 RUNNER_BIN = Path(__file__).resolve().parent / "bin"
@@ -218,6 +220,7 @@ class Loaded:
     chain: list[Hop]
     secrets: list[str]
     service_ids: dict[str, int]
+    routing: Routing | None = None
 
 
 @dataclass
@@ -611,7 +614,7 @@ class Supervisor:
             proxy_url = None
             if loaded.chain:
                 sidecar = await stack.enter_async_context(
-                    self._sidecar(loaded.chain, writer, loaded.command.id)
+                    self._sidecar(loaded.chain, writer, loaded.command.id, loaded.routing)
                 )
                 proxy_url = sidecar.url
                 await writer.add(
@@ -635,7 +638,9 @@ class Supervisor:
             return await self._execute(attempt, loaded.command, prepared, writer)
         raise AssertionError("unreachable")  # pragma: no cover - the stack never swallows
 
-    def _sidecar(self, chain: list[Hop], writer: LogWriter, command_id: int) -> SidecarProcess:
+    def _sidecar(
+        self, chain: list[Hop], writer: LogWriter, command_id: int, routing: Routing | None
+    ) -> SidecarProcess:
         async def on_line(line: str) -> None:
             await writer.add(LogStream.SYSTEM, line)
 
@@ -652,6 +657,8 @@ class Supervisor:
             grace=min(self.settings.kill_grace_seconds, 2.0),
             # The marker lets a restarted runner find and stop it after a kill -9.
             env={"PATH": SYSTEM_PATH, SIDECAR_MARKER: run_marker(self.runner_id, command_id)},
+            routing=routing,
+            assets_dir=self.settings.xray_assets_dir,
         )
 
     async def _load(self, claim: Claimed) -> Loaded:
@@ -678,6 +685,9 @@ class Supervisor:
             )
             tokens = await service_tokens(session, self.box, command.profile_id, services)
             chain = [] if proxy is None else await proxy_chain(session, self.box, proxy)
+            routing = (
+                None if proxy is None else await run_routing(session, self.box, proxy.routing_rules)
+            )
         if command.proxy_name is not None and proxy is None:
             raise CompositionError(
                 f"its proxy {command.proxy_name!r} was deleted; refusing to run without it"
@@ -686,7 +696,11 @@ class Supervisor:
         if missing:
             raise CompositionError(f"no token any more for {', '.join(missing)}")
         secrets = [token for token in tokens.values() if token]
-        secrets += [secret for hop in chain for secret in (hop.password, hop.username) if secret]
+        hops = [
+            *chain,
+            *(hop for via in (routing.via_chains if routing else {}).values() for hop in via),
+        ]
+        secrets += [secret for hop in hops for secret in (hop.password, hop.username) if secret]
         return Loaded(
             command=command,
             profile=profile,
@@ -694,6 +708,7 @@ class Supervisor:
             services=services,
             tokens=tokens,
             chain=chain,
+            routing=routing,
             secrets=secrets,
             service_ids={s.name.lower(): s.id for s in services}
             | {s.kind.lower(): s.id for s in services},

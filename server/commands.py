@@ -27,6 +27,7 @@ from server.models import (
 )
 from server.profiles import get_profile, user_data_dir
 from server.proxies import get_proxy
+from server.routing import routing_table
 from server.secretbox import SecretBox
 from server.services import get_service
 from server.settings import Settings
@@ -70,6 +71,7 @@ class Composition:
     max_attempts: int
     backoff_seconds: float
     template_env: dict[str, str]
+    routing_table: list[str] = field(default_factory=list)
 
 
 def command_context(
@@ -374,6 +376,7 @@ async def _compose(
         max_attempts=attempts,
         backoff_seconds=template.backoff_seconds if template else 5.0,
         template_env=template_env,
+        routing_table=[] if proxy is None else await routing_table(session, proxy),
     )
 
 

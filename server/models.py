@@ -214,6 +214,9 @@ class Proxy(NamedMixin, TimestampMixin, Base):
     via_id: Mapped[int | None] = mapped_column(
         ForeignKey("proxies.id", ondelete="RESTRICT"), index=True
     )
+    # Ordered routing rules, first match wins: [{"domains", "ips", "ports", "network",
+    # "action": PROXY|VIA|DIRECT|BLOCK, "via_proxy_id"}] (see server/routing.py).
+    routing_rules: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     health_ok: Mapped[bool | None]
     health_latency_ms: Mapped[float | None] = mapped_column(Float)
     health_error: Mapped[str | None] = mapped_column(Text)

@@ -235,9 +235,18 @@ async def _set_via(session: AsyncSession, proxy: Proxy, values: dict[str, Any]) 
     proxy.via_id = hop.id
 
 
-async def create_proxy(session: AsyncSession, box: SecretBox, values: dict[str, Any]) -> Proxy:
-    """Validate and add a proxy; credentials are stored encrypted."""
-    proxy = Proxy(settings={})
+async def create_proxy(
+    session: AsyncSession,
+    box: SecretBox,
+    values: dict[str, Any],
+    *,
+    routing_rules: list[dict[str, Any]],
+) -> Proxy:
+    """Validate and add a proxy; credentials are stored encrypted.
+
+    `routing_rules` are its first rules (`server.routing.initial_rules`: the default set).
+    """
+    proxy = Proxy(settings={}, routing_rules=routing_rules)
     apply_fields(proxy, values, PROXY_FIELDS, creating=True)
     _set_credentials(session, proxy, box, values)
     _check_protocol_rules(proxy, box)
@@ -279,6 +288,14 @@ async def delete_proxy(session: AsyncSession, proxy_id: int) -> list[str]:
             "change their via first",
             ErrorCode.IN_USE,
         )
+    routed = await _routing_users(session, proxy.id)
+    if routed:
+        raise InvalidInput.one(
+            "id",
+            f"VIA routing rules of {', '.join(sorted(routed))} send traffic through proxy "
+            f"{proxy.name!r}; change those rules first",
+            ErrorCode.IN_USE,
+        )
     users = (
         await session.scalars(
             select(Profile.name)
@@ -292,6 +309,14 @@ async def delete_proxy(session: AsyncSession, proxy_id: int) -> list[str]:
     if users:
         notices.append(f"detached from profile(s): {', '.join(users)}")
     return notices
+
+
+async def _routing_users(session: AsyncSession, proxy_id: int) -> list[str]:
+    """Names of the proxies whose VIA routing rules send traffic through `proxy_id`."""
+    rows = await session.execute(select(Proxy.name, Proxy.routing_rules))
+    return [
+        name for name, rules in rows if any(rule.get("via_proxy_id") == proxy_id for rule in rules)
+    ]
 
 
 async def attach_proxy(
@@ -349,7 +374,7 @@ async def proxy_chain(session: AsyncSession, box: SecretBox, proxy: Proxy) -> li
 
 
 async def import_proxies(
-    session: AsyncSession, box: SecretBox, links: list[str]
+    session: AsyncSession, box: SecretBox, links: list[str], *, routing_rules: list[dict[str, Any]]
 ) -> tuple[list[Proxy], list[UserError]]:
     """Import share links; each bad link gets its own error, the good ones are created."""
     created: list[Proxy] = []
@@ -375,7 +400,8 @@ async def import_proxies(
         }
         try:
             async with session.begin_nested():
-                created.append(await create_proxy(session, box, values))
+                proxy = await create_proxy(session, box, values, routing_rules=routing_rules)
+                created.append(proxy)
         except InvalidInput as exc:
             secrets = [s for s in (parsed.username, parsed.password) if s and len(s) >= 4]
             errors.extend(

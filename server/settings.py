@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -213,6 +213,18 @@ class Settings(BaseSettings):
         default=None,
         description="Xray-compatible binary for proxy sidecars (default: `xray` on PATH, "
         "else `v2ray`).",
+    )
+    xray_assets_dir: Path | None = Field(
+        default=None,
+        description="Folder holding geoip.dat and geosite.dat for `geoip:`/`geosite:` routing "
+        "matchers (unset: those matchers are refused).",
+    )
+    default_routing_rules: list[dict[str, Any]] | None = Field(
+        default=None,
+        description="Routing rules a new proxy starts with (JSON list of rules as "
+        '`setRoutingRules` takes them, e.g. `[{"domains": ["domain:gvt1.com"], "action": '
+        '"BLOCK"}]`; no VIA); unset: block the background Google endpoints Chromium calls; '
+        "`[]`: none.",
     )
     chromium_path: str = Field(
         default="/usr/bin/chromium",

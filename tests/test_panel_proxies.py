@@ -90,7 +90,8 @@ async def test_pages_render_for_admin_and_viewer(
     viewer: httpx.AsyncClient,  # noqa: F811
 ) -> None:
     hop = await add_proxy(app, "hop")
-    proxy_id = await add_proxy(app, "leaf", via_id=hop)
+    block = {"domains": ["keyword:ads"], "action": "BLOCK"}
+    proxy_id = await add_proxy(app, "leaf", via_id=hop, routing_rules=[block])
     paths = ["/proxies", f"/proxies/{proxy_id}", f"/proxies/{proxy_id}/delete"]
     for path in paths:
         as_admin = await admin.get(path)
@@ -104,7 +105,9 @@ async def test_pages_render_for_admin_and_viewer(
     assert '<a href="/proxies/' in listing
     assert f'via <a href="/proxies/{hop}">hop</a>' in listing
     assert "not checked" in listing
-    assert "/delete" not in main_of(await viewer.get(f"/proxies/{proxy_id}"))
+    page = main_of(await viewer.get(f"/proxies/{proxy_id}"))
+    assert "/delete" not in page
+    assert "<li><code>1. keyword:ads → blocked</code></li>" in page  # the routing table
     assert (await admin.get("/proxies/999999")).status_code == 404
     assert (await admin.get("/proxies/x1")).status_code == 404
 
@@ -478,7 +481,7 @@ async def test_check_now_with_and_without_htmx(
     async with app.state.services.sessionmaker() as session:
         values = {"name": "up", "protocol": "http", "host": "127.0.0.1", "port": upstream.port}
         proxy = await proxy_service.create_proxy(
-            session, box, {**values, "username": USER, "password": PASSWORD}
+            session, box, {**values, "username": USER, "password": PASSWORD}, routing_rules=[]
         )
         await session.commit()
         proxy_id = proxy.id

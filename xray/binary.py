@@ -140,8 +140,13 @@ def _version_output(path: str, flag: str) -> str:
     return (completed.stdout + completed.stderr).decode(errors="replace")
 
 
-async def validate(binary: XrayBinary, config: Mapping[str, Any]) -> str | None:
-    """None when the binary accepts `config` (its test mode), else the binary's error text."""
+async def validate(
+    binary: XrayBinary, config: Mapping[str, Any], *, env: Mapping[str, str] | None = None
+) -> str | None:
+    """None when the binary accepts `config` (its test mode), else the binary's error text.
+
+    `env` adds environment variables (e.g. the geoip/geosite folder) to the binary's.
+    """
     with tempfile.TemporaryDirectory(prefix="corral-xray-test-") as folder:
         path = write_config(config, Path(folder))
         process = await asyncio.create_subprocess_exec(
@@ -149,6 +154,7 @@ async def validate(binary: XrayBinary, config: Mapping[str, Any]) -> str | None:
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
+            env={**os.environ, **env} if env else None,
         )
         try:
             async with asyncio.timeout(VALIDATE_TIMEOUT):

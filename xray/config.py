@@ -28,7 +28,7 @@ import os
 import re
 import secrets
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,10 +127,7 @@ def build_config(
     _check_port(socks_port, "socks_port")
     if log_level not in LOG_LEVELS:
         raise ConfigError(f"log_level must be one of {', '.join(LOG_LEVELS)}")
-    outbounds = [
-        _outbound(hop, hop_tag(index), hop_tag(index + 1) if index + 1 < len(chain) else None)
-        for index, hop in enumerate(chain)
-    ]
+    outbounds = chain_outbounds(chain, hop_tag)
     outbounds.append({"tag": BLOCK_TAG, "protocol": "blackhole", "settings": {}})
     return {
         "log": {"loglevel": log_level},
@@ -146,6 +143,15 @@ def build_config(
         "outbounds": outbounds,
         "routing": {"domainStrategy": "AsIs", "rules": _block_rules(block_domains)},
     }
+
+
+def chain_outbounds(chain: Sequence[Hop], tag_of: Callable[[int], str]) -> list[dict[str, Any]]:
+    """The outbounds of a chain, hop `i` tagged `tag_of(i)` and dialed through hop `i + 1`."""
+    _check_chain(chain)
+    return [
+        _outbound(hop, tag_of(index), tag_of(index + 1) if index + 1 < len(chain) else None)
+        for index, hop in enumerate(chain)
+    ]
 
 
 def features_used(chain: Sequence[Hop]) -> frozenset[str]:

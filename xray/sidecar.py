@@ -15,11 +15,13 @@ import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from runner.lines import LineSplitter
 from runner.process import SPAWNED, starting_own_child, stop_group
 from xray.binary import XrayBinary
 from xray.config import ConfigError, Hop, build_config, features_used, write_config
+from xray.routing import Routing, asset_env, build_routed_config, features_of
 
 LineSink = Callable[[str], Awaitable[None]]
 CONNECT_TIMEOUT = 3.0
@@ -66,14 +68,17 @@ class SidecarProcess:
         start_timeout: float = 10.0,
         grace: float = 2.0,
         env: dict[str, str] | None = None,
+        routing: Routing | None = None,
+        assets_dir: Path | None = None,
     ) -> None:
         self.binary = binary
         self.chain = list(chain)
+        self.routing = routing
         self.on_line = on_line
         self.start_timeout = start_timeout
         self.grace = grace
         # Minimal: the sidecar needs no settings or keys of Corral's (only its config file).
-        self.env = env if env is not None else {"PATH": SYSTEM_PATH}
+        self.env = {**(env if env is not None else {"PATH": SYSTEM_PATH}), **asset_env(assets_dir)}
         self.port = 0
         self.started_in: float | None = None
         self._process: asyncio.subprocess.Process | None = None
@@ -102,8 +107,8 @@ class SidecarProcess:
         try:
             self.port = free_port()
             try:
-                unsupported = self.binary.unsupported(features_used(self.chain))
-                config = build_config(self.chain, self.port)
+                config, needed = self._config()
+                unsupported = self.binary.unsupported(needed)
             except ConfigError as exc:
                 raise SidecarError(f"cannot build the proxy config: {exc}") from exc
             if unsupported:
@@ -129,6 +134,13 @@ class SidecarProcess:
             await asyncio.shield(self.stop())
             raise
         self.started_in = time.monotonic() - began
+
+    def _config(self) -> tuple[dict[str, Any], frozenset[str]]:
+        """The config to run and the binary features it needs (ConfigError if none)."""
+        if self.routing is None:
+            return build_config(self.chain, self.port), features_used(self.chain)
+        config = build_routed_config(self.chain, self.port, self.routing)
+        return config, features_used(self.chain) | features_of(self.routing)
 
     async def _wait_listening(self) -> None:
         assert self._process is not None

@@ -39,6 +39,7 @@ from server.panel.common import (
     render_view,
     wants_partial,
 )
+from server.routing import initial_rules, routing_table
 from server.secretbox import token_preview
 from xray.links import redact_share_link
 
@@ -207,10 +208,14 @@ async def proxy_create(request: Request) -> Response:
     refused = await refuse_viewer(request, change)
     if refused is not None:
         return refused
-    box = app_services(request).secret_box
+    box, settings = app_services(request).secret_box, app_services(request).settings
     try:
         proxy: Proxy = await apply_change(
-            request, change, lambda session: proxy_service.create_proxy(session, box, values)
+            request,
+            change,
+            lambda session: proxy_service.create_proxy(
+                session, box, values, routing_rules=initial_rules(settings)
+            ),
         )
     except InvalidInput as exc:
         return await _list_page(
@@ -285,11 +290,13 @@ async def proxy_import(request: Request) -> Response:
     if not lines:
         reason = "paste at least one share link"
         return await _import_refused(request, ImportResult.empty(), [reason])
-    box = app_services(request).secret_box
+    box, rules = app_services(request).secret_box, initial_rules(app_services(request).settings)
     created, errors = await apply_change(
         request,
         change,
-        lambda session: proxy_service.import_proxies(session, box, [link for _, link in lines]),
+        lambda session: proxy_service.import_proxies(
+            session, box, [link for _, link in lines], routing_rules=rules
+        ),
         error_codes=lambda result: [error.code.value for error in result[1]],
     )
     names = [proxy.name for proxy in created]
@@ -329,6 +336,7 @@ class ProxyDetail:
     profiles: list[tuple[Profile, bool]]
     chained_from: list[Proxy]
     credentials: list[str]
+    routing: list[str]
 
 
 async def _proxy_detail(request: Request, session: AsyncSession, proxy: Proxy) -> ProxyDetail:
@@ -345,6 +353,7 @@ async def _proxy_detail(request: Request, session: AsyncSession, proxy: Proxy) -
         profiles=[(profile, bool(is_default)) for profile, is_default in users],
         chained_from=list(chained),
         credentials=_credentials_shown(request, proxy),
+        routing=await routing_table(session, proxy),
     )
 
 
