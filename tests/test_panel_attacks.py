@@ -148,6 +148,19 @@ async def test_regression_a_token_with_a_control_character_is_refused(
         assert service.token_encrypted is None
 
 
+async def test_regression_a_limit_that_is_no_number_is_refused(
+    app: Starlette,
+    admin: httpx.AsyncClient,  # noqa: F811
+) -> None:
+    """The composer passes what was typed to the domain; a text limit was a TypeError (500)."""
+    typed = {"timeoutSeconds": "abc", "maxAttempts": "1e400", "priority": "9" * 30}
+    for path in ("/compose/preview", "/compose/run"):
+        answer = await post_form(admin, path, commandString="echo hi", **typed)
+        assert answer.status_code in (200, 422), (path, answer.status_code)
+        for field in typed:
+            assert f"{field} must be between" in answer.text, (path, field)
+
+
 # --- what held -------------------------------------------------------------------------
 
 
