@@ -9,6 +9,7 @@ test), each on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import html
+import json
 import re
 from pathlib import Path
 
@@ -17,10 +18,20 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from server.models import CommandTemplate, Profile, Proxy, Service
+from server.models import (
+    CommandEvent,
+    CommandTemplate,
+    LogLine,
+    Profile,
+    Proxy,
+    Service,
+    utcnow,
+)
 from server.panel import panel_routes
 from server.settings import Settings
-from tests.test_login import add_user, browser_for, log_in
+from tests.fixtures.chromium import PAGE_HELPERS_JS, ROOT, run_browser_script
+from tests.fixtures.servers import running_server
+from tests.test_login import PASSWORD, add_user, browser_for, log_in
 from tests.test_panel import (  # noqa: F401 - fixtures
     add_profile,
     add_run,
@@ -30,6 +41,7 @@ from tests.test_panel import (  # noqa: F401 - fixtures
     profile_names,
     viewer,
 )
+from tests.test_panel_runs import LOG_IN_JS
 
 HOSTILE = '<script>alert(1)</script>"><img src=x onerror=alert(2)>\u202e'
 # What must never reach a page unescaped.
@@ -159,6 +171,30 @@ async def test_regression_a_limit_that_is_no_number_is_refused(
         assert answer.status_code in (200, 422), (path, answer.status_code)
         for field in typed:
             assert f"{field} must be between" in answer.text, (path, field)
+
+
+async def test_regression_a_run_cannot_reorder_the_page_with_bidi_controls(
+    app: Starlette,
+    admin: httpx.AsyncClient,  # noqa: F811
+) -> None:
+    """U+202E in a file name showed "invoice\u202egpj.exe" as "invoiceexe.jpg"; in an event
+    it reversed the panel's own text after it."""
+    run_id = await add_run(app, "SUCCEEDED")
+    run_dir: Path = app.state.services.settings.commands_dir / str(run_id)
+    run_dir.mkdir(parents=True)
+    (run_dir / "invoice\u202egpj.exe").write_text("MZ")
+    async with app.state.services.sessionmaker() as session:
+        data = {"type": "progress", "note\u202e": "\u2067done"}
+        session.add(CommandEvent(command_id=run_id, attempt=1, seq=0, type="progress", data=data))
+        await session.commit()
+    page = (await admin.get(f"/runs/{run_id}")).text
+    files, events = page.split('id="run-files"')[1], page.split('id="run-events"')[1]
+    assert "invoice[U+202E]gpj.exe</a>" in files
+    assert "note[U+202E]" in events
+    assert "[U+2067]done" in events
+    assert "\u202e" not in page
+    download = await admin.get(f"/runs/{run_id}/files/invoice%E2%80%AEgpj.exe")
+    assert download.status_code == 200  # the file itself keeps its name
 
 
 # --- what held -------------------------------------------------------------------------
@@ -325,3 +361,108 @@ async def test_nul_characters_in_forms_are_refused_never_a_500(
     for path, fields in NUL_FORMS:
         answer = await post_form(admin, path, **fields)
         assert answer.status_code in (200, 303, 422), (path, answer.status_code)
+
+
+# --- in real headless Chromium ---------------------------------------------------------
+
+HOSTILE_BROWSER_SCRIPT = r"""
+const { chromium } = require(process.env.PLAYWRIGHT_CORE);
+(async () => {
+  const [base, chromiumPath, shots, pathsJson, newName] = process.argv.slice(2);
+  const browser = await chromium.launch({
+    executablePath: chromiumPath,
+    args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update',
+           '--disable-sync', '--disable-gpu'],
+  });
+  const found = { errors: [], dialogs: [], statuses: {}, texts: {} };
+  try {
+    const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+    page.on('dialog', async (dialog) => { found.dialogs.push(dialog.message()); await dialog.dismiss(); });
+    /*PAGE_HELPERS*/
+    /*LOG_IN*/
+    for (const path of JSON.parse(pathsJson)) {
+      const response = await page.goto(`${base}${path}`);
+      await page.waitForLoadState('networkidle');
+      found.statuses[path] = response.status();
+      found.texts[path] = await page.locator('main').innerText();
+      await shoot(`hostile${path}`.replace(/[^a-z0-9]+/gi, '-').replace(/-$/, ''));
+    }
+    // A careless admin names a profile with markup and emoji, through the form.
+    await page.goto(`${base}/profiles`);
+    await page.locator('#name').fill(newName);
+    await page.locator('#profile-create button[type="submit"]').click();
+    await page.locator('.flash').waitFor({ timeout: 20000 });
+    found.flash = await page.locator('.flash').innerText();
+    found.heading = await page.locator('h1').innerText();
+    await shoot('hostile-created');
+    found.violations = await page.evaluate(() => window.__violations);
+  } finally {
+    await browser.close();
+  }
+  console.log(JSON.stringify(found));
+})().catch((error) => { console.error(error); process.exit(1); });
+""".replace("/*PAGE_HELPERS*/", PAGE_HELPERS_JS).replace("/*LOG_IN*/", LOG_IN_JS)
+
+
+async def test_hostile_data_in_chromium_runs_no_script(
+    settings: Settings, tmp_path: Path, backend: str
+) -> None:
+    """Hostile names, log lines, events and file names on every page of a real browser: no
+    dialog opens, no CSP violation, no console error, the markup shows as text; a profile
+    named with markup and emoji through the form lands on its page with its flash.
+    Screenshots (light and dark) go to test-artifacts/attacks-<backend>/."""
+    script = tmp_path / "hostile.cjs"
+    script.write_text(HOSTILE_BROWSER_SCRIPT)
+    shots = ROOT / "test-artifacts" / f"attacks-{backend}"
+    shots.mkdir(parents=True, exist_ok=True)
+    new_name = '<img src=x onerror=alert("form")> Café ☕'
+    async with running_server(settings) as live:
+        await add_user(live.app, "grace", "admin")
+        ids = await add_objects(live.app, HOSTILE)
+        run_id = ids["command_id"]
+        async with live.app.state.services.sessionmaker() as session:
+            session.add_all(
+                [
+                    LogLine(command_id=run_id, seq=3, attempt=1, stream="stderr", ts=utcnow(),
+                            text=HOSTILE),
+                    CommandEvent(command_id=run_id, attempt=1, seq=3, type="artifact",
+                                 data={"type": "artifact", "path": HOSTILE}),
+                    CommandEvent(command_id=run_id, attempt=1, seq=3, type=HOSTILE[:60],
+                                 data={HOSTILE: "javascript:alert(5)"}),
+                ]
+            )  # fmt: skip
+            await session.commit()
+        run_dir: Path = settings.commands_dir / str(run_id)
+        run_dir.mkdir(parents=True)
+        (run_dir / f"{HOSTILE.replace('/', '')}.html").write_text("<script>alert(3)</script>")
+        paths = [
+            "/",
+            "/profiles",
+            f"/profiles/{ids['profile_id']}",
+            f"/services/{ids['service_id']}",
+            "/proxies",
+            f"/templates/{ids['template_id']}",
+            f"/compose?template={ids['template_id']}&profile={ids['profile_id']}",
+            "/runs",
+            f"/runs/{run_id}",
+            "/audit",
+        ]
+        found = await run_browser_script(
+            script,
+            live.base_url,
+            settings.chromium_path,
+            str(shots),
+            json.dumps(paths),
+            new_name,
+            user="grace",
+            password=PASSWORD,
+            timeout=120,
+        )
+    assert found["dialogs"] == []
+    assert found["violations"] == []
+    assert found["errors"] == []
+    assert all(status == 200 for status in found["statuses"].values()), found["statuses"]
+    assert "<script>alert(1)</script>" in found["texts"][f"/profiles/{ids['profile_id']}"]
+    assert "<script>alert(1)</script>" in found["texts"][f"/runs/{run_id}"]  # log, events
+    assert found["heading"] == new_name
+    assert found["flash"] == f"Profile {new_name} created."
