@@ -28,6 +28,7 @@ from server.models import (
     utcnow,
 )
 from server.panel import panel_routes
+from server.panel.run_files import ENTRIES_READ, list_files
 from server.settings import Settings
 from tests.fixtures.chromium import PAGE_HELPERS_JS, ROOT, run_browser_script
 from tests.fixtures.servers import running_server
@@ -195,6 +196,29 @@ async def test_regression_a_run_cannot_reorder_the_page_with_bidi_controls(
     assert "\u202e" not in page
     download = await admin.get(f"/runs/{run_id}/files/invoice%E2%80%AEgpj.exe")
     assert download.status_code == 200  # the file itself keeps its name
+
+
+async def test_regression_a_run_leaving_many_files_keeps_its_page_fast(
+    app: Starlette,
+    admin: httpx.AsyncClient,  # noqa: F811
+) -> None:
+    """The listing read and sorted every entry of the run's directory on each view: 300,000
+    files made the page take seconds (20,000 empty folders: one)."""
+    run_id = await add_run(app, "SUCCEEDED")
+    run_dir: Path = app.state.services.settings.commands_dir / str(run_id)
+    for number in range(ENTRIES_READ + 10):
+        (run_dir / f"empty{number:05d}").mkdir(parents=True)
+    (run_dir / "zz-result.txt").write_text("done")
+    listing = list_files(run_dir)
+    assert listing.more  # stopped (in whatever order the folder was read), and says so
+    assert len(listing.files) <= 1
+    page = await admin.get(f"/runs/{run_id}")
+    assert "(there are more)" in page.text
+    (run_dir / "small").mkdir()
+    (run_dir / "small" / "b.txt").write_text("b")
+    (run_dir / "small" / "a.txt").write_text("a")
+    small = list_files(run_dir / "small")
+    assert ([file.path for file in small.files], small.more) == (["a.txt", "b.txt"], False)
 
 
 # --- what held -------------------------------------------------------------------------
