@@ -239,34 +239,29 @@ def _check_env_names(services: list[Service], template_env: dict[str, str]) -> N
         raise InvalidInput(errors)
 
 
+def _out_of_range(field: str, value: object, low: int, high: int) -> UserError | None:
+    """The error of an integer limit outside [low, high] (or no integer at all: the panel
+    passes what was typed through, for this check to refuse next to its field)."""
+    if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+        return None
+    message = f"{field} must be between {low} and {high}"
+    return UserError((field,), message, ErrorCode.OUT_OF_RANGE)
+
+
 def _limits(
     settings: Settings, request: RunRequest, template: CommandTemplate | None
 ) -> tuple[int | None, int]:
-    errors = []
-    timeout = request.timeout_seconds
-    if timeout is not None and not 1 <= timeout <= MAX_TIMEOUT_SECONDS:
-        errors.append(
-            UserError(
-                ("timeoutSeconds",),
-                f"timeoutSeconds must be between 1 and {MAX_TIMEOUT_SECONDS}",
-                ErrorCode.OUT_OF_RANGE,
-            )
-        )
-    attempts = request.max_attempts
-    if attempts is not None and not 1 <= attempts <= 100:
-        errors.append(
-            UserError(
-                ("maxAttempts",), "maxAttempts must be between 1 and 100", ErrorCode.OUT_OF_RANGE
-            )
-        )
-    if not PRIORITY_RANGE[0] <= request.priority <= PRIORITY_RANGE[1]:
-        errors.append(
-            UserError(
-                ("priority",),
-                f"priority must be between {PRIORITY_RANGE[0]} and {PRIORITY_RANGE[1]}",
-                ErrorCode.OUT_OF_RANGE,
-            )
-        )
+    timeout, attempts = request.timeout_seconds, request.max_attempts
+    checks = [
+        ("timeoutSeconds", timeout, 1, MAX_TIMEOUT_SECONDS),
+        ("maxAttempts", attempts, 1, 100),
+        ("priority", request.priority, *PRIORITY_RANGE),
+    ]
+    errors = [
+        error
+        for field, value, low, high in checks
+        if value is not None and (error := _out_of_range(field, value, low, high)) is not None
+    ]
     if errors:
         raise InvalidInput(errors)
     if timeout is None:

@@ -15,15 +15,33 @@ from server.auth import Principal
 TEMPLATES_DIR = Path(__file__).resolve().parent.parent / "web_templates"
 
 
+# Explicit bidi embeddings, overrides and isolates (and the marks): in a run's file name or
+# event, U+202E turns "invoice\u202egpj.exe" into "invoiceexe.jpg" on screen.
+BIDI_CONTROLS = frozenset(
+    "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
+)
+
+
+def bidi_visible(value: object) -> str:
+    """`value` as text with its bidi controls shown as `[U+202E]` (the `bidi_visible`
+    filter: for what a command wrote, which must not reorder what the page shows)."""
+    text = str(value)
+    if not BIDI_CONTROLS.intersection(text):
+        return text
+    return "".join(f"[U+{ord(ch):04X}]" if ch in BIDI_CONTROLS else ch for ch in text)
+
+
 @cache
 def page_environment() -> Environment:
     """The pages' Jinja2 environment (every `{{ }}` HTML-escaped)."""
-    return Environment(
+    environment = Environment(
         loader=FileSystemLoader(TEMPLATES_DIR),
         autoescape=True,
         undefined=StrictUndefined,
         auto_reload=False,
     )
+    environment.filters["bidi_visible"] = bidi_visible
+    return environment
 
 
 def session_user(principal: Principal | None) -> Principal | None:

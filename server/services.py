@@ -36,7 +36,8 @@ SERVICE_FIELDS = [
 
 
 def check_token(value: Any, field: str = "token") -> str:
-    """A token as given (inner whitespace is an error: it is never part of a real token)."""
+    """A token as given (inner whitespace or a control character is an error: neither is
+    ever part of a real token)."""
     if not isinstance(value, str):
         raise InvalidInput.one(field, "token must be a string", ErrorCode.INVALID)
     token = value.strip()
@@ -48,6 +49,10 @@ def check_token(value: Any, field: str = "token") -> str:
         raise InvalidInput.one(field, f"token is longer than {TOKEN_MAX}", ErrorCode.TOO_LONG)
     if any(ch.isspace() for ch in token):
         raise InvalidInput.one(field, "token must not contain whitespace", ErrorCode.INVALID)
+    if not token.isprintable():  # a NUL would crash every run given it (an env var's value)
+        raise InvalidInput.one(
+            field, "token must not contain control characters", ErrorCode.INVALID
+        )
     return token
 
 

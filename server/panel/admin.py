@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, time
 from typing import Any, TypeVarTuple
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, false, select
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 from starlette.responses import Response
@@ -88,6 +88,8 @@ class AuditFilters:
         return {key: value for key, value in vars(self).items() if value}
 
     def apply(self, stmt: Select[*_Row]) -> Select[*_Row]:
+        if "\x00" in self.user + self.action:  # matches nothing (and PostgreSQL rejects it)
+            return stmt.where(false())
         if self.user:
             stmt = stmt.where(AuditEvent.actor == self.user)
         if self.action:

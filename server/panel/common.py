@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import quote, unquote
 
 from itsdangerous import BadSignature, TimestampSigner
 from sqlalchemy import Select, func, select
@@ -31,6 +32,8 @@ PAGE_SIZE = 25
 RECENT = 10  # recent failures on the dashboard, recent runs on a profile's page
 FLASH_COOKIE = "corral_flash"
 FLASH_SECONDS = 60
+# A flash travels in a cookie (browsers drop one over 4 KB); a longer message is cut.
+FLASH_MAX_CHARS = 300
 FlashKind = Literal["success", "error"]
 FLASH_KINDS: tuple[str, ...] = ("success", "error")
 # The panel's menu; `admin` entries are shown to admins only.
@@ -70,7 +73,7 @@ def take_flash(request: Request) -> tuple[str, str] | None:
     if not cookie:
         return None
     try:
-        value = _flash_signer(request).unsign(cookie, max_age=FLASH_SECONDS).decode()
+        value = unquote(_flash_signer(request).unsign(cookie, max_age=FLASH_SECONDS).decode())
     except (BadSignature, UnicodeDecodeError):
         return None
     kind, _, message = value.partition(":")
@@ -86,9 +89,13 @@ def redirect_with_flash(
         response: Response = Response(status_code=200, headers={"HX-Redirect": target})
     else:
         response = RedirectResponse(target, status_code=303)
+    if len(message) > FLASH_MAX_CHARS:
+        message = message[: FLASH_MAX_CHARS - 1] + "…"
+    # Percent-encoded: a header is latin-1, and a name may be any Unicode (issue #17: a
+    # profile named "Café ☕" made every redirect after its change a 500).
     response.set_cookie(
         FLASH_COOKIE,
-        _flash_signer(request).sign(f"{kind}:{message}").decode(),
+        _flash_signer(request).sign(quote(f"{kind}:{message}", safe=":")).decode(),
         max_age=FLASH_SECONDS,
         path="/",
         secure=is_https(request),

@@ -19,6 +19,7 @@ import stat
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import islice
 from pathlib import Path
 from urllib.parse import quote
 
@@ -32,6 +33,7 @@ from server.models import Command
 from server.panel.common import app_services, error_page, not_found, path_id, reading
 
 FILES_SHOWN = 200  # the run page lists at most this many files
+ENTRIES_READ = 5_000  # a listing reads at most this many directory entries in all
 CHUNK_BYTES = 64 * 1024
 _DIR_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -58,26 +60,34 @@ def run_dir(request: Request, command_id: int) -> Path:
 
 def list_files(root: Path, limit: int = FILES_SHOWN) -> RunFiles:
     """Regular files under `root` (symlinks neither listed nor followed), by path, at most
-    `limit`."""
+    `limit`; `more` when there are others, or when the walk stopped at ENTRIES_READ."""
     found: list[RunFile] = []
-    for relative, info in _walk(root):
-        if len(found) == limit:
+    for item in _walk(root):
+        if item is None or len(found) == limit:
             return RunFiles(found, more=True)
+        relative, info = item
         modified = datetime.fromtimestamp(info.st_mtime, UTC)
         found.append(RunFile(relative, info.st_size, modified))
     return RunFiles(found, more=False)
 
 
-def _walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
+def _walk(root: Path) -> Iterator[tuple[str, os.stat_result] | None]:
+    """The regular files under `root`, each folder's by name; None (and no more) once
+    ENTRIES_READ entries were read with some left (a command may leave millions of files:
+    the page of such a run took seconds and tens of MB on every view)."""
+    budget = ENTRIES_READ
     pending = [""]
     while pending:
         folder = pending.pop()
         try:
-            entries = sorted(os.scandir(root / folder), key=lambda entry: entry.name)
+            with os.scandir(root / folder) as scan:
+                entries = list(islice(scan, budget + 1))
         except OSError:  # gone, or not ours to read
             continue
+        cut, entries = len(entries) > budget, entries[:budget]
+        budget -= len(entries)
         subfolders = []
-        for entry in entries:
+        for entry in sorted(entries, key=lambda entry: entry.name):
             relative = f"{folder}/{entry.name}" if folder else entry.name
             if entry.is_dir(follow_symlinks=False):
                 subfolders.append(relative)
@@ -86,6 +96,9 @@ def _walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
                 if info.st_nlink == 1:  # as open_inside: a hard link is not the run's own
                     yield relative, info
         pending.extend(reversed(subfolders))
+        if cut or (budget <= 0 and pending):
+            yield None
+            return
 
 
 def safe_parts(path: str) -> list[str] | None:
