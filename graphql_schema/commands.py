@@ -107,6 +107,10 @@ class Command(Node):
     profile_name: str | None = strawberry.field(
         description="The profile's name when the command was made (kept after it is deleted)."
     )
+    cancel_requested: bool = strawberry.field(
+        description="A cancel was asked for and the command is still stopping (its process "
+        "group is being terminated); false once it is final."
+    )
     lines_lost: int = strawberry.field(
         description="Log lines the runner could not store (0 when the log is complete); "
         "a SYSTEM line in the log says which and why."
@@ -131,6 +135,7 @@ class Command(Node):
             error=row.error,
             wait_reason=row.wait_reason,
             profile_name=row.profile_name,
+            cancel_requested=bool(row.cancel_requested) and row.status not in FINAL_STATUSES,
             lines_lost=row.lines_lost,
             created_at=row.created_at,
             started_at=row.started_at,
@@ -201,14 +206,22 @@ class Command(Node):
         return lines
 
 
+@strawberry.enum(description="The order of a commands connection (ids follow creation).")
+class CommandOrder(enum.Enum):
+    CREATED_ASC = "CREATED_ASC"
+    CREATED_DESC = "CREATED_DESC"
+
+
 async def resolve_commands(
     info: Info,
     first: int | None = None,
     after: str | None = None,
     status: list[CommandStatus] | None = None,
     profile_id: strawberry.ID | None = None,
+    order_by: CommandOrder = CommandOrder.CREATED_ASC,
 ) -> Connection[Command]:
-    """Commands by creation order, optionally by status and profile."""
+    """Commands by creation order (oldest first unless `orderBy: CREATED_DESC`), optionally
+    by status and profile."""
     stmt = select(models.Command)
     if status:
         stmt = stmt.where(models.Command.status.in_([s.value for s in status]))
@@ -219,7 +232,10 @@ async def resolve_commands(
             )
         except InvalidInput:
             stmt = stmt.where(models.Command.id.is_(None))
-    return await paginate(info, stmt, models.Command.id, Command.from_row, first, after)
+    descending = order_by is CommandOrder.CREATED_DESC
+    return await paginate(
+        info, stmt, models.Command.id, Command.from_row, first, after, descending=descending
+    )
 
 
 @strawberry.input(description="What to run: a template (or an ad-hoc commandString) for a profile.")

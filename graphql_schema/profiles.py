@@ -234,12 +234,23 @@ class ProfileMutations:
             profile=None if row is None else Profile.from_row(row), user_errors=errors
         )
 
-    @strawberry.mutation
-    async def delete_profile(self, info: Info, id: strawberry.ID) -> DeletePayload:
-        async def work(session: AsyncSession) -> list[str]:
-            return await profile_service.delete_profile(session, pk_of(id, "Profile", field="id"))
+    @strawberry.mutation(
+        description="Delete a profile; with deleteData, also Corral's own copy of its browser "
+        "data (a user-data-dir an admin chose is kept). The notices say what was kept."
+    )
+    async def delete_profile(
+        self, info: Info, id: strawberry.ID, delete_data: bool | None = False
+    ) -> DeletePayload:
+        settings = info.context.settings
 
-        notices, errors = await perform(info, work)
-        if errors:
+        async def work(session: AsyncSession) -> profile_service.ProfileDeletion:
+            pk = pk_of(id, "Profile", field="id")
+            return await profile_service.delete_profile_and_data(
+                session, pk, settings, delete_data=bool(delete_data)
+            )
+
+        deletion, errors = await perform(info, work)
+        if errors or deletion is None:
             return DeletePayload(user_errors=errors)
-        return DeletePayload(deleted_id=id, notices=notices or [])
+        notices = await profile_service.remove_profile_data(deletion, settings)
+        return DeletePayload(deleted_id=id, notices=notices)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import shlex
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +25,7 @@ from jinja2 import (
     TemplateError,
     TemplateSyntaxError,
     UndefinedError,
+    nodes,
 )
 from jinja2.exceptions import SecurityError
 from jinja2.sandbox import SandboxedEnvironment
@@ -143,6 +144,86 @@ def template_problem(source: str) -> str | None:
     if problem is not None:
         return f"template does not parse: {problem}"
     return quoted_placeholder_problem(source)
+
+
+# --- what a saved template must get right, known without values (issue 12, item 6) ------
+
+
+def template_save_problems(source: str, parameter_names: Collection[str]) -> list[str]:
+    """What is wrong with a template whatever values it gets: a `params.x` that is not
+    declared, an unknown filter or test, a line that cannot be split into arguments.
+    The template is not rendered (the server renders nothing itself: runner/renderpool.py);
+    every value Corral renders is shell-quoted, so whether a line splits is decided by the
+    template's literal text, whatever placeholder values of the declared types it gets."""
+    try:
+        tree = _ENVIRONMENT.parse(source)
+    except TemplateSyntaxError:
+        return []  # template_problem says why
+    problems = [
+        f"line {node.lineno}: params.{name} is not a declared parameter "
+        f"(declared: {', '.join(sorted(parameter_names)) or 'none'})"
+        for name, node in _params_used(tree)
+        if name not in parameter_names
+    ]
+    for kind, known, node_type in (
+        ("filter", _ENVIRONMENT.filters, nodes.Filter),
+        ("test", _ENVIRONMENT.tests, nodes.Test),
+    ):
+        for node in tree.find_all(node_type):
+            if node.name not in known:
+                problems.append(f"line {node.lineno}: no {kind} named {node.name!r}")
+    unsplittable = unclosed_quote_problem(source)
+    return problems + ([unsplittable] if unsplittable else [])
+
+
+def _params_used(tree: nodes.Template) -> list[tuple[str, nodes.Node]]:
+    """The parameter names the template reads as `params.x` or `params['x']` (a method
+    call such as `params.get(...)` aside), in source order, each once."""
+    called = {id(call.node) for call in tree.find_all(nodes.Call)}
+    seen: dict[str, nodes.Node] = {}
+    for node in tree.find_all((nodes.Getattr, nodes.Getitem)):
+        name = _params_key(node)
+        if name is not None and id(node) not in called:
+            seen.setdefault(name, node)
+    return sorted(seen.items(), key=lambda item: item[1].lineno)
+
+
+def _params_key(node: nodes.Node) -> str | None:
+    """`x` of `params.x` or `params['x']`, else None."""
+    if not isinstance(node, nodes.Getattr | nodes.Getitem):
+        return None
+    target = node.node
+    if not (isinstance(target, nodes.Name) and target.name == "params"):
+        return None
+    if isinstance(node, nodes.Getattr):
+        return str(node.attr)
+    key = node.arg
+    return key.value if isinstance(key, nodes.Const) and isinstance(key.value, str) else None
+
+
+def unclosed_quote_problem(source: str) -> str | None:
+    """Why the template's literal text leaves a quote open (or a final backslash), so that
+    no rendering of it splits into arguments; None when it closes every quote."""
+    try:
+        tokens = list(_ENVIRONMENT.lex(source))
+    except TemplateSyntaxError:
+        return None
+    state = _QuoteState()
+    opened_on = 0
+    for lineno, kind, value in tokens:
+        if kind == "data":
+            before = state.quote
+            state.read(value)
+            if state.quote and state.quote != before:
+                opened_on = lineno
+    if state.quote:
+        return (
+            f"line {opened_on}: a {state.quote} quote is never closed, so the command line "
+            "cannot be split into arguments"
+        )
+    if state.escaped:
+        return "the template ends with a backslash, so the command line cannot be split"
+    return None
 
 
 # --- placeholders inside the template's own quotes ----------------------------------------

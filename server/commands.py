@@ -33,7 +33,7 @@ from server.services import get_service
 from server.settings import Settings
 from server.templates import MAX_TIMEOUT_SECONDS, draft_template, get_template, sample_params
 from server.unit_of_work import announce, announce_status
-from server.validation import JSON_MAX_BYTES
+from server.validation import JSON_MAX_BYTES, env_name_problem
 
 PROXY_URL_ENV = "CORRAL_PROXY_URL"
 COMMAND_STRING_MAX = 100_000
@@ -226,7 +226,19 @@ def _check_env_names(services: list[Service], template_env: dict[str, str]) -> N
                 )
             )
         seen[service.env_var] = service.name
+    # Rows saved before a name was refused (issue 12, item 9) are refused here, at compose.
+    for service in services:
+        problem = env_name_problem(service.env_var)
+        if problem is not None:
+            errors.append(
+                UserError(("serviceIds",), f"{service.name!r}: {problem}", ErrorCode.INVALID)
+            )
     for name in template_env:
+        problem = env_name_problem(name)
+        if problem is not None:
+            errors.append(
+                UserError(("templateId",), f"the template's env: {problem}", ErrorCode.INVALID)
+            )
         if name in seen:
             errors.append(
                 UserError(

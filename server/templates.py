@@ -8,8 +8,8 @@ from typing import Any
 from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from runner.compose import template_problem
-from server.errors import ErrorCode, InvalidInput
+from runner.compose import template_problem, template_save_problems
+from server.errors import ErrorCode, InvalidInput, UserError
 from server.models import NAME_MAX, CommandTemplate
 from server.validation import (
     TEXT_MAX,
@@ -108,6 +108,15 @@ def _env(value: Any) -> dict[str, str]:
     return env
 
 
+def check_template_uses(template: CommandTemplate) -> None:
+    """Refuse what the template and its parameters get wrong together, known without values
+    (issue 12, item 6): an undeclared `params.x`, an unknown filter, an unsplittable line."""
+    names = [parameter["name"] for parameter in template.parameters or []]
+    problems = template_save_problems(template.template, names)
+    if problems:
+        raise InvalidInput([UserError(("template",), p, ErrorCode.INVALID) for p in problems])
+
+
 TEMPLATE_FIELDS = [
     FieldSpec("name", "name", text_field(NAME_MAX, label="name"), required=True),
     FieldSpec("template", "template", _template_source, required=True),
@@ -137,6 +146,7 @@ def draft_template(values: dict[str, Any]) -> CommandTemplate:
     template = CommandTemplate(parameters=[], env={}, max_attempts=1, backoff_seconds=5.0)
     drafted = {key: value for key, value in values.items() if key not in ("name", "description")}
     apply_fields(template, drafted, DRAFT_FIELDS, creating=True)
+    check_template_uses(template)
     return template
 
 
@@ -170,6 +180,7 @@ async def create_template(session: AsyncSession, values: dict[str, Any]) -> Comm
     """Validate (including Jinja2 syntax) and add a command template."""
     template = CommandTemplate(parameters=[], env={}, max_attempts=1, backoff_seconds=5.0)
     apply_fields(template, values, TEMPLATE_FIELDS, creating=True)
+    check_template_uses(template)
     await ensure_unique(
         session, CommandTemplate.name_key, template.name, field="name", label="command template"
     )
@@ -184,6 +195,8 @@ async def update_template(
     """Apply changes to a command template."""
     template = await get_template(session, template_id)
     apply_fields(template, values, TEMPLATE_FIELDS, creating=False)
+    if "template" in values or "parameters" in values:
+        check_template_uses(template)
     if "name" in values:
         await ensure_unique(
             session,

@@ -166,6 +166,50 @@ def json_object_field(value: Any) -> dict[str, Any]:
 
 ENV_VAR_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 RESERVED_ENV_PREFIX = "CORRAL_"
+# Names a child's loader, shell or interpreter acts on before the command's own code runs
+# (issue 12, item 9): a token or template value under one of them is code injection, not
+# configuration. Compared upper-cased.
+REFUSED_ENV_PREFIXES = (RESERVED_ENV_PREFIX, "LD_", "DYLD_", "PYTHON", "PERL5", "BASH_FUNC_")
+REFUSED_ENV_NAMES = frozenset(
+    {
+        "PATH",
+        "HOME",
+        "ENV",
+        "BASH_ENV",
+        "SHELLOPTS",
+        "BASHOPTS",
+        "IFS",
+        "PS4",
+        "NODE_OPTIONS",
+        "NODE_PATH",
+        "RUBYOPT",
+        "RUBYLIB",
+        "PERLLIB",
+        "GCONV_PATH",
+        "LOCPATH",
+        "NLSPATH",
+        "JAVA_TOOL_OPTIONS",
+        "JDK_JAVA_OPTIONS",
+        "_JAVA_OPTIONS",
+        "GIT_SSH_COMMAND",
+        "GIT_EXEC_PATH",
+        "GIT_CONFIG_GLOBAL",
+    }
+)
+
+
+def env_name_problem(name: str) -> str | None:
+    """Why a child may not be handed a variable called `name`, or None when it may."""
+    upper = name.upper()
+    if upper.startswith(RESERVED_ENV_PREFIX):
+        return f"{name} is reserved for Corral (CORRAL_*)"
+    if upper in REFUSED_ENV_NAMES or upper.startswith(REFUSED_ENV_PREFIXES):
+        return (
+            f"{name} is refused: the system, a loader or an interpreter acts on it before the "
+            "command runs (PATH, HOME, LD_*, DYLD_*, PYTHON*, PERL5*, NODE_OPTIONS, BASH_ENV, "
+            "ENV, RUBYOPT, ...)"
+        )
+    return None
 
 
 def env_var_field(value: Any) -> str:
@@ -175,8 +219,9 @@ def env_var_field(value: Any) -> str:
         raise FieldInvalid(
             "envVar must be letters, digits and underscores, not starting with a digit"
         )
-    if name.upper().startswith(RESERVED_ENV_PREFIX) or name.upper() in {"PATH", "HOME"}:
-        raise FieldInvalid(f"envVar {name} is reserved for Corral and the system")
+    problem = env_name_problem(name)
+    if problem is not None:
+        raise FieldInvalid(f"envVar {problem}")
     return name
 
 

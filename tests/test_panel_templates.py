@@ -301,8 +301,8 @@ async def test_preview_shows_errors_inline_and_writes_nothing(
     assert TOKEN[:12] not in shown
     assert "cannot compose" in await preview("echo {% if %}")
     assert "template does not parse" in await preview("echo {{ oops")
-    assert "unknown variable" in await preview("echo {{ params.nope }}")
-    assert "does not split into arguments" in await preview("echo 'unbalanced")
+    assert "not a declared parameter" in await preview("echo {{ params.nope }}")
+    assert "cannot be split into arguments" in await preview("echo 'unbalanced")
     assert "placeholder" in await preview("sh -c 'echo {{ profile.name }}'")
     # Without htmx: the editor page, the preview filled, the form as typed.
     page = await admin.post(

@@ -278,19 +278,25 @@ async def profile_delete(request: Request) -> Response:
     profile_id = path_id(request, "profile_id")
     if profile_id is None:
         return not_found(request, "profile")
-    change = Change("deleteProfile", ["id"], encode_id("Profile", profile_id))
+    delete_data = (await read_form(request)).get("deleteData") == "on"
+    fields = ["id", "deleteData"] if delete_data else ["id"]
+    change = Change("deleteProfile", fields, encode_id("Profile", profile_id))
     refused = await refuse_viewer(request, change)
     if refused is not None:
         return refused
+    settings = app_services(request).settings
     try:
-        notices: list[str] = await apply_change(
+        deletion: profile_service.ProfileDeletion = await apply_change(
             request,
             change,
-            lambda session: profile_service.delete_profile(session, profile_id),
+            lambda session: profile_service.delete_profile_and_data(
+                session, profile_id, settings, delete_data=delete_data
+            ),
         )
     except InvalidInput as exc:
         if any(error.code is ErrorCode.NOT_FOUND for error in exc.errors):
             return not_found(request, "profile")
         reasons = " ".join(error.message for error in exc.errors)
         return error_page(request, 409, "Cannot delete this profile", reasons)
-    return redirect_with_flash(request, "/profiles", " ".join(notices).capitalize() + ".")
+    said = "; ".join(await profile_service.remove_profile_data(deletion, settings))
+    return redirect_with_flash(request, "/profiles", said[:1].upper() + said[1:] + ".")
