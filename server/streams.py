@@ -17,7 +17,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import select, text
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from runner.logwriter import LineRun, StoredBatch
 from server.broker import (
@@ -27,7 +26,7 @@ from server.broker import (
     Subscription,
     command_topic,
 )
-from server.db import READ_ONLY
+from server.db import READ_ONLY, SessionFactory
 from server.metrics import Metrics
 from server.models import Command, CommandStatus
 
@@ -69,7 +68,7 @@ _READ_LINES = {
 
 
 async def _read_lines(
-    sessionmaker: async_sessionmaker[AsyncSession],
+    sessionmaker: SessionFactory,
     command_id: int,
     after_seq: int,
     limit: int = REPLAY_LINES,
@@ -147,7 +146,7 @@ def _utc(value: datetime | str) -> datetime:
     return stamp.replace(tzinfo=UTC) if stamp.tzinfo is None else stamp.astimezone(UTC)
 
 
-async def _status(sessionmaker: async_sessionmaker[AsyncSession], command_id: int) -> str | None:
+async def _status(sessionmaker: SessionFactory, command_id: int) -> str | None:
     async with sessionmaker() as session:
         connection = await session.connection(execution_options=READ_ONLY)
         return await connection.scalar(select(Command.status).where(Command.id == command_id))
@@ -158,7 +157,7 @@ class _Follower:
 
     def __init__(
         self,
-        sessionmaker: async_sessionmaker[AsyncSession],
+        sessionmaker: SessionFactory,
         command_id: int,
         after_seq: int,
         page_bytes: int,
@@ -219,7 +218,7 @@ class _Follower:
 
 
 async def follow_command(
-    sessionmaker: async_sessionmaker[AsyncSession],
+    sessionmaker: SessionFactory,
     broker: Broker,
     command_id: int,
     after_seq: int = 0,
