@@ -79,8 +79,6 @@ class LogLine:
     stream: LogStream
     ts: datetime
     text: str
-    # A line of commandLogs is an event shown to every subscriber (shared_events).
-    shared_results: strawberry.Private[SharedResults | None] = None
 
     @classmethod
     def from_row(cls, row: models.LogLine) -> LogLine:
@@ -321,16 +319,7 @@ def _log_lines(batch: StoredBatch) -> list[LogLine]:
     for run in batch.runs:
         stream = LogStream(run.stream)
         for seq, text in enumerate(run.texts, run.first_seq):
-            lines.append(
-                LogLine(
-                    seq=seq,
-                    attempt=run.attempt,
-                    stream=stream,
-                    ts=run.ts,
-                    text=text,
-                    shared_results=SharedResults(),
-                )
-            )
+            lines.append(LogLine(seq=seq, attempt=run.attempt, stream=stream, ts=run.ts, text=text))
     return lines
 
 
@@ -441,9 +430,10 @@ class Subscription:
     ) -> AsyncGenerator[LogLine, None]:
         async for item in _follow_logs(info, command_id, after_seq):
             if isinstance(item, StoredBatch):
-                for message in log_batches(item):
-                    for line in message.lines:
-                        yield line
+                # Built per subscriber, not kept with the batch: a line per event costs a
+                # result each, and results kept for every line would outweigh the saving.
+                for line in _log_lines(item):
+                    yield line
 
     @strawberry.subscription(
         description="A command's log lines after afterSeq (stored ones first), then live, a "

@@ -16,9 +16,12 @@ from graphql import FragmentDefinitionNode, OperationDefinitionNode, parse
 from sqlalchemy import select
 
 from graphql_schema.shared_events import SharedData, SharedResults
+from runner.logwriter import LineRun, StoredBatch
+from server.broker import StatusChange, Subscription
 from server.db import READ_ONLY
-from server.models import Command
+from server.models import Command, utcnow
 from server.settings import Settings
+from server.streams import MERGE_LINES, with_queued
 from tests.conftest import GraphQLClient
 from tests.fixtures.commands import FINAL, wait_status
 from tests.fixtures.servers import LiveServer, running_server
@@ -183,3 +186,34 @@ def test_a_shared_result_is_keyed_by_what_the_selection_depends_on(
     assert results.get(operation, fragments, variables) is data
     assert (results.get(operation, fragments, other) is data) is shared
     assert results.get(parse(query).definitions[0], fragments, variables) is None  # type: ignore[arg-type]
+
+
+async def test_a_follower_behind_merges_the_queued_batches_up_to_a_status_change() -> None:
+    def batch(first: int, count: int) -> StoredBatch:
+        texts = [f"line {i}" for i in range(first, first + count)]
+        return StoredBatch(1, [LineRun(1, "stdout", utcnow(), first, texts)])
+
+    subscription, same, behind = (Subscription("command:1") for _ in range(3))
+    published = (batch(1, 3), batch(4, 2), batch(6, 1), StatusChange(1, "SUCCEEDED"))
+    for message in published:
+        subscription.offer(message)
+        same.offer(message)
+    behind.offer(published[0])
+    subscription.offer(batch(7, MERGE_LINES))
+    held = subscription.held_bytes
+    first = await subscription.get()
+    merged = with_queued(first, subscription)
+    # Another follower with the same batches queued gets the same merged object; one with
+    # fewer queued gets the published batch itself.
+    assert with_queued(await same.get(), same) is merged
+    assert with_queued(await behind.get(), behind) is published[0]
+    assert [(run.first_seq, run.texts) for run in merged.runs] == [
+        (1, ["line 1", "line 2", "line 3"]),
+        (4, ["line 4", "line 5"]),
+        (6, ["line 6"]),
+    ]
+    assert subscription.held_bytes == held  # merged, still held until the next get
+    assert await subscription.get() == StatusChange(1, "SUCCEEDED")
+    alone = await subscription.get()
+    assert with_queued(alone, subscription) is alone  # nothing queued: the shared object
+    assert subscription.held_bytes == alone.nbytes
