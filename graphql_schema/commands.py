@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncGenerator
+import weakref
+from collections.abc import AsyncGenerator, AsyncIterator
 from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -26,6 +27,7 @@ from graphql_schema.relay import (
     pk_of,
     user_errors,
 )
+from graphql_schema.shared_events import SharedResults
 from runner.logwriter import StoredBatch
 from server import commands as command_domain
 from server import models
@@ -34,7 +36,7 @@ from server.commands import RunRequest
 from server.db import READ_ONLY
 from server.errors import InvalidInput
 from server.models import FINAL_STATUSES
-from server.streams import follow_command
+from server.streams import FinalStatus, Item, follow_command, pieces
 from server.subscribers import TooManySubscribers
 
 if TYPE_CHECKING:
@@ -325,6 +327,46 @@ def _command_payload(row: models.Command | None, errors: list[UserError]) -> Com
     )
 
 
+@strawberry.type(
+    description="The lines of one stored batch of a command's log (a message of "
+    "commandLogBatches); `final` is true on the last message, sent once the command is "
+    "final and every line was sent (its `lines` are empty)."
+)
+class LogBatch:
+    lines: list[LogLine]
+    final: bool
+    # Published batches are shown to every subscriber of the command: their result for one
+    # selection is computed and encoded once (graphql_schema.shared_events).
+    shared_results: strawberry.Private[SharedResults | None] = None
+
+
+def _log_lines(batch: StoredBatch) -> list[LogLine]:
+    lines = []
+    for run in batch.runs:
+        stream = LogStream(run.stream)
+        for seq, text in enumerate(run.texts, run.first_seq):
+            lines.append(LogLine(seq=seq, attempt=run.attempt, stream=stream, ts=run.ts, text=text))
+    return lines
+
+
+# id(StoredBatch) -> its messages, while the batch lives (weakref.finalize drops the
+# entry): every subscriber that gets a batch from the broker gets the same messages.
+_published: dict[int, list[LogBatch]] = {}
+
+
+def log_batches(batch: StoredBatch) -> list[LogBatch]:
+    """The messages of a batch, in pieces of bounded size (server.streams.pieces), built
+    once for all the subscribers it is published to."""
+    messages = _published.get(id(batch))
+    if messages is None:
+        messages = _published[id(batch)] = [
+            LogBatch(lines=_log_lines(piece), final=False, shared_results=SharedResults())
+            for piece in pieces(batch)
+        ]
+        weakref.finalize(batch, _published.pop, id(batch), None)
+    return messages
+
+
 @strawberry.type
 class CommandMutations:
     @strawberry.mutation(description="Compose a command and queue it.")
@@ -363,7 +405,7 @@ def _command_pk(command_id: str) -> int:
 
 
 async def _load_command(info: Info, pk: int) -> models.Command | None:
-    async with info.context.app.sessionmaker() as session:
+    async with info.context.app.stream_sessions() as session:
         # A subscriber reads: on SQLite it must not take the write lock (BEGIN IMMEDIATE).
         await session.connection(execution_options=READ_ONLY)
         return await session.get(models.Command, pk)
@@ -379,6 +421,30 @@ def _admit_subscriber(info: Info) -> str:
     return client
 
 
+async def _follow_logs(
+    info: Info, command_id: strawberry.ID, after_seq: int | None
+) -> AsyncIterator[Item]:
+    """A subscriber's view of a command's log (server.streams.follow_command), counted
+    against the subscriber limits while it lasts."""
+    pk = _command_pk(command_id)
+    if await _load_command(info, pk) is None:
+        raise GraphQLError("no such command", extensions={"code": "NOT_FOUND"})
+    app = info.context.app
+    client = _admit_subscriber(info)
+    try:
+        async for item in follow_command(
+            app.stream_sessions,
+            app.broker,
+            pk,
+            after_seq or 0,
+            app.metrics,
+            app.follow_poll_seconds,
+        ):
+            yield item
+    finally:
+        app.subscriber_limits.release(client)
+
+
 @strawberry.type
 class Subscription:
     @strawberry.subscription(
@@ -388,30 +454,27 @@ class Subscription:
     async def command_logs(
         self, info: Info, command_id: strawberry.ID, after_seq: int | None = None
     ) -> AsyncGenerator[LogLine, None]:
-        pk = _command_pk(command_id)
-        if await _load_command(info, pk) is None:
-            raise GraphQLError("no such command", extensions={"code": "NOT_FOUND"})
-        app = info.context.app
-        client = _admit_subscriber(info)
-        try:
-            async for item in follow_command(
-                app.sessionmaker,
-                app.broker,
-                pk,
-                after_seq or 0,
-                app.metrics,
-                app.follow_poll_seconds,
-            ):
-                if not isinstance(item, StoredBatch):
-                    continue
-                for run in item.runs:
-                    stream = LogStream(run.stream)
-                    for seq, text in enumerate(run.texts, run.first_seq):
-                        yield LogLine(
-                            seq=seq, attempt=run.attempt, stream=stream, ts=run.ts, text=text
-                        )
-        finally:
-            app.subscriber_limits.release(client)
+        async for item in _follow_logs(info, command_id, after_seq):
+            if isinstance(item, StoredBatch):
+                # Built per subscriber, not kept with the batch: a line per event costs a
+                # result each, and results kept for every line would outweigh the saving.
+                for line in _log_lines(item):
+                    yield line
+
+    @strawberry.subscription(
+        description="A command's log lines after afterSeq (stored ones first), then live, a "
+        "stored batch of lines per message; completes after a last message with `final` "
+        "true, once the command is final and every line was sent."
+    )
+    async def command_log_batches(
+        self, info: Info, command_id: strawberry.ID, after_seq: int | None = None
+    ) -> AsyncGenerator[LogBatch, None]:
+        async for item in _follow_logs(info, command_id, after_seq):
+            if isinstance(item, StoredBatch):
+                for message in log_batches(item):
+                    yield message
+            elif isinstance(item, FinalStatus):
+                yield LogBatch(lines=[], final=True)
 
     @strawberry.subscription(description="Status changes of one command, or of all commands.")
     async def command_events(

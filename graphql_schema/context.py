@@ -16,6 +16,7 @@ from runner.renderpool import RenderPool
 from server.access import PRINCIPAL_SCOPE_KEY
 from server.auth import Principal, TokenHasher
 from server.broker import Broker
+from server.db import SessionFactory
 from server.metrics import Metrics
 from server.secretbox import SecretBox, token_preview
 from server.settings import Settings
@@ -39,11 +40,18 @@ class AppServices:
     broker: Broker = field(default_factory=Broker)
     metrics: Metrics = field(default_factory=Metrics)
     subscriber_limits: SubscriberLimits = field(init=False)
+    stream_reads: SessionFactory | None = None  # live streams' own pool (server.db)
 
     def __post_init__(self) -> None:
         self.subscriber_limits = SubscriberLimits(
             self.settings.max_subscribers, self.settings.max_subscribers_per_client
         )
+
+    @property
+    def stream_sessions(self) -> SessionFactory:
+        """Sessions for live streams' reads: their own pool (the app's sessionmaker when
+        none was given)."""
+        return self.stream_reads or self.sessionmaker
 
     @property
     def follow_poll_seconds(self) -> float | None:

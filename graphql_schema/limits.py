@@ -30,6 +30,7 @@ from strawberry.types import ExecutionResult
 from strawberry.types.graphql import OperationType
 
 from graphql_schema.cost import CostModel
+from graphql_schema.shared_events import SharedData
 
 NAME = re.compile(r"[_A-Za-z][_0-9A-Za-z]*")
 # How graphql-core's parser words the stop at `max_tokens` (a GraphQLSyntaxError).
@@ -152,7 +153,10 @@ def response_size_error(size: int, limit: int) -> GraphQLError:
 
 
 def response_size(data: Any) -> int:
-    """Bytes of the result's data as JSON (ASCII-escaped, as the HTTP view sends it)."""
+    """Bytes of the result's data as JSON (ASCII-escaped, as the HTTP view sends it); of
+    data shared by subscribers, its JSON as encoded once for all of them."""
+    if isinstance(data, SharedData):
+        return len(data.json())
     return len(json.dumps(data, default=str))
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import strawberry
+from graphql import ExecutionResult as GraphQLExecutionResult
 from strawberry.extensions import (
     AddValidationRules,
     DisableIntrospection,
@@ -43,6 +44,7 @@ from graphql_schema.proxies import (
 )
 from graphql_schema.relay import DEFAULT_PAGE_SIZE, Connection, Node, decode_id
 from graphql_schema.services import Service, ServiceMutations, resolve_services
+from graphql_schema.shared_events import SharedResults
 from graphql_schema.templates import (
     CommandTemplate,
     CommandTemplateMutations,
@@ -186,6 +188,29 @@ class CorralExecutionContext(StrawberryGraphQLCoreExecutionContext):
         executor = super().build_per_event_executor(payload)
         executor._relevant_sub_fields = {}
         return executor
+
+    def execute_operation(self, serially: bool | None = None) -> Any:
+        """As graphql-core's; an event shared by subscribers (graphql_schema.shared_events)
+        is executed once per selection, and its data handed to the others as it is."""
+        shared = getattr(self.root_value, "shared_results", None)
+        if not isinstance(shared, SharedResults):
+            return super().execute_operation(serially)
+        data = shared.get(self.operation, self.fragments, self.variable_values.coerced)
+        if data is not None:
+            return GraphQLExecutionResult(data, None)
+        result = super().execute_operation(serially)
+        if self.is_awaitable(result):
+            return self._keep_shared(result, shared)
+        return self._share(result, shared)
+
+    async def _keep_shared(self, result: Awaitable[Any], shared: SharedResults) -> Any:
+        return self._share(await result, shared)
+
+    def _share(self, result: Any, shared: SharedResults) -> Any:
+        if not isinstance(result, GraphQLExecutionResult) or result.errors or not result.data:
+            return result  # an error stays with the subscriber that met it
+        data = shared.put(self.operation, self.fragments, self.variable_values.coerced, result.data)
+        return GraphQLExecutionResult(data, None, result.extensions)
 
 
 def build_schema(settings: Settings | None = None) -> strawberry.Schema:

@@ -32,7 +32,7 @@ from server.access import AccessControl, Authenticator
 from server.auth import SessionPolicy, TokenHasher, load_token_hasher
 from server.broker import Broker
 from server.csrf import CsrfProtection
-from server.db import create_engine, create_sessionmaker
+from server.db import StreamSessions, create_engine, create_sessionmaker
 from server.graphql_http import GRAPHIQL_CDN_ORIGIN, StrictGraphQL
 from server.headers import SecurityHeaders, content_security_policy
 from server.limits import request_walls
@@ -160,6 +160,7 @@ def create_app(settings: Settings) -> Starlette:
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         engine = create_engine(settings)
+        stream_sessions = StreamSessions(settings)
         render_pool = RenderPool.from_settings(settings)
         supervisor: Supervisor | None = None
         try:
@@ -173,6 +174,7 @@ def create_app(settings: Settings) -> Starlette:
                 token_hasher=await prepare_access(engine, box),
                 broker=Broker(settings.subscriber_buffer_bytes),
                 metrics=metrics,
+                stream_reads=stream_sessions,
             )
             metrics.watch_status_counts(lambda: services.metrics.status_counts)
             app.state.engine = engine
@@ -189,6 +191,7 @@ def create_app(settings: Settings) -> Starlette:
             if supervisor is not None:
                 await supervisor.stop()
             await render_pool.close()
+            await stream_sessions.dispose()
             await engine.dispose()
 
     graphql = GraphQLEndpoint(

@@ -93,6 +93,15 @@ class Subscription:
         message, self._delivering = self.queue.popleft()
         return message
 
+    def take_queued(self) -> Any | None:
+        """The next queued message without waiting (None when none is); it counts against
+        the bound with the one `get` returned, until the next `get`."""
+        if not self.queue:
+            return None
+        message, size = self.queue.popleft()
+        self._delivering += size
+        return message
+
     def waiting(self) -> Iterator[Any]:
         """The messages queued now, oldest first (still queued)."""
         return (message for message, _size in self.queue)

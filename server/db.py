@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -117,3 +120,33 @@ def is_sqlite(engine: AsyncEngine) -> bool:
 def create_sessionmaker(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     """The app's one sessionmaker; objects stay readable after commit."""
     return async_sessionmaker(engine, expire_on_commit=False)
+
+
+# Opens one session for a short read (an async_sessionmaker, or StreamSessions).
+SessionFactory = Callable[[], AbstractAsyncContextManager[AsyncSession]]
+
+
+class StreamSessions:
+    """Sessions for live log streams' replays, on an engine of their own (issue 16).
+
+    Followers (SSE, GraphQL subscriptions, the panel's tails) read from a pool of `size`
+    connections that nothing else uses, so however many replay at once, and however slowly
+    their clients read, the runner's lease renewals and the requests' mutations keep their
+    pool. A reader past `size` waits for a free connection as long as it takes (a
+    semaphore in front of the pool), rather than failing a pool timeout.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        size = settings.stream_pool_size
+        self.engine = create_engine(settings, pool_size=size, max_overflow=0)
+        self._sessionmaker = create_sessionmaker(self.engine)
+        self._slots = asyncio.Semaphore(size)
+
+    @asynccontextmanager
+    async def __call__(self) -> AsyncIterator[AsyncSession]:
+        async with self._slots, self._sessionmaker() as session:
+            yield session
+
+    async def dispose(self) -> None:
+        """Close the pool's connections."""
+        await self.engine.dispose()

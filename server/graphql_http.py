@@ -49,6 +49,7 @@ from strawberry.types.graphql import OperationType
 from strawberry.types.unset import UNSET
 
 from graphql_schema.context import Context
+from graphql_schema.shared_events import SharedData
 from server import access
 from server.access import Authenticator, bearer_token, principal_of
 from server.auth import Principal
@@ -471,6 +472,18 @@ class StrictGraphQL(GraphQL[Context, None]):
 
     def decode_json(self, data: str | bytes) -> object:
         return decode_request_json(data)
+
+    def encode_json(self, data: object) -> str | bytes:
+        """As Strawberry's; a `next` message whose data is shared by subscribers writes the
+        data's JSON encoded once (graphql_schema.shared_events) inside its own envelope."""
+        if isinstance(data, dict) and data.get("type") == "next":
+            payload = data.get("payload")
+            if isinstance(payload, dict) and payload.keys() == {"data"}:
+                shared = payload["data"]
+                if isinstance(shared, SharedData):
+                    envelope = json.dumps(data["id"])
+                    return f'{{"id":{envelope},"type":"next","payload":{{"data":{shared.json()}}}}}'
+        return super().encode_json(data)
 
     def parse_json(self, data: str | bytes) -> Any:
         """An HTTP body or a `variables`/`extensions` parameter: a JSON object (or a list,

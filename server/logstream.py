@@ -120,7 +120,7 @@ async def stream_command_logs(request: Request) -> Response:
     after = after_seq(request)
     if after is None:
         return JSONResponse({"error": "Last-Event-ID must be a log seq"}, status_code=400)
-    async with services.sessionmaker() as session:
+    async with services.stream_sessions() as session:
         await session.connection(execution_options=READ_ONLY)  # SQLite: no write lock
         if await session.get(Command, decoded[1]) is None:
             return JSONResponse({"error": "no such command"}, status_code=404)
@@ -132,7 +132,7 @@ async def stream_command_logs(request: Request) -> Response:
 
     async def events() -> AsyncIterator[bytes | dict[str, Any]]:
         async for item in follow_command(
-            services.sessionmaker,
+            services.stream_sessions,
             services.broker,
             decoded[1],
             after,

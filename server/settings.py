@@ -151,6 +151,15 @@ class Settings(BaseSettings):
         "reads again (its replays read pages of a quarter of this).",
     )
 
+    stream_pool_size: int = Field(
+        default=8,
+        ge=1,
+        le=100,
+        description="Database connections that live log streams (SSE, GraphQL subscriptions) "
+        "share for their replays: a pool of their own, so followers never take the "
+        "connections of the runner and of requests; a replay past it waits its turn.",
+    )
+
     embedded_runner: bool = Field(
         default=True, description="Run commands inside `corral serve` (off: only `corral runner`)."
     )

@@ -11,13 +11,14 @@ batch, not per line.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from itertools import islice
 from typing import Any
 
 from sqlalchemy import select, text
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from runner.logwriter import LineRun, StoredBatch
 from server.broker import (
@@ -27,7 +28,7 @@ from server.broker import (
     Subscription,
     command_topic,
 )
-from server.db import READ_ONLY
+from server.db import READ_ONLY, SessionFactory
 from server.metrics import Metrics
 from server.models import Command, CommandStatus
 
@@ -35,6 +36,7 @@ REPLAY_LINES = 20_000  # most lines one replay page reads
 REPLAY_FIRST_LINES = 1_000  # the first page's line limit; later ones adapt to the lines' size
 REPLAY_LINE_COST = 200  # bytes a line costs on its way through a page, besides its text
 SEND_CHUNK_BYTES = 64 * 1024  # a stream writes a batch in pieces of about this size
+MERGE_LINES = 2_000  # most lines a follower that fell behind merges into one message
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ _READ_LINES = {
 
 
 async def _read_lines(
-    sessionmaker: async_sessionmaker[AsyncSession],
+    sessionmaker: SessionFactory,
     command_id: int,
     after_seq: int,
     limit: int = REPLAY_LINES,
@@ -141,13 +143,51 @@ def pieces(batch: StoredBatch, max_bytes: int = SEND_CHUNK_BYTES) -> Iterator[St
         yield StoredBatch(batch.command_id, runs)
 
 
+def with_queued(batch: StoredBatch, subscription: Subscription) -> StoredBatch:
+    """`batch` and the batches queued behind it, as one (up to about MERGE_LINES lines): a
+    subscriber that fell behind catches up in fewer, larger messages, and a message costs
+    its subscriber far more than a line (issue 16). The first follower to merge from a
+    batch decides the merge; the others that have the same batches queued take that very
+    object (so its GraphQL result is shared, see graphql_schema.shared_events), and one
+    with fewer queued gets `batch` alone, the object every subscriber gets."""
+    known = _merges.get(id(batch))
+    merged = None if known is None else known[1]()
+    if known is not None and merged is not None:
+        rest = known[0][1:]
+        ahead = tuple(islice(subscription.waiting(), len(rest)))
+        if len(ahead) < len(rest) or any(a is not b for a, b in zip(ahead, rest, strict=True)):
+            return batch
+        for _ in rest:
+            subscription.take_queued()
+        return merged
+    constituents = [batch]
+    lines = batch.weight
+    while lines < MERGE_LINES:
+        queued = next(subscription.waiting(), None)
+        if not isinstance(queued, StoredBatch):  # a status change keeps its place
+            break
+        subscription.take_queued()
+        constituents.append(queued)
+        lines += queued.weight
+    if len(constituents) == 1:
+        return batch
+    merged = StoredBatch(batch.command_id, [run for part in constituents for run in part.runs])
+    # The entry holds its batches (their ids stay theirs) while the merged one lives.
+    _merges[id(batch)] = (tuple(constituents), weakref.ref(merged))
+    weakref.finalize(merged, _merges.pop, id(batch), None)
+    return merged
+
+
+_merges: dict[int, tuple[tuple[StoredBatch, ...], weakref.ref[StoredBatch]]] = {}
+
+
 def _utc(value: datetime | str) -> datetime:
     """A timestamp as the driver returns it (SQLite: naive UTC text) -> aware UTC."""
     stamp = datetime.fromisoformat(value) if isinstance(value, str) else value
     return stamp.replace(tzinfo=UTC) if stamp.tzinfo is None else stamp.astimezone(UTC)
 
 
-async def _status(sessionmaker: async_sessionmaker[AsyncSession], command_id: int) -> str | None:
+async def _status(sessionmaker: SessionFactory, command_id: int) -> str | None:
     async with sessionmaker() as session:
         connection = await session.connection(execution_options=READ_ONLY)
         return await connection.scalar(select(Command.status).where(Command.id == command_id))
@@ -158,7 +198,7 @@ class _Follower:
 
     def __init__(
         self,
-        sessionmaker: async_sessionmaker[AsyncSession],
+        sessionmaker: SessionFactory,
         command_id: int,
         after_seq: int,
         page_bytes: int,
@@ -219,7 +259,7 @@ class _Follower:
 
 
 async def follow_command(
-    sessionmaker: async_sessionmaker[AsyncSession],
+    sessionmaker: SessionFactory,
     broker: Broker,
     command_id: int,
     after_seq: int = 0,
@@ -258,6 +298,7 @@ async def follow_command(
                         continue
                     message = StatusChange(command_id, current)
                 if isinstance(message, StoredBatch):
+                    message = with_queued(message, subscription)
                     async for lines in follower.live(message, subscription):
                         yield lines
                 elif isinstance(message, StatusChange):

@@ -78,7 +78,7 @@ class _Start(NamedTuple):
 async def _start(services: AppServices, command_id: int, after: int) -> _Start | None:
     """Where the stream starts: the run's status, whether lines follow `after`, the attempt
     of the line at `after`; None when there is no such run."""
-    async with services.sessionmaker() as session:
+    async with services.stream_sessions() as session:
         await session.connection(execution_options=READ_ONLY)
         status = await session.scalar(select(Command.status).where(Command.id == command_id))
         if status is None:
@@ -117,7 +117,7 @@ async def _tail_events(
     services: AppServices, command_id: int, after: int, attempt: int
 ) -> AsyncIterator[dict[str, Any]]:
     async for item in follow_command(
-        services.sessionmaker,
+        services.stream_sessions,
         services.broker,
         command_id,
         after,

@@ -1,0 +1,425 @@
+"""Live streams at fan-out (issue 16): many subscribers follow one busy run.
+
+One run prints `--rate` lines/s (5,000) for `--seconds` (10), followed by `--clients` (200)
+subscribers at once, in each mode on its own fresh server (a subprocess of this script per
+mode, so one mode's memory never counts in another's):
+
+- `sse`: the SSE log stream (`GET /api/commands/{id}/logs/stream`);
+- `batches`: the `commandLogBatches` subscription over graphql-transport-ws;
+- `lines`: the per-line `commandLogs` subscription over graphql-transport-ws.
+
+The clients live in `--workers` processes (asyncio, many clients each), not one process a
+client. Each line the child writes starts `t=<time.time()>`; a line's latency is when the
+message that carried it arrived minus that (every 20th line sampled). Per mode: whether
+every line reached every subscriber (gaps, repeats, short clients), p50/p99 line latency,
+the server's RSS growth (peak over its RSS before the run), and `/healthz` round trips
+probed every 100 ms from another process throughout.
+
+    python -m benchmarks.fanout [--backend sqlite|postgresql|both] [--modes sse,batches,lines]
+        [--clients 200] [--rate 5000] [--seconds 10] [--workers 4] [--timeout 150]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks.common import (
+    ROOT,
+    Worker,
+    auth_headers,
+    backend_settings,
+    percentiles,
+    progress,
+    run_benchmark,
+    run_command,
+    serve,
+)
+from benchmarks.log_ingest import CHILD_PYTHON, write_child
+
+MODES = ("sse", "batches", "lines")
+SHOWN = ("clients_with_every_line", "seq_gaps", "latency_ms", "server_rss_delta_mb", "healthz_ms")
+TARGET_P99_MS = 250.0
+TARGET_RSS_MB = 200.0
+TARGET_HEALTHZ_MS = 100.0
+SAMPLE_EVERY = 20  # lines a latency sample is taken of
+CONNECT_DELAY = 6.0  # the child waits this long before printing: every client is in by then
+BATCHES = """
+subscription($id: ID!) {
+  commandLogBatches(commandId: $id) { lines { seq attempt stream ts text } final }
+}"""
+# One line's JSON, as SSE (", " and ": ") and GraphQL (compact) write it: seq, stream, and
+# the write time its text starts with.
+LINE = re.compile(
+    rb'"seq": ?(\d+), ?"attempt": ?\d+, ?"stream": ?"(\w+)", '
+    rb'?"ts": ?"[^"]*", ?"text": ?"(?:t=([0-9.]+) )?'
+)
+LINES = """
+subscription($id: ID!) { commandLogs(commandId: $id) { seq attempt stream ts text } }"""
+
+
+# -- the clients (in worker processes) ----------------------------------------------------
+
+
+class Tally:
+    """What one subscriber received: its stdout lines, seq gaps and repeats, samples."""
+
+    def __init__(self) -> None:
+        self.lines = self.gaps = self.repeats = 0
+        self.last_seq = 0
+        self.final = False
+        self.error: str | None = None
+        self.latencies: list[float] = []
+
+    def lines_in(self, raw: bytes, now: float) -> None:
+        """Count the lines a message or chunk carries, read off its bytes (no JSON objects:
+        the clients share the machine with the server they measure)."""
+        for seq_text, stream, written in LINE.findall(raw):
+            seq = int(seq_text)
+            if seq <= self.last_seq:
+                self.repeats += 1
+                continue
+            if seq != self.last_seq + 1:
+                self.gaps += 1
+            self.last_seq = seq
+            if stream.lower() != b"stdout":
+                continue
+            self.lines += 1
+            if written and self.lines % SAMPLE_EVERY == 0:
+                self.latencies.append((now - float(written)) * 1000)
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "lines": self.lines,
+            "gaps": self.gaps,
+            "repeats": self.repeats,
+            "final": self.final,
+            "error": self.error,
+        }
+
+
+async def sse_client(job: dict[str, Any], tally: Tally, connected: asyncio.Event) -> None:
+    url = f"{job['url']}/api/commands/{job['command_id']}/logs/stream"
+    headers = {"accept": "text/event-stream", **auth_headers(job["token"])}
+    async with (
+        httpx.AsyncClient(timeout=httpx.Timeout(job["timeout"], connect=30)) as client,
+        client.stream("GET", url, headers=headers) as response,
+    ):
+        connected.set()
+        if response.status_code != 200:
+            raise RuntimeError(f"SSE answered {response.status_code}")
+        buffer = b""
+        async for chunk in response.aiter_raw():
+            now = time.time()
+            buffer += chunk
+            end = buffer.rfind(b"\r\n\r\n")
+            if end < 0:
+                continue
+            events, buffer = buffer[:end], buffer[end + 4 :]
+            tally.lines_in(events, now)
+            if b"event: status" in events and b'"final": true' in events:
+                tally.final = True
+                return
+
+
+async def ws_client(job: dict[str, Any], tally: Tally, connected: asyncio.Event) -> None:
+    from websockets.asyncio.client import connect
+    from websockets.typing import Subprotocol
+
+    ws_url = job["url"].replace("http://", "ws://") + "/graphql"
+    batches = job["mode"] == "batches"
+    # Compact JSON, as the server writes it: `lines_in` reads the lines off the bytes.
+    query = BATCHES if batches else LINES
+    async with connect(
+        ws_url, subprotocols=[Subprotocol("graphql-transport-ws")], max_size=None, open_timeout=30
+    ) as ws:
+        init = {"authorization": f"Bearer {job['token']}"}
+        await ws.send(json.dumps({"type": "connection_init", "payload": init}))
+        ack = json.loads(await ws.recv())
+        if ack.get("type") != "connection_ack":
+            raise RuntimeError(f"no connection_ack: {ack}")
+        variables = {"id": job["command_id"]}
+        payload = {"query": query, "variables": variables}
+        await ws.send(json.dumps({"id": "1", "type": "subscribe", "payload": payload}))
+        connected.set()
+        async for message in ws:
+            now = time.time()
+            raw = message.encode() if isinstance(message, str) else message
+            if raw.startswith(b'{"id":"1","type":"next","payload":{"data":{'):
+                tally.lines_in(raw, now)
+                if batches and raw.endswith(b'"final":true}}}}'):
+                    tally.final = True
+                continue
+            kind = json.loads(raw)["type"]
+            if kind == "ping":
+                await ws.send('{"type":"pong"}')
+            elif kind == "complete":
+                tally.final = tally.final or not batches
+                return
+            else:
+                raise RuntimeError(f"unexpected message: {raw[:300]!r}")
+        raise RuntimeError("the socket closed before `complete`")
+
+
+async def healthz_prober(job: dict[str, Any]) -> dict[str, Any]:
+    latencies: list[float] = []
+    failures = 0
+    deadline = time.monotonic() + job["seconds"]
+    async with httpx.AsyncClient(base_url=job["url"], timeout=30) as client:
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            try:
+                response = await client.get("/healthz")
+                failures += response.status_code != 200
+            except httpx.HTTPError:
+                failures += 1
+            latencies.append((time.perf_counter() - started) * 1000)
+            await asyncio.sleep(0.1)
+    return {"healthz_ms": percentiles(latencies), "healthz_failures": failures}
+
+
+async def run_clients(job: dict[str, Any]) -> dict[str, Any]:
+    """`job['clients']` subscribers of one mode, side by side; their tallies."""
+    if job["mode"] == "healthz":
+        return await healthz_prober(job)
+    client = sse_client if job["mode"] == "sse" else ws_client
+    tallies = [Tally() for _ in range(job["clients"])]
+    events = [asyncio.Event() for _ in tallies]
+
+    async def one(tally: Tally, connected: asyncio.Event) -> None:
+        try:
+            async with asyncio.timeout(job["timeout"]):
+                await client(job, tally, connected)
+        except Exception as exc:  # a client that failed is counted, not fatal
+            tally.error = repr(exc)[:200]
+            connected.set()
+
+    tasks = [asyncio.create_task(one(t, e)) for t, e in zip(tallies, events, strict=True)]
+    await asyncio.gather(*(e.wait() for e in events))
+    _emit({"event": "connected"})
+    await asyncio.gather(*tasks)
+    return {
+        "clients": [t.result() for t in tallies],
+        "latencies_ms": [round(x, 2) for t in tallies for x in t.latencies],
+        "client_cpu_seconds": round(time.process_time(), 2),
+    }
+
+
+def _emit(message: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(message) + "\n")
+    sys.stdout.flush()
+
+
+def worker_main() -> int:
+    _emit({"event": "ready"})
+    job = json.loads(sys.stdin.readline())
+    try:
+        result = asyncio.run(run_clients(job))
+    except Exception as exc:
+        _emit({"event": "failed", "error": repr(exc)})
+        return 1
+    _emit({"event": "result", **result})
+    return 0
+
+
+async def start_worker() -> Worker:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "benchmarks.fanout",
+        "--worker",
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        cwd=ROOT,
+        limit=256 * 1024 * 1024,
+    )
+    worker = Worker(process, "fanout")
+    await worker.expect("ready", timeout=60)
+    return worker
+
+
+# -- one mode on one server (a subprocess of the benchmark) --------------------------------
+
+
+def rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def sample_rss(peak: list[float]) -> None:
+    while True:
+        peak[0] = max(peak[0], rss_mb())
+        await asyncio.sleep(0.25)
+
+
+async def run_mode(backend: str, mode: str, args: argparse.Namespace, workdir: Path) -> dict:
+    from server.app import create_app
+
+    child = write_child(workdir)
+    total = int(args.rate * args.seconds)
+    overrides = {
+        "sandbox_paths": [workdir, Path(sys.base_prefix)],
+        "max_subscribers": args.clients + 50,
+        "max_subscribers_per_client": args.clients + 50,
+    }
+    async with (
+        backend_settings(backend, workdir, **overrides) as settings,
+        serve(create_app(settings)) as base_url,
+        httpx.AsyncClient(base_url=base_url, timeout=60, headers=auth_headers()) as http,
+    ):
+        workers = [await start_worker() for _ in range(args.workers)]
+        prober = await start_worker()
+        rss_before = rss_mb()
+        peak = [rss_before]
+        sampler = asyncio.create_task(sample_rss(peak))
+        try:
+            python = shlex.quote(CHILD_PYTHON)
+            command = (
+                f"{python} -S {shlex.quote(str(child))} paced {total} {args.rate} {CONNECT_DELAY}"
+            )
+            command_id = await run_command(http, commandString=command)
+            started = time.monotonic()
+            await prober.send(
+                {"mode": "healthz", "url": base_url, "seconds": CONNECT_DELAY + args.seconds + 5}
+            )
+            shares = [args.clients // args.workers] * args.workers
+            shares[0] += args.clients - sum(shares)
+            for worker, share in zip(workers, shares, strict=True):
+                job = {"mode": mode, "url": base_url, "command_id": command_id}
+                await worker.send(job | {"clients": share, "timeout": args.timeout})
+            for worker in workers:
+                await worker.expect("connected", timeout=60)
+            connect_seconds = time.monotonic() - started
+            progress(f"{backend}/{mode}: {args.clients} clients in after {connect_seconds:.1f}s")
+            results = [await w.expect("result", timeout=args.timeout + 60) for w in workers]
+            health = await prober.expect("result", timeout=60)
+        finally:
+            sampler.cancel()
+            for worker in [*workers, prober]:
+                await worker.close()
+    return summarize(mode, total, results, health, peak[0] - rss_before, connect_seconds)
+
+
+def summarize(
+    mode: str,
+    total: int,
+    results: list[dict[str, Any]],
+    health: dict[str, Any],
+    rss_delta: float,
+    connect_seconds: float,
+) -> dict[str, Any]:
+    clients = [c for r in results for c in r["clients"]]
+    latencies = [x for r in results for x in r["latencies_ms"]]
+    complete = sum(c["lines"] == total and c["final"] for c in clients)
+    summary = {
+        "mode": mode,
+        "clients": len(clients),
+        "lines_per_client_expected": total,
+        "clients_with_every_line": complete,
+        "clients_with_no_line": sum(c["lines"] == 0 for c in clients),
+        "lines_delivered_fraction": round(
+            sum(c["lines"] for c in clients) / (total * len(clients)), 4
+        ),
+        "seq_gaps": sum(c["gaps"] for c in clients),
+        "seq_repeats": sum(c["repeats"] for c in clients),
+        "client_errors": [c["error"] for c in clients if c["error"]][:5],
+        "client_error_count": sum(bool(c["error"]) for c in clients),
+        "latency_ms": percentiles(latencies),
+        "server_rss_delta_mb": round(rss_delta, 1),
+        "healthz_ms": health["healthz_ms"],
+        "healthz_failures": health["healthz_failures"],
+        "clients_connect_seconds": round(connect_seconds, 2),
+        "client_cpu_seconds": sum(r["client_cpu_seconds"] for r in results),
+    }
+    p99 = summary["latency_ms"]["p99"]
+    summary["meets_targets"] = {
+        "every_line": complete == len(clients) and summary["seq_gaps"] == 0,
+        "p99_ms": p99 is not None and p99 <= TARGET_P99_MS,
+        "rss_mb": rss_delta <= TARGET_RSS_MB,
+        "healthz_ms": (health["healthz_ms"]["max"] or 0) <= TARGET_HEALTHZ_MS,
+    }
+    return summary
+
+
+# -- the benchmark ---------------------------------------------------------------------------
+
+
+async def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    """Each mode in a fresh process of its own (its own server, its own RSS)."""
+    results: dict[str, Any] = {}
+    for mode in args.modes.split(","):
+        progress(f"{backend}: {mode}, {args.clients} clients, {args.rate:.0f} lines/s")
+        argv = [
+            *("--backend", backend, "--one-mode", mode, "--clients", str(args.clients)),
+            *("--rate", str(args.rate), "--seconds", str(args.seconds)),
+            *("--workers", str(args.workers), "--timeout", str(args.timeout)),
+        ]
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "benchmarks.fanout", *argv,
+            stdout=asyncio.subprocess.PIPE, cwd=ROOT,
+        )  # fmt: skip
+        out, _ = await process.communicate()
+        if process.returncode != 0:
+            results[mode] = {"error": f"the {mode} run exited {process.returncode}"}
+            continue
+        results[mode] = json.loads(out)
+        summary = {k: results[mode][k] for k in SHOWN}
+        progress(f"  {json.dumps(summary)}")
+    results["targets"] = {
+        "p99_ms_max": TARGET_P99_MS,
+        "rss_mb_max": TARGET_RSS_MB,
+        "healthz_ms_max": TARGET_HEALTHZ_MS,
+        "applies_to": ["sse", "batches"],
+    }
+    return results
+
+
+def one_mode(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from benchmarks.common import server_log
+
+    async def main() -> dict[str, Any]:
+        with (
+            tempfile.TemporaryDirectory(prefix="corral-bench-fanout-") as tmp,
+            server_log(Path(tmp), f"fanout-{args.one_mode}"),
+        ):
+            return await run_mode(args.backend, args.one_mode, args, Path(tmp))
+
+    sys.stdout.write(json.dumps(asyncio.run(main())) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backend", default="both", help="sqlite, postgresql or both")
+    parser.add_argument("--modes", default=",".join(MODES), help="of sse, batches, lines")
+    parser.add_argument("--clients", type=int, default=200, help="subscribers per mode")
+    parser.add_argument("--rate", type=float, default=5000, help="lines/s the run prints")
+    parser.add_argument("--seconds", type=float, default=10.0, help="how long it prints")
+    parser.add_argument("--workers", type=int, default=4, help="client processes")
+    parser.add_argument("--timeout", type=float, default=150.0, help="a client's limit (s)")
+    parser.add_argument("--one-mode", help=argparse.SUPPRESS)
+    if "--worker" in sys.argv:
+        sys.exit(worker_main())
+    args = parser.parse_known_args()[0]
+    if args.one_mode:
+        one_mode(args)
+        return
+    run_benchmark("fanout", parser, run_backend)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -1,0 +1,125 @@
+"""Subscription events that many subscribers receive: executed and encoded once (issue 16).
+
+A published log batch goes to every subscriber of its command. Each subscriber's event
+would be executed by graphql-core (a resolver call per field of every line) and encoded
+to JSON on its own: with 200 subscribers, 200 times the same work. An event that carries
+`SharedResults` is executed once per selection instead: the first subscriber of a
+selection executes it and keeps the result's data as `SharedData`; the others with the
+same selection get that very object, and the WebSocket writes its JSON, encoded once,
+inside each subscriber's own `next` message (graphql_http.StrictGraphQL.encode_json).
+
+"The same selection": the same parsed operation (queries are parsed through a shared
+cache, so subscribers sending the same text share one) and the same values of the
+variables the result can depend on: those used anywhere but in the root field's own
+arguments (which choose the event stream, not how an event is shown).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from graphql import FieldNode, OperationDefinitionNode, VariableNode, Visitor, visit
+from graphql.language.visitor import SKIP
+
+_RELEVANT_CACHE_SIZE = 1024
+
+
+class SharedData(dict[str, Any]):
+    """A subscription event's data shared by subscribers, with its JSON encoded once."""
+
+    __slots__ = ("_json",)
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        super().__init__(data)
+        self._json: str | None = None
+
+    def json(self) -> str:
+        """The data as compact JSON (as the GraphQL view encodes messages), encoded once."""
+        if self._json is None:
+            self._json = json.dumps(self, separators=(",", ":"))
+        return self._json
+
+
+class SharedResults:
+    """The results of one event, one per selection seen so far."""
+
+    __slots__ = ("_results",)
+
+    def __init__(self) -> None:
+        self._results: list[tuple[OperationDefinitionNode, tuple[Any, ...], SharedData]] = []
+
+    def get(
+        self, operation: OperationDefinitionNode, fragments: Any, variables: dict[str, Any]
+    ) -> SharedData | None:
+        """The data executed already for this selection, if any."""
+        key = selection_key(operation, fragments, variables)
+        for seen, seen_key, data in self._results:
+            if seen is operation and seen_key == key:
+                return data
+        return None
+
+    def put(
+        self,
+        operation: OperationDefinitionNode,
+        fragments: Any,
+        variables: dict[str, Any],
+        data: dict[str, Any],
+    ) -> SharedData:
+        """Keep `data` as this selection's result; the shared object."""
+        shared = SharedData(data)
+        self._results.append((operation, selection_key(operation, fragments, variables), shared))
+        return shared
+
+
+def selection_key(
+    operation: OperationDefinitionNode, fragments: Any, variables: dict[str, Any]
+) -> tuple[Any, ...]:
+    """The values of the variables an event's result may depend on, as a comparable key."""
+    names = _relevant_variables(operation, fragments)
+    return tuple(json.dumps(variables.get(name), sort_keys=True, default=str) for name in names)
+
+
+# operation id -> (operation, relevant names); the operation is kept so its id
+# is not reused while the entry lives.
+_relevant: dict[int, tuple[OperationDefinitionNode, tuple[str, ...]]] = {}
+
+
+def _relevant_variables(operation: OperationDefinitionNode, fragments: Any) -> tuple[str, ...]:
+    cached = _relevant.get(id(operation))
+    # The fragments come from the operation's own document: the same operation, the same.
+    if cached is not None and cached[0] is operation:
+        return cached[1]
+    everywhere = _variables_in([operation, *(fragments or {}).values()])
+    in_root_arguments = _variables_in(
+        [
+            argument
+            for selection in operation.selection_set.selections
+            if isinstance(selection, FieldNode)
+            for argument in selection.arguments or ()
+        ]
+    )
+    # A name counts when it is used somewhere besides the root field's arguments.
+    names = tuple(
+        sorted(name for name, count in everywhere.items() if count > in_root_arguments.get(name, 0))
+    )
+    if len(_relevant) >= _RELEVANT_CACHE_SIZE:
+        _relevant.clear()
+    _relevant[id(operation)] = (operation, names)
+    return names
+
+
+def _variables_in(nodes: list[Any]) -> dict[str, int]:
+    """How often each variable is referenced in `nodes` (definitions not counted)."""
+    counts: dict[str, int] = {}
+
+    class Counter(Visitor):
+        def enter_variable_definition(self, *_args: Any) -> Any:
+            return SKIP
+
+        def enter_variable(self, node: VariableNode, *_args: Any) -> None:
+            counts[node.name.value] = counts.get(node.name.value, 0) + 1
+
+    for node in nodes:
+        visit(node, Counter())
+    return counts

@@ -1,0 +1,219 @@
+"""Live streams at fan-out (issue 16): the batched subscription, shared events, the stream pool.
+
+A real uvicorn, real sockets: `websockets` speaking graphql-transport-ws, the SSE client of
+test_streams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from graphql import FragmentDefinitionNode, OperationDefinitionNode, parse
+from sqlalchemy import select
+
+from graphql_schema.shared_events import SharedData, SharedResults
+from runner.logwriter import LineRun, StoredBatch
+from server.broker import StatusChange, Subscription
+from server.db import READ_ONLY
+from server.models import Command, utcnow
+from server.settings import Settings
+from server.streams import MERGE_LINES, with_queued
+from tests.conftest import GraphQLClient
+from tests.fixtures.commands import FINAL, wait_status
+from tests.fixtures.servers import LiveServer, running_server
+from tests.test_streams import (
+    STREAM_TIMEOUT,
+    GraphQLSocket,
+    assert_ends_final,
+    log_seqs,
+    pk,
+    read_sse,
+    run_command,
+    stored_logs,
+)
+
+BATCHES = """
+subscription($id: ID!, $after: Int) {
+  commandLogBatches(commandId: $id, afterSeq: $after) { lines { seq attempt stream text } final }
+}"""
+# Another selection of the same events: its own shared result.
+BATCH_SEQS = """
+subscription($id: ID!) { b: commandLogBatches(commandId: $id) { final lines { seq } } }"""
+# Waits until the subscribers are there, then prints in several pipe reads (several batches).
+PRINTS = "sh -c 'sleep 1; for i in $(seq 1 40); do seq $((i*10-9)) $((i*10)); sleep 0.02; done'"
+
+
+@pytest.fixture
+async def live(settings: Settings) -> AsyncIterator[LiveServer]:
+    async with running_server(settings, stream_pool_size=1, lease_seconds=0.9) as server:
+        yield server
+
+
+@pytest.fixture
+async def api(live: LiveServer) -> AsyncIterator[GraphQLClient]:
+    async with httpx.AsyncClient(
+        base_url=live.base_url, headers=live.headers, timeout=STREAM_TIMEOUT
+    ) as client:
+        yield GraphQLClient(client)
+
+
+async def batches(live: LiveServer, query: str, **variables: Any) -> list[dict[str, Any]]:
+    """The messages of one subscription on a socket of its own, up to `complete`."""
+    async with GraphQLSocket.open(live) as ws:
+        await ws.subscribe("s", query, **variables)
+        return [next(iter(data.values())) for data in await ws.until_complete("s")]
+
+
+async def test_batches_replay_then_live_once_each_shared_by_subscribers_of_a_selection(
+    api: GraphQLClient, live: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    encodes = 0
+    encode = SharedData.json
+
+    def counted(self: SharedData) -> str:
+        nonlocal encodes
+        encodes += self._json is None
+        return encode(self)
+
+    monkeypatch.setattr(SharedData, "json", counted)
+    command_id = await run_command(api, PRINTS)
+    same, other, seqs_only = await asyncio.gather(
+        batches(live, BATCHES, id=command_id),
+        batches(live, BATCHES, id=command_id, after=0),
+        batches(live, BATCH_SEQS, id=command_id),
+    )
+    stored = await stored_logs(api, command_id)
+    assert [line["text"] for line in stored if line["stream"] == "STDOUT"] == [
+        str(i) for i in range(1, 401)
+    ]
+    for messages in (same, other, seqs_only):
+        # Every line once, in order, then one last empty message marked final.
+        assert messages[-1] == {"lines": [], "final": True}
+        assert not any(m["final"] for m in messages[:-1])
+        assert all(m["lines"] for m in messages[:-1])
+        assert [line["seq"] for m in messages for line in m["lines"]] == list(
+            range(1, len(stored) + 1)
+        )
+    assert [line for m in same for line in m["lines"]] == [
+        {key: line[key] for key in ("seq", "attempt", "stream", "text")} for line in stored
+    ]
+    assert len(same) > 5  # several batches, not one line a message nor one message
+    # The two subscribers of one selection (afterSeq aside) shared each live message's
+    # encoding: fewer encodings than the messages the three subscribers got.
+    assert 0 < encodes < len(same) + len(other) + len(seqs_only) - len(same) // 2
+
+    # A late subscriber replays from the database, after afterSeq, and completes.
+    replay = await batches(live, BATCHES, id=command_id, after=len(stored) - 5)
+    assert [line["seq"] for m in replay for line in m["lines"]] == list(
+        range(len(stored) - 4, len(stored) + 1)
+    )
+    assert replay[-1]["final"]
+
+
+async def test_replays_never_take_the_runner_and_requests_pool(
+    api: GraphQLClient, live: LiveServer
+) -> None:
+    services = live.app.state.services
+    async with httpx.AsyncClient(
+        base_url=live.base_url, headers=live.headers, timeout=STREAM_TIMEOUT
+    ) as http:
+        first = await run_command(api, "echo before")
+        assert (await wait_status(api, first, FINAL))["status"] == "SUCCEEDED"
+        # The stream pool (one connection here) is held, as by a replay to a slow client.
+        async with services.stream_sessions() as held:
+            await held.connection(execution_options=READ_ONLY)
+            followers = [asyncio.create_task(read_sse(http, first)) for _ in range(5)]
+            # A mutation and the runner (claim, log store, lease renewals) go on.
+            second = await run_command(api, "sh -c 'echo one; sleep 1.2; echo two'")
+            await wait_status(api, second, {"RUNNING"})
+            leases = [await lease_of(live, second)]
+            await asyncio.sleep(0.7)
+            leases.append(await lease_of(live, second))
+            assert (await wait_status(api, second, FINAL))["status"] == "SUCCEEDED"
+            assert None not in leases
+            assert leases[1] > leases[0]
+            # ...while the followers wait for the stream pool.
+            assert not any(task.done() for task in followers)
+        for events in await asyncio.gather(*followers):
+            assert log_seqs(events) == list(range(1, len(log_seqs(events)) + 1))
+            assert len(log_seqs(events)) >= 2
+            assert_ends_final(events)
+
+
+async def lease_of(live: LiveServer, command_id: str) -> Any:
+    async with live.app.state.services.sessionmaker() as session:
+        return await session.scalar(
+            select(Command.lease_expires_at).where(Command.id == pk(command_id))
+        )
+
+
+@pytest.mark.parametrize(
+    ("query", "variables", "other", "shared"),
+    [
+        # The root field's arguments choose the stream, not how an event is shown.
+        (BATCHES, {"id": "a", "after": 1}, {"id": "b", "after": 7}, True),
+        (
+            "subscription($id: ID!, $t: Boolean!) { commandLogBatches(commandId: $id) "
+            "{ final lines @include(if: $t) { seq } } }",
+            {"id": "a", "t": True},
+            {"id": "a", "t": False},
+            False,
+        ),
+        (
+            'subscription($t: Boolean!) { commandLogBatches(commandId: "x") { ...F } } '
+            "fragment F on LogBatch { final lines @skip(if: $t) { seq } }",
+            {"t": True},
+            {"t": False},
+            False,
+        ),
+    ],
+    ids=["root-arguments", "include", "skip-in-fragment"],
+)
+def test_a_shared_result_is_keyed_by_what_the_selection_depends_on(
+    query: str, variables: dict[str, Any], other: dict[str, Any], shared: bool
+) -> None:
+    document = parse(query)
+    operation = next(d for d in document.definitions if isinstance(d, OperationDefinitionNode))
+    fragments = {
+        d.name.value: d for d in document.definitions if isinstance(d, FragmentDefinitionNode)
+    }
+    results = SharedResults()
+    data = results.put(operation, fragments, variables, {"commandLogBatches": {"final": False}})
+    assert results.get(operation, fragments, variables) is data
+    assert (results.get(operation, fragments, other) is data) is shared
+    assert results.get(parse(query).definitions[0], fragments, variables) is None  # type: ignore[arg-type]
+
+
+async def test_a_follower_behind_merges_the_queued_batches_up_to_a_status_change() -> None:
+    def batch(first: int, count: int) -> StoredBatch:
+        texts = [f"line {i}" for i in range(first, first + count)]
+        return StoredBatch(1, [LineRun(1, "stdout", utcnow(), first, texts)])
+
+    subscription, same, behind = (Subscription("command:1") for _ in range(3))
+    published = (batch(1, 3), batch(4, 2), batch(6, 1), StatusChange(1, "SUCCEEDED"))
+    for message in published:
+        subscription.offer(message)
+        same.offer(message)
+    behind.offer(published[0])
+    subscription.offer(batch(7, MERGE_LINES))
+    held = subscription.held_bytes
+    first = await subscription.get()
+    merged = with_queued(first, subscription)
+    # Another follower with the same batches queued gets the same merged object; one with
+    # fewer queued gets the published batch itself.
+    assert with_queued(await same.get(), same) is merged
+    assert with_queued(await behind.get(), behind) is published[0]
+    assert [(run.first_seq, run.texts) for run in merged.runs] == [
+        (1, ["line 1", "line 2", "line 3"]),
+        (4, ["line 4", "line 5"]),
+        (6, ["line 6"]),
+    ]
+    assert subscription.held_bytes == held  # merged, still held until the next get
+    assert await subscription.get() == StatusChange(1, "SUCCEEDED")
+    alone = await subscription.get()
+    assert with_queued(alone, subscription) is alone  # nothing queued: the shared object
+    assert subscription.held_bytes == alone.nbytes
