@@ -100,6 +100,10 @@ class Command(Node):
     priority: int
     attempts: int
     max_attempts: int
+    uncounted_attempts: int = strawberry.field(
+        description="Attempts not held against maxAttempts: cut short by a runner shutdown, "
+        "or lost with a runner that died (a bounded number of times)."
+    )
     timeout_seconds: int | None
     exit_code: int | None
     error: str | None
@@ -132,6 +136,7 @@ class Command(Node):
             priority=row.priority,
             attempts=row.attempts,
             max_attempts=row.max_attempts,
+            uncounted_attempts=row.uncounted_attempts,
             timeout_seconds=row.timeout_seconds,
             exit_code=row.exit_code,
             error=row.error,

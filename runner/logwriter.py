@@ -92,6 +92,7 @@ STATE_COLUMNS = frozenset(
         "finished_at",
         "next_attempt_at",
         "max_attempts",
+        "uncounted_attempts",
         "runner_id",
         "lease_expires_at",
         "pgid",

@@ -24,6 +24,7 @@ from sqlalchemy import JSON, Connection, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
+from runner import policy
 from runner.compose import CompositionError
 from runner.lines import LineSplitter
 from runner.logwriter import LogStore, LogWriter, retryable_database_error
@@ -101,6 +102,7 @@ class Attempt:
     number: int
     max_attempts: int = 1
     backoff_seconds: float = 5.0
+    uncounted: int = 0  # earlier attempts not held against max_attempts
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     reason: str | None = None
     task: asyncio.Task[None] | None = None
@@ -129,6 +131,7 @@ class ClaimedCommand:
     timeout_seconds: int | None
     backoff_seconds: float
     last_seq: int
+    uncounted_attempts: int
 
 
 @dataclass
@@ -200,6 +203,16 @@ def _choose(candidates: Any, busy: dict[int, int], free: int) -> _Choice:
     return choice
 
 
+# How an attempt ended, by the status its outcome carries (QUEUED: a runner shutdown).
+_ENDINGS = {
+    CommandStatus.SUCCEEDED: policy.Ending.SUCCEEDED,
+    CommandStatus.FAILED: policy.Ending.FAILED,
+    CommandStatus.TIMED_OUT: policy.Ending.TIMED_OUT,
+    CommandStatus.CANCELLED: policy.Ending.CANCELLED,
+    CommandStatus.QUEUED: policy.Ending.SHUTDOWN,
+}
+
+
 @dataclass
 class Outcome:
     status: CommandStatus
@@ -237,8 +250,17 @@ def child_path() -> str:
 
 def backoff_delay(base: float, attempt: int, ceiling: float) -> float:
     """Exponential backoff with full jitter: uniform in [base, base * 2**(attempt-1)]."""
-    top = min(ceiling, base * (2 ** max(attempt - 1, 0)))
-    return random.uniform(min(base, top), top)  # noqa: S311 - jitter, not cryptography
+    return policy.backoff_delay(base, attempt, ceiling, _jitter())
+
+
+def _attempt_of(attempt: Attempt) -> str:
+    """`2 of 3`, or with attempts that were not counted `3 of 4 (1 earlier not counted)`."""
+    of = f"{attempt.number} of {attempt.max_attempts + attempt.uncounted}"
+    return of + (f" ({attempt.uncounted} earlier not counted)" if attempt.uncounted else "")
+
+
+def _jitter() -> float:
+    return random.random()  # noqa: S311 - jitter, not cryptography
 
 
 class Supervisor:
@@ -458,7 +480,11 @@ class Supervisor:
             command = claim.command
             self.broker.publish_status(command.id, CommandStatus.RUNNING.value)
             attempt = Attempt(
-                command.id, command.attempts, command.max_attempts, command.backoff_seconds
+                command.id,
+                command.attempts,
+                command.max_attempts,
+                command.backoff_seconds,
+                command.uncounted_attempts,
             )
             if self._stopping:  # claimed as the runner stops: it goes back to the queue
                 attempt.request_stop(StopReason.SHUTDOWN)
@@ -776,7 +802,7 @@ class Supervisor:
         try:
             await writer.add(
                 LogStream.SYSTEM,
-                f"attempt {attempt.number} of {command.max_attempts}: {shlex.join(prepared.argv)}",
+                f"attempt {_attempt_of(attempt)}: {shlex.join(prepared.argv)}",
                 command_values={"pgid": pgid, "argv": prepared.argv},
             )
             log_event("started", command=command.id, attempt=attempt.number, pid=process.pid)
@@ -904,44 +930,47 @@ class Supervisor:
     def _final_values(
         self, attempt: Attempt, outcome: Outcome
     ) -> tuple[CommandStatus, dict[str, Any], str]:
-        """The command's next state: final, or back in the queue (retry, or shutdown)."""
-        max_attempts = attempt.max_attempts
-        backoff = attempt.backoff_seconds
-        cleared: dict[str, Any] = {"runner_id": None, "lease_expires_at": None, "pgid": None}
-        if outcome.status is CommandStatus.QUEUED:  # shutdown: not the command's fault
-            return (
-                CommandStatus.QUEUED,
-                cleared
-                | {"status": "QUEUED", "max_attempts": max_attempts + 1, "error": outcome.error},
-                "put back in the queue; this attempt is not counted against it",
-            )
-        if (
-            outcome.retryable
-            and outcome.status is not CommandStatus.SUCCEEDED
-            and (attempt.number < max_attempts)
-        ):
-            delay = backoff_delay(backoff, attempt.number, self.settings.backoff_max_seconds)
-            values = cleared | {
-                "status": CommandStatus.QUEUED.value,
-                "next_attempt_at": utcnow() + timedelta(seconds=delay),
-                "exit_code": outcome.exit_code,
-                "error": outcome.error,
-                "wait_reason": f"retrying in {delay:.1f}s (attempt {attempt.number + 1} of "
-                f"{max_attempts})",
-            }
-            return CommandStatus.QUEUED, values, f"{outcome.error}; retrying in {delay:.1f}s"
-        values = cleared | {
-            "status": outcome.status.value,
-            "exit_code": outcome.exit_code,
-            "error": outcome.error,
-            "finished_at": utcnow(),
-            "wait_reason": None,
-            "cancel_requested": False,
-        }
-        note = f"finished: {outcome.status.value}" + (
-            f" ({outcome.error})" if outcome.error else ""
+        """The command's next state (runner/policy.decide), as the values to store."""
+        decision = policy.decide(
+            _ENDINGS[outcome.status],
+            policy.AttemptState(attempt.number, attempt.uncounted),
+            self._limits(attempt.max_attempts, attempt.backoff_seconds),
+            retryable=outcome.retryable,
+            error=outcome.error,
+            jitter=_jitter(),
         )
-        return outcome.status, values, note
+        values: dict[str, Any] = {
+            "runner_id": None,
+            "lease_expires_at": None,
+            "pgid": None,
+            "status": decision.status.value,
+            "error": outcome.error,
+        }
+        if not decision.counted:
+            values["uncounted_attempts"] = attempt.uncounted + 1
+        if decision.final:
+            values |= {
+                "exit_code": outcome.exit_code,
+                "finished_at": utcnow(),
+                "wait_reason": None,
+                "cancel_requested": False,
+            }
+        else:
+            values["wait_reason"] = decision.reason
+        if decision.delay:
+            values |= {
+                "exit_code": outcome.exit_code,
+                "next_attempt_at": utcnow() + timedelta(seconds=decision.delay),
+            }
+        return decision.status, values, decision.note
+
+    def _limits(self, max_attempts: int, backoff_seconds: float) -> policy.Limits:
+        return policy.Limits(
+            max_attempts=max_attempts,
+            backoff_seconds=backoff_seconds,
+            backoff_ceiling=self.settings.backoff_max_seconds,
+            max_runner_losses=self.settings.max_runner_losses,
+        )
 
     # -- leases and recovery -----------------------------------------------------------
 
@@ -1029,15 +1058,23 @@ class Supervisor:
         note = f"runner {previous} stopped renewing its lease"
         if killed:
             note += f"; killed {killed} leftover process(es)"
-        if command.attempts < command.max_attempts:
-            command.status = CommandStatus.QUEUED.value
-            command.wait_reason = "recovered from a dead runner"
-            note += "; queued again"
-        else:
-            command.status = CommandStatus.FAILED.value
-            command.error = "its runner died during the last attempt"
+        decision = policy.decide(
+            policy.Ending.RUNNER_LOST,
+            policy.AttemptState(
+                command.attempts, command.uncounted_attempts, command.runner_losses
+            ),
+            self._limits(command.max_attempts, command.backoff_seconds),
+        )
+        command.status = decision.status.value
+        command.runner_losses += 1
+        if not decision.counted:
+            command.uncounted_attempts += 1
+        if decision.final:
+            command.error = decision.reason
             command.finished_at = utcnow()
-            note += "; no attempts left: failed"
+        else:
+            command.wait_reason = decision.reason
+        note += f"; {decision.note}"
         command.runner_id = None
         command.lease_expires_at = None
         command.pgid = None

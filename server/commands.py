@@ -507,7 +507,7 @@ async def retry_command(session: AsyncSession, command_id: int) -> Command:
             ErrorCode.INVALID,
         )
     command.status = CommandStatus.QUEUED.value
-    command.max_attempts = command.attempts + 1
+    command.max_attempts = command.attempts - command.uncounted_attempts + 1
     command.next_attempt_at = None
     command.finished_at = None
     command.exit_code = None

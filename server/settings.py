@@ -188,6 +188,14 @@ class Settings(BaseSettings):
         description="How long a runner's claim on a running command lasts without renewal; "
         "after that another runner recovers the command.",
     )
+    max_runner_losses: int = Field(
+        default=2,
+        ge=0,
+        le=100,
+        description="How many times a command whose runner died is queued again without the "
+        "attempt counting against its maxAttempts (a command that kills its runner cannot "
+        "loop: after these, a lost attempt counts).",
+    )
     backoff_max_seconds: float = Field(
         default=600.0, ge=0, description="Longest wait between two attempts of a command."
     )

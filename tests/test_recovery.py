@@ -21,7 +21,7 @@ from tests.test_supervisor import SLEEPERS, alive, pk, wait_processes
 RUN = """mutation($input: RunCommandInput!) { runCommand(input: $input) {
   command { id } userErrors { message } } }"""
 NODE = """query($id: ID!) { node(id: $id) { ... on Command {
-  status attempts error logs { text } } } }"""
+  status attempts maxAttempts uncountedAttempts error logs { text } } } }"""
 
 
 class Server:
@@ -33,6 +33,7 @@ class Server:
         self.base = f"http://127.0.0.1:{self.port}"
         self.process: subprocess.Popen[str] | None = None
         self.token: str | None = None
+        self.extra_env: dict[str, str] = {}
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
@@ -43,6 +44,7 @@ class Server:
             CORRAL_LEASE_SECONDS="2",
             CORRAL_LOG_LEVEL="warning",
         )
+        env.update(self.extra_env)
         if not self.settings.is_embedded:
             env["CORRAL_DATABASE_URL"] = self.settings.resolved_database_url
         return env
@@ -98,10 +100,16 @@ def wait_until(predicate: Any, what: str, timeout: float = 20.0) -> Any:
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.mark.parametrize(("max_attempts", "after"), [(1, "FAILED"), (2, "RUNNING")])
+@pytest.mark.parametrize(
+    ("max_attempts", "runner_losses", "after"),
+    [(1, 2, "RUNNING"), (1, 0, "FAILED"), (2, 0, "RUNNING")],
+)
 async def test_kill9_then_restart_recovers_the_command(
-    server: Server, max_attempts: int, after: str
+    server: Server, max_attempts: int, runner_losses: int, after: str
 ) -> None:
+    # A runner's death is not the command's fault: up to CORRAL_MAX_RUNNER_LOSSES times it
+    # is queued again without the attempt counting; after that, the attempt counts.
+    server.extra_env["CORRAL_MAX_RUNNER_LOSSES"] = str(runner_losses)
     server.start()
     data = server.gql(RUN, input={"commandString": SLEEPERS, "maxAttempts": max_attempts})
     command_id = data["runCommand"]["command"]["id"]
@@ -125,9 +133,13 @@ async def test_kill9_then_restart_recovers_the_command(
     assert [pid for pid in orphans if alive(pid)] == []
     texts = [line["text"] for line in node["logs"]]
     assert any("stopped renewing its lease" in t and "killed" in t for t in texts), texts
+    assert node["maxAttempts"] == max_attempts  # what was asked for stays
+    assert node["uncountedAttempts"] == (1 if runner_losses else 0)
     if after == "FAILED":
         assert node["error"] == "its runner died during the last attempt"
     else:
+        if runner_losses:
+            assert any(t.startswith("attempt 2 of 2 (1 earlier not counted): ") for t in texts)
         server.gql(
             "mutation($id: ID!) { cancelCommand(id: $id) { command { id } } }", id=command_id
         )

@@ -432,7 +432,9 @@ async def test_shutdown_stops_children_and_requeues(settings: Settings) -> None:
     ):
         node = await command(GraphQLClient(http), command_id)
     assert node["status"] == "QUEUED"
-    assert node["maxAttempts"] == 2  # the interrupted attempt is not held against it
+    assert node["maxAttempts"] == 1  # what was asked for stays
+    assert node["uncountedAttempts"] == 1  # the interrupted attempt is not held against it
+    assert node["waitReason"] == "interrupted by a runner shutdown; not counted against it"
 
 
 async def test_a_claim_that_lands_as_the_runner_stops_is_put_back_unstarted(
@@ -460,7 +462,7 @@ async def test_a_claim_that_lands_as_the_runner_stops_is_put_back_unstarted(
         node = await command(gql, command_id)
         lines = texts(await logs_of(gql, command_id), "SYSTEM")
     assert node["status"] == "QUEUED"
-    assert node["maxAttempts"] == 2  # not held against it
+    assert (node["maxAttempts"], node["uncountedAttempts"]) == (1, 1)  # not held against it
     assert not any(line.startswith("attempt 1 of") for line in lines)  # never started
     assert lines[-1] == "put back in the queue; this attempt is not counted against it"
 
