@@ -13,12 +13,12 @@ export CORRAL_TEST_POSTGRES_URL
 NODE_STAMP := runner/js/node_modules/.corral-installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test setup system-deps lint typecheck pytest schema
+.PHONY: run test setup system-deps lint typecheck pytest pytest-3.13 schema
 
 run: setup
 	$(BIN)/corral serve
 
-test: setup lint typecheck pytest
+test: setup lint typecheck pytest pytest-3.13
 
 setup: system-deps $(STAMP) $(NODE_STAMP)
 
@@ -56,6 +56,28 @@ typecheck: setup
 
 pytest: setup
 	$(BIN)/pytest
+
+# The runner, stream and process tests again on Python 3.13 (Debian 13's), in their own venv:
+# asyncio's child handling and the drivers differ there. pyenv's 3.13 or a python3.13 on PATH;
+# without one the leg is skipped, saying so.
+PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3) $(shell command -v python3.13 2>/dev/null))
+VENV313 := .venv-3.13
+PY313_TESTS ?= tests/test_process.py tests/test_supervisor.py tests/test_streams.py tests/test_policy.py
+
+pytest-3.13: setup
+	@if [ -z "$(PY313)" ]; then \
+	  echo "SKIPPED: no Python 3.13 here (pyenv or python3.13): the 3.13 leg did not run"; \
+	else \
+	  set -e; \
+	  if [ ! -f $(VENV313)/.corral-installed ] || [ pyproject.toml -nt $(VENV313)/.corral-installed ]; then \
+	    test -x $(VENV313)/bin/python || $(PY313) -m venv $(VENV313); \
+	    $(VENV313)/bin/python -m pip install --quiet --upgrade pip; \
+	    $(VENV313)/bin/python -m pip install --quiet -e '.[test]'; \
+	    touch $(VENV313)/.corral-installed; \
+	  fi; \
+	  echo "Python 3.13 leg: $$($(VENV313)/bin/python --version)"; \
+	  $(VENV313)/bin/pytest -q -p no:cacheprovider $(PY313_TESTS); \
+	fi
 
 schema: setup
 	$(BIN)/corral schema > schema.graphql

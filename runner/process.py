@@ -536,51 +536,56 @@ def use_pidfd_child_watcher() -> None:
     policy.set_child_watcher(_LoopPidfdChildWatcher())
 
 
-class _LoopPidfdChildWatcher(asyncio.AbstractChildWatcher):
-    """Child exits seen by whichever loop is running when the child starts (no thread)."""
+# asyncio's child watchers are deprecated from 3.12 (defining a subclass warns) and gone in
+# 3.14; 3.12 and later watch children through pidfds on their own, so the class exists only
+# where it is used.
+if sys.version_info < (3, 12):
 
-    def __init__(self) -> None:
-        self._watched: dict[int, tuple[asyncio.AbstractEventLoop, int]] = {}
+    class _LoopPidfdChildWatcher(asyncio.AbstractChildWatcher):
+        """Child exits seen by whichever loop is running when the child starts (no thread)."""
 
-    def add_child_handler(  # type: ignore[override]
-        self, pid: int, callback: Callable[..., object], *args: Any
-    ) -> None:
-        loop = asyncio.get_running_loop()
-        pidfd = os.pidfd_open(pid)
-        self._watched[pid] = (loop, pidfd)
-        loop.add_reader(pidfd, self._exited, pid, callback, args)
+        def __init__(self) -> None:
+            self._watched: dict[int, tuple[asyncio.AbstractEventLoop, int]] = {}
 
-    def _exited(self, pid: int, callback: Callable[..., object], args: Any) -> None:
-        if not self.remove_child_handler(pid):
-            return
-        try:
-            _, status = os.waitpid(pid, 0)
-            code = os.waitstatus_to_exitcode(status)
-        except ChildProcessError:  # reaped elsewhere already
-            code = 255
-        callback(pid, code, *args)
+        def add_child_handler(  # type: ignore[override]
+            self, pid: int, callback: Callable[..., object], *args: Any
+        ) -> None:
+            loop = asyncio.get_running_loop()
+            pidfd = os.pidfd_open(pid)
+            self._watched[pid] = (loop, pidfd)
+            loop.add_reader(pidfd, self._exited, pid, callback, args)
 
-    def remove_child_handler(self, pid: int) -> bool:
-        watched = self._watched.pop(pid, None)
-        if watched is None:
-            return False
-        loop, pidfd = watched
-        if not loop.is_closed():
-            loop.remove_reader(pidfd)
-        os.close(pidfd)
-        return True
+        def _exited(self, pid: int, callback: Callable[..., object], args: Any) -> None:
+            if not self.remove_child_handler(pid):
+                return
+            try:
+                _, status = os.waitpid(pid, 0)
+                code = os.waitstatus_to_exitcode(status)
+            except ChildProcessError:  # reaped elsewhere already
+                code = 255
+            callback(pid, code, *args)
 
-    def attach_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
-        pass
+        def remove_child_handler(self, pid: int) -> bool:
+            watched = self._watched.pop(pid, None)
+            if watched is None:
+                return False
+            loop, pidfd = watched
+            if not loop.is_closed():
+                loop.remove_reader(pidfd)
+            os.close(pidfd)
+            return True
 
-    def close(self) -> None:
-        pass
+        def attach_loop(self, loop: asyncio.AbstractEventLoop | None) -> None:
+            pass
 
-    def is_active(self) -> bool:
-        return True
+        def close(self) -> None:
+            pass
 
-    def __enter__(self) -> _LoopPidfdChildWatcher:
-        return self
+        def is_active(self) -> bool:
+            return True
 
-    def __exit__(self, *exc_info: object) -> None:
-        pass
+        def __enter__(self) -> _LoopPidfdChildWatcher:
+            return self
+
+        def __exit__(self, *exc_info: object) -> None:
+            pass
