@@ -481,7 +481,11 @@ async def test_check_now_with_and_without_htmx(
     async with app.state.services.sessionmaker() as session:
         values = {"name": "up", "protocol": "http", "host": "127.0.0.1", "port": upstream.port}
         proxy = await proxy_service.create_proxy(
-            session, box, {**values, "username": USER, "password": PASSWORD}, routing_rules=[]
+            session,
+            box,
+            {**values, "username": USER, "password": PASSWORD},
+            routing_rules=[],
+            binary=None,
         )
         await session.commit()
         proxy_id = proxy.id

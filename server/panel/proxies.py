@@ -41,6 +41,7 @@ from server.panel.common import (
 )
 from server.routing import initial_rules, routing_table
 from server.secretbox import token_preview
+from xray.binary import installed_binary
 from xray.links import redact_share_link
 
 PROTOCOLS = [protocol.value for protocol in ProxyProtocol]
@@ -214,7 +215,11 @@ async def proxy_create(request: Request) -> Response:
             request,
             change,
             lambda session: proxy_service.create_proxy(
-                session, box, values, routing_rules=initial_rules(settings)
+                session,
+                box,
+                values,
+                routing_rules=initial_rules(settings),
+                binary=installed_binary(settings.xray_bin),
             ),
         )
     except InvalidInput as exc:
@@ -290,12 +295,13 @@ async def proxy_import(request: Request) -> Response:
     if not lines:
         reason = "paste at least one share link"
         return await _import_refused(request, ImportResult.empty(), [reason])
-    box, rules = app_services(request).secret_box, initial_rules(app_services(request).settings)
+    box, settings = app_services(request).secret_box, app_services(request).settings
+    rules, binary = initial_rules(settings), installed_binary(settings.xray_bin)
     created, errors = await apply_change(
         request,
         change,
         lambda session: proxy_service.import_proxies(
-            session, box, [link for _, link in lines], routing_rules=rules
+            session, box, [link for _, link in lines], routing_rules=rules, binary=binary
         ),
         error_codes=lambda result: [error.code.value for error in result[1]],
     )
@@ -419,12 +425,15 @@ async def proxy_update(request: Request) -> Response:
     refused = await refuse_viewer(request, change)
     if refused is not None:
         return refused
-    box = app_services(request).secret_box
+    box, settings = app_services(request).secret_box, app_services(request).settings
+    binary = installed_binary(settings.xray_bin)
     try:
         proxy: Proxy = await apply_change(
             request,
             change,
-            lambda session: proxy_service.update_proxy(session, box, proxy_id, values),
+            lambda session: proxy_service.update_proxy(
+                session, box, proxy_id, values, binary=binary
+            ),
         )
     except InvalidInput as exc:
         errors = errors_by_field(exc.errors)
