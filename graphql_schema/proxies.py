@@ -27,6 +27,7 @@ from graphql_schema.relay import (
 from server import models
 from server import proxies as proxy_domain
 from server.routing import initial_rules, set_routing_rules
+from xray.binary import installed_binary
 
 if TYPE_CHECKING:
     from graphql_schema.profiles import Profile
@@ -52,6 +53,10 @@ class ProxyHealth:
     error: str | None
     exit_ip: str | None
     checked_at: datetime
+    binary: str | None = strawberry.field(
+        description="The proxy binary of this host that sidecars and checks use, with its "
+        "version (`xray 1.8.24`, `v2ray 4.34.0`); null when none is installed."
+    )
 
 
 @strawberry.enum(description="Where a routing rule sends what it matches.")
@@ -135,7 +140,7 @@ class Proxy(Node):
         return [RoutingRule.from_stored(rule) for rule in self.row.routing_rules]
 
     @strawberry.field
-    def health(self) -> ProxyHealth | None:
+    def health(self, info: Info) -> ProxyHealth | None:
         row = self.row
         if row.health_checked_at is None or row.health_ok is None:
             return None
@@ -145,6 +150,7 @@ class Proxy(Node):
             error=row.health_error,
             exit_ip=row.health_exit_ip,
             checked_at=row.health_checked_at,
+            binary=_binary_label(info.context.settings.xray_bin),
         )
 
     @strawberry.field(description="Profiles that may use this proxy.", extensions=[CountedList()])
@@ -153,6 +159,11 @@ class Proxy(Node):
 
         rows = await info.context.loaders.proxy_profiles.load(self.row.id)
         return [Profile.from_row(row) for row in rows]
+
+
+def _binary_label(setting: str | None) -> str | None:
+    binary = installed_binary(setting)
+    return None if binary is None else binary.label
 
 
 PROTOCOL_HELP = "http, https, socks5, shadowsocks, vmess, vless or trojan (any case)."
@@ -286,9 +297,9 @@ class ProxyMutations:
         box, settings = info.context.secret_box, info.context.settings
 
         async def work(session: AsyncSession) -> models.Proxy:
-            rules = initial_rules(settings)
+            rules, binary = initial_rules(settings), installed_binary(settings.xray_bin)
             return await proxy_domain.create_proxy(
-                session, box, _proxy_values(input), routing_rules=rules
+                session, box, _proxy_values(input), routing_rules=rules, binary=binary
             )
 
         row, errors = await perform(info, work)
@@ -296,11 +307,12 @@ class ProxyMutations:
 
     @strawberry.mutation
     async def update_proxy(self, info: Info, input: UpdateProxyInput) -> ProxyPayload:
-        box = info.context.secret_box
+        box, binary = info.context.secret_box, installed_binary(info.context.settings.xray_bin)
 
         async def work(session: AsyncSession) -> models.Proxy:
             pk = pk_of(input.id, "Proxy", field="id")
-            return await proxy_domain.update_proxy(session, box, pk, _proxy_values(input))
+            values = _proxy_values(input)
+            return await proxy_domain.update_proxy(session, box, pk, values, binary=binary)
 
         row, errors = await perform(info, work)
         return ProxyPayload(proxy=None if row is None else Proxy.from_row(row), user_errors=errors)
@@ -353,10 +365,11 @@ class ProxyImportMutations:
         "link is its own userError (field [links, index]), the good ones are created."
     )
     async def import_proxies(self, info: Info, links: list[str]) -> ImportProxiesPayload:
-        box, rules = info.context.secret_box, initial_rules(info.context.settings)
+        box, settings = info.context.secret_box, info.context.settings
+        rules, binary = initial_rules(settings), installed_binary(settings.xray_bin)
         async with info.context.writing() as session:
             created, errors = await proxy_domain.import_proxies(
-                session, box, links, routing_rules=rules
+                session, box, links, routing_rules=rules, binary=binary
             )
         return ImportProxiesPayload(
             proxies=[Proxy.from_row(row) for row in created],

@@ -70,6 +70,7 @@ from server.settings import Settings
 from server.storage import prepare_workspace, profile_dir_problem
 from xray.binary import XrayBinary, XrayBinaryError, find_binary
 from xray.config import Hop
+from xray.probe import url_target
 from xray.routing import Routing
 from xray.sidecar import SidecarError, SidecarProcess
 
@@ -685,6 +686,11 @@ class Supervisor:
             env={"PATH": SYSTEM_PATH, SIDECAR_MARKER: run_marker(self.runner_id, command_id)},
             routing=routing,
             assets_dir=self.settings.xray_assets_dir,
+            log_level=self.settings.sidecar_log_level,
+            trace=self.settings.routing_trace,
+            # A harmless CONNECT for the pre-flight probe of the first hop's credentials.
+            probe_target=url_target(self.settings.proxy_check_url),
+            probe_timeout=self.settings.proxy_probe_timeout,
         )
 
     async def _load(self, claim: Claimed) -> Loaded:

@@ -17,6 +17,7 @@ class ErrorCode(enum.StrEnum):
     NOT_FOUND = "NOT_FOUND"
     CHAIN_LOOP = "CHAIN_LOOP"
     IN_USE = "IN_USE"
+    UNSUPPORTED = "UNSUPPORTED"  # valid, but the installed software cannot run it
     UNAUTHENTICATED = "UNAUTHENTICATED"
     FORBIDDEN = "FORBIDDEN"
 

@@ -28,8 +28,8 @@ from server.validation import (
     json_object_field,
     text_field,
 )
-from xray.binary import XrayBinaryError, find_binary
-from xray.config import ConfigError, Hop, build_config
+from xray.binary import XrayBinary, XrayBinaryError, find_binary
+from xray.config import ConfigError, Hop, build_config, features_used
 from xray.health import HealthResult, check_chain
 from xray.links import ShareLinkError, parse_share_link
 
@@ -56,6 +56,17 @@ SHADOWSOCKS_METHODS = {
     "2022-blake3-chacha20-poly1305",
     "none",
     "plain",
+}
+# Where in `settings` a feature the binary may lack is asked for.
+FEATURE_FIELDS = {
+    "reality": ("security",),
+    "xtls-flow": ("flow",),
+    "shadowsocks-2022": ("method",),
+    "xchacha20": ("method",),
+    "xhttp": ("network",),
+    "grpc": ("network",),
+    "httpupgrade": ("network",),
+    "h2": ("network",),
 }
 HOSTNAME_RE = re.compile(
     r"^(?=.{1,253}$)([A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?)"
@@ -124,7 +135,7 @@ def _set_credentials(
     proxy.credentials_encrypted = box.encrypt(json.dumps(credentials)) if credentials else None
 
 
-def _check_protocol_rules(proxy: Proxy, box: SecretBox) -> None:
+def _check_protocol_rules(proxy: Proxy, box: SecretBox, binary: XrayBinary | None) -> None:
     protocol = ProxyProtocol(proxy.protocol)
     credentials = read_credentials(proxy, box)
     errors: list[UserError] = []
@@ -171,7 +182,7 @@ def _check_protocol_rules(proxy: Proxy, box: SecretBox) -> None:
                 )
             )
     if not errors:
-        errors += _config_problems(proxy, credentials)
+        errors += _config_problems(proxy, credentials, binary)
     if errors:
         raise InvalidInput(errors)
 
@@ -189,14 +200,28 @@ def hop_of(proxy: Proxy, credentials: dict[str, str]) -> Hop:
     )
 
 
-def _config_problems(proxy: Proxy, credentials: dict[str, str]) -> list[UserError]:
-    """What the sidecar config generator would refuse (bad transport/TLS settings)."""
+def _config_problems(
+    proxy: Proxy, credentials: dict[str, str], binary: XrayBinary | None
+) -> list[UserError]:
+    """What the sidecar config generator would refuse (bad transport/TLS settings), and
+    what the installed binary cannot run (skipped on a host without one: the runner
+    refuses it when the sidecar starts)."""
     hop = hop_of(proxy, credentials)
     try:
         build_config([hop], 1080)
+        features = features_used([hop])
     except ConfigError as exc:
         return [UserError(("settings",), exc.message, ErrorCode.INVALID)]
-    return []
+    if binary is None:
+        return []
+    return [
+        UserError(
+            ("settings", *FEATURE_FIELDS.get(feature, ())),
+            binary.needs(feature),
+            ErrorCode.UNSUPPORTED,
+        )
+        for feature in binary.unsupported(features)
+    ]
 
 
 async def get_proxy(session: AsyncSession, proxy_id: int, *, field: str = "id") -> Proxy:
@@ -241,15 +266,17 @@ async def create_proxy(
     values: dict[str, Any],
     *,
     routing_rules: list[dict[str, Any]],
+    binary: XrayBinary | None,
 ) -> Proxy:
     """Validate and add a proxy; credentials are stored encrypted.
 
-    `routing_rules` are its first rules (`server.routing.initial_rules`: the default set).
+    `routing_rules` are its first rules (`server.routing.initial_rules`: the default set);
+    what `binary` (the installed one, `xray.binary.installed_binary`) cannot run is refused.
     """
     proxy = Proxy(settings={}, routing_rules=routing_rules)
     apply_fields(proxy, values, PROXY_FIELDS, creating=True)
     _set_credentials(session, proxy, box, values)
-    _check_protocol_rules(proxy, box)
+    _check_protocol_rules(proxy, box, binary)
     await ensure_unique(session, Proxy.name_key, proxy.name, field="name", label="proxy")
     await _set_via(session, proxy, values)
     session.add(proxy)
@@ -258,13 +285,18 @@ async def create_proxy(
 
 
 async def update_proxy(
-    session: AsyncSession, box: SecretBox, proxy_id: int, values: dict[str, Any]
+    session: AsyncSession,
+    box: SecretBox,
+    proxy_id: int,
+    values: dict[str, Any],
+    *,
+    binary: XrayBinary | None,
 ) -> Proxy:
     """Apply changes to a proxy; `username`/`password: null` removes them."""
     proxy = await get_proxy(session, proxy_id)
     apply_fields(proxy, values, PROXY_FIELDS, creating=False)
     _set_credentials(session, proxy, box, values)
-    _check_protocol_rules(proxy, box)
+    _check_protocol_rules(proxy, box, binary)
     if "name" in values:
         await ensure_unique(
             session, Proxy.name_key, proxy.name, field="name", label="proxy", exclude_id=proxy.id
@@ -374,7 +406,12 @@ async def proxy_chain(session: AsyncSession, box: SecretBox, proxy: Proxy) -> li
 
 
 async def import_proxies(
-    session: AsyncSession, box: SecretBox, links: list[str], *, routing_rules: list[dict[str, Any]]
+    session: AsyncSession,
+    box: SecretBox,
+    links: list[str],
+    *,
+    routing_rules: list[dict[str, Any]],
+    binary: XrayBinary | None,
 ) -> tuple[list[Proxy], list[UserError]]:
     """Import share links; each bad link gets its own error, the good ones are created."""
     created: list[Proxy] = []
@@ -400,7 +437,9 @@ async def import_proxies(
         }
         try:
             async with session.begin_nested():
-                proxy = await create_proxy(session, box, values, routing_rules=routing_rules)
+                proxy = await create_proxy(
+                    session, box, values, routing_rules=routing_rules, binary=binary
+                )
                 created.append(proxy)
         except InvalidInput as exc:
             secrets = [s for s in (parsed.username, parsed.password) if s and len(s) >= 4]
@@ -452,6 +491,10 @@ async def check_proxy(
     except XrayBinaryError as exc:
         raise InvalidInput([UserError((), str(exc), ErrorCode.INVALID)]) from exc
     result = await check_chain(
-        binary, chain, settings.proxy_check_url, start_timeout=settings.sidecar_start_timeout
+        binary,
+        chain,
+        settings.proxy_check_url,
+        start_timeout=settings.sidecar_start_timeout,
+        probe_timeout=settings.proxy_probe_timeout,
     )
     return await record_health(session, await get_proxy(session, proxy_id), result)

@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 SQLITE_FILENAME = "corral.db"
 # Listening on these means "every interface": no one Host name follows from them.
 WILDCARD_ADDRESSES = frozenset({"", "0.0.0.0", "::", "[::]", "*"})  # noqa: S104
+SIDECAR_LEVELS = ("debug", "info", "warning", "error", "none")  # xray.config.LOG_LEVELS
 
 
 def _split_hosts(value: str) -> list[str]:
@@ -278,6 +279,25 @@ class Settings(BaseSettings):
     sidecar_start_timeout: float = Field(
         default=10.0, gt=0, description="How long a proxy sidecar may take to listen."
     )
+    sidecar_log_level: str = Field(
+        default="warning",
+        description="Which of a proxy sidecar's own lines go into a run's log: debug, info, "
+        "warning, error or none. Upstream failures (credentials refused, connection refused, "
+        "DNS, TLS, timeout) are always added as one readable line per kind, whatever the level.",
+    )
+    routing_trace: bool = Field(
+        default=False,
+        description="Put each connection a proxy sidecar routes (`route <destination> → "
+        "<outbound>`, from its access log, redacted) into the run's system log, at most 1,000 "
+        "lines per run.",
+    )
+    proxy_probe_timeout: float = Field(
+        default=5.0,
+        gt=0,
+        le=120,
+        description="How long the pre-flight handshake with a proxy's first hop may take "
+        "before a run or `checkProxy` reports it as not answering.",
+    )
     secrets_refresh_seconds: float = Field(
         default=2.0,
         gt=0,
@@ -316,6 +336,14 @@ class Settings(BaseSettings):
         level = value.lower()
         if level not in {"debug", "info", "warning", "error", "critical"}:
             raise ValueError("must be one of debug, info, warning, error, critical")
+        return level
+
+    @field_validator("sidecar_log_level")
+    @classmethod
+    def _known_sidecar_level(cls, value: str) -> str:
+        level = value.strip().lower()
+        if level not in SIDECAR_LEVELS:
+            raise ValueError(f"{value!r} is not one of {', '.join(SIDECAR_LEVELS)}")
         return level
 
     @field_validator("allowed_hosts")

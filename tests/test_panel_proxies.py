@@ -24,6 +24,7 @@ from tests.fixtures.servers import running_server
 from tests.test_login import PASSWORD as LOGIN_PASSWORD
 from tests.test_login import add_user
 from tests.test_panel import admin, audit_of, csrf_of, viewer  # noqa: F401
+from xray.binary import installed_binary
 from xray.links import redact_share_link
 
 USER, PASSWORD = "proxy-user", "panel-pr0xy-Pa55word-QRS"  # the `upstream` fixture demands these
@@ -481,7 +482,11 @@ async def test_check_now_with_and_without_htmx(
     async with app.state.services.sessionmaker() as session:
         values = {"name": "up", "protocol": "http", "host": "127.0.0.1", "port": upstream.port}
         proxy = await proxy_service.create_proxy(
-            session, box, {**values, "username": USER, "password": PASSWORD}, routing_rules=[]
+            session,
+            box,
+            {**values, "username": USER, "password": PASSWORD},
+            routing_rules=[],
+            binary=None,
         )
         await session.commit()
         proxy_id = proxy.id
@@ -490,6 +495,9 @@ async def test_check_now_with_and_without_htmx(
     assert plain.headers["location"] == f"/proxies/{proxy_id}"
     page = await admin.get(f"/proxies/{proxy_id}")
     assert re.search(r"Proxy up is ok \(\d+ ms\)\.", page.text)
+    binary = installed_binary(None)  # which binary and version checks use (issue 12, item 4)
+    assert binary is not None
+    assert f'<span class="proxy-binary">{binary.label}</span>' in page.text
     assert upstream.connects == [f"127.0.0.1:{site.server.port}"]  # type: ignore[union-attr]
     row = await post(admin, f"/proxies/{proxy_id}/check", htmx=True, view="row")
     assert row.status_code == 200

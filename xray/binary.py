@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -28,6 +29,20 @@ VERSION_RE = re.compile(r"^(Xray|V2Ray)\s+v?(\d+(?:\.\d+)*)", re.MULTILINE)
 XRAY_ONLY = frozenset(
     {"reality", "xtls-flow", "xhttp", "shadowsocks-2022", "xchacha20", "chained-transport"}
 )
+# What to install for a feature this binary lacks (see `needs`).
+FEATURE_NAMES = {
+    "reality": "REALITY",
+    "xtls-flow": "the XTLS Vision flow",
+    "shadowsocks-2022": "a Shadowsocks 2022 cipher",
+    "xchacha20": "an XChaCha20 cipher",
+    "xhttp": "the XHTTP transport",
+    "chained-transport": "a transport on a chained hop",
+    "grpc": "the gRPC transport",
+    "httpupgrade": "the HTTPUpgrade transport",
+    "h2": "the HTTP/2 transport",
+}
+XRAY_SINCE = {"xhttp": "24.9.30"}  # the others: Xray-core 1.8 has them all
+V2RAY_SINCE = {"grpc": "4.36", "httpupgrade": "5.10"}
 
 
 class XrayBinaryError(RuntimeError):
@@ -78,6 +93,25 @@ class XrayBinary:
         """The features this binary lacks, sorted (empty when it can run them all)."""
         return sorted(feature for feature in set(features) if not self.supports(feature))
 
+    @property
+    def label(self) -> str:
+        """Flavor and version, e.g. `v2ray 4.34.0` (what `checkProxy` reports)."""
+        return f"{self.flavor} {'.'.join(map(str, self.version)) or 'unknown version'}"
+
+    def needs(self, feature: str) -> str:
+        """Why this binary cannot run `feature` and what to install instead, in words."""
+        what = FEATURE_NAMES.get(feature, feature)
+        if feature == "h2" and self.flavor == "xray":
+            wanted = "Xray-core before 24.12 or V2Ray"
+        elif feature in XRAY_ONLY:
+            wanted = f"Xray-core ≥ {XRAY_SINCE.get(feature, '1.8')}"
+        else:
+            wanted = f"V2Ray ≥ {V2RAY_SINCE.get(feature, '4')} or Xray-core"
+        return (
+            f"{what} needs {wanted}; this machine has {self.label} ({self.path}): install it "
+            "and point CORRAL_XRAY_BIN at it"
+        )
+
     def describe(self) -> str:
         version = ".".join(map(str, self.version)) or "unknown version"
         return f"{self.flavor} {version} ({self.path})"
@@ -99,17 +133,40 @@ def ensure_supported(binary: XrayBinary, chain: Sequence[Hop]) -> None:
 
 def find_binary(setting: str | None) -> XrayBinary:
     """The binary named by CORRAL_XRAY_BIN (`setting`), else `xray`, else `v2ray` on PATH."""
+    return inspect_binary(_locate(setting))
+
+
+def installed_binary(setting: str | None) -> XrayBinary | None:
+    """`find_binary`, asked once per executable file (path, size, mtime); None if none.
+
+    Saving or importing proxies checks every one against it: 500 links must not start
+    the binary 500 times.
+    """
+    try:
+        path = _locate(setting)
+        stat = os.stat(path)
+        return _inspect_once(path, stat.st_size, stat.st_mtime_ns)
+    except (OSError, XrayBinaryError):
+        return None
+
+
+@functools.lru_cache(maxsize=8)
+def _inspect_once(path: str, _size: int, _mtime_ns: int) -> XrayBinary:
+    return inspect_binary(path)
+
+
+def _locate(setting: str | None) -> str:
     if setting:
         path = shutil.which(setting)
         if path is None:
             raise XrayBinaryError(
                 f"CORRAL_XRAY_BIN={setting!r} is not an executable file or a command on PATH"
             )
-        return inspect_binary(path)
+        return path
     for name in ("xray", "v2ray"):
         path = shutil.which(name)
         if path is not None:
-            return inspect_binary(path)
+            return path
     raise XrayBinaryError(NOT_FOUND)
 
 

@@ -435,7 +435,7 @@ def _split_list(value: Any) -> list[str]:
     raise ConfigError(f"expected a list of strings or a comma-separated string, not {value!r}")
 
 
-def _server_name(hop: Hop) -> str:
+def server_name(hop: Hop) -> str:
     """SNI: settings.sni, else the first Host header (CDN fronting), else the address."""
     sni = _text(hop.settings, "sni", "serverName")
     if sni:
@@ -445,7 +445,7 @@ def _server_name(hop: Hop) -> str:
 
 
 def _tls_settings(hop: Hop) -> dict[str, Any]:
-    tls: dict[str, Any] = {"serverName": _server_name(hop)}
+    tls: dict[str, Any] = {"serverName": server_name(hop)}
     alpn = hop.settings.get("alpn")
     if alpn:
         try:
@@ -474,7 +474,7 @@ def _reality_settings(hop: Hop) -> dict[str, Any]:
     if not spider_x.startswith("/"):
         raise ConfigError("settings.spiderX must start with /")
     return {
-        "serverName": _server_name(hop),
+        "serverName": server_name(hop),
         # Older Xray refuses REALITY without a uTLS fingerprint; chrome is its usual default.
         "fingerprint": _text(hop.settings, "fingerprint", "fp").lower() or "chrome",
         "publicKey": public_key.rstrip("="),

@@ -21,15 +21,20 @@ from runner.lines import LineSplitter
 from runner.process import SPAWNED, starting_own_child, stop_group
 from xray.binary import XrayBinary
 from xray.config import ConfigError, Hop, build_config, features_used, write_config
+from xray.probe import PROBE_TIMEOUT, Problem, probe_hop
 from xray.routing import Routing, asset_env, build_routed_config, features_of
+from xray.sidecar_log import SidecarLog, binary_level
 
 LineSink = Callable[[str], Awaitable[None]]
-CONNECT_TIMEOUT = 3.0
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
 class SidecarError(Exception):
     """The sidecar could not start or its upstream cannot be reached (message for the user)."""
+
+    def __init__(self, message: str, problem: Problem | None = None) -> None:
+        super().__init__(message)
+        self.problem = problem
 
 
 def free_port() -> int:
@@ -38,22 +43,6 @@ def free_port() -> int:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
         return port
-
-
-async def check_reachable(hop: Hop, timeout: float = CONNECT_TIMEOUT) -> None:
-    """Open (and close) a TCP connection to the hop Xray dials first; SidecarError if not."""
-    try:
-        _reader, writer = await asyncio.wait_for(
-            asyncio.open_connection(hop.host, hop.port), timeout
-        )
-    except (OSError, TimeoutError) as exc:
-        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-        raise SidecarError(
-            f"upstream proxy {hop.name!r} ({hop.host}:{hop.port}) is unreachable: {reason}"
-        ) from exc
-    writer.close()
-    with contextlib.suppress(OSError):
-        await writer.wait_closed()
 
 
 class SidecarProcess:
@@ -70,6 +59,11 @@ class SidecarProcess:
         env: dict[str, str] | None = None,
         routing: Routing | None = None,
         assets_dir: Path | None = None,
+        log_level: str = "warning",
+        trace: bool = False,
+        probe_target: tuple[str, int] = ("127.0.0.1", 9),
+        probe_label: str = "",
+        probe_timeout: float = PROBE_TIMEOUT,
     ) -> None:
         self.binary = binary
         self.chain = list(chain)
@@ -79,6 +73,18 @@ class SidecarProcess:
         self.grace = grace
         # Minimal: the sidecar needs no settings or keys of Corral's (only its config file).
         self.env = {**(env if env is not None else {"PATH": SYSTEM_PATH}), **asset_env(assets_dir)}
+        self.log = SidecarLog(
+            self.chain,
+            level=log_level,
+            trace=trace,
+            via_chains=routing.via_chains if routing is not None else {},
+        )
+        self.probe_target = probe_target
+        self.probe_label = probe_label
+        self.probe_timeout = probe_timeout
+        # What the probe found wrong that does not stop a run (the upstream cannot reach
+        # `probe_target`, which the run itself may never ask for).
+        self.probe_problem: Problem | None = None
         self.port = 0
         self.started_in: float | None = None
         self._process: asyncio.subprocess.Process | None = None
@@ -102,7 +108,7 @@ class SidecarProcess:
         began = time.monotonic()
         if not self.chain:
             raise SidecarError("a sidecar needs at least one proxy")
-        await check_reachable(self.chain[-1])  # the hop Xray dials first; fail early, closed
+        await self._probe()  # the hop Xray dials first; fail early, closed, and say why
         self._folder = Path(tempfile.mkdtemp(prefix="corral-sidecar-"))
         try:
             self.port = free_port()
@@ -135,12 +141,35 @@ class SidecarProcess:
             raise
         self.started_in = time.monotonic() - began
 
+    async def _probe(self) -> None:
+        """Speak to the first hop; SidecarError when it refuses us or cannot be reached."""
+        first = self.chain[-1]
+        target, label = self.probe_target, self.probe_label
+        if len(self.chain) > 1:  # it must reach the next hop, whatever the run asks for
+            following = self.chain[-2]
+            target = (following.host, following.port)
+            label = f"the next hop {following.name!r} ({following.host}:{following.port})"
+        problem = await probe_hop(first, target, label=label, timeout=self.probe_timeout)
+        if problem is None:
+            return
+        if problem.kind == "target" and len(self.chain) == 1:
+            self.probe_problem = problem
+            return
+        raise SidecarError(problem.message, problem)
+
     def _config(self) -> tuple[dict[str, Any], frozenset[str]]:
         """The config to run and the binary features it needs (ConfigError if none)."""
+        level = binary_level(self.log.level)
         if self.routing is None:
-            return build_config(self.chain, self.port), features_used(self.chain)
-        config = build_routed_config(self.chain, self.port, self.routing)
-        return config, features_used(self.chain) | features_of(self.routing)
+            config = build_config(self.chain, self.port, log_level=level)
+            needed = features_used(self.chain)
+        else:
+            config = build_routed_config(self.chain, self.port, self.routing, log_level=level)
+            needed = features_used(self.chain) | features_of(self.routing)
+        # V2Ray writes its access log to stdout unless told "none": only a trace wants it.
+        if not self.log.trace:
+            config["log"]["access"] = "none"
+        return config, needed
 
     async def _wait_listening(self) -> None:
         assert self._process is not None
@@ -172,8 +201,11 @@ class SidecarProcess:
             await self._emit(line)
 
     async def _emit(self, line: str) -> None:
-        if self.on_line is not None and line.strip():
-            await self.on_line(f"[sidecar] {line}")
+        if not line.strip():
+            return
+        for text in self.log.feed(line):
+            if self.on_line is not None:
+                await self.on_line(text)
 
     async def stop(self) -> None:
         """Stop the process group and remove the config (the only copy of the credentials)."""
@@ -184,6 +216,9 @@ class SidecarProcess:
         if self._pumps:
             await asyncio.gather(*self._pumps, return_exceptions=True)
             self._pumps = []
+            for text in self.log.close():
+                if self.on_line is not None:
+                    await self.on_line(text)
         if self._folder is not None:
             shutil.rmtree(self._folder, ignore_errors=True)
             self._folder = None

@@ -41,6 +41,7 @@ from server.panel.common import (
 )
 from server.routing import initial_rules, routing_table
 from server.secretbox import token_preview
+from xray.binary import installed_binary
 from xray.links import redact_share_link
 
 PROTOCOLS = [protocol.value for protocol in ProxyProtocol]
@@ -70,6 +71,7 @@ class ProxyRow:
     proxy: Proxy
     via_name: str | None
     checked_ago: str | None
+    binary: str | None = None  # the proxy binary checks and sidecars use here
 
     @property
     def health(self) -> str:
@@ -78,9 +80,15 @@ class ProxyRow:
         return "ok" if self.proxy.health_ok else "failed"
 
 
-def proxy_row(proxy: Proxy, via_name: str | None) -> ProxyRow:
+def proxy_row(proxy: Proxy, via_name: str | None, binary: str | None = None) -> ProxyRow:
     checked = proxy.health_checked_at
-    return ProxyRow(proxy, via_name, None if checked is None else ago(checked, utcnow()))
+    ago_text = None if checked is None else ago(checked, utcnow())
+    return ProxyRow(proxy, via_name, ago_text, binary)
+
+
+def _binary_label(request: Request) -> str | None:
+    binary = installed_binary(app_services(request).settings.xray_bin)
+    return None if binary is None else binary.label
 
 
 def _with_via() -> Any:
@@ -88,19 +96,19 @@ def _with_via() -> Any:
     return select(Proxy, via.name).outerjoin(via, via.id == Proxy.via_id)
 
 
-async def _row(session: AsyncSession, proxy_id: int) -> ProxyRow | None:
+async def _row(session: AsyncSession, proxy_id: int, binary: str | None = None) -> ProxyRow | None:
     found = (await session.execute(_with_via().where(Proxy.id == proxy_id))).first()
-    return None if found is None else proxy_row(found[0], found[1])
+    return None if found is None else proxy_row(found[0], found[1], binary)
 
 
 async def _proxy_list(request: Request, session: AsyncSession) -> dict[str, Any]:
-    stmt = select(Proxy)
+    stmt, binary = select(Proxy), _binary_label(request)
     paging = await paged(session, stmt, page_number(request))
     found = await session.execute(
         _with_via().order_by(Proxy.name_key, Proxy.id).offset(paging.offset).limit(PAGE_SIZE)
     )
     return {
-        "rows": [proxy_row(proxy, via_name) for proxy, via_name in found],
+        "rows": [proxy_row(proxy, via, binary) for proxy, via in found],
         "paging": paging,
         "via_choices": await _via_choices(session, None),
         "protocols": PROTOCOLS,
@@ -214,7 +222,11 @@ async def proxy_create(request: Request) -> Response:
             request,
             change,
             lambda session: proxy_service.create_proxy(
-                session, box, values, routing_rules=initial_rules(settings)
+                session,
+                box,
+                values,
+                routing_rules=initial_rules(settings),
+                binary=installed_binary(settings.xray_bin),
             ),
         )
     except InvalidInput as exc:
@@ -290,12 +302,13 @@ async def proxy_import(request: Request) -> Response:
     if not lines:
         reason = "paste at least one share link"
         return await _import_refused(request, ImportResult.empty(), [reason])
-    box, rules = app_services(request).secret_box, initial_rules(app_services(request).settings)
+    box, settings = app_services(request).secret_box, app_services(request).settings
+    rules, binary = initial_rules(settings), installed_binary(settings.xray_bin)
     created, errors = await apply_change(
         request,
         change,
         lambda session: proxy_service.import_proxies(
-            session, box, [link for _, link in lines], routing_rules=rules
+            session, box, [link for _, link in lines], routing_rules=rules, binary=binary
         ),
         error_codes=lambda result: [error.code.value for error in result[1]],
     )
@@ -382,7 +395,7 @@ async def _show_proxy(
     partial: str = "_proxy_edit_form.html",
 ) -> Response:
     async with reading(request) as session:
-        row = await _row(session, proxy_id)
+        row = await _row(session, proxy_id, _binary_label(request))
         if row is None:
             return not_found(request, "proxy")
         detail = await _proxy_detail(request, session, row.proxy)
@@ -419,12 +432,15 @@ async def proxy_update(request: Request) -> Response:
     refused = await refuse_viewer(request, change)
     if refused is not None:
         return refused
-    box = app_services(request).secret_box
+    box, settings = app_services(request).secret_box, app_services(request).settings
+    binary = installed_binary(settings.xray_bin)
     try:
         proxy: Proxy = await apply_change(
             request,
             change,
-            lambda session: proxy_service.update_proxy(session, box, proxy_id, values),
+            lambda session: proxy_service.update_proxy(
+                session, box, proxy_id, values, binary=binary
+            ),
         )
     except InvalidInput as exc:
         errors = errors_by_field(exc.errors)
@@ -501,7 +517,7 @@ async def proxy_check(request: Request) -> Response:
         kind: FlashKind = "success" if proxy.health_ok else "error"
         return redirect_with_flash(request, back, _checked(proxy), kind=kind)
     async with reading(request) as session:
-        row = await _row(session, proxy_id)
+        row = await _row(session, proxy_id, _binary_label(request))
     if row is None:  # deleted while it was checked
         return redirect_with_flash(request, back, "The proxy is gone.", kind="error")
     partial = "_proxy_row.html" if from_list else "_proxy_health.html"
