@@ -56,6 +56,11 @@ async def check_reachable(hop: Hop, timeout: float = CONNECT_TIMEOUT) -> None:
         await writer.wait_closed()
 
 
+def sidecar_url(port: int | str) -> str:
+    """The URL a child reaches the sidecar on port `port` by (a preview passes a placeholder)."""
+    return f"socks5://127.0.0.1:{port}"
+
+
 class SidecarProcess:
     """One running sidecar. Use `async with SidecarProcess(...) as sidecar: sidecar.url`."""
 
@@ -88,7 +93,7 @@ class SidecarProcess:
     @property
     def url(self) -> str:
         """The local, unauthenticated SOCKS URL children use."""
-        return f"socks5://127.0.0.1:{self.port}"
+        return sidecar_url(self.port)
 
     async def __aenter__(self) -> SidecarProcess:
         await self.start()
