@@ -274,6 +274,12 @@ class ComposedCommand:
         description="The run's effective routing: one line a rule (first match wins), then "
         "where everything else goes; empty without a proxy.",
     )
+    note: str | None = strawberry.field(
+        default=None,
+        description="What the preview cannot show literally, in one sentence: a proxied run "
+        "goes through a local sidecar whose port is picked at start (argv shows a "
+        "placeholder); null without a proxy.",
+    )
 
 
 @strawberry.type
@@ -323,6 +329,7 @@ async def resolve_compose_command(info: Info, input: RunCommandInput) -> Compose
         env=composed.env_names,
         errors=[],
         routing_table=composed.routing_table,
+        note=composed.note,
     )
 
 

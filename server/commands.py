@@ -26,7 +26,7 @@ from server.models import (
     utcnow,
 )
 from server.profiles import get_profile, user_data_dir
-from server.proxies import get_proxy
+from server.proxies import get_proxy, proxy_hops
 from server.routing import routing_table
 from server.secretbox import SecretBox
 from server.services import get_service
@@ -34,8 +34,11 @@ from server.settings import Settings
 from server.templates import MAX_TIMEOUT_SECONDS, draft_template, get_template, sample_params
 from server.unit_of_work import announce, announce_status
 from server.validation import JSON_MAX_BYTES, env_name_problem
+from xray.sidecar import sidecar_url
 
 PROXY_URL_ENV = "CORRAL_PROXY_URL"
+# A proxied run gets the URL of its own sidecar, whose port is picked when it starts.
+SIDECAR_URL_PLACEHOLDER = sidecar_url("<sidecar>")
 COMMAND_STRING_MAX = 100_000
 PRIORITY_RANGE = (-1000, 1000)
 
@@ -72,6 +75,7 @@ class Composition:
     backoff_seconds: float
     template_env: dict[str, str]
     routing_table: list[str] = field(default_factory=list)
+    note: str | None = None
 
 
 def command_context(
@@ -92,7 +96,8 @@ def command_context(
             "protocol": proxy.protocol,
             "host": proxy.host,
             "port": proxy.port,
-            "url": proxy_url or f"{proxy.protocol}://{proxy.host}:{proxy.port}",
+            # The child talks to its sidecar, never to the upstream (a preview has no port yet).
+            "url": proxy_url or SIDECAR_URL_PLACEHOLDER,
         }
     return context
 
@@ -384,7 +389,20 @@ async def _compose(
         backoff_seconds=template.backoff_seconds if template else 5.0,
         template_env=template_env,
         routing_table=[] if proxy is None else await routing_table(session, proxy),
+        note=None if proxy is None else await sidecar_note(session, proxy),
     )
+
+
+async def sidecar_note(session: AsyncSession, proxy: Proxy) -> str:
+    """One sentence on where a proxied run's traffic goes (names only, never credentials)."""
+    hops = await proxy_hops(session, proxy)
+    note = (
+        f"The run goes through a local sidecar ({SIDECAR_URL_PLACEHOLDER}, {PROXY_URL_ENV}) "
+        f"on a port picked at start; it forwards to proxy {proxy.name!r}"
+    )
+    if len(hops) > 1:  # traffic reaches the farthest `via` hop first
+        note += f" (chain: sidecar → {' → '.join(repr(hop.name) for hop in reversed(hops))})"
+    return note + "."
 
 
 async def create_command(

@@ -395,14 +395,19 @@ async def detach_proxy(session: AsyncSession, profile_id: int, proxy_id: int) ->
         )
 
 
+async def proxy_hops(session: AsyncSession, proxy: Proxy) -> list[Proxy]:
+    """The proxy and the proxies it is dialed through (`via`), nearest first."""
+    hops: list[Proxy] = []
+    current: Proxy | None = proxy
+    while current is not None and len(hops) < MAX_CHAIN_HOPS:
+        hops.append(current)
+        current = await session.get(Proxy, current.via_id) if current.via_id else None
+    return hops
+
+
 async def proxy_chain(session: AsyncSession, box: SecretBox, proxy: Proxy) -> list[Hop]:
     """The proxy and the hops it is dialed through (`via`), credentials decrypted."""
-    chain: list[Hop] = []
-    current: Proxy | None = proxy
-    while current is not None and len(chain) < MAX_CHAIN_HOPS:
-        chain.append(hop_of(current, read_credentials(current, box)))
-        current = await session.get(Proxy, current.via_id) if current.via_id else None
-    return chain
+    return [hop_of(hop, read_credentials(hop, box)) for hop in await proxy_hops(session, proxy)]
 
 
 async def import_proxies(

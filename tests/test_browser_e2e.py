@@ -11,8 +11,11 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
+from starlette.applications import Starlette
 
 from runner.process import SIDECAR_MARKER
+from server.models import Profile
 from server.settings import Settings
 from tests.conftest import GraphQLClient
 from tests.fixtures.commands import logs_of, run, texts, wait_final, wait_status
@@ -223,3 +226,34 @@ async def test_cancelling_a_browser_run_leaves_nothing_behind(
     assert browser_processes(profile_dir) == []
     assert run_processes(pk(command_id), prefix, SIDECAR_MARKER) == []
     assert run_processes(pk(command_id), prefix) == []
+
+
+async def test_invalid_timezone_names_itself_in_the_stored_log(
+    app: Starlette, gql: GraphQLClient
+) -> None:
+    """Issue 12, item 1: on this host (no system D-Bus) the run said "chromium not found"."""
+    profile_id = await gql_id(
+        gql,
+        'mutation { createProfile(input: {name: "mars"}) { profile { id } userErrors { message } } }',
+        "createProfile",
+    )
+    # Save-time checks refuse this timezone; a row from before them may still hold one.
+    async with app.state.services.sessionmaker() as session:
+        await session.execute(
+            update(Profile).where(Profile.id == pk(profile_id)).values(timezone="Mars/Olympus")
+        )
+        await session.commit()
+    command_id = await run(
+        gql,
+        commandString="corral-playwright --profile {{ profile.dir }} -- visit.mjs about:blank",
+        profileId=profile_id,
+    )
+
+    final = await wait_final(gql, command_id, timeout=60)
+    assert final["status"] == "FAILED"
+    assert final["exitCode"] == 3
+    stderr = texts(await logs_of(gql, command_id), "STDERR")
+    assert stderr[0].startswith(
+        'corral-playwright: cannot launch Chromium: invalid timezone "Mars/Olympus"'
+    )
+    assert not any("not found" in line for line in stderr), stderr

@@ -224,3 +224,61 @@ async def test_hostile_values_reach_the_child_literally(gql: GraphQLClient) -> N
     assert final["status"] == "SUCCEEDED", final
     stdout = [line["text"] for line in await logs_of(gql, command_id) if line["stream"] == "STDOUT"]
     assert json.loads(stdout[0]) == HOSTILE
+
+
+# --- the preview of a proxied run (issue 12, item 7) ----------------------------------
+
+UPSTREAM_PASSWORD = "Upstream-Pa55-never-shown"
+SIDECAR_NOTE = (
+    "The run goes through a local sidecar (socks5://127.0.0.1:<sidecar>, CORRAL_PROXY_URL) "
+    "on a port picked at start; it forwards to proxy 'exit' (chain: sidecar → 'entry' → 'exit')."
+)
+
+
+async def proxied_profile(gql: GraphQLClient) -> str:
+    """A profile whose default proxy 'exit' (with credentials) is dialed through 'entry'."""
+    create = """mutation($input: CreateProxyInput!) {
+      createProxy(input: $input) { proxy { id } userErrors { field message } } }"""
+    via: str | None = None
+    for name, port in (("entry", 1081), ("exit", 3128)):
+        values = {"name": name, "protocol": "http", "host": "192.0.2.10", "port": port}
+        values |= {"username": f"{name}-user", "password": UPSTREAM_PASSWORD}
+        data = await gql(create, input=values | ({"viaId": via} if via else {}))
+        assert data["createProxy"]["userErrors"] == []
+        via = data["createProxy"]["proxy"]["id"]
+    profile = await gql('mutation { createProfile(input: {name: "p"}) { profile { id } } }')
+    profile_id = str(profile["createProfile"]["profile"]["id"])
+    attached = await gql(
+        """mutation($p: ID!, $x: ID!) { attachProxy(input: {profileId: $p, proxyId: $x,
+        isDefault: true}) { userErrors { message } } }""",
+        p=profile_id,
+        x=via,
+    )
+    assert attached["attachProxy"]["userErrors"] == []
+    return profile_id
+
+
+async def test_preview_shows_the_sidecar_the_run_uses_and_says_so(gql: GraphQLClient) -> None:
+    profile_id = await proxied_profile(gql)
+    query = "query($input: RunCommandInput!) { composeCommand(input: $input) { argv env note errors { message } } }"
+    command = "curl --proxy {{ proxy.url }} --url https://example.org/{{ proxy.name }}"
+
+    data = await gql(query, input={"commandString": command, "profileId": profile_id})
+
+    composed = data["composeCommand"]
+    assert composed["errors"] == []
+    assert composed["argv"] == [
+        "curl",
+        "--proxy",
+        "socks5://127.0.0.1:<sidecar>",
+        "--url",
+        "https://example.org/exit",
+    ]
+    assert composed["env"] == ["CORRAL_PROXY_URL"]
+    assert composed["note"] == SIDECAR_NOTE
+    answer = json.dumps(data)
+    for upstream in (UPSTREAM_PASSWORD, "exit-user", "192.0.2.10"):
+        assert upstream not in answer
+    # Without a proxy there is nothing to say.
+    plain = await gql(query, input={"commandString": "echo hi"})
+    assert plain["composeCommand"]["note"] is None

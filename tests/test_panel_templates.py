@@ -4,6 +4,7 @@ logged-in cookie session on both databases, and in real headless Chromium."""
 from __future__ import annotations
 
 import asyncio
+import html
 import re
 from pathlib import Path
 from typing import Any
@@ -17,10 +18,13 @@ from server import services as service_domain
 from server import templates as template_domain
 from server.models import AuditEvent, Command, CommandTemplate, LogLine
 from server.settings import Settings
+from tests.conftest import GraphQLClient
 from tests.fixtures.chromium import PAGE_HELPERS_JS, ROOT, run_browser_script
 from tests.fixtures.servers import running_server
+from tests.test_compose import SIDECAR_NOTE, UPSTREAM_PASSWORD, proxied_profile
 from tests.test_login import PASSWORD, add_user
 from tests.test_panel import add_profile, admin, audit_of, csrf_of, viewer  # noqa: F401
+from tests.test_supervisor import pk
 
 TOKEN = "svc-secret-token-0123456789abcdef"
 GREETING = {
@@ -529,3 +533,18 @@ async def test_editor_and_composer_in_chromium(
     assert "hello chromium x7" in found["log"]
     assert found["violations"] == []
     assert found["errors"] == []
+
+
+async def test_composer_preview_shows_the_sidecar_note_and_no_password(
+    gql: GraphQLClient,
+    admin: httpx.AsyncClient,  # noqa: F811
+) -> None:
+    profile_id = await proxied_profile(gql)
+    fields = {"profile": str(pk(profile_id)), "commandString": "echo {{ proxy.url }}"}
+
+    preview = preview_of(await post(admin, "/compose/preview", **fields))
+
+    assert "<li><code>socks5://127.0.0.1:&lt;sidecar&gt;</code></li>" in preview
+    note = preview.split('id="preview-note">', 1)[1].split("</p>", 1)[0]
+    assert html.unescape(note) == SIDECAR_NOTE
+    assert UPSTREAM_PASSWORD not in preview

@@ -688,3 +688,102 @@ def test_wrapper_without_node_modules_says_what_to_do(tmp_path: Path) -> None:
     assert result.returncode == 3
     [line] = result.stderr.splitlines()
     assert "run npm ci in runner/js" in line
+
+
+# ------------------------------------------------------------------ launch failures (issue 12, item 1)
+
+# A host without a system or session D-Bus (containers, servers): Chromium then prints
+# "Failed to connect to socket /nonexistent: No such file or directory" on every start.
+NO_DBUS = {
+    "DBUS_SYSTEM_BUS_ADDRESS": "unix:path=/nonexistent",
+    "DBUS_SESSION_BUS_ADDRESS": "unix:path=/nonexistent-session",
+}
+DBUS_NOISE = (
+    "[1:1:1202/101614.427015:ERROR:dbus/bus.cc:405] Failed to connect to the bus: "
+    "Failed to connect to socket /nonexistent: No such file or directory"
+)
+
+
+def launch_lines(result: subprocess.CompletedProcess[str]) -> list[str]:
+    """The host's stderr lines without its `corral-playwright: ` prefix."""
+    prefix = "corral-playwright: "
+    assert all(line.startswith(prefix) for line in result.stderr.splitlines()), result.stderr
+    return [line[len(prefix) :] for line in result.stderr.splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "cause"),
+    [
+        ("timezone", "Mars/Olympus", 'invalid timezone "Mars/Olympus"'),
+        ("locale", "xx-@@bad", 'invalid locale "xx-@@bad"'),
+    ],
+)
+def test_bad_setting_without_dbus_names_the_setting(
+    work: Path, tmp_path: Path, setting: str, value: str, cause: str
+) -> None:
+    env = host_env(**NO_DBUS, CORRAL_BROWSER_SETTINGS=json.dumps({setting: value}))
+    result = run_host(work, tmp_path / "P", "--", "visit.mjs", "about:blank", env=env)
+
+    assert result.returncode == 3, result.stderr
+    lines = launch_lines(result)
+    assert lines[0].startswith(f'cannot launch Chromium: {cause} (browser setting "{setting}"')
+    assert "not found" not in result.stderr
+    assert "dbus" not in result.stderr.lower()
+    assert result.stdout == ""
+
+
+def launch_with_chromium(
+    work: Path, tmp_path: Path, chromium: Path
+) -> subprocess.CompletedProcess[str]:
+    argv = ("--chromium", str(chromium), "--", "visit.mjs", "about:blank")
+    return run_host(work, tmp_path / "P", *argv, env=host_env(**NO_DBUS))
+
+
+def test_missing_chromium_is_not_found(work: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "no-such-dir" / "chromium"
+    result = launch_with_chromium(work, tmp_path, missing)
+
+    assert result.returncode == 3
+    assert launch_lines(result) == [
+        f"cannot launch Chromium: {missing} not found (use --chromium or CORRAL_CHROMIUM_PATH)"
+    ]
+
+
+def test_chromium_crash_at_start_names_the_signal_and_its_lines(work: Path, tmp_path: Path) -> None:
+    fake = tmp_path / "chromium-that-crashes"
+    fake.write_text(
+        "#!/bin/sh\n"
+        f"echo '{DBUS_NOISE}' >&2\n"
+        "echo '[1:1:1202/101614.5:ERROR:base/oops.cc(7)] the part that matters broke' >&2\n"
+        "kill -SEGV $$\n"
+    )
+    fake.chmod(0o755)
+    result = launch_with_chromium(work, tmp_path, fake)
+
+    assert result.returncode == 3
+    assert launch_lines(result) == [
+        "cannot launch Chromium: it crashed during start (signal SIGSEGV)",
+        "  chromium: ERROR base/oops.cc(7): the part that matters broke",
+    ]
+
+
+def test_profile_locked_in_chromiums_own_check_without_dbus(work: Path, tmp_path: Path) -> None:
+    # Not a symlink: the host leaves it to Chromium, whose ProcessSingleton refuses (exit 21).
+    profile = tmp_path / "P"
+    profile.mkdir()
+    lock_of(profile).write_text("held by something else")
+    result = run_host(work, profile, "--", "visit.mjs", "about:blank", env=host_env(**NO_DBUS))
+
+    assert result.returncode == 3
+    assert launch_lines(result) == [
+        f"profile {profile} is in use by another browser (SingletonLock)"
+    ]
+
+
+def test_normal_launch_without_dbus_still_succeeds(site: Site, work: Path, tmp_path: Path) -> None:
+    result = run_host(
+        work, tmp_path / "P", "--", "visit.mjs", site.url("/"), env=host_env(**NO_DBUS)
+    )
+
+    assert result.returncode == 0, result.stderr
+    assert events_of(result.stdout, "page")[0]["title"] == "Corral test page"

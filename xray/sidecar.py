@@ -45,6 +45,11 @@ def free_port() -> int:
         return port
 
 
+def sidecar_url(port: int | str) -> str:
+    """The URL a child reaches the sidecar on port `port` by (a preview passes a placeholder)."""
+    return f"socks5://127.0.0.1:{port}"
+
+
 class SidecarProcess:
     """One running sidecar. Use `async with SidecarProcess(...) as sidecar: sidecar.url`."""
 
@@ -94,7 +99,7 @@ class SidecarProcess:
     @property
     def url(self) -> str:
         """The local, unauthenticated SOCKS URL children use."""
-        return f"socks5://127.0.0.1:{self.port}"
+        return sidecar_url(self.port)
 
     async def __aenter__(self) -> SidecarProcess:
         await self.start()

@@ -9,7 +9,7 @@
 // {page, context, env, emit, args}; emit(type, data) prints `::corral::{"type":...}` on stdout.
 //
 // Exit codes: 0 done, 1 the script failed, 2 usage (bad flags, missing script),
-// 3 the browser could not be launched (profile in use, bad executable, ...),
+// 3 the browser could not be launched (first stderr line: the cause; see README.md),
 // 128+N stopped by signal N (SIGINT 130, SIGTERM 143, SIGHUP 129).
 
 import fs from 'node:fs';
@@ -305,19 +305,79 @@ function profileInUse(profileDir) {
   return `profile ${profileDir} is in use by another browser (SingletonLock)`;
 }
 
-function launchFailure(err, profileDir, executablePath, headless) {
-  const message = String(err?.message ?? err);
-  if (/ProcessSingleton|SingletonLock|profile appears to be in use/i.test(message))
-    return profileInUse(profileDir);
+// Chromium's stderr lines that say nothing about why a launch failed: a host without a
+// system D-Bus, GPU, audio or fonts prints them on every start, including successful ones.
+// (Their "No such file or directory" once passed for a missing executable: issue 12.)
+const HARMLESS_CHROMIUM_LINE =
+  /dbus|D-Bus|UPower|object_proxy|\bgpu|viz_main|angle|vaapi|libva|vulkan|\bEGL|GLES|Fontconfig|ALSA|pulse|zygote|sandbox_linux|ozone|DevTools listening|google_apis|gcm\/|registration_request|:(?:INFO|WARNING|VERBOSE\d*):/i;
+const CHROMIUM_LOG_PREFIX = /^\[\d+:\d+:[\d/.]+:(\w+):([^\]]+)\]\s*/;
+const MAX_STDERR_LINES = 5;
+
+/** Chromium's own stderr lines from Playwright's call log, noise dropped, the last few kept. */
+export function relevantChromiumLines(message) {
+  const lines = [];
+  for (const raw of message.split('\n')) {
+    const match = /^\s*(?:- )?\[pid=\d+\]\[err\] (.*)$/.exec(raw);
+    if (!match) continue;
+    const text = match[1].trim();
+    if (!text || HARMLESS_CHROMIUM_LINE.test(text)) continue;
+    const log = CHROMIUM_LOG_PREFIX.exec(text);
+    const line = log ? `${log[1]} ${log[2]}: ${text.slice(log[0].length)}` : text;
+    if (!lines.includes(line)) lines.push(line);
+  }
+  return lines.slice(-MAX_STDERR_LINES);
+}
+
+/** How Chromium's process ended during the launch, from Playwright's call log; null if it did not. */
+function chromiumExit(message) {
+  const match = /<process did exit: exitCode=(\S+), signal=(\S+)>/.exec(message);
+  if (!match) return null;
+  return { code: match[1] === 'null' ? null : Number(match[1]), signal: match[2] === 'null' ? null : match[2] };
+}
+
+/**
+ * The cause of a failed launch, as lines for stderr: the first names the cause, the rest are
+ * Chromium's relevant stderr lines. Classified from what Playwright and Chromium said.
+ */
+export function launchFailure(err, { profileDir, executablePath, headless, settings = {} }) {
+  // Playwright colours its call log; the escapes would only get in the way of the matching.
+  const message = String(err?.message ?? err).replace(/\x1b\[[0-9;]*m/g, '');
+  const headline = (message.split('\n').find((line) => line.trim() && !/^=+/.test(line.trim())) ?? '')
+    .replace(/^\S+\.launchPersistentContext: /, '')
+    .trim();
+  const stderr = relevantChromiumLines(message);
+  const exit = chromiumExit(message);
+  const withStderr = (cause) => [cause, ...stderr.map((line) => `  chromium: ${line}`)];
+
+  if (/ProcessSingleton|SingletonLock|profile appears to be in use/i.test(message) || exit?.code === 21)
+    return [profileInUse(profileDir)];
+  if (/Invalid timezone ID/i.test(headline))
+    return withStderr(
+      `cannot launch Chromium: invalid timezone ${JSON.stringify(settings.timezone ?? headline.split(': ').pop())} ` +
+        '(browser setting "timezone" or --timezone; use an IANA name such as Europe/Berlin)',
+    );
+  if (/setLocaleOverride|Invalid locale/i.test(headline))
+    return withStderr(
+      `cannot launch Chromium: invalid locale ${JSON.stringify(settings.locale ?? '')} ` +
+        '(browser setting "locale" or --locale; use a BCP 47 tag such as en-US)',
+    );
+  if (/setUserAgentOverride/i.test(headline))
+    return withStderr(`cannot launch Chromium: the user agent was refused (${headline})`);
   if (/Missing X server|XServer|\$DISPLAY/i.test(message) && !headless)
-    return 'cannot launch a headed browser: no X server ($DISPLAY); use --headless or run under xvfb-run';
-  if (/ENOENT|doesn't exist|no such file/i.test(message))
-    return `cannot launch Chromium: ${executablePath} not found`;
-  const first = message
-    .split('\n')
-    .map((line) => line.replace(/^\S+\.launchPersistentContext: /, '').trim())
-    .find((line) => line && !/^=+/.test(line));
-  return `cannot launch Chromium: ${first ?? 'unknown error'}`;
+    return ['cannot launch a headed browser: no X server ($DISPLAY); use --headless or run under xvfb-run'];
+  // Only the headline may say the executable is missing: Chromium's own "No such file" lines
+  // (D-Bus sockets and the like) are about other files. Believe it only if the file is gone.
+  if (/ENOENT|doesn't exist|no such file/i.test(headline) && !fs.existsSync(executablePath))
+    return [`cannot launch Chromium: ${executablePath} not found`];
+  if (exit && (exit.signal || (exit.code !== null && exit.code !== 0)))
+    return withStderr(
+      exit.signal
+        ? `cannot launch Chromium: it crashed during start (signal ${exit.signal})`
+        : `cannot launch Chromium: it exited during start with code ${exit.code}`,
+    );
+  if (/Timeout \d+ms exceeded/i.test(headline))
+    return withStderr(`cannot launch Chromium: it did not start within ${LAUNCH_TIMEOUT_MS / 1000} s`);
+  return withStderr(`cannot launch Chromium: ${headline || 'unknown error'}`);
 }
 
 // ---------------------------------------------------------------- events
@@ -391,7 +451,10 @@ async function main() {
     fs.mkdirSync(profileDir, { recursive: true });
     checkProfileLock(profileDir);
     if (!isExecutable(executablePath))
-      throw new LaunchError(`cannot launch Chromium: ${executablePath} not found or not executable (use --chromium or CORRAL_CHROMIUM_PATH)`);
+      throw new LaunchError(
+        `cannot launch Chromium: ${executablePath} ${fs.existsSync(executablePath) ? 'is not an executable file' : 'not found'} ` +
+          '(use --chromium or CORRAL_CHROMIUM_PATH)',
+      );
   } catch (err) {
     say(err instanceof LaunchError ? err.message : `cannot prepare profile ${profileDir}: ${err.message}`);
     return EXIT_LAUNCH;
@@ -436,7 +499,7 @@ async function main() {
     context = await launch;
   } catch (err) {
     if (state.stopping) return state.stopping; // a signal arrived during launch
-    say(launchFailure(err, profileDir, executablePath, headless));
+    for (const line of launchFailure(err, { profileDir, executablePath, headless, settings })) say(line);
     if (env.CORRAL_PLAYWRIGHT_DEBUG) process.stderr.write(`${err?.stack ?? err}\n`);
     return EXIT_LAUNCH;
   }

@@ -41,7 +41,13 @@ from server.panel.common import (
     refuse_viewer,
     render_view,
 )
-from server.panel.templates import PROFILE_CHOICES, chosen_id, preview_errors, typed_number
+from server.panel.templates import (
+    PROFILE_CHOICES,
+    chosen_id,
+    composed_preview,
+    refused_preview,
+    typed_number,
+)
 
 CHOICES = PROFILE_CHOICES  # templates, proxies and services offered in a select
 
@@ -235,14 +241,9 @@ async def compose_preview(request: Request) -> Response:
                 session, services.settings, services.secret_box, services.render_pool, run
             )
     except InvalidInput as exc:
-        preview: dict[str, Any] = {
-            "argv": None,
-            "env": [],
-            "errors": preview_errors(exc.errors),
-            "samples": {},
-        }
+        preview = refused_preview(exc)
     else:
-        preview = {"argv": composed.argv, "env": composed.env_names, "errors": [], "samples": {}}
+        preview = composed_preview(composed)
     return await _show(
         request,
         fields,

@@ -180,11 +180,35 @@ async def _preview(
             RunRequest(profile_id=profile_id),
         )
     except InvalidInput as exc:
-        return {"argv": None, "env": [], "errors": preview_errors(exc.errors), "samples": {}}
+        return refused_preview(exc)
     samples = template_service.sample_params(
         composed.template.parameters if composed.template else []
     )
-    return {"argv": composed.argv, "env": composed.env_names, "errors": [], "samples": samples}
+    return composed_preview(composed, samples)
+
+
+def composed_preview(
+    composed: Composition, samples: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """What the preview box (_preview.html) shows of a composition."""
+    return {
+        "argv": composed.argv,
+        "env": composed.env_names,
+        "errors": [],
+        "samples": samples or {},
+        "note": composed.note,
+    }
+
+
+def refused_preview(exc: InvalidInput) -> dict[str, Any]:
+    """The preview box of a composition refused with user errors."""
+    return {
+        "argv": None,
+        "env": [],
+        "errors": preview_errors(exc.errors),
+        "samples": {},
+        "note": None,
+    }
 
 
 # Fields whose messages already say what they are about.
