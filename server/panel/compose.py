@@ -242,7 +242,13 @@ async def compose_preview(request: Request) -> Response:
             "samples": {},
         }
     else:
-        preview = {"argv": composed.argv, "env": composed.env_names, "errors": [], "samples": {}}
+        preview = {
+            "argv": composed.argv,
+            "env": composed.env_names,
+            "errors": [],
+            "samples": {},
+            "routing": composed.routing_table,
+        }
     return await _show(
         request,
         fields,
