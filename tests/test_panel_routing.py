@@ -6,10 +6,16 @@ from __future__ import annotations
 
 import html
 import re
+from pathlib import Path
 
 import httpx
 from starlette.applications import Starlette
 
+from server.settings import Settings
+from tests.fixtures.chromium import PAGE_HELPERS_JS, ROOT, run_browser_script
+from tests.fixtures.servers import running_server
+from tests.test_login import PASSWORD as LOGIN_PASSWORD
+from tests.test_login import add_user
 from tests.test_panel import admin, audit_of, viewer  # noqa: F401
 from tests.test_panel_proxies import add_proxy, main_of, post, proxy_named
 from xray.config import BACKGROUND_DOMAINS
@@ -162,7 +168,7 @@ async def test_a_bad_pattern_is_shown_next_to_its_rule_with_the_input_kept(
     events = await audit_of(app, "setRoutingRules")
     assert [event.outcome for event in events] == ["error"] * 4
     success = await post(admin, path, htmx=True, op="save", **row(0, domains="regexp:^a+b$"))
-    assert success.headers["hx-redirect"] == f"/proxies/{proxy_id}#routing"
+    assert success.headers["hx-redirect"] == f"/proxies/{proxy_id}"  # a load, not a scroll
     assert await rules_of(app, "main") == [rule(domains=["regexp:^a+b$"])]
 
 
@@ -183,3 +189,116 @@ async def test_the_composer_preview_shows_the_runs_routing_table(
     ]
     direct = await post(viewer, "/compose/preview", commandString="echo hi")
     assert 'id="preview-routing"' not in direct.text  # no proxy: no table
+
+
+# --- in real headless Chromium ---------------------------------------------------------
+
+EDITOR_SCRIPT = r"""
+const { chromium } = require(process.env.PLAYWRIGHT_CORE);
+(async () => {
+  const [base, chromiumPath, shots, path] = process.argv.slice(2);
+  const browser = await chromium.launch({
+    executablePath: chromiumPath,
+    args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update',
+           '--disable-sync', '--disable-gpu'],
+  });
+  const found = { errors: [], violations: [], overflow: {} };
+  try {
+    const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+    page.on('pageerror', (error) => found.errors.push(String(error)));
+    page.on('console', (message) => {
+      // Chromium logs every 4xx; a refused save answers 422 by design.
+      if (message.type() === 'error' && !message.text().includes('status of 422')) {
+        found.errors.push(message.text());
+      }
+    });
+    /*PAGE_HELPERS*/
+    const overflow = () => page.evaluate(
+      () => document.documentElement.scrollWidth - window.innerWidth);
+    await page.goto(`${base}${path}`);
+    await page.locator('input[name="name"]').fill(process.env.CORRAL_USER);
+    await page.locator('input[name="password"]').fill(process.env.CORRAL_PASSWORD);
+    await page.locator('button[type="submit"]').click();
+    await page.waitForURL((target) => target.pathname === path, { timeout: 20000 });
+    found.before = await page.locator('#routing-table').innerText();
+
+    const domains = page.locator('#rules-0-domains');
+    await domains.fill('regexp:a(b');
+    await page.getByRole('button', { name: 'Save rules' }).click();
+    await page.locator('#rules-0-domains-error').waitFor({ timeout: 20000 });
+    found.refusal = await page.locator('#rules-0-domains-error').innerText();
+    found.kept = await domains.inputValue();
+    found.invalid = await domains.getAttribute('aria-invalid');
+    found.unchanged = await page.locator('#routing-table').innerText();
+    await shoot('routing-refused');
+
+    await domains.fill('regexp:^ads[0-9]+\\.example$\nfull:tracker.test');
+    await page.locator('#rules-0-action').selectOption('BLOCK');
+    await page.locator('#rules-1-ports').fill('8443');
+    await page.locator('#rules-1-action').selectOption('VIA');
+    await page.locator('#rules-1-viaProxyId').selectOption({ label: 'other hop' });
+    await page.getByRole('button', { name: 'Save rules' }).click();
+    await page.locator('.flash').waitFor({ timeout: 20000 });
+    found.flash = await page.locator('.flash').innerText();
+    found.after = await page.locator('#routing-table').innerText();
+    found.overflow.laptop = await overflow();
+    await shoot('routing-saved');
+    found.violations.push(...await page.evaluate(() => window.__violations));
+
+    await page.setViewportSize({ width: 390, height: 844 });
+    await page.goto(`${base}${path}`);
+    found.overflow.phone = await overflow();
+    await shoot('routing-phone');
+    found.violations.push(...await page.evaluate(() => window.__violations));
+  } finally {
+    await browser.close();
+  }
+  console.log(JSON.stringify(found));
+})().catch((error) => { console.error(error); process.exit(1); });
+""".replace("/*PAGE_HELPERS*/", PAGE_HELPERS_JS)
+
+
+async def test_edit_a_rule_in_chromium(settings: Settings, tmp_path: Path, backend: str) -> None:
+    """A malformed regexp is refused next to its rule with the input kept and the table
+    unchanged; a good rule (and a VIA rule added in the spare row) saves and the table
+    shows it; no overflow on a laptop or a phone. Screenshots in test-artifacts/."""
+    script = tmp_path / "routing.cjs"
+    script.write_text(EDITOR_SCRIPT)
+    shots = ROOT / "test-artifacts" / backend
+    shots.mkdir(parents=True, exist_ok=True)
+    async with running_server(settings) as live:
+        await add_user(live.app, "grace", "admin")
+        await add_proxy(live.app, "other hop")
+        proxy_id = await add_proxy(live.app, "main", routing_rules=DEFAULT)
+        found = await run_browser_script(
+            script,
+            live.base_url,
+            settings.chromium_path,
+            str(shots),
+            f"/proxies/{proxy_id}",
+            user="grace",
+            password=LOGIN_PASSWORD,
+            timeout=120,
+        )
+        assert await rules_of(live.app, "main") == [
+            rule(domains=["regexp:^ads[0-9]+\\.example$", "full:tracker.test"], action="BLOCK"),
+            rule(
+                ports="8443",
+                action="VIA",
+                via_proxy_id=(await proxy_named(live.app, "other hop")).id,
+            ),  # type: ignore[union-attr]
+        ]
+    assert found["before"].startswith("1. domain:accounts.google.com")
+    assert found["refusal"].startswith("'regexp:a(b' is not a valid regular expression")
+    assert found["kept"] == "regexp:a(b"
+    assert found["invalid"] == "true"
+    assert found["unchanged"] == found["before"]
+    assert found["flash"].endswith("Routing rules of main saved.")
+    assert found["after"].splitlines() == [
+        "1. regexp:^ads[0-9]+\\.example$, full:tracker.test → blocked",
+        "2. port 8443 → via proxy 'other hop'",
+        "everything else → proxy 'main'",
+    ]
+    assert found["overflow"] == {"laptop": 0, "phone": 0}
+    assert found["violations"] == []
+    assert found["errors"] == []

@@ -488,7 +488,10 @@ async def proxy_routing(request: Request) -> Response:
             partial="_routing_rules_form.html",
         )
     message = f"Routing rules of {proxy.name} {done}."
-    return redirect_with_flash(request, f"/proxies/{proxy.id}#routing", message)
+    # htmx follows HX-Redirect by setting location: a fragment on the same page would only
+    # scroll, not load the saved table; a plain post lands on the rules.
+    back = f"/proxies/{proxy.id}" + ("" if wants_partial(request) else "#routing")
+    return redirect_with_flash(request, back, message)
 
 
 async def proxy_delete_page(request: Request) -> Response:
