@@ -49,6 +49,7 @@ from server.panel.proxies import (
     proxy_import,
     proxy_list,
     proxy_page,
+    proxy_routing,
     proxy_update,
 )
 from server.panel.run_files import run_file
@@ -92,6 +93,7 @@ def panel_routes(_settings: Settings) -> list[Route]:
         Route("/proxies/{proxy_id}", proxy_page, methods=["GET"]),
         Route("/proxies/{proxy_id}", proxy_update, methods=["POST"]),
         Route("/proxies/{proxy_id}/check", proxy_check, methods=["POST"]),
+        Route("/proxies/{proxy_id}/routing", proxy_routing, methods=["POST"]),
         Route("/proxies/{proxy_id}/delete", proxy_delete_page, methods=["GET"]),
         Route("/proxies/{proxy_id}/delete", proxy_delete, methods=["POST"]),
         Route("/runs", run_list, methods=["GET"]),

@@ -39,7 +39,17 @@ from server.panel.common import (
     render_view,
     wants_partial,
 )
-from server.routing import initial_rules, routing_table
+from server.panel.proxy_routing import (
+    ACTION_CHOICES,
+    NETWORK_CHOICES,
+    RulesForm,
+    apply_op,
+    posted_rows,
+    refused_form,
+    rule_values,
+    rules_form,
+)
+from server.routing import initial_rules, routing_table, set_routing_rules
 from server.secretbox import token_preview
 from xray.binary import installed_binary
 from xray.links import redact_share_link
@@ -390,6 +400,7 @@ async def _show_proxy(
     *,
     form: dict[str, str] | None = None,
     errors: dict[str, list[str]] | None = None,
+    rules: RulesForm | None = None,
     status_code: int = 200,
     page: str = "proxy.html",
     partial: str = "_proxy_edit_form.html",
@@ -412,6 +423,9 @@ async def _show_proxy(
         protocols=PROTOCOLS,
         form=proxy_form(row.proxy) if form is None else form,
         errors=errors or {},
+        rules=rules_form(row.proxy.routing_rules) if rules is None else rules,
+        routing_actions=ACTION_CHOICES,
+        routing_networks=NETWORK_CHOICES,
     )
 
 
@@ -450,6 +464,50 @@ async def proxy_update(request: Request) -> Response:
             request, proxy_id, form=kept_form(fields), errors=errors, status_code=422
         )
     return redirect_with_flash(request, f"/proxies/{proxy.id}", f"Proxy {proxy.name} saved.")
+
+
+async def proxy_routing(request: Request) -> Response:
+    """Save the routing rule editor (setRoutingRules' domain function and audit entry); a
+    refusal shows the form again, each message next to its rule, the input kept."""
+    proxy_id = path_id(request, "proxy_id")
+    if proxy_id is None:
+        return not_found(request, "proxy")
+    fields = await read_form(request)
+    change = Change("setRoutingRules", ["proxyId", "rules"], encode_id("Proxy", proxy_id), "Proxy")
+    refused = await refuse_viewer(request, change)
+    if refused is not None:
+        return refused
+    services = app_services(request)
+    op = fields.get("op", "save")
+    if op == "reset":
+        raw, done = initial_rules(services.settings), "reset to the default rule set"
+        rows = rules_form(raw).rows[:-1]
+    else:
+        rows, done = apply_op(posted_rows(fields), op)
+        raw = [rule_values(row) for row in rows]
+    try:
+        proxy: Proxy = await apply_change(
+            request,
+            change,
+            lambda session: set_routing_rules(
+                session, services.settings, services.secret_box, proxy_id, raw
+            ),
+        )
+    except InvalidInput as exc:
+        if any(error.field == ("proxyId",) for error in exc.errors):
+            return not_found(request, "proxy")
+        return await _show_proxy(
+            request,
+            proxy_id,
+            rules=refused_form(rows, exc.errors),
+            status_code=422,
+            partial="_routing_rules_form.html",
+        )
+    message = f"Routing rules of {proxy.name} {done}."
+    # htmx follows HX-Redirect by setting location: a fragment on the same page would only
+    # scroll, not load the saved table; a plain post lands on the rules.
+    back = f"/proxies/{proxy.id}" + ("" if wants_partial(request) else "#routing")
+    return redirect_with_flash(request, back, message)
 
 
 async def proxy_delete_page(request: Request) -> Response:

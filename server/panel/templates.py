@@ -197,6 +197,7 @@ def composed_preview(
         "errors": [],
         "samples": samples or {},
         "note": composed.note,
+        "routing": composed.routing_table,
     }
 
 
