@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple
 from sqlalchemy import Row, Select, and_, func, select
 from sqlalchemy.orm import aliased
 from strawberry.dataloader import DataLoader
+from strawberry.scalars import JSON
 
 from server.models import (
     Base,
@@ -135,17 +136,18 @@ class Loaders:
         from graphql_schema.profiles import ProfileServiceLink
 
         link = ProfileService
-        columns = [link.profile_id, link.token_encrypted, link.created_at]
+        columns = [link.profile_id, link.token_encrypted, link.rate_limit_policy, link.created_at]
         rows: Sequence[Any] = await self._rows(
             _each_target_once(columns, link.service_id, Service, ids)
         )
         nodes = {row[-1].id: self.service_node(row[-1]) for row in rows if row[-1] is not None}
         groups: dict[int, list[ProfileServiceLink]] = defaultdict(list)
-        for profile_id, token, created_at, service_id, _service in rows:
+        for profile_id, token, policy, created_at, service_id, _service in rows:
             groups[profile_id].append(
                 ProfileServiceLink(
                     service=nodes[service_id],
                     has_token=token is not None,
+                    rate_limit_policy=JSON(policy or {}),
                     created_at=created_at,
                     token_encrypted=token,
                 )

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import strawberry
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
+from strawberry.scalars import JSON
 
 from graphql_schema.context import Info
 from graphql_schema.direct import NOT_AT_ONCE, answer_at_once
@@ -63,6 +64,9 @@ class ProfileServiceLink:
         "e.g. `ghp_…a1b2`; never the token.",
         resolver=_link_token_preview,
         metadata=answer_at_once(_link_token_preview),
+    )
+    rate_limit_policy: JSON = strawberry.field(
+        description="Overrides the service's rateLimitPolicy key by key for this profile."
     )
     created_at: datetime
     token_encrypted: strawberry.Private[bytes | None]

@@ -139,6 +139,10 @@ class LinkServiceInput:
         default=strawberry.UNSET,
         description="The profile's own account token (overrides the shared one); write-only.",
     )
+    rate_limit_policy: JSON | None = strawberry.field(
+        default=strawberry.UNSET,
+        description="Overrides the service's rateLimitPolicy key by key; null clears it.",
+    )
 
 
 @strawberry.type

@@ -14,6 +14,7 @@ import socket
 import sqlite3
 import time
 import uuid
+from collections.abc import Generator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -26,6 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from runner import policy
 from runner.compose import CompositionError
+from runner.gate import FAIL, FAIL_LINE, SPEND, STATEMENTS, Gate, Read, gate_reads, spend_rows
 from runner.lines import LineSplitter
 from runner.logwriter import LogStore, LogWriter, retryable_database_error
 from runner.process import (
@@ -85,6 +87,7 @@ READ_CHUNK = 64 * 1024
 TICK_SECONDS = 0.5
 WORKDIRS_REMEMBERED = 10_000
 PIPES_GRACE_SECONDS = 5.0
+GATE_SLACK_SECONDS = 0.05  # a claim at a gate's opening comes just after it, not before
 UNIQUE_VIOLATION = "23505"  # SQLSTATE
 # Runner ids of the supervisors alive in this process (several can share one process).
 LIVE_RUNNERS: set[str] = set()
@@ -144,7 +147,16 @@ class Claimed:
     has_services: bool
 
 
-ClaimResult = tuple[list[Claimed], list[int], list[int]]  # claimed, now waiting, next ones
+@dataclass(slots=True)
+class ClaimResult:
+    """What a claim did: the commands it started, those it marked waiting (or failed at
+    the gate), the next runnable ones, and when the earliest closed gate opens."""
+
+    claimed: list[Claimed]
+    waiting: list[int] = field(default_factory=list)
+    upcoming: list[int] = field(default_factory=list)
+    failed: list[int] = field(default_factory=list)
+    wake_at: datetime | None = None
 
 
 class ClaimJob:
@@ -167,8 +179,11 @@ class ClaimJob:
 @dataclass
 class _Choice:
     chosen: dict[int, Any]  # command id -> queued since
-    waiting: list[dict[str, Any]]  # {"_id", "_reason"} of commands whose profile is busy
+    # (status, reason, not before, id) of the commands whose state or reason changes
+    waiting: list[tuple[str, str, datetime | None, int]]
     upcoming: list[int]
+    failed: list[tuple[int, str]] = field(default_factory=list)  # failed at the gate
+    gate: Gate | None = None
 
     def result(self, rows: Any) -> ClaimResult:
         """The claimed commands, in the order chosen, from the claim's returned rows."""
@@ -181,25 +196,59 @@ class _Choice:
                 claimed.append(
                     Claimed(ClaimedCommand(*values[:-1]), queued_since, bool(values[-1]))
                 )
-        return claimed, [item["_id"] for item in self.waiting], self.upcoming
+        return ClaimResult(
+            claimed,
+            [item[-1] for item in self.waiting if item[0] == CommandStatus.WAITING.value],
+            self.upcoming,
+            [command_id for command_id, _ in self.failed],
+            None if self.gate is None else self.gate.opens_at,
+        )
+
+    @property
+    def blocked(self) -> int:
+        """Candidates the gate or a busy profile held back (the claim may look further)."""
+        return len(self.waiting) + len(self.failed)
 
 
-def _choose(candidates: Any, busy: dict[int, int], free: int) -> _Choice:
+@dataclass(frozen=True, slots=True)
+class Slots:
+    """The runner's slots as a claim sees them, for the reason of those left in line."""
+
+    free: int
+    limit: int
+    runner: str
+
+
+def _choose(candidates: Any, busy: dict[int, int], slots: Slots, gate: Gate | None) -> _Choice:
     """Which candidates to claim (priority then FIFO, one per profile, none of a busy
-    profile), which wait for their profile (and why), which come next."""
-    choice = _Choice({}, [], [])
+    profile, none the rate-limit gate holds), which wait (and why, written only when it
+    changes), which come next."""
+    choice = _Choice({}, [], [], gate=gate)
     for row in candidates:
-        command_id, profile_id, profile_name, status, wait_reason, next_at, created_at = row
+        command_id, profile_id, profile_name, status, wait_reason, next_at, created_at = row[:7]
         if profile_id is not None and profile_id in busy:
             reason = f"profile {profile_name!r} is busy with command {busy[profile_id]}"
-            if status != CommandStatus.WAITING.value or wait_reason != reason:
-                choice.waiting.append({"_id": command_id, "_reason": reason})
+            _wait(choice, command_id, status, wait_reason, reason)
             continue
-        if len(choice.chosen) >= free:
+        verdict = gate.verdict(command_id) if gate is not None and row[8] else None
+        if verdict is not None:
+            if verdict.fail:
+                choice.failed.append((command_id, verdict.reason))
+            else:
+                _wait(choice, command_id, status, wait_reason, verdict.reason, verdict.until)
+            continue
+        if len(choice.chosen) >= slots.free:
             choice.upcoming.append(command_id)
+            running = slots.limit - slots.free + len(choice.chosen)
+            where = f" on runner {slots.runner!r}" if row[7] else ""
+            reason = f"waiting for a free slot{where} ({running} of {slots.limit} running)"
+            if wait_reason != reason or status != CommandStatus.QUEUED.value:
+                choice.waiting.append((CommandStatus.QUEUED.value, reason, None, command_id))
             continue
         if profile_id is not None:
             busy[profile_id] = command_id
+        if gate is not None:
+            gate.spend(command_id)
         choice.chosen[command_id] = next_at or created_at
     return choice
 
@@ -212,6 +261,20 @@ _ENDINGS = {
     CommandStatus.CANCELLED: policy.Ending.CANCELLED,
     CommandStatus.QUEUED: policy.Ending.SHUTDOWN,
 }
+
+
+def _wait(
+    choice: _Choice,
+    command_id: int,
+    status: str,
+    old_reason: str | None,
+    reason: str,
+    until: datetime | None = None,
+) -> None:
+    # A wait that ends at a known time leaves the candidates until then (next_attempt_at),
+    # so that it neither fills the claim's window nor is judged again every tick.
+    if until is not None or status != CommandStatus.WAITING.value or old_reason != reason:
+        choice.waiting.append((CommandStatus.WAITING.value, reason, until, command_id))
 
 
 @dataclass
@@ -289,6 +352,8 @@ class Supervisor:
         self._claims: set[asyncio.Task[None]] = set()  # claims out, waiting for the store
         self._claiming = 0  # slots those claims are for
         self._open_claim: ClaimJob | None = None  # the claim that has not run yet
+        self._queue_changed = True  # commands were queued since the last claim
+        self._gate_timer: asyncio.TimerHandle | None = None  # when a closed gate opens
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._is_postgres = False
@@ -348,6 +413,8 @@ class Supervisor:
         self.store.shutting_down()  # a database that stays down must not hold the stop up
         # The claim loop goes first, then the claims already out land (a claim in the
         # store's queue is committed all the same): what they took is put back unstarted.
+        if self._gate_timer is not None:
+            self._gate_timer.cancel()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -394,6 +461,7 @@ class Supervisor:
         while True:
             await subscription.get()
             subscription.resync()
+            self._queue_changed = True
             self._wake.set()
 
     async def _listen_cancels(self, subscription: Any) -> None:
@@ -440,8 +508,15 @@ class Supervisor:
         flush join that claim (one claim a flush)."""
         busy = sum(1 for attempt in self.attempts.values() if not attempt.finishing)
         free = self.settings.max_concurrency - busy - self._claiming
-        if free <= 0 or self._stopping:
+        if self._stopping:
             return
+        if free <= 0:
+            # No slot: a command queued meanwhile still hears why it waits (one claim of
+            # no slots, which only reads the head of the queue and writes its reasons).
+            if not self._queue_changed or self._open_claim is not None:
+                return
+            free = 0
+        self._queue_changed = False
         self._claiming += free
         job = self._open_claim
         if job is not None and job.claimed_for is None:
@@ -454,7 +529,7 @@ class Supervisor:
 
     async def _start_claimed(self, job: ClaimJob, result: asyncio.Future[ClaimResult]) -> None:
         try:
-            claimed, waiting, upcoming = await result
+            outcome = await result
         except IntegrityError:
             # Another runner took a command of the same profile at the same moment.
             log_event("claim_conflict", runner=self.runner_id)
@@ -468,8 +543,14 @@ class Supervisor:
                 self._open_claim = None
             if job.claimed_for is not None and job.claimed_for < job.free:
                 self._wake.set()  # slots joined as it ran: they are claimed next
-        for command_id in waiting:
+        claimed, upcoming = outcome.claimed, outcome.upcoming
+        for command_id in outcome.waiting:
             self.broker.publish_status(command_id, CommandStatus.WAITING.value)
+        for command_id in outcome.failed:
+            log_event("failed_at_gate", command=command_id, runner=self.runner_id)
+            self.broker.publish_status(command_id, CommandStatus.FAILED.value)
+        if outcome.wake_at is not None:
+            self._wake_at(outcome.wake_at)
         if claimed:
             log_event(
                 "claimed",
@@ -493,6 +574,18 @@ class Supervisor:
             attempt.task = asyncio.create_task(self._run_attempt(attempt, claim))
         if self.metrics is not None:
             self.metrics.running.set(len(self.attempts))
+
+    def _wake_at(self, moment: datetime) -> None:
+        """Claim again when the earliest closed gate opens (a timer, not a poll)."""
+        delay = max((moment - utcnow()).total_seconds(), 0.0) + GATE_SLACK_SECONDS
+        loop = asyncio.get_running_loop()
+        when = loop.time() + delay
+        timer = self._gate_timer
+        if timer is not None and not timer.cancelled() and timer.when() <= when:
+            return
+        if timer is not None:
+            timer.cancel()
+        self._gate_timer = loop.call_at(when, self._wake.set)
 
     def _prepare_workdirs(self, claimed: list[int], upcoming: list[int]) -> None:
         """Working directories: the claimed commands' now (unless made ahead), the next
@@ -523,26 +616,44 @@ class Supervisor:
             "now": now,
         }
 
+    def _slots(self, free: int) -> Slots:
+        return Slots(free, self.settings.max_concurrency, self.name)
+
     def claim_on_sqlite(self, free: int, connection: Connection) -> ClaimResult:
         """Claim up to `free` commands: priority then FIFO, due ones only, one running
-        command per profile; also says which runnable ones come next. SQLite, in the log
-        store's thread, through the sqlite3 connection itself (SQLAlchemy's share of a
-        claim was most of a short command's flush)."""
+        command per profile, none the rate-limit gate holds; also says which runnable ones
+        come next, and why the others wait. SQLite, in the log store's thread, through the
+        sqlite3 connection itself (SQLAlchemy's share of a claim was most of a short
+        command's flush)."""
         raw: Any = connection.connection.driver_connection
         now = utcnow()
-        candidates = raw.execute(
-            _SQLITE_CANDIDATES, (sqlite_timestamp(now), self.name, free * 2 + 8)
-        ).fetchall()
-        if not candidates:
-            return [], [], []
-        busy: dict[int, int] = {}
-        if any(row[1] is not None for row in candidates):
-            busy = dict(raw.execute(_BUSY).fetchall())
-        choice = _choose(candidates, busy, free)
+        limit = free * 2 + 8
+        for _ in range(CLAIM_ROUNDS):
+            candidates = raw.execute(
+                _SQLITE_CANDIDATES, (sqlite_timestamp(now), self.name, limit)
+            ).fetchall()
+            if not candidates:
+                return ClaimResult([])
+            busy: dict[int, int] = {}
+            if any(row[1] is not None for row in candidates):
+                busy = dict(raw.execute(_BUSY).fetchall())
+            gate = None
+            if any(row[8] for row in candidates):
+                gate = _drive_sqlite(raw, gate_reads(_gated(candidates), now, lock=False))
+            choice = _choose(candidates, busy, self._slots(free), gate)
+            if not _look_further(choice, candidates, free, limit):
+                break
+            limit *= 4
         if choice.waiting:
             raw.executemany(
-                _SQLITE_MARK_WAITING, [(item["_reason"], item["_id"]) for item in choice.waiting]
+                _SQLITE_MARK,
+                [
+                    (status, reason, until and sqlite_timestamp(until), command_id)
+                    for status, reason, until, command_id in choice.waiting
+                ],
             )
+        for command_id, error in choice.failed:
+            _fail_on_sqlite(raw, command_id, error, now)
         if not choice.chosen:
             return choice.result([])
         choice.chosen = {key: _sqlite_datetime(since) for key, since in choice.chosen.items()}
@@ -560,23 +671,35 @@ class Supervisor:
             ).fetchall()
         except sqlite3.IntegrityError as exc:  # say it as SQLAlchemy does
             raise IntegrityError("claim", None, exc) from exc
+        if choice.gate is not None:
+            spends = spend_rows(choice.gate, [row[0] for row in rows], now)
+            raw.executemany(_sqlite(SPEND), [_sqlite_params(row) for row in spends])
         return choice.result([_decode_json_columns(row) for row in rows])
 
     async def claim_on_driver(self, free: int, driver: Any) -> ClaimResult:
         """The same claim through the PostgreSQL driver itself (no SQLAlchemy on the way:
-        on a runner of short commands, its share of the claim was the biggest)."""
+        on a runner of short commands, its share of the claim was the biggest). The gate's
+        decisions on a service are serialized across runners by an advisory lock."""
         now = utcnow()
-        candidates = await driver.fetch(_PG_CANDIDATES, now, self.name, free * 2 + 8)
-        if not candidates:
-            return [], [], []
-        busy: dict[int, int] = {}
-        if any(row[1] is not None for row in candidates):
-            busy = {row[0]: row[1] for row in await driver.fetch(_BUSY)}
-        choice = _choose(candidates, busy, free)
+        limit = free * 2 + 8
+        for _ in range(CLAIM_ROUNDS):
+            candidates = await driver.fetch(_PG_CANDIDATES, now, self.name, limit)
+            if not candidates:
+                return ClaimResult([])
+            busy: dict[int, int] = {}
+            if any(row[1] is not None for row in candidates):
+                busy = {row[0]: row[1] for row in await driver.fetch(_BUSY)}
+            gate = None
+            if any(row[8] for row in candidates):
+                gate = await _drive_pg(driver, gate_reads(_gated(candidates), now, lock=True))
+            choice = _choose(candidates, busy, self._slots(free), gate)
+            if not _look_further(choice, candidates, free, limit):
+                break
+            limit *= 4
         if choice.waiting:
-            await driver.executemany(
-                _PG_MARK_WAITING, [(item["_id"], item["_reason"]) for item in choice.waiting]
-            )
+            await driver.executemany(_PG_MARK, choice.waiting)
+        for command_id, error in choice.failed:
+            await _fail_on_pg(driver, command_id, error, now)
         if not choice.chosen:
             return choice.result([])
         params = self._claim_params(now)
@@ -593,6 +716,10 @@ class Supervisor:
             if getattr(exc, "sqlstate", None) == UNIQUE_VIOLATION:  # say it as SQLAlchemy does
                 raise IntegrityError("claim", None, exc) from exc
             raise
+        if choice.gate is not None:
+            spends = spend_rows(choice.gate, [row[0] for row in rows], now)
+            if spends:
+                await driver.executemany(_pg(SPEND), spends)
         return choice.result(rows)
 
     # -- running one attempt -----------------------------------------------------------
@@ -1124,9 +1251,13 @@ def _profile_dir(path: str, run_as: RunAs | None) -> str:
 
 
 # The claim's statements, for each driver. `{}`: where the placeholders differ.
+# Columns: what _choose reads, then the profile's runner affinity and whether the command
+# has services (only then does the gate read anything).
 _CANDIDATES = (
     "SELECT c.id, c.profile_id, c.profile_name, c.status, c.wait_reason,"
-    " c.next_attempt_at, c.created_at FROM commands c"
+    " c.next_attempt_at, c.created_at, p.runner_affinity,"
+    " EXISTS (SELECT 1 FROM command_services s WHERE s.command_id = c.id)"
+    " FROM commands c"
     " LEFT OUTER JOIN profiles p ON p.id = c.profile_id"
     " WHERE c.status IN ('QUEUED', 'WAITING')"
     " AND (c.next_attempt_at IS NULL OR c.next_attempt_at <= {now})"
@@ -1138,8 +1269,7 @@ _PG_CANDIDATES = _CANDIDATES.format(now="$1", runner="$2", limit="$3") + (
 )
 _SQLITE_CANDIDATES = _CANDIDATES.format(now="?", runner="?", limit="?")
 _BUSY = "SELECT profile_id, id FROM commands WHERE status = 'RUNNING' AND profile_id IS NOT NULL"
-_PG_MARK_WAITING = "UPDATE commands SET status = 'WAITING', wait_reason = $2 WHERE id = $1"
-_SQLITE_MARK_WAITING = "UPDATE commands SET status = 'WAITING', wait_reason = ? WHERE id = ?"
+_MARK = "UPDATE commands SET status = ?, wait_reason = ?, next_attempt_at = ? WHERE id = ?"
 # It returns ClaimedCommand's fields, then whether the command has services.
 _CLAIM = (
     "UPDATE commands SET status = 'RUNNING', attempts = attempts + 1, runner_id = {runner},"  # noqa: S608
@@ -1154,6 +1284,88 @@ _PG_CLAIM = _CLAIM.format(
 _SQLITE_CLAIM = _CLAIM.format(
     runner="?", host="?", lease="?", now="?", chosen="IN (SELECT value FROM json_each(?))"
 )
+# Claim rounds: when busy profiles or closed gates fill the claim's window, it looks again
+# in a window four times as large (so the commands behind them are not blocked).
+CLAIM_ROUNDS = 3
+
+
+def _pg(statement: str) -> str:
+    """A statement with `?` placeholders (and `[ids]`, a list of ints) for asyncpg."""
+    statement = statement.replace("[ids]", "= ANY(?::integer[])")
+    parts = statement.split("?")
+    return "".join(f"{part}${index}" for index, part in enumerate(parts[:-1], 1)) + parts[-1]
+
+
+def _sqlite(statement: str) -> str:
+    return statement.replace("[ids]", "IN (SELECT value FROM json_each(?))")
+
+
+def _sqlite_params(params: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(
+        sqlite_timestamp(value)
+        if isinstance(value, datetime)
+        else json.dumps(value)
+        if isinstance(value, list)
+        else value
+        for value in params
+    )
+
+
+_PG_MARK = _pg(_MARK)
+_SQLITE_MARK = _sqlite(_MARK)
+_PG_GATE = {name: _pg(statement) for name, statement in STATEMENTS.items()}
+_SQLITE_GATE = {name: _sqlite(statement) for name, statement in STATEMENTS.items()}
+
+
+def _gated(candidates: Any) -> list[int]:
+    return [row[0] for row in candidates if row[8]]
+
+
+def _look_further(choice: _Choice, candidates: Any, free: int, limit: int) -> bool:
+    """Whether the window was full of commands that cannot start, with slots left over."""
+    return len(choice.chosen) < free and len(candidates) == limit and choice.blocked > 0
+
+
+def _drive_sqlite(raw: Any, reads: Generator[Read, Any, Gate]) -> Gate:
+    """Run the gate's reads on a sqlite3 connection."""
+    try:
+        name, params = next(reads)
+        while True:
+            rows = raw.execute(_SQLITE_GATE[name], _sqlite_params(params)).fetchall()
+            name, params = reads.send(rows)
+    except StopIteration as done:
+        gate: Gate = done.value
+        return gate
+
+
+async def _drive_pg(driver: Any, reads: Generator[Read, Any, Gate]) -> Gate:
+    """Run the gate's reads through asyncpg."""
+    try:
+        name, params = next(reads)
+        while True:
+            rows = await driver.fetch(_PG_GATE[name], *params)
+            name, params = reads.send(rows)
+    except StopIteration as done:
+        gate: Gate = done.value
+        return gate
+
+
+def _fail_on_sqlite(raw: Any, command_id: int, error: str, now: datetime) -> None:
+    """A command the gate fails (its token is invalid), with the reason in its log."""
+    stamp = sqlite_timestamp(now)
+    row = raw.execute(_sqlite(FAIL), (error, stamp, command_id)).fetchone()
+    if row is not None:
+        line = (command_id, row[1], row[2], stamp, f"not started: {error}")
+        raw.execute(_sqlite(FAIL_LINE), line)
+
+
+async def _fail_on_pg(driver: Any, command_id: int, error: str, now: datetime) -> None:
+    row = await driver.fetchrow(_pg(FAIL), error, now, command_id)
+    if row is not None:
+        line = (command_id, row[1], row[2], now, f"not started: {error}")
+        await driver.execute(_pg(FAIL_LINE), *line)
+
+
 _JSON_FIELDS = [
     index
     for index, name in enumerate(ClaimedCommand.__slots__)

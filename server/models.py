@@ -196,6 +196,10 @@ class ProfileService(Base):
         ForeignKey("services.id", ondelete="CASCADE"), primary_key=True, index=True
     )
     token_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
+    # Overrides the service's rate-limit policy key by key for this profile (server/policies).
+    rate_limit_policy: Mapped[dict[str, Any]] = mapped_column(
+        default=dict, server_default=text("'{}'")
+    )
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -369,11 +373,9 @@ class CommandEvent(Base):
     ts: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-class ServiceUsage(Base):
-    """An observation of a service token's budget (shared token when profile_id is NULL)."""
-
-    __tablename__ = "service_usage"
-    __table_args__ = (Index("ix_service_usage_lookup", "service_id", "profile_id", "observed_at"),)
+class TokenRecordMixin:
+    """A row about one token of a service (the shared one when profile_id is NULL), and the
+    command it came from."""
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     service_id: Mapped[int] = mapped_column(ForeignKey("services.id", ondelete="CASCADE"))
@@ -383,12 +385,30 @@ class ServiceUsage(Base):
     command_id: Mapped[int | None] = mapped_column(
         ForeignKey("commands.id", ondelete="SET NULL"), index=True
     )
+
+
+class ServiceUsage(TokenRecordMixin, Base):
+    """An observation of a service token's budget (shared token when profile_id is NULL)."""
+
+    __tablename__ = "service_usage"
+    __table_args__ = (Index("ix_service_usage_lookup", "service_id", "profile_id", "observed_at"),)
+
     units: Mapped[int | None]
     remaining: Mapped[int | None]
     limit: Mapped[int | None]
     reset_at: Mapped[datetime | None]
     token_valid: Mapped[bool | None]
     observed_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ServiceSpend(TokenRecordMixin, Base):
+    """A run started with a service's token (shared when profile_id is NULL): Corral's own
+    count of what a token spent, which the gate reads per policy window (issue 13)."""
+
+    __tablename__ = "service_spend"
+    __table_args__ = (Index("ix_service_spend_lookup", "service_id", "profile_id", "started_at"),)
+
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class Role(enum.StrEnum):

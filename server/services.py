@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from server.errors import ErrorCode, InvalidInput
 from server.known_secrets import mark_secrets_changed
 from server.models import NAME_MAX, URL_MAX, ProfileService, Service
+from server.policies import policy_field
 from server.profiles import get_profile
 from server.secretbox import SecretBox
 from server.validation import (
@@ -31,8 +32,10 @@ SERVICE_FIELDS = [
     FieldSpec("baseUrl", "base_url", url_field(URL_MAX)),
     FieldSpec("envVar", "env_var", env_var_field, required=True),
     FieldSpec("settings", "settings", json_object_field),
-    FieldSpec("rateLimitPolicy", "rate_limit_policy", json_object_field),
+    FieldSpec("rateLimitPolicy", "rate_limit_policy", policy_field("rateLimitPolicy")),
 ]
+
+LINK_POLICY = policy_field("rateLimitPolicy")
 
 
 def check_token(value: Any, field: str = "token") -> str:
@@ -125,7 +128,8 @@ async def delete_service(session: AsyncSession, service_id: int) -> list[str]:
 async def link_service(
     session: AsyncSession, box: SecretBox, profile_id: int, service_id: int, values: dict[str, Any]
 ) -> ProfileService:
-    """Link a profile to a service (or update the link's own token when it exists)."""
+    """Link a profile to a service (or update the link's own token and policy override when
+    it exists); `rateLimitPolicy` overrides the service's policy key by key, null clears it."""
     profile = await get_profile(session, profile_id, field="profileId")
     service = await get_service(session, service_id, field="serviceId")
     link = await session.get(ProfileService, (profile.id, service.id))
@@ -133,6 +137,9 @@ async def link_service(
         link = ProfileService(profile_id=profile.id, service_id=service.id)
         session.add(link)
     _set_token(session, link, box, values)
+    if "rateLimitPolicy" in values:
+        raw = values["rateLimitPolicy"]
+        link.rate_limit_policy = {} if raw is None else LINK_POLICY(raw)
     await session.flush()
     return link
 

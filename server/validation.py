@@ -63,6 +63,9 @@ def apply_fields(
         except FieldInvalid as problem:
             errors.append(UserError((spec.api_name,), problem.message, problem.code))
             continue
+        except InvalidInput as problems:  # a structured value: each problem has its own path
+            errors.extend(problems.errors)
+            continue
         setattr(target, spec.column, value)
     if errors:
         raise InvalidInput(errors)

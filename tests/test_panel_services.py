@@ -238,7 +238,12 @@ async def test_form_errors_are_inline_and_keep_what_was_typed(
         assert f'id="{name}-error"' in bad.text, name
     assert 'value="GitHub Enterprise"' in bad.text
     assert "{not json</textarea>" in bad.text
-    fixed = {**typed, "settings": "", "envVar": "GHE_TOKEN", "rateLimitPolicy": '{"perMinute": 30}'}
+    fixed = {
+        **typed,
+        "settings": "",
+        "envVar": "GHE_TOKEN",
+        "rateLimitPolicy": '{"concurrency": 30}',
+    }
     good = await post_form(admin, f"/services/{service_id}", **fixed)
     assert good.status_code == 303
     service = await service_row(app, "GitHub Enterprise")
@@ -246,7 +251,7 @@ async def test_form_errors_are_inline_and_keep_what_was_typed(
     assert (service.kind, service.env_var, service.rate_limit_policy) == (
         "github",
         "GHE_TOKEN",
-        {"perMinute": 30},
+        {"concurrency": 30},
     )
     assert service.token_encrypted is not None  # editing leaves the token alone
 

@@ -4,7 +4,7 @@ A runner shutdown used to raise a command's max_attempts by one to give the inte
 attempt back, which changed what the user had asked for; now the attempt is counted apart.
 
 Revision ID: 0009_command_uncounted_attempts
-Revises: 0005_proxy_routing_rules
+Revises: 0007_service_policies
 Create Date: 2026-12-02 10:45:00
 """
 
@@ -14,7 +14,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision: str = "0009_command_uncounted_attempts"
-down_revision: str | None = "0005_proxy_routing_rules"
+down_revision: str | None = "0007_service_policies"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
