@@ -42,6 +42,7 @@ from runner.process import (
     sweep_run,
     use_pidfd_child_watcher,
 )
+from runner.proxy_checks import ProxyCheckSchedule
 from runner.redaction import KnownSecrets
 from runner.renderpool import RenderPool
 from runner.sandbox import NONE, RunAs, Sandbox, check_reachable, choose_sandbox
@@ -63,6 +64,7 @@ from server.models import (
 )
 from server.profiles import user_data_dir
 from server.proxies import proxy_chain
+from server.proxy_health import FlaggedProxy, held_proxies
 from server.routing import run_routing
 from server.secretbox import SecretBox
 from server.settings import Settings
@@ -180,14 +182,19 @@ class _Choice:
         return claimed, [item["_id"] for item in self.waiting], self.upcoming
 
 
-def _choose(candidates: Any, busy: dict[int, int], free: int) -> _Choice:
+def _choose(
+    candidates: Any, busy: dict[int, int], free: int, held: dict[int, str] | None = None
+) -> _Choice:
     """Which candidates to claim (priority then FIFO, one per profile, none of a busy
-    profile), which wait for their profile (and why), which come next."""
+    profile, none through a held proxy), which wait for their profile or proxy (and why),
+    which come next."""
     choice = _Choice({}, [], [])
     for row in candidates:
-        command_id, profile_id, profile_name, status, wait_reason, next_at, created_at = row
-        if profile_id is not None and profile_id in busy:
+        command_id, profile_id, profile_name, status, wait_reason, next_at, created_at = row[:7]
+        reason = _held_reason(row[7], held)
+        if reason is None and profile_id is not None and profile_id in busy:
             reason = f"profile {profile_name!r} is busy with command {busy[profile_id]}"
+        if reason is not None:
             if status != CommandStatus.WAITING.value or wait_reason != reason:
                 choice.waiting.append({"_id": command_id, "_reason": reason})
             continue
@@ -198,6 +205,13 @@ def _choose(candidates: Any, busy: dict[int, int], free: int) -> _Choice:
             busy[profile_id] = command_id
         choice.chosen[command_id] = next_at or created_at
     return choice
+
+
+def _held_reason(proxy_id: int | None, held: dict[int, str] | None) -> str | None:
+    """Why a command through this proxy is held (CORRAL_HOLD_ON_FLAGGED_PROXY), or None."""
+    if not held or proxy_id is None:
+        return None
+    return held.get(proxy_id)
 
 
 @dataclass
@@ -280,6 +294,7 @@ class Supervisor:
         self._owns_render_pool = render_pool is None
         self.render_pool = render_pool or RenderPool.from_settings(settings)
         self._secrets_failing = False
+        self.proxy_checks = ProxyCheckSchedule(settings, sessionmaker, secret_box)
         self.secrets = KnownSecrets(
             sessionmaker,
             secret_box,
@@ -311,6 +326,7 @@ class Supervisor:
         await self.recover()
         await self._refresh_secrets()  # the first claim does not pay for decrypting them all
         self._task = asyncio.create_task(self._main(), name=f"supervisor-{self.runner_id}")
+        self.proxy_checks.start()
         log_event("runner_started", runner=self.runner_id, name=self.name)
         log_event(
             "protection",
@@ -329,6 +345,7 @@ class Supervisor:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self.proxy_checks.stop()
         if self._claims:
             await asyncio.gather(*self._claims, return_exceptions=True)
         for attempt in list(self.attempts.values()):
@@ -511,7 +528,14 @@ class Supervisor:
         busy: dict[int, int] = {}
         if any(row[1] is not None for row in candidates):
             busy = dict(raw.execute(_BUSY).fetchall())
-        choice = _choose(candidates, busy, free)
+        held: dict[int, str] = {}
+        if self.settings.hold_on_flagged_proxy and any(row[7] is not None for row in candidates):
+            flagged = raw.execute(_SQLITE_FLAGGED, (self.settings.proxy_flag_after,)).fetchall()
+            if flagged:
+                held = held_proxies(
+                    (FlaggedProxy(*row) for row in flagged), raw.execute(_VIA_LINKS)
+                )
+        choice = _choose(candidates, busy, free, held)
         if choice.waiting:
             raw.executemany(
                 _SQLITE_MARK_WAITING, [(item["_reason"], item["_id"]) for item in choice.waiting]
@@ -545,7 +569,13 @@ class Supervisor:
         busy: dict[int, int] = {}
         if any(row[1] is not None for row in candidates):
             busy = {row[0]: row[1] for row in await driver.fetch(_BUSY)}
-        choice = _choose(candidates, busy, free)
+        held: dict[int, str] = {}
+        if self.settings.hold_on_flagged_proxy and any(row[7] is not None for row in candidates):
+            flagged = await driver.fetch(_PG_FLAGGED, self.settings.proxy_flag_after)
+            if flagged:
+                links = [(row[0], row[1]) for row in await driver.fetch(_VIA_LINKS)]
+                held = held_proxies((FlaggedProxy(*row) for row in flagged), links)
+        choice = _choose(candidates, busy, free, held)
         if choice.waiting:
             await driver.executemany(
                 _PG_MARK_WAITING, [(item["_id"], item["_reason"]) for item in choice.waiting]
@@ -1083,7 +1113,7 @@ def _profile_dir(path: str, run_as: RunAs | None) -> str:
 # The claim's statements, for each driver. `{}`: where the placeholders differ.
 _CANDIDATES = (
     "SELECT c.id, c.profile_id, c.profile_name, c.status, c.wait_reason,"
-    " c.next_attempt_at, c.created_at FROM commands c"
+    " c.next_attempt_at, c.created_at, c.proxy_id FROM commands c"
     " LEFT OUTER JOIN profiles p ON p.id = c.profile_id"
     " WHERE c.status IN ('QUEUED', 'WAITING')"
     " AND (c.next_attempt_at IS NULL OR c.next_attempt_at <= {now})"
@@ -1095,6 +1125,13 @@ _PG_CANDIDATES = _CANDIDATES.format(now="$1", runner="$2", limit="$3") + (
 )
 _SQLITE_CANDIDATES = _CANDIDATES.format(now="?", runner="?", limit="?")
 _BUSY = "SELECT profile_id, id FROM commands WHERE status = 'RUNNING' AND profile_id IS NOT NULL"
+# The hold policy's proxies: the flagged ones, and the via links of chains.
+_FLAGGED = (
+    "SELECT id, name, health_failures, health_error FROM proxies WHERE health_failures >= {n}"
+)
+_PG_FLAGGED = _FLAGGED.format(n="$1")
+_SQLITE_FLAGGED = _FLAGGED.format(n="?")
+_VIA_LINKS = "SELECT id, via_id FROM proxies WHERE via_id IS NOT NULL"
 _PG_MARK_WAITING = "UPDATE commands SET status = 'WAITING', wait_reason = $2 WHERE id = $1"
 _SQLITE_MARK_WAITING = "UPDATE commands SET status = 'WAITING', wait_reason = ? WHERE id = ?"
 # It returns ClaimedCommand's fields, then whether the command has services.
