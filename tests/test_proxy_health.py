@@ -30,9 +30,14 @@ from server.proxy_health import (
 from server.secretbox import load_secret_box
 from server.settings import Settings
 from tests.conftest import GraphQLClient
+from tests.fixtures.chromium import PAGE_HELPERS_JS, ROOT, run_browser_script
 from tests.fixtures.commands import command, run, wait_final, wait_status
 from tests.fixtures.netfakes import LocalSite, ThreadedServer, UpstreamHttpProxy
 from tests.fixtures.processes import free_port
+from tests.fixtures.servers import running_server
+from tests.test_login import PASSWORD as LOGIN_PASSWORD
+from tests.test_login import add_user
+from tests.test_panel import admin  # noqa: F401
 from xray.health import HealthResult
 
 USER, PASSWORD = "hc-user", "health-Pa55word-LMN"  # the `upstream` fixture demands these
@@ -314,3 +319,108 @@ def test_interval_never_turns_the_schedule_off() -> None:
     off = Settings(proxy_check_interval="never")
     assert off.proxy_check_interval == 0
     assert ProxyCheckSchedule(off, None, None).enabled is False  # type: ignore[arg-type]
+
+
+# --- the panel ------------------------------------------------------------------------------
+
+
+async def _proxy_with_history(app: Starlette, name: str, failures: int) -> int:
+    """A proxy (never due in these tests) with one passing check, then `failures` failed ones."""
+    async with app.state.services.sessionmaker() as session:
+        proxy = Proxy(name=name, protocol="http", host="127.0.0.1", port=1, settings={})
+        proxy.next_check_at = utcnow() + timedelta(hours=1)
+        session.add(proxy)
+        await session.flush()
+        passing = HealthResult(ok=True, latency_ms=42.4, exit_ip="203.0.113.9")
+        await add_check(session, proxy, passing, CheckTrigger.SCHEDULE, utcnow())
+        failing = HealthResult(
+            ok=False, error=f"upstream proxy {name!r} (127.0.0.1:1) is unreachable: refused"
+        )
+        for _ in range(failures):
+            await add_check(session, proxy, failing, CheckTrigger.SCHEDULE, utcnow())
+        proxy.health_ok, proxy.health_error = failing.ok, failing.error
+        proxy.health_checked_at = utcnow()
+        await session.commit()
+        return proxy.id
+
+
+async def test_panel_shows_history_and_flag(app: Starlette, admin: Any) -> None:  # noqa: F811
+    flagged = await _proxy_with_history(app, "down-hop", failures=3)
+    shaky = await _proxy_with_history(app, "shaky", failures=2)
+    page = (await admin.get(f"/proxies/{flagged}")).text
+    history = page.split('id="proxy-history"')[1].split("</section>")[0]
+    assert "Health history" in history
+    assert history.count("<tr>") == 1 + 4  # the head, then the four checks
+    assert "42 ms" in history
+    assert "<code>203.0.113.9</code>" in history
+    assert "is unreachable: refused" in history
+    assert 'status-flagged">flagged<' in page
+    assert 'status-flagged">flagged<' not in (await admin.get(f"/proxies/{shaky}")).text
+    listing = (await admin.get("/proxies")).text
+    assert listing.count('status-flagged">flagged<') == 1
+    assert 'status-flagged">flagged<' in listing.split(">down-hop<")[1].split("</tr>")[0]
+
+
+HISTORY_SCRIPT = r"""
+const { chromium } = require(process.env.PLAYWRIGHT_CORE);
+(async () => {
+  const [base, chromiumPath, shots, proxyId] = process.argv.slice(2);
+  const browser = await chromium.launch({
+    executablePath: chromiumPath,
+    args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update',
+           '--disable-sync', '--disable-gpu'],
+  });
+  const found = { errors: [], violations: [], overflow: {} };
+  try {
+    const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
+    page.on('pageerror', (error) => found.errors.push(String(error)));
+    /*PAGE_HELPERS*/
+    await page.goto(`${base}/proxies/${proxyId}`);
+    await page.locator('input[name="name"]').fill(process.env.CORRAL_USER);
+    await page.locator('input[name="password"]').fill(process.env.CORRAL_PASSWORD);
+    await page.locator('button[type="submit"]').click();
+    await page.locator('#proxy-history').waitFor({ timeout: 20000 });
+    for (const [width, name] of [[1280, 'proxy-history'], [390, 'proxy-history-phone']]) {
+      await page.setViewportSize({ width, height: 900 });
+      found.overflow[width] = await page.evaluate(
+        () => document.documentElement.scrollWidth - window.innerWidth);
+      await shoot(name);
+    }
+    found.history = await page.locator('#proxy-history').innerText();
+    await page.goto(`${base}/proxies`);
+    await shoot('proxies-flagged-phone');
+    found.listing = await page.locator('#proxies-table').innerText();
+    found.violations.push(...await page.evaluate(() => window.__violations));
+  } finally {
+    await browser.close();
+  }
+  console.log(JSON.stringify(found));
+})().catch((error) => { console.error(error); process.exit(1); });
+""".replace("/*PAGE_HELPERS*/", PAGE_HELPERS_JS)
+
+
+async def test_history_in_chromium(settings: Settings, tmp_path: Path, backend: str) -> None:
+    """The history table and the flag in real Chromium, at 1280 and 390 px wide, with no
+    sideways scrolling. Screenshots in test-artifacts/<backend>/."""
+    script = tmp_path / "history.cjs"
+    script.write_text(HISTORY_SCRIPT)
+    shots = ROOT / "test-artifacts" / backend
+    shots.mkdir(parents=True, exist_ok=True)
+    async with running_server(settings) as live:
+        await add_user(live.app, "hazel", "admin")
+        proxy_id = await _proxy_with_history(live.app, "exit-de-frankfurt-01", failures=3)
+        found = await run_browser_script(
+            script,
+            live.base_url,
+            settings.chromium_path,
+            str(shots),
+            str(proxy_id),
+            user="hazel",
+            password=LOGIN_PASSWORD,
+        )
+    assert found["errors"] == []
+    assert found["violations"] == []
+    assert found["overflow"] == {"1280": 0, "390": 0}
+    assert "flagged" in found["history"]
+    assert "203.0.113.9" in found["history"]
+    assert "flagged" in found["listing"]
