@@ -20,6 +20,7 @@ from server.models import (
     ProfileProxy,
     ProfileService,
     Proxy,
+    ProxyCheck,
     Service,
     ServiceUsage,
 )
@@ -87,6 +88,7 @@ class Loaders:
         self.proxy_profiles = DataLoader(self._proxy_profiles)
         self.command_services = DataLoader(self._command_services)
         self.service_usage = DataLoader(self._service_usage)
+        self.proxy_checks = DataLoader(self._proxy_checks)
         self._services: dict[int, service_types.Service] = {}
         self._proxies: dict[int, proxy_types.Proxy] = {}
 
@@ -209,3 +211,29 @@ class Loaders:
         stmt = select(ServiceUsage).join(latest, ServiceUsage.id == latest.c.last_id)
         found = {row[0].service_id: row[0] for row in await self._rows(stmt)}
         return [found.get(pk) for pk in ids]
+
+    async def _proxy_checks(self, keys: list[tuple[int, int]]) -> list[list[ProxyCheck]]:
+        """The last checks of each proxy, newest first (keys: (proxy id, how many)), one
+        statement per distinct count asked for."""
+        found: dict[tuple[int, int], list[ProxyCheck]] = defaultdict(list)
+        for last in {last for _, last in keys}:
+            ids = [proxy_id for proxy_id, wanted in keys if wanted == last]
+            numbered = (
+                select(
+                    ProxyCheck.id,
+                    func.row_number()
+                    .over(partition_by=ProxyCheck.proxy_id, order_by=ProxyCheck.id.desc())
+                    .label("nth"),
+                )
+                .where(ProxyCheck.proxy_id.in_(ids))
+                .subquery()
+            )
+            stmt = (
+                select(ProxyCheck)
+                .join(numbered, numbered.c.id == ProxyCheck.id)
+                .where(numbered.c.nth <= last)
+                .order_by(ProxyCheck.proxy_id, ProxyCheck.id.desc())
+            )
+            for (check,) in await self._rows(stmt):
+                found[(check.proxy_id, last)].append(check)
+        return [found.get(key, []) for key in keys]

@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Annotated, Any
 
 import strawberry
+from graphql import GraphQLError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from strawberry.scalars import JSON
@@ -26,6 +27,7 @@ from graphql_schema.relay import (
 )
 from server import models
 from server import proxies as proxy_domain
+from server.proxy_health import PROXY_CHECKS_KEPT, is_flagged
 from server.routing import initial_rules, set_routing_rules
 from xray.binary import installed_binary
 
@@ -57,6 +59,33 @@ class ProxyHealth:
         description="The proxy binary of this host that sidecars and checks use, with its "
         "version (`xray 1.8.24`, `v2ray 4.34.0`); null when none is installed."
     )
+
+
+@strawberry.enum(description="What started a proxy health check.")
+class ProxyCheckTrigger(enum.Enum):
+    SCHEDULE = "schedule"
+    MANUAL = "manual"
+
+
+@strawberry.type(description="One health check of a proxy (its history keeps the last 50).")
+class ProxyCheck:
+    checked_at: datetime
+    ok: bool
+    latency_ms: float | None
+    exit_ip: str | None
+    error: str | None
+    trigger: ProxyCheckTrigger
+
+    @classmethod
+    def from_row(cls, row: models.ProxyCheck) -> ProxyCheck:
+        return cls(
+            checked_at=row.checked_at,
+            ok=row.ok,
+            latency_ms=row.latency_ms,
+            exit_ip=row.exit_ip,
+            error=row.error,
+            trigger=ProxyCheckTrigger(row.trigger),
+        )
 
 
 @strawberry.enum(description="Where a routing rule sends what it matches.")
@@ -152,6 +181,31 @@ class Proxy(Node):
             checked_at=row.health_checked_at,
             binary=_binary_label(info.context.settings.xray_bin),
         )
+
+    @strawberry.field(
+        description="Its last health checks, newest first (scheduled and on demand).",
+        extensions=[CountedList()],
+    )
+    async def checks(self, info: Info, last: int = 10) -> list[ProxyCheck]:
+        if not 1 <= last <= PROXY_CHECKS_KEPT:
+            raise GraphQLError(f"last must be between 1 and {PROXY_CHECKS_KEPT}")
+        rows = await info.context.loaders.proxy_checks.load((self.row.id, last))
+        return [ProxyCheck.from_row(row) for row in rows]
+
+    @strawberry.field(description="Health checks failed in a row (0 after a passing one).")
+    def consecutive_failures(self) -> int:
+        return self.row.health_failures or 0
+
+    @strawberry.field(
+        description="It failed its last CORRAL_PROXY_FLAG_AFTER checks in a row; with "
+        "CORRAL_HOLD_ON_FLAGGED_PROXY, runs through it wait until a check passes."
+    )
+    def flagged(self, info: Info) -> bool:
+        return is_flagged(self.row, info.context.settings.proxy_flag_after)
+
+    @strawberry.field(description="When the schedule checks it next (null: not scheduled yet).")
+    def next_check_at(self) -> datetime | None:
+        return self.row.next_check_at
 
     @strawberry.field(description="Profiles that may use this proxy.", extensions=[CountedList()])
     async def profiles(self, info: Info) -> list[ProfileRef]:

@@ -45,6 +45,7 @@ from runner.process import (
     sweep_run,
     use_pidfd_child_watcher,
 )
+from runner.proxy_checks import ProxyCheckSchedule
 from runner.redaction import KnownSecrets
 from runner.renderpool import RenderPool
 from runner.sandbox import NONE, RunAs, Sandbox, check_reachable, choose_sandbox
@@ -66,6 +67,7 @@ from server.models import (
 )
 from server.profiles import user_data_dir
 from server.proxies import proxy_chain
+from server.proxy_health import FlaggedProxy, held_proxies
 from server.routing import run_routing
 from server.secretbox import SecretBox
 from server.settings import Settings
@@ -219,15 +221,23 @@ class Slots:
     runner: str
 
 
-def _choose(candidates: Any, busy: dict[int, int], slots: Slots, gate: Gate | None) -> _Choice:
+def _choose(
+    candidates: Any,
+    busy: dict[int, int],
+    slots: Slots,
+    gate: Gate | None,
+    held: dict[int, str] | None = None,
+) -> _Choice:
     """Which candidates to claim (priority then FIFO, one per profile, none of a busy
-    profile, none the rate-limit gate holds), which wait (and why, written only when it
-    changes), which come next."""
+    profile, none through a held proxy, none the rate-limit gate holds), which wait (and
+    why, written only when it changes), which come next."""
     choice = _Choice({}, [], [], gate=gate)
     for row in candidates:
         command_id, profile_id, profile_name, status, wait_reason, next_at, created_at = row[:7]
-        if profile_id is not None and profile_id in busy:
+        reason = _held_reason(row[9], held)
+        if reason is None and profile_id is not None and profile_id in busy:
             reason = f"profile {profile_name!r} is busy with command {busy[profile_id]}"
+        if reason is not None:
             _wait(choice, command_id, status, wait_reason, reason)
             continue
         verdict = gate.verdict(command_id) if gate is not None and row[8] else None
@@ -275,6 +285,13 @@ def _wait(
     # so that it neither fills the claim's window nor is judged again every tick.
     if until is not None or status != CommandStatus.WAITING.value or old_reason != reason:
         choice.waiting.append((CommandStatus.WAITING.value, reason, until, command_id))
+
+
+def _held_reason(proxy_id: int | None, held: dict[int, str] | None) -> str | None:
+    """Why a command through this proxy is held (CORRAL_HOLD_ON_FLAGGED_PROXY), or None."""
+    if not held or proxy_id is None:
+        return None
+    return held.get(proxy_id)
 
 
 @dataclass
@@ -368,6 +385,7 @@ class Supervisor:
         self._owns_render_pool = render_pool is None
         self.render_pool = render_pool or RenderPool.from_settings(settings)
         self._secrets_failing = False
+        self.proxy_checks = ProxyCheckSchedule(settings, sessionmaker, secret_box)
         self.secrets = KnownSecrets(
             sessionmaker,
             secret_box,
@@ -399,6 +417,7 @@ class Supervisor:
         await self.recover()
         await self._refresh_secrets()  # the first claim does not pay for decrypting them all
         self._task = asyncio.create_task(self._main(), name=f"supervisor-{self.runner_id}")
+        self.proxy_checks.start()
         log_event("runner_started", runner=self.runner_id, name=self.name)
         log_event(
             "protection",
@@ -419,6 +438,7 @@ class Supervisor:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        await self.proxy_checks.stop()
         if self._claims:
             await asyncio.gather(*self._claims, return_exceptions=True)
         for attempt in list(self.attempts.values()):
@@ -637,10 +657,19 @@ class Supervisor:
             busy: dict[int, int] = {}
             if any(row[1] is not None for row in candidates):
                 busy = dict(raw.execute(_BUSY).fetchall())
+            held: dict[int, str] = {}
+            if self.settings.hold_on_flagged_proxy and any(
+                row[9] is not None for row in candidates
+            ):
+                flagged = raw.execute(_SQLITE_FLAGGED, (self.settings.proxy_flag_after,)).fetchall()
+                if flagged:
+                    held = held_proxies(
+                        (FlaggedProxy(*row) for row in flagged), raw.execute(_VIA_LINKS)
+                    )
             gate = None
             if any(row[8] for row in candidates):
                 gate = _drive_sqlite(raw, gate_reads(_gated(candidates), now, lock=False))
-            choice = _choose(candidates, busy, self._slots(free), gate)
+            choice = _choose(candidates, busy, self._slots(free), gate, held)
             if not _look_further(choice, candidates, free, limit):
                 break
             limit *= 4
@@ -689,10 +718,18 @@ class Supervisor:
             busy: dict[int, int] = {}
             if any(row[1] is not None for row in candidates):
                 busy = {row[0]: row[1] for row in await driver.fetch(_BUSY)}
+            held: dict[int, str] = {}
+            if self.settings.hold_on_flagged_proxy and any(
+                row[9] is not None for row in candidates
+            ):
+                flagged = await driver.fetch(_PG_FLAGGED, self.settings.proxy_flag_after)
+                if flagged:
+                    links = [(row[0], row[1]) for row in await driver.fetch(_VIA_LINKS)]
+                    held = held_proxies((FlaggedProxy(*row) for row in flagged), links)
             gate = None
             if any(row[8] for row in candidates):
                 gate = await _drive_pg(driver, gate_reads(_gated(candidates), now, lock=True))
-            choice = _choose(candidates, busy, self._slots(free), gate)
+            choice = _choose(candidates, busy, self._slots(free), gate, held)
             if not _look_further(choice, candidates, free, limit):
                 break
             limit *= 4
@@ -1256,7 +1293,7 @@ def _profile_dir(path: str, run_as: RunAs | None) -> str:
 _CANDIDATES = (
     "SELECT c.id, c.profile_id, c.profile_name, c.status, c.wait_reason,"
     " c.next_attempt_at, c.created_at, p.runner_affinity,"
-    " EXISTS (SELECT 1 FROM command_services s WHERE s.command_id = c.id)"
+    " EXISTS (SELECT 1 FROM command_services s WHERE s.command_id = c.id), c.proxy_id"
     " FROM commands c"
     " LEFT OUTER JOIN profiles p ON p.id = c.profile_id"
     " WHERE c.status IN ('QUEUED', 'WAITING')"
@@ -1270,6 +1307,13 @@ _PG_CANDIDATES = _CANDIDATES.format(now="$1", runner="$2", limit="$3") + (
 _SQLITE_CANDIDATES = _CANDIDATES.format(now="?", runner="?", limit="?")
 _BUSY = "SELECT profile_id, id FROM commands WHERE status = 'RUNNING' AND profile_id IS NOT NULL"
 _MARK = "UPDATE commands SET status = ?, wait_reason = ?, next_attempt_at = ? WHERE id = ?"
+# The hold policy's proxies: the flagged ones, and the via links of chains.
+_FLAGGED = (
+    "SELECT id, name, health_failures, health_error FROM proxies WHERE health_failures >= {n}"
+)
+_PG_FLAGGED = _FLAGGED.format(n="$1")
+_SQLITE_FLAGGED = _FLAGGED.format(n="?")
+_VIA_LINKS = "SELECT id, via_id FROM proxies WHERE via_id IS NOT NULL"
 # It returns ClaimedCommand's fields, then whether the command has services.
 _CLAIM = (
     "UPDATE commands SET status = 'RUNNING', attempts = attempts + 1, runner_id = {runner},"  # noqa: S608

@@ -226,6 +226,26 @@ class Proxy(NamedMixin, TimestampMixin, Base):
     health_error: Mapped[str | None] = mapped_column(Text)
     health_exit_ip: Mapped[str | None] = mapped_column(String(64))
     health_checked_at: Mapped[datetime | None]
+    # Failed checks in a row (0 after a passing one); `CORRAL_PROXY_FLAG_AFTER` flags it.
+    health_failures: Mapped[int] = mapped_column(default=0, server_default=text("0"))
+    # When the schedule checks it next (NULL: one interval after it was created).
+    next_check_at: Mapped[datetime | None] = mapped_column(index=True)
+
+
+class ProxyCheck(Base):
+    """One health check of a proxy (the last PROXY_CHECKS_KEPT per proxy are kept)."""
+
+    __tablename__ = "proxy_checks"
+    __table_args__ = (Index("ix_proxy_checks_history", "proxy_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    proxy_id: Mapped[int] = mapped_column(ForeignKey("proxies.id", ondelete="CASCADE"))
+    checked_at: Mapped[datetime] = mapped_column(default=utcnow)
+    ok: Mapped[bool] = mapped_column(Boolean)
+    latency_ms: Mapped[float | None] = mapped_column(Float)
+    exit_ip: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+    trigger: Mapped[str] = mapped_column(String(16))  # schedule | manual
 
 
 class ProfileProxy(Base):

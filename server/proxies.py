@@ -16,6 +16,7 @@ from server.errors import ErrorCode, InvalidInput, UserError
 from server.known_secrets import mark_secrets_changed
 from server.models import HOST_MAX, NAME_MAX, Profile, ProfileProxy, Proxy, ProxyProtocol, utcnow
 from server.profiles import get_profile
+from server.proxy_health import CheckTrigger, add_check
 from server.secretbox import SecretBox
 from server.settings import Settings
 from server.validation import (
@@ -464,13 +465,16 @@ def _without(secrets: list[str], message: str) -> str:
     return message
 
 
-async def record_health(session: AsyncSession, proxy: Proxy, result: HealthResult) -> Proxy:
-    """Store the outcome of a health check on the proxy."""
+async def record_health(
+    session: AsyncSession, proxy: Proxy, result: HealthResult, trigger: str = CheckTrigger.MANUAL
+) -> Proxy:
+    """Store the outcome of a health check on the proxy and in its history."""
     proxy.health_ok = result.ok
     proxy.health_latency_ms = result.latency_ms
     proxy.health_error = result.error
     proxy.health_exit_ip = result.exit_ip
     proxy.health_checked_at = utcnow()
+    await add_check(session, proxy, result, trigger, proxy.health_checked_at)
     await session.flush()
     return proxy
 
@@ -481,6 +485,7 @@ async def check_proxy(
     settings: Settings,
     box: SecretBox,
     proxy_id: int,
+    trigger: str = CheckTrigger.MANUAL,
 ) -> Proxy:
     """Fetch the check URL through the proxy's chain now (an Xray sidecar); store its health.
 
@@ -502,4 +507,4 @@ async def check_proxy(
         start_timeout=settings.sidecar_start_timeout,
         probe_timeout=settings.proxy_probe_timeout,
     )
-    return await record_health(session, await get_proxy(session, proxy_id), result)
+    return await record_health(session, await get_proxy(session, proxy_id), result, trigger)

@@ -276,6 +276,30 @@ class Settings(BaseSettings):
         description="URL `checkProxy` fetches through a proxy (its exit IP is recorded when "
         "the answer names one).",
     )
+    proxy_check_interval: float = Field(
+        default=600,
+        ge=0,
+        description="Seconds between scheduled health checks of each proxy (±10% jitter; a "
+        "new proxy is first checked one interval after it was created); `never` or 0: no "
+        "scheduled checks (checkProxy still works).",
+    )
+    proxy_check_concurrency: int = Field(
+        default=2,
+        ge=1,
+        le=32,
+        description="Most scheduled proxy checks one runner runs at once (each starts a sidecar).",
+    )
+    proxy_flag_after: int = Field(
+        default=3,
+        ge=1,
+        description="A proxy that failed this many checks in a row is flagged.",
+    )
+    hold_on_flagged_proxy: bool = Field(
+        default=False,
+        description="Hold queued commands whose proxy (or a hop of its chain) is flagged: "
+        "they wait as WAITING, with the reason, until a check of that proxy passes "
+        "(off: they run, and fail if the proxy is down).",
+    )
     sidecar_start_timeout: float = Field(
         default=10.0, gt=0, description="How long a proxy sidecar may take to listen."
     )
@@ -345,6 +369,13 @@ class Settings(BaseSettings):
         if level not in SIDECAR_LEVELS:
             raise ValueError(f"{value!r} is not one of {', '.join(SIDECAR_LEVELS)}")
         return level
+
+    @field_validator("proxy_check_interval", mode="before")
+    @classmethod
+    def _never(cls, value: Any) -> Any:
+        if isinstance(value, str) and value.strip().lower() in {"never", "off"}:
+            return 0
+        return value
 
     @field_validator("allowed_hosts")
     @classmethod

@@ -20,7 +20,7 @@ from server import proxies as proxy_service
 from server.access import principal_of
 from server.errors import ErrorCode, InvalidInput, UserError
 from server.login import read_form
-from server.models import Profile, ProfileProxy, Proxy, ProxyProtocol, utcnow
+from server.models import Profile, ProfileProxy, Proxy, ProxyCheck, ProxyProtocol, utcnow
 from server.panel.common import (
     PAGE_SIZE,
     Change,
@@ -49,6 +49,7 @@ from server.panel.proxy_routing import (
     rule_values,
     rules_form,
 )
+from server.proxy_health import is_flagged, recent_checks
 from server.routing import initial_rules, routing_table, set_routing_rules
 from server.secretbox import token_preview
 from xray.binary import installed_binary
@@ -57,6 +58,7 @@ from xray.links import redact_share_link
 PROTOCOLS = [protocol.value for protocol in ProxyProtocol]
 # The proxy form's inputs, by the domain's (GraphQL's) field names; credentials apart.
 FORM_FIELDS = ("name", "protocol", "host", "port", "settings", "viaId")
+HISTORY_SHOWN = 20  # checks in the proxy page's health history
 
 
 # --- what the pages show -----------------------------------------------------------------
@@ -82,6 +84,7 @@ class ProxyRow:
     via_name: str | None
     checked_ago: str | None
     binary: str | None = None  # the proxy binary checks and sidecars use here
+    flagged: bool = False  # failed its last CORRAL_PROXY_FLAG_AFTER checks
 
     @property
     def health(self) -> str:
@@ -90,10 +93,12 @@ class ProxyRow:
         return "ok" if self.proxy.health_ok else "failed"
 
 
-def proxy_row(proxy: Proxy, via_name: str | None, binary: str | None = None) -> ProxyRow:
+def proxy_row(
+    proxy: Proxy, via_name: str | None, flag_after: int, binary: str | None = None
+) -> ProxyRow:
     checked = proxy.health_checked_at
-    ago_text = None if checked is None else ago(checked, utcnow())
-    return ProxyRow(proxy, via_name, ago_text, binary)
+    checked_ago = None if checked is None else ago(checked, utcnow())
+    return ProxyRow(proxy, via_name, checked_ago, binary, is_flagged(proxy, flag_after))
 
 
 def _binary_label(request: Request) -> str | None:
@@ -106,9 +111,15 @@ def _with_via() -> Any:
     return select(Proxy, via.name).outerjoin(via, via.id == Proxy.via_id)
 
 
-async def _row(session: AsyncSession, proxy_id: int, binary: str | None = None) -> ProxyRow | None:
+async def _row(request: Request, session: AsyncSession, proxy_id: int) -> ProxyRow | None:
     found = (await session.execute(_with_via().where(Proxy.id == proxy_id))).first()
-    return None if found is None else proxy_row(found[0], found[1], binary)
+    if found is None:
+        return None
+    return proxy_row(found[0], found[1], _flag_after(request), _binary_label(request))
+
+
+def _flag_after(request: Request) -> int:
+    return app_services(request).settings.proxy_flag_after
 
 
 async def _proxy_list(request: Request, session: AsyncSession) -> dict[str, Any]:
@@ -118,7 +129,7 @@ async def _proxy_list(request: Request, session: AsyncSession) -> dict[str, Any]
         _with_via().order_by(Proxy.name_key, Proxy.id).offset(paging.offset).limit(PAGE_SIZE)
     )
     return {
-        "rows": [proxy_row(proxy, via, binary) for proxy, via in found],
+        "rows": [proxy_row(proxy, via, _flag_after(request), binary) for proxy, via in found],
         "paging": paging,
         "via_choices": await _via_choices(session, None),
         "protocols": PROTOCOLS,
@@ -360,6 +371,7 @@ class ProxyDetail:
     chained_from: list[Proxy]
     credentials: list[str]
     routing: list[str]
+    checks: list[ProxyCheck]  # its health history, newest first
 
 
 async def _proxy_detail(request: Request, session: AsyncSession, proxy: Proxy) -> ProxyDetail:
@@ -377,6 +389,7 @@ async def _proxy_detail(request: Request, session: AsyncSession, proxy: Proxy) -
         chained_from=list(chained),
         credentials=_credentials_shown(request, proxy),
         routing=await routing_table(session, proxy),
+        checks=await recent_checks(session, proxy.id, HISTORY_SHOWN),
     )
 
 
@@ -406,7 +419,7 @@ async def _show_proxy(
     partial: str = "_proxy_edit_form.html",
 ) -> Response:
     async with reading(request) as session:
-        row = await _row(session, proxy_id, _binary_label(request))
+        row = await _row(request, session, proxy_id)
         if row is None:
             return not_found(request, "proxy")
         detail = await _proxy_detail(request, session, row.proxy)
@@ -426,7 +439,18 @@ async def _show_proxy(
         rules=rules_form(row.proxy.routing_rules) if rules is None else rules,
         routing_actions=ACTION_CHOICES,
         routing_networks=NETWORK_CHOICES,
+        hold_on_flagged=app_services(request).settings.hold_on_flagged_proxy,
+        check_interval=_interval_text(app_services(request).settings.proxy_check_interval),
     )
+
+
+def _interval_text(seconds: float) -> str | None:
+    """The check interval as the history says it ("10 min"); None when checks are off."""
+    if seconds <= 0:
+        return None
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds:g} s"
 
 
 async def proxy_page(request: Request) -> Response:
@@ -575,7 +599,7 @@ async def proxy_check(request: Request) -> Response:
         kind: FlashKind = "success" if proxy.health_ok else "error"
         return redirect_with_flash(request, back, _checked(proxy), kind=kind)
     async with reading(request) as session:
-        row = await _row(session, proxy_id, _binary_label(request))
+        row = await _row(request, session, proxy_id)
     if row is None:  # deleted while it was checked
         return redirect_with_flash(request, back, "The proxy is gone.", kind="error")
     partial = "_proxy_row.html" if from_list else "_proxy_health.html"
