@@ -301,8 +301,9 @@ async def test_schedule_stops_cleanly_during_a_check(settings: Settings) -> None
     try:
         await _add_proxies(schedule.sessionmaker, [stalled.port], due=True)
         schedule.start()
-        await eventually(lambda: asyncio.sleep(0, _sidecars_of_this_process()), bool, 15)
-        assert schedule.running  # the check is under way, its sidecar up
+        # The check is under way: its pre-flight probe (or sidecar) waits on the stalled upstream.
+        await eventually(lambda: asyncio.sleep(0, dict(schedule.running)), bool, 15)
+        await asyncio.sleep(0.3)
         began = time.monotonic()
         await schedule.stop()
         assert time.monotonic() - began < 5
