@@ -267,6 +267,20 @@ class Settings(BaseSettings):
         description="URL `checkProxy` fetches through a proxy (its exit IP is recorded when "
         "the answer names one).",
     )
+    schedules: bool = Field(
+        default=True,
+        description="Run the scheduled work of a runner (services' probes every "
+        "`probeIntervalSeconds` of their policy). `false` stops every schedule (tests); "
+        "`probeService` still works.",
+    )
+    probe_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds a provider probe may take (one request)."
+    )
+    probe_concurrency: int = Field(
+        default=4,
+        ge=1,
+        description="Tokens one probe of a service asks its provider about at once.",
+    )
     sidecar_start_timeout: float = Field(
         default=10.0, gt=0, description="How long a proxy sidecar may take to listen."
     )
