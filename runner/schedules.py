@@ -16,9 +16,10 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.broker import SCHEDULE_TOPIC, Broker
+from server.db import READ_ONLY
 from server.events import log_event
 from server.models import utcnow
-from server.probes import due_probes, run_scheduled_probe, schedule_new_policies, take_due_probe
+from server.probes import due_probes, run_scheduled_probe, take_due_probe
 from server.secretbox import SecretBox
 from server.settings import Settings
 
@@ -93,8 +94,8 @@ class ProbeSchedule:
     async def run_due(self) -> float:
         """One pass: start every due probe this runner takes; seconds until the next."""
         now = utcnow()
-        async with self.sessionmaker() as session, session.begin():
-            await schedule_new_policies(session, now)
+        async with self.sessionmaker() as session:
+            await session.connection(execution_options=READ_ONLY)
             due, later = await due_probes(session, now)
         for service_id in due:
             async with self.sessionmaker() as session, session.begin():

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
-from sqlalchemy import select, update
+from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from server.db import READ_ONLY
@@ -225,31 +225,19 @@ def _log_failures(plan: ProbePlan, results: list[tuple[ProbeTarget, Observation]
 # -- the schedule ----------------------------------------------------------------------
 
 
-async def schedule_new_policies(session: AsyncSession, now: datetime) -> None:
-    """Services whose policy asks for probes but that have no due time yet (saved before
-    probes existed, or written past `update_service`) become due now."""
-    rows = await session.execute(
-        select(Service.id, Service.rate_limit_policy).where(Service.next_probe_at.is_(None))
-    )
-    for service_id, policy in rows.all():
-        if probe_interval(policy) is not None:
-            await session.execute(
-                update(Service)
-                .where(Service.id == service_id, Service.next_probe_at.is_(None))
-                .values(next_probe_at=now)
-            )
-
-
 async def due_probes(session: AsyncSession, now: datetime) -> tuple[list[int], datetime | None]:
-    """The services whose probe is due at `now`, and the earliest due time after it."""
+    """The services whose probe is due at `now` (a policy with an interval but no due time
+    yet, saved before probes existed or written past `update_service`, is due now), and the
+    earliest due time after `now`."""
     rows = await session.execute(
-        select(Service.id, Service.next_probe_at).where(Service.next_probe_at.is_not(None))
+        select(Service.id, Service.rate_limit_policy, Service.next_probe_at)
     )
     due, later = [], None
-    for service_id, at in rows.all():
+    for service_id, policy, at in rows.all():
         if at is None:
-            continue
-        if at <= now:
+            if probe_interval(policy) is not None:
+                due.append(service_id)
+        elif at <= now:
             due.append(service_id)
         elif later is None or at < later:
             later = at
@@ -259,11 +247,15 @@ async def due_probes(session: AsyncSession, now: datetime) -> tuple[list[int], d
 async def take_due_probe(session: AsyncSession, service_id: int, now: datetime) -> bool:
     """Take the service's due probe: move its due time on by its interval (or clear it when
     the policy no longer asks) in one conditional UPDATE. True for exactly one taker of a
-    due probe, however many runners race for it."""
+    due probe, however many runners race for it (the loser's WHERE no longer matches the
+    row the winner moved on)."""
     policy = await session.scalar(select(Service.rate_limit_policy).where(Service.id == service_id))
     result = await session.execute(
         update(Service)
-        .where(Service.id == service_id, Service.next_probe_at <= now)
+        .where(
+            Service.id == service_id,
+            or_(Service.next_probe_at <= now, Service.next_probe_at.is_(None)),
+        )
         .values(next_probe_at=next_probe_after(policy, now))
     )
     return bool(getattr(result, "rowcount", 0)) and probe_interval(policy) is not None

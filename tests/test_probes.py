@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.applications import Starlette
 
@@ -19,13 +19,13 @@ from graphql_schema.context import AppServices
 from runner.schedules import RESCAN_SECONDS, ProbeSchedule
 from server.broker import Broker
 from server.db import create_engine, create_sessionmaker
-from server.models import Service, ServiceUsage
+from server.models import Profile, ProfileService, Service, ServiceUsage
 from server.probes import observe, take_due_probe
 from server.providers import provider_for
 from server.providers.common import parse_duration
 from server.secretbox import SecretBox, load_secret_box
 from server.settings import Settings
-from tests.conftest import GraphQLClient
+from tests.conftest import GraphQLClient, StatementCounter
 from tests.fixtures.fake_providers import FakeAnswer, FakeProviders
 
 SHARED = "ghp_sharedSHAREDshared0001"
@@ -41,6 +41,12 @@ PROBE = """mutation($id: ID!) { probeService(id: $id) {
   userErrors { field message code } } }"""
 USAGE_FIELDS = "remaining limit resetAt tokenValid source detail sharedToken"
 LINKS = "{ profiles { nodes { name services { hasToken usage { " + USAGE_FIELDS + " } } } } }"
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    # No embedded runner: its schedule is not what these tests run, nor count statements of.
+    return settings.model_copy(update={"embedded_runner": False})
 
 
 async def service(gql: GraphQLClient, kind: str, base_url: str, **fields: Any) -> str:
@@ -274,6 +280,10 @@ async def test_schedule_runs_a_due_probe_once_across_two_runners(
         )
         for n in range(3)
     ]
+    async with sessions[0]() as session, session.begin():  # as saved before probes existed
+        await session.execute(
+            update(Service).where(Service.id == scheduled[0]).values(next_probe_at=None)
+        )
     await _add_service(
         sessions[0],
         box,
@@ -333,3 +343,52 @@ async def test_only_one_of_many_racing_takers_gets_a_due_probe(settings: Setting
         for engine in engines:
             await engine.dispose()
     assert sorted(taken) == [False] * 7 + [True]
+
+
+async def test_probe_service_is_audited(gql: GraphQLClient, fake_providers: FakeProviders) -> None:
+    service_id = await service(gql, "github", fake_providers.github, token=SHARED)
+    await gql(PROBE, id=service_id)
+    data = await gql(
+        """query($id: ID!) { auditEvents(objectId: $id, action: "probeService") {
+        nodes { action outcome objectId } } }""",
+        id=service_id,
+    )
+    assert data["auditEvents"]["nodes"] == [
+        {"action": "probeService", "outcome": "ok", "objectId": service_id}
+    ]
+
+
+USAGE_PAGE = """{
+  services { nodes { usage { remaining } usageHistory { profile { name } points { remaining } } } }
+  profiles { nodes { services { usage { remaining sharedToken } } } }
+}"""
+
+
+@pytest.mark.parametrize("profiles", [2, 40])
+async def test_usage_fields_cost_a_constant_number_of_statements(
+    app: Starlette, gql: GraphQLClient, count_statements: StatementCounter, profiles: int
+) -> None:
+    services: AppServices = app.state.services
+    box = services.secret_box
+    async with services.sessionmaker() as session, session.begin():
+        rows = [Service(name=f"s{n}", kind="github", env_var=f"S{n}_TOKEN") for n in range(2)]
+        session.add_all(rows)
+        people = [Profile(name=f"p{n:02d}") for n in range(profiles)]
+        session.add_all(people)
+        await session.flush()
+        for n, person in enumerate(people):
+            for row in rows:
+                own = box.encrypt(f"tok{n}") if n % 2 else None
+                session.add(
+                    ProfileService(profile_id=person.id, service_id=row.id, token_encrypted=own)
+                )
+                session.add(ServiceUsage(service_id=row.id, profile_id=person.id, remaining=n))
+        session.add_all(ServiceUsage(service_id=row.id, remaining=7) for row in rows)
+    count_statements.statements.clear()
+    data = await gql(USAGE_PAGE)
+    links = [link["usage"] for p in data["profiles"]["nodes"] for link in p["services"]]
+    assert {link["remaining"] for link in links if link["sharedToken"]} == {7}
+    assert len(data["services"]["nodes"][0]["usageHistory"]) == profiles + 1
+    selects = [s for s in count_statements.statements if s.lstrip().upper().startswith("SELECT")]
+    # api token, services, usage, history, profiles, links, own usage (+ what auth costs)
+    assert len(selects) <= 9, selects
