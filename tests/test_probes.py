@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import sys
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -25,9 +28,10 @@ from server.providers import provider_for
 from server.providers.common import parse_duration
 from server.secretbox import SecretBox, load_secret_box
 from server.settings import Settings
-from tests.conftest import GraphQLClient, StatementCounter
+from tests.conftest import TEST_KEY, GraphQLClient, StatementCounter
 from tests.fixtures.fake_providers import FakeAnswer, FakeProviders
 
+ROOT = Path(__file__).resolve().parent.parent
 SHARED = "ghp_sharedSHAREDshared0001"
 OWN = "ghp_ownOWNown0000000000002"
 BAD = "sk-badBADbad00000000000003"
@@ -392,3 +396,60 @@ async def test_usage_fields_cost_a_constant_number_of_statements(
     selects = [s for s in count_statements.statements if s.lstrip().upper().startswith("SELECT")]
     # api token, services, usage, history, profiles, links, own usage (+ what auth costs)
     assert len(selects) <= 9, selects
+
+
+async def _started(runner: asyncio.subprocess.Process) -> None:
+    assert runner.stdout is not None
+    while b"is running" not in (line := await runner.stdout.readline()):
+        assert line, "the runner stopped before it started"
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)  # `corral runner` needs it
+async def test_two_runner_processes_run_a_due_probe_once(
+    settings: Settings, fake_providers: FakeProviders, tmp_path: Path
+) -> None:
+    """Two real `corral runner` processes, started together, find the same probe due; one
+    runs it (takers at the same instant: test_only_one_of_many_racing_takers_gets_a_due_probe)."""
+    engine = create_engine(settings)
+    sessions = create_sessionmaker(engine)
+    box = load_secret_box(settings)
+    service_id = await _add_service(
+        sessions, box, name="gh", kind="github", baseUrl=fake_providers.github,
+        envVar="GH_TOKEN", token=SHARED, rateLimitPolicy={"probeIntervalSeconds": 3600},
+    )  # fmt: skip
+    runners = []
+    try:
+        for n in range(2):
+            env = {
+                **{k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")},
+                "PYTHONPATH": str(ROOT),
+                "CORRAL_DATABASE_URL": str(settings.database_url),
+                "CORRAL_SECRET_KEY": TEST_KEY,
+                "CORRAL_DATA_DIR": str(tmp_path / f"runner{n}"),
+                "CORRAL_SANDBOX": "none",
+            }
+            runners.append(
+                await asyncio.create_subprocess_exec(
+                    *(sys.executable, "-m", "server.cli", "runner"),
+                    env=env,
+                    cwd=tmp_path,
+                    stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.STDOUT,
+                )
+            )
+        for runner in runners:
+            await asyncio.wait_for(_started(runner), 20)
+        await _wait_for(lambda: len(fake_providers.seen) >= 1, timeout=15)
+        await asyncio.sleep(1.0)  # a second probe would have landed by now
+    finally:
+        for runner in runners:
+            if runner.returncode is None:
+                runner.terminate()
+        for runner in runners:
+            await asyncio.wait_for(runner.wait(), 20)
+    assert fake_providers.authorizations() == [f"Bearer {SHARED}"]
+    async with sessions() as session:
+        usage = list(await session.scalars(select(ServiceUsage)))
+    await engine.dispose()
+    assert [(u.service_id, u.remaining, u.source) for u in usage] == [(service_id, 4999, "probe")]
+    assert [runner.returncode for runner in runners] == [0, 0]
