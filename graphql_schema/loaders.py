@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple
 
 from sqlalchemy import Row, Select, and_, func, select
@@ -24,6 +25,7 @@ from server.models import (
     Service,
     ServiceUsage,
 )
+from server.probes import HISTORY_MAX
 
 if TYPE_CHECKING:
     from graphql_schema import profiles as profile_types
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
     from graphql_schema.context import Context
 
 M = TypeVar("M", bound=Base)
+UsagePoint = tuple[datetime, int | None, int | None]  # observed at, remaining, limit
 Ts = TypeVarTuple("Ts")
 
 
@@ -89,6 +92,8 @@ class Loaders:
         self.command_services = DataLoader(self._command_services)
         self.service_usage = DataLoader(self._service_usage)
         self.proxy_checks = DataLoader(self._proxy_checks)
+        self.own_token_usage = DataLoader(self._own_token_usage)
+        self.usage_history = DataLoader(self._usage_history)
         self._services: dict[int, service_types.Service] = {}
         self._proxies: dict[int, proxy_types.Proxy] = {}
 
@@ -152,6 +157,7 @@ class Loaders:
                     rate_limit_policy=JSON(policy or {}),
                     created_at=created_at,
                     token_encrypted=token,
+                    profile_id=profile_id,
                 )
             )
         return [groups.get(key, []) for key in ids]
@@ -237,3 +243,75 @@ class Loaders:
             for (check,) in await self._rows(stmt):
                 found[(check.proxy_id, last)].append(check)
         return [found.get(key, []) for key in keys]
+
+    async def _own_token_usage(self, keys: list[tuple[int, int]]) -> list[ServiceUsage | None]:
+        """The latest observation of each (service, profile)'s own token."""
+        service_ids = {service_id for service_id, _ in keys}
+        profile_ids = {profile_id for _, profile_id in keys}
+        latest = (
+            select(func.max(ServiceUsage.id).label("last_id"))
+            .where(
+                ServiceUsage.service_id.in_(service_ids),
+                ServiceUsage.profile_id.in_(profile_ids),
+            )
+            .group_by(ServiceUsage.service_id, ServiceUsage.profile_id)
+            .subquery()
+        )
+        stmt = select(ServiceUsage).join(latest, ServiceUsage.id == latest.c.last_id)
+        found = {(row[0].service_id, row[0].profile_id): row[0] for row in await self._rows(stmt)}
+        return [found.get(key) for key in keys]
+
+    async def _usage_history(
+        self, keys: list[tuple[int, datetime]]
+    ) -> list[list[tuple[Profile | None, list[UsagePoint]]]]:
+        """Each service's observations since its key's time, per token (the shared one
+        first, then profiles by name), in one statement per distinct `since`."""
+        by_since: dict[datetime, list[int]] = defaultdict(list)
+        for service_id, since in keys:
+            by_since[since].append(service_id)
+        answers: dict[tuple[int, datetime], list[tuple[Profile | None, list[UsagePoint]]]] = {}
+        for since, service_ids in by_since.items():
+            answers |= {
+                (service_id, since): tokens
+                for service_id, tokens in (await self._history_since(service_ids, since)).items()
+            }
+        return [answers.get(key, []) for key in keys]
+
+    async def _history_since(
+        self, service_ids: list[int], since: datetime
+    ) -> dict[int, list[tuple[Profile | None, list[UsagePoint]]]]:
+        numbered = (
+            select(
+                ServiceUsage.service_id,
+                ServiceUsage.profile_id,
+                ServiceUsage.observed_at,
+                ServiceUsage.remaining,
+                ServiceUsage.limit,
+                func.row_number()
+                .over(
+                    partition_by=(ServiceUsage.service_id, ServiceUsage.profile_id),
+                    order_by=ServiceUsage.id.desc(),
+                )
+                .label("nth"),
+            )
+            .where(ServiceUsage.service_id.in_(service_ids), ServiceUsage.observed_at >= since)
+            .subquery()
+        )
+        stmt = (
+            select(numbered, Profile)
+            .outerjoin(Profile, Profile.id == numbered.c.profile_id)
+            .where(numbered.c.nth <= HISTORY_MAX)
+            .order_by(
+                numbered.c.service_id,
+                Profile.name.is_not(None),
+                Profile.name,
+                numbered.c.observed_at,
+            )
+        )
+        tokens: dict[int, dict[int | None, tuple[Profile | None, list[UsagePoint]]]] = {}
+        for row in await self._rows(stmt):
+            service_id, profile_id, observed_at, remaining, limit, _nth, profile = row
+            per_service = tokens.setdefault(service_id, {})
+            entry = per_service.setdefault(profile_id, (profile, []))
+            entry[1].append((observed_at, remaining, limit))
+        return {key: list(value.values()) for key, value in tokens.items()}

@@ -32,11 +32,12 @@ from server import profiles as profile_service
 if TYPE_CHECKING:
     from graphql_schema.commands import Command
     from graphql_schema.proxies import Proxy
-    from graphql_schema.services import Service
+    from graphql_schema.services import Service, ServiceUsage
 
 ProxyRef = Annotated["Proxy", strawberry.lazy("graphql_schema.proxies")]
 ServiceRef = Annotated["Service", strawberry.lazy("graphql_schema.services")]
 CommandRef = Annotated["Command", strawberry.lazy("graphql_schema.commands")]
+ServiceUsageRef = Annotated["ServiceUsage", strawberry.lazy("graphql_schema.services")]
 
 
 def _link_token_preview(root: ProfileServiceLink, info: Info) -> str | None:
@@ -70,6 +71,22 @@ class ProfileServiceLink:
     )
     created_at: datetime
     token_encrypted: strawberry.Private[bytes | None]
+    profile_id: strawberry.Private[int]
+
+    @strawberry.field(
+        description="The latest known budget of the token this profile's runs use: its own "
+        "token's, else the service's shared token's (see `sharedToken`)."
+    )
+    async def usage(self, info: Info) -> ServiceUsageRef | None:
+        from graphql_schema.services import ServiceUsage
+
+        loaders = info.context.loaders
+        service_id = self.service.row.id
+        if self.token_encrypted is None:
+            row = await loaders.service_usage.load(service_id)
+        else:
+            row = await loaders.own_token_usage.load((service_id, self.profile_id))
+        return None if row is None else ServiceUsage.from_row(row)
 
 
 @strawberry.type(description="A Chrome profile: a user-data-dir with its browser settings.")

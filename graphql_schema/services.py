@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import enum
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Annotated
 
 import strawberry
@@ -26,11 +27,19 @@ from graphql_schema.relay import (
 )
 from server import models
 from server import services as service_domain
+from server.probes import HISTORY_MAX, probe_service
 
 if TYPE_CHECKING:
     from graphql_schema.profiles import Profile
 
 ProfileRef = Annotated["Profile", strawberry.lazy("graphql_schema.profiles")]
+
+
+@strawberry.enum(description="Where an observation of a token's budget came from.")
+class UsageSource(enum.Enum):
+    EVENT = "event"
+    PROBE = "probe"
+    COUNT = "count"
 
 
 @strawberry.type(description="The latest known budget of a token at its provider.")
@@ -39,7 +48,52 @@ class ServiceUsage:
     limit: int | None
     reset_at: datetime | None
     observed_at: datetime
-    token_valid: bool | None
+    token_valid: bool | None = strawberry.field(
+        description="False when the provider refused the token (401); null: not known."
+    )
+    units: int | None = strawberry.field(description="Units a run reported spending.")
+    source: UsageSource = strawberry.field(
+        description="EVENT (a run's usage line), PROBE (the provider asked), COUNT (Corral's)."
+    )
+    detail: str | None = strawberry.field(
+        description="The provider's answer when it gave no figures (an error, a timeout), "
+        "or more figures (an OpenAI token budget); never a secret."
+    )
+    age_seconds: float = strawberry.field(description="How long ago it was observed.")
+    shared_token: bool = strawberry.field(
+        description="Whether this is the service's shared token (else a profile's own)."
+    )
+
+    @classmethod
+    def from_row(cls, row: models.ServiceUsage) -> ServiceUsage:
+        return cls(
+            remaining=row.remaining,
+            limit=row.limit,
+            reset_at=row.reset_at,
+            observed_at=row.observed_at,
+            token_valid=row.token_valid,
+            units=row.units,
+            source=UsageSource(row.source),
+            detail=row.detail,
+            age_seconds=max((models.utcnow() - row.observed_at).total_seconds(), 0.0),
+            shared_token=row.profile_id is None,
+        )
+
+
+@strawberry.type(description="One observation of a token's budget, for a chart.")
+class UsagePoint:
+    observed_at: datetime
+    remaining: int | None
+    limit: int | None
+
+
+@strawberry.type(description="The observations of one token of a service, oldest first.")
+class TokenUsageHistory:
+    shared_token: bool = strawberry.field(
+        description="The service's shared token (else a profile's)."
+    )
+    profile: ProfileRef | None = strawberry.field(description="Whose own token (null: shared).")
+    points: list[UsagePoint]
 
 
 def _shared_token_preview(root: Service, info: Info) -> str | None:
@@ -93,15 +147,32 @@ class Service(Node):
     @strawberry.field(description="The latest known budget of the shared token.")
     async def usage(self, info: Info) -> ServiceUsage | None:
         row = await info.context.loaders.service_usage.load(self.row.id)
-        if row is None:
-            return None
-        return ServiceUsage(
-            remaining=row.remaining,
-            limit=row.limit,
-            reset_at=row.reset_at,
-            observed_at=row.observed_at,
-            token_valid=row.token_valid,
-        )
+        return None if row is None else ServiceUsage.from_row(row)
+
+    @strawberry.field(
+        description="The observations since `since` (default: 24 hours ago) per token, "
+        f"oldest first; at most {HISTORY_MAX} points a token (the latest).",
+        extensions=[CountedList()],
+    )
+    async def usage_history(
+        self, info: Info, since: datetime | None = None
+    ) -> list[TokenUsageHistory]:
+        from graphql_schema.profiles import Profile
+
+        start = since or models.utcnow() - timedelta(hours=24)
+        rows = await info.context.loaders.usage_history.load((self.row.id, start))
+        histories = []
+        for profile, points in rows:
+            histories.append(
+                TokenUsageHistory(
+                    shared_token=profile is None,
+                    profile=None if profile is None else Profile.from_row(profile),
+                    points=[
+                        UsagePoint(observed_at=t, remaining=r, limit=lim) for t, r, lim in points
+                    ],
+                )
+            )
+        return histories
 
 
 @strawberry.input
@@ -206,6 +277,24 @@ class ServiceMutations:
         if errors:
             return DeletePayload(user_errors=errors)
         return DeletePayload(deleted_id=id, notices=notices or [])
+
+    @strawberry.mutation(
+        description="Ask the service's provider now for the budget of its shared token and of "
+        "each linked profile's own token; the answers are recorded as PROBE observations."
+    )
+    async def probe_service(self, info: Info, id: strawberry.ID) -> ServicePayload:
+        ctx = info.context
+
+        async def work(session: AsyncSession) -> models.Service:
+            pk = pk_of(id, "Service", field="id")
+            return await probe_service(
+                session, ctx.app.sessionmaker, ctx.settings, ctx.secret_box, pk
+            )
+
+        row, errors = await perform(info, work)
+        return ServicePayload(
+            service=None if row is None else Service.from_row(row), user_errors=errors
+        )
 
     @strawberry.mutation(description="Link a profile to a service, optionally with its own token.")
     async def link_service(self, info: Info, input: LinkServiceInput) -> LinkServicePayload:

@@ -23,6 +23,7 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 # ServiceUsage's counters are INTEGER columns: 32 bits on PostgreSQL.
 COUNTER_MAX = 2**31 - 1
 USAGE_COUNTERS = ("units", "remaining", "limit")
+RATE_LIMITED, UNAUTHORIZED = 429, 401  # a usage event's `status`: what it says of the token
 
 
 class EventRejected(ValueError):
@@ -118,14 +119,29 @@ def _usage(data: dict[str, Any], service_ids: dict[str, int]) -> UsageReport:
     valid = data.get("tokenValid")
     if valid is not None and not isinstance(valid, bool):
         raise EventRejected("tokenValid must be true, false or null")
+    status = _status(data.get("status"))
+    remaining = counters["remaining"]
+    if status == RATE_LIMITED and remaining is None:  # a 429 says: none left until the reset
+        remaining = 0
+    if status == UNAUTHORIZED and valid is None:
+        valid = False
     return UsageReport(
         service_id=service_id,
         units=counters["units"],
-        remaining=counters["remaining"],
+        remaining=remaining,
         limit=counters["limit"],
         reset_at=_reset_at(data.get("resetAt")),
         token_valid=valid,
     )
+
+
+def _status(value: Any) -> int | None:
+    """The HTTP status the child's request got (`status`), when the event gives one."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 100 <= value <= 599:
+        raise EventRejected("status must be an HTTP status code (100 to 599) or null")
+    return value
 
 
 def _counter(data: dict[str, Any], name: str) -> int | None:

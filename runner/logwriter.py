@@ -51,7 +51,7 @@ from runner.lines import Redactor
 from server.broker import Broker, command_topic
 from server.db import create_sync_engine, sqlite_timestamp
 from server.metrics import Metrics
-from server.models import Command, CommandEvent, LogStream, ServiceUsage, utcnow
+from server.models import Command, CommandEvent, LogStream, ServiceUsage, UsageSource, utcnow
 
 log = logging.getLogger("corral.runner")
 
@@ -242,6 +242,9 @@ class LogWriter:
         self.redactor = redactor or Redactor([])
         self.service_ids = service_ids or {}
         self.profile_id = profile_id
+        # The services whose token is the profile's own: their usage is the profile's;
+        # any other service's usage is its shared token's (profile_id NULL).
+        self.own_token_services: frozenset[int] = frozenset()
         self.chunks: list[_Chunk] = []
         self.events_taken = 0
         self.lines_lost = 0  # given up (unstorable): the command row counts them too
@@ -1074,7 +1077,9 @@ def _store_event(connection: Connection, writer: LogWriter, stored: _Event) -> N
     connection.execute(
         insert(ServiceUsage).values(
             service_id=usage.service_id,
-            profile_id=writer.profile_id,
+            profile_id=(
+                writer.profile_id if usage.service_id in writer.own_token_services else None
+            ),
             command_id=writer.command_id,
             units=usage.units,
             remaining=usage.remaining,
@@ -1082,5 +1087,6 @@ def _store_event(connection: Connection, writer: LogWriter, stored: _Event) -> N
             reset_at=usage.reset_at,
             token_valid=usage.token_valid,
             observed_at=stored.ts,
+            source=UsageSource.EVENT.value,
         )
     )

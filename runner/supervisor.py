@@ -49,8 +49,15 @@ from runner.proxy_checks import ProxyCheckSchedule
 from runner.redaction import KnownSecrets
 from runner.renderpool import RenderPool
 from runner.sandbox import NONE, RunAs, Sandbox, check_reachable, choose_sandbox
+from runner.schedules import ProbeSchedule
 from server.broker import CANCEL_TOPIC, QUEUE_TOPIC, SECRETS_TOPIC, Broker
-from server.commands import PROXY_URL_ENV, browser_settings, command_context, service_tokens
+from server.commands import (
+    PROXY_URL_ENV,
+    browser_settings,
+    choose_tokens,
+    command_context,
+    own_tokens,
+)
 from server.db import sqlite_timestamp
 from server.events import log_event
 from server.known_secrets import process_secrets
@@ -315,6 +322,7 @@ class Loaded:
     secrets: list[str]
     service_ids: dict[str, int]
     routing: Routing | None = None
+    own_token_services: frozenset[int] = frozenset()  # used with the profile's own token
 
 
 @dataclass
@@ -386,6 +394,7 @@ class Supervisor:
         self.render_pool = render_pool or RenderPool.from_settings(settings)
         self._secrets_failing = False
         self.proxy_checks = ProxyCheckSchedule(settings, sessionmaker, secret_box)
+        self.schedule = ProbeSchedule(settings, sessionmaker, secret_box, broker)
         self.secrets = KnownSecrets(
             sessionmaker,
             secret_box,
@@ -417,7 +426,9 @@ class Supervisor:
         await self.recover()
         await self._refresh_secrets()  # the first claim does not pay for decrypting them all
         self._task = asyncio.create_task(self._main(), name=f"supervisor-{self.runner_id}")
-        self.proxy_checks.start()
+        if self.settings.schedules:
+            self.proxy_checks.start()
+            await self.schedule.start()
         log_event("runner_started", runner=self.runner_id, name=self.name)
         log_event(
             "protection",
@@ -430,6 +441,7 @@ class Supervisor:
         """Stop claiming; stop every child (TERM, grace, KILL) and put its command back."""
         self._stopping = True
         self.store.shutting_down()  # a database that stays down must not hold the stop up
+        await self.schedule.stop()
         # The claim loop goes first, then the claims already out land (a claim in the
         # store's queue is committed all the same): what they took is put back unstarted.
         if self._gate_timer is not None:
@@ -785,6 +797,7 @@ class Supervisor:
             await self._refresh_secrets()
             self.secrets.attach(writer, loaded.secrets)
             writer.service_ids = loaded.service_ids
+            writer.own_token_services = loaded.own_token_services
             outcome = await self._run_loaded(attempt, loaded, writer)
         except CompositionError as exc:
             outcome = Outcome(CommandStatus.FAILED, error=str(exc), retryable=False)
@@ -879,7 +892,8 @@ class Supervisor:
                     .order_by(Service.name)
                 )
             )
-            tokens = await service_tokens(session, self.box, command.profile_id, services)
+            own = await own_tokens(session, command.profile_id, services)
+            tokens = choose_tokens(self.box, services, own)
             chain = [] if proxy is None else await proxy_chain(session, self.box, proxy)
             routing = (
                 None if proxy is None else await run_routing(session, self.box, proxy.routing_rules)
@@ -908,6 +922,7 @@ class Supervisor:
             secrets=secrets,
             service_ids={s.name.lower(): s.id for s in services}
             | {s.kind.lower(): s.id for s in services},
+            own_token_services=frozenset(own),
         )
 
     async def _render(self, loaded: Loaded, proxy_url: str | None) -> Prepared:

@@ -41,6 +41,7 @@ STATUS_TOPIC = "status"
 CANCEL_TOPIC = "cancel"
 QUEUE_TOPIC = "queue"
 SECRETS_TOPIC = "secrets"  # a committed write changed a stored secret (message: None)
+SCHEDULE_TOPIC = "schedule"  # a committed write made a scheduled check due (message: None)
 
 
 @dataclass(frozen=True)

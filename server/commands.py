@@ -197,24 +197,39 @@ async def _services(
     return list(services.values())
 
 
-async def service_tokens(
-    session: AsyncSession, box: SecretBox, profile_id: int | None, services: list[Service]
-) -> dict[str, str | None]:
-    """Each service's token for this profile (its own, else the shared one), by env var."""
-    own: dict[int, bytes | None] = {}
-    if profile_id is not None and services:
-        rows = await session.execute(
-            select(ProfileService.service_id, ProfileService.token_encrypted).where(
-                ProfileService.profile_id == profile_id,
-                ProfileService.service_id.in_([s.id for s in services]),
-            )
+async def own_tokens(
+    session: AsyncSession, profile_id: int | None, services: list[Service]
+) -> dict[int, bytes]:
+    """The profile's own tokens (encrypted) of these services, by service id (a link
+    without a token of its own is left out: the shared token is used)."""
+    if profile_id is None or not services:
+        return {}
+    rows = await session.execute(
+        select(ProfileService.service_id, ProfileService.token_encrypted).where(
+            ProfileService.profile_id == profile_id,
+            ProfileService.service_id.in_([s.id for s in services]),
+            ProfileService.token_encrypted.is_not(None),
         )
-        own = {service_id: token for service_id, token in rows.all()}
+    )
+    return {service_id: token for service_id, token in rows.all() if token is not None}
+
+
+def choose_tokens(
+    box: SecretBox, services: list[Service], own: dict[int, bytes]
+) -> dict[str, str | None]:
+    """Each service's token (the profile's `own`, else the shared one), by env var."""
     tokens: dict[str, str | None] = {}
     for service in services:
         encrypted = own.get(service.id) or service.token_encrypted
         tokens[service.env_var] = None if encrypted is None else box.decrypt(encrypted)
     return tokens
+
+
+async def service_tokens(
+    session: AsyncSession, box: SecretBox, profile_id: int | None, services: list[Service]
+) -> dict[str, str | None]:
+    """Each service's token for this profile (its own, else the shared one), by env var."""
+    return choose_tokens(box, services, await own_tokens(session, profile_id, services))
 
 
 def _check_env_names(services: list[Service], template_env: dict[str, str]) -> None:

@@ -182,6 +182,9 @@ class Service(NamedMixin, TimestampMixin, Base):
     token_encrypted: Mapped[bytes | None] = mapped_column(LargeBinary)
     settings: Mapped[dict[str, Any]] = mapped_column(default=dict)
     rate_limit_policy: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # When the scheduled probe is due (null: never, no probeIntervalSeconds); a runner takes
+    # a due probe by moving it on with one conditional UPDATE (server/probes.py).
+    next_probe_at: Mapped[datetime | None]
 
 
 class ProfileService(Base):
@@ -393,6 +396,14 @@ class CommandEvent(Base):
     ts: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class UsageSource(enum.StrEnum):
+    """Where an observation of a token's budget came from."""
+
+    EVENT = "event"
+    PROBE = "probe"
+    COUNT = "count"
+
+
 class TokenRecordMixin:
     """A row about one token of a service (the shared one when profile_id is NULL), and the
     command it came from."""
@@ -419,6 +430,10 @@ class ServiceUsage(TokenRecordMixin, Base):
     reset_at: Mapped[datetime | None]
     token_valid: Mapped[bool | None]
     observed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Where the figures came from: UsageSource (a run's event, a provider probe, Corral's count).
+    source: Mapped[str] = mapped_column(String(16), default="event")
+    # The provider's answer when it gave no figures (an error, a timeout); never a secret.
+    detail: Mapped[str | None] = mapped_column(Text)
 
 
 class ServiceSpend(TokenRecordMixin, Base):

@@ -7,12 +7,15 @@ from typing import Any
 from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from server.broker import SCHEDULE_TOPIC
 from server.errors import ErrorCode, InvalidInput
 from server.known_secrets import mark_secrets_changed
 from server.models import NAME_MAX, URL_MAX, ProfileService, Service
 from server.policies import policy_field
+from server.probes import reschedule
 from server.profiles import get_profile
 from server.secretbox import SecretBox
+from server.unit_of_work import announce
 from server.validation import (
     FieldSpec,
     apply_fields,
@@ -72,6 +75,16 @@ def _set_token(
     target.token_encrypted = None if raw is None else box.encrypt(check_token(raw))
 
 
+def _schedule_probes(session: AsyncSession, service: Service, values: dict[str, Any]) -> None:
+    """A saved policy's scheduled probe is due at once (or never, without an interval);
+    the runners' schedules are woken to take it."""
+    if "rateLimitPolicy" not in values:
+        return
+    reschedule(service)
+    if service.next_probe_at is not None:
+        announce(session, SCHEDULE_TOPIC, None)
+
+
 async def get_service(session: AsyncSession, service_id: int, *, field: str = "id") -> Service:
     """The service with this id, or a NOT_FOUND error on `field`."""
     service = await session.get(Service, service_id)
@@ -85,6 +98,7 @@ async def create_service(session: AsyncSession, box: SecretBox, values: dict[str
     service = Service(kind="generic", settings={}, rate_limit_policy={})
     apply_fields(service, values, SERVICE_FIELDS, creating=True)
     _set_token(session, service, box, values)
+    _schedule_probes(session, service, values)
     await ensure_unique(session, Service.name_key, service.name, field="name", label="service")
     session.add(service)
     await session.flush()
@@ -98,6 +112,7 @@ async def update_service(
     service = await get_service(session, service_id)
     apply_fields(service, values, SERVICE_FIELDS, creating=False)
     _set_token(session, service, box, values)
+    _schedule_probes(session, service, values)
     if "name" in values:
         await ensure_unique(
             session,

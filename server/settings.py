@@ -300,6 +300,21 @@ class Settings(BaseSettings):
         "they wait as WAITING, with the reason, until a check of that proxy passes "
         "(off: they run, and fail if the proxy is down).",
     )
+    schedules: bool = Field(
+        default=True,
+        description="Run the scheduled work of a runner (services' probes every "
+        "`probeIntervalSeconds` of their policy, proxy checks every "
+        "`CORRAL_PROXY_CHECK_INTERVAL`). `false` stops every schedule (tests); "
+        "`probeService` and `checkProxy` still work.",
+    )
+    probe_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds a provider probe may take (one request)."
+    )
+    probe_concurrency: int = Field(
+        default=4,
+        ge=1,
+        description="Tokens one probe of a service asks its provider about at once.",
+    )
     sidecar_start_timeout: float = Field(
         default=10.0, gt=0, description="How long a proxy sidecar may take to listen."
     )

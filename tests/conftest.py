@@ -41,7 +41,10 @@ from tests.fixtures.auth import (  # re-exported: tests import them from here
 # on this 2-core machine); tests/test_login.py checks the production parameters themselves.
 auth.set_password_cost(time_cost=1, memory_kib=1024, parallelism=1)
 
-pytest_plugins = ["tests.fixtures.netfakes"]  # the `site` and `upstream` fixtures
+pytest_plugins = [
+    "tests.fixtures.netfakes",  # the `site` and `upstream` fixtures
+    "tests.fixtures.fake_providers",  # `fake_providers`: fake GitHub and OpenAI-style APIs
+]
 
 PG_ENV = "CORRAL_TEST_POSTGRES_URL"
 TEST_KEY = generate_key()

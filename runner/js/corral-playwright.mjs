@@ -6,7 +6,8 @@
 //                     -- SCRIPT [ARGS...]
 //
 // SCRIPT is an ES module whose default export is called with
-// {page, context, env, emit, args}; emit(type, data) prints `::corral::{"type":...}` on stdout.
+// {page, context, env, emit, reportUsage, args}; emit(type, data) prints `::corral::{"type":...}`
+// on stdout; reportUsage(service, response) emits a response's rate-limit headers (usage.mjs).
 //
 // Exit codes: 0 done, 1 the script failed, 2 usage (bad flags, missing script),
 // 3 the browser could not be launched (first stderr line: the cause; see README.md),
@@ -16,6 +17,8 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { pathToFileURL } from 'node:url';
+
+import { makeReportUsage } from './usage.mjs';
 
 const PROG = 'corral-playwright';
 const EXIT_OK = 0;
@@ -519,7 +522,8 @@ async function main() {
   const emit = makeEmit();
   let code = EXIT_OK;
   try {
-    await run({ page, context, env: process.env, emit, args: opts.args });
+    const reportUsage = makeReportUsage(emit);
+    await run({ page, context, env: process.env, emit, reportUsage, args: opts.args });
   } catch (err) {
     // When we are stopping, the close we started is what made the script fail: not its fault.
     if (state.stopping) return await closeAndReturn(state.stopping);
