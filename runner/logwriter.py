@@ -1086,6 +1086,7 @@ def _store_event(connection: Connection, writer: LogWriter, stored: _Event) -> N
             limit=usage.limit,
             reset_at=usage.reset_at,
             token_valid=usage.token_valid,
+            detail=usage.detail,
             observed_at=stored.ts,
             source=UsageSource.EVENT.value,
         )
