@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from server.policies import ServicePolicy, effective_policy
+from server.policies import ServicePolicy, effective_policy, token_label
 from server.providers.common import answered, is_rate_limit_answer
 
 # pg_advisory_xact_lock(LOCK_CLASS, service_id): the gate's decisions on one service.
@@ -97,9 +97,7 @@ class Use:
 
     @property
     def label(self) -> str:
-        if self.token[1] is None:
-            return f"{self.service_name} token (shared)"
-        return f"{self.service_name} token of profile {self.profile_name!r}"
+        return token_label(self.service_name, None if self.token[1] is None else self.profile_name)
 
 
 @dataclass(slots=True)
