@@ -166,6 +166,12 @@ class Gate:
             keys.append(use.token)
         return keys
 
+    def services_of(self, command_ids: list[int]) -> list[int]:
+        """The services these (started) commands use, each once."""
+        return sorted(
+            {use.service_id for command_id in command_ids for use in self.uses.get(command_id, ())}
+        )
+
     def _verdict(self, use: Use) -> Verdict | None:
         state = self.tokens.get(use.token, TokenState())
         seen = state.observation

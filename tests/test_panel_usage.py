@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import html
 from datetime import timedelta
+from pathlib import Path
 
 import httpx
 from starlette.applications import Starlette
 
 from server.models import utcnow
+from server.settings import Settings
 from tests.conftest import GraphQLClient
-from tests.fixtures.commands import run, wait_status
+from tests.fixtures.chromium import PAGE_HELPERS_JS, ROOT, run_browser_script
+from tests.fixtures.commands import command, run, wait_status
 from tests.fixtures.fake_providers import FakeProviders
+from tests.fixtures.servers import running_server
 from tests.test_gate import LINK, observe, pk, service
+from tests.test_login import PASSWORD, add_user
 from tests.test_panel import admin, audit_of, post_form, viewer  # noqa: F401
 from tests.test_panel_services import main_of
 from tests.test_probes import service as probed_service
@@ -90,10 +95,10 @@ async def test_the_usage_page_shows_each_token_and_what_waits_on_it(
     )
     assert "Last 24 h: 2 observations: from 4,000 to 0, lowest 0." in shared
     for words in (
-        "budget 500 runs per 1 h",
+        "budget 500 runs per 1\u00a0h",
         "reserve 10",
         "at most 2 running (per service)",
-        "cool-down 1 min after a rate-limit answer",
+        "cool-down 1\u00a0min after a rate-limit answer",
     ):
         assert words in shared, words
     assert f'href="/runs/{pk(waiting)}"' in shared
@@ -142,3 +147,88 @@ async def test_probe_now_asks_the_provider_and_is_audited(
     page = html.unescape((await admin.get(refused.headers["location"])).text)
     assert "Not probed: service 'bare' has no token to probe" in page
     assert (await post_form(admin, "/usage/999999/probe")).status_code == 404
+
+
+WAIT_SCRIPT = r"""
+const { chromium } = require(process.env.PLAYWRIGHT_CORE);
+(async () => {
+  const [base, chromiumPath, shots, runId, reason] = process.argv.slice(2);
+  const browser = await chromium.launch({
+    executablePath: chromiumPath,
+    args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update',
+           '--disable-sync', '--disable-gpu'],
+  });
+  const found = { pages: {}, errors: [] };
+  try {
+    for (const width of [1280, 390]) {
+      const page = await browser.newPage({ viewport: { width, height: 900 } });
+      page.on('pageerror', (error) => found.errors.push(String(error)));
+      page.on('console', (message) => {
+        if (message.type() === 'error') found.errors.push(`${page.url()}: ${message.text()}`);
+      });
+      /*PAGE_HELPERS*/
+      await page.goto(`${base}/login`);
+      await page.locator('input[name="name"]').fill(process.env.CORRAL_USER);
+      await page.locator('input[name="password"]').fill(process.env.CORRAL_PASSWORD);
+      await page.locator('button[type="submit"]').click();
+      await page.waitForURL((target) => target.pathname === '/', { timeout: 20000 });
+      for (const path of [`/runs/${runId}`, '/', '/usage']) {
+        await page.goto(`${base}${path}`);
+        await page.waitForLoadState('networkidle');
+        found.pages[`${width} ${path}`] = await page.evaluate(([reason, runId]) => ({
+          shown: document.querySelector('main').innerText.includes(reason),
+          linked: !!document.querySelector(`main a[href="/runs/${runId}"]`),
+          charts: [...document.querySelectorAll('svg.usage-chart')].map(
+            (svg) => [svg.getAttribute('role'), svg.querySelector('title')?.textContent]),
+          overflow: document.documentElement.scrollWidth - window.innerWidth,
+        }), [reason, runId]);
+        await shoot(`usage-wait-${width}${path.replace(/[^a-z0-9]+/gi, '-')}`);
+      }
+      found.violations = (found.violations || []).concat(
+        await page.evaluate(() => window.__violations));
+      await page.close();
+    }
+  } finally {
+    await browser.close();
+  }
+  console.log(JSON.stringify(found));
+})().catch((error) => { console.error(error); process.exit(1); });
+""".replace("/*PAGE_HELPERS*/", PAGE_HELPERS_JS)
+
+
+async def test_the_wait_reason_shows_in_chromium_on_the_run_dashboard_and_usage_pages(
+    settings: Settings, tmp_path: Path, backend: str
+) -> None:
+    script = tmp_path / "wait.cjs"
+    script.write_text(WAIT_SCRIPT)
+    shots = ROOT / "test-artifacts" / f"usage-{backend}"
+    shots.mkdir(parents=True, exist_ok=True)
+    async with running_server(settings) as live:
+        await add_user(live.app, "grace", "admin")
+        gql = GraphQLClient(httpx.AsyncClient(base_url=live.base_url, headers=live.headers))
+        async with gql.http:
+            _github, _profile, waiting = await held_by_the_gate(live.app, gql)
+            reason = (await command(gql, waiting))["waitReason"]
+            assert reason.startswith("github token (shared): 0 of 5,000 left")
+            found = await run_browser_script(
+                script,
+                live.base_url,
+                settings.chromium_path,
+                str(shots),
+                str(pk(waiting)),
+                reason,
+                user="grace",
+                password=PASSWORD,
+                timeout=120,
+            )
+            await gql(CANCEL, id=waiting)
+    assert found["errors"] == []
+    assert found["violations"] == []
+    for where, report in found["pages"].items():
+        assert report["shown"], where
+        assert report["overflow"] <= 1, (where, report)
+        if not where.endswith(f"/runs/{pk(waiting)}"):
+            assert report["linked"], where
+        if where.endswith("/usage"):
+            assert [role for role, _title in report["charts"]] == ["img", "img"], where
+            assert all(title.startswith("github token ") for _role, title in report["charts"])

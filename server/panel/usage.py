@@ -84,10 +84,11 @@ def policy_lines(policy: ServicePolicy) -> list[str]:
 
 
 def _seconds(value: int) -> str:
+    # A no-break space: "1 h" never splits across lines.
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
         if value % size == 0:
-            return f"{value // size} {unit}"
-    return f"{value} s"
+            return f"{value // size}\u00a0{unit}"
+    return f"{value}\u00a0s"
 
 
 def token_row(token: TokenUsage, now: datetime) -> TokenRow:
