@@ -48,7 +48,7 @@ from runner.events import (
     parse_event,
 )
 from runner.lines import Redactor
-from server.broker import Broker, command_topic
+from server.broker import USAGE_TOPIC, Broker, UsageRecorded, command_topic
 from server.db import create_sync_engine, sqlite_timestamp
 from server.metrics import Metrics
 from server.models import Command, CommandEvent, LogStream, ServiceUsage, UsageSource, utcnow
@@ -541,14 +541,18 @@ class LogStore:
 
     async def _complete(self, flush: _Flush) -> None:
         """Commit a flush, then publish its lines and tell its writers and jobs."""
+        stored = True
         try:
             done = await self._commit(flush) if flush.shares or flush.jobs else []
         except Exception as exc:  # never die: a dead store would stall every child
             log.exception("log store flush failed: %r", exc)
-            done = []
+            done, stored = [], False
             for job in flush.jobs:
                 if not job.future.done():
                     job.future.set_exception(exc)
+        if stored:  # a refused share's events were cleared (_reduce): only stored ones count
+            for service_id in sorted(_usage_services(flush.shares)):
+                self._broker.publish(USAGE_TOPIC, UsageRecorded(service_id))
         for share in flush.shares:
             if share.runs:
                 batch = StoredBatch(share.writer.command_id, share.runs)
@@ -1058,6 +1062,16 @@ _JSON_COLUMNS = frozenset(
 )
 
 
+def _usage_services(shares: list[_Rows]) -> set[int]:
+    """The services whose budgets the flush's usage events spoke of."""
+    return {
+        stored.event.usage.service_id
+        for share in shares
+        for stored in share.events
+        if stored.event.usage is not None
+    }
+
+
 def _store_event(connection: Connection, writer: LogWriter, stored: _Event) -> None:
     """A checked event (runner.events: every value fits its column) and its usage row."""
     event = stored.event
@@ -1086,6 +1100,7 @@ def _store_event(connection: Connection, writer: LogWriter, stored: _Event) -> N
             limit=usage.limit,
             reset_at=usage.reset_at,
             token_valid=usage.token_valid,
+            detail=usage.detail,
             observed_at=stored.ts,
             source=UsageSource.EVENT.value,
         )

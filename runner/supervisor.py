@@ -50,7 +50,14 @@ from runner.redaction import KnownSecrets
 from runner.renderpool import RenderPool
 from runner.sandbox import NONE, RunAs, Sandbox, check_reachable, choose_sandbox
 from runner.schedules import ProbeSchedule
-from server.broker import CANCEL_TOPIC, QUEUE_TOPIC, SECRETS_TOPIC, Broker
+from server.broker import (
+    CANCEL_TOPIC,
+    QUEUE_TOPIC,
+    SECRETS_TOPIC,
+    USAGE_TOPIC,
+    Broker,
+    UsageRecorded,
+)
 from server.commands import (
     PROXY_URL_ENV,
     browser_settings,
@@ -166,6 +173,7 @@ class ClaimResult:
     upcoming: list[int] = field(default_factory=list)
     failed: list[int] = field(default_factory=list)
     wake_at: datetime | None = None
+    spent: list[int] = field(default_factory=list)  # services a started command counts on
 
 
 class ClaimJob:
@@ -211,6 +219,7 @@ class _Choice:
             self.upcoming,
             [command_id for command_id, _ in self.failed],
             None if self.gate is None else self.gate.opens_at,
+            [] if self.gate is None else self.gate.services_of(list(by_id)),
         )
 
     @property
@@ -581,6 +590,8 @@ class Supervisor:
         for command_id in outcome.failed:
             log_event("failed_at_gate", command=command_id, runner=self.runner_id)
             self.broker.publish_status(command_id, CommandStatus.FAILED.value)
+        for service_id in outcome.spent:  # Corral's count of the tokens moved on
+            self.broker.publish(USAGE_TOPIC, UsageRecorded(service_id))
         if outcome.wake_at is not None:
             self._wake_at(outcome.wake_at)
         if claimed:

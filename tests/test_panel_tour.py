@@ -140,7 +140,8 @@ async def test_every_page_in_chromium_as_admin_and_as_viewer_on_a_phone(
     (shots / "tour.json").write_text(json.dumps(found, indent=1))
     admin, viewer = found["laptop"], found["phone"]
     # The admin's menu has every page of the issue; the viewer's lacks the admin pages.
-    assert {"/", "/profiles", "/services", "/proxies", "/templates", "/runs"} <= set(admin["menu"])
+    pages = {"/", "/profiles", "/services", "/proxies", "/usage", "/templates", "/runs"}
+    assert pages <= set(admin["menu"])
     assert {"/audit", "/tokens"} <= set(admin["menu"])
     assert not {"/audit", "/tokens"} & set(viewer["menu"])
     for mode, tour in found.items():

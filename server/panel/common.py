@@ -42,6 +42,7 @@ NAV = (
     ("Profiles", "/profiles", False),
     ("Services", "/services", False),
     ("Proxies", "/proxies", False),
+    ("Usage", "/usage", False),
     ("Templates", "/templates", False),
     ("Compose", "/compose", False),
     ("Runs", "/runs", False),
