@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from runner import policy
 from runner.compose import CompositionError
 from runner.gate import FAIL, FAIL_LINE, SPEND, STATEMENTS, Gate, Read, gate_reads, spend_rows
+from runner.host_cause import HostCause, Seen
 from runner.lines import LineSplitter
 from runner.logwriter import LogStore, LogWriter, retryable_database_error
 from runner.process import (
@@ -990,10 +991,11 @@ class Supervisor:
             await writer.add(LogStream.SYSTEM, message)
             return Outcome(CommandStatus.FAILED, error=message, retryable=False)
         pgid = process.pid
+        cause = HostCause()
         # The pumps run from the loop's next round: the line below is queued before theirs.
         pumps = [
             asyncio.create_task(self._pump(process.stdout, LogStream.STDOUT, writer)),
-            asyncio.create_task(self._pump(process.stderr, LogStream.STDERR, writer)),
+            asyncio.create_task(self._pump(process.stderr, LogStream.STDERR, writer, cause.see)),
         ]
         try:
             await writer.add(
@@ -1002,9 +1004,12 @@ class Supervisor:
                 command_values={"pgid": pgid, "argv": prepared.argv},
             )
             log_event("started", command=command.id, attempt=attempt.number, pid=process.pid)
-            return await self._wait(attempt, command, process, writer)
+            outcome = await self._wait(attempt, command, process, writer)
         finally:
             await asyncio.shield(self._reap(command.id, pgid, process, pumps))
+        if outcome.exit_code and outcome.error:  # the pumps have read all of stderr by now
+            outcome.error = cause.explain(outcome.error, writer.redactor)
+        return outcome
 
     async def _reap(
         self,
@@ -1072,12 +1077,16 @@ class Supervisor:
         )
         return Outcome(CommandStatus.TIMED_OUT, error=f"timed out after {timeout}s")
 
-    async def _pump(self, pipe: IO[bytes], kind: LogStream, writer: LogWriter) -> None:
+    async def _pump(
+        self, pipe: IO[bytes], kind: LogStream, writer: LogWriter, see: Seen = lambda _: None
+    ) -> None:
         splitter = LineSplitter(self.settings.max_line_bytes)
         try:
             async with contextlib.aclosing(pipe_chunks(pipe, READ_CHUNK)) as chunks:
                 async for chunk in chunks:
-                    await writer.add_lines(kind, list(splitter.feed(chunk)), len(chunk))
+                    lines = list(splitter.feed(chunk))
+                    see(lines)
+                    await writer.add_lines(kind, lines, len(chunk))
         except OSError as exc:  # the pipe failed (EIO ...): keep what was read
             log_event(
                 "pipe_failed",
@@ -1086,7 +1095,9 @@ class Supervisor:
                 stream=kind.value,
                 error=repr(exc),
             )
-        await writer.add_lines(kind, list(splitter.close()))
+        lines = list(splitter.close())
+        see(lines)
+        await writer.add_lines(kind, lines)
 
     # -- finishing ---------------------------------------------------------------------
 
