@@ -415,8 +415,11 @@ async def test_a_sidecar_that_quotes_its_config_leaks_no_password(
             admin_client(application) as http,
         ):
             gql = GraphQLClient(http)
-            trojan = {"protocol": "TROJAN", "host": "127.0.0.1", "port": port}
-            proxy = await create(gql, "createProxy", name="tr", password=password, **trojan)
+            # Shadowsocks: the pre-flight probe only opens a TCP connection (no TLS, no
+            # login of its own), so the sidecar is started and quotes its config.
+            ss = {"protocol": "SHADOWSOCKS", "host": "127.0.0.1", "port": port}
+            ss["settings"] = {"method": "aes-256-gcm"}
+            proxy = await create(gql, "createProxy", name="ss", password=password, **ss)
             command_id = await run(gql, commandString="true", proxyId=proxy)
             node = await wait_final(gql, command_id)
             lines = [line["text"] for line in await logs_of(gql, command_id)]

@@ -105,6 +105,10 @@ async def probe_hop(
         return Problem("timeout", describe("timeout", hop, f"no answer within {timeout:g} s"))
     except ProbeFailed as exc:
         return Problem(exc.kind, describe(exc.kind, hop, exc.detail, shown))
+    except OSError as exc:  # reset or closed by the peer mid-handshake
+        reason = exc.strerror or type(exc).__name__
+        detail = f"it closed the connection: {reason}"
+        return Problem("protocol", describe("protocol", hop, detail))
     return None
 
 
@@ -129,6 +133,12 @@ async def _open(hop: Hop) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
             writer.close()
             detail = getattr(exc, "verify_message", None) or getattr(exc, "reason", None)
             raise ProbeFailed("tls", str(detail or exc)) from None
+        except OSError as exc:  # reset or closed by the peer during the handshake
+            writer.close()
+            reason = exc.strerror or type(exc).__name__
+            raise ProbeFailed(
+                "tls", f"the connection was closed during the handshake: {reason}"
+            ) from None
     return reader, writer
 
 

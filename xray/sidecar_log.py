@@ -28,6 +28,9 @@ TRACE_MAX_LINES = 1000
 MAX_SESSIONS = 4096
 
 LEVEL_RE = re.compile(r"\[(Debug|Info|Warning|Error)\]")
+# Untagged lines: the start banner (chatter), or what the binary says before its log starts
+# (a config it refuses, quoted over several lines): shown as warnings.
+BANNER_RE = re.compile(r"^(?:V2Ray|Xray) \d|A unified platform|Penetrates Everything")
 SESSION_RE = re.compile(r"\] \[(\d+)\] ")
 DIAL_RE = re.compile(r"dialing (?:TCP|TLS|UDP)? ?to (?:tcp|udp):(\S+):(\d+)")
 REQUEST_RE = re.compile(r"(?:request to|default route for|for \[?)((?:tcp|udp):[^\s\]]+)")
@@ -119,7 +122,10 @@ class SidecarLog:
         if self.level == "none":
             return False
         match = LEVEL_RE.search(line)
-        rank = LEVEL_RANK[match.group(1).lower()] if match else LEVEL_RANK["info"]
+        if match:
+            rank = LEVEL_RANK[match.group(1).lower()]
+        else:  # the banner, or a fatal message before logging starts (a config refused)
+            rank = LEVEL_RANK["info" if BANNER_RE.search(line) else "warning"]
         return rank >= LEVEL_RANK[self.level]
 
     def _remember(self, line: str) -> None:
