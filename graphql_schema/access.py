@@ -6,47 +6,56 @@ preview (admins only) and its hash (never readable) are kept.
 
 from __future__ import annotations
 
-import enum
 from datetime import datetime
+from typing import Annotated
 
 import strawberry
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from graphql_schema.context import Info
+from graphql_schema.enums import Role
 from graphql_schema.mutation import perform
 from graphql_schema.permissions import require_principal, secret_field
-from graphql_schema.relay import Connection, Node, UserError, encode_id, paginate, pk_of
+from graphql_schema.relay import (
+    USER_ERRORS,
+    After,
+    Connection,
+    First,
+    Node,
+    UserError,
+    encode_id,
+    paginate,
+    pk_of,
+)
 from server import auth, models
-
-
-@strawberry.enum(description="What a user or API token may do.")
-class Role(enum.Enum):
-    ADMIN = "admin"
-    VIEWER = "viewer"
 
 
 @strawberry.type(description="Who the request acts as.")
 class Me:
-    name: str
-    role: Role
+    name: str = strawberry.field(description="The user's name, or the API token's name.")
+    role: Role = strawberry.field(description="What it may do.")
     kind: str = strawberry.field(description="`user` (a login session) or `token` (an API token).")
 
 
 @strawberry.type(description="A bearer token for the API (`crl_...`); only a preview is kept.")
 class ApiToken(Node):
-    id: strawberry.ID
-    name: str
-    role: Role
+    id: strawberry.ID = strawberry.field(description="The token's global ID.")
+    name: str = strawberry.field(description="A name to know it by.")
+    role: Role = strawberry.field(description="What it may do.")
     # Nullable so that a viewer's FORBIDDEN nulls this field only, not the whole list.
     preview: str | None = secret_field("e.g. `crl_AbCd…wxyz`; never the token.")
     created_by: str | None = strawberry.field(description="Who made it (a user name or `cli`).")
-    created_at: datetime
-    expires_at: datetime | None
+    created_at: datetime = strawberry.field(description="When it was made.")
+    expires_at: datetime | None = strawberry.field(
+        description="When it stops working (null: never)."
+    )
     last_used_at: datetime | None = strawberry.field(
         description="When it last authenticated a request (updated at most once a minute)."
     )
-    revoked_at: datetime | None
+    revoked_at: datetime | None = strawberry.field(
+        description="When it was revoked (null: not revoked)."
+    )
     active: bool = strawberry.field(description="Neither revoked nor expired.")
 
     @classmethod
@@ -65,24 +74,28 @@ class ApiToken(Node):
         )
 
 
-@strawberry.input
+@strawberry.input(description="A new API token.")
 class CreateApiTokenInput:
-    name: str
-    role: Role | None = Role.VIEWER
+    name: str = strawberry.field(description="A name to know it by.")
+    role: Role | None = strawberry.field(
+        default=Role.VIEWER, description="What it may do (default VIEWER)."
+    )
     expires_at: datetime | None = strawberry.field(
         default=None, description="When it stops working (null: never); in the future."
     )
 
 
-@strawberry.type
+@strawberry.type(description="The result of an API token mutation.")
 class ApiTokenPayload:
-    api_token: ApiToken | None = None
+    api_token: ApiToken | None = strawberry.field(
+        default=None, description="The token's record (null on error)."
+    )
     plaintext: str | None = strawberry.field(
         default=None,
         description="The token itself: shown here once, never again. Send it as "
         "`Authorization: Bearer <plaintext>`.",
     )
-    user_errors: list[UserError] = strawberry.field(default_factory=list)
+    user_errors: list[UserError] = strawberry.field(default_factory=list, description=USER_ERRORS)
 
 
 def resolve_me(info: Info) -> Me:
@@ -92,7 +105,7 @@ def resolve_me(info: Info) -> Me:
 
 
 async def resolve_api_tokens(
-    info: Info, first: int | None = None, after: str | None = None
+    info: Info, first: First = None, after: After = None
 ) -> Connection[ApiToken]:
     """API tokens by creation order, revoked and expired ones included."""
     require_principal(info.context.principal)
@@ -104,7 +117,11 @@ async def resolve_api_tokens(
 @strawberry.type
 class AccessMutations:
     @strawberry.mutation(description="Make an API token; its plaintext is in this payload only.")
-    async def create_api_token(self, info: Info, input: CreateApiTokenInput) -> ApiTokenPayload:
+    async def create_api_token(
+        self,
+        info: Info,
+        input: Annotated[CreateApiTokenInput, strawberry.argument(description="The new token.")],
+    ) -> ApiTokenPayload:
         hasher = info.context.app.token_hasher
         principal = info.context.principal
 
@@ -125,7 +142,11 @@ class AccessMutations:
         return ApiTokenPayload(api_token=ApiToken.from_row(row), plaintext=plaintext)
 
     @strawberry.mutation(description="Revoke an API token: its next request is refused (401).")
-    async def revoke_api_token(self, info: Info, id: strawberry.ID) -> ApiTokenPayload:
+    async def revoke_api_token(
+        self,
+        info: Info,
+        id: Annotated[strawberry.ID, strawberry.argument(description="The token to revoke.")],
+    ) -> ApiTokenPayload:
         async def work(session: AsyncSession) -> models.ApiToken:
             return await auth.revoke_api_token(session, pk_of(id, "ApiToken", field="id"))
 

@@ -15,7 +15,7 @@ import functools
 from collections.abc import Callable
 from datetime import UTC, datetime
 from inspect import isawaitable
-from typing import Any
+from typing import Annotated, Any
 
 import strawberry
 from graphql import GraphQLError, GraphQLResolveInfo, ObjectValueNode, OperationType, VariableNode
@@ -24,7 +24,7 @@ from strawberry.extensions import SchemaExtension
 from strawberry.scalars import JSON
 
 from graphql_schema.context import Context, Info
-from graphql_schema.relay import Connection, Node, decode_id, encode_id, paginate
+from graphql_schema.relay import After, Connection, First, Node, decode_id, encode_id, paginate
 from server import models
 from server.audit import AuditEntry, ok_entry, raised_entry, refused_entry, write_entry
 
@@ -36,19 +36,21 @@ ResolveInfo = GraphQLResolveInfo[Context]
     "with what outcome (ok, error, denied), from where. Never a secret's value."
 )
 class AuditEvent(Node):
-    id: strawberry.ID
-    at: datetime
+    id: strawberry.ID = strawberry.field(description="The event's global ID.")
+    at: datetime = strawberry.field(description="When it happened.")
     actor: str | None = strawberry.field(description="The user (or token) that acted.")
     actor_kind: str = strawberry.field(description="user, token, cli, system or anonymous.")
     token_id: strawberry.ID | None = strawberry.field(description="The API token used, if any.")
     action: str = strawberry.field(description="e.g. `createProfile`, `login`.")
-    object_type: str | None
+    object_type: str | None = strawberry.field(
+        description="The type of the object acted on, e.g. `Profile`."
+    )
     object_id: strawberry.ID | None = strawberry.field(description="The object's global ID.")
     outcome: str = strawberry.field(description="ok, error or denied.")
     detail: JSON | None = strawberry.field(
         description="The input fields given (names only) and the error codes returned."
     )
-    client_address: str | None
+    client_address: str | None = strawberry.field(description="The client's IP address.")
 
     @classmethod
     def from_row(cls, row: models.AuditEvent) -> AuditEvent:
@@ -69,13 +71,25 @@ class AuditEvent(Node):
 
 async def resolve_audit_events(
     info: Info,
-    first: int | None = None,
-    after: str | None = None,
-    actor: str | None = None,
-    object_id: strawberry.ID | None = None,
-    action: str | None = None,
-    since: datetime | None = None,
-    outcome: str | None = None,
+    first: First = None,
+    after: After = None,
+    actor: Annotated[
+        str | None, strawberry.argument(description="Only this actor's events.")
+    ] = None,
+    object_id: Annotated[
+        strawberry.ID | None,
+        strawberry.argument(description="Only events on this object (its global ID)."),
+    ] = None,
+    action: Annotated[
+        str | None, strawberry.argument(description="Only this action, e.g. `createProfile`.")
+    ] = None,
+    since: Annotated[
+        datetime | None,
+        strawberry.argument(description="Only events at or after this time (naive: UTC)."),
+    ] = None,
+    outcome: Annotated[
+        str | None, strawberry.argument(description="Only this outcome: ok, error or denied.")
+    ] = None,
 ) -> Connection[AuditEvent]:
     """Audit events, newest first; each filter given narrows (`since`: at or after, naive
     times are UTC; `outcome`: ok, error or denied)."""

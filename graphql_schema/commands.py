@@ -15,10 +15,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from strawberry.scalars import JSON
 
 from graphql_schema.context import Info, client_key
+from graphql_schema.enums import CommandStatus, LogStream
 from graphql_schema.limits import CountedList, response_size_error
 from graphql_schema.mutation import perform
 from graphql_schema.relay import (
+    USER_ERRORS,
+    After,
     Connection,
+    First,
     Node,
     UserError,
     encode_id,
@@ -53,33 +57,21 @@ TemplateRef = Annotated["CommandTemplate", strawberry.lazy("graphql_schema.templ
 
 LOG_PAGE_MAX = 10_000
 LOG_FETCH_ROWS = 500  # rows the `logs` field reads from the database at a time
-
-
-@strawberry.enum
-class CommandStatus(enum.Enum):
-    QUEUED = "QUEUED"
-    WAITING = "WAITING"
-    RUNNING = "RUNNING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    TIMED_OUT = "TIMED_OUT"
-    CANCELLED = "CANCELLED"
-
-
-@strawberry.enum
-class LogStream(enum.Enum):
-    STDOUT = "stdout"
-    STDERR = "stderr"
-    SYSTEM = "system"
+CommandIdArg = Annotated[strawberry.ID, strawberry.argument(description="The command's ID.")]
+AfterSeq = Annotated[
+    int | None, strawberry.argument(description="Only lines after this seq (null: from the start).")
+]
 
 
 @strawberry.type(description="One stored line of a command's output (secrets already masked).")
 class LogLine:
-    seq: int
-    attempt: int
-    stream: LogStream
-    ts: datetime
-    text: str
+    seq: int = strawberry.field(description="Position in the command's log: 1, 2, ... with no gap.")
+    attempt: int = strawberry.field(description="The attempt that wrote it (1 for the first).")
+    stream: LogStream = strawberry.field(
+        description="Which pipe it came from (SYSTEM: Corral's own line)."
+    )
+    ts: datetime = strawberry.field(description="When the runner read it.")
+    text: str = strawberry.field(description="The line, without its newline; secrets masked.")
 
     @classmethod
     def from_row(cls, row: models.LogLine) -> LogLine:
@@ -94,20 +86,28 @@ class LogLine:
 
 @strawberry.type(description="One requested execution of a command.")
 class Command(Node):
-    id: strawberry.ID
-    status: CommandStatus
+    id: strawberry.ID = strawberry.field(description="The command's global ID.")
+    status: CommandStatus = strawberry.field(description="Where the command is now.")
     argv: list[str] = strawberry.field(description="The rendered argv; secrets never appear here.")
-    params: JSON
-    priority: int
-    attempts: int
-    max_attempts: int
+    params: JSON = strawberry.field(
+        description="The parameter values the template was rendered with."
+    )
+    priority: int = strawberry.field(description="Higher runs first (-1000..1000).")
+    attempts: int = strawberry.field(description="Attempts made so far.")
+    max_attempts: int = strawberry.field(description="How many attempts it may make.")
     uncounted_attempts: int = strawberry.field(
         description="Attempts not held against maxAttempts: cut short by a runner shutdown, "
         "or lost with a runner that died (a bounded number of times)."
     )
-    timeout_seconds: int | None
-    exit_code: int | None
-    error: str | None
+    timeout_seconds: int | None = strawberry.field(
+        description="Each attempt's time limit in seconds (null: none)."
+    )
+    exit_code: int | None = strawberry.field(
+        description="The last attempt's exit code (null: it has not exited)."
+    )
+    error: str | None = strawberry.field(
+        description="Why it failed, timed out or was cancelled, in words."
+    )
     wait_reason: str | None = strawberry.field(
         description="Why a QUEUED/WAITING command is not running yet."
     )
@@ -122,9 +122,9 @@ class Command(Node):
         description="Log lines the runner could not store (0 when the log is complete); "
         "a SYSTEM line in the log says which and why."
     )
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
+    created_at: datetime = strawberry.field(description="When it was queued.")
+    started_at: datetime | None = strawberry.field(description="When its last attempt started.")
+    finished_at: datetime | None = strawberry.field(description="When it reached its final status.")
     row: strawberry.Private[models.Command]
 
     @classmethod
@@ -151,7 +151,7 @@ class Command(Node):
             row=row,
         )
 
-    @strawberry.field
+    @strawberry.field(description="The template it was made from (null: ad hoc, or deleted).")
     async def template(self, info: Info) -> TemplateRef | None:
         from graphql_schema.templates import CommandTemplate
 
@@ -160,7 +160,7 @@ class Command(Node):
         row = await info.context.loaders.template.load(self.row.template_id)
         return None if row is None else CommandTemplate.from_row(row)
 
-    @strawberry.field
+    @strawberry.field(description="The profile it runs for (null: none, or deleted).")
     async def profile(self, info: Info) -> ProfileRef | None:
         from graphql_schema.profiles import Profile
 
@@ -169,7 +169,7 @@ class Command(Node):
         row = await info.context.loaders.profile.load(self.row.profile_id)
         return None if row is None else Profile.from_row(row)
 
-    @strawberry.field
+    @strawberry.field(description="The proxy it goes out through (null: direct).")
     async def proxy(self, info: Info) -> ProxyRef | None:
         from graphql_schema.proxies import Proxy
 
@@ -178,7 +178,9 @@ class Command(Node):
         row = await info.context.loaders.proxy.load(self.row.proxy_id)
         return None if row is None else Proxy.from_row(row)
 
-    @strawberry.field(extensions=[CountedList()])
+    @strawberry.field(
+        description="The services whose tokens its child gets.", extensions=[CountedList()]
+    )
     async def services(self, info: Info) -> list[ServiceRef]:
         from graphql_schema.services import Service
 
@@ -187,7 +189,13 @@ class Command(Node):
 
     @strawberry.field(description="Stored log lines after `afterSeq`, oldest first.")
     async def logs(
-        self, info: Info, after_seq: int | None = None, first: int | None = None
+        self,
+        info: Info,
+        after_seq: AfterSeq = None,
+        first: Annotated[
+            int | None,
+            strawberry.argument(description=f"At most this many lines (at most {LOG_PAGE_MAX})."),
+        ] = None,
     ) -> list[LogLine]:
         limit = min(first if first is not None else LOG_PAGE_MAX, LOG_PAGE_MAX)
         stmt = (
@@ -222,11 +230,17 @@ class CommandOrder(enum.Enum):
 
 async def resolve_commands(
     info: Info,
-    first: int | None = None,
-    after: str | None = None,
-    status: list[CommandStatus] | None = None,
-    profile_id: strawberry.ID | None = None,
-    order_by: CommandOrder = CommandOrder.CREATED_ASC,
+    first: First = None,
+    after: After = None,
+    status: Annotated[
+        list[CommandStatus] | None, strawberry.argument(description="Only these statuses.")
+    ] = None,
+    profile_id: Annotated[
+        strawberry.ID | None, strawberry.argument(description="Only this profile's commands.")
+    ] = None,
+    order_by: Annotated[
+        CommandOrder, strawberry.argument(description="Oldest or newest first.")
+    ] = CommandOrder.CREATED_ASC,
 ) -> Connection[Command]:
     """Commands by creation order (oldest first unless `orderBy: CREATED_DESC`), optionally
     by status and profile."""
@@ -248,28 +262,42 @@ async def resolve_commands(
 
 @strawberry.input(description="What to run: a template (or an ad-hoc commandString) for a profile.")
 class RunCommandInput:
-    template_id: strawberry.ID | None = None
+    template_id: strawberry.ID | None = strawberry.field(
+        default=None, description="The template to render (or give commandString)."
+    )
     command_string: str | None = strawberry.field(
         default=None, description="An ad-hoc command line, rendered like a template."
     )
-    profile_id: strawberry.ID | None = None
+    profile_id: strawberry.ID | None = strawberry.field(
+        default=None, description="The profile to run for (its user-data-dir, proxies, services)."
+    )
     proxy_id: strawberry.ID | None = strawberry.field(
         default=None, description="Default: the profile's default proxy."
     )
     service_ids: list[strawberry.ID] | None = strawberry.field(
         default=None, description="Default: every service linked to the profile."
     )
-    params: JSON | None = None
-    timeout_seconds: int | None = None
-    max_attempts: int | None = None
+    params: JSON | None = strawberry.field(
+        default=None, description="Values of the template's parameters (a JSON object)."
+    )
+    timeout_seconds: int | None = strawberry.field(
+        default=None, description="Each attempt's time limit in seconds (default: the template's)."
+    )
+    max_attempts: int | None = strawberry.field(
+        default=None, description="How many attempts it may make (default: the template's)."
+    )
     priority: int = strawberry.field(default=0, description="Higher runs first (-1000..1000).")
 
 
 @strawberry.type(description="A composed command, previewed: nothing runs.")
 class ComposedCommand:
-    argv: list[str]
+    argv: list[str] = strawberry.field(
+        description="The argv that would run (secrets never appear here)."
+    )
     env: list[str] = strawberry.field(description="Environment variable names (values hidden).")
-    errors: list[UserError]
+    errors: list[UserError] = strawberry.field(
+        description="Why it could not be composed (empty when it could)."
+    )
     routing_table: list[str] = strawberry.field(
         default_factory=list,
         description="The run's effective routing: one line a rule (first match wins), then "
@@ -283,16 +311,21 @@ class ComposedCommand:
     )
 
 
-@strawberry.type
+@strawberry.type(description="The result of a command mutation.")
 class CommandPayload:
-    command: Command | None = None
-    user_errors: list[UserError] = strawberry.field(default_factory=list)
+    command: Command | None = strawberry.field(
+        default=None, description="The command (null on error)."
+    )
+    user_errors: list[UserError] = strawberry.field(default_factory=list, description=USER_ERRORS)
 
 
 @strawberry.type(description="A command's status changed.")
 class CommandEvent:
-    command: Command
-    status: CommandStatus
+    command: Command = strawberry.field(description="The command as it is now.")
+    status: CommandStatus = strawberry.field(description="The status it changed to.")
+
+
+RunInputArg = Annotated[RunCommandInput, strawberry.argument(description="What to run.")]
 
 
 def run_request(data: RunCommandInput) -> RunRequest:
@@ -315,7 +348,7 @@ def run_request(data: RunCommandInput) -> RunRequest:
     )
 
 
-async def resolve_compose_command(info: Info, input: RunCommandInput) -> ComposedCommand:
+async def resolve_compose_command(info: Info, input: RunInputArg) -> ComposedCommand:
     """Preview argv and env var names for a run; runs and stores nothing."""
     ctx = info.context
     try:
@@ -346,8 +379,10 @@ def _command_payload(row: models.Command | None, errors: list[UserError]) -> Com
     "final and every line was sent (its `lines` are empty)."
 )
 class LogBatch:
-    lines: list[LogLine]
-    final: bool
+    lines: list[LogLine] = strawberry.field(description="The batch's lines, in seq order.")
+    final: bool = strawberry.field(
+        description="The last message: the command is final and every line was sent."
+    )
     # Published batches are shown to every subscriber of the command: their result for one
     # selection is computed and encoded once (graphql_schema.shared_events).
     shared_results: strawberry.Private[SharedResults | None] = None
@@ -383,7 +418,7 @@ def log_batches(batch: StoredBatch) -> list[LogBatch]:
 @strawberry.type
 class CommandMutations:
     @strawberry.mutation(description="Compose a command and queue it.")
-    async def run_command(self, info: Info, input: RunCommandInput) -> CommandPayload:
+    async def run_command(self, info: Info, input: RunInputArg) -> CommandPayload:
         ctx = info.context
 
         async def work(session: AsyncSession) -> models.Command:
@@ -395,14 +430,14 @@ class CommandMutations:
         return _command_payload(*await perform(info, work))
 
     @strawberry.mutation(description="Cancel a queued or running command (its process group).")
-    async def cancel_command(self, info: Info, id: strawberry.ID) -> CommandPayload:
+    async def cancel_command(self, info: Info, id: CommandIdArg) -> CommandPayload:
         async def work(session: AsyncSession) -> models.Command:
             return await command_domain.cancel_command(session, pk_of(id, "Command", field="id"))
 
         return _command_payload(*await perform(info, work))
 
     @strawberry.mutation(description="Queue a finished command once more.")
-    async def retry_command(self, info: Info, id: strawberry.ID) -> CommandPayload:
+    async def retry_command(self, info: Info, id: CommandIdArg) -> CommandPayload:
         async def work(session: AsyncSession) -> models.Command:
             return await command_domain.retry_command(session, pk_of(id, "Command", field="id"))
 
@@ -458,14 +493,14 @@ async def _follow_logs(
         app.subscriber_limits.release(client)
 
 
-@strawberry.type
+@strawberry.type(description="Live streams, over `graphql-transport-ws`.")
 class Subscription:
     @strawberry.subscription(
         description="A command's log lines after afterSeq (stored ones first), then live; "
         "completes when the command is final and every line was sent."
     )
     async def command_logs(
-        self, info: Info, command_id: strawberry.ID, after_seq: int | None = None
+        self, info: Info, command_id: CommandIdArg, after_seq: AfterSeq = None
     ) -> AsyncGenerator[LogLine, None]:
         async for item in _follow_logs(info, command_id, after_seq):
             if isinstance(item, StoredBatch):
@@ -480,7 +515,7 @@ class Subscription:
         "true, once the command is final and every line was sent."
     )
     async def command_log_batches(
-        self, info: Info, command_id: strawberry.ID, after_seq: int | None = None
+        self, info: Info, command_id: CommandIdArg, after_seq: AfterSeq = None
     ) -> AsyncGenerator[LogBatch, None]:
         async for item in _follow_logs(info, command_id, after_seq):
             if isinstance(item, StoredBatch):
@@ -495,7 +530,12 @@ class Subscription:
         "event or a run started with it (Corral's count) adds to what is known of it."
     )
     async def service_usage(
-        self, info: Info, service_id: strawberry.ID | None = None
+        self,
+        info: Info,
+        service_id: Annotated[
+            strawberry.ID | None,
+            strawberry.argument(description="The service to follow; omitted: every service."),
+        ] = None,
     ) -> AsyncGenerator[TokenUsageRef, None]:
         from graphql_schema.services import follow_service_usage
 
@@ -511,7 +551,12 @@ class Subscription:
 
     @strawberry.subscription(description="Status changes of one command, or of all commands.")
     async def command_events(
-        self, info: Info, command_id: strawberry.ID | None = None
+        self,
+        info: Info,
+        command_id: Annotated[
+            strawberry.ID | None,
+            strawberry.argument(description="The command (null: every command's changes)."),
+        ] = None,
     ) -> AsyncGenerator[CommandEvent, None]:
         app = info.context.app
         pk = None if command_id is None else _command_pk(command_id)

@@ -15,6 +15,11 @@ from server.errors import InvalidInput
 T = TypeVar("T")
 
 
+def optional_input(description: str) -> Any:
+    """An input field a client may leave out: UNSET, which `provided` skips."""
+    return strawberry.field(default=strawberry.UNSET, description=description)
+
+
 async def perform(
     info: Info, work: Callable[[AsyncSession], Awaitable[T]]
 ) -> tuple[T | None, list[UserError]]:

@@ -14,11 +14,14 @@ from graphql_schema.context import Info
 from graphql_schema.direct import NOT_AT_ONCE, answer_at_once
 from graphql_schema.limits import CountedList
 from graphql_schema.loaders import ProxyUse
-from graphql_schema.mutation import perform, provided
+from graphql_schema.mutation import optional_input, perform, provided
 from graphql_schema.permissions import secret_field
 from graphql_schema.relay import (
+    USER_ERRORS,
+    After,
     Connection,
     DeletePayload,
+    First,
     Node,
     UserError,
     encode_id,
@@ -59,7 +62,7 @@ def _prefetched_default_proxy(profile: Profile, _info: Any) -> Any:
 
 @strawberry.type(description="A profile's link to a service, with the profile's own account token.")
 class ProfileServiceLink:
-    service: ServiceRef
+    service: ServiceRef = strawberry.field(description="The linked service.")
     has_token: bool = strawberry.field(description="Whether the profile has its own token.")
     token_preview: str | None = secret_field(
         "e.g. `ghp_…a1b2`; never the token.",
@@ -69,7 +72,7 @@ class ProfileServiceLink:
     rate_limit_policy: JSON = strawberry.field(
         description="Overrides the service's rateLimitPolicy key by key for this profile."
     )
-    created_at: datetime
+    created_at: datetime = strawberry.field(description="When the link was made.")
     token_encrypted: strawberry.Private[bytes | None]
     profile_id: strawberry.Private[int]
 
@@ -91,21 +94,23 @@ class ProfileServiceLink:
 
 @strawberry.type(description="A Chrome profile: a user-data-dir with its browser settings.")
 class Profile(Node):
-    id: strawberry.ID
-    name: str
-    user_agent: str | None
-    locale: str | None
-    timezone: str | None
-    viewport_width: int | None
-    viewport_height: int | None
-    headless: bool
-    tags: list[str]
-    notes: str | None
+    id: strawberry.ID = strawberry.field(description="The profile's global ID.")
+    name: str = strawberry.field(description="Unique name.")
+    user_agent: str | None = strawberry.field(
+        description="The browser's User-Agent (null: Chromium's own)."
+    )
+    locale: str | None = strawberry.field(description="Browser locale, e.g. `en-US`.")
+    timezone: str | None = strawberry.field(description="IANA time zone, e.g. `Europe/Berlin`.")
+    viewport_width: int | None = strawberry.field(description="Viewport width in CSS pixels.")
+    viewport_height: int | None = strawberry.field(description="Viewport height in CSS pixels.")
+    headless: bool = strawberry.field(description="Whether the browser runs without a window.")
+    tags: list[str] = strawberry.field(description="Free labels for finding profiles.")
+    notes: str | None = strawberry.field(description="Free text for the admins.")
     runner_affinity: str | None = strawberry.field(
         description="The runner host that owns this profile's directory (null: any)."
     )
-    created_at: datetime
-    updated_at: datetime
+    created_at: datetime = strawberry.field(description="When the profile was made.")
+    updated_at: datetime = strawberry.field(description="When the profile last changed.")
     row: strawberry.Private[models.Profile]
     # Set by `prefetch_links` for the profiles of a page; otherwise loaded per profile.
     service_links: strawberry.Private[list[ProfileServiceLink] | None] = None
@@ -136,7 +141,11 @@ class Profile(Node):
 
     # A page's profiles have their links prefetched (`prefetch_links`): those answer at
     # once (graphql_schema/direct.py); any other profile loads them here.
-    @strawberry.field(extensions=[CountedList()], metadata=answer_at_once(_prefetched_services))
+    @strawberry.field(
+        description="The services this profile is linked to, with its own tokens' previews.",
+        extensions=[CountedList()],
+        metadata=answer_at_once(_prefetched_services),
+    )
     async def services(self, info: Info) -> list[ProfileServiceLink]:
         return await info.context.loaders.profile_services.load(self.row.id)
 
@@ -155,9 +164,9 @@ class Profile(Node):
     async def default_proxy(self, info: Info) -> ProxyRef | None:
         return (await info.context.loaders.profile_proxies.load(self.row.id)).default
 
-    @strawberry.field
+    @strawberry.field(description="Commands run for this profile, oldest first.")
     async def commands(
-        self, info: Info, first: int | None = None, after: str | None = None
+        self, info: Info, first: First = None, after: After = None
     ) -> Connection[CommandRef]:
         from graphql_schema.commands import Command
 
@@ -165,47 +174,57 @@ class Profile(Node):
         return await paginate(info, stmt, models.Command.id, Command.from_row, first, after)
 
 
-@strawberry.input
+@strawberry.input(description="A new profile; unset fields take their defaults.")
 class CreateProfileInput:
-    name: str
-    user_data_dir: str | None = strawberry.field(
-        default=strawberry.UNSET, description="Absolute path; default <workspace>/profiles/<id>."
+    name: str = strawberry.field(description="Unique name.")
+    user_data_dir: str | None = optional_input("Absolute path; default <workspace>/profiles/<id>.")
+    user_agent: str | None = optional_input("The browser's User-Agent (null: Chromium's own).")
+    locale: str | None = optional_input("Browser locale, e.g. `en-US`.")
+    timezone: str | None = optional_input("IANA time zone, e.g. `Europe/Berlin`.")
+    viewport_width: int | None = optional_input("Viewport width in CSS pixels.")
+    viewport_height: int | None = optional_input("Viewport height in CSS pixels.")
+    headless: bool | None = optional_input("Run the browser without a window.")
+    tags: list[str] | None = optional_input("Free labels for finding profiles.")
+    notes: str | None = optional_input("Free text for the admins.")
+    runner_affinity: str | None = optional_input(
+        "The runner host that owns the profile's directory (null: any)."
     )
-    user_agent: str | None = strawberry.UNSET
-    locale: str | None = strawberry.UNSET
-    timezone: str | None = strawberry.UNSET
-    viewport_width: int | None = strawberry.UNSET
-    viewport_height: int | None = strawberry.UNSET
-    headless: bool | None = strawberry.UNSET
-    tags: list[str] | None = strawberry.UNSET
-    notes: str | None = strawberry.UNSET
-    runner_affinity: str | None = strawberry.UNSET
 
 
-@strawberry.input
+@strawberry.input(description="Changes to a profile; unset fields stay as they are.")
 class UpdateProfileInput:
-    id: strawberry.ID
-    name: str | None = strawberry.UNSET
-    user_data_dir: str | None = strawberry.UNSET
-    user_agent: str | None = strawberry.UNSET
-    locale: str | None = strawberry.UNSET
-    timezone: str | None = strawberry.UNSET
-    viewport_width: int | None = strawberry.UNSET
-    viewport_height: int | None = strawberry.UNSET
-    headless: bool | None = strawberry.UNSET
-    tags: list[str] | None = strawberry.UNSET
-    notes: str | None = strawberry.UNSET
-    runner_affinity: str | None = strawberry.UNSET
+    id: strawberry.ID = strawberry.field(description="The profile to change.")
+    name: str | None = optional_input("Unique name.")
+    user_data_dir: str | None = optional_input("Absolute path of the Chrome user-data-dir.")
+    user_agent: str | None = optional_input("The browser's User-Agent (null: Chromium's own).")
+    locale: str | None = optional_input("Browser locale, e.g. `en-US`.")
+    timezone: str | None = optional_input("IANA time zone, e.g. `Europe/Berlin`.")
+    viewport_width: int | None = optional_input("Viewport width in CSS pixels.")
+    viewport_height: int | None = optional_input("Viewport height in CSS pixels.")
+    headless: bool | None = optional_input("Run the browser without a window.")
+    tags: list[str] | None = optional_input("Free labels for finding profiles.")
+    notes: str | None = optional_input("Free text for the admins.")
+    runner_affinity: str | None = optional_input(
+        "The runner host that owns the profile's directory (null: any)."
+    )
 
 
-@strawberry.type
+@strawberry.type(description="The result of a profile mutation.")
 class ProfilePayload:
-    profile: Profile | None = None
-    user_errors: list[UserError] = strawberry.field(default_factory=list)
+    profile: Profile | None = strawberry.field(
+        default=None, description="The profile as saved (null on error)."
+    )
+    user_errors: list[UserError] = strawberry.field(default_factory=list, description=USER_ERRORS)
 
 
 async def resolve_profiles(
-    info: Info, first: int | None = None, after: str | None = None, search: str | None = None
+    info: Info,
+    first: First = None,
+    after: After = None,
+    search: Annotated[
+        str | None,
+        strawberry.argument(description="Only profiles whose name contains this (any case)."),
+    ] = None,
 ) -> Connection[Profile]:
     """Profiles by creation order; `search` matches names (case-insensitive substring)."""
     stmt = profile_service.name_search(select(models.Profile), search)
@@ -230,8 +249,12 @@ async def prefetch_links(info: Info, profiles: list[Profile]) -> None:
 
 @strawberry.type
 class ProfileMutations:
-    @strawberry.mutation
-    async def create_profile(self, info: Info, input: CreateProfileInput) -> ProfilePayload:
+    @strawberry.mutation(description="Make a profile.")
+    async def create_profile(
+        self,
+        info: Info,
+        input: Annotated[CreateProfileInput, strawberry.argument(description="The new profile.")],
+    ) -> ProfilePayload:
         row, errors = await perform(
             info,
             lambda session: profile_service.create_profile(
@@ -242,8 +265,12 @@ class ProfileMutations:
             profile=None if row is None else Profile.from_row(row), user_errors=errors
         )
 
-    @strawberry.mutation
-    async def update_profile(self, info: Info, input: UpdateProfileInput) -> ProfilePayload:
+    @strawberry.mutation(description="Change a profile's fields.")
+    async def update_profile(
+        self,
+        info: Info,
+        input: Annotated[UpdateProfileInput, strawberry.argument(description="The changes.")],
+    ) -> ProfilePayload:
         async def work(session: AsyncSession) -> models.Profile:
             pk = pk_of(input.id, "Profile", field="id")
             return await profile_service.update_profile(
@@ -260,7 +287,13 @@ class ProfileMutations:
         "data (a user-data-dir an admin chose is kept). The notices say what was kept."
     )
     async def delete_profile(
-        self, info: Info, id: strawberry.ID, delete_data: bool | None = False
+        self,
+        info: Info,
+        id: Annotated[strawberry.ID, strawberry.argument(description="The profile to delete.")],
+        delete_data: Annotated[
+            bool | None,
+            strawberry.argument(description="Also remove Corral's copy of its browser data."),
+        ] = False,
     ) -> DeletePayload:
         settings = info.context.settings
 

@@ -13,11 +13,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from strawberry.scalars import JSON
 
 from graphql_schema.context import Info
+from graphql_schema.enums import ProxyProtocol
 from graphql_schema.limits import CountedList
-from graphql_schema.mutation import perform, provided
+from graphql_schema.mutation import optional_input, perform, provided
 from graphql_schema.relay import (
+    USER_ERRORS,
+    After,
     Connection,
     DeletePayload,
+    First,
     Node,
     UserError,
     encode_id,
@@ -37,24 +41,20 @@ if TYPE_CHECKING:
 ProfileRef = Annotated["Profile", strawberry.lazy("graphql_schema.profiles")]
 
 
-@strawberry.enum
-class ProxyProtocol(enum.Enum):
-    HTTP = "http"
-    HTTPS = "https"
-    SOCKS5 = "socks5"
-    SHADOWSOCKS = "shadowsocks"
-    VMESS = "vmess"
-    VLESS = "vless"
-    TROJAN = "trojan"
+ProxyIdArg = Annotated[strawberry.ID, strawberry.argument(description="The proxy's ID.")]
 
 
 @strawberry.type(description="The last health check of a proxy.")
 class ProxyHealth:
-    ok: bool
-    latency_ms: float | None
-    error: str | None
-    exit_ip: str | None
-    checked_at: datetime
+    ok: bool = strawberry.field(description="The check URL answered through the proxy.")
+    latency_ms: float | None = strawberry.field(
+        description="How long the check's fetch took, in milliseconds (null: it failed)."
+    )
+    error: str | None = strawberry.field(description="Why the check failed, in words.")
+    exit_ip: str | None = strawberry.field(
+        description="The address the check URL saw the request come from."
+    )
+    checked_at: datetime = strawberry.field(description="When the check ran.")
     binary: str | None = strawberry.field(
         description="The proxy binary of this host that sidecars and checks use, with its "
         "version (`xray 1.8.24`, `v2ray 4.34.0`); null when none is installed."
@@ -69,12 +69,16 @@ class ProxyCheckTrigger(enum.Enum):
 
 @strawberry.type(description="One health check of a proxy (its history keeps the last 50).")
 class ProxyCheck:
-    checked_at: datetime
-    ok: bool
-    latency_ms: float | None
-    exit_ip: str | None
-    error: str | None
-    trigger: ProxyCheckTrigger
+    checked_at: datetime = strawberry.field(description="When the check ran.")
+    ok: bool = strawberry.field(description="The check URL answered through the proxy.")
+    latency_ms: float | None = strawberry.field(
+        description="How long the check's fetch took, in milliseconds (null: it failed)."
+    )
+    exit_ip: str | None = strawberry.field(
+        description="The address the check URL saw the request come from."
+    )
+    error: str | None = strawberry.field(description="Why the check failed, in words.")
+    trigger: ProxyCheckTrigger = strawberry.field(description="What started the check.")
 
     @classmethod
     def from_row(cls, row: models.ProxyCheck) -> ProxyCheck:
@@ -104,7 +108,7 @@ class RoutingRule:
     ips: list[str] = strawberry.field(description="Addresses, CIDRs or geoip:cc.")
     ports: str | None = strawberry.field(description="e.g. 443, 1000-2000 or 80,443.")
     network: str | None = strawberry.field(description="tcp, udp or tcp,udp.")
-    action: RoutingAction
+    action: RoutingAction = strawberry.field(description="Where matching traffic goes.")
     via_proxy_id: strawberry.Private[int | None]
 
     @strawberry.field(description="The proxy a VIA rule goes through (its own chain).")
@@ -128,15 +132,15 @@ class RoutingRule:
 
 @strawberry.type(description="An upstream proxy; chained through `via` when set.")
 class Proxy(Node):
-    id: strawberry.ID
-    name: str
-    protocol: ProxyProtocol
-    host: str
-    port: int
+    id: strawberry.ID = strawberry.field(description="The proxy's global ID.")
+    name: str = strawberry.field(description="Unique name.")
+    protocol: ProxyProtocol = strawberry.field(description="The upstream's protocol.")
+    host: str = strawberry.field(description="The upstream's host name or address.")
+    port: int = strawberry.field(description="The upstream's port.")
     has_credentials: bool = strawberry.field(description="Credentials are write-only.")
     settings: JSON = strawberry.field(description="Transport/TLS settings (no secrets).")
-    created_at: datetime
-    updated_at: datetime
+    created_at: datetime = strawberry.field(description="When the proxy was made.")
+    updated_at: datetime = strawberry.field(description="When the proxy last changed.")
     row: strawberry.Private[models.Proxy]
 
     @classmethod
@@ -168,7 +172,7 @@ class Proxy(Node):
     def routing_rules(self) -> list[RoutingRule]:
         return [RoutingRule.from_stored(rule) for rule in self.row.routing_rules]
 
-    @strawberry.field
+    @strawberry.field(description="Its last health check (null: never checked).")
     def health(self, info: Info) -> ProxyHealth | None:
         row = self.row
         if row.health_checked_at is None or row.health_ok is None:
@@ -186,7 +190,13 @@ class Proxy(Node):
         description="Its last health checks, newest first (scheduled and on demand).",
         extensions=[CountedList()],
     )
-    async def checks(self, info: Info, last: int = 10) -> list[ProxyCheck]:
+    async def checks(
+        self,
+        info: Info,
+        last: Annotated[
+            int, strawberry.argument(description=f"How many (1 to {PROXY_CHECKS_KEPT}).")
+        ] = 10,
+    ) -> list[ProxyCheck]:
         if not 1 <= last <= PROXY_CHECKS_KEPT:
             raise GraphQLError(f"last must be between 1 and {PROXY_CHECKS_KEPT}")
         rows = await info.context.loaders.proxy_checks.load((self.row.id, last))
@@ -221,43 +231,44 @@ def _binary_label(setting: str | None) -> str | None:
 
 
 PROTOCOL_HELP = "http, https, socks5, shadowsocks, vmess, vless or trojan (any case)."
+SETTINGS_HELP = "Transport/TLS settings (a JSON object; no secrets)."
 CREDENTIAL_HELP = (
     "Write-only. The password (http/https/socks5/shadowsocks/trojan) or the user UUID "
     "(vmess/vless); null removes it."
 )
 
 
-@strawberry.input
+@strawberry.input(description="A new upstream proxy.")
 class CreateProxyInput:
-    name: str
+    name: str = strawberry.field(description="Unique name.")
     protocol: str = strawberry.field(description=PROTOCOL_HELP)
-    host: str
-    port: int
-    username: str | None = strawberry.field(default=strawberry.UNSET, description="Write-only.")
-    password: str | None = strawberry.field(default=strawberry.UNSET, description=CREDENTIAL_HELP)
-    settings: JSON | None = strawberry.UNSET
-    via_id: strawberry.ID | None = strawberry.field(
-        default=strawberry.UNSET, description="Dial this proxy through another one."
+    host: str = strawberry.field(description="The upstream's host name or address.")
+    port: int = strawberry.field(description="The upstream's port (1 to 65535).")
+    username: str | None = optional_input("Write-only.")
+    password: str | None = optional_input(CREDENTIAL_HELP)
+    settings: JSON | None = optional_input(SETTINGS_HELP)
+    via_id: strawberry.ID | None = optional_input("Dial this proxy through another one.")
+
+
+@strawberry.input(description="Changes to a proxy; unset fields stay as they are.")
+class UpdateProxyInput:
+    id: strawberry.ID = strawberry.field(description="The proxy to change.")
+    name: str | None = optional_input("Unique name.")
+    protocol: str | None = optional_input(PROTOCOL_HELP)
+    host: str | None = optional_input("The upstream's host name or address.")
+    port: int | None = optional_input("The upstream's port (1 to 65535).")
+    username: str | None = optional_input("Write-only.")
+    password: str | None = optional_input(CREDENTIAL_HELP)
+    settings: JSON | None = optional_input(SETTINGS_HELP)
+    via_id: strawberry.ID | None = optional_input(
+        "Dial this proxy through another one (null: direct)."
     )
 
 
-@strawberry.input
-class UpdateProxyInput:
-    id: strawberry.ID
-    name: str | None = strawberry.UNSET
-    protocol: str | None = strawberry.field(default=strawberry.UNSET, description=PROTOCOL_HELP)
-    host: str | None = strawberry.UNSET
-    port: int | None = strawberry.UNSET
-    username: str | None = strawberry.field(default=strawberry.UNSET, description="Write-only.")
-    password: str | None = strawberry.field(default=strawberry.UNSET, description=CREDENTIAL_HELP)
-    settings: JSON | None = strawberry.UNSET
-    via_id: strawberry.ID | None = strawberry.UNSET
-
-
-@strawberry.input
+@strawberry.input(description="Which proxy a profile may use.")
 class AttachProxyInput:
-    profile_id: strawberry.ID
-    proxy_id: strawberry.ID
+    profile_id: strawberry.ID = strawberry.field(description="The profile.")
+    proxy_id: strawberry.ID = strawberry.field(description="The proxy it may use.")
     is_default: bool | None = strawberry.field(
         default=None,
         description="Make it the profile's default (unset: only when it has none yet).",
@@ -266,20 +277,29 @@ class AttachProxyInput:
 
 @strawberry.input(description="A routing rule; give at least one of domains, ips, ports, network.")
 class RoutingRuleInput:
-    domains: list[str] = strawberry.field(default_factory=list)
-    ips: list[str] = strawberry.field(default_factory=list)
-    ports: str | None = None
-    network: str | None = None
-    action: RoutingAction = RoutingAction.PROXY
+    domains: list[str] = strawberry.field(
+        default_factory=list,
+        description="Xray domain matchers: full:, domain:, keyword:, regexp:, geosite:.",
+    )
+    ips: list[str] = strawberry.field(
+        default_factory=list, description="Addresses, CIDRs or geoip:cc."
+    )
+    ports: str | None = strawberry.field(default=None, description="e.g. 443, 1000-2000 or 80,443.")
+    network: str | None = strawberry.field(default=None, description="tcp, udp or tcp,udp.")
+    action: RoutingAction = strawberry.field(
+        default=RoutingAction.PROXY, description="Where matching traffic goes."
+    )
     via_proxy_id: strawberry.ID | None = strawberry.field(
         default=None, description="The proxy of a VIA rule."
     )
 
 
-@strawberry.input
+@strawberry.input(description="A proxy's new routing rules, replacing the old ones.")
 class SetRoutingRulesInput:
-    proxy_id: strawberry.ID
-    rules: list[RoutingRuleInput]
+    proxy_id: strawberry.ID = strawberry.field(description="The proxy.")
+    rules: list[RoutingRuleInput] = strawberry.field(
+        description="Ordered, first match wins; an empty list sends all through the chain."
+    )
 
 
 def _stored_rules(data: SetRoutingRulesInput) -> list[dict[str, Any]]:
@@ -298,21 +318,25 @@ def _stored_rules(data: SetRoutingRulesInput) -> list[dict[str, Any]]:
     ]
 
 
-@strawberry.type
+@strawberry.type(description="The result of a proxy mutation.")
 class ProxyPayload:
-    proxy: Proxy | None = None
-    user_errors: list[UserError] = strawberry.field(default_factory=list)
+    proxy: Proxy | None = strawberry.field(
+        default=None, description="The proxy as saved (null on error)."
+    )
+    user_errors: list[UserError] = strawberry.field(default_factory=list, description=USER_ERRORS)
 
 
-@strawberry.type
+@strawberry.type(description="The result of attaching or detaching a proxy.")
 class AttachProxyPayload:
-    profile: ProfileRef | None = None
-    proxy: Proxy | None = None
-    user_errors: list[UserError] = strawberry.field(default_factory=list)
+    profile: ProfileRef | None = strawberry.field(
+        default=None, description="The profile (null on error)."
+    )
+    proxy: Proxy | None = strawberry.field(default=None, description="The proxy (null on error).")
+    user_errors: list[UserError] = strawberry.field(default_factory=list, description=USER_ERRORS)
 
 
 async def resolve_proxies(
-    info: Info, first: int | None = None, after: str | None = None
+    info: Info, first: First = None, after: After = None
 ) -> Connection[Proxy]:
     """Proxies by creation order."""
     return await paginate(info, select(models.Proxy), models.Proxy.id, Proxy.from_row, first, after)
@@ -346,8 +370,14 @@ def _attach_payload(
 
 @strawberry.type
 class ProxyMutations:
-    @strawberry.mutation
-    async def create_proxy(self, info: Info, input: CreateProxyInput) -> ProxyPayload:
+    @strawberry.mutation(
+        description="Make a proxy; it starts with the default routing rules (block list)."
+    )
+    async def create_proxy(
+        self,
+        info: Info,
+        input: Annotated[CreateProxyInput, strawberry.argument(description="The new proxy.")],
+    ) -> ProxyPayload:
         box, settings = info.context.secret_box, info.context.settings
 
         async def work(session: AsyncSession) -> models.Proxy:
@@ -359,8 +389,12 @@ class ProxyMutations:
         row, errors = await perform(info, work)
         return ProxyPayload(proxy=None if row is None else Proxy.from_row(row), user_errors=errors)
 
-    @strawberry.mutation
-    async def update_proxy(self, info: Info, input: UpdateProxyInput) -> ProxyPayload:
+    @strawberry.mutation(description="Change a proxy's fields (or its credentials).")
+    async def update_proxy(
+        self,
+        info: Info,
+        input: Annotated[UpdateProxyInput, strawberry.argument(description="The changes.")],
+    ) -> ProxyPayload:
         box, binary = info.context.secret_box, installed_binary(info.context.settings.xray_bin)
 
         async def work(session: AsyncSession) -> models.Proxy:
@@ -374,7 +408,7 @@ class ProxyMutations:
     @strawberry.mutation(
         description="Delete a proxy; profiles using it are detached (see notices)."
     )
-    async def delete_proxy(self, info: Info, id: strawberry.ID) -> DeletePayload:
+    async def delete_proxy(self, info: Info, id: ProxyIdArg) -> DeletePayload:
         async def work(session: AsyncSession) -> list[str]:
             return await proxy_domain.delete_proxy(session, pk_of(id, "Proxy", field="id"))
 
@@ -384,7 +418,11 @@ class ProxyMutations:
         return DeletePayload(deleted_id=id, notices=notices or [])
 
     @strawberry.mutation(description="Let a profile use a proxy.")
-    async def attach_proxy(self, info: Info, input: AttachProxyInput) -> AttachProxyPayload:
+    async def attach_proxy(
+        self,
+        info: Info,
+        input: Annotated[AttachProxyInput, strawberry.argument(description="The attachment.")],
+    ) -> AttachProxyPayload:
         async def work(session: AsyncSession) -> tuple[models.Profile, models.Proxy]:
             profile_pk = pk_of(input.profile_id, "Profile", field="profileId")
             proxy_pk = pk_of(input.proxy_id, "Proxy", field="proxyId")
@@ -395,7 +433,10 @@ class ProxyMutations:
 
     @strawberry.mutation(description="Stop a profile from using a proxy.")
     async def detach_proxy(
-        self, info: Info, profile_id: strawberry.ID, proxy_id: strawberry.ID
+        self,
+        info: Info,
+        profile_id: Annotated[strawberry.ID, strawberry.argument(description="The profile.")],
+        proxy_id: Annotated[strawberry.ID, strawberry.argument(description="The proxy.")],
     ) -> AttachProxyPayload:
         async def work(session: AsyncSession) -> tuple[models.Profile, models.Proxy]:
             profile_pk = pk_of(profile_id, "Profile", field="profileId")
@@ -406,10 +447,12 @@ class ProxyMutations:
         return _attach_payload(*await perform(info, work))
 
 
-@strawberry.type
+@strawberry.type(description="The result of an import of share links.")
 class ImportProxiesPayload:
-    proxies: list[Proxy] = strawberry.field(default_factory=list)
-    user_errors: list[UserError] = strawberry.field(default_factory=list)
+    proxies: list[Proxy] = strawberry.field(
+        default_factory=list, description="The proxies made from the good links."
+    )
+    user_errors: list[UserError] = strawberry.field(default_factory=list, description=USER_ERRORS)
 
 
 @strawberry.type
@@ -418,7 +461,11 @@ class ProxyImportMutations:
         description="Import share links (vless, vmess, trojan, ss, socks5, http(s)); each bad "
         "link is its own userError (field [links, index]), the good ones are created."
     )
-    async def import_proxies(self, info: Info, links: list[str]) -> ImportProxiesPayload:
+    async def import_proxies(
+        self,
+        info: Info,
+        links: Annotated[list[str], strawberry.argument(description="Share links, one a string.")],
+    ) -> ImportProxiesPayload:
         box, settings = info.context.secret_box, info.context.settings
         rules, binary = initial_rules(settings), installed_binary(settings.xray_bin)
         async with info.context.writing() as session:
@@ -434,7 +481,11 @@ class ProxyImportMutations:
         description="Replace a proxy's routing rules (ordered, first match wins); refused "
         "whole when a rule is malformed or the installed Xray binary cannot run it."
     )
-    async def set_routing_rules(self, info: Info, input: SetRoutingRulesInput) -> ProxyPayload:
+    async def set_routing_rules(
+        self,
+        info: Info,
+        input: Annotated[SetRoutingRulesInput, strawberry.argument(description="The rules.")],
+    ) -> ProxyPayload:
         ctx = info.context
 
         async def work(session: AsyncSession) -> models.Proxy:
@@ -446,7 +497,7 @@ class ProxyImportMutations:
         return ProxyPayload(proxy=None if row is None else Proxy.from_row(row), user_errors=errors)
 
     @strawberry.mutation(description="Fetch the check URL through the proxy now; record health.")
-    async def check_proxy(self, info: Info, id: strawberry.ID) -> ProxyPayload:
+    async def check_proxy(self, info: Info, id: ProxyIdArg) -> ProxyPayload:
         ctx = info.context
 
         async def work(session: AsyncSession) -> models.Proxy:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, TypeVar
 
 import strawberry
 from graphql import GraphQLError
@@ -20,17 +20,28 @@ from server.ids import MAX_PK, decode_global_id, encode_global_id
 DEFAULT_PAGE_SIZE = 50
 T = TypeVar("T")
 
+USER_ERRORS = "What was wrong with the input; empty when it succeeded."
+First = Annotated[
+    int | None,
+    strawberry.argument(description=f"At most this many items (default {DEFAULT_PAGE_SIZE})."),
+]
+After = Annotated[
+    str | None, strawberry.argument(description="Start after this cursor (`pageInfo.endCursor`).")
+]
+
 
 @strawberry.interface(description="An object with a global ID.")
 class Node:
-    id: strawberry.ID
+    id: strawberry.ID = strawberry.field(description="The global ID (opaque; use it as is).")
 
 
 @strawberry.type(description="A problem with the input that the client can fix.")
 class UserError:
     field: list[str] | None = strawberry.field(description="Path to the input field at fault.")
-    message: str
-    code: str
+    message: str = strawberry.field(description="What is wrong, in words a person can act on.")
+    code: str = strawberry.field(
+        description="A stable machine-readable code, e.g. `INVALID`, `NOT_FOUND`, `TAKEN`."
+    )
 
     @classmethod
     def from_value(cls, error: UserErrorValue) -> UserError:
@@ -67,24 +78,28 @@ def optional_pk(global_id: str | None, type_name: str, *, field: str) -> int | N
     return None if global_id is None else pk_of(global_id, type_name, field=field)
 
 
-@strawberry.type
+@strawberry.type(description="Where a page sits in its connection.")
 class PageInfo:
-    has_next_page: bool
-    has_previous_page: bool
-    start_cursor: str | None
-    end_cursor: str | None
+    has_next_page: bool = strawberry.field(description="More items follow this page.")
+    has_previous_page: bool = strawberry.field(description="Items come before this page.")
+    start_cursor: str | None = strawberry.field(
+        description="The first edge's cursor (null on an empty page)."
+    )
+    end_cursor: str | None = strawberry.field(
+        description="The last edge's cursor: pass it as `after` for the next page."
+    )
 
 
-@strawberry.type
+@strawberry.type(description="One item of a connection with its cursor.")
 class Edge(Generic[T]):
-    cursor: str
-    node: T
+    cursor: str = strawberry.field(description="Opaque position of this item; pass as `after`.")
+    node: T = strawberry.field(description="The item.")
 
 
 @strawberry.type(description="A page of results; page on with `after: pageInfo.endCursor`.")
 class Connection(Generic[T]):
-    edges: list[Edge[T]]
-    page_info: PageInfo
+    edges: list[Edge[T]] = strawberry.field(description="The items of this page with cursors.")
+    page_info: PageInfo = strawberry.field(description="Where this page sits; how to page on.")
     _count: strawberry.Private[Callable[[], Awaitable[int]]]
 
     @strawberry.field(description="How many items match, over all pages.")
@@ -182,6 +197,10 @@ async def paginate(
     description="The result of a delete: the deleted object's ID and what else changed."
 )
 class DeletePayload:
-    deleted_id: strawberry.ID | None = None
-    notices: list[str] = strawberry.field(default_factory=list)
-    user_errors: list[UserError] = strawberry.field(default_factory=list)
+    deleted_id: strawberry.ID | None = strawberry.field(
+        default=None, description="The deleted object's global ID (null when nothing was deleted)."
+    )
+    notices: list[str] = strawberry.field(
+        default_factory=list, description="What else the delete did or kept, in words."
+    )
+    user_errors: list[UserError] = strawberry.field(default_factory=list, description=USER_ERRORS)

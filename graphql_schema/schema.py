@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Annotated, Any
 
 import strawberry
 from graphql import ExecutionResult as GraphQLExecutionResult
@@ -82,27 +82,50 @@ async def _load_node(info: Info, type_name: str, pk: int) -> Node | None:
     return None if found is None else convert(found)
 
 
-@strawberry.type
+@strawberry.type(description="What a client can read.")
 class Query:
     @strawberry.field(description="Any object by its global ID (null when there is none).")
-    async def node(self, info: Info, id: strawberry.ID) -> Node | None:
+    async def node(
+        self,
+        info: Info,
+        id: Annotated[strawberry.ID, strawberry.argument(description="A global ID.")],
+    ) -> Node | None:
         decoded = decode_id(id)
         return None if decoded is None else await _load_node(info, *decoded)
 
-    profiles: Connection[Profile] = strawberry.field(resolver=resolve_profiles)
-    services: Connection[Service] = strawberry.field(resolver=resolve_services)
-    proxies: Connection[Proxy] = strawberry.field(resolver=resolve_proxies)
-    command_templates: Connection[CommandTemplate] = strawberry.field(
-        resolver=resolve_command_templates
+    profiles: Connection[Profile] = strawberry.field(
+        resolver=resolve_profiles, description="Profiles, oldest first."
     )
-    commands: Connection[Command] = strawberry.field(resolver=resolve_commands)
-    compose_command: ComposedCommand = strawberry.field(resolver=resolve_compose_command)
-    me: Me = strawberry.field(resolver=resolve_me)
-    api_tokens: Connection[ApiToken] = strawberry.field(resolver=resolve_api_tokens)
-    audit_events: Connection[AuditEvent] = strawberry.field(resolver=resolve_audit_events)
+    services: Connection[Service] = strawberry.field(
+        resolver=resolve_services, description="Services, oldest first."
+    )
+    proxies: Connection[Proxy] = strawberry.field(
+        resolver=resolve_proxies, description="Proxies, oldest first."
+    )
+    command_templates: Connection[CommandTemplate] = strawberry.field(
+        resolver=resolve_command_templates, description="Command templates, oldest first."
+    )
+    commands: Connection[Command] = strawberry.field(
+        resolver=resolve_commands,
+        description="Commands, oldest first unless `orderBy: CREATED_DESC`; optionally by "
+        "status and profile.",
+    )
+    compose_command: ComposedCommand = strawberry.field(
+        resolver=resolve_compose_command,
+        description="Preview what runCommand would run (argv, env names); runs nothing.",
+    )
+    me: Me = strawberry.field(resolver=resolve_me, description="Who the request acts as.")
+    api_tokens: Connection[ApiToken] = strawberry.field(
+        resolver=resolve_api_tokens,
+        description="API tokens, oldest first, revoked and expired ones included.",
+    )
+    audit_events: Connection[AuditEvent] = strawberry.field(
+        resolver=resolve_audit_events,
+        description="The audit record, newest first; each filter given narrows it.",
+    )
 
 
-@strawberry.type
+@strawberry.type(description="What a client can change (admins only).")
 class Mutation(
     ProfileMutations,
     ServiceMutations,

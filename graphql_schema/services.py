@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 from collections.abc import AsyncGenerator
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Annotated
@@ -15,12 +14,16 @@ from strawberry.scalars import JSON
 
 from graphql_schema.context import Info
 from graphql_schema.direct import answer_at_once
+from graphql_schema.enums import UsageSource
 from graphql_schema.limits import CountedList
-from graphql_schema.mutation import perform, provided
+from graphql_schema.mutation import optional_input, perform, provided
 from graphql_schema.permissions import secret_field
 from graphql_schema.relay import (
+    USER_ERRORS,
+    After,
     Connection,
     DeletePayload,
+    First,
     Node,
     UserError,
     encode_id,
@@ -39,21 +42,23 @@ if TYPE_CHECKING:
     from graphql_schema.profiles import Profile
 
 ProfileRef = Annotated["Profile", strawberry.lazy("graphql_schema.profiles")]
-
-
-@strawberry.enum(description="Where an observation of a token's budget came from.")
-class UsageSource(enum.Enum):
-    EVENT = "event"
-    PROBE = "probe"
-    COUNT = "count"
+ServiceIdArg = Annotated[strawberry.ID, strawberry.argument(description="The service's ID.")]
+POLICY_DOC = (
+    "The rate-limit policy (JSON): budget, reserve, concurrency, concurrencyScope, "
+    "coolDownSeconds, probeIntervalSeconds; all optional."
+)
 
 
 @strawberry.type(description="The latest known budget of a token at its provider.")
 class ServiceUsage:
-    remaining: int | None
-    limit: int | None
-    reset_at: datetime | None
-    observed_at: datetime
+    remaining: int | None = strawberry.field(
+        description="Requests left in the window (null: unknown)."
+    )
+    limit: int | None = strawberry.field(description="The window's full budget (null: unknown).")
+    reset_at: datetime | None = strawberry.field(
+        description="When the budget refills (null: unknown)."
+    )
+    observed_at: datetime = strawberry.field(description="When this was observed.")
     token_valid: bool | None = strawberry.field(
         description="False when the provider refused the token (401); null: not known."
     )
@@ -88,9 +93,9 @@ class ServiceUsage:
 
 @strawberry.type(description="One observation of a token's budget, for a chart.")
 class UsagePoint:
-    observed_at: datetime
-    remaining: int | None
-    limit: int | None
+    observed_at: datetime = strawberry.field(description="When this was observed.")
+    remaining: int | None = strawberry.field(description="Requests left (null: unknown).")
+    limit: int | None = strawberry.field(description="The window's full budget (null: unknown).")
 
 
 @strawberry.type(description="The observations of one token of a service, oldest first.")
@@ -99,7 +104,7 @@ class TokenUsageHistory:
         description="The service's shared token (else a profile's)."
     )
     profile: ProfileRef | None = strawberry.field(description="Whose own token (null: shared).")
-    points: list[UsagePoint]
+    points: list[UsagePoint] = strawberry.field(description="The observations, oldest first.")
 
 
 def _shared_token_preview(root: Service, info: Info) -> str | None:
@@ -110,10 +115,12 @@ def _shared_token_preview(root: Service, info: Info) -> str | None:
 
 @strawberry.type(description="An outside provider (GitHub, OpenAI, ...) whose token a child gets.")
 class Service(Node):
-    id: strawberry.ID
-    name: str
-    kind: str
-    base_url: str | None
+    id: strawberry.ID = strawberry.field(description="The service's global ID.")
+    name: str = strawberry.field(description="Unique name, e.g. `github`.")
+    kind: str = strawberry.field(
+        description="The provider kind that probes it (`github`, `openai`, or `generic`)."
+    )
+    base_url: str | None = strawberry.field(description="The provider's API base URL.")
     env_var: str = strawberry.field(description="The variable a child receives the token in.")
     has_token: bool = strawberry.field(description="Whether a shared token is set.")
     token_preview: str | None = secret_field(
@@ -121,10 +128,10 @@ class Service(Node):
         resolver=_shared_token_preview,
         metadata=answer_at_once(_shared_token_preview),
     )
-    settings: JSON
-    rate_limit_policy: JSON
-    created_at: datetime
-    updated_at: datetime
+    settings: JSON = strawberry.field(description="Free settings (a JSON object).")
+    rate_limit_policy: JSON = strawberry.field(description=POLICY_DOC)
+    created_at: datetime = strawberry.field(description="When the service was made.")
+    updated_at: datetime = strawberry.field(description="When the service last changed.")
     row: strawberry.Private[models.Service]
 
     @classmethod
@@ -161,7 +168,11 @@ class Service(Node):
         extensions=[CountedList()],
     )
     async def usage_history(
-        self, info: Info, since: datetime | None = None
+        self,
+        info: Info,
+        since: Annotated[
+            datetime | None, strawberry.argument(description="From when (default: 24 hours ago).")
+        ] = None,
     ) -> list[TokenUsageHistory]:
         from graphql_schema.profiles import Profile
 
@@ -181,62 +192,62 @@ class Service(Node):
         return histories
 
 
-@strawberry.input
+@strawberry.input(description="A new service; unset fields take their defaults.")
 class CreateServiceInput:
-    name: str
+    name: str = strawberry.field(description="Unique name, e.g. `github`.")
     env_var: str = strawberry.field(description="e.g. GITHUB_TOKEN")
-    kind: str | None = strawberry.UNSET
-    base_url: str | None = strawberry.UNSET
-    token: str | None = strawberry.field(
-        default=strawberry.UNSET, description="Shared token; write-only."
-    )
-    settings: JSON | None = strawberry.UNSET
-    rate_limit_policy: JSON | None = strawberry.UNSET
+    kind: str | None = optional_input("Provider kind: `github`, `openai` or `generic`.")
+    base_url: str | None = optional_input("The provider's API base URL.")
+    token: str | None = optional_input("Shared token; write-only.")
+    settings: JSON | None = optional_input("Free settings (a JSON object).")
+    rate_limit_policy: JSON | None = optional_input(POLICY_DOC)
 
 
-@strawberry.input
+@strawberry.input(description="Changes to a service; unset fields stay as they are.")
 class UpdateServiceInput:
-    id: strawberry.ID
-    name: str | None = strawberry.UNSET
-    env_var: str | None = strawberry.UNSET
-    kind: str | None = strawberry.UNSET
-    base_url: str | None = strawberry.UNSET
-    token: str | None = strawberry.field(
-        default=strawberry.UNSET, description="Shared token; write-only; null removes it."
-    )
-    settings: JSON | None = strawberry.UNSET
-    rate_limit_policy: JSON | None = strawberry.UNSET
+    id: strawberry.ID = strawberry.field(description="The service to change.")
+    name: str | None = optional_input("Unique name.")
+    env_var: str | None = optional_input("The variable a child receives the token in.")
+    kind: str | None = optional_input("Provider kind: `github`, `openai` or `generic`.")
+    base_url: str | None = optional_input("The provider's API base URL.")
+    token: str | None = optional_input("Shared token; write-only; null removes it.")
+    settings: JSON | None = optional_input("Free settings (a JSON object).")
+    rate_limit_policy: JSON | None = optional_input(POLICY_DOC)
 
 
-@strawberry.input
+@strawberry.input(description="A profile's link to a service.")
 class LinkServiceInput:
-    profile_id: strawberry.ID
-    service_id: strawberry.ID
-    token: str | None = strawberry.field(
-        default=strawberry.UNSET,
-        description="The profile's own account token (overrides the shared one); write-only.",
+    profile_id: strawberry.ID = strawberry.field(description="The profile to link.")
+    service_id: strawberry.ID = strawberry.field(description="The service to link it to.")
+    token: str | None = optional_input(
+        "The profile's own account token (overrides the shared one); write-only."
     )
-    rate_limit_policy: JSON | None = strawberry.field(
-        default=strawberry.UNSET,
-        description="Overrides the service's rateLimitPolicy key by key; null clears it.",
+    rate_limit_policy: JSON | None = optional_input(
+        "Overrides the service's rateLimitPolicy key by key; null clears it."
     )
 
 
-@strawberry.type
+@strawberry.type(description="The result of a service mutation.")
 class ServicePayload:
-    service: Service | None = None
-    user_errors: list[UserError] = strawberry.field(default_factory=list)
+    service: Service | None = strawberry.field(
+        default=None, description="The service as saved (null on error)."
+    )
+    user_errors: list[UserError] = strawberry.field(default_factory=list, description=USER_ERRORS)
 
 
-@strawberry.type
+@strawberry.type(description="The result of linking or unlinking a profile and a service.")
 class LinkServicePayload:
-    profile: ProfileRef | None = None
-    service: Service | None = None
-    user_errors: list[UserError] = strawberry.field(default_factory=list)
+    profile: ProfileRef | None = strawberry.field(
+        default=None, description="The profile (null on error)."
+    )
+    service: Service | None = strawberry.field(
+        default=None, description="The service (null on error)."
+    )
+    user_errors: list[UserError] = strawberry.field(default_factory=list, description=USER_ERRORS)
 
 
 async def resolve_services(
-    info: Info, first: int | None = None, after: str | None = None
+    info: Info, first: First = None, after: After = None
 ) -> Connection[Service]:
     """Services by creation order."""
     return await paginate(
@@ -251,8 +262,12 @@ async def resolve_services(
 
 @strawberry.type
 class ServiceMutations:
-    @strawberry.mutation
-    async def create_service(self, info: Info, input: CreateServiceInput) -> ServicePayload:
+    @strawberry.mutation(description="Make a service.")
+    async def create_service(
+        self,
+        info: Info,
+        input: Annotated[CreateServiceInput, strawberry.argument(description="The new service.")],
+    ) -> ServicePayload:
         box = info.context.secret_box
         row, errors = await perform(
             info, lambda session: service_domain.create_service(session, box, provided(input))
@@ -261,8 +276,12 @@ class ServiceMutations:
             service=None if row is None else Service.from_row(row), user_errors=errors
         )
 
-    @strawberry.mutation
-    async def update_service(self, info: Info, input: UpdateServiceInput) -> ServicePayload:
+    @strawberry.mutation(description="Change a service's fields (or its shared token).")
+    async def update_service(
+        self,
+        info: Info,
+        input: Annotated[UpdateServiceInput, strawberry.argument(description="The changes.")],
+    ) -> ServicePayload:
         box = info.context.secret_box
 
         async def work(session: AsyncSession) -> models.Service:
@@ -274,8 +293,8 @@ class ServiceMutations:
             service=None if row is None else Service.from_row(row), user_errors=errors
         )
 
-    @strawberry.mutation
-    async def delete_service(self, info: Info, id: strawberry.ID) -> DeletePayload:
+    @strawberry.mutation(description="Delete a service and its links to profiles.")
+    async def delete_service(self, info: Info, id: ServiceIdArg) -> DeletePayload:
         async def work(session: AsyncSession) -> list[str]:
             return await service_domain.delete_service(session, pk_of(id, "Service", field="id"))
 
@@ -288,7 +307,7 @@ class ServiceMutations:
         description="Ask the service's provider now for the budget of its shared token and of "
         "each linked profile's own token; the answers are recorded as PROBE observations."
     )
-    async def probe_service(self, info: Info, id: strawberry.ID) -> ServicePayload:
+    async def probe_service(self, info: Info, id: ServiceIdArg) -> ServicePayload:
         ctx = info.context
 
         async def work(session: AsyncSession) -> models.Service:
@@ -303,7 +322,11 @@ class ServiceMutations:
         )
 
     @strawberry.mutation(description="Link a profile to a service, optionally with its own token.")
-    async def link_service(self, info: Info, input: LinkServiceInput) -> LinkServicePayload:
+    async def link_service(
+        self,
+        info: Info,
+        input: Annotated[LinkServiceInput, strawberry.argument(description="The link.")],
+    ) -> LinkServicePayload:
         from graphql_schema.profiles import Profile
 
         box = info.context.secret_box
@@ -325,7 +348,10 @@ class ServiceMutations:
 
     @strawberry.mutation(description="Remove a profile's link to a service (and its own token).")
     async def unlink_service(
-        self, info: Info, profile_id: strawberry.ID, service_id: strawberry.ID
+        self,
+        info: Info,
+        profile_id: Annotated[strawberry.ID, strawberry.argument(description="The profile.")],
+        service_id: Annotated[strawberry.ID, strawberry.argument(description="The service.")],
     ) -> LinkServicePayload:
         from graphql_schema.profiles import Profile
 

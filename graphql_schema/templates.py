@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Annotated
 
 import strawberry
 from sqlalchemy import select
@@ -10,10 +11,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from strawberry.scalars import JSON
 
 from graphql_schema.context import Info
-from graphql_schema.mutation import perform, provided
+from graphql_schema.mutation import optional_input, perform, provided
 from graphql_schema.relay import (
+    USER_ERRORS,
+    After,
     Connection,
     DeletePayload,
+    First,
     Node,
     UserError,
     encode_id,
@@ -28,27 +32,40 @@ PARAMETER_TYPE_HELP = "string, int, bool or choice."
 
 @strawberry.type(description="A parameter a template declares; the panel renders a form from it.")
 class TemplateParameter:
-    name: str
+    name: str = strawberry.field(description="The name `params` gives its value under.")
     type: str = strawberry.field(description=PARAMETER_TYPE_HELP)
-    default: JSON | None
-    required: bool
-    choices: list[str]
-    description: str | None
+    default: JSON | None = strawberry.field(description="The value when a run gives none.")
+    required: bool = strawberry.field(description="A run must give a value.")
+    choices: list[str] = strawberry.field(description="The allowed values of a `choice` parameter.")
+    description: str | None = strawberry.field(
+        description="Help text shown next to it in the panel."
+    )
 
 
 @strawberry.type(description="A Jinja2 command line with typed parameters.")
 class CommandTemplate(Node):
-    id: strawberry.ID
-    name: str
-    description: str | None
-    template: str
-    parameters: list[TemplateParameter]
-    timeout_seconds: int | None
-    max_attempts: int
-    backoff_seconds: float
+    id: strawberry.ID = strawberry.field(description="The template's global ID.")
+    name: str = strawberry.field(description="Unique name.")
+    description: str | None = strawberry.field(description="What the template is for.")
+    template: str = strawberry.field(
+        description="The Jinja2 command line; every {{ value }} is shell-quoted, the result split "
+        "into an argv."
+    )
+    parameters: list[TemplateParameter] = strawberry.field(
+        description="The parameters it declares (a run's `params` fill them)."
+    )
+    timeout_seconds: int | None = strawberry.field(
+        description="A run's time limit in seconds (null: none)."
+    )
+    max_attempts: int = strawberry.field(
+        description="How many attempts a run may make (1: no retry)."
+    )
+    backoff_seconds: float = strawberry.field(
+        description="The first retry's delay in seconds; it doubles each attempt (with jitter)."
+    )
     env: JSON = strawberry.field(description="Environment additions for the child (not secrets).")
-    created_at: datetime
-    updated_at: datetime
+    created_at: datetime = strawberry.field(description="When the template was made.")
+    updated_at: datetime = strawberry.field(description="When the template last changed.")
 
     @classmethod
     def from_row(cls, row: models.CommandTemplate) -> CommandTemplate:
@@ -77,51 +94,64 @@ class CommandTemplate(Node):
         )
 
 
-@strawberry.input
+@strawberry.input(description="A parameter a template declares.")
 class TemplateParameterInput:
-    name: str
+    name: str = strawberry.field(description="The name `params` gives its value under.")
     type: str = strawberry.field(default="string", description=PARAMETER_TYPE_HELP)
-    default: JSON | None = strawberry.UNSET
-    required: bool | None = strawberry.field(
-        default=strawberry.UNSET, description="Default: required when there is no default."
-    )
-    choices: list[str] | None = strawberry.UNSET
-    description: str | None = strawberry.UNSET
+    default: JSON | None = optional_input("The value when a run gives none.")
+    required: bool | None = optional_input("Default: required when there is no default.")
+    choices: list[str] | None = optional_input("The allowed values of a `choice` parameter.")
+    description: str | None = optional_input("Help text shown next to it in the panel.")
 
 
-@strawberry.input
+@strawberry.input(description="A new command template; unset fields take their defaults.")
 class CreateCommandTemplateInput:
-    name: str
-    template: str
-    description: str | None = strawberry.UNSET
-    parameters: list[TemplateParameterInput] | None = strawberry.UNSET
-    timeout_seconds: int | None = strawberry.UNSET
-    max_attempts: int | None = strawberry.UNSET
-    backoff_seconds: float | None = strawberry.UNSET
-    env: JSON | None = strawberry.UNSET
+    name: str = strawberry.field(description="Unique name.")
+    template: str = strawberry.field(
+        description="The Jinja2 command line; every {{ value }} is shell-quoted, the result split "
+        "into an argv."
+    )
+    description: str | None = optional_input("What the template is for.")
+    parameters: list[TemplateParameterInput] | None = optional_input(
+        "The parameters it declares (a run's `params` fill them)."
+    )
+    timeout_seconds: int | None = optional_input("A run's time limit in seconds (null: none).")
+    max_attempts: int | None = optional_input("How many attempts a run may make (1: no retry).")
+    backoff_seconds: float | None = optional_input(
+        "The first retry's delay in seconds; it doubles each attempt (with jitter)."
+    )
+    env: JSON | None = optional_input("Environment additions for the child (not secrets).")
 
 
-@strawberry.input
+@strawberry.input(description="Changes to a command template; unset fields stay as they are.")
 class UpdateCommandTemplateInput:
-    id: strawberry.ID
-    name: str | None = strawberry.UNSET
-    template: str | None = strawberry.UNSET
-    description: str | None = strawberry.UNSET
-    parameters: list[TemplateParameterInput] | None = strawberry.UNSET
-    timeout_seconds: int | None = strawberry.UNSET
-    max_attempts: int | None = strawberry.UNSET
-    backoff_seconds: float | None = strawberry.UNSET
-    env: JSON | None = strawberry.UNSET
+    id: strawberry.ID = strawberry.field(description="The template to change.")
+    name: str | None = optional_input("Unique name.")
+    template: str | None = optional_input(
+        "The Jinja2 command line; every {{ value }} is shell-quoted, the result split into an argv."
+    )
+    description: str | None = optional_input("What the template is for.")
+    parameters: list[TemplateParameterInput] | None = optional_input(
+        "The parameters it declares (a run's `params` fill them)."
+    )
+    timeout_seconds: int | None = optional_input("A run's time limit in seconds (null: none).")
+    max_attempts: int | None = optional_input("How many attempts a run may make (1: no retry).")
+    backoff_seconds: float | None = optional_input(
+        "The first retry's delay in seconds; it doubles each attempt (with jitter)."
+    )
+    env: JSON | None = optional_input("Environment additions for the child (not secrets).")
 
 
-@strawberry.type
+@strawberry.type(description="The result of a command template mutation.")
 class CommandTemplatePayload:
-    command_template: CommandTemplate | None = None
-    user_errors: list[UserError] = strawberry.field(default_factory=list)
+    command_template: CommandTemplate | None = strawberry.field(
+        default=None, description="The template as saved (null on error)."
+    )
+    user_errors: list[UserError] = strawberry.field(default_factory=list, description=USER_ERRORS)
 
 
 async def resolve_command_templates(
-    info: Info, first: int | None = None, after: str | None = None
+    info: Info, first: First = None, after: After = None
 ) -> Connection[CommandTemplate]:
     """Command templates by creation order."""
     return await paginate(
@@ -142,9 +172,13 @@ def _payload(row: models.CommandTemplate | None, errors: list[UserError]) -> Com
 
 @strawberry.type
 class CommandTemplateMutations:
-    @strawberry.mutation
+    @strawberry.mutation(description="Make a command template.")
     async def create_command_template(
-        self, info: Info, input: CreateCommandTemplateInput
+        self,
+        info: Info,
+        input: Annotated[
+            CreateCommandTemplateInput, strawberry.argument(description="The new template.")
+        ],
     ) -> CommandTemplatePayload:
         return _payload(
             *await perform(
@@ -152,9 +186,15 @@ class CommandTemplateMutations:
             )
         )
 
-    @strawberry.mutation
+    @strawberry.mutation(
+        description="Change a command template (commands made from it keep theirs)."
+    )
     async def update_command_template(
-        self, info: Info, input: UpdateCommandTemplateInput
+        self,
+        info: Info,
+        input: Annotated[
+            UpdateCommandTemplateInput, strawberry.argument(description="The changes.")
+        ],
     ) -> CommandTemplatePayload:
         async def work(session: AsyncSession) -> models.CommandTemplate:
             pk = pk_of(input.id, "CommandTemplate", field="id")
@@ -162,8 +202,12 @@ class CommandTemplateMutations:
 
         return _payload(*await perform(info, work))
 
-    @strawberry.mutation
-    async def delete_command_template(self, info: Info, id: strawberry.ID) -> DeletePayload:
+    @strawberry.mutation(description="Delete a command template; its commands are kept.")
+    async def delete_command_template(
+        self,
+        info: Info,
+        id: Annotated[strawberry.ID, strawberry.argument(description="The template to delete.")],
+    ) -> DeletePayload:
         async def work(session: AsyncSession) -> list[str]:
             pk = pk_of(id, "CommandTemplate", field="id")
             return await template_domain.delete_template(session, pk)

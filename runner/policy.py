@@ -17,7 +17,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from server.models import CommandStatus
+from server.models import BACKOFF_SECONDS_DEFAULT, CommandStatus
 
 
 class Ending(enum.Enum):
@@ -43,7 +43,7 @@ _FINAL_STATUS = {
 @dataclass(frozen=True)
 class Limits:
     max_attempts: int
-    backoff_seconds: float = 5.0
+    backoff_seconds: float = BACKOFF_SECONDS_DEFAULT
     backoff_ceiling: float = 600.0
     max_runner_losses: int = 2
 

@@ -38,8 +38,8 @@ from server.headers import SecurityHeaders, content_security_policy
 from server.limits import request_walls
 from server.login import login_routes
 from server.logstream import stream_command_logs
-from server.metrics import Metrics
-from server.models import Command
+from server.metrics import Metrics, RequestMetrics
+from server.models import Command, CommandStatus
 from server.panel import panel_routes
 from server.panel.assets import csp_origins
 from server.secretbox import SecretBox, load_secret_box, verify_secret_box
@@ -150,8 +150,11 @@ async def metrics_endpoint(request: Request) -> Response:
     services: AppServices = request.app.state.services
     async with services.sessionmaker() as session:
         rows = await session.execute(select(Command.status, func.count()).group_by(Command.status))
-        services.metrics.status_counts = {status: float(count) for status, count in rows.all()}
-    return Response(services.metrics.render(), media_type="text/plain; version=0.0.4")
+        counts = {status: float(count) for status, count in rows.all()}
+    # Every status, zeros included: a series that appears only once non-zero breaks rate().
+    services.metrics.status_counts = {s.value: counts.get(s.value, 0.0) for s in CommandStatus}
+    body, content_type = services.metrics.render(request.headers.get("accept", ""))
+    return Response(body, headers={"content-type": content_type})
 
 
 def create_app(settings: Settings) -> Starlette:
@@ -214,6 +217,7 @@ def create_app(settings: Settings) -> Starlette:
     cdn_origins += csp_origins(settings.panel_assets)
     policy = content_security_policy(sorted(set(cdn_origins)))
     middleware = [
+        Middleware(RequestMetrics),
         Middleware(SecurityHeaders, html_policy=policy),
         *request_walls(settings),
         Middleware(AccessControl, metrics_allow=settings.metrics_allow),

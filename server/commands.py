@@ -14,6 +14,7 @@ from runner.renderpool import RenderPool
 from server.broker import CANCEL_TOPIC, QUEUE_TOPIC
 from server.errors import ErrorCode, InvalidInput, UserError
 from server.models import (
+    BACKOFF_SECONDS_DEFAULT,
     Command,
     CommandService,
     CommandStatus,
@@ -401,7 +402,7 @@ async def _compose(
         services=services,
         timeout_seconds=timeout,
         max_attempts=attempts,
-        backoff_seconds=template.backoff_seconds if template else 5.0,
+        backoff_seconds=template.backoff_seconds if template else BACKOFF_SECONDS_DEFAULT,
         template_env=template_env,
         routing_table=[] if proxy is None else await routing_table(session, proxy),
         note=None if proxy is None else await sidecar_note(session, proxy),

@@ -1,4 +1,9 @@
-"""SSE: `GET /api/commands/{id}/logs/stream`, one `log` event per line, `status` events."""
+"""SSE: `GET /api/commands/{id}/logs/stream`, one `log` event per line, `status` events.
+
+The contract (API.md, issue 15 item 7): a `retry:` field first; `stream` spelled as in
+GraphQL (`STDOUT`); one final `status` event (`final: true`, its `id:` the last seq sent),
+then the end; a reconnect after the end (Last-Event-ID at or past the last line of a final
+command) is answered 204, which a standard EventSource takes as "stop"."""
 
 from __future__ import annotations
 
@@ -10,6 +15,8 @@ from typing import Any
 
 import anyio
 from anyio import CancelScope
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 from sse_starlette import EventSourceResponse
 from starlette.datastructures import Headers
 from starlette.requests import Request
@@ -23,12 +30,13 @@ from server import access
 from server.access import Authenticator
 from server.broker import StatusChange
 from server.db import READ_ONLY
-from server.models import Command
+from server.models import Command, CommandStatus, LogLine, LogStream
 from server.streams import FinalStatus, follow_command, pieces
 from server.subscribers import SubscriberLimits, TooManySubscribers
 
 log = logging.getLogger("corral.streams")
 MAX_SEQ = 2**31 - 1  # seq is a 32-bit integer column
+RETRY_MS = 3000  # how long a standard EventSource waits before it reconnects
 
 
 def encode_log_events(batch: StoredBatch) -> bytes:
@@ -41,9 +49,8 @@ def encode_log_events(batch: StoredBatch) -> bytes:
     """
     parts: list[str] = []
     for run in batch.runs:
-        shared = json.dumps(
-            {"attempt": run.attempt, "stream": run.stream, "ts": run.ts.isoformat()}
-        )
+        stream = LogStream(run.stream).name
+        shared = json.dumps({"attempt": run.attempt, "stream": stream, "ts": run.ts.isoformat()})
         before_text = f", {shared[1:-1]}, " + '"text": '
         for seq, text in enumerate(run.texts, run.first_seq):
             number = str(seq)
@@ -122,8 +129,11 @@ async def stream_command_logs(request: Request) -> Response:
         return JSONResponse({"error": "Last-Event-ID must be a log seq"}, status_code=400)
     async with services.stream_sessions() as session:
         await session.connection(execution_options=READ_ONLY)  # SQLite: no write lock
-        if await session.get(Command, decoded[1]) is None:
+        command = await session.get(Command, decoded[1])
+        if command is None:
             return JSONResponse({"error": "no such command"}, status_code=404)
+        if "last-event-id" in request.headers and await _ended_before(session, command, after):
+            return Response(status_code=204)
     client = client_key(request)
     try:
         services.subscriber_limits.acquire(client)
@@ -131,6 +141,8 @@ async def stream_command_logs(request: Request) -> Response:
         return JSONResponse({"error": str(exc)}, status_code=429)
 
     async def events() -> AsyncIterator[bytes | dict[str, Any]]:
+        yield f"retry: {RETRY_MS}\r\n\r\n".encode()
+        last_seq = after
         async for item in follow_command(
             services.stream_sessions,
             services.broker,
@@ -142,12 +154,28 @@ async def stream_command_logs(request: Request) -> Response:
             if isinstance(item, StoredBatch):
                 for piece in pieces(item):
                     yield encode_log_events(piece)
+                last_seq = max(last_seq, _last_seq(item))
             elif isinstance(item, StatusChange):
-                yield {"event": "status", "data": json.dumps({"status": item.status})}
+                if not CommandStatus(item.status).is_final:  # the final one comes once, last
+                    yield {"event": "status", "data": json.dumps({"status": item.status})}
             elif isinstance(item, FinalStatus):
                 yield {
                     "event": "status",
+                    "id": str(last_seq),
                     "data": json.dumps({"status": item.status, "final": True}),
                 }
 
     return CountedStream(events(), services.subscriber_limits, client, ping=15)
+
+
+def _last_seq(batch: StoredBatch) -> int:
+    return max((run.first_seq + len(run.texts) - 1 for run in batch.runs), default=0)
+
+
+async def _ended_before(session: AsyncSession, command: Command, after: int) -> bool:
+    """The command is final and has no line after `after`: a stream resumed there would
+    send nothing new (a client reconnecting after the end)."""
+    if not CommandStatus(command.status).is_final:
+        return False
+    newer = select(LogLine.seq).where(LogLine.command_id == command.id, LogLine.seq > after)
+    return await session.scalar(newer.limit(1)) is None

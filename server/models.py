@@ -105,6 +105,11 @@ class TimestampMixin:
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
 
+# The first retry's delay when a template says nothing: the one default that templates,
+# ad-hoc commands and the runner's retry policy share (issue 15, item 5).
+BACKOFF_SECONDS_DEFAULT = 5.0
+
+
 class ProxyProtocol(enum.StrEnum):
     HTTP = "http"
     HTTPS = "https"
@@ -286,7 +291,7 @@ class CommandTemplate(NamedMixin, TimestampMixin, Base):
     parameters: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     timeout_seconds: Mapped[int | None]
     max_attempts: Mapped[int] = mapped_column(default=1)
-    backoff_seconds: Mapped[float] = mapped_column(Float, default=5.0)
+    backoff_seconds: Mapped[float] = mapped_column(Float, default=BACKOFF_SECONDS_DEFAULT)
     env: Mapped[dict[str, Any]] = mapped_column(default=dict)
 
 
@@ -334,7 +339,7 @@ class Command(Base):
     uncounted_attempts: Mapped[int] = mapped_column(default=0, server_default="0")
     runner_losses: Mapped[int] = mapped_column(default=0, server_default="0")
     timeout_seconds: Mapped[int | None]
-    backoff_seconds: Mapped[float] = mapped_column(Float, default=5.0)
+    backoff_seconds: Mapped[float] = mapped_column(Float, default=BACKOFF_SECONDS_DEFAULT)
     exit_code: Mapped[int | None]
     error: Mapped[str | None] = mapped_column(Text)
     wait_reason: Mapped[str | None] = mapped_column(Text)

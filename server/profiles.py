@@ -126,6 +126,19 @@ async def get_profile(session: AsyncSession, profile_id: int, *, field: str = "i
     return profile
 
 
+async def delete_link(
+    session: AsyncSession, link: Any, profile_id: int, other: Any, other_id: int, missing: UserError
+) -> None:
+    """Delete the row of a profile's link table (`link`: ProfileService, ProfileProxy) joining
+    the profile to `other_id` in column `other`; `missing` when there was none. The one copy
+    that unlinkService and detachProxy share (issue 15, item 5)."""
+    result = await session.execute(
+        delete(link).where(link.profile_id == profile_id, other == other_id)
+    )
+    if not getattr(result, "rowcount", 0):
+        raise InvalidInput([missing])
+
+
 def check_user_data_dir(profile: Profile, settings: Settings | None) -> None:
     """A profile's own user-data-dir may not open up Corral's files or the system to its
     commands (server/storage.py: profile_dir_problem)."""

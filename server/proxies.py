@@ -15,7 +15,7 @@ from server.db import READ_ONLY
 from server.errors import ErrorCode, InvalidInput, UserError
 from server.known_secrets import mark_secrets_changed
 from server.models import HOST_MAX, NAME_MAX, Profile, ProfileProxy, Proxy, ProxyProtocol, utcnow
-from server.profiles import get_profile
+from server.profiles import delete_link, get_profile
 from server.proxy_health import CheckTrigger, add_check
 from server.secretbox import SecretBox
 from server.settings import Settings
@@ -385,15 +385,10 @@ async def detach_proxy(session: AsyncSession, profile_id: int, proxy_id: int) ->
     """Stop a profile from using a proxy."""
     await get_profile(session, profile_id, field="profileId")
     await get_proxy(session, proxy_id, field="proxyId")
-    result = await session.execute(
-        delete(ProfileProxy).where(
-            ProfileProxy.profile_id == profile_id, ProfileProxy.proxy_id == proxy_id
-        )
+    missing = UserError(
+        ("proxyId",), "the proxy is not attached to this profile", ErrorCode.NOT_FOUND
     )
-    if not getattr(result, "rowcount", 0):
-        raise InvalidInput.one(
-            "proxyId", "the proxy is not attached to this profile", ErrorCode.NOT_FOUND
-        )
+    await delete_link(session, ProfileProxy, profile_id, ProfileProxy.proxy_id, proxy_id, missing)
 
 
 async def proxy_hops(session: AsyncSession, proxy: Proxy) -> list[Proxy]:

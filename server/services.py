@@ -8,12 +8,12 @@ from sqlalchemy import delete, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from server.broker import SCHEDULE_TOPIC
-from server.errors import ErrorCode, InvalidInput
+from server.errors import ErrorCode, InvalidInput, UserError
 from server.known_secrets import mark_secrets_changed
 from server.models import NAME_MAX, URL_MAX, ProfileService, Service
 from server.policies import policy_field
 from server.probes import reschedule
-from server.profiles import get_profile
+from server.profiles import delete_link, get_profile
 from server.secretbox import SecretBox
 from server.unit_of_work import announce
 from server.validation import (
@@ -163,12 +163,9 @@ async def unlink_service(session: AsyncSession, profile_id: int, service_id: int
     """Remove a profile's link to a service (and the profile's own token with it)."""
     await get_profile(session, profile_id, field="profileId")
     await get_service(session, service_id, field="serviceId")
-    result = await session.execute(
-        delete(ProfileService).where(
-            ProfileService.profile_id == profile_id, ProfileService.service_id == service_id
-        )
+    missing = UserError(
+        ("serviceId",), "the profile is not linked to this service", ErrorCode.NOT_FOUND
     )
-    if not getattr(result, "rowcount", 0):
-        raise InvalidInput.one(
-            "serviceId", "the profile is not linked to this service", ErrorCode.NOT_FOUND
-        )
+    await delete_link(
+        session, ProfileService, profile_id, ProfileService.service_id, service_id, missing
+    )

@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from runner.compose import template_problem, template_save_problems
 from server.errors import ErrorCode, InvalidInput, UserError
-from server.models import NAME_MAX, CommandTemplate
+from server.models import BACKOFF_SECONDS_DEFAULT, NAME_MAX, CommandTemplate
 from server.profiles import is_known_timezone
 from server.validation import (
     TEXT_MAX,
@@ -153,10 +153,17 @@ DRAFT_FIELDS = [spec for spec in TEMPLATE_FIELDS if spec.api_name not in ("name"
 SAMPLE_VALUES: dict[str, Any] = {"int": 0, "bool": False}
 
 
+def _blank_template() -> CommandTemplate:
+    """A template with every default (one attempt, the shared backoff), nothing else set."""
+    return CommandTemplate(
+        parameters=[], env={}, max_attempts=1, backoff_seconds=BACKOFF_SECONDS_DEFAULT
+    )
+
+
 def draft_template(values: dict[str, Any]) -> CommandTemplate:
     """An unsaved template from `values`, checked as create_template checks them (its name
     aside): what the panel's editor previews while the admin types. Never added to a session."""
-    template = CommandTemplate(parameters=[], env={}, max_attempts=1, backoff_seconds=5.0)
+    template = _blank_template()
     drafted = {key: value for key, value in values.items() if key not in ("name", "description")}
     apply_fields(template, drafted, DRAFT_FIELDS, creating=True)
     check_template_uses(template)
@@ -191,7 +198,7 @@ async def get_template(
 
 async def create_template(session: AsyncSession, values: dict[str, Any]) -> CommandTemplate:
     """Validate (including Jinja2 syntax) and add a command template."""
-    template = CommandTemplate(parameters=[], env={}, max_attempts=1, backoff_seconds=5.0)
+    template = _blank_template()
     apply_fields(template, values, TEMPLATE_FIELDS, creating=True)
     check_template_uses(template)
     await ensure_unique(

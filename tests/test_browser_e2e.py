@@ -177,10 +177,12 @@ async def test_two_runs_on_one_profile_run_one_after_the_other(
     ]
     finals = [await wait_final(gql, c, timeout=90) for c in commands]
     if [f["status"] for f in finals] != ["SUCCEEDED", "SUCCEEDED"]:
-        for c in commands:
-            for line in await logs_of(gql, c):
-                print("DBG", line["stream"], line["text"][:300])
-    assert [f["status"] for f in finals] == ["SUCCEEDED", "SUCCEEDED"]
+        logs = [
+            f"{line['stream']} {line['text'][:300]}"
+            for c in commands
+            for line in await logs_of(gql, c)
+        ]
+        pytest.fail(f"not both SUCCEEDED: {finals}\n" + "\n".join(logs))
     first_end = datetime.fromisoformat(finals[0]["finishedAt"])
     second_start = datetime.fromisoformat(finals[1]["startedAt"])
     assert second_start >= first_end

@@ -97,6 +97,5 @@ async def test_nested_query_statement_count_is_constant(
     # for 5 and 500 profiles (each read also ends its transaction: BEGIN on SQLite).
     statements = without_authentication(count_statements.statements)
     selects = [s for s in statements if s.lstrip().upper().startswith("SELECT")]
-    print(f"{profiles} profiles: {len(selects)} SELECTs, {len(count_statements.statements)} in all")
     assert len(selects) == 6, selects
     assert len(statements) <= 12, statements

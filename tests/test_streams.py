@@ -16,7 +16,11 @@ from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
 import httpx
+import httpx_sse
 import pytest
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as openmetrics_families,
+)
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -201,10 +205,13 @@ def log_data(events: list[SseEvent]) -> list[dict[str, Any]]:
 
 
 def assert_ends_final(events: list[SseEvent], status: str = "SUCCEEDED") -> None:
+    """The stream ends with its one final `status` event (no other names a final status)."""
     assert events, "the stream sent nothing"
     last = events[-1]
     assert last.event == "status", last
     assert last.json() == {"status": status, "final": True}
+    statuses = [e.json()["status"] for e in events if e.event == "status"]
+    assert [s for s in statuses if s in FINAL] == [status], statuses
 
 
 # -- graphql-transport-ws client ----------------------------------------------------------
@@ -265,7 +272,7 @@ class GraphQLSocket:
 async def scrape(http: httpx.AsyncClient) -> tuple[str, dict[tuple[str, tuple[Any, ...]], float]]:
     response = await http.get("/metrics")
     assert response.status_code == 200
-    assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert response.headers["content-type"].startswith("text/plain; version=")
     samples = {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
         for family in text_string_to_metric_families(response.text)
@@ -307,9 +314,9 @@ async def test_sse_streams_every_line_and_the_statuses_then_ends(
         assert line["attempt"] == 1
         assert datetime.fromisoformat(line["ts"]).tzinfo is not None
     assert log_seqs(events) == list(range(1, len(lines) + 1))
-    stdout = [line["text"] for line in lines if line["stream"] == "stdout"]
+    stdout = [line["text"] for line in lines if line["stream"] == "STDOUT"]
     assert stdout == [f"line {i}" for i in range(1, 51)]
-    assert {line["stream"] for line in lines} == {"stdout", "system"}
+    assert {line["stream"] for line in lines} == {"STDOUT", "SYSTEM"}
     # The stream carried exactly what was stored.
     stored = await stored_logs(api, command_id)
     assert [(s["seq"], s["text"]) for s in stored] == [(d["seq"], d["text"]) for d in lines]
@@ -331,13 +338,12 @@ async def test_sse_resumes_after_last_event_id_without_gap_or_duplicate(
     assert resumed[0] == seen[-1] + 1
     assert seen + resumed == list(range(1, resumed[-1] + 1))
     assert_ends_final(rest)
-    stdout = [d["text"] for d in log_data(first) + log_data(rest) if d["stream"] == "stdout"]
+    stdout = [d["text"] for d in log_data(first) + log_data(rest) if d["stream"] == "STDOUT"]
     assert stdout == [f"line {i}" for i in range(1, 61)]
 
-    # Resuming at the very end of a finished command sends no line, only the final status.
-    after_end = await read_sse(http, command_id, last_event_id=str(resumed[-1]))
-    assert log_seqs(after_end) == []
-    assert_ends_final(after_end)
+    # Resuming at the very end of a finished command: nothing more will come, 204 (API.md).
+    after_end = await http.get(stream_path(command_id), headers={"Last-Event-ID": str(resumed[-1])})
+    assert after_end.status_code == 204
 
 
 async def test_replay_then_live_has_no_gap_or_duplicate_at_the_seam(
@@ -395,7 +401,7 @@ async def test_sse_of_a_cancelled_command_ends_with_cancelled(settings: Settings
         assert_ends_final(running_events, "CANCELLED")
         lines = log_data(running_events)
         assert [line["seq"] for line in lines] == list(range(1, len(lines) + 1))
-        assert [line["text"] for line in lines if line["stream"] == "stdout"] == ["started"]
+        assert [line["text"] for line in lines if line["stream"] == "STDOUT"] == ["started"]
         assert len(lines) == len(await stored_logs(api, running))
 
 
@@ -532,6 +538,64 @@ async def test_command_events_subscription_yields_running_then_succeeded(
             await wait_subscribers(http, 0)
 
 
+async def test_a_standard_sse_client_gets_retry_one_final_status_and_204_after_the_end(
+    api: GraphQLClient, http: httpx.AsyncClient
+) -> None:
+    """httpx-sse reads the stream as an EventSource would: `retry:` first, lines with
+    `stream` as GraphQL spells it, one final status whose id is the last seq; reconnecting
+    from there (what an EventSource does after the end) is answered 204, so it stops."""
+    command_id = await run_command(api, "sh -c 'echo out; echo err >&2'")
+    await wait_status(api, command_id, FINAL)
+
+    async with (
+        asyncio.timeout(STREAM_TIMEOUT),
+        httpx_sse.aconnect_sse(http, "GET", stream_path(command_id)) as source,
+    ):
+        events = [event async for event in source.aiter_sse()]
+    assert events[0].retry is not None, events[0]
+    assert events[0].retry > 0
+    logs = [event for event in events if event.event == "log"]
+    assert {event.json()["stream"] for event in logs} == {"STDOUT", "STDERR", "SYSTEM"}
+    assert [event.id for event in logs] == [str(i) for i in range(1, len(logs) + 1)]
+    statuses = [event for event in events if event.event == "status"]
+    assert [event.json() for event in statuses] == [{"status": "SUCCEEDED", "final": True}]
+    assert events[-1] is statuses[0]
+    assert statuses[0].id == logs[-1].id
+
+    again = await http.get(stream_path(command_id), headers={"Last-Event-ID": logs[-1].id})
+    assert again.status_code == 204, again.text
+    earlier = await http.get(stream_path(command_id), headers={"Last-Event-ID": logs[-2].id})
+    assert earlier.status_code == 200  # a line is still to come: replayed, then the end
+    assert earlier.text.count("event: log") == 1
+    assert earlier.text.count("event: status") == 1
+
+
+async def test_a_reconnect_to_a_running_command_is_not_204(
+    api: GraphQLClient, http: httpx.AsyncClient
+) -> None:
+    command_id = await run_command(api, "sleep 30")
+    await wait_status(api, command_id, {"RUNNING"})
+    async with http.stream(
+        "GET", stream_path(command_id), headers={"Last-Event-ID": "999"}
+    ) as response:
+        assert response.status_code == 200
+    await api(CANCEL, id=command_id)
+    await wait_status(api, command_id, FINAL)
+
+
+async def test_command_events_after_the_end_sends_the_final_status_and_completes(
+    api: GraphQLClient, live: LiveServer
+) -> None:
+    """A subscriber that joins after runCommand (here: after the command ended) still gets
+    the command's current status first, and the subscription completes (API.md)."""
+    command_id = await run_command(api, "echo done")
+    await wait_status(api, command_id, FINAL)
+    async with GraphQLSocket.open(live) as ws:
+        await ws.subscribe("late", COMMAND_EVENTS, id=command_id)
+        results = await ws.until_complete("late")
+    assert results == [{"commandEvents": {"status": "SUCCEEDED", "command": {"id": command_id}}}]
+
+
 # -- slow subscribers ----------------------------------------------------------------------
 
 
@@ -556,7 +620,7 @@ async def test_a_subscriber_that_never_reads_slows_neither_the_runner_nor_the_ot
         assert node["status"] == "SUCCEEDED"
         total = FLOOD_LINES + 2  # with the runner's first and last SYSTEM lines
         assert log_seqs(events) == list(range(1, total + 1))
-        stdout = [d["text"] for d in log_data(events) if d["stream"] == "stdout"]
+        stdout = [d["text"] for d in log_data(events) if d["stream"] == "STDOUT"]
         assert stdout == [str(i).rjust(FLOOD_WIDTH, ".") for i in range(FLOOD_LINES)]
         assert_ends_final(events)
         assert await stored_count(live, command_id) == total
@@ -829,6 +893,45 @@ async def test_metrics_count_commands_lines_and_connected_subscribers(
     assert 'corral_commands{status="CANCELLED"} 1.0' in text.splitlines()
 
 
+async def test_metrics_speak_openmetrics_with_every_status_process_and_http_series(
+    api: GraphQLClient, http: httpx.AsyncClient
+) -> None:
+    done = await run_command(api, "echo hello")
+    await wait_status(api, done, FINAL)
+    async with http.stream("GET", stream_path(done)) as response:
+        await response.aread()
+
+    response = await http.get("/metrics", headers={"Accept": "application/openmetrics-text"})
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("application/openmetrics-text")
+    families = {f.name: f for f in openmetrics_families(response.text)}  # a strict parser
+    by_status = {s.labels["status"]: s.value for s in families["corral_commands"].samples}
+    assert by_status == {
+        "QUEUED": 0,
+        "WAITING": 0,
+        "RUNNING": 0,
+        "SUCCEEDED": 1,
+        "FAILED": 0,
+        "TIMED_OUT": 0,
+        "CANCELLED": 0,
+    }
+    assert {"process_cpu_seconds", "process_resident_memory_bytes"} <= set(families)
+    requests = {
+        (s.labels["method"], s.labels["route"], s.labels["status"]): s.value
+        for s in families["corral_http_requests"].samples
+        if s.name == "corral_http_requests_total"
+    }
+    assert requests[("POST", "/graphql", "200")] >= 2
+    assert requests[("GET", "/api/commands/{command_id}/logs/stream", "200")] == 1
+    assert "corral_http_request_seconds" in families
+
+    plain, samples = await scrape(http)  # the Prometheus text format without Accept
+    for text in (response.text, plain):
+        created = [line for line in text.splitlines() if "_created" in line]
+        assert created == []
+    assert samples[("corral_commands", (("status", "WAITING"),))] == 0
+
+
 async def test_a_subscriber_is_bounded_by_bytes_not_only_by_messages() -> None:
     broker = Broker(subscriber_max_bytes=1024 * 1024)
     topic = command_topic(1)
@@ -875,11 +978,11 @@ def test_sse_batches_carry_each_line_as_its_json() -> None:
     expected = [
         (seq, {"seq": seq, "attempt": attempt, "stream": stream, "ts": ts.isoformat(), "text": t})
         for seq, attempt, stream, ts, t in [
-            (1, 2, "stdout", stamp, texts[0]),
-            (2, 2, "stdout", stamp, texts[1]),
-            (3, 2, "stderr", stamp, texts[2]),
-            (4, 3, "stdout", other, texts[3]),
-            (5, 3, "stdout", other, texts[4]),
+            (1, 2, "STDOUT", stamp, texts[0]),  # spelled as GraphQL's LogStream
+            (2, 2, "STDOUT", stamp, texts[1]),
+            (3, 2, "STDERR", stamp, texts[2]),
+            (4, 3, "STDOUT", other, texts[3]),
+            (5, 3, "STDOUT", other, texts[4]),
         ]
     ]
     events = encode_log_events(StoredBatch(7, runs)).decode("ascii").split("\r\n\r\n")
