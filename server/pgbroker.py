@@ -41,6 +41,7 @@ from server.broker import (
     StatusChange,
     command_topic,
 )
+from server.models import CommandStatus
 
 log = logging.getLogger("corral.broker")
 
@@ -58,6 +59,7 @@ COMMAND_PREFIX = command_topic(0).removesuffix("0")
 # Topics whose messages other processes hear, and the tag each goes by on the wire.
 _SIGNALS = {QUEUE_TOPIC: "q", CANCEL_TOPIC: "c", SECRETS_TOPIC: "k", SCHEDULE_TOPIC: "h"}
 _TOPICS = {tag: topic for topic, tag in _SIGNALS.items()}
+_WAKEUPS = frozenset({"q", "k", "h"})  # what they say is "look again" (a cancel names its id)
 
 Entry = list[Any]  # one message on the wire: [tag, ...ids, seqs or a status]
 
@@ -111,6 +113,7 @@ class PgBroker(Broker):
         self._connect_args = connect_arguments(engine)
         self._pending: list[Entry] = []
         self._pending_lines: dict[int, Entry] = {}  # command id -> its pending "l" entry
+        self._pending_wakeups: set[str] = set()
         self._wake = asyncio.Event()
         self._listening = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -164,12 +167,19 @@ class PgBroker(Broker):
         self._send(["s", command_id, status])
 
     def _send(self, entry: Entry) -> None:
-        if entry[0] == "l":
+        """Queue `entry` for the connection. While it is down, what waits stays small: a
+        command's line nudges are one, and so is each kind of wake-up."""
+        tag = entry[0]
+        if tag == "l":
             pending = self._pending_lines.get(entry[1])
             if pending is not None:  # not sent yet: it says "up to here" now
                 pending[2] = max(pending[2], entry[2])
                 return
             self._pending_lines[entry[1]] = entry
+        elif tag in _WAKEUPS:
+            if tag in self._pending_wakeups:
+                return
+            self._pending_wakeups.add(tag)
         self._pending.append(entry)
         self._wake.set()
 
@@ -191,7 +201,8 @@ class PgBroker(Broker):
             command_id = int(entry[1])
             self.deliver(command_topic(command_id), LinesStored(command_id, int(entry[2])))
         elif tag == "s":
-            self.deliver_status(StatusChange(int(entry[1]), str(entry[2])))
+            status = CommandStatus(entry[2]).value  # a status there is, or a ValueError
+            self.deliver_status(StatusChange(int(entry[1]), status))
         else:
             message = int(entry[1]) if len(entry) > 1 else None
             self.deliver(_TOPICS[tag], message)
@@ -257,6 +268,7 @@ class PgBroker(Broker):
 
     async def _flush(self, connection: asyncpg.Connection) -> None:
         entries, self._pending, self._pending_lines = self._pending, [], {}
+        self._pending_wakeups = set()
         try:
             # One round trip, atomic: all of them are sent, or none (then again, later).
             await connection.executemany(
@@ -265,6 +277,7 @@ class PgBroker(Broker):
         except BaseException:
             self._pending[:0] = entries
             self._pending_lines = {e[1]: e for e in self._pending if e[0] == "l"}
+            self._pending_wakeups = {e[0] for e in self._pending if e[0] in _WAKEUPS}
             raise
         self._sent.set()
 

@@ -24,7 +24,7 @@ import pytest
 from sqlalchemy import func, select, text
 
 from runner.logwriter import LineRun, StoredBatch
-from server.broker import QUEUE_TOPIC, LinesStored, command_topic
+from server.broker import CANCEL_TOPIC, QUEUE_TOPIC, LinesStored, command_topic
 from server.db import create_engine
 from server.models import Command, CommandStatus, LogLine
 from server.pgbroker import CHANNEL, PAYLOAD_BYTES, PgBroker, connect_arguments, payloads
@@ -277,7 +277,7 @@ async def test_a_broker_hears_other_processes_once_and_never_itself_twice(
     settings: Settings,
 ) -> None:
     engine = create_engine(settings)
-    brokers = [PgBroker(engine), PgBroker(engine)]
+    brokers = [PgBroker(engine), PgBroker(engine)]  # as two processes: two connections
     try:
         for broker in brokers:
             await broker.start()
@@ -298,6 +298,37 @@ async def test_a_broker_hears_other_processes_once_and_never_itself_twice(
             assert await mine.get() == 7
             await asyncio.sleep(0.3)  # its own notification has come back by now
             assert list(mine.waiting()) == list(theirs.waiting()) == []
+    finally:
+        for broker in brokers:
+            await broker.close()
+        await engine.dispose()
+
+
+@ON_POSTGRES
+async def test_after_a_reconnect_subscribers_resync_and_what_waited_is_sent(
+    settings: Settings,
+) -> None:
+    """The listener's backend is terminated: its subscribers are told to re-read (a lag:
+    the supervisor claims and looks for cancels again, followers catch up by seq), and
+    what a broker published while it had no connection reaches the others afterwards."""
+    engine = create_engine(settings)
+    brokers = [PgBroker(engine), PgBroker(engine)]
+    try:
+        for broker in brokers:
+            await broker.start()
+        async with (
+            brokers[0].subscribe(QUEUE_TOPIC) as wakeups,
+            brokers[1].subscribe(CANCEL_TOPIC) as cancels,
+        ):
+            async with engine.connect() as connection:
+                await connection.execute(
+                    text("SELECT pg_terminate_backend(:pid)"), {"pid": brokers[0].backend_pid}
+                )
+            brokers[0].publish(CANCEL_TOPIC, 42)  # most likely before it noticed
+            assert await asyncio.wait_for(cancels.get(), 10) == 42
+            assert await asyncio.wait_for(wakeups.get(), 10) is None  # reconnected: re-read
+            assert brokers[0].connections == 2
+            assert list(cancels.waiting()) == []
     finally:
         for broker in brokers:
             await broker.close()
