@@ -272,64 +272,63 @@ async def test_listen_connections_terminated_mid_flood_lose_nothing(
         assert await cancel_within_a_second(live, api) < ARRIVAL_SECONDS
 
 
-@ON_POSTGRES
-async def test_a_broker_hears_other_processes_once_and_never_itself_twice(
-    settings: Settings,
-) -> None:
+@pytest.fixture
+async def brokers(settings: Settings) -> AsyncIterator[list[PgBroker]]:
+    """Two started brokers on the test's database, as two processes have (two connections)."""
     engine = create_engine(settings)
-    brokers = [PgBroker(engine), PgBroker(engine)]  # as two processes: two connections
+    started = [PgBroker(engine), PgBroker(engine)]
     try:
-        for broker in brokers:
+        for broker in started:
             await broker.start()
-        async with (
-            brokers[0].subscribe(QUEUE_TOPIC) as mine,
-            brokers[1].subscribe(QUEUE_TOPIC) as theirs,
-            brokers[1].subscribe(command_topic(5)) as lines,
-        ):
-            brokers[0].publish(QUEUE_TOPIC, 7)
-            now = datetime.now(UTC)
-            runs = [
-                LineRun(1, "stdout", now, 1, ["a", "b", "c"]),
-                LineRun(1, "stderr", now, 4, 6 * ["x"]),
-            ]
-            brokers[0].publish(command_topic(5), StoredBatch(5, runs))
-            assert await asyncio.wait_for(theirs.get(), 5) == 7
-            assert await asyncio.wait_for(lines.get(), 5) == LinesStored(5, 9)
-            assert await mine.get() == 7
-            await asyncio.sleep(0.3)  # its own notification has come back by now
-            assert list(mine.waiting()) == list(theirs.waiting()) == []
+        yield started
     finally:
-        for broker in brokers:
+        for broker in started:
             await broker.close()
         await engine.dispose()
+
+
+@ON_POSTGRES
+async def test_a_broker_hears_other_processes_once_and_never_itself_twice(
+    brokers: list[PgBroker],
+) -> None:
+    async with (
+        brokers[0].subscribe(QUEUE_TOPIC) as mine,
+        brokers[1].subscribe(QUEUE_TOPIC) as theirs,
+        brokers[1].subscribe(command_topic(5)) as lines,
+    ):
+        brokers[0].publish(QUEUE_TOPIC, 7)
+        now = datetime.now(UTC)
+        runs = [
+            LineRun(1, "stdout", now, 1, ["a", "b", "c"]),
+            LineRun(1, "stderr", now, 4, 6 * ["x"]),
+        ]
+        brokers[0].publish(command_topic(5), StoredBatch(5, runs))
+        assert await asyncio.wait_for(theirs.get(), 5) == 7
+        assert await asyncio.wait_for(lines.get(), 5) == LinesStored(5, 9)
+        assert await mine.get() == 7
+        await asyncio.sleep(0.3)  # its own notification has come back by now
+        assert list(mine.waiting()) == list(theirs.waiting()) == []
 
 
 @ON_POSTGRES
 async def test_after_a_reconnect_subscribers_resync_and_what_waited_is_sent(
-    settings: Settings,
+    settings: Settings, brokers: list[PgBroker]
 ) -> None:
     """The listener's backend is terminated: its subscribers are told to re-read (a lag:
     the supervisor claims and looks for cancels again, followers catch up by seq), and
     what a broker published while it had no connection reaches the others afterwards."""
-    engine = create_engine(settings)
-    brokers = [PgBroker(engine), PgBroker(engine)]
-    try:
-        for broker in brokers:
-            await broker.start()
-        async with (
-            brokers[0].subscribe(QUEUE_TOPIC) as wakeups,
-            brokers[1].subscribe(CANCEL_TOPIC) as cancels,
-        ):
-            async with engine.connect() as connection:
-                await connection.execute(
-                    text("SELECT pg_terminate_backend(:pid)"), {"pid": brokers[0].backend_pid}
-                )
+    async with (
+        brokers[0].subscribe(QUEUE_TOPIC) as wakeups,
+        brokers[1].subscribe(CANCEL_TOPIC) as cancels,
+    ):
+        engine = create_engine(settings)
+        async with engine.connect() as connection:
+            await connection.execute(
+                text("SELECT pg_terminate_backend(:pid)"), {"pid": brokers[0].backend_pid}
+            )
             brokers[0].publish(CANCEL_TOPIC, 42)  # most likely before it noticed
-            assert await asyncio.wait_for(cancels.get(), 10) == 42
-            assert await asyncio.wait_for(wakeups.get(), 10) is None  # reconnected: re-read
-            assert brokers[0].connections == 2
-            assert list(cancels.waiting()) == []
-    finally:
-        for broker in brokers:
-            await broker.close()
         await engine.dispose()
+        assert await asyncio.wait_for(cancels.get(), 10) == 42
+        assert await asyncio.wait_for(wakeups.get(), 10) is None  # reconnected: re-read
+        assert brokers[0].connections == 2
+        assert list(cancels.waiting()) == []
