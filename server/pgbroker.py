@@ -95,8 +95,7 @@ def payloads(entries: list[Entry], limit: int = PAYLOAD_BYTES) -> list[str]:
 
 def connect_arguments(engine: AsyncEngine) -> dict[str, Any]:
     """asyncpg.connect's arguments for the engine's database (SQLAlchemy's own options out)."""
-    args, kwargs = engine.dialect.create_connect_args(engine.url)
-    assert not args, args
+    _args, kwargs = engine.dialect.create_connect_args(engine.url)  # asyncpg's: all by name
     for option in ("prepared_statement_cache_size", "prepared_statement_name_func"):
         kwargs.pop(option, None)
     settings = dict(kwargs.get("server_settings") or {})
