@@ -24,7 +24,17 @@ import pytest
 from sqlalchemy import func, select, text
 
 from runner.logwriter import LineRun, StoredBatch
-from server.broker import CANCEL_TOPIC, QUEUE_TOPIC, LinesStored, command_topic
+from server.broker import (
+    CANCEL_TOPIC,
+    QUEUE_TOPIC,
+    SCHEDULE_TOPIC,
+    SECRETS_TOPIC,
+    STATUS_TOPIC,
+    LinesStored,
+    StatusChange,
+    command_topic,
+    status_topic,
+)
 from server.db import create_engine
 from server.models import Command, CommandStatus, LogLine
 from server.pgbroker import CHANNEL, PAYLOAD_BYTES, PgBroker, connect_arguments, payloads
@@ -308,6 +318,27 @@ async def test_a_broker_hears_other_processes_once_and_never_itself_twice(
         assert await mine.get() == 7
         await asyncio.sleep(0.3)  # its own notification has come back by now
         assert list(mine.waiting()) == list(theirs.waiting()) == []
+
+
+@ON_POSTGRES
+async def test_every_kind_of_message_crosses_to_the_other_process(
+    brokers: list[PgBroker],
+) -> None:
+    """Status changes (on all three topics), cancels, secrets-changed, schedule wake-ups."""
+    sent: list[tuple[str, Any]] = [
+        (CANCEL_TOPIC, 3),
+        (SECRETS_TOPIC, None),
+        (SCHEDULE_TOPIC, None),
+    ]
+    status = StatusChange(8, CommandStatus.RUNNING.value)
+    topics = [t for t, _ in sent] + [STATUS_TOPIC, status_topic(8), command_topic(8)]
+    async with contextlib.AsyncExitStack() as stack:
+        heard = [await stack.enter_async_context(brokers[1].subscribe(t)) for t in topics]
+        for topic, message in sent:
+            brokers[0].publish(topic, message)
+        brokers[0].publish_status(status.command_id, status.status)
+        got = [await asyncio.wait_for(sub.get(), 5) for sub in heard]
+    assert got == [message for _, message in sent] + [status, status, status]
 
 
 @ON_POSTGRES
