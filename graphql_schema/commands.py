@@ -42,12 +42,13 @@ from server.subscribers import TooManySubscribers
 if TYPE_CHECKING:
     from graphql_schema.profiles import Profile
     from graphql_schema.proxies import Proxy
-    from graphql_schema.services import Service
+    from graphql_schema.services import Service, TokenUsage
     from graphql_schema.templates import CommandTemplate
 
 ProfileRef = Annotated["Profile", strawberry.lazy("graphql_schema.profiles")]
 ProxyRef = Annotated["Proxy", strawberry.lazy("graphql_schema.proxies")]
 ServiceRef = Annotated["Service", strawberry.lazy("graphql_schema.services")]
+TokenUsageRef = Annotated["TokenUsage", strawberry.lazy("graphql_schema.services")]
 TemplateRef = Annotated["CommandTemplate", strawberry.lazy("graphql_schema.templates")]
 
 LOG_PAGE_MAX = 10_000
@@ -487,6 +488,26 @@ class Subscription:
                     yield message
             elif isinstance(item, FinalStatus):
                 yield LogBatch(lines=[], final=True)
+
+    @strawberry.subscription(
+        description="Live token budgets: the latest observation of each token of the service "
+        "(of every service without an id), then a token again whenever a probe, a run's usage "
+        "event or a run started with it (Corral's count) adds to what is known of it."
+    )
+    async def service_usage(
+        self, info: Info, service_id: strawberry.ID | None = None
+    ) -> AsyncGenerator[TokenUsageRef, None]:
+        from graphql_schema.services import follow_service_usage
+
+        app = info.context.app
+        client = _admit_subscriber(info)
+        app.metrics.subscribers.inc()
+        try:
+            async for update in follow_service_usage(info, service_id):
+                yield update
+        finally:
+            app.metrics.subscribers.dec()
+            app.subscriber_limits.release(client)
 
     @strawberry.subscription(description="Status changes of one command, or of all commands.")
     async def command_events(

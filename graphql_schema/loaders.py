@@ -25,7 +25,8 @@ from server.models import (
     Service,
     ServiceUsage,
 )
-from server.probes import HISTORY_MAX
+from server.usage import Point as UsagePoint
+from server.usage import history_since
 
 if TYPE_CHECKING:
     from graphql_schema import profiles as profile_types
@@ -34,7 +35,6 @@ if TYPE_CHECKING:
     from graphql_schema.context import Context
 
 M = TypeVar("M", bound=Base)
-UsagePoint = tuple[datetime, int | None, int | None]  # observed at, remaining, limit
 Ts = TypeVarTuple("Ts")
 
 
@@ -280,38 +280,5 @@ class Loaders:
     async def _history_since(
         self, service_ids: list[int], since: datetime
     ) -> dict[int, list[tuple[Profile | None, list[UsagePoint]]]]:
-        numbered = (
-            select(
-                ServiceUsage.service_id,
-                ServiceUsage.profile_id,
-                ServiceUsage.observed_at,
-                ServiceUsage.remaining,
-                ServiceUsage.limit,
-                func.row_number()
-                .over(
-                    partition_by=(ServiceUsage.service_id, ServiceUsage.profile_id),
-                    order_by=ServiceUsage.id.desc(),
-                )
-                .label("nth"),
-            )
-            .where(ServiceUsage.service_id.in_(service_ids), ServiceUsage.observed_at >= since)
-            .subquery()
-        )
-        stmt = (
-            select(numbered, Profile)
-            .outerjoin(Profile, Profile.id == numbered.c.profile_id)
-            .where(numbered.c.nth <= HISTORY_MAX)
-            .order_by(
-                numbered.c.service_id,
-                Profile.name.is_not(None),
-                Profile.name,
-                numbered.c.observed_at,
-            )
-        )
-        tokens: dict[int, dict[int | None, tuple[Profile | None, list[UsagePoint]]]] = {}
-        for row in await self._rows(stmt):
-            service_id, profile_id, observed_at, remaining, limit, _nth, profile = row
-            per_service = tokens.setdefault(service_id, {})
-            entry = per_service.setdefault(profile_id, (profile, []))
-            entry[1].append((observed_at, remaining, limit))
-        return {key: list(value.values()) for key, value in tokens.items()}
+        async with self._context.reading() as session:
+            return await history_since(session, service_ids, since)

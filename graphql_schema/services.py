@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import AsyncGenerator
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Annotated
 
 import strawberry
+from graphql import GraphQLError
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from strawberry.scalars import JSON
@@ -27,7 +29,11 @@ from graphql_schema.relay import (
 )
 from server import models
 from server import services as service_domain
+from server.broker import USAGE_TOPIC, UsageRecorded
+from server.db import READ_ONLY
+from server.errors import InvalidInput
 from server.probes import HISTORY_MAX, probe_service
+from server.usage import TokenKey, latest_observations, spent_since
 
 if TYPE_CHECKING:
     from graphql_schema.profiles import Profile
@@ -336,3 +342,99 @@ class ServiceMutations:
         return LinkServicePayload(
             profile=Profile.from_row(result[0]), service=Service.from_row(result[1])
         )
+
+
+@strawberry.type(
+    description="A token's budget as last known, as the serviceUsage subscription sends it."
+)
+class TokenUsage:
+    service: Service = strawberry.field(description="The service the token is for.")
+    profile: ProfileRef | None = strawberry.field(
+        description="Whose own token this is (null: the service's shared token)."
+    )
+    usage: ServiceUsage = strawberry.field(description="The token's latest observation.")
+    runs_since_observation: int = strawberry.field(
+        description="Runs Corral started with this token since that observation (its own "
+        "count; the gate subtracts them from `usage.remaining`)."
+    )
+
+
+async def follow_service_usage(
+    info: Info, service_id: strawberry.ID | None
+) -> AsyncGenerator[TokenUsage, None]:
+    """The latest observation of each token of the service (of every service without an
+    id), then each token again whenever something new is known of it: a new observation
+    (a probe, a run's usage event) or Corral's count (a run started with it)."""
+    app = info.context.app
+    pk = None if service_id is None else _service_pk(service_id)
+    sent: dict[TokenKey, tuple[int, int]] = {}
+    async with app.broker.subscribe(USAGE_TOPIC) as subscription:  # before the first read
+        first = await _changed_tokens(info, pk, sent, must_exist=pk is not None)
+        for update in first:
+            yield update
+        while True:
+            message = await subscription.get()
+            if message is None:  # lagged: re-read every token it follows
+                subscription.resync()
+                wanted = pk
+            elif not isinstance(message, UsageRecorded) or (
+                pk is not None and message.service_id != pk
+            ):
+                continue
+            else:
+                wanted = message.service_id
+            for update in await _changed_tokens(info, wanted, sent):
+                yield update
+
+
+def _service_pk(service_id: str) -> int:
+    try:
+        return pk_of(service_id, "Service", field="serviceId")
+    except InvalidInput as exc:
+        raise GraphQLError("no such service (not a Service ID)") from exc
+
+
+async def _changed_tokens(
+    info: Info,
+    service_id: int | None,
+    sent: dict[TokenKey, tuple[int, int]],
+    *,
+    must_exist: bool = False,
+) -> list[TokenUsage]:
+    """The tokens of `service_id` (None: of every service) whose latest observation or count
+    differs from what `sent` says was sent last; `sent` is brought up to date."""
+    from graphql_schema.profiles import Profile
+
+    async with info.context.app.stream_sessions() as session:
+        await session.connection(execution_options=READ_ONLY)  # no write lock on SQLite
+        stmt = select(models.Service)
+        if service_id is not None:
+            stmt = stmt.where(models.Service.id == service_id)
+        services = {row.id: row for row in await session.scalars(stmt)}
+        if must_exist and not services:
+            raise GraphQLError("no such service", extensions={"code": "NOT_FOUND"})
+        observed = await latest_observations(session, list(services))
+        spent = await spent_since(session, observed)
+        profile_ids = {key[1] for key in observed if key[1] is not None}
+        profiles = {
+            row.id: row
+            for row in await session.scalars(
+                select(models.Profile).where(models.Profile.id.in_(profile_ids))
+            )
+        }
+    updates = []
+    for key in sorted(observed, key=lambda key: (key[0], key[1] or 0)):
+        row, count = observed[key], spent.get(key, 0)
+        if sent.get(key) == (row.id, count):
+            continue
+        sent[key] = (row.id, count)
+        profile = None if key[1] is None else profiles.get(key[1])
+        updates.append(
+            TokenUsage(
+                service=Service.from_row(services[key[0]]),
+                profile=None if profile is None else Profile.from_row(profile),
+                usage=ServiceUsage.from_row(row),
+                runs_since_observation=count,
+            )
+        )
+    return updates

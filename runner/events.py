@@ -13,6 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from server.models import CommandEvent
+from server.providers.common import answer_detail
 
 EVENT_PREFIX = "::corral::"
 MAX_EVENT_CHARS = 16 * 1024  # the JSON text after the prefix
@@ -40,6 +41,9 @@ class UsageReport:
     limit: int | None
     reset_at: datetime | None
     token_valid: bool | None
+    # `HTTP 429` when the run's request was refused: what the gate's cool-down and its
+    # invalid-token reason read (server/providers/common.answered).
+    detail: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +136,7 @@ def _usage(data: dict[str, Any], service_ids: dict[str, int]) -> UsageReport:
         limit=counters["limit"],
         reset_at=_reset_at(data.get("resetAt")),
         token_valid=valid,
+        detail=None if status is None or status < 400 else answer_detail(status),
     )
 
 

@@ -6,7 +6,9 @@ one, else the service's shared one. Per token the gate knows the latest observat
 (`service_usage`: remaining, reset, validity), Corral's own count of runs started with it
 (`service_spend`), and the commands running with it. A command waits (with a reason) when a
 token has no budget left, its service or token is at its concurrency cap, or it cools down
-after a rate-limit answer; it fails at once when the token is known to be invalid.
+after a rate-limit answer (an observation recording a 429, or a 403 that left none: a budget
+merely seen at zero waits for its reset instead); it fails at once when the token is known
+to be invalid, saying what the provider answered and when.
 
 The gate does no I/O: `GateReads` is a generator that yields the reads it needs (by name,
 see STATEMENTS) and gets their rows back, so the SQLite and the PostgreSQL claims drive the
@@ -22,10 +24,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from server.policies import ServicePolicy, effective_policy
+from server.policies import ServicePolicy, effective_policy, token_label
+from server.providers.common import answered, is_rate_limit_answer
 
 # pg_advisory_xact_lock(LOCK_CLASS, service_id): the gate's decisions on one service.
 LOCK_CLASS = 0x436F72  # "Cor"
+MESSAGE_SHOWN = 100  # characters of a provider's message an invalid-token reason quotes
 
 # The gate's reads and writes, with `?` placeholders; `[ids]` stands for a list of ints
 # (json_each on SQLite, = ANY on PostgreSQL). runner/supervisor.py renders them per driver.
@@ -49,11 +53,11 @@ STATEMENTS = {
         " WHERE c.status = 'RUNNING' AND cs.command_id = c.id"
     ),
     "observed_shared": (
-        'SELECT remaining, "limit", reset_at, token_valid, observed_at FROM service_usage'
+        'SELECT remaining, "limit", reset_at, token_valid, observed_at, detail FROM service_usage'
         " WHERE service_id = ? AND profile_id IS NULL ORDER BY observed_at DESC LIMIT 1"
     ),
     "observed_own": (
-        'SELECT remaining, "limit", reset_at, token_valid, observed_at FROM service_usage'
+        'SELECT remaining, "limit", reset_at, token_valid, observed_at, detail FROM service_usage'
         " WHERE service_id = ? AND profile_id = ? ORDER BY observed_at DESC LIMIT 1"
     ),
     "spent_shared": (
@@ -93,9 +97,7 @@ class Use:
 
     @property
     def label(self) -> str:
-        if self.token[1] is None:
-            return f"{self.service_name} token (shared)"
-        return f"{self.service_name} token of profile {self.profile_name!r}"
+        return token_label(self.service_name, None if self.token[1] is None else self.profile_name)
 
 
 @dataclass(slots=True)
@@ -105,6 +107,7 @@ class Observation:
     reset_at: datetime | None
     token_valid: bool | None
     observed_at: datetime
+    detail: str | None = None
 
 
 @dataclass(slots=True)
@@ -163,14 +166,17 @@ class Gate:
             keys.append(use.token)
         return keys
 
+    def services_of(self, command_ids: list[int]) -> list[int]:
+        """The services these (started) commands use, each once."""
+        return sorted(
+            {use.service_id for command_id in command_ids for use in self.uses.get(command_id, ())}
+        )
+
     def _verdict(self, use: Use) -> Verdict | None:
         state = self.tokens.get(use.token, TokenState())
         seen = state.observation
         if seen is not None and seen.token_valid is False:
-            return Verdict(
-                f"{use.label} is invalid (reported at {_clock(seen.observed_at)}); set a new token",
-                fail=True,
-            )
+            return Verdict(f"{use.label} is invalid{_refusal(seen)}; set a new token", fail=True)
         policy = use.policy
         for check in (self._budget_left, self._window, self._cooling, self._cap):
             found = check(use, policy, state)
@@ -209,8 +215,10 @@ class Gate:
 
     def _cooling(self, use: Use, policy: ServicePolicy, state: TokenState) -> Verdict | None:
         seen = state.observation
-        if policy.cool_down_seconds is None or seen is None or seen.remaining != 0:
+        if policy.cool_down_seconds is None or seen is None:
             return None
+        if not is_rate_limit_answer(seen.remaining, seen.detail):
+            return None  # a budget seen at zero waits for its reset (_budget_left), no more
         until = seen.observed_at + timedelta(seconds=policy.cool_down_seconds)
         if until <= self.now:
             return None
@@ -266,13 +274,14 @@ def _read_token(
     suffix = "shared" if profile_id is None else "own"
     found = yield (f"observed_{suffix}", (service_id, *own))
     if found:
-        remaining, limit, reset_at, valid, observed_at = found[0]
+        remaining, limit, reset_at, valid, observed_at, detail = found[0]
         state.observation = Observation(
             remaining,
             limit,
             None if reset_at is None else _time(reset_at),
             None if valid is None else bool(valid),
             _time(observed_at),
+            detail,
         )
         if state.observation.reset_at is not None and state.observation.reset_at > now:
             counted = yield (f"spent_{suffix}", (service_id, *own, state.observation.observed_at))
@@ -291,6 +300,20 @@ def spend_rows(gate: Gate, claimed: Iterable[int], now: datetime) -> list[tuple[
         for command_id in claimed
         for use in gate.uses.get(command_id, ())
     ]
+
+
+def _refusal(seen: Observation) -> str:
+    """What the provider answered, as the invalid-token reason says it: `: the provider
+    answered 401 at 14:02 UTC (Bad credentials)`; a bare time when no answer is recorded
+    (a usage event's `tokenValid: false` without a status)."""
+    found = answered(seen.detail)
+    if found is None:
+        return f" (reported at {_clock(seen.observed_at)})"
+    status, message = found
+    said = " ".join(message.split())[:MESSAGE_SHOWN]
+    return f": the provider answered {status} at {_clock(seen.observed_at)}" + (
+        f" ({said})" if said else ""
+    )
 
 
 def _json(value: Any) -> dict[str, Any] | None:

@@ -15,7 +15,7 @@ import contextlib
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from runner.logwriter import retryable_database_error
+from runner.store_errors import retryable_database_error
 from server.errors import InvalidInput
 from server.events import log_event
 from server.models import utcnow

@@ -113,6 +113,8 @@ class ProbeSchedule:
 
     async def _probe(self, service_id: int) -> None:
         try:
-            await run_scheduled_probe(self.sessionmaker, self.settings, self.box, service_id)
+            await run_scheduled_probe(
+                self.sessionmaker, self.settings, self.box, service_id, self.broker
+            )
         except Exception as exc:  # the database went away between the answer and the write
             log_event("probe_failed", level="warning", service=service_id, error=type(exc).__name__)

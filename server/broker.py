@@ -44,6 +44,16 @@ CANCEL_TOPIC = "cancel"
 QUEUE_TOPIC = "queue"
 SECRETS_TOPIC = "secrets"  # a committed write changed a stored secret (message: None)
 SCHEDULE_TOPIC = "schedule"  # a committed write made a scheduled check due (message: None)
+USAGE_TOPIC = "usage"  # a committed write recorded what a service's token spent or has left
+
+
+@dataclass(frozen=True)
+class UsageRecorded:
+    """Something new is known of a service's token budgets: an observation (a probe, a run's
+    usage event) or Corral's count (a run started with one of its tokens). Published after
+    the commit; subscribers re-read the service's tokens."""
+
+    service_id: int
 
 
 @dataclass(frozen=True)

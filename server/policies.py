@@ -115,6 +115,14 @@ def effective_policy(
         return ServicePolicy()
 
 
+def token_label(service_name: str, profile_name: str | None) -> str:
+    """A token as wait reasons and the usage page name it: `github token (shared)`, or
+    `github token of profile 'P'` for a profile's own."""
+    if profile_name is None:
+        return f"{service_name} token (shared)"
+    return f"{service_name} token of profile {profile_name!r}"
+
+
 def _unknown(field: tuple[str, ...], key: str, known: frozenset[str] | set[str]) -> UserError:
     return UserError(
         (*field, key),

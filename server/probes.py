@@ -17,6 +17,7 @@ import httpx
 from sqlalchemy import or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from server.broker import USAGE_TOPIC, Broker, UsageRecorded
 from server.db import READ_ONLY
 from server.errors import ErrorCode, InvalidInput
 from server.events import log_event
@@ -25,6 +26,7 @@ from server.providers import Observation, Provider, provider_for
 from server.providers.common import DETAIL_MAX
 from server.secretbox import SecretBox
 from server.settings import Settings
+from server.unit_of_work import announce
 
 MASK = "[token]"
 HISTORY_MAX = 2000  # observations of one token a usage history answers (the latest)
@@ -206,6 +208,7 @@ async def probe_service(
     results = await run_plan(plan, settings)
     _log_failures(plan, results)
     record_observations(session, plan.service_id, results)
+    announce(session, USAGE_TOPIC, UsageRecorded(plan.service_id))
     await session.flush()
     return await session.get_one(Service, plan.service_id)
 
@@ -266,9 +269,10 @@ async def run_scheduled_probe(
     settings: Settings,
     box: SecretBox,
     service_id: int,
+    broker: Broker | None = None,
 ) -> None:
-    """A taken probe: plan, ask, record (a service left without provider or tokens is
-    skipped with an INFO line; it is tried again at its next due time)."""
+    """A taken probe: plan, ask, record, then tell `broker` (a service left without provider
+    or tokens is skipped with an INFO line; it is tried again at its next due time)."""
     try:
         async with sessions() as reading:
             await reading.connection(execution_options=READ_ONLY)
@@ -279,5 +283,8 @@ async def run_scheduled_probe(
     results = await run_plan(plan, settings)
     _log_failures(plan, results)
     async with sessions() as session, session.begin():
-        if await session.get(Service, service_id) is not None:  # deleted meanwhile
-            record_observations(session, service_id, results)
+        if await session.get(Service, service_id) is None:  # deleted meanwhile
+            return
+        record_observations(session, service_id, results)
+    if broker is not None:
+        broker.publish(USAGE_TOPIC, UsageRecorded(service_id))

@@ -60,12 +60,18 @@ def _known_timezones() -> frozenset[str]:
     return frozenset(zoneinfo.available_timezones())
 
 
+def is_known_timezone(name: str) -> bool:
+    """True for an IANA time zone name this host knows (any well-formed name on a host
+    without a tz database)."""
+    known = _known_timezones()
+    return bool(TIMEZONE_KEY_RE.match(name)) and (not known or name in known | {"UTC"})
+
+
 def _timezone(value: Any) -> str | None:
     name: str | None = text_field(64, blank_ok=True, label="timezone")(value)
     if name is None:
         return None
-    known = _known_timezones()  # empty on a host without a tz database: the shape only
-    if not TIMEZONE_KEY_RE.match(name) or (known and name not in known | {"UTC"}):
+    if not is_known_timezone(name):
         raise FieldInvalid(
             f"timezone {name!r} is not an IANA time zone (e.g. Europe/Berlin, America/New_York, "
             "UTC)"

@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from runner.compose import template_problem, template_save_problems
 from server.errors import ErrorCode, InvalidInput, UserError
 from server.models import NAME_MAX, CommandTemplate
+from server.profiles import is_known_timezone
 from server.validation import (
     TEXT_MAX,
     FieldInvalid,
@@ -104,8 +105,20 @@ def _env(value: Any) -> dict[str, str]:
             raise FieldInvalid(f"env: {problem.message}") from problem
         if not isinstance(item, str) or len(item) > 4096:
             raise FieldInvalid(f"env {name}: value must be a string of at most 4096 characters")
+        if name == "TZ":
+            _check_tz(item)
         env[name] = item
     return env
+
+
+def _check_tz(value: str) -> None:
+    """Chromium silently ignores a TZ it does not know and runs in the host's zone (issue 12):
+    refuse it here, where the value is known. A leading ':' is the C library's own syntax."""
+    if not is_known_timezone(value.removeprefix(":")):
+        raise FieldInvalid(
+            f"env TZ: {value!r} is not a known time zone; Chromium ignores it "
+            "(use an IANA name such as Europe/Berlin, or UTC)"
+        )
 
 
 def check_template_uses(template: CommandTemplate) -> None:

@@ -252,6 +252,11 @@ async def test_invalid_timezone_names_itself_in_the_stored_log(
     final = await wait_final(gql, command_id, timeout=60)
     assert final["status"] == "FAILED"
     assert final["exitCode"] == 3
+    # The command's own error names the cause, not only the exit status (issue 12).
+    assert final["error"].startswith(
+        'exited with status 3: cannot launch Chromium: invalid timezone "Mars/Olympus" '
+        '(browser setting "timezone"'
+    ), final["error"]
     stderr = texts(await logs_of(gql, command_id), "STDERR")
     assert stderr[0].startswith(
         'corral-playwright: cannot launch Chromium: invalid timezone "Mars/Olympus"'

@@ -178,7 +178,9 @@ async def test_a_concurrency_cap_of_one_runs_them_one_after_the_other(
 async def test_a_rate_limit_answer_starts_the_cool_down(app: Starlette, gql: GraphQLClient) -> None:
     github = await service(gql, "github", {"coolDownSeconds": 2})
     answered = utcnow()
-    await observe(app, github, remaining=0, reset_at=None, observed_at=answered)
+    await observe(
+        app, github, remaining=0, reset_at=None, observed_at=answered, detail="HTTP 429: slow down"
+    )
     gated = await run(gql, commandString="true", serviceIds=[github])
     waiting = await wait_status(gql, gated, {"WAITING"})
     until = (answered + timedelta(seconds=2)).strftime("%H:%M:%S UTC")
@@ -190,6 +192,23 @@ async def test_a_rate_limit_answer_starts_the_cool_down(app: Starlette, gql: Gra
     assert datetime.fromisoformat(done["startedAt"]) >= answered + timedelta(seconds=2)
 
 
+async def test_a_plain_zero_does_not_start_the_cool_down(
+    app: Starlette, gql: GraphQLClient
+) -> None:
+    """A budget seen at zero without a rate-limit answer (a 200 that left none, a 403 that
+    is not about the rate limit) starts no cool-down: with no reset known, nothing holds."""
+    github = await service(gql, "github", {"coolDownSeconds": 600})
+    await observe(app, github, remaining=0, reset_at=None, observed_at=utcnow())
+    plain = await run(gql, commandString="true", serviceIds=[github])
+    assert (await wait_final(gql, plain))["status"] == "SUCCEEDED"
+    await observe(app, github, remaining=0, reset_at=None, observed_at=utcnow(), detail="HTTP 403")
+    # A 403 that left none is GitHub's rate-limit answer: this one waits.
+    gated = await run(gql, commandString="true", serviceIds=[github])
+    waiting = await wait_status(gql, gated, {"WAITING"})
+    assert "cooling down after a rate-limit answer" in waiting["waitReason"]
+    await gql(CANCEL, id=gated)
+
+
 async def test_an_invalid_token_fails_fast_and_only_its_own_runs(
     app: Starlette, gql: GraphQLClient
 ) -> None:
@@ -197,14 +216,24 @@ async def test_an_invalid_token_fails_fast_and_only_its_own_runs(
     profile = await gql('mutation { createProfile(input: {name: "P"}) { profile { id } } }')
     profile_id = profile["createProfile"]["profile"]["id"]
     await gql(LINK, input={"profileId": profile_id, "serviceId": github, "token": "own-token"})
-    await observe(app, github, profile_id, token_valid=False, observed_at=utcnow())
+    refused_at = utcnow()
+    await observe(
+        app,
+        github,
+        profile_id,
+        token_valid=False,
+        observed_at=refused_at,
+        detail="HTTP 401: Bad credentials",
+    )
     doomed = await run(gql, commandString="true", serviceIds=[github], profileId=profile_id)
     shared = await run(gql, commandString="true", serviceIds=[github])
     failed = await wait_final(gql, doomed)
     assert failed["status"] == "FAILED"
     assert failed["attempts"] == 0
-    assert failed["error"].startswith("github token of profile 'P' is invalid (reported at ")
-    assert failed["error"].endswith("set a new token")
+    assert failed["error"] == (
+        "github token of profile 'P' is invalid: the provider answered 401 at "
+        f"{refused_at.strftime('%H:%M')} UTC (Bad credentials); set a new token"
+    )
     services: AppServices = app.state.services
     async with services.sessionmaker() as session:
         lines = list(

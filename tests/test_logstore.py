@@ -15,7 +15,10 @@ from sqlalchemy import Connection, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from runner.lines import Redactor
-from runner.logwriter import FLUSH_LINES, LogStore, _Payload, _pg_write
+from runner.logstore import LogStore
+from runner.logwriter import FLUSH_LINES
+from runner.store import WriteBatch
+from runner.store_postgres import pg_write
 from server.broker import Broker, command_topic
 from server.db import READ_ONLY, create_engine, create_sessionmaker
 from server.models import Command, LogLine, LogStream
@@ -259,12 +262,12 @@ async def test_a_value_too_long_for_its_column_is_refused_not_cut(engine: AsyncE
     # The values travel as arrays; a cast to VARCHAR(16)[] would cut them without a word.
     command_id = await new_command(engine)
     too_long = "SUCCEEDED-AND-MORE"
-    payload = _Payload(
+    payload = WriteBatch(
         updates={
             (("status",), True): [{"status": too_long, "_id": command_id, "_runner": "runner-1"}]
         }
     )
-    write = _pg_write(payload)
+    write = pg_write(payload)
     assert write is not None
     async with engine.connect() as connection:
         raw = await connection.get_raw_connection()
@@ -280,9 +283,9 @@ def test_the_same_column_sets_make_the_same_statement_whatever_their_order() -> 
     # would prepare (a round trip more) nearly every time.
     start = {"pgid": 7, "argv": ["x"], "_id": 1, "_runner": "r"}
     seq = {"last_seq": 3, "_id": 2, "_runner": "r"}
-    one = _Payload(updates={(("argv", "pgid"), True): [start], (("last_seq",), True): [seq]})
-    other = _Payload(updates={(("last_seq",), True): [seq], (("argv", "pgid"), True): [start]})
-    first, second = _pg_write(one), _pg_write(other)
+    one = WriteBatch(updates={(("argv", "pgid"), True): [start], (("last_seq",), True): [seq]})
+    other = WriteBatch(updates={(("last_seq",), True): [seq], (("argv", "pgid"), True): [start]})
+    first, second = pg_write(one), pg_write(other)
     assert first is not None
     assert second is not None
     assert first[0] == second[0]

@@ -21,7 +21,7 @@ from server.app import create_app
 from server.models import AuditEvent, Command, LogLine, Profile, utcnow
 from server.panel.assets import HTMX_CDN_URL, HTMX_INTEGRITY, HTMX_LOCAL_URL
 from server.settings import Settings
-from tests.fixtures.chromium import PAGE_HELPERS_JS, ROOT, run_browser_script
+from tests.fixtures.chromium import ROOT, browser_script, run_browser_script
 from tests.fixtures.servers import running_server
 from tests.test_login import PASSWORD, add_user, browser_for, log_in
 
@@ -418,16 +418,12 @@ async def test_cdn_assets_are_pinned_with_a_local_fallback(settings: Settings) -
 # --- in real headless Chromium ---------------------------------------------------------
 
 ARTIFACTS = ROOT / "test-artifacts"
-PANEL_BROWSER_SCRIPT = r"""
-const { chromium } = require(process.env.PLAYWRIGHT_CORE);
+PANEL_BROWSER_SCRIPT = browser_script(
+    r"""
 (async () => {
   const [base, chromiumPath, shots, runPath] = process.argv.slice(2);
   const origin = new URL(base).origin;
-  const browser = await chromium.launch({
-    executablePath: chromiumPath,
-    args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update',
-           '--disable-sync', '--disable-gpu'],
-  });
+/*LAUNCH*/
   const found = { errors: [], foreign: [], violations: [], htmxPosts: [] };
   try {
     const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
@@ -457,11 +453,7 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE);
       found.violations.push(...await page.evaluate(() => window.__violations));
     };
 
-    await page.goto(`${base}/profiles`);
-    await page.locator('input[name="name"]').fill(process.env.CORRAL_USER);
-    await page.locator('input[name="password"]').fill(process.env.CORRAL_PASSWORD);
-    await page.locator('button[type="submit"]').click();
-    await page.waitForURL((target) => target.pathname === '/profiles', { timeout: 20000 });
+    await logIn('/profiles');
     found.htmx = await page.evaluate(() => typeof window.htmx === 'object');
     await collect();
 
@@ -498,12 +490,9 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE);
     await page.setViewportSize({ width: 390, height: 844 });
     await page.goto(`${base}${runPath}`);
     await shoot('run-phone');
-  } finally {
-    await browser.close();
-  }
-  console.log(JSON.stringify(found));
-})().catch((error) => { console.error(error); process.exit(1); });
-""".replace("/*PAGE_HELPERS*/", PAGE_HELPERS_JS)
+  /*END*/
+"""
+)
 
 
 async def test_panel_in_chromium(settings: Settings, tmp_path: Path, backend: str) -> None:

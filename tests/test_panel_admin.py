@@ -19,7 +19,7 @@ from server.panel.common import FLASH_COOKIE, redirect_with_flash
 from server.settings import Settings
 from tests.conftest import GraphQLClient
 from tests.fixtures.auth import bearer
-from tests.fixtures.chromium import PAGE_HELPERS_JS, ROOT, run_browser_script
+from tests.fixtures.chromium import ROOT, browser_script, run_browser_script
 from tests.fixtures.servers import running_server
 from tests.test_login import PASSWORD, add_user, browser_for
 from tests.test_panel import (  # noqa: F401 - fixtures
@@ -374,15 +374,11 @@ async def test_error_flash_is_an_alert(
 # --- in real headless Chromium ---------------------------------------------------------
 
 ARTIFACTS = ROOT / "test-artifacts"
-ADMIN_BROWSER_SCRIPT = r"""
-const { chromium } = require(process.env.PLAYWRIGHT_CORE);
+ADMIN_BROWSER_SCRIPT = browser_script(
+    r"""
 (async () => {
   const [base, chromiumPath, shots] = process.argv.slice(2);
-  const browser = await chromium.launch({
-    executablePath: chromiumPath,
-    args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update',
-           '--disable-sync', '--disable-gpu'],
-  });
+/*LAUNCH*/
   const found = { errors: [], violations: [] };
   try {
     const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
@@ -396,11 +392,7 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE);
     const collect = async () => {
       found.violations.push(...await page.evaluate(() => window.__violations));
     };
-    await page.goto(`${base}/tokens`);
-    await page.locator('input[name="name"]').fill(process.env.CORRAL_USER);
-    await page.locator('input[name="password"]').fill(process.env.CORRAL_PASSWORD);
-    await page.locator('button[type="submit"]').click();
-    await page.waitForURL((target) => target.pathname === '/tokens', { timeout: 20000 });
+    await logIn('/tokens');
     await shoot('tokens-first');
 
     // A blank name: the error next to its field.
@@ -450,12 +442,9 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE);
     await page.setViewportSize({ width: 390, height: 844 });
     await page.goto(`${base}/audit`);
     await shoot('audit-phone');
-  } finally {
-    await browser.close();
-  }
-  console.log(JSON.stringify(found));
-})().catch((error) => { console.error(error); process.exit(1); });
-""".replace("/*PAGE_HELPERS*/", PAGE_HELPERS_JS)
+  /*END*/
+"""
+)
 
 
 async def test_tokens_and_audit_in_chromium(

@@ -31,7 +31,7 @@ from server.models import (
 from server.panel import panel_routes
 from server.panel.run_files import ENTRIES_READ, list_files
 from server.settings import Settings
-from tests.fixtures.chromium import PAGE_HELPERS_JS, ROOT, run_browser_script
+from tests.fixtures.chromium import ROOT, browser_script, run_browser_script
 from tests.fixtures.servers import running_server
 from tests.test_login import PASSWORD, add_user, browser_for, log_in
 from tests.test_panel import (  # noqa: F401 - fixtures
@@ -389,15 +389,11 @@ async def test_nul_characters_in_forms_are_refused_never_a_500(
 
 # --- in real headless Chromium ---------------------------------------------------------
 
-HOSTILE_BROWSER_SCRIPT = r"""
-const { chromium } = require(process.env.PLAYWRIGHT_CORE);
+HOSTILE_BROWSER_SCRIPT = browser_script(
+    r"""
 (async () => {
   const [base, chromiumPath, shots, pathsJson, newName] = process.argv.slice(2);
-  const browser = await chromium.launch({
-    executablePath: chromiumPath,
-    args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update',
-           '--disable-sync', '--disable-gpu'],
-  });
+/*LAUNCH*/
   const found = { errors: [], dialogs: [], statuses: {}, texts: {} };
   try {
     const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
@@ -420,12 +416,9 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE);
     found.heading = await page.locator('h1').innerText();
     await shoot('hostile-created');
     found.violations = await page.evaluate(() => window.__violations);
-  } finally {
-    await browser.close();
-  }
-  console.log(JSON.stringify(found));
-})().catch((error) => { console.error(error); process.exit(1); });
-""".replace("/*PAGE_HELPERS*/", PAGE_HELPERS_JS).replace("/*LOG_IN*/", LOG_IN_JS)
+  /*END*/
+""".replace("/*LOG_IN*/", LOG_IN_JS)
+)
 
 
 async def test_hostile_data_in_chromium_runs_no_script(

@@ -18,7 +18,7 @@ from server.panel.proxies import ago
 from server.proxies import MAX_IMPORT_LINKS
 from server.settings import Settings
 from tests.conftest import GraphQLClient
-from tests.fixtures.chromium import PAGE_HELPERS_JS, ROOT, run_browser_script
+from tests.fixtures.chromium import ROOT, browser_script, run_browser_script
 from tests.fixtures.netfakes import LocalSite, UpstreamHttpProxy
 from tests.fixtures.servers import running_server
 from tests.test_login import PASSWORD as LOGIN_PASSWORD
@@ -522,15 +522,11 @@ async def test_check_now_with_and_without_htmx(
 # --- in real headless Chromium ---------------------------------------------------------
 
 ARTIFACTS = ROOT / "test-artifacts"
-BROWSER_SCRIPT = r"""
-const { chromium } = require(process.env.PLAYWRIGHT_CORE);
+BROWSER_SCRIPT = browser_script(
+    r"""
 (async () => {
   const [base, chromiumPath, shots, links, checkName] = process.argv.slice(2);
-  const browser = await chromium.launch({
-    executablePath: chromiumPath,
-    args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update',
-           '--disable-sync', '--disable-gpu'],
-  });
+/*LAUNCH*/
   const found = { errors: [], violations: [], loads: 0 };
   try {
     const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
@@ -543,11 +539,7 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE);
     });
     page.on('load', () => { found.loads += 1; });
     /*PAGE_HELPERS*/
-    await page.goto(`${base}/proxies`);
-    await page.locator('input[name="name"]').fill(process.env.CORRAL_USER);
-    await page.locator('input[name="password"]').fill(process.env.CORRAL_PASSWORD);
-    await page.locator('button[type="submit"]').click();
-    await page.waitForURL((target) => target.pathname === '/proxies', { timeout: 20000 });
+    await logIn('/proxies');
     found.htmx = await page.evaluate(() => typeof window.htmx === 'object');
 
     await page.getByLabel('Share links, one a line').fill(links);
@@ -581,12 +573,9 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE);
     await page.goto(`${base}/proxies`);
     await shoot('proxies-phone');
     found.violations.push(...await page.evaluate(() => window.__violations));
-  } finally {
-    await browser.close();
-  }
-  console.log(JSON.stringify(found));
-})().catch((error) => { console.error(error); process.exit(1); });
-""".replace("/*PAGE_HELPERS*/", PAGE_HELPERS_JS)
+  /*END*/
+"""
+)
 
 
 async def test_import_and_check_now_in_chromium(

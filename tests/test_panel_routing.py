@@ -12,7 +12,7 @@ import httpx
 from starlette.applications import Starlette
 
 from server.settings import Settings
-from tests.fixtures.chromium import PAGE_HELPERS_JS, ROOT, run_browser_script
+from tests.fixtures.chromium import ROOT, browser_script, run_browser_script
 from tests.fixtures.servers import running_server
 from tests.test_login import PASSWORD as LOGIN_PASSWORD
 from tests.test_login import add_user
@@ -193,15 +193,11 @@ async def test_the_composer_preview_shows_the_runs_routing_table(
 
 # --- in real headless Chromium ---------------------------------------------------------
 
-EDITOR_SCRIPT = r"""
-const { chromium } = require(process.env.PLAYWRIGHT_CORE);
+EDITOR_SCRIPT = browser_script(
+    r"""
 (async () => {
   const [base, chromiumPath, shots, path] = process.argv.slice(2);
-  const browser = await chromium.launch({
-    executablePath: chromiumPath,
-    args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update',
-           '--disable-sync', '--disable-gpu'],
-  });
+/*LAUNCH*/
   const found = { errors: [], violations: [], overflow: {} };
   try {
     const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
@@ -215,11 +211,7 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE);
     /*PAGE_HELPERS*/
     const overflow = () => page.evaluate(
       () => document.documentElement.scrollWidth - window.innerWidth);
-    await page.goto(`${base}${path}`);
-    await page.locator('input[name="name"]').fill(process.env.CORRAL_USER);
-    await page.locator('input[name="password"]').fill(process.env.CORRAL_PASSWORD);
-    await page.locator('button[type="submit"]').click();
-    await page.waitForURL((target) => target.pathname === path, { timeout: 20000 });
+    await logIn(path);
     found.before = await page.locator('#routing-table').innerText();
 
     const domains = page.locator('#rules-0-domains');
@@ -250,12 +242,9 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE);
     found.overflow.phone = await overflow();
     await shoot('routing-phone');
     found.violations.push(...await page.evaluate(() => window.__violations));
-  } finally {
-    await browser.close();
-  }
-  console.log(JSON.stringify(found));
-})().catch((error) => { console.error(error); process.exit(1); });
-""".replace("/*PAGE_HELPERS*/", PAGE_HELPERS_JS)
+  /*END*/
+"""
+)
 
 
 async def test_edit_a_rule_in_chromium(settings: Settings, tmp_path: Path, backend: str) -> None:

@@ -19,7 +19,7 @@ from graphql_schema.relay import encode_id
 from server.models import Command, LogLine
 from server.settings import Settings
 from tests.conftest import GraphQLClient
-from tests.fixtures.chromium import PAGE_HELPERS_JS, ROOT, run_browser_script
+from tests.fixtures.chromium import ROOT, browser_script, run_browser_script
 from tests.fixtures.commands import run, wait_status
 from tests.fixtures.servers import LiveServer, running_server
 from tests.test_login import PASSWORD, add_user, log_in
@@ -303,23 +303,15 @@ LOG_IN_JS = r"""
     page.on('console', (message) => {
       if (message.type() === 'error') found.errors.push(message.text());
     });
-    await page.goto(`${base}/login`);
-    await page.locator('input[name="name"]').fill(process.env.CORRAL_USER);
-    await page.locator('input[name="password"]').fill(process.env.CORRAL_PASSWORD);
-    await page.locator('button[type="submit"]').click();
-    await page.waitForURL((target) => target.pathname === '/', { timeout: 20000 });
+    await logIn();
 """
 
-LIVE_BROWSER_SCRIPT = r"""
-const { chromium } = require(process.env.PLAYWRIGHT_CORE);
+LIVE_BROWSER_SCRIPT = browser_script(
+    r"""
 const fs = require('fs');
 (async () => {
   const [base, chromiumPath, shots, runPath, runDir] = process.argv.slice(2);
-  const browser = await chromium.launch({
-    executablePath: chromiumPath,
-    args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update',
-           '--disable-sync', '--disable-gpu'],
-  });
+/*LAUNCH*/
   const found = { errors: [], violations: [] };
   try {
     const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
@@ -342,12 +334,9 @@ const fs = require('fs');
     found.status = await page.locator('#run-status').innerText();
     await shoot('run-cancelled');
     found.violations = await page.evaluate(() => window.__violations);
-  } finally {
-    await browser.close();
-  }
-  console.log(JSON.stringify(found));
-})().catch((error) => { console.error(error); process.exit(1); });
-""".replace("/*PAGE_HELPERS*/", PAGE_HELPERS_JS).replace("/*LOG_IN*/", LOG_IN_JS)
+  /*END*/
+""".replace("/*LOG_IN*/", LOG_IN_JS)
+)
 
 
 async def test_run_page_follows_live_and_cancels_in_chromium(

@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 from server.models import CommandEvent, CommandTemplate, utcnow
 from server.settings import Settings
 from tests.conftest import GraphQLClient, StatementCounter
-from tests.fixtures.chromium import PAGE_HELPERS_JS, ROOT, run_browser_script
+from tests.fixtures.chromium import ROOT, browser_script, run_browser_script
 from tests.fixtures.commands import run, wait_status
 from tests.fixtures.servers import running_server
 from tests.test_login import PASSWORD, add_user
@@ -305,16 +305,12 @@ async def test_files_download_for_admins_and_never_outside_the_run(
 
 # --- in real headless Chromium ---------------------------------------------------------
 
-BROWSER_SCRIPT = r"""
-const { chromium } = require(process.env.PLAYWRIGHT_CORE);
+BROWSER_SCRIPT = browser_script(
+    r"""
 const fs = require('fs');
 (async () => {
   const [base, chromiumPath, shots, runPath, runDir] = process.argv.slice(2);
-  const browser = await chromium.launch({
-    executablePath: chromiumPath,
-    args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update',
-           '--disable-sync', '--disable-gpu'],
-  });
+/*LAUNCH*/
   const found = { errors: [], violations: [] };
   try {
     const context = await browser.newContext({ viewport: { width: 1280, height: 900 }, acceptDownloads: true });
@@ -369,12 +365,9 @@ const fs = require('fs');
     found.plainTitle = await page.locator('h1').innerText();
     await shoot('run-log-page');
     found.violations = await page.evaluate(() => window.__violations);
-  } finally {
-    await browser.close();
-  }
-  console.log(JSON.stringify(found));
-})().catch((error) => { console.error(error); process.exit(1); });
-""".replace("/*PAGE_HELPERS*/", PAGE_HELPERS_JS).replace("/*LOG_IN*/", LOG_IN_JS)
+  /*END*/
+""".replace("/*LOG_IN*/", LOG_IN_JS)
+)
 
 # Waits for the browser's go (so the list sees it unfinished); prints two events, writes a
 # file, then 450 lines.

@@ -15,7 +15,7 @@ from starlette.applications import Starlette
 
 from server.models import AuditEvent, ProfileProxy, ProfileService, Proxy, Service
 from server.settings import Settings
-from tests.fixtures.chromium import PAGE_HELPERS_JS, ROOT, run_browser_script
+from tests.fixtures.chromium import ROOT, browser_script, run_browser_script
 from tests.fixtures.servers import running_server
 from tests.test_login import PASSWORD, add_user
 from tests.test_panel import add_profile, admin, audit_of, csrf_of, post_form, viewer  # noqa: F401
@@ -487,17 +487,13 @@ async def test_forged_posts_are_refused(
 
 ROTATED = "ghp_RotatedShared5555555555555555efgh"
 OWN_ROTATED = "sk-ProfileRotated77777777777777ijkl"
-SERVICES_BROWSER_SCRIPT = r"""
-const { chromium } = require(process.env.PLAYWRIGHT_CORE);
+SERVICES_BROWSER_SCRIPT = browser_script(
+    r"""
 (async () => {
   const [base, chromiumPath, shots, profilePath, ...secrets] = process.argv.slice(2);
   const [secret, rotated, own, ownRotated] = secrets;
   const origin = new URL(base).origin;
-  const browser = await chromium.launch({
-    executablePath: chromiumPath,
-    args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update',
-           '--disable-sync', '--disable-gpu'],
-  });
+/*LAUNCH*/
   const found = { errors: [], foreign: [], violations: [], posts: [], leaks: [] };
   try {
     const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
@@ -527,11 +523,7 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE);
       return page.locator('.flash').innerText();
     };
 
-    await page.goto(`${base}/services`);
-    await page.locator('input[name="name"]').fill(process.env.CORRAL_USER);
-    await page.locator('input[name="password"]').fill(process.env.CORRAL_PASSWORD);
-    await page.locator('button[type="submit"]').click();
-    await page.waitForURL((target) => target.pathname === '/services', { timeout: 20000 });
+    await logIn('/services');
 
     await page.getByLabel('Name', { exact: true }).fill('Browser Service');
     await page.getByLabel('Env var name').fill('BROWSER_TOKEN');
@@ -579,12 +571,9 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE);
     await page.setViewportSize({ width: 390, height: 844 });
     await page.goto(`${base}${profilePath}`);
     await shoot('profile-links-phone');
-  } finally {
-    await browser.close();
-  }
-  console.log(JSON.stringify(found));
-})().catch((error) => { console.error(error); process.exit(1); });
-""".replace("/*PAGE_HELPERS*/", PAGE_HELPERS_JS)
+  /*END*/
+"""
+)
 
 
 async def test_services_and_links_in_chromium(

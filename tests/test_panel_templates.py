@@ -19,7 +19,7 @@ from server import templates as template_domain
 from server.models import AuditEvent, Command, CommandTemplate, LogLine
 from server.settings import Settings
 from tests.conftest import GraphQLClient
-from tests.fixtures.chromium import PAGE_HELPERS_JS, ROOT, run_browser_script
+from tests.fixtures.chromium import ROOT, browser_script, run_browser_script
 from tests.fixtures.servers import running_server
 from tests.test_compose import SIDECAR_NOTE, UPSTREAM_PASSWORD, proxied_profile
 from tests.test_login import PASSWORD, add_user
@@ -433,15 +433,11 @@ async def test_a_panel_run_is_audited_and_runs(
 
 # --- in real headless Chromium ---------------------------------------------------------
 
-BROWSER_SCRIPT = r"""
-const { chromium } = require(process.env.PLAYWRIGHT_CORE);
+BROWSER_SCRIPT = browser_script(
+    r"""
 (async () => {
   const [base, chromiumPath, shots, templateId] = process.argv.slice(2);
-  const browser = await chromium.launch({
-    executablePath: chromiumPath,
-    args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update',
-           '--disable-sync', '--disable-gpu'],
-  });
+/*LAUNCH*/
   const found = { errors: [], violations: [] };
   try {
     const page = await browser.newPage({ viewport: { width: 1280, height: 900 } });
@@ -450,11 +446,7 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE);
       if (message.type() === 'error') found.errors.push(message.text());
     });
     /*PAGE_HELPERS*/
-    await page.goto(`${base}/login`);
-    await page.locator('input[name="name"]').fill(process.env.CORRAL_USER);
-    await page.locator('input[name="password"]').fill(process.env.CORRAL_PASSWORD);
-    await page.locator('button[type="submit"]').click();
-    await page.waitForURL((target) => target.pathname === '/', { timeout: 20000 });
+    await logIn();
     await page.goto(`${base}/templates`);
     await shoot('templates');
     await page.goto(`${base}/templates/${templateId}`);
@@ -494,12 +486,9 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE);
     found.runPath = new URL(page.url()).pathname;
     await shoot('compose-run');
     found.violations = await page.evaluate(() => window.__violations);
-  } finally {
-    await browser.close();
-  }
-  console.log(JSON.stringify(found));
-})().catch((error) => { console.error(error); process.exit(1); });
-""".replace("/*PAGE_HELPERS*/", PAGE_HELPERS_JS)
+  /*END*/
+"""
+)
 
 
 async def test_editor_and_composer_in_chromium(

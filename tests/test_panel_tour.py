@@ -13,21 +13,17 @@ import httpx
 
 from server.settings import Settings
 from tests.conftest import GraphQLClient
-from tests.fixtures.chromium import PAGE_HELPERS_JS, ROOT, run_browser_script
+from tests.fixtures.chromium import ROOT, browser_script, run_browser_script
 from tests.fixtures.servers import running_server
 from tests.test_login import PASSWORD, add_user
 from tests.test_panel import add_run
 
-TOUR_SCRIPT = r"""
-const { chromium } = require(process.env.PLAYWRIGHT_CORE);
+TOUR_SCRIPT = browser_script(
+    r"""
 (async () => {
   const [base, chromiumPath, shots, mode] = process.argv.slice(2);
   const phone = mode === 'phone';
-  const browser = await chromium.launch({
-    executablePath: chromiumPath,
-    args: ['--no-sandbox', '--disable-background-networking', '--disable-component-update',
-           '--disable-sync', '--disable-gpu'],
-  });
+/*LAUNCH*/
   const found = { pages: {}, errors: [] };
   try {
     const page = await browser.newPage({
@@ -38,11 +34,7 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE);
       if (message.type() === 'error') found.errors.push(`${page.url()}: ${message.text()}`);
     });
     /*PAGE_HELPERS*/
-    await page.goto(`${base}/login`);
-    await page.locator('input[name="name"]').fill(process.env.CORRAL_USER);
-    await page.locator('input[name="password"]').fill(process.env.CORRAL_PASSWORD);
-    await page.locator('button[type="submit"]').click();
-    await page.waitForURL((target) => target.pathname === '/', { timeout: 20000 });
+    await logIn();
     const menu = await page.locator('nav[aria-label="Main"] a').evaluateAll(
       (links) => links.map((link) => link.getAttribute('href')));
     const visit = async (path) => {
@@ -80,12 +72,9 @@ const { chromium } = require(process.env.PLAYWRIGHT_CORE);
     }
     found.menu = menu;
     found.violations = await page.evaluate(() => window.__violations);
-  } finally {
-    await browser.close();
-  }
-  console.log(JSON.stringify(found));
-})().catch((error) => { console.error(error); process.exit(1); });
-""".replace("/*PAGE_HELPERS*/", PAGE_HELPERS_JS)
+  /*END*/
+"""
+)
 
 SEED = """
 mutation Seed($profile: CreateProfileInput!, $service: CreateServiceInput!,
@@ -140,7 +129,8 @@ async def test_every_page_in_chromium_as_admin_and_as_viewer_on_a_phone(
     (shots / "tour.json").write_text(json.dumps(found, indent=1))
     admin, viewer = found["laptop"], found["phone"]
     # The admin's menu has every page of the issue; the viewer's lacks the admin pages.
-    assert {"/", "/profiles", "/services", "/proxies", "/templates", "/runs"} <= set(admin["menu"])
+    pages = {"/", "/profiles", "/services", "/proxies", "/usage", "/templates", "/runs"}
+    assert pages <= set(admin["menu"])
     assert {"/audit", "/tokens"} <= set(admin["menu"])
     assert not {"/audit", "/tokens"} & set(viewer["menu"])
     for mode, tour in found.items():

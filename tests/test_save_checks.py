@@ -165,6 +165,18 @@ async def test_templates_and_env_names_are_checked_when_saved(gql: GraphQLClient
     await accepted(gql, CREATE_SERVICE, "createService", input={"name": "s", "envVar": "GH_TOKEN"})
 
 
+async def test_a_tz_chromium_would_ignore_is_refused_in_template_env(gql: GraphQLClient) -> None:
+    for value in ("Mars/Olympus", "CET-1CEST", "", "../../etc/localtime"):
+        template = {"name": "t", "template": "run", "env": {"TZ": value}}
+        error = await refused(gql, CREATE_TEMPLATE, "createCommandTemplate", input=template)
+        assert error["field"] == ["env"], (value, error)
+        expected = f"env TZ: {value!r} is not a known time zone; Chromium ignores it"
+        assert expected in error["message"], (value, error)
+    for value in ("Europe/Berlin", ":America/New_York", "UTC"):
+        template = {"name": f"tz {value}", "template": "run", "env": {"TZ": value}}
+        await accepted(gql, CREATE_TEMPLATE, "createCommandTemplate", input=template)
+
+
 async def test_delete_profile_removes_corrals_own_browser_data_when_asked(
     gql: GraphQLClient, settings: Settings, tmp_path: Path
 ) -> None:

@@ -43,11 +43,11 @@ async def test_usage_events_update_the_token_the_run_used(
     services: AppServices = app.state.services
     async with services.sessionmaker() as session:
         rows = list(await session.scalars(select(ServiceUsage).order_by(ServiceUsage.id)))
-    assert [(r.profile_id is None, r.remaining, r.source) for r in rows] == [
-        (False, 10, "event"),
-        (True, 4321, "event"),  # the link has no token: the shared token's budget
-        (False, 0, "event"),  # a 429: none left until the reset
-    ]
+    assert [(r.profile_id is None, r.remaining, r.source, r.detail) for r in rows] == [
+        (False, 10, "event", None),
+        (True, 4321, "event", None),  # the link has no token: the shared token's budget
+        (False, 0, "event", "HTTP 429"),  # a 429: none left until the reset; the gate's
+    ]  # cool-down reads the status off the detail
     links = links_by_profile(await gql(LINKS))
     assert links["own"]["usage"]["remaining"] == 0
     assert links["own"]["usage"]["resetAt"].startswith("2030-01-01T00:00:00")

@@ -18,9 +18,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 
-import runner.logwriter as logwriter
+import runner.logstore as logstore
 from graphql_schema.context import AppServices
-from runner.logwriter import LogStore
+from runner.logstore import LogStore
+from runner.store_errors import ConnectionLost
 from server.app import create_app
 from server.broker import Broker
 from server.db import create_engine, create_sessionmaker
@@ -288,7 +289,7 @@ async def running_app(settings: Settings) -> AsyncIterator[tuple[Starlette, Grap
 @pytest.fixture
 def outage_settings(settings: Settings, backend: str, monkeypatch: pytest.MonkeyPatch) -> Settings:
     # A small bound, so the flood surely meets it: the children must wait, not the memory.
-    monkeypatch.setattr(logwriter, "MAX_PENDING_LINES", 5_000)
+    monkeypatch.setattr(logstore, "MAX_PENDING_LINES", 5_000)
     # SQLite "unavailable": another connection holds the write lock for longer than the busy
     # timeout (5 s), so tries fail (the old store dropped lines after 5 of them). The busy
     # timeout stays as it is: the API's own reads must not fail meanwhile.
@@ -360,8 +361,8 @@ async def test_a_database_outage_during_a_flood_loses_nothing(
     assert [final["status"] for final in finals] == ["SUCCEEDED"] * FLOOD_COMMANDS
     assert lost == [0] * FLOOD_COMMANDS
     # The children waited: the runner held no more than its bound (one read more a pipe).
-    assert max(pending) >= logwriter.MAX_PENDING_LINES
-    assert max(pending) <= logwriter.MAX_PENDING_LINES + FLOOD_COMMANDS * 20_000
+    assert max(pending) >= logstore.MAX_PENDING_LINES
+    assert max(pending) <= logstore.MAX_PENDING_LINES + FLOOD_COMMANDS * 20_000
     for command_id in commands:
         rows = await stored_lines(settings, pk(command_id))
         assert [seq for seq, _, _ in rows] == list(range(1, len(rows) + 1))  # gapless
@@ -456,7 +457,7 @@ async def test_a_commit_whose_answer_was_lost_is_not_stored_twice(
         results = await real(*args)  # type: ignore[arg-type]
         if not broke:
             broke.append(True)
-            raise logwriter._ConnectionLost("the answer to COMMIT was lost")
+            raise ConnectionLost("the answer to COMMIT was lost")
         return results
 
     monkeypatch.setattr(store, "_transact", commit_then_break)

@@ -74,6 +74,7 @@ from server.panel.templates import (
     template_preview,
     template_update,
 )
+from server.panel.usage import usage_page, usage_probe
 from server.settings import Settings
 
 
@@ -134,6 +135,8 @@ def panel_routes(_settings: Settings) -> list[Route]:
         Route("/profiles/{profile_id}/proxies", attach_proxy, methods=["POST"]),
         Route("/profiles/{profile_id}/proxies/{proxy_id}/default", default_proxy, methods=["POST"]),
         Route("/profiles/{profile_id}/proxies/{proxy_id}/detach", detach_proxy, methods=["POST"]),
+        Route("/usage", usage_page, methods=["GET"]),
+        Route("/usage/{service_id}/probe", usage_probe, methods=["POST"]),
         Route("/audit", audit_list, methods=["GET"]),
         Route("/tokens", token_list, methods=["GET"]),
         Route("/tokens", token_create, methods=["POST"]),

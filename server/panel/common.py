@@ -7,7 +7,7 @@ import math
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import quote, unquote
 
 from itsdangerous import BadSignature, TimestampSigner
@@ -17,13 +17,13 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from graphql_schema.context import AppServices
-from graphql_schema.relay import decode_id
+from graphql_schema.relay import decode_id, encode_id
 from server.access import principal_of
 from server.actions import Forbidden, perform, refusal
 from server.audit import FORBIDDEN, raised_entry, write_entry
 from server.db import READ_ONLY
-from server.errors import UserError
-from server.login import client_address, is_https
+from server.errors import ErrorCode, InvalidInput, UserError
+from server.login import client_address, is_https, read_form
 from server.pages import render_page
 from server.panel.assets import panel_assets
 from server.settings import Settings
@@ -42,6 +42,7 @@ NAV = (
     ("Profiles", "/profiles", False),
     ("Services", "/services", False),
     ("Proxies", "/proxies", False),
+    ("Usage", "/usage", False),
     ("Templates", "/templates", False),
     ("Compose", "/compose", False),
     ("Runs", "/runs", False),
@@ -277,3 +278,101 @@ def errors_by_field(errors: list[UserError]) -> dict[str, list[str]]:
 def path_id(request: Request, name: str) -> int | None:
     raw = str(request.path_params[name])
     return int(raw) if raw.isascii() and raw.isdigit() and len(raw) < 12 else None
+
+
+# --- one object's pages: show, update, delete --------------------------------------------
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ObjectKind:
+    """What the pages of one kind of object call it: its GraphQL type (the audit entry's and
+    the mutations' names), its name on a page, its path parameter and its list's path."""
+
+    object_type: str
+    what: str
+    path_param: str
+    list_path: str
+
+    def change(self, verb: str, fields: list[str], object_id: int) -> Change:
+        """The audited change `verb` (update, delete) of the object `object_id`."""
+        type_ = self.object_type
+        return Change(f"{verb}{type_}", fields, encode_id(type_, object_id), type_)
+
+
+async def show_object(
+    request: Request, kind: ObjectKind, show: Callable[..., Awaitable[Response]], **options: Any
+) -> Response:
+    """`show(request, object_id, **options)` for the object the path names; 404 otherwise."""
+    object_id = path_id(request, kind.path_param)
+    if object_id is None:
+        return not_found(request, kind.what)
+    return await show(request, object_id, **options)
+
+
+async def update_object(
+    request: Request,
+    kind: ObjectKind,
+    values_of: Callable[[dict[str, str]], dict[str, Any]],
+    work: Callable[[AsyncSession, int, dict[str, Any]], Awaitable[T]],
+    show: Callable[..., Awaitable[Response]],
+    saved: Callable[[T], str],
+    kept: Callable[[dict[str, str]], dict[str, str]] = dict,
+) -> Response:
+    """Save the posted form through `work` (the domain's update), audited as the GraphQL
+    mutation; a refusal shows the form again, `show(request, object_id, form=kept(fields),
+    errors=..., status_code=422)` (an object gone meanwhile: 404); saved, back to its page
+    with the `saved(object)` message."""
+    object_id = path_id(request, kind.path_param)
+    if object_id is None:
+        return not_found(request, kind.what)
+    fields = await read_form(request)
+    values = values_of(fields)
+    change = kind.change("update", sorted(values), object_id)
+    refused = await refuse_viewer(request, change)
+    if refused is not None:
+        return refused
+    try:
+        changed: T = await apply_change(
+            request, change, lambda session: work(session, object_id, values)
+        )
+    except InvalidInput as exc:
+        errors = errors_by_field(exc.errors)
+        if "id" in errors:
+            return not_found(request, kind.what)
+        return await show(request, object_id, form=kept(fields), errors=errors, status_code=422)
+    return redirect_with_flash(request, f"{kind.list_path}/{object_id}", saved(changed))
+
+
+async def notices_said(notices: list[str]) -> str:
+    """A deletion's notices as one flash message."""
+    return "; ".join(notices).capitalize() + "."
+
+
+async def delete_object(
+    request: Request,
+    kind: ObjectKind,
+    work: Callable[[AsyncSession, int], Awaitable[T]],
+    *,
+    fields: tuple[str, ...] = ("id",),
+    said: Callable[[T], Awaitable[str]] = notices_said,  # type: ignore[assignment]
+) -> Response:
+    """Delete the object the path names through `work` (the domain's delete), audited as the
+    GraphQL mutation with `fields`; back to the list with `said(result)` as the message. An
+    object gone is a 404; one the domain will not delete, a 409 page with its reasons."""
+    object_id = path_id(request, kind.path_param)
+    if object_id is None:
+        return not_found(request, kind.what)
+    change = kind.change("delete", list(fields), object_id)
+    refused = await refuse_viewer(request, change)
+    if refused is not None:
+        return refused
+    try:
+        result: T = await apply_change(request, change, lambda session: work(session, object_id))
+    except InvalidInput as exc:
+        if any(error.code is ErrorCode.NOT_FOUND for error in exc.errors):
+            return not_found(request, kind.what)
+        reasons = " ".join(error.message for error in exc.errors)
+        return error_page(request, 409, f"Cannot delete this {kind.what}", reasons)
+    return redirect_with_flash(request, kind.list_path, await said(result))

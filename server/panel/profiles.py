@@ -13,7 +13,7 @@ from starlette.responses import Response
 from graphql_schema.relay import encode_id
 from server import profiles as profile_service
 from server.access import principal_of
-from server.errors import ErrorCode, InvalidInput
+from server.errors import InvalidInput
 from server.login import read_form
 from server.models import (
     Command,
@@ -27,19 +27,21 @@ from server.panel.common import (
     PAGE_SIZE,
     RECENT,
     Change,
+    ObjectKind,
     app_services,
     apply_change,
-    error_page,
+    delete_object,
     errors_by_field,
     form_values,
     not_found,
     page_number,
     paged,
-    path_id,
     reading,
     redirect_with_flash,
     refuse_viewer,
     render_view,
+    show_object,
+    update_object,
 )
 from server.secretbox import token_preview
 
@@ -55,6 +57,8 @@ EDIT_FIELDS = (
     "viewportHeight",
     "headless",
 )
+
+PROFILE = ObjectKind("Profile", "profile", "profile_id", "/profiles")
 
 
 def profile_form(profile: Profile | None) -> dict[str, str]:
@@ -235,68 +239,44 @@ async def show_profile(
 
 
 async def profile_page(request: Request) -> Response:
-    profile_id = path_id(request, "profile_id")
-    if profile_id is None:
-        return not_found(request, "profile")
-    return await show_profile(request, profile_id)
+    return await show_object(request, PROFILE, show_profile)
 
 
 async def profile_update(request: Request) -> Response:
-    profile_id = path_id(request, "profile_id")
-    if profile_id is None:
-        return not_found(request, "profile")
-    fields = await read_form(request)
-    values = form_values(fields, EDIT_FIELDS)
-    change = Change("updateProfile", sorted(values), encode_id("Profile", profile_id))
-    refused = await refuse_viewer(request, change)
-    if refused is not None:
-        return refused
     settings = app_services(request).settings
-    try:
-        profile: Profile = await apply_change(
-            request,
-            change,
-            lambda session: profile_service.update_profile(session, profile_id, values, settings),
-        )
-    except InvalidInput as exc:
-        errors = errors_by_field(exc.errors)
-        if "id" in errors:
-            return not_found(request, "profile")
-        return await show_profile(request, profile_id, form=fields, errors=errors, status_code=422)
-    return redirect_with_flash(request, f"/profiles/{profile.id}", "Profile saved.")
+
+    return await update_object(
+        request,
+        PROFILE,
+        lambda fields: form_values(fields, EDIT_FIELDS),
+        lambda session, profile_id, values: profile_service.update_profile(
+            session, profile_id, values, settings
+        ),
+        show_profile,
+        lambda _: "Profile saved.",
+    )
 
 
 async def profile_delete_page(request: Request) -> Response:
     """The confirmation: what happens to the profile's data dir and its runs."""
-    profile_id = path_id(request, "profile_id")
-    if profile_id is None:
-        return not_found(request, "profile")
-    return await show_profile(request, profile_id, page="profile_delete.html")
+    return await show_object(request, PROFILE, show_profile, page="profile_delete.html")
 
 
 async def profile_delete(request: Request) -> Response:
-    profile_id = path_id(request, "profile_id")
-    if profile_id is None:
-        return not_found(request, "profile")
     delete_data = (await read_form(request)).get("deleteData") == "on"
-    fields = ["id", "deleteData"] if delete_data else ["id"]
-    change = Change("deleteProfile", fields, encode_id("Profile", profile_id))
-    refused = await refuse_viewer(request, change)
-    if refused is not None:
-        return refused
     settings = app_services(request).settings
-    try:
-        deletion: profile_service.ProfileDeletion = await apply_change(
-            request,
-            change,
-            lambda session: profile_service.delete_profile_and_data(
-                session, profile_id, settings, delete_data=delete_data
-            ),
-        )
-    except InvalidInput as exc:
-        if any(error.code is ErrorCode.NOT_FOUND for error in exc.errors):
-            return not_found(request, "profile")
-        reasons = " ".join(error.message for error in exc.errors)
-        return error_page(request, 409, "Cannot delete this profile", reasons)
-    said = "; ".join(await profile_service.remove_profile_data(deletion, settings))
-    return redirect_with_flash(request, "/profiles", said[:1].upper() + said[1:] + ".")
+
+    async def said(deletion: profile_service.ProfileDeletion) -> str:
+        # The data dir goes after the commit: a refused deletion keeps it.
+        said = "; ".join(await profile_service.remove_profile_data(deletion, settings))
+        return said[:1].upper() + said[1:] + "."
+
+    return await delete_object(
+        request,
+        PROFILE,
+        lambda session, profile_id: profile_service.delete_profile_and_data(
+            session, profile_id, settings, delete_data=delete_data
+        ),
+        fields=("id", "deleteData") if delete_data else ("id",),
+        said=said,
+    )

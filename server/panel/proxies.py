@@ -25,9 +25,10 @@ from server.panel.common import (
     PAGE_SIZE,
     Change,
     FlashKind,
+    ObjectKind,
     app_services,
     apply_change,
-    error_page,
+    delete_object,
     errors_by_field,
     not_found,
     page_number,
@@ -37,6 +38,8 @@ from server.panel.common import (
     redirect_with_flash,
     refuse_viewer,
     render_view,
+    show_object,
+    update_object,
     wants_partial,
 )
 from server.panel.proxy_routing import (
@@ -59,6 +62,8 @@ PROTOCOLS = [protocol.value for protocol in ProxyProtocol]
 # The proxy form's inputs, by the domain's (GraphQL's) field names; credentials apart.
 FORM_FIELDS = ("name", "protocol", "host", "port", "settings", "viaId")
 HISTORY_SHOWN = 20  # checks in the proxy page's health history
+
+PROXY = ObjectKind("Proxy", "proxy", "proxy_id", "/proxies")
 
 
 # --- what the pages show -----------------------------------------------------------------
@@ -454,40 +459,24 @@ def _interval_text(seconds: float) -> str | None:
 
 
 async def proxy_page(request: Request) -> Response:
-    proxy_id = path_id(request, "proxy_id")
-    if proxy_id is None:
-        return not_found(request, "proxy")
-    return await _show_proxy(request, proxy_id)
+    return await show_object(request, PROXY, _show_proxy)
 
 
 async def proxy_update(request: Request) -> Response:
-    proxy_id = path_id(request, "proxy_id")
-    if proxy_id is None:
-        return not_found(request, "proxy")
-    fields = await read_form(request)
-    values = proxy_values(fields, creating=False)
-    change = Change("updateProxy", sorted(values), encode_id("Proxy", proxy_id), "Proxy")
-    refused = await refuse_viewer(request, change)
-    if refused is not None:
-        return refused
     box, settings = app_services(request).secret_box, app_services(request).settings
     binary = installed_binary(settings.xray_bin)
-    try:
-        proxy: Proxy = await apply_change(
-            request,
-            change,
-            lambda session: proxy_service.update_proxy(
-                session, box, proxy_id, values, binary=binary
-            ),
-        )
-    except InvalidInput as exc:
-        errors = errors_by_field(exc.errors)
-        if "id" in errors:
-            return not_found(request, "proxy")
-        return await _show_proxy(
-            request, proxy_id, form=kept_form(fields), errors=errors, status_code=422
-        )
-    return redirect_with_flash(request, f"/proxies/{proxy.id}", f"Proxy {proxy.name} saved.")
+
+    return await update_object(
+        request,
+        PROXY,
+        lambda fields: proxy_values(fields, creating=False),
+        lambda session, proxy_id, values: proxy_service.update_proxy(
+            session, box, proxy_id, values, binary=binary
+        ),
+        _show_proxy,
+        lambda proxy: f"Proxy {proxy.name} saved.",
+        kept_form,
+    )
 
 
 async def proxy_routing(request: Request) -> Response:
@@ -536,30 +525,11 @@ async def proxy_routing(request: Request) -> Response:
 
 async def proxy_delete_page(request: Request) -> Response:
     """The confirmation: which profiles lose it, which chains stop it."""
-    proxy_id = path_id(request, "proxy_id")
-    if proxy_id is None:
-        return not_found(request, "proxy")
-    return await _show_proxy(request, proxy_id, page="proxy_delete.html")
+    return await show_object(request, PROXY, _show_proxy, page="proxy_delete.html")
 
 
 async def proxy_delete(request: Request) -> Response:
-    proxy_id = path_id(request, "proxy_id")
-    if proxy_id is None:
-        return not_found(request, "proxy")
-    change = Change("deleteProxy", ["id"], encode_id("Proxy", proxy_id), "Proxy")
-    refused = await refuse_viewer(request, change)
-    if refused is not None:
-        return refused
-    try:
-        notices: list[str] = await apply_change(
-            request, change, lambda session: proxy_service.delete_proxy(session, proxy_id)
-        )
-    except InvalidInput as exc:
-        if any(error.code is ErrorCode.NOT_FOUND for error in exc.errors):
-            return not_found(request, "proxy")
-        reasons = " ".join(error.message for error in exc.errors)
-        return error_page(request, 409, "Cannot delete this proxy", reasons)
-    return redirect_with_flash(request, "/proxies", "; ".join(notices).capitalize() + ".")
+    return await delete_object(request, PROXY, proxy_service.delete_proxy)
 
 
 # --- check now ---------------------------------------------------------------------------

@@ -29,15 +29,16 @@ from starlette.responses import Response
 from graphql_schema.relay import encode_id
 from server import services as service_domain
 from server.access import principal_of
-from server.errors import ErrorCode, InvalidInput
+from server.errors import InvalidInput
 from server.login import read_form
 from server.models import Profile, ProfileService, Service
 from server.panel.common import (
     PAGE_SIZE,
     Change,
+    ObjectKind,
     app_services,
     apply_change,
-    error_page,
+    delete_object,
     errors_by_field,
     not_found,
     page_number,
@@ -47,12 +48,16 @@ from server.panel.common import (
     redirect_with_flash,
     refuse_viewer,
     render_view,
+    show_object,
+    update_object,
 )
 from server.secretbox import token_preview
 
 TEXT_FIELDS = ("name", "kind", "envVar", "baseUrl")
 JSON_FIELDS = ("settings", "rateLimitPolicy")
 LINKED_SHOWN = 25  # linked profiles named on a service's page (the count is always shown)
+
+SERVICE = ObjectKind("Service", "service", "service_id", "/services")
 
 
 def linked_count() -> Any:
@@ -221,35 +226,22 @@ async def _show_service(
 
 
 async def service_page(request: Request) -> Response:
-    service_id = path_id(request, "service_id")
-    if service_id is None:
-        return not_found(request, "service")
-    return await _show_service(request, service_id)
+    return await show_object(request, SERVICE, _show_service)
 
 
 async def service_update(request: Request) -> Response:
-    service_id = path_id(request, "service_id")
-    if service_id is None:
-        return not_found(request, "service")
-    fields = await read_form(request)
-    values = service_values(fields, creating=False)
-    change = Change("updateService", sorted(values), encode_id("Service", service_id), "Service")
-    refused = await refuse_viewer(request, change)
-    if refused is not None:
-        return refused
     box = app_services(request).secret_box
-    try:
-        service: Service = await apply_change(
-            request,
-            change,
-            lambda session: service_domain.update_service(session, box, service_id, values),
-        )
-    except InvalidInput as exc:
-        errors = errors_by_field(exc.errors)
-        if "id" in errors:
-            return not_found(request, "service")
-        return await _show_service(request, service_id, form=fields, errors=errors, status_code=422)
-    return redirect_with_flash(request, f"/services/{service.id}", "Service saved.")
+
+    return await update_object(
+        request,
+        SERVICE,
+        lambda fields: service_values(fields, creating=False),
+        lambda session, service_id, values: service_domain.update_service(
+            session, box, service_id, values
+        ),
+        _show_service,
+        lambda _: "Service saved.",
+    )
 
 
 async def service_token(request: Request) -> Response:
@@ -288,27 +280,8 @@ async def service_token(request: Request) -> Response:
 
 async def service_delete_page(request: Request) -> Response:
     """The confirmation: what happens to the profiles linked to it."""
-    service_id = path_id(request, "service_id")
-    if service_id is None:
-        return not_found(request, "service")
-    return await _show_service(request, service_id, page="service_delete.html")
+    return await show_object(request, SERVICE, _show_service, page="service_delete.html")
 
 
 async def service_delete(request: Request) -> Response:
-    service_id = path_id(request, "service_id")
-    if service_id is None:
-        return not_found(request, "service")
-    change = Change("deleteService", ["id"], encode_id("Service", service_id), "Service")
-    refused = await refuse_viewer(request, change)
-    if refused is not None:
-        return refused
-    try:
-        notices: list[str] = await apply_change(
-            request, change, lambda session: service_domain.delete_service(session, service_id)
-        )
-    except InvalidInput as exc:
-        if any(error.code is ErrorCode.NOT_FOUND for error in exc.errors):
-            return not_found(request, "service")
-        reasons = " ".join(error.message for error in exc.errors)
-        return error_page(request, 409, "Cannot delete this service", reasons)
-    return redirect_with_flash(request, "/services", "; ".join(notices).capitalize() + ".")
+    return await delete_object(request, SERVICE, service_domain.delete_service)

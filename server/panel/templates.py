@@ -16,34 +16,38 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 from starlette.responses import Response
 
-from graphql_schema.relay import encode_id
 from server import commands as command_service
 from server import templates as template_service
 from server.access import principal_of
 from server.commands import Composition, RunRequest
-from server.errors import ErrorCode, InvalidInput, UserError
+from server.errors import InvalidInput, UserError
 from server.login import read_form
 from server.models import Command, CommandTemplate, Profile
 from server.panel.common import (
     PAGE_SIZE,
     Change,
+    ObjectKind,
     app_services,
     apply_change,
+    delete_object,
     error_page,
     errors_by_field,
     not_found,
     page_number,
     paged,
-    path_id,
     reading,
     redirect_with_flash,
     refuse_viewer,
     render_view,
+    show_object,
+    update_object,
 )
 
 PARAMETER_ROW_FIELDS = ("name", "type", "default", "choices", "required", "description")
 BLANK_ROWS = 2
 PROFILE_CHOICES = 200  # profiles offered in a preview's select
+
+TEMPLATE = ObjectKind("CommandTemplate", "template", "template_id", "/templates")
 
 
 # --- form <-> domain values ------------------------------------------------------------
@@ -341,12 +345,7 @@ async def template_new(request: Request) -> Response:
 
 
 async def _saved_template_page(request: Request, page: str) -> Response:
-    template_id = path_id(request, "template_id")
-    async with reading(request) as session:
-        template = None if template_id is None else await session.get(CommandTemplate, template_id)
-    if template is None:
-        return not_found(request, "template")
-    return await _show_editor(request, template, page=page)
+    return await show_object(request, TEMPLATE, _show_saved_editor, page=page)
 
 
 async def template_page(request: Request) -> Response:
@@ -374,35 +373,23 @@ async def template_create(request: Request) -> Response:
     )
 
 
-async def template_update(request: Request) -> Response:
-    template_id = path_id(request, "template_id")
-    if template_id is None:
+async def _show_saved_editor(request: Request, template_id: int, **options: Any) -> Response:
+    async with reading(request) as session:
+        current = await session.get(CommandTemplate, template_id)
+    if current is None:
         return not_found(request, "template")
-    fields = await read_form(request)
-    values = template_values(fields)
-    change = Change(
-        "updateCommandTemplate",
-        sorted(values),
-        encode_id("CommandTemplate", template_id),
-        object_type="CommandTemplate",
+    return await _show_editor(request, current, **options)
+
+
+async def template_update(request: Request) -> Response:
+    return await update_object(
+        request,
+        TEMPLATE,
+        template_values,
+        template_service.update_template,
+        _show_saved_editor,
+        lambda _: "Template saved.",
     )
-    refused = await refuse_viewer(request, change)
-    if refused is not None:
-        return refused
-    try:
-        template: CommandTemplate = await apply_change(
-            request,
-            change,
-            lambda session: template_service.update_template(session, template_id, values),
-        )
-    except InvalidInput as exc:
-        errors = errors_by_field(exc.errors)
-        async with reading(request) as session:
-            current = await session.get(CommandTemplate, template_id)
-        if current is None:
-            return not_found(request, "template")
-        return await _show_editor(request, current, form=fields, errors=errors, status_code=422)
-    return redirect_with_flash(request, f"/templates/{template.id}", "Template saved.")
 
 
 # --- delete ----------------------------------------------------------------------------
@@ -414,27 +401,5 @@ async def template_delete_page(request: Request) -> Response:
 
 
 async def template_delete(request: Request) -> Response:
-    template_id = path_id(request, "template_id")
-    if template_id is None:
-        return not_found(request, "template")
-    change = Change(
-        "deleteCommandTemplate",
-        ["id"],
-        encode_id("CommandTemplate", template_id),
-        object_type="CommandTemplate",
-    )
-    refused = await refuse_viewer(request, change)
-    if refused is not None:
-        return refused
-    try:
-        notices: list[str] = await apply_change(
-            request,
-            change,
-            lambda session: template_service.delete_template(session, template_id),
-        )
-    except InvalidInput as exc:
-        if any(error.code is ErrorCode.NOT_FOUND for error in exc.errors):
-            return not_found(request, "template")
-        reasons = " ".join(error.message for error in exc.errors)
-        return error_page(request, 409, "Cannot delete this template", reasons)
-    return redirect_with_flash(request, "/templates", " ".join(notices).capitalize() + ".")
+    # (one notice: joined as the others' are)
+    return await delete_object(request, TEMPLATE, template_service.delete_template)

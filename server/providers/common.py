@@ -83,6 +83,30 @@ def is_rate_limited(response: httpx.Response) -> bool:
     return header_int(response, "x-ratelimit-remaining") == 0 or "retry-after" in response.headers
 
 
+# An observation's detail starts with `HTTP <status>` when it records a non-200 answer (a
+# probe's, or a run's request a usage event reported): the gate reads the status off it.
+_ANSWER = re.compile(r"HTTP (\d{3})\b:? ?(.*)", re.DOTALL)
+RATE_LIMIT_STATUSES = frozenset({403, 429})
+
+
+def answer_detail(status: int, message: str = "") -> str:
+    """An observation's detail for an HTTP answer: `HTTP 429: rate limit exceeded`."""
+    return f"HTTP {status}: {message}"[:DETAIL_MAX] if message else f"HTTP {status}"
+
+
+def answered(detail: str | None) -> tuple[int, str] | None:
+    """(status, message) of the HTTP answer an observation's detail records, else None."""
+    found = _ANSWER.fullmatch(detail or "")
+    return None if found is None else (int(found.group(1)), found.group(2))
+
+
+def is_rate_limit_answer(remaining: int | None, detail: str | None) -> bool:
+    """Whether an observation records a real rate-limit answer (a 429, or a 403 that left
+    none), not merely a budget that a count or a plain answer saw reach zero."""
+    status = answered(detail)
+    return remaining == 0 and status is not None and status[0] in RATE_LIMIT_STATUSES
+
+
 def provider_message(response: httpx.Response) -> str:
     """`HTTP 401: Bad credentials` from a JSON `message` (GitHub) or `error.message`
     (OpenAI), else the status alone. The caller masks the token in it."""
@@ -96,8 +120,7 @@ def provider_message(response: httpx.Response) -> str:
         found = body.get("message") or (error.get("message") if isinstance(error, dict) else None)
         if isinstance(found, str):
             message = " ".join(found.split())
-    head = f"HTTP {response.status_code}"
-    return f"{head}: {message}"[:DETAIL_MAX] if message else head
+    return answer_detail(response.status_code, message)
 
 
 def unauthorized(response: httpx.Response) -> Observation:

@@ -1,0 +1,240 @@
+"""The runner's store gateway: every read and write of the runner's own, as named, typed
+operations, with one implementation per database (runner/store_sqlite.py,
+runner/store_postgres.py) behind the `RunnerStore` Protocol. Their statements are named in
+runner/statements.py; no other module of the runner holds SQL text or a driver object.
+
+A flush of the log store is one `write_batch`: its lines, command values (an attempt's
+start, argv and final state ride here) and events, then its jobs in the same transaction.
+A job is a `ClaimRequest` (the runner's claim: `claim` runs it) or, for tests and tools, a
+function of a SQLAlchemy connection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol
+
+from sqlalchemy import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from runner import statements
+from runner.claims import ClaimedCommand, ClaimRequest, ClaimResult
+from server.commands import choose_tokens, own_tokens
+from server.models import LogLine, LogStream, Profile, Proxy, Service, utcnow
+from server.proxies import proxy_chain
+from server.routing import run_routing
+from server.secretbox import SecretBox
+from xray.config import Hop
+from xray.routing import Routing
+
+if TYPE_CHECKING:
+    from runner.logwriter import LineRun, Share
+    from server.models import Command
+
+# A job that rides in a flush: the runner's claim, or a function of the transaction's
+# SQLAlchemy connection (tests and tools).
+StoreJob = ClaimRequest | Callable[[Connection], Any]
+UpdateKey = tuple[tuple[str, ...], bool]  # (columns, guarded by the runner's id)
+
+
+@dataclass(slots=True)
+class EventRow:
+    """A child's checked event, and the usage row it carries (if any), as stored."""
+
+    event: dict[str, Any]
+    usage: dict[str, Any] | None
+
+
+@dataclass
+class WriteBatch:
+    """What one flush writes, built for its database (`RunnerStore.build_batch`)."""
+
+    sqlite_chunks: list[list[Any]] = field(default_factory=list)
+    pg_copy: list[str] = field(default_factory=list)
+    pg_rows: list[tuple[int, LineRun]] = field(default_factory=list)
+    updates: dict[UpdateKey, list[dict[str, Any]]] = field(default_factory=dict)
+    events: list[EventRow] = field(default_factory=list)
+
+
+@dataclass
+class AttemptRows:
+    """What an attempt reads besides its command row: profile, proxy chain and routing,
+    services and the tokens it would use (decrypted)."""
+
+    profile: Profile | None
+    proxy: Proxy | None
+    services: list[Service]
+    own: set[int]
+    tokens: dict[str, str | None]
+    chain: list[Hop]
+    routing: Routing | None
+
+
+# What recovery does to one command RUNNING elsewhere: None when it is not orphaned; else it
+# has changed the command (runner/recovery.py) and returns the note for its log.
+Recover = Callable[["Command"], str | None]
+
+
+class RunnerStore(Protocol):
+    """The runner's database, one implementation per dialect."""
+
+    dialect: str
+
+    def start(self) -> None:
+        """Open what the store keeps for itself (a connection, a thread)."""
+
+    async def close(self) -> None:
+        """Close it."""
+
+    def build_batch(self, shares: Sequence[Share]) -> WriteBatch:
+        """The rows of a flush, in the form its database takes fastest."""
+
+    async def write_batch(self, batch: WriteBatch, jobs: Sequence[StoreJob]) -> list[Any]:
+        """One transaction: the batch's lines, command values and events, then the jobs
+        (each one's result, in order). A failing job raises JobFailed (rolled back)."""
+
+    async def claim(self, request: ClaimRequest) -> ClaimResult:
+        """A claim in a transaction of its own."""
+
+    async def renew_leases(self, runner_id: str, expires: datetime) -> list[int]:
+        """Extend the runner's leases; the ids of its commands someone asked to cancel."""
+
+    async def recover_orphans(self, runner_id: str, recover: Recover) -> list[tuple[int, str]]:
+        """Put back (or fail) what dead runners left: (id, new status) of each."""
+
+    async def load_attempt(self, command: ClaimedCommand, box: SecretBox) -> AttemptRows:
+        """The profile, proxy chain, routing, services and tokens of a claimed command."""
+
+
+def open_store(
+    engine: AsyncEngine, sessionmaker: async_sessionmaker[AsyncSession], runner_id: str | None
+) -> RunnerStore:
+    """The gateway for this engine's database."""
+    if engine.dialect.name == "sqlite":
+        from runner.store_sqlite import SqliteStore
+
+        return SqliteStore(engine, sessionmaker, runner_id)
+    from runner.store_postgres import PostgresStore
+
+    return PostgresStore(engine, sessionmaker, runner_id)
+
+
+class SessionOperations:
+    """The operations both dialects run through SQLAlchemy sessions (not on the hot path)."""
+
+    skip_locked = False  # recovery skips rows another runner holds (PostgreSQL)
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        sessionmaker: async_sessionmaker[AsyncSession],
+        runner_id: str | None,
+    ) -> None:
+        self.engine = engine
+        self.sessionmaker = sessionmaker
+        self.runner_id = runner_id  # command values are written only while it holds them
+
+    async def renew_leases(self, runner_id: str, expires: datetime) -> list[int]:
+        async with self.sessionmaker() as session, session.begin():
+            await session.execute(statements.renew_leases(runner_id, expires))
+            return list(await session.scalars(statements.cancel_requested(runner_id)))
+
+    async def recover_orphans(self, runner_id: str, recover: Recover) -> list[tuple[int, str]]:
+        recovered = []
+        async with self.sessionmaker() as session, session.begin():
+            stmt = statements.running_elsewhere(runner_id, self.skip_locked)
+            for command in list(await session.scalars(stmt)):
+                note = recover(command)
+                if note is None:
+                    continue
+                session.add(_system_line(command.id, command.last_seq, command.attempts, note))
+                recovered.append((command.id, command.status))
+        return recovered
+
+    async def load_attempt(self, command: ClaimedCommand, box: SecretBox) -> AttemptRows:
+        async with self.sessionmaker() as session:
+            profile = await session.get(Profile, command.profile_id) if command.profile_id else None
+            proxy = await session.get(Proxy, command.proxy_id) if command.proxy_id else None
+            services = list(await session.scalars(statements.command_services(command.id)))
+            own = await own_tokens(session, command.profile_id, services)
+            tokens = choose_tokens(box, services, own)
+            chain = [] if proxy is None else await proxy_chain(session, box, proxy)
+            routing = (
+                None if proxy is None else await run_routing(session, box, proxy.routing_rules)
+            )
+        return AttemptRows(profile, proxy, services, set(own), tokens, chain, routing)
+
+    def group_updates(self, shares: Sequence[Share], batch: WriteBatch) -> None:
+        """Each share's command values, grouped by column set (one statement a set), and
+        its events as rows."""
+        guarded = self.runner_id is not None
+        for share in shares:
+            writer = share.writer
+            if share.values:
+                key = (tuple(sorted(share.values)), guarded)
+                batch.updates.setdefault(key, []).append(
+                    {**share.values, "_id": writer.command_id, "_runner": self.runner_id}
+                )
+            for stored in share.events:
+                batch.events.append(_event_row(writer, stored))
+
+
+def write_events(connection: Connection, events: list[EventRow]) -> None:
+    """The batch's events and usage rows (through SQLAlchemy: rare, not on the hot path)."""
+    for row in events:
+        connection.execute(statements.insert_event().values(**row.event))
+        if row.usage is not None:
+            connection.execute(statements.insert_usage().values(**row.usage))
+
+
+def run_function_job(connection: Connection, job: StoreJob) -> Any:
+    """A job that is a function of the SQLAlchemy connection (not a claim)."""
+    assert not isinstance(job, ClaimRequest)
+    return job(connection)
+
+
+def _event_row(writer: Any, stored: Any) -> EventRow:
+    """A checked event (runner.events: every value fits its column) and its usage row."""
+    event = stored.event
+    row = {
+        "command_id": writer.command_id,
+        "attempt": writer.attempt,
+        "seq": stored.seq,
+        "type": event.type,
+        "data": event.data,
+        "ts": stored.ts,
+    }
+    usage = event.usage
+    if usage is None:
+        return EventRow(row, None)
+    return EventRow(
+        row,
+        {
+            "service_id": usage.service_id,
+            "profile_id": (
+                writer.profile_id if usage.service_id in writer.own_token_services else None
+            ),
+            "command_id": writer.command_id,
+            "units": usage.units,
+            "remaining": usage.remaining,
+            "limit": usage.limit,
+            "reset_at": usage.reset_at,
+            "token_valid": usage.token_valid,
+            "detail": usage.detail,
+            "observed_at": stored.ts,
+            "source": statements.USAGE_FROM_EVENT,
+        },
+    )
+
+
+def _system_line(command_id: int, seq: int, attempt: int, text: str) -> LogLine:
+    return LogLine(
+        command_id=command_id,
+        seq=seq,
+        attempt=attempt,
+        stream=LogStream.SYSTEM.value,
+        ts=utcnow(),
+        text=text,
+    )

@@ -1,0 +1,76 @@
+"""How the runner's store tells a database that is away (wait for it) from one that
+refuses a statement (trying it again would never end), through SQLAlchemy's wrappers to the
+driver's own error."""
+
+from __future__ import annotations
+
+from sqlalchemy.exc import DBAPIError
+
+# SQLSTATE classes worth another try: connection exception, transaction rollback
+# (serialization failure, deadlock), insufficient resources, operator intervention.
+RETRYABLE_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57"})
+# SQLite primary result codes worth another try: BUSY, LOCKED, NOMEM, READONLY, IOERR,
+# FULL, CANTOPEN, PROTOCOL (a file that is locked, unwritable or gone for a while).
+RETRYABLE_SQLITE_CODES = frozenset({5, 6, 7, 8, 10, 13, 14, 15})
+UNIQUE_VIOLATION = "23505"  # PostgreSQL's SQLSTATE
+SQLITE_DUPLICATE_KEYS = frozenset({1555, 2067})  # SQLITE_CONSTRAINT_PRIMARYKEY, _UNIQUE
+
+
+class ConnectionLost(Exception):
+    """The store's own PostgreSQL connection broke during a flush (it is replaced)."""
+
+
+class JobFailed(Exception):
+    """A job of a flush (a claim) failed: the flush is rolled back and tried without it."""
+
+    def __init__(self, index: int, error: Exception) -> None:
+        super().__init__(repr(error))
+        self.index = index  # its place in the jobs of the flush
+        self.error = error
+
+
+def duplicate_key(exc: BaseException) -> bool:
+    """Whether the database refused `exc`'s statement for a key it holds already (looking
+    through SQLAlchemy's wrapper to the driver's error)."""
+    current: BaseException | None = exc
+    for _ in range(5):
+        if current is None:
+            break
+        if getattr(current, "sqlstate", None) == UNIQUE_VIOLATION:
+            return True
+        if getattr(current, "sqlite_errorcode", None) in SQLITE_DUPLICATE_KEYS:
+            return True
+        current = getattr(current, "orig", None) or current.__cause__
+    return False
+
+
+def retryable_database_error(exc: BaseException) -> bool:
+    """A database that is down, unreachable, busy or overloaded (worth waiting for), as
+    against one that refuses the statement itself (trying that again would never end).
+    Looks through SQLAlchemy's wrapper to the driver's error."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ConnectionLost | OSError | TimeoutError):
+            return True
+        if isinstance(current, DBAPIError) and current.connection_invalidated:
+            return True
+        state = getattr(current, "sqlstate", None)
+        if isinstance(state, str) and state:
+            return state[:2] in RETRYABLE_SQLSTATE_CLASSES
+        code = getattr(current, "sqlite_errorcode", None)
+        if isinstance(code, int):
+            return code & 0xFF in RETRYABLE_SQLITE_CODES
+        current = getattr(current, "orig", None) or current.__cause__
+    return False
+
+
+def summary(error: BaseException) -> str:
+    """An error in one short line (the driver's own message, not SQLAlchemy's statement and
+    parameters), in ASCII: it goes into a log line that must be storable itself."""
+    if isinstance(error, DBAPIError) and error.orig is not None:
+        error = error.orig
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
+    return text.encode("ascii", "backslashreplace").decode("ascii")
