@@ -36,9 +36,11 @@ from server.broker import (
     QUEUE_TOPIC,
     SCHEDULE_TOPIC,
     SECRETS_TOPIC,
+    USAGE_TOPIC,
     Broker,
     LinesStored,
     StatusChange,
+    UsageRecorded,
     command_topic,
 )
 from server.models import CommandStatus
@@ -59,7 +61,14 @@ COMMAND_PREFIX = command_topic(0).removesuffix("0")
 # Topics whose messages other processes hear, and the tag each goes by on the wire.
 _SIGNALS = {QUEUE_TOPIC: "q", CANCEL_TOPIC: "c", SECRETS_TOPIC: "k", SCHEDULE_TOPIC: "h"}
 _TOPICS = {tag: topic for topic, tag in _SIGNALS.items()}
-_WAKEUPS = frozenset({"q", "k", "h"})  # what they say is "look again" (a cancel names its id)
+# What these say is "look again" (a cancel names its id, a usage nudge its service).
+_WAKEUPS = frozenset({"q", "k", "h", "u"})
+
+
+def _wakeup_key(entry: Entry) -> str | tuple[str, int]:
+    """Wake-ups with the same key say the same: one of them waits to be sent."""
+    return (entry[0], int(entry[1])) if entry[0] == "u" else str(entry[0])
+
 
 Entry = list[Any]  # one message on the wire: [tag, ...ids, seqs or a status]
 
@@ -69,6 +78,8 @@ def wire_entry(topic: str, message: Any) -> Entry | None:
     tag = _SIGNALS.get(topic)
     if tag is not None:
         return [tag, message] if isinstance(message, int) else [tag]
+    if topic == USAGE_TOPIC and isinstance(message, UsageRecorded):
+        return ["u", message.service_id]
     if topic.startswith(COMMAND_PREFIX):
         runs = getattr(message, "runs", None)  # a StoredBatch of the log store
         if runs:
@@ -112,7 +123,7 @@ class PgBroker(Broker):
         self._connect_args = connect_arguments(engine)
         self._pending: list[Entry] = []
         self._pending_lines: dict[int, Entry] = {}  # command id -> its pending "l" entry
-        self._pending_wakeups: set[str] = set()
+        self._pending_wakeups: set[str | tuple[str, int]] = set()
         self._wake = asyncio.Event()
         self._listening = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -176,9 +187,10 @@ class PgBroker(Broker):
                 return
             self._pending_lines[entry[1]] = entry
         elif tag in _WAKEUPS:
-            if tag in self._pending_wakeups:
+            key = _wakeup_key(entry)
+            if key in self._pending_wakeups:
                 return
-            self._pending_wakeups.add(tag)
+            self._pending_wakeups.add(key)
         self._pending.append(entry)
         self._wake.set()
 
@@ -199,6 +211,8 @@ class PgBroker(Broker):
         if tag == "l":
             command_id = int(entry[1])
             self.deliver(command_topic(command_id), LinesStored(command_id, int(entry[2])))
+        elif tag == "u":
+            self.deliver(USAGE_TOPIC, UsageRecorded(int(entry[1])))
         elif tag == "s":
             status = CommandStatus(entry[2]).value  # a status there is, or a ValueError
             self.deliver_status(StatusChange(int(entry[1]), status))
@@ -276,7 +290,7 @@ class PgBroker(Broker):
         except BaseException:
             self._pending[:0] = entries
             self._pending_lines = {e[1]: e for e in self._pending if e[0] == "l"}
-            self._pending_wakeups = {e[0] for e in self._pending if e[0] in _WAKEUPS}
+            self._pending_wakeups = {_wakeup_key(e) for e in self._pending if e[0] in _WAKEUPS}
             raise
         self._sent.set()
 

@@ -30,8 +30,10 @@ from server.broker import (
     SCHEDULE_TOPIC,
     SECRETS_TOPIC,
     STATUS_TOPIC,
+    USAGE_TOPIC,
     LinesStored,
     StatusChange,
+    UsageRecorded,
     command_topic,
     status_topic,
 )
@@ -324,11 +326,13 @@ async def test_a_broker_hears_other_processes_once_and_never_itself_twice(
 async def test_every_kind_of_message_crosses_to_the_other_process(
     brokers: list[PgBroker],
 ) -> None:
-    """Status changes (on all three topics), cancels, secrets-changed, schedule wake-ups."""
+    """Status changes (on all three topics), cancels, secrets-changed, schedule wake-ups,
+    usage recorded."""
     sent: list[tuple[str, Any]] = [
         (CANCEL_TOPIC, 3),
         (SECRETS_TOPIC, None),
         (SCHEDULE_TOPIC, None),
+        (USAGE_TOPIC, UsageRecorded(4)),
     ]
     status = StatusChange(8, CommandStatus.RUNNING.value)
     topics = [t for t, _ in sent] + [STATUS_TOPIC, status_topic(8), command_topic(8)]
