@@ -55,10 +55,12 @@ class AppServices:
 
     @property
     def follow_poll_seconds(self) -> float | None:
-        """Live followers also re-read the database this often when runners may live in
-        other processes (PostgreSQL), until the LISTEN/NOTIFY broker backend lands."""
+        """Live followers also re-read the database this often on PostgreSQL: a safety net
+        under LISTEN/NOTIFY (server.pgbroker). None on SQLite (one process)."""
         bind = self.sessionmaker.kw.get("bind")
-        return None if bind is None or bind.dialect.name == "sqlite" else 1.0
+        if bind is None or bind.dialect.name == "sqlite":
+            return None
+        return self.settings.follow_poll_seconds
 
 
 class RequestFinished(RuntimeError):

@@ -221,6 +221,9 @@ class Supervisor(AttemptExecution):
             subscription.resync()
             if isinstance(message, int) and message in self.attempts:
                 self.attempts[message].request_stop(StopReason.CANCEL)
+            elif message is None:  # missed ones (the broker reconnected): the flags say
+                with contextlib.suppress(Exception):  # else the next lease pass does it
+                    await self.renew_leases()
 
     async def _watch_secrets(self, subscription: Any) -> None:
         """Reload the known secrets when the API changed one, and every refresh interval

@@ -42,6 +42,7 @@ from server.metrics import Metrics, RequestMetrics
 from server.models import Command, CommandStatus
 from server.panel import panel_routes
 from server.panel.assets import csp_origins
+from server.pgbroker import start_broker
 from server.secretbox import SecretBox, load_secret_box, verify_secret_box
 from server.settings import Settings
 
@@ -94,9 +95,11 @@ def authenticator(services: AppServices) -> Authenticator:
 async def run_standalone_runner(settings: Settings) -> None:
     """`corral runner`: a supervisor without the API, until SIGTERM or SIGINT."""
     engine = create_engine(settings)
+    broker: Broker | None = None
     try:
         box = await prepare_database(settings, engine)
-        supervisor = Supervisor(settings, create_sessionmaker(engine), box, Broker(), Metrics())
+        broker = await start_broker(engine, settings.subscriber_buffer_bytes)
+        supervisor = Supervisor(settings, create_sessionmaker(engine), box, broker, Metrics())
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -108,6 +111,8 @@ async def run_standalone_runner(settings: Settings) -> None:
         finally:
             await supervisor.stop()
     finally:
+        if broker is not None:
+            await broker.close()
         await engine.dispose()
 
 
@@ -166,8 +171,10 @@ def create_app(settings: Settings) -> Starlette:
         stream_sessions = StreamSessions(settings)
         render_pool = RenderPool.from_settings(settings)
         supervisor: Supervisor | None = None
+        broker: Broker | None = None
         try:
             box = await prepare_database(settings, engine)
+            broker = await start_broker(engine, settings.subscriber_buffer_bytes)
             metrics = Metrics()
             services = AppServices(
                 settings=settings,
@@ -175,7 +182,7 @@ def create_app(settings: Settings) -> Starlette:
                 secret_box=box,
                 render_pool=render_pool,
                 token_hasher=await prepare_access(engine, box),
-                broker=Broker(settings.subscriber_buffer_bytes),
+                broker=broker,
                 metrics=metrics,
                 stream_reads=stream_sessions,
             )
@@ -193,6 +200,8 @@ def create_app(settings: Settings) -> Starlette:
         finally:
             if supervisor is not None:
                 await supervisor.stop()
+            if broker is not None:
+                await broker.close()
             await render_pool.close()
             await stream_sessions.dispose()
             await engine.dispose()

@@ -1,4 +1,6 @@
-"""The event broker: one interface, in-process fan-out now (PostgreSQL LISTEN/NOTIFY later).
+"""The event broker: one interface, two backends. This module is the in-process fan-out (one
+process: SQLite, or PostgreSQL alone); `server.pgbroker` carries the same messages between
+processes on one PostgreSQL with LISTEN/NOTIFY.
 
 Each subscriber has its own queue, registered by a context manager and bounded in messages
 and in bytes (what its messages hold in memory, the one being delivered included).
@@ -62,6 +64,15 @@ class StatusChange:
     status: str
 
 
+@dataclass(frozen=True)
+class LinesStored:
+    """Lines of a command up to `last_seq` are stored (by another process): a nudge to read
+    them from the database by seq, as a lagged subscriber does. Never the lines themselves."""
+
+    command_id: int
+    last_seq: int
+
+
 @dataclass(eq=False)
 class Subscription:
     """One subscriber's view of a topic."""
@@ -81,12 +92,18 @@ class Subscription:
             return
         size = message_bytes(message) if size is None else size
         if len(self.queue) >= self.max_size or self.held_bytes + size > self.max_bytes:
-            self.lagged = True
-            self.queue = deque()
-            self.held_bytes = self._delivering
-        else:
-            self.queue.append((message, size))
-            self.held_bytes += size
+            self.lag()
+            return
+        self.queue.append((message, size))
+        self.held_bytes += size
+        self._wake.set()
+
+    def lag(self) -> None:
+        """Drop what is queued and deliver no more until `resync`: the subscriber re-reads
+        the database (its queue overflowed, or messages from other processes may be lost)."""
+        self.lagged = True
+        self.queue = deque()
+        self.held_bytes = self._delivering
         self._wake.set()
 
     async def get(self) -> Any | None:
@@ -132,6 +149,10 @@ class Broker:
 
     def publish(self, topic: str, message: Any) -> None:
         """Hand `message` to every subscriber of `topic`; never blocks."""
+        self.deliver(topic, message)
+
+    def deliver(self, topic: str, message: Any) -> None:
+        """Hand `message` to this process's subscribers of `topic` only; never blocks."""
         subscribers = self._subscribers.get(topic)
         if not subscribers:
             return
@@ -154,10 +175,22 @@ class Broker:
 
     def publish_status(self, command_id: int, status: str) -> None:
         """Announce a committed status change to the command's and the global topic."""
-        change = StatusChange(command_id, status)
-        self.publish(command_topic(command_id), change)
-        self.publish(status_topic(command_id), change)
-        self.publish(STATUS_TOPIC, change)
+        self.deliver_status(StatusChange(command_id, status))
+
+    def deliver_status(self, change: StatusChange) -> None:
+        """Hand a status change to this process's subscribers of its three topics."""
+        self.deliver(command_topic(change.command_id), change)
+        self.deliver(status_topic(change.command_id), change)
+        self.deliver(STATUS_TOPIC, change)
+
+    def lag_all(self) -> None:
+        """Make every subscriber re-read the database (see `Subscription.lag`)."""
+        for subscribers in self._subscribers.values():
+            for subscription in subscribers:
+                subscription.lag()
+
+    async def close(self) -> None:
+        """Let go of what the broker holds (the in-process one holds nothing)."""
 
     @property
     def subscriber_count(self) -> int:

@@ -160,6 +160,14 @@ class Settings(BaseSettings):
         "share for their replays: a pool of their own, so followers never take the "
         "connections of the runner and of requests; a replay past it waits its turn.",
     )
+    follow_poll_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="On PostgreSQL, live followers (log streams, the panel's live statuses) "
+        "also re-read the database this often: a safety net under LISTEN/NOTIFY, which "
+        "brings other processes' lines and statuses at once. Not used on SQLite (one "
+        "process, nothing to miss).",
+    )
 
     embedded_runner: bool = Field(
         default=True, description="Run commands inside `corral serve` (off: only `corral runner`)."
@@ -341,7 +349,8 @@ class Settings(BaseSettings):
         default=2.0,
         gt=0,
         description="How often a runner re-reads the stored secrets it masks in every "
-        "command's output (changes made through this process's API apply at once).",
+        "command's output (changes made through the API apply at once: on PostgreSQL "
+        "through any `corral serve` process).",
     )
 
     session_idle_seconds: float = Field(

@@ -24,6 +24,7 @@ from runner.logwriter import LineRun, StoredBatch
 from server.broker import (
     DEFAULT_MAX_BYTES,
     Broker,
+    LinesStored,
     StatusChange,
     Subscription,
     command_topic,
@@ -268,9 +269,8 @@ async def follow_command(
 ) -> AsyncIterator[Item]:
     """Line batches after `after_seq` and status changes, ending with FinalStatus once drained.
 
-    `poll_seconds`: also re-read the database that often. Needed while runners in other
-    processes (PostgreSQL scale-out) publish to their own in-process broker; it goes away
-    with the LISTEN/NOTIFY backend.
+    `poll_seconds`: also re-read the database that often (PostgreSQL's safety net; lines that
+    other processes store arrive as LinesStored nudges, read by seq).
     """
     if metrics is not None:
         metrics.subscribers.inc()
@@ -289,6 +289,11 @@ async def follow_command(
                     message = await asyncio.wait_for(subscription.get(), poll_seconds)
                 except TimeoutError:
                     message = None
+                if isinstance(message, LinesStored):  # stored by another process: read them
+                    if message.last_seq > follower.last:
+                        async for lines in follower.catch_up(subscription):
+                            yield lines
+                    continue
                 if message is None:  # lagged (or a poll): re-read what was missed
                     subscription.resync()
                     async for lines in follower.catch_up(subscription):

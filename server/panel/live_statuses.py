@@ -5,10 +5,11 @@ runs it shows that are not over. Each `status` event is the run's status cell, r
 the same `_run_status_cell.html` the table is rendered with; the page swaps it in by its id.
 The first events are the runs' current statuses (a run that changed between the page's
 render and this connection is set right at once), then one per change, fed by the broker's
-StatusChange messages (and a re-read of the database every `follow_poll_seconds`, for runners
-in other processes, and after a lag). Once every run is over: an `end` event, and the stream
-ends. A reconnect (Last-Event-ID) when every run is over gets 204, which stops EventSource;
-so does a request naming no run there is.
+StatusChange messages (on PostgreSQL other processes' too, by LISTEN/NOTIFY), with a re-read
+of the database after a lag and every `follow_poll_seconds` on PostgreSQL (a safety net).
+Once every run is over: an `end` event, and the stream ends. A reconnect (Last-Event-ID)
+when every run is over gets 204, which stops EventSource; so does a request naming no run
+there is.
 
 Authenticated like the page by AccessControl; CountedStream holds the subscriber's place.
 """
