@@ -7,21 +7,25 @@ test_streams.
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 import pytest
 from graphql import FragmentDefinitionNode, OperationDefinitionNode, parse
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from graphql_schema.shared_events import SharedData, SharedResults
 from runner.logwriter import LineRun, StoredBatch
-from server.broker import StatusChange, Subscription
+from server.broker import Broker, StatusChange, Subscription
 from server.db import READ_ONLY
+from server.logstream import _encoded, encode_log_events, shared_log_events
 from server.models import Command, utcnow
 from server.settings import Settings
-from server.streams import MERGE_LINES, with_queued
+from server.streams import MERGE_LINES, SharedPages, follow_command, pieces, with_queued
 from tests.conftest import GraphQLClient
 from tests.fixtures.commands import FINAL, wait_status
 from tests.fixtures.servers import LiveServer, running_server
@@ -33,6 +37,7 @@ from tests.test_streams import (
     pk,
     read_sse,
     run_command,
+    store_lines,
     stored_logs,
 )
 
@@ -217,3 +222,146 @@ async def test_a_follower_behind_merges_the_queued_batches_up_to_a_status_change
     alone = await subscription.get()
     assert with_queued(alone, subscription) is alone  # nothing queued: the shared object
     assert subscription.held_bytes == alone.nbytes
+
+
+# -- shared replay pages and SSE text ------------------------------------------------------
+
+Sessions = async_sessionmaker[AsyncSession]
+
+
+async def running_command(sessionmaker: Sessions) -> int:
+    async with sessionmaker() as session, session.begin():
+        row = Command(source="x", argv=["x"], status="RUNNING")
+        session.add(row)
+    return row.id
+
+
+async def replay(
+    sessionmaker: Sessions, broker: Broker, pages: SharedPages, command_id: int
+) -> list[StoredBatch]:
+    """What one follower replays: its batches up to the status that ends the replay."""
+    got = []
+    async with asyncio.timeout(30):
+        async for item in follow_command(sessionmaker, broker, command_id, pages=pages):
+            if isinstance(item, StatusChange):
+                return got
+            got.append(item)
+    raise AssertionError("the replay ended without a status")
+
+
+def texts(batch: StoredBatch) -> list[str]:
+    return [text for run in batch.runs for text in run.texts]
+
+
+async def test_followers_replaying_together_share_each_page_and_get_every_line_once(
+    sessionmaker: Sessions,
+) -> None:
+    command_id = await running_command(sessionmaker)
+    await store_lines(sessionmaker, command_id, range(1, 3001))
+    # Pages of ~10 KB (a quarter of a subscriber's bound): dozens of pages to replay.
+    broker, pages = Broker(subscriber_max_bytes=40_000), SharedPages()
+    followers = await asyncio.gather(
+        *(replay(sessionmaker, broker, pages, command_id) for _ in range(20))
+    )
+    alone = await replay(sessionmaker, broker, SharedPages(), command_id)
+    for got in followers:
+        seqs = [
+            seq
+            for batch in got
+            for run in batch.runs
+            for seq in range(run.first_seq, run.last_seq + 1)
+        ]
+        assert seqs == list(range(1, 3001))
+        assert [run.texts for b in got for run in b.runs] == [
+            run.texts for b in followers[0] for run in b.runs
+        ]
+        # The very same page objects: their SSE text and GraphQL results are shared too.
+        assert all(a is b for a, b in zip(got, followers[0], strict=True))
+    assert len(alone) > 10
+    # One read per page (and the empty one that ends the replay, per follower at most).
+    assert pages.reads <= len(alone) + 20
+
+
+async def test_a_follower_never_trusts_an_empty_page_read_before_it_asked(
+    sessionmaker: Sessions,
+) -> None:
+    command_id = await running_command(sessionmaker)
+    read_done, release = asyncio.Event(), asyncio.Event()
+
+    @asynccontextmanager
+    async def held_after_reading() -> AsyncIterator[AsyncSession]:
+        """The first read's session: its query runs, then it waits (no lock held)."""
+        async with sessionmaker() as session:
+            yield session
+        read_done.set()
+        await release.wait()
+
+    pages = SharedPages()
+    first = asyncio.create_task(pages.read(held_after_reading, command_id, 0, 100, 10_000))
+    await read_done.wait()  # it found nothing, and has not answered yet
+    await store_lines(sessionmaker, command_id, range(1, 4))
+    # Same key (sessionmaker included): the second asker finds the first read under way.
+    pages._reading[(sessionmaker, command_id, 0, 100, 10_000)] = pages._reading.pop(
+        (held_after_reading, command_id, 0, 100, 10_000)
+    )
+    second = asyncio.create_task(pages.read(sessionmaker, command_id, 0, 100, 10_000))
+    await asyncio.sleep(0.05)
+    release.set()
+    assert (await first).runs == []
+    assert texts(await second) == ["line 1", "line 2", "line 3"]
+    # A page with lines is kept for the next followers; the empty one never was.
+    assert await pages.read(sessionmaker, command_id, 0, 100, 10_000) is await second
+    assert pages.reads == 2
+
+
+async def test_a_shared_read_that_is_cancelled_leaves_its_waiters_to_read_alone(
+    sessionmaker: Sessions,
+) -> None:
+    command_id = await running_command(sessionmaker)
+    await store_lines(sessionmaker, command_id, range(1, 3))
+    entered = asyncio.Event()
+
+    @asynccontextmanager
+    async def stuck() -> AsyncIterator[AsyncSession]:
+        entered.set()
+        await asyncio.Event().wait()  # never answers (its follower's client goes away)
+        yield AsyncSession()  # pragma: no cover
+
+    pages = SharedPages()
+    key = (sessionmaker, command_id, 0, 100, 10_000)
+    first = asyncio.create_task(pages._read((stuck, *key[1:])))
+    await entered.wait()
+    pages._reading[key] = pages._reading.pop((stuck, *key[1:]))
+    second = asyncio.create_task(pages.read(*key))
+    await asyncio.sleep(0.05)
+    first.cancel()
+    async with asyncio.timeout(10):
+        page = await second
+    assert texts(page) == ["line 1", "line 2"]
+    assert not pages._reading
+
+
+def test_shared_pages_keep_recent_pages_up_to_their_bytes() -> None:
+    stamp = utcnow()
+    pages = SharedPages(max_bytes=3 * 10_000)
+
+    def page(seq: int) -> StoredBatch:
+        return StoredBatch(1, [LineRun(1, "stdout", stamp, seq, ["x" * 1000] * 9)])
+
+    for seq in range(1, 6):
+        pages._keep(("s", 1, seq, 100, 10_000), page(seq))
+    assert [key[2] for key in pages._kept] == [3, 4, 5]  # the oldest went first
+    assert pages._kept_bytes <= pages.max_bytes
+
+
+def test_a_batch_s_sse_text_is_encoded_once_for_every_stream_it_goes_to() -> None:
+    stamp = utcnow()
+    batch = StoredBatch(3, [LineRun(1, "stdout", stamp, 1, ["y" * 1000] * 200)])
+    first = shared_log_events(batch)
+    assert shared_log_events(batch) is first
+    assert len(first) > 1  # in pieces of bounded size, as before
+    assert first == [encode_log_events(piece) for piece in pieces(batch)]
+    key = id(batch)
+    del batch
+    gc.collect()
+    assert key not in _encoded
