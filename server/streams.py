@@ -39,6 +39,7 @@ REPLAY_LINE_COST = 200  # bytes a line costs on its way through a page, besides 
 SEND_CHUNK_BYTES = 64 * 1024  # a stream writes a batch in pieces of about this size
 MERGE_LINES = 2_000  # most lines a follower that fell behind merges into one message
 SHARED_PAGES_BYTES = 8 * 1024 * 1024  # replay pages kept for followers that read them next
+PAGE_GRID = 128  # shared pages end on a multiple of this seq (see SharedPages)
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,10 @@ class SharedPages:
     a page gets the very same StoredBatch: its SSE text and its GraphQL result are then
     encoded once as well.
 
+    Followers that lagged resume wherever their last message ended, each elsewhere: so that
+    they meet on the same pages, a shared page ends on a multiple of PAGE_GRID when it spans
+    one. From there on, followers read the same pages.
+
     Stored lines never change, so a page with lines is right whenever it was read: the
     follower goes on reading after its last line. A page with *no* line only says that
     nothing was stored after its seq when its read began: a follower that finds such a read
@@ -149,7 +154,10 @@ class SharedPages:
         limit: int,
         max_bytes: int,
     ) -> StoredBatch:
-        """The page after `after_seq`, as `_read_lines` reads it, shared."""
+        """The page after `after_seq`, as `_read_lines` reads it, shared. Not `limit` lines
+        at most but as many as `max_bytes` can hold (each costs REPLAY_LINE_COST at least):
+        the same for every follower, whatever its own last page held."""
+        limit = max_bytes // REPLAY_LINE_COST + 1
         key = (sessionmaker, command_id, after_seq, limit, max_bytes)
         kept = self._kept.get(key)
         if kept is not None:
@@ -171,7 +179,7 @@ class SharedPages:
         self._reading[key] = future
         self.reads += 1
         try:
-            page = await _read_lines(*key)
+            page = _to_grid(await _read_lines(*key), key[2])
         except BaseException:
             # Those waiting read on their own (an error is theirs to meet, or not).
             future.set_exception(_ReadFailed())
@@ -192,6 +200,24 @@ class SharedPages:
         while self._kept_bytes > self.max_bytes and self._kept:
             _key, (_oldest, oldest_size) = self._kept.popitem(last=False)
             self._kept_bytes -= oldest_size
+
+
+def _to_grid(page: StoredBatch, after_seq: int) -> StoredBatch:
+    """`page` up to the last multiple of PAGE_GRID it holds past `after_seq` (if any)."""
+    if not page.runs:
+        return page
+    end = page.runs[-1].last_seq
+    end -= end % PAGE_GRID
+    if end <= after_seq or end == page.runs[-1].last_seq:
+        return page
+    runs = []
+    for run in page.runs:
+        if run.first_seq > end:
+            break
+        runs.append(
+            run if run.last_seq <= end else run._replace(texts=run.texts[: end - run.first_seq + 1])
+        )
+    return StoredBatch(page.command_id, runs)
 
 
 class _ReadFailed(Exception):

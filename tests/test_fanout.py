@@ -25,7 +25,7 @@ from server.db import READ_ONLY
 from server.logstream import _encoded, encode_log_events, shared_log_events
 from server.models import Command, utcnow
 from server.settings import Settings
-from server.streams import MERGE_LINES, SharedPages, follow_command, pieces, with_queued
+from server.streams import MERGE_LINES, PAGE_GRID, SharedPages, follow_command, pieces, with_queued
 from tests.conftest import GraphQLClient
 from tests.fixtures.commands import FINAL, wait_status
 from tests.fixtures.servers import LiveServer, running_server
@@ -237,12 +237,12 @@ async def running_command(sessionmaker: Sessions) -> int:
 
 
 async def replay(
-    sessionmaker: Sessions, broker: Broker, pages: SharedPages, command_id: int
+    sessionmaker: Sessions, broker: Broker, pages: SharedPages, command_id: int, after: int = 0
 ) -> list[StoredBatch]:
     """What one follower replays: its batches up to the status that ends the replay."""
     got = []
     async with asyncio.timeout(30):
-        async for item in follow_command(sessionmaker, broker, command_id, pages=pages):
+        async for item in follow_command(sessionmaker, broker, command_id, after, pages=pages):
             if isinstance(item, StatusChange):
                 return got
             got.append(item)
@@ -282,35 +282,74 @@ async def test_followers_replaying_together_share_each_page_and_get_every_line_o
     assert pages.reads <= len(alone) + 20
 
 
+def seqs_of(batches: list[StoredBatch]) -> list[int]:
+    return [
+        seq for b in batches for run in b.runs for seq in range(run.first_seq, run.last_seq + 1)
+    ]
+
+
+async def test_followers_resuming_at_different_seqs_meet_on_the_same_pages(
+    sessionmaker: Sessions,
+) -> None:
+    command_id = await running_command(sessionmaker)
+    await store_lines(sessionmaker, command_id, range(1, 3001))
+    broker, pages = Broker(subscriber_max_bytes=40_000), SharedPages()
+    afters = [7 * i for i in range(20)]  # within the first two cells of the grid
+    followers = await asyncio.gather(
+        *(replay(sessionmaker, broker, pages, command_id, after) for after in afters)
+    )
+    alone = SharedPages()
+    await replay(sessionmaker, broker, alone, command_id, afters[-1])
+    for after, got in zip(afters, followers, strict=True):
+        assert seqs_of(got) == list(range(after + 1, 3001))
+    # Past the grid multiple they all reach, every follower has the same page objects.
+    meet = max(afters) - max(afters) % PAGE_GRID + PAGE_GRID
+    later = [[b for b in got if b.runs[0].first_seq > meet] for got in followers]
+    assert len(later[0]) > 10
+    assert all(all(a is b for a, b in zip(x, later[0], strict=True)) for x in later)
+    # Twenty followers cost little more reads than one alone (without the grid: 20 times).
+    assert pages.reads < 2 * alone.reads + 20
+
+
+class FirstSessionHeld:
+    """The sessions of a test's database; the first one is held up `where` (after its
+    query, or before it), until `release` is set (never, for a follower gone away)."""
+
+    def __init__(self, sessionmaker: Sessions, where: str) -> None:
+        self.sessionmaker, self.where = sessionmaker, where
+        self.calls = 0
+        self.held, self.release = asyncio.Event(), asyncio.Event()
+
+    @asynccontextmanager
+    async def __call__(self) -> AsyncIterator[AsyncSession]:
+        self.calls += 1
+        first = self.calls == 1
+        if first and self.where == "before":
+            self.held.set()
+            await self.release.wait()
+        async with self.sessionmaker() as session:
+            yield session
+        if first and self.where == "after":
+            self.held.set()
+            await self.release.wait()
+
+
 async def test_a_follower_never_trusts_an_empty_page_read_before_it_asked(
     sessionmaker: Sessions,
 ) -> None:
     command_id = await running_command(sessionmaker)
-    read_done, release = asyncio.Event(), asyncio.Event()
-
-    @asynccontextmanager
-    async def held_after_reading() -> AsyncIterator[AsyncSession]:
-        """The first read's session: its query runs, then it waits (no lock held)."""
-        async with sessionmaker() as session:
-            yield session
-        read_done.set()
-        await release.wait()
-
-    pages = SharedPages()
-    first = asyncio.create_task(pages.read(held_after_reading, command_id, 0, 100, 10_000))
-    await read_done.wait()  # it found nothing, and has not answered yet
+    sessions, pages = FirstSessionHeld(sessionmaker, "after"), SharedPages()
+    first = asyncio.create_task(pages.read(sessions, command_id, 0, 100, 10_000))
+    await sessions.held.wait()  # its query found nothing; it has not answered yet
     await store_lines(sessionmaker, command_id, range(1, 4))
-    # Same key (sessionmaker included): the second asker finds the first read under way.
-    pages._reading[(sessionmaker, command_id, 0, 100, 10_000)] = pages._reading.pop(
-        (held_after_reading, command_id, 0, 100, 10_000)
-    )
-    second = asyncio.create_task(pages.read(sessionmaker, command_id, 0, 100, 10_000))
-    await asyncio.sleep(0.05)
-    release.set()
+    second = asyncio.create_task(pages.read(sessions, command_id, 0, 100, 10_000))
+    await asyncio.sleep(0.05)  # it waits for the read under way
+    assert pages.reads == 1
+    sessions.release.set()
     assert (await first).runs == []
     assert texts(await second) == ["line 1", "line 2", "line 3"]
     # A page with lines is kept for the next followers; the empty one never was.
-    assert await pages.read(sessionmaker, command_id, 0, 100, 10_000) is await second
+    assert await pages.read(sessions, command_id, 0, 100, 10_000) is await second
     assert pages.reads == 2
 
 
@@ -319,25 +358,17 @@ async def test_a_shared_read_that_is_cancelled_leaves_its_waiters_to_read_alone(
 ) -> None:
     command_id = await running_command(sessionmaker)
     await store_lines(sessionmaker, command_id, range(1, 3))
-    entered = asyncio.Event()
-
-    @asynccontextmanager
-    async def stuck() -> AsyncIterator[AsyncSession]:
-        entered.set()
-        await asyncio.Event().wait()  # never answers (its follower's client goes away)
-        yield AsyncSession()  # pragma: no cover
-
-    pages = SharedPages()
-    key = (sessionmaker, command_id, 0, 100, 10_000)
-    first = asyncio.create_task(pages._read((stuck, *key[1:])))
-    await entered.wait()
-    pages._reading[key] = pages._reading.pop((stuck, *key[1:]))
-    second = asyncio.create_task(pages.read(*key))
+    sessions, pages = FirstSessionHeld(sessionmaker, "before"), SharedPages()
+    first = asyncio.create_task(pages.read(sessions, command_id, 0, 100, 10_000))
+    await sessions.held.wait()
+    second = asyncio.create_task(pages.read(sessions, command_id, 0, 100, 10_000))
     await asyncio.sleep(0.05)
-    first.cancel()
+    assert not second.done()  # it waits for the first read
+    first.cancel()  # the first follower's client went away
     async with asyncio.timeout(10):
         page = await second
     assert texts(page) == ["line 1", "line 2"]
+    assert pages.reads == 2
     assert not pages._reading
 
 
