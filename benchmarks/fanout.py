@@ -1,8 +1,9 @@
 """Live streams at fan-out (issue 16): many subscribers follow one busy run.
 
 One run prints `--rate` lines/s (5,000) for `--seconds` (10), followed by `--clients` (200)
-subscribers at once, in each mode on its own fresh server (a subprocess of this script per
-mode, so one mode's memory never counts in another's):
+subscribers at once (it starts to print once they are all in, so that a line's latency is
+the fan-out's, not the clients' connection time), in each mode on its own fresh server (a
+subprocess of this script per mode, so one mode's memory never counts in another's):
 
 - `sse`: the SSE log stream (`GET /api/commands/{id}/logs/stream`);
 - `batches`: the `commandLogBatches` subscription over graphql-transport-ws;
@@ -53,7 +54,10 @@ TARGET_P99_MS = 250.0
 TARGET_RSS_MB = 200.0
 TARGET_HEALTHZ_MS = 100.0
 SAMPLE_EVERY = 20  # lines a latency sample is taken of
-CONNECT_DELAY = 6.0  # the child waits this long before printing: every client is in by then
+# The child prints once every client is in (the benchmark then creates a file it waits for),
+# or after this long at most: replayed lines would count the clients' connection time as
+# their latency (on a loaded machine 200 clients may take tens of seconds to get in).
+CONNECT_DELAY = 120.0
 BATCHES = """
 subscription($id: ID!) {
   commandLogBatches(commandId: $id) { lines { seq attempt stream ts text } final }
@@ -286,22 +290,24 @@ async def run_mode(backend: str, mode: str, args: argparse.Namespace, workdir: P
         sampler = asyncio.create_task(sample_rss(peak))
         try:
             python = shlex.quote(CHILD_PYTHON)
+            go = workdir / "clients-are-in"
             command = (
                 f"{python} -S {shlex.quote(str(child))} paced {total} {args.rate} {CONNECT_DELAY}"
+                f" {shlex.quote(str(go))}"
             )
             command_id = await run_command(http, commandString=command)
             started = time.monotonic()
-            await prober.send(
-                {"mode": "healthz", "url": base_url, "seconds": CONNECT_DELAY + args.seconds + 5}
-            )
             shares = [args.clients // args.workers] * args.workers
             shares[0] += args.clients - sum(shares)
             for worker, share in zip(workers, shares, strict=True):
                 job = {"mode": mode, "url": base_url, "command_id": command_id}
                 await worker.send(job | {"clients": share, "timeout": args.timeout})
             for worker in workers:
-                await worker.expect("connected", timeout=60)
+                await worker.expect("connected", timeout=CONNECT_DELAY)
+            go.touch()
             connect_seconds = time.monotonic() - started
+            # Throughout the run: from when it starts to print until after it should end.
+            await prober.send({"mode": "healthz", "url": base_url, "seconds": args.seconds + 5})
             progress(f"{backend}/{mode}: {args.clients} clients in after {connect_seconds:.1f}s")
             results = [await w.expect("result", timeout=args.timeout + 60) for w in workers]
             health = await prober.expect("result", timeout=60)

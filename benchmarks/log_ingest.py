@@ -89,8 +89,12 @@ def bulk(n):
     sys.stdout.flush()
 
 
-def paced(n, rate, delay):
-    time.sleep(delay)
+def paced(n, rate, delay, go=None):
+    # Starts after `delay` seconds, or once the file `go` exists (the benchmark creates it
+    # when its clients are all in), whichever comes first.
+    deadline = time.monotonic() + delay
+    while time.monotonic() < deadline and not (go and os.path.exists(go)):
+        time.sleep(0.01)
     start = time.monotonic()
     i = 0
     while i < n:
@@ -108,7 +112,7 @@ def paced(n, rate, delay):
 if sys.argv[1] == "bulk":
     bulk(int(sys.argv[2]))
 else:
-    paced(int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]))
+    paced(int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), (sys.argv[5:] or [None])[0])
 """
 LINE_EXPR = (
     'f"{i:07d} INFO worker-{i % 8} fetched https://api.example.test/v2/items/{i}'

@@ -487,6 +487,7 @@ async def _follow_logs(
             after_seq or 0,
             app.metrics,
             app.follow_poll_seconds,
+            pages=app.replay_pages,
         ):
             yield item
     finally:

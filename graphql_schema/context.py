@@ -20,6 +20,7 @@ from server.db import SessionFactory
 from server.metrics import Metrics
 from server.secretbox import SecretBox, token_preview
 from server.settings import Settings
+from server.streams import SharedPages
 from server.subscribers import SubscriberLimits
 from server.unit_of_work import unit_of_work
 
@@ -41,6 +42,7 @@ class AppServices:
     metrics: Metrics = field(default_factory=Metrics)
     subscriber_limits: SubscriberLimits = field(init=False)
     stream_reads: SessionFactory | None = None  # live streams' own pool (server.db)
+    replay_pages: SharedPages = field(default_factory=SharedPages)  # followers' shared reads
 
     def __post_init__(self) -> None:
         self.subscriber_limits = SubscriberLimits(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import weakref
 from collections.abc import AsyncIterator
 from json.encoder import encode_basestring_ascii
 from typing import Any
@@ -58,6 +59,20 @@ def encode_log_events(batch: StoredBatch) -> bytes:
     return "".join(parts).encode()
 
 
+def shared_log_events(batch: StoredBatch) -> list[bytes]:
+    """The `log` events of a batch in pieces of bounded size (server.streams.pieces),
+    encoded once for every stream it goes to: the broker hands all followers of a command
+    the same batch object, and shared replay pages are one object too (issue 16)."""
+    encoded = _encoded.get(id(batch))
+    if encoded is None:
+        encoded = _encoded[id(batch)] = [encode_log_events(piece) for piece in pieces(batch)]
+        weakref.finalize(batch, _encoded.pop, id(batch), None)
+    return encoded
+
+
+# id(StoredBatch) -> its encoded pieces, while the batch lives (weakref.finalize drops the
+# entry); as graphql_schema.commands.log_batches does for GraphQL messages.
+_encoded: dict[int, list[bytes]] = {}
 _EVENT_ID = "event: log\r\nid: "
 _DATA_SEQ = '\r\ndata: {"seq": '
 _END = "}\r\n\r\n"
@@ -150,10 +165,11 @@ async def stream_command_logs(request: Request) -> Response:
             after,
             services.metrics,
             services.follow_poll_seconds,
+            pages=services.replay_pages,
         ):
             if isinstance(item, StoredBatch):
-                for piece in pieces(item):
-                    yield encode_log_events(piece)
+                for events in shared_log_events(item):
+                    yield events
                 last_seq = max(last_seq, _last_seq(item))
             elif isinstance(item, StatusChange):
                 if not CommandStatus(item.status).is_final:  # the final one comes once, last

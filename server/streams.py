@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -38,6 +39,8 @@ REPLAY_FIRST_LINES = 1_000  # the first page's line limit; later ones adapt to t
 REPLAY_LINE_COST = 200  # bytes a line costs on its way through a page, besides its text
 SEND_CHUNK_BYTES = 64 * 1024  # a stream writes a batch in pieces of about this size
 MERGE_LINES = 2_000  # most lines a follower that fell behind merges into one message
+SHARED_PAGES_BYTES = 8 * 1024 * 1024  # replay pages kept for followers that read them next
+PAGE_GRID = 128  # shared pages end on a multiple of this seq (see SharedPages)
 
 
 @dataclass(frozen=True)
@@ -111,6 +114,115 @@ async def _read_lines(
             run = LineRun(attempt, stream, stamp, seq, [text_])
             runs.append(run)
     return StoredBatch(command_id, runs)
+
+
+class SharedPages:
+    """Replay pages read once for every follower that asks for the same one (issue 16).
+
+    Followers of a busy command replay the same stored lines: 200 clients that connect
+    together ask for the same pages in the same order, and 200 reads of one page cost the
+    database (and the event loop, row by row) 200 times what one does. A page is keyed by
+    what decides its content (command, after seq, line limit, byte budget); a follower
+    asking for a page being read waits for that read, and recently read pages are kept,
+    up to `max_bytes` in all, so followers a little behind find them too. Every follower of
+    a page gets the very same StoredBatch: its SSE text and its GraphQL result are then
+    encoded once as well.
+
+    Followers that lagged resume wherever their last message ended, each elsewhere: so that
+    they meet on the same pages, a shared page ends on a multiple of PAGE_GRID when it spans
+    one. From there on, followers read the same pages.
+
+    Stored lines never change, so a page with lines is right whenever it was read: the
+    follower goes on reading after its last line. A page with *no* line only says that
+    nothing was stored after its seq when its read began: a follower that finds such a read
+    under way when it asks reads again on its own (the read began before it asked, and may
+    have missed lines committed meanwhile; an empty page ends a replay), and such pages are
+    never kept.
+    """
+
+    def __init__(self, max_bytes: int = SHARED_PAGES_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self._reading: dict[tuple[Any, ...], asyncio.Future[StoredBatch]] = {}
+        self._kept: OrderedDict[tuple[Any, ...], tuple[StoredBatch, int]] = OrderedDict()
+        self._kept_bytes = 0
+        self.reads = 0  # reads of the database (what the sharing saves shows against asks)
+
+    async def read(
+        self,
+        sessionmaker: SessionFactory,
+        command_id: int,
+        after_seq: int,
+        limit: int,
+        max_bytes: int,
+    ) -> StoredBatch:
+        """The page after `after_seq`, as `_read_lines` reads it, shared. Not `limit` lines
+        at most but as many as `max_bytes` can hold (each costs REPLAY_LINE_COST at least):
+        the same for every follower, whatever its own last page held."""
+        limit = max_bytes // REPLAY_LINE_COST + 1
+        key = (sessionmaker, command_id, after_seq, limit, max_bytes)
+        kept = self._kept.get(key)
+        if kept is not None:
+            self._kept.move_to_end(key)
+            return kept[0]
+        reading = self._reading.get(key)
+        if reading is not None:
+            try:
+                page = await asyncio.shield(reading)
+            except _ReadFailed:  # that read's follower went away or met an error: read here
+                pass
+            else:
+                if page.runs:  # an empty one began before this follower asked: read again
+                    return page
+        return await self._read(key)
+
+    async def _read(self, key: tuple[SessionFactory, int, int, int, int]) -> StoredBatch:
+        future: asyncio.Future[StoredBatch] = asyncio.get_running_loop().create_future()
+        self._reading[key] = future
+        self.reads += 1
+        try:
+            page = _to_grid(await _read_lines(*key), key[2])
+        except BaseException:
+            # Those waiting read on their own (an error is theirs to meet, or not).
+            future.set_exception(_ReadFailed())
+            future.exception()  # retrieved, whether anybody waits or not
+            raise
+        finally:
+            if self._reading.get(key) is future:
+                del self._reading[key]
+        future.set_result(page)
+        if page.runs:
+            self._keep(key, page)
+        return page
+
+    def _keep(self, key: tuple[Any, ...], page: StoredBatch) -> None:
+        size = page.nbytes
+        self._kept[key] = (page, size)
+        self._kept_bytes += size
+        while self._kept_bytes > self.max_bytes and self._kept:
+            _key, (_oldest, oldest_size) = self._kept.popitem(last=False)
+            self._kept_bytes -= oldest_size
+
+
+def _to_grid(page: StoredBatch, after_seq: int) -> StoredBatch:
+    """`page` up to the last multiple of PAGE_GRID it holds past `after_seq` (if any)."""
+    if not page.runs:
+        return page
+    end = page.runs[-1].last_seq
+    end -= end % PAGE_GRID
+    if end <= after_seq or end == page.runs[-1].last_seq:
+        return page
+    runs = []
+    for run in page.runs:
+        if run.first_seq > end:
+            break
+        runs.append(
+            run if run.last_seq <= end else run._replace(texts=run.texts[: end - run.first_seq + 1])
+        )
+    return StoredBatch(page.command_id, runs)
+
+
+class _ReadFailed(Exception):
+    """A shared page read did not finish (its reader was cancelled or met an error)."""
 
 
 def pieces(batch: StoredBatch, max_bytes: int = SEND_CHUNK_BYTES) -> Iterator[StoredBatch]:
@@ -203,8 +315,10 @@ class _Follower:
         command_id: int,
         after_seq: int,
         page_bytes: int,
+        pages: SharedPages | None = None,
     ) -> None:
         self.sessionmaker = sessionmaker
+        self.pages = pages
         self.command_id = command_id
         self.last = after_seq
         self.status: str | None = None
@@ -214,7 +328,8 @@ class _Follower:
         self.page_lines = REPLAY_FIRST_LINES
 
     async def _next_page(self) -> StoredBatch:
-        batch = await _read_lines(
+        read = _read_lines if self.pages is None else self.pages.read
+        batch = await read(
             self.sessionmaker, self.command_id, self.last, self.page_lines, self.page_bytes
         )
         lines = sum(len(run.texts) for run in batch.runs)
@@ -266,8 +381,11 @@ async def follow_command(
     after_seq: int = 0,
     metrics: Metrics | None = None,
     poll_seconds: float | None = None,
+    pages: SharedPages | None = None,
 ) -> AsyncIterator[Item]:
     """Line batches after `after_seq` and status changes, ending with FinalStatus once drained.
+
+    `pages`: replay pages shared with the other followers (SharedPages), else read alone.
 
     `poll_seconds`: also re-read the database that often (PostgreSQL's safety net; lines that
     other processes store arrive as LinesStored nudges, read by seq).
@@ -277,7 +395,9 @@ async def follow_command(
     try:
         async with broker.subscribe(command_topic(command_id)) as subscription:
             # A page is read while the queue may fill up: both together stay near the bound.
-            follower = _Follower(sessionmaker, command_id, after_seq, subscription.max_bytes // 4)
+            follower = _Follower(
+                sessionmaker, command_id, after_seq, subscription.max_bytes // 4, pages
+            )
             async for lines in follower.catch_up(subscription):
                 yield lines
             status = await _status(sessionmaker, command_id)

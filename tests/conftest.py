@@ -22,12 +22,17 @@ import httpx
 import pytest
 from sqlalchemy import event, text
 from sqlalchemy.engine import make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.ext.asyncio import (
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from starlette.applications import Starlette
 
 from server import auth, migrate
 from server.app import create_app
-from server.db import create_engine
+from server.db import create_engine, create_sessionmaker
 from server.models import Base
 from server.secretbox import generate_key
 from server.settings import Settings
@@ -159,6 +164,16 @@ def settings(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Se
     url = request.getfixturevalue("postgres_url")
     asyncio.run(_empty_tables(url))
     return Settings(data_dir=data_dir, database_url=url, secret_key=TEST_KEY)
+
+
+@pytest.fixture
+async def sessionmaker(settings: Settings) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
+    """The database alone: no app, no runner (the test plays the runner)."""
+    engine = create_engine(settings)
+    try:
+        yield create_sessionmaker(engine)
+    finally:
+        await engine.dispose()
 
 
 @pytest.fixture

@@ -7,21 +7,25 @@ test_streams.
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
 import pytest
 from graphql import FragmentDefinitionNode, OperationDefinitionNode, parse
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from graphql_schema.shared_events import SharedData, SharedResults
 from runner.logwriter import LineRun, StoredBatch
-from server.broker import StatusChange, Subscription
+from server.broker import Broker, StatusChange, Subscription
 from server.db import READ_ONLY
+from server.logstream import _encoded, encode_log_events, shared_log_events
 from server.models import Command, utcnow
 from server.settings import Settings
-from server.streams import MERGE_LINES, with_queued
+from server.streams import MERGE_LINES, PAGE_GRID, SharedPages, follow_command, pieces, with_queued
 from tests.conftest import GraphQLClient
 from tests.fixtures.commands import FINAL, wait_status
 from tests.fixtures.servers import LiveServer, running_server
@@ -33,6 +37,7 @@ from tests.test_streams import (
     pk,
     read_sse,
     run_command,
+    store_lines,
     stored_logs,
 )
 
@@ -217,3 +222,177 @@ async def test_a_follower_behind_merges_the_queued_batches_up_to_a_status_change
     alone = await subscription.get()
     assert with_queued(alone, subscription) is alone  # nothing queued: the shared object
     assert subscription.held_bytes == alone.nbytes
+
+
+# -- shared replay pages and SSE text ------------------------------------------------------
+
+Sessions = async_sessionmaker[AsyncSession]
+
+
+async def running_command(sessionmaker: Sessions) -> int:
+    async with sessionmaker() as session, session.begin():
+        row = Command(source="x", argv=["x"], status="RUNNING")
+        session.add(row)
+    return row.id
+
+
+async def replay(
+    sessionmaker: Sessions, broker: Broker, pages: SharedPages, command_id: int, after: int = 0
+) -> list[StoredBatch]:
+    """What one follower replays: its batches up to the status that ends the replay."""
+    got = []
+    async with asyncio.timeout(30):
+        async for item in follow_command(sessionmaker, broker, command_id, after, pages=pages):
+            if isinstance(item, StatusChange):
+                return got
+            got.append(item)
+    raise AssertionError("the replay ended without a status")
+
+
+def texts(batch: StoredBatch) -> list[str]:
+    return [text for run in batch.runs for text in run.texts]
+
+
+async def test_followers_replaying_together_share_each_page_and_get_every_line_once(
+    sessionmaker: Sessions,
+) -> None:
+    command_id = await running_command(sessionmaker)
+    await store_lines(sessionmaker, command_id, range(1, 3001))
+    # Pages of ~10 KB (a quarter of a subscriber's bound): dozens of pages to replay.
+    broker, pages = Broker(subscriber_max_bytes=40_000), SharedPages()
+    followers = await asyncio.gather(
+        *(replay(sessionmaker, broker, pages, command_id) for _ in range(20))
+    )
+    alone = await replay(sessionmaker, broker, SharedPages(), command_id)
+    for got in followers:
+        seqs = [
+            seq
+            for batch in got
+            for run in batch.runs
+            for seq in range(run.first_seq, run.last_seq + 1)
+        ]
+        assert seqs == list(range(1, 3001))
+        assert [run.texts for b in got for run in b.runs] == [
+            run.texts for b in followers[0] for run in b.runs
+        ]
+        # The very same page objects: their SSE text and GraphQL results are shared too.
+        assert all(a is b for a, b in zip(got, followers[0], strict=True))
+    assert len(alone) > 10
+    # One read per page (and the empty one that ends the replay, per follower at most).
+    assert pages.reads <= len(alone) + 20
+
+
+def seqs_of(batches: list[StoredBatch]) -> list[int]:
+    return [
+        seq for b in batches for run in b.runs for seq in range(run.first_seq, run.last_seq + 1)
+    ]
+
+
+async def test_followers_resuming_at_different_seqs_meet_on_the_same_pages(
+    sessionmaker: Sessions,
+) -> None:
+    command_id = await running_command(sessionmaker)
+    await store_lines(sessionmaker, command_id, range(1, 3001))
+    broker, pages = Broker(subscriber_max_bytes=40_000), SharedPages()
+    afters = [7 * i for i in range(20)]  # within the first two cells of the grid
+    followers = await asyncio.gather(
+        *(replay(sessionmaker, broker, pages, command_id, after) for after in afters)
+    )
+    alone = SharedPages()
+    await replay(sessionmaker, broker, alone, command_id, afters[-1])
+    for after, got in zip(afters, followers, strict=True):
+        assert seqs_of(got) == list(range(after + 1, 3001))
+    # Past the grid multiple they all reach, every follower has the same page objects.
+    meet = max(afters) - max(afters) % PAGE_GRID + PAGE_GRID
+    later = [[b for b in got if b.runs[0].first_seq > meet] for got in followers]
+    assert len(later[0]) > 10
+    assert all(all(a is b for a, b in zip(x, later[0], strict=True)) for x in later)
+    # Twenty followers cost little more reads than one alone (without the grid: 20 times).
+    assert pages.reads < 2 * alone.reads + 20
+
+
+class FirstSessionHeld:
+    """The sessions of a test's database; the first one is held up `where` (after its
+    query, or before it), until `release` is set (never, for a follower gone away)."""
+
+    def __init__(self, sessionmaker: Sessions, where: str) -> None:
+        self.sessionmaker, self.where = sessionmaker, where
+        self.calls = 0
+        self.held, self.release = asyncio.Event(), asyncio.Event()
+
+    @asynccontextmanager
+    async def __call__(self) -> AsyncIterator[AsyncSession]:
+        self.calls += 1
+        first = self.calls == 1
+        if first and self.where == "before":
+            self.held.set()
+            await self.release.wait()
+        async with self.sessionmaker() as session:
+            yield session
+        if first and self.where == "after":
+            self.held.set()
+            await self.release.wait()
+
+
+async def test_a_follower_never_trusts_an_empty_page_read_before_it_asked(
+    sessionmaker: Sessions,
+) -> None:
+    command_id = await running_command(sessionmaker)
+    sessions, pages = FirstSessionHeld(sessionmaker, "after"), SharedPages()
+    first = asyncio.create_task(pages.read(sessions, command_id, 0, 100, 10_000))
+    await sessions.held.wait()  # its query found nothing; it has not answered yet
+    await store_lines(sessionmaker, command_id, range(1, 4))
+    second = asyncio.create_task(pages.read(sessions, command_id, 0, 100, 10_000))
+    await asyncio.sleep(0.05)  # it waits for the read under way
+    assert pages.reads == 1
+    sessions.release.set()
+    assert (await first).runs == []
+    assert texts(await second) == ["line 1", "line 2", "line 3"]
+    # A page with lines is kept for the next followers; the empty one never was.
+    assert await pages.read(sessions, command_id, 0, 100, 10_000) is await second
+    assert pages.reads == 2
+
+
+async def test_a_shared_read_that_is_cancelled_leaves_its_waiters_to_read_alone(
+    sessionmaker: Sessions,
+) -> None:
+    command_id = await running_command(sessionmaker)
+    await store_lines(sessionmaker, command_id, range(1, 3))
+    sessions, pages = FirstSessionHeld(sessionmaker, "before"), SharedPages()
+    first = asyncio.create_task(pages.read(sessions, command_id, 0, 100, 10_000))
+    await sessions.held.wait()
+    second = asyncio.create_task(pages.read(sessions, command_id, 0, 100, 10_000))
+    await asyncio.sleep(0.05)
+    assert not second.done()  # it waits for the first read
+    first.cancel()  # the first follower's client went away
+    async with asyncio.timeout(10):
+        page = await second
+    assert texts(page) == ["line 1", "line 2"]
+    assert pages.reads == 2
+    assert not pages._reading
+
+
+def test_shared_pages_keep_recent_pages_up_to_their_bytes() -> None:
+    stamp = utcnow()
+    pages = SharedPages(max_bytes=3 * 10_000)
+
+    def page(seq: int) -> StoredBatch:
+        return StoredBatch(1, [LineRun(1, "stdout", stamp, seq, ["x" * 1000] * 9)])
+
+    for seq in range(1, 6):
+        pages._keep(("s", 1, seq, 100, 10_000), page(seq))
+    assert [key[2] for key in pages._kept] == [3, 4, 5]  # the oldest went first
+    assert pages._kept_bytes <= pages.max_bytes
+
+
+def test_a_batch_s_sse_text_is_encoded_once_for_every_stream_it_goes_to() -> None:
+    stamp = utcnow()
+    batch = StoredBatch(3, [LineRun(1, "stdout", stamp, 1, ["y" * 1000] * 200)])
+    first = shared_log_events(batch)
+    assert shared_log_events(batch) is first
+    assert len(first) > 1  # in pieces of bounded size, as before
+    assert first == [encode_log_events(piece) for piece in pieces(batch)]
+    key = id(batch)
+    del batch
+    gc.collect()
+    assert key not in _encoded

@@ -30,7 +30,6 @@ from websockets.typing import Subprotocol
 from graphql_schema.relay import decode_id, encode_id
 from runner.logwriter import LineRun, StoredBatch
 from server.broker import DEFAULT_QUEUE_SIZE, Broker, StatusChange, command_topic
-from server.db import create_engine, create_sessionmaker
 from server.logstream import encode_log_events
 from server.metrics import Metrics
 from server.models import Command, LogLine, utcnow
@@ -680,16 +679,6 @@ async def test_broker_marks_an_overflowing_subscriber_lagged_and_spares_the_othe
             assert await stalled.get() == "next"
             assert await reader.get() == "next"
     assert broker.subscriber_count == 0
-
-
-@pytest.fixture
-async def sessionmaker(settings: Settings) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    """The database alone: no app, no runner (the test plays the runner)."""
-    engine = create_engine(settings)
-    try:
-        yield create_sessionmaker(engine)
-    finally:
-        await engine.dispose()
 
 
 class Line(NamedTuple):

@@ -123,6 +123,7 @@ async def _tail_events(
         after,
         services.metrics,
         services.follow_poll_seconds,
+        pages=services.replay_pages,
     ):
         if isinstance(item, StoredBatch):
             for piece in pieces(item):
