@@ -400,8 +400,10 @@ async def test_usage_fields_cost_a_constant_number_of_statements(
 
 async def _started(runner: asyncio.subprocess.Process) -> None:
     assert runner.stdout is not None
+    said: list[bytes] = []
     while b"is running" not in (line := await runner.stdout.readline()):
-        assert line, "the runner stopped before it started"
+        said.append(line)
+        assert line, f"the runner stopped before it started (exit {runner.returncode}): {said}"
 
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)  # `corral runner` needs it
@@ -441,15 +443,15 @@ async def test_two_runner_processes_run_a_due_probe_once(
             await asyncio.wait_for(_started(runner), 20)
         await _wait_for(lambda: len(fake_providers.seen) >= 1, timeout=15)
         await asyncio.sleep(1.0)  # a second probe would have landed by now
+        async with sessions() as session:
+            usage = list(await session.scalars(select(ServiceUsage)))
     finally:
         for runner in runners:
             if runner.returncode is None:
                 runner.terminate()
         for runner in runners:
             await asyncio.wait_for(runner.wait(), 20)
+        await engine.dispose()
     assert fake_providers.authorizations() == [f"Bearer {SHARED}"]
-    async with sessions() as session:
-        usage = list(await session.scalars(select(ServiceUsage)))
-    await engine.dispose()
     assert [(u.service_id, u.remaining, u.source) for u in usage] == [(service_id, 4999, "probe")]
     assert [runner.returncode for runner in runners] == [0, 0]
