@@ -32,9 +32,9 @@ from server.settings import Settings
 from tests.conftest import GraphQLClient
 from tests.fixtures.auth import admin_client, connection_init
 from tests.fixtures.commands import FINAL, run, wait_status
+from tests.fixtures.graphql_api import SNAPSHOT
 from tests.fixtures.servers import LiveServer, running_server
 from tests.test_dataloaders import NESTED
-from tests.test_graphql_api import SNAPSHOT
 
 MESH = 30  # profiles, and proxies; every profile linked to every proxy
 
