@@ -32,13 +32,13 @@ from graphql_schema.relay import (
     user_errors,
 )
 from graphql_schema.shared_events import SharedResults
-from runner.logwriter import StoredBatch
 from server import commands as command_domain
 from server import models
 from server.broker import STATUS_TOPIC, StatusChange, status_topic
 from server.commands import RunRequest
 from server.db import READ_ONLY
 from server.errors import InvalidInput
+from server.messages import StoredBatch
 from server.models import FINAL_STATUSES
 from server.streams import FinalStatus, Item, follow_command, pieces
 from server.subscribers import TooManySubscribers

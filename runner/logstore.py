@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from runner.claims import ClaimRequest, ClaimResult
 from runner.lines import Redactor
-from runner.logwriter import FLUSH_LINES, LineRun, LogWriter, Share, StoredBatch, _Chunk
+from runner.logwriter import FLUSH_LINES, LogWriter, Share, _Chunk
 from runner.store import RunnerStore, StoreJob, WriteBatch, open_store
 from runner.store_errors import (
     JobFailed,
@@ -33,6 +33,7 @@ from runner.store_errors import (
     summary,
 )
 from server.broker import USAGE_TOPIC, Broker, UsageRecorded, command_topic
+from server.messages import LineRun, StoredBatch
 from server.metrics import Metrics
 from server.models import LogStream, utcnow
 

@@ -7,7 +7,6 @@ one transaction per flush and then publishes them (`StoredBatch`).
 from __future__ import annotations
 
 import itertools
-import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -21,6 +20,7 @@ from runner.events import (
 )
 from runner.lines import Redactor
 from runner.store_errors import summary
+from server.messages import LineRun
 from server.models import LogStream, utcnow
 
 if TYPE_CHECKING:
@@ -29,53 +29,6 @@ if TYPE_CHECKING:
 _EVENT_PREFIXES = itertools.repeat(EVENT_PREFIX)
 _STDOUT, _SYSTEM = LogStream.STDOUT.value, LogStream.SYSTEM.value
 FLUSH_LINES = 10_000  # lines of one command per flush (a published batch stays small)
-
-
-class LineRun(NamedTuple):
-    """Lines with consecutive seqs that share an attempt, a stream and a timestamp (those of
-    one read of a pipe): how lines are stored, published and streamed, with no object per
-    line on the way (one per line cost more than anything else from pipe to socket)."""
-
-    attempt: int
-    stream: str
-    ts: datetime
-    first_seq: int
-    texts: list[str]
-
-    @property
-    def last_seq(self) -> int:
-        return self.first_seq + len(self.texts) - 1
-
-    def after(self, seq: int) -> LineRun:
-        """The part of this run past `seq`."""
-        skip = max(0, min(seq - self.first_seq + 1, len(self.texts)))
-        return self._replace(first_seq=self.first_seq + skip, texts=self.texts[skip:])
-
-
-@dataclass(frozen=True)
-class StoredBatch:
-    """Lines of one command stored in one transaction, published as one message."""
-
-    command_id: int
-    runs: list[LineRun]
-
-    @property
-    def weight(self) -> int:
-        """What it costs a subscriber's bounded queue: its number of lines."""
-        return sum(len(run.texts) for run in self.runs)
-
-    @property
-    def nbytes(self) -> int:
-        """Memory its lines hold: what it costs a subscriber's queue (bounded in bytes)."""
-        # A run: its tuple and list (~150 bytes); a line: its str and its slot in the list.
-        return 150 * (1 + len(self.runs)) + sum(
-            sum(map(sys.getsizeof, run.texts)) + 8 * len(run.texts) for run in self.runs
-        )
-
-    def after(self, seq: int) -> StoredBatch:
-        """The lines of this batch past `seq`."""
-        runs = [run if run.first_seq > seq else run.after(seq) for run in self.runs]
-        return StoredBatch(self.command_id, [run for run in runs if run.texts])
 
 
 @dataclass(slots=True)

@@ -30,7 +30,8 @@ from xray.config import Hop
 from xray.routing import Routing
 
 if TYPE_CHECKING:
-    from runner.logwriter import LineRun, Share
+    from runner.logwriter import Share
+    from server.messages import LineRun
     from server.models import Command
 
 # A job that rides in a flush: the runner's claim, or a function of the transaction's

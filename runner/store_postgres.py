@@ -38,7 +38,8 @@ from server.models import utcnow
 from server.proxy_health import FlaggedProxy, held_proxies
 
 if TYPE_CHECKING:
-    from runner.logwriter import LineRun, Share
+    from runner.logwriter import Share
+    from server.messages import LineRun
 
 CONNECTION_MAX_AGE_SECONDS = 1800.0
 COPY_MIN_LINES = 200  # fewer lines go in with the flush's one INSERT: a COPY costs more trips

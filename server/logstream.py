@@ -25,12 +25,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
 from graphql_schema.context import AppServices, client_key
-from graphql_schema.relay import decode_id
-from runner.logwriter import StoredBatch
 from server import access
 from server.access import Authenticator
 from server.broker import StatusChange
 from server.db import READ_ONLY
+from server.ids import decode_global_id as decode_id
+from server.messages import StoredBatch
 from server.models import Command, CommandStatus, LogLine, LogStream
 from server.streams import FinalStatus, follow_command, pieces
 from server.subscribers import SubscriberLimits, TooManySubscribers

@@ -21,7 +21,6 @@ from typing import Any
 
 from sqlalchemy import select, text
 
-from runner.logwriter import LineRun, StoredBatch
 from server.broker import (
     DEFAULT_MAX_BYTES,
     Broker,
@@ -31,6 +30,7 @@ from server.broker import (
     command_topic,
 )
 from server.db import READ_ONLY, SessionFactory
+from server.messages import LineRun, StoredBatch
 from server.metrics import Metrics
 from server.models import Command, CommandStatus
 

@@ -19,10 +19,10 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from graphql_schema.shared_events import SharedData, SharedResults
-from runner.logwriter import LineRun, StoredBatch
 from server.broker import Broker, StatusChange, Subscription
 from server.db import READ_ONLY
 from server.logstream import _encoded, encode_log_events, shared_log_events
+from server.messages import LineRun, StoredBatch
 from server.models import Command, utcnow
 from server.settings import Settings
 from server.streams import MERGE_LINES, PAGE_GRID, SharedPages, follow_command, pieces, with_queued

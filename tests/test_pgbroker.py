@@ -23,7 +23,6 @@ import httpx
 import pytest
 from sqlalchemy import func, select, text
 
-from runner.logwriter import LineRun, StoredBatch
 from server.broker import (
     CANCEL_TOPIC,
     QUEUE_TOPIC,
@@ -38,6 +37,7 @@ from server.broker import (
     status_topic,
 )
 from server.db import create_engine
+from server.messages import LineRun, StoredBatch
 from server.models import Command, CommandStatus, LogLine
 from server.pgbroker import CHANNEL, PAYLOAD_BYTES, PgBroker, connect_arguments, payloads
 from server.settings import Settings

@@ -28,9 +28,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.typing import Subprotocol
 
 from graphql_schema.relay import decode_id, encode_id
-from runner.logwriter import LineRun, StoredBatch
 from server.broker import DEFAULT_QUEUE_SIZE, Broker, StatusChange, command_topic
 from server.logstream import encode_log_events
+from server.messages import LineRun, StoredBatch
 from server.metrics import Metrics
 from server.models import Command, LogLine, utcnow
 from server.settings import Settings

@@ -280,8 +280,8 @@ async def test_a_command_without_services_gets_every_held_secret_masked(
     gql: GraphQLClient, app: Any
 ) -> None:
     from graphql_schema.relay import decode_id
-    from runner.logwriter import StoredBatch
     from server.broker import command_topic
+    from server.messages import StoredBatch
     from tests.fixtures.commands import logs_of, run, texts, wait_final
 
     await hold_secrets(gql)

@@ -23,8 +23,8 @@ from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
 
 from graphql_schema.context import AppServices
-from runner.logwriter import LineRun, StoredBatch
 from server.broker import Broker, command_topic
+from server.messages import LineRun, StoredBatch
 from server.models import ApiToken, Command, LogLine, utcnow
 from server.settings import Settings
 from server.streams import _read_lines, pieces

@@ -18,11 +18,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 from starlette.responses import Response
 
-from graphql_schema.relay import decode_id, encode_id
 from server import auth
 from server.access import principal_of
 from server.audit import Outcome
 from server.errors import ErrorCode, InvalidInput
+from server.ids import decode_global_id as decode_id
+from server.ids import encode_global_id as encode_id
 from server.login import read_form
 from server.models import ApiToken, AuditEvent, Role
 from server.panel.common import (

@@ -17,12 +17,13 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
 from graphql_schema.context import AppServices
-from graphql_schema.relay import decode_id, encode_id
 from server.access import principal_of
 from server.actions import Forbidden, perform, refusal
 from server.audit import FORBIDDEN, raised_entry, write_entry
 from server.db import READ_ONLY
 from server.errors import ErrorCode, InvalidInput, UserError
+from server.ids import decode_global_id as decode_id
+from server.ids import encode_global_id as encode_id
 from server.login import client_address, is_https, read_form
 from server.pages import render_page
 from server.panel.assets import panel_assets

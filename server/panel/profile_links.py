@@ -25,10 +25,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 from starlette.responses import Response
 
-from graphql_schema.relay import encode_id
 from server import proxies as proxy_domain
 from server import services as service_domain
 from server.errors import ErrorCode, InvalidInput
+from server.ids import encode_global_id as encode_id
 from server.login import read_form
 from server.panel.common import (
     Change,

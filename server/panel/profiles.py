@@ -10,10 +10,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 from starlette.responses import Response
 
-from graphql_schema.relay import encode_id
 from server import profiles as profile_service
 from server.access import principal_of
 from server.errors import InvalidInput
+from server.ids import encode_global_id as encode_id
 from server.login import read_form
 from server.models import (
     Command,

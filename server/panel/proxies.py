@@ -15,10 +15,10 @@ from sqlalchemy.orm import aliased
 from starlette.requests import Request
 from starlette.responses import Response
 
-from graphql_schema.relay import encode_id
 from server import proxies as proxy_service
 from server.access import principal_of
 from server.errors import ErrorCode, InvalidInput, UserError
+from server.ids import encode_global_id as encode_id
 from server.login import read_form
 from server.models import Profile, ProfileProxy, Proxy, ProxyCheck, ProxyProtocol, utcnow
 from server.panel.common import (

@@ -14,9 +14,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 from starlette.responses import Response
 
-from graphql_schema.relay import encode_id
 from server import commands as command_service
 from server.errors import ErrorCode, InvalidInput
+from server.ids import encode_global_id as encode_id
 from server.models import (
     Command,
     CommandEvent,

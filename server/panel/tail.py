@@ -24,10 +24,10 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
 from graphql_schema.context import AppServices, client_key
-from runner.logwriter import StoredBatch
 from server.broker import StatusChange
 from server.db import READ_ONLY
 from server.logstream import CountedStream, after_seq
+from server.messages import StoredBatch
 from server.models import Command, CommandStatus, LogLine
 from server.pages import page_environment
 from server.streams import FinalStatus, follow_command, pieces

@@ -15,8 +15,8 @@ from sqlalchemy import select
 from starlette.requests import Request
 from starlette.responses import Response
 
-from graphql_schema.relay import encode_id
 from server.errors import InvalidInput
+from server.ids import encode_global_id as encode_id
 from server.models import Service, utcnow
 from server.panel.common import (
     PAGE_SIZE,
