@@ -32,7 +32,9 @@ from runner.redaction import KnownSecrets
 from runner.renderpool import RenderPool
 from runner.sandbox import NONE, Sandbox, check_reachable, choose_sandbox
 from runner.schedules import ProbeSchedule
+from runner.store import RunnerInfo
 from runner.store_errors import retryable_database_error
+from server import __version__
 from server.broker import (
     CANCEL_TOPIC,
     QUEUE_TOPIC,
@@ -48,6 +50,7 @@ from server.models import (
     CommandStatus,
     utcnow,
 )
+from server.runners import alive_window
 from server.secretbox import SecretBox
 from server.settings import Settings
 from server.storage import prepare_workspace
@@ -82,6 +85,7 @@ class Supervisor(AttemptExecution):
         self.broker = broker
         self.metrics = metrics
         self.name = settings.resolved_runner_name
+        self.labels = settings.resolved_runner_labels
         self.host = socket.gethostname()
         self.runner_id = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.attempts: dict[int, Attempt] = {}
@@ -105,6 +109,7 @@ class Supervisor(AttemptExecution):
             lease_seconds=settings.lease_seconds,
             hold_on_flagged_proxy=settings.hold_on_flagged_proxy,
             proxy_flag_after=settings.proxy_flag_after,
+            labels=tuple(self.labels),
         )
         self._commands_dir = settings.commands_dir
         self.sandbox = Sandbox(NONE)
@@ -142,13 +147,14 @@ class Supervisor(AttemptExecution):
             self.render_pool = RenderPool.from_settings(self.settings)
         self._files = ThreadPoolExecutor(1, thread_name_prefix="corral-files")
         self.store.start()
+        await self.register()
         await self.recover()
         await self._refresh_secrets()  # the first claim does not pay for decrypting them all
         self._task = asyncio.create_task(self._main(), name=f"supervisor-{self.runner_id}")
         if self.settings.schedules:
             self.proxy_checks.start()
             await self.schedule.start()
-        log_event("runner_started", runner=self.runner_id, name=self.name)
+        log_event("runner_started", runner=self.runner_id, name=self.name, labels=self.labels)
         log_event(
             "protection",
             level="info" if self.sandbox.protected else "warning",
@@ -177,6 +183,8 @@ class Supervisor(AttemptExecution):
         tasks = [a.task for a in self.attempts.values() if a.task is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):  # a database that is down: it shows as dead
+            await self.gateway.mark_runner_stopped(self.runner_id)
         await self.store.close()
         if self._owns_render_pool:
             await self.render_pool.close()
@@ -373,11 +381,37 @@ class Supervisor(AttemptExecution):
             reap_orphans()
             try:
                 await self.renew_leases()
+                await self.heartbeat()
                 await self.recover()
             except Exception as exc:
                 # A database that is down is the log store's to report (once an outage).
                 level = "debug" if retryable_database_error(exc) else "error"
                 log_event("lease_pass_failed", level=level, error=repr(exc))
+
+    async def register(self) -> None:
+        """Add this runner to the runners table (GraphQL `runners`, the panel)."""
+        info = RunnerInfo(
+            runner_id=self.runner_id,
+            name=self.name,
+            labels=self.labels,
+            version=__version__,
+            max_concurrency=self.settings.max_concurrency,
+            host=self.host,
+            pid=os.getpid(),
+        )
+        await self.gateway.register_runner(info, utcnow() - self.alive_window)
+
+    @property
+    def alive_window(self) -> timedelta:
+        """A runner whose last heartbeat is older than this is not alive."""
+        return alive_window(self.settings.lease_seconds)
+
+    async def heartbeat(self) -> None:
+        """Say this runner is alive (with its running count); make the commands pinned to no
+        alive runner wait, saying which one they wait for."""
+        await self.gateway.heartbeat(self.runner_id, len(self.attempts))
+        for command_id in await self.gateway.wait_for_runners(utcnow() - self.alive_window):
+            self.broker.publish_status(command_id, CommandStatus.WAITING.value)
 
     async def renew_leases(self) -> None:
         """Extend this runner's leases; stop the attempts someone asked to cancel."""

@@ -177,6 +177,11 @@ class Settings(BaseSettings):
         description="This runner's name, matched against profiles' runner affinity "
         "(default: the host name).",
     )
+    runner_labels: str = Field(
+        default="",
+        description="This runner's labels, comma-separated (e.g. `gpu,eu`): a profile whose "
+        "runner affinity is `label:gpu` runs only on runners labelled `gpu`.",
+    )
     max_concurrency: int = Field(
         default=4, ge=1, le=256, description="Most commands one runner runs at once."
     )
@@ -430,6 +435,12 @@ class Settings(BaseSettings):
     def resolved_runner_name(self) -> str:
         """The runner's name (the host name unless set)."""
         return self.runner_name or socket.gethostname()
+
+    @property
+    def resolved_runner_labels(self) -> list[str]:
+        """The runner's labels, in the order given, without blanks or repeats."""
+        labels = (part.strip() for part in self.runner_labels.split(","))
+        return list(dict.fromkeys(label for label in labels if label))
 
     @property
     def is_embedded(self) -> bool:
