@@ -6,13 +6,13 @@ the rate-limit gate holds). The statements that read and write them are the stor
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from runner.gate import Gate
 from server.models import CommandStatus
+from server.runners import runner_affinities
 
 # Claim rounds: when busy profiles or closed gates fill the claim's window, it looks again
 # in a window four times as large (so the commands behind them are not blocked).
@@ -185,25 +185,6 @@ def choose(
             gate.spend(command_id)
         choice.chosen[command_id] = next_at or created_at
     return choice
-
-
-LABEL_PREFIX = "label:"
-
-
-def runner_affinities(name: str, labels: Sequence[str]) -> list[str]:
-    """A runner's name and its labels as affinities (`label:<label>`)."""
-    return [name, *(LABEL_PREFIX + label for label in labels)]
-
-
-def no_runner_reason(affinity: str, alive: Sequence[tuple[str, Sequence[str]]]) -> str | None:
-    """Why a command pinned to this affinity waits when no alive runner matches it (None:
-    one does). `alive` holds each alive runner's name and labels."""
-    if any(affinity in runner_affinities(name, labels) for name, labels in alive):
-        return None
-    if affinity.startswith(LABEL_PREFIX):
-        label = affinity[len(LABEL_PREFIX) :]
-        return f"waiting for a runner labelled {label!r} (none alive)"
-    return f"waiting for a runner named {affinity!r} (none alive)"
 
 
 def gated(candidates: Any) -> list[int]:

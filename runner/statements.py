@@ -149,13 +149,18 @@ def running_elsewhere(runner_id: str, skip_locked: bool) -> Select[Command]:
 # -- the runners table -----------------------------------------------------------------------
 
 
-def forget_runners(name: str, host: str, dead_before: datetime) -> Any:
+def forget_runners(name: str, host: str, dead_before: datetime, forget_before: datetime) -> Any:
     """Rows of earlier runs of this runner (same name, same host) that stopped, cleanly or
-    by dying: a restart replaces them."""
+    by dying (a restart replaces them), and of any runner silent since `forget_before`."""
     return delete(Runner).where(
-        Runner.name == name,
-        Runner.host == host,
-        or_(Runner.stopped_at.is_not(None), Runner.last_heartbeat_at < dead_before),
+        or_(
+            and_(
+                Runner.name == name,
+                Runner.host == host,
+                or_(Runner.stopped_at.is_not(None), Runner.last_heartbeat_at < dead_before),
+            ),
+            Runner.last_heartbeat_at < forget_before,
+        )
     )
 
 

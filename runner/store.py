@@ -13,18 +13,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from runner import statements
-from runner.claims import ClaimedCommand, ClaimRequest, ClaimResult, no_runner_reason
+from runner.claims import ClaimedCommand, ClaimRequest, ClaimResult
 from server.commands import choose_tokens, own_tokens
 from server.models import LogLine, LogStream, Profile, Proxy, Service, utcnow
 from server.proxies import proxy_chain
 from server.routing import run_routing
+from server.runners import no_runner_reason
 from server.secretbox import SecretBox
 from xray.config import Hop
 from xray.routing import Routing
@@ -85,6 +86,10 @@ class RunnerInfo:
     pid: int
 
 
+# A runner silent this long (stopped, or dead and flagged) leaves the runners table when
+# another registers.
+FORGET_RUNNERS_AFTER = timedelta(days=1)
+
 # What recovery does to one command RUNNING elsewhere: None when it is not orphaned; else it
 # has changed the command (runner/recovery.py) and returns the note for its log.
 Recover = Callable[["Command"], str | None]
@@ -121,8 +126,9 @@ class RunnerStore(Protocol):
         """The profile, proxy chain, routing, services and tokens of a claimed command."""
 
     async def register_runner(self, info: RunnerInfo, dead_before: datetime) -> None:
-        """Add this runner to the runners table (replacing earlier runs of it that stopped
-        or whose heartbeat ended before `dead_before`)."""
+        """Add this runner to the runners table, replacing earlier runs of it that stopped
+        or whose heartbeat ended before `dead_before`, and forgetting any runner silent for
+        FORGET_RUNNERS_AFTER."""
 
     async def heartbeat(self, runner_id: str, running: int) -> None:
         """The runner is alive, running this many commands."""
@@ -196,7 +202,10 @@ class SessionOperations:
     async def register_runner(self, info: RunnerInfo, dead_before: datetime) -> None:
         now = utcnow()
         async with self.sessionmaker() as session, session.begin():
-            await session.execute(statements.forget_runners(info.name, info.host, dead_before))
+            forget_before = now - FORGET_RUNNERS_AFTER
+            await session.execute(
+                statements.forget_runners(info.name, info.host, dead_before, forget_before)
+            )
             await session.execute(
                 statements.insert_runner().values(
                     **asdict(info), running=0, started_at=now, last_heartbeat_at=now

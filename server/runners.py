@@ -7,6 +7,7 @@ stopped heartbeating (killed, paused, cut off), and is flagged.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
@@ -15,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from server.models import Runner, utcnow
 
+LABEL_PREFIX = "label:"  # a profile's runner affinity `label:gpu` names a label, not a runner
 ALIVE_LEASES = 3  # a runner is alive while its last heartbeat is within this many leases
 
 
@@ -51,3 +53,19 @@ async def list_runners(
     now = utcnow()
     rows = await session.scalars(stmt)
     return [RunnerState(row, is_alive(row, lease_seconds, now)) for row in rows]
+
+
+def runner_affinities(name: str, labels: Sequence[str]) -> list[str]:
+    """A runner's name and its labels as affinities (`label:<label>`)."""
+    return [name, *(LABEL_PREFIX + label for label in labels)]
+
+
+def no_runner_reason(affinity: str, alive: Sequence[tuple[str, Sequence[str]]]) -> str | None:
+    """Why a command pinned to this affinity waits when no alive runner matches it (None:
+    one does). `alive` holds each alive runner's name and labels."""
+    if any(affinity in runner_affinities(name, labels) for name, labels in alive):
+        return None
+    if affinity.startswith(LABEL_PREFIX):
+        label = affinity[len(LABEL_PREFIX) :]
+        return f"waiting for a runner labelled {label!r} (none alive)"
+    return f"waiting for a runner named {affinity!r} (none alive)"

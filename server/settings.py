@@ -12,6 +12,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 SQLITE_FILENAME = "corral.db"
 # Listening on these means "every interface": no one Host name follows from them.
 WILDCARD_ADDRESSES = frozenset({"", "0.0.0.0", "::", "[::]", "*"})  # noqa: S104
+RUNNER_NAME_MAX = 200  # server.models.NAME_MAX: a profile's runner affinity holds it
+RUNNER_LABEL_MAX = RUNNER_NAME_MAX - len("label:")
 SIDECAR_LEVELS = ("debug", "info", "warning", "error", "none")  # xray.config.LOG_LEVELS
 
 
@@ -174,6 +176,7 @@ class Settings(BaseSettings):
     )
     runner_name: str | None = Field(
         default=None,
+        max_length=RUNNER_NAME_MAX,
         description="This runner's name, matched against profiles' runner affinity "
         "(default: the host name).",
     )
@@ -398,6 +401,14 @@ class Settings(BaseSettings):
         if level not in SIDECAR_LEVELS:
             raise ValueError(f"{value!r} is not one of {', '.join(SIDECAR_LEVELS)}")
         return level
+
+    @field_validator("runner_labels")
+    @classmethod
+    def _runner_labels(cls, value: str) -> str:
+        for label in value.split(","):
+            if len(label.strip()) > RUNNER_LABEL_MAX:
+                raise ValueError(f"a label is at most {RUNNER_LABEL_MAX} characters")
+        return value
 
     @field_validator("proxy_check_interval", mode="before")
     @classmethod

@@ -4,7 +4,10 @@ dashboard's Runners section, and profile affinity by runner name or label."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -16,15 +19,15 @@ from sqlalchemy import select
 from starlette.applications import Starlette
 
 from graphql_schema.context import AppServices
-from runner.claims import no_runner_reason
 from runner.supervisor import Supervisor
 from server import __version__
 from server.models import Runner
+from server.runners import no_runner_reason
 from server.settings import Settings
 from tests.conftest import GraphQLClient
 from tests.fixtures.auth import bearer, issue_api_token
 from tests.fixtures.commands import command, logs_of, run, texts, wait_final, wait_status
-from tests.fixtures.runners import runner_process
+from tests.fixtures.runners import ROOT, runner_process
 
 LEASE = 0.6  # heartbeat every 0.2 s; alive while the last one is within 1.8 s
 RUNNERS = """query($all: Boolean! = false) { runners(includeStopped: $all) {
@@ -232,3 +235,36 @@ async def test_a_runner_process_runs_its_label_and_is_flagged_when_killed(
         second = await run(gql, commandString="pwd", profileId=profile)
         waiting = await wait_status(gql, second, {"WAITING"})
         assert waiting["waitReason"] == "waiting for a runner labelled 'gpu' (none alive)"
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+async def test_an_affinity_of_a_bare_label_prefix_is_a_user_error(gql: GraphQLClient) -> None:
+    data = await gql(
+        """mutation { createProfile(input: {name: "p", runnerAffinity: "label: "}) {
+          profile { id } userErrors { field message } } }"""
+    )
+    payload = data["createProfile"]
+    assert payload["profile"] is None
+    (error,) = payload["userErrors"]
+    assert error["field"] == ["runnerAffinity"]
+    assert "names no label" in error["message"]
+
+
+def test_a_too_long_label_is_a_one_line_cli_error(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")}
+    done = subprocess.run(
+        [sys.executable, "-m", "server.cli", "runner", "--label", "x" * 300],
+        cwd=tmp_path,
+        env={**env, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines() == [
+        "corral: error: invalid setting CORRAL_RUNNER_LABELS: Value error, a label is at most 194 "
+        "characters"
+    ], done.stderr
