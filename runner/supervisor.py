@@ -90,6 +90,7 @@ class Supervisor(AttemptExecution):
         self.runner_id = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.attempts: dict[int, Attempt] = {}
         self._wake = asyncio.Event()
+        self._pins_due = asyncio.Event()  # queued commands to tell if no runner matches
         self._claims: set[asyncio.Task[None]] = set()  # claims out, waiting for the store
         self._claiming = 0  # slots those claims are for
         self._open_claim: ClaimRequest | None = None  # the claim that has not run yet
@@ -204,6 +205,7 @@ class Supervisor(AttemptExecution):
                 asyncio.create_task(self._listen_cancels(cancels)),
                 asyncio.create_task(self._watch_secrets(secret_changes)),
                 asyncio.create_task(self._lease_loop()),
+                asyncio.create_task(self._explain_pinned()),
             ]
             try:
                 while not self._stopping:
@@ -221,6 +223,7 @@ class Supervisor(AttemptExecution):
             await subscription.get()
             subscription.resync()
             self._queue_changed = True
+            self._pins_due.set()
             self._wake.set()
 
     async def _listen_cancels(self, subscription: Any) -> None:
@@ -410,8 +413,25 @@ class Supervisor(AttemptExecution):
         """Say this runner is alive (with its running count); make the commands pinned to no
         alive runner wait, saying which one they wait for."""
         await self.gateway.heartbeat(self.runner_id, len(self.attempts))
+        await self.wait_for_runners()
+
+    async def wait_for_runners(self) -> None:
+        """Commands pinned (by their profile's affinity) to no alive runner wait, saying
+        which runner they wait for."""
         for command_id in await self.gateway.wait_for_runners(utcnow() - self.alive_window):
             self.broker.publish_status(command_id, CommandStatus.WAITING.value)
+
+    async def _explain_pinned(self) -> None:
+        """As commands are queued, those pinned to no alive runner hear why at once, not
+        at the next lease pass (at most one look a tick)."""
+        while True:
+            await self._pins_due.wait()
+            self._pins_due.clear()
+            try:
+                await self.wait_for_runners()
+            except Exception as exc:  # the lease pass says it again, and reports outages
+                log_event("pinned_check_failed", level="debug", error=repr(exc))
+            await asyncio.sleep(TICK_SECONDS)
 
     async def renew_leases(self) -> None:
         """Extend this runner's leases; stop the attempts someone asked to cancel."""

@@ -21,11 +21,12 @@ from starlette.applications import Starlette
 from graphql_schema.context import AppServices
 from runner.supervisor import Supervisor
 from server import __version__
+from server.app import create_app
 from server.models import Runner
 from server.runners import no_runner_reason
 from server.settings import Settings
 from tests.conftest import GraphQLClient
-from tests.fixtures.auth import bearer, issue_api_token
+from tests.fixtures.auth import admin_client, bearer, issue_api_token
 from tests.fixtures.commands import command, logs_of, run, texts, wait_final, wait_status
 from tests.fixtures.runners import ROOT, runner_process
 
@@ -196,6 +197,19 @@ async def test_a_pinned_command_waits_with_the_reason_then_runs_on_the_matching_
             assert Path(cwd).is_relative_to(workspace), cwd
     finally:
         await second.stop()
+
+
+async def test_a_pinned_command_hears_why_it_waits_before_the_next_lease_pass(
+    settings: Settings,
+) -> None:
+    slow = settings.model_copy(update={"lease_seconds": 30.0})  # first lease pass at 10 s
+    application = create_app(slow)
+    async with application.router.lifespan_context(application), admin_client(application) as http:
+        gql = GraphQLClient(http)
+        profile = await pinned_profile(gql, "on-other", "other-box")
+        command_id = await run(gql, commandString="true", profileId=profile)
+        waiting = await wait_status(gql, command_id, {"WAITING"}, timeout=3)
+        assert waiting["waitReason"] == "waiting for a runner named 'other-box' (none alive)"
 
 
 # -- processes (PostgreSQL) ----------------------------------------------------------------------
