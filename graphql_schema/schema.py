@@ -43,6 +43,7 @@ from graphql_schema.proxies import (
     resolve_proxies,
 )
 from graphql_schema.relay import DEFAULT_PAGE_SIZE, Connection, Node, decode_id
+from graphql_schema.runners import Runner, resolve_runners
 from graphql_schema.services import Service, ServiceMutations, resolve_services
 from graphql_schema.shared_events import SharedResults
 from graphql_schema.templates import (
@@ -113,6 +114,11 @@ class Query:
     compose_command: ComposedCommand = strawberry.field(
         resolver=resolve_compose_command,
         description="Preview what runCommand would run (argv, env names); runs nothing.",
+    )
+    runners: list[Runner] = strawberry.field(
+        resolver=resolve_runners,
+        description="The runners, by name: those running, and those whose heartbeat stopped "
+        "(alive false).",
     )
     me: Me = strawberry.field(resolver=resolve_me, description="Who the request acts as.")
     api_tokens: Connection[ApiToken] = strawberry.field(

@@ -12,6 +12,7 @@ from typing import Any
 
 from runner.gate import Gate
 from server.models import CommandStatus
+from server.runners import runner_affinities
 
 # Claim rounds: when busy profiles or closed gates fill the claim's window, it looks again
 # in a window four times as large (so the commands behind them are not blocked).
@@ -71,6 +72,12 @@ class ClaimTerms:
     lease_seconds: float
     hold_on_flagged_proxy: bool
     proxy_flag_after: int
+    labels: tuple[str, ...] = ()
+
+    @property
+    def affinities(self) -> list[str]:
+        """The profile affinities this runner answers to."""
+        return runner_affinities(self.runner_name, self.labels)
 
     def lease(self, now: datetime) -> datetime:
         return now + timedelta(seconds=self.lease_seconds)

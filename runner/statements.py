@@ -15,7 +15,7 @@ import re
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, bindparam, insert, or_, select, update
+from sqlalchemy import JSON, and_, bindparam, delete, insert, or_, select, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql import Select, Update
 
@@ -27,6 +27,8 @@ from server.models import (
     CommandEvent,
     CommandService,
     CommandStatus,
+    Profile,
+    Runner,
     Service,
     ServiceUsage,
     UsageSource,
@@ -34,7 +36,8 @@ from server.models import (
 
 # -- claims --------------------------------------------------------------------------------
 
-# Columns: what runner.claims.choose reads, then the profile's runner affinity and whether
+# Columns: what runner.claims.choose reads, then the profile's runner affinity (one this
+# runner answers to: its name or `label:<one of its labels>`) and whether
 # the command has services (only then does the gate read anything), then its proxy.
 _CANDIDATES = (
     "SELECT c.id, c.profile_id, c.profile_name, c.status, c.wait_reason,"
@@ -44,13 +47,15 @@ _CANDIDATES = (
     " LEFT OUTER JOIN profiles p ON p.id = c.profile_id"
     " WHERE c.status IN ('QUEUED', 'WAITING')"
     " AND (c.next_attempt_at IS NULL OR c.next_attempt_at <= {now})"
-    " AND (p.runner_affinity IS NULL OR p.runner_affinity = {runner})"
+    " AND (p.runner_affinity IS NULL OR p.runner_affinity {affinities})"
     " ORDER BY c.priority DESC, c.id LIMIT {limit}"
 )
-PG_CANDIDATES = _CANDIDATES.format(now="$1", runner="$2", limit="$3") + (
+PG_CANDIDATES = _CANDIDATES.format(now="$1", affinities="= ANY($2::text[])", limit="$3") + (
     " FOR UPDATE OF c SKIP LOCKED"
 )
-SQLITE_CANDIDATES = _CANDIDATES.format(now="?", runner="?", limit="?")
+SQLITE_CANDIDATES = _CANDIDATES.format(
+    now="?", affinities="IN (SELECT value FROM json_each(?))", limit="?"
+)
 BUSY_PROFILES = (
     "SELECT profile_id, id FROM commands WHERE status = 'RUNNING' AND profile_id IS NOT NULL"
 )
@@ -139,6 +144,83 @@ def running_elsewhere(runner_id: str, skip_locked: bool) -> Select[Command]:
         or_(Command.runner_id.is_(None), Command.runner_id != runner_id),
     )
     return stmt.with_for_update(skip_locked=True) if skip_locked else stmt
+
+
+# -- the runners table -----------------------------------------------------------------------
+
+
+def forget_runners(name: str, host: str, dead_before: datetime, forget_before: datetime) -> Any:
+    """Rows of earlier runs of this runner (same name, same host) that stopped, cleanly or
+    by dying (a restart replaces them), and of any runner silent since `forget_before`."""
+    return delete(Runner).where(
+        or_(
+            and_(
+                Runner.name == name,
+                Runner.host == host,
+                or_(Runner.stopped_at.is_not(None), Runner.last_heartbeat_at < dead_before),
+            ),
+            Runner.last_heartbeat_at < forget_before,
+        )
+    )
+
+
+def insert_runner() -> Any:
+    return insert(Runner)
+
+
+def runner_heartbeat(runner_id: str, running: int, now: datetime) -> Update:
+    return (
+        update(Runner)
+        .where(Runner.runner_id == runner_id)
+        .values(last_heartbeat_at=now, running=running)
+    )
+
+
+def runner_stopped(runner_id: str, now: datetime) -> Update:
+    return (
+        update(Runner)
+        .where(Runner.runner_id == runner_id)
+        .values(stopped_at=now, last_heartbeat_at=now, running=0)
+    )
+
+
+def alive_runners(alive_since: datetime) -> Select[str, list[str]]:
+    """Name and labels of the runners that heartbeat since then and did not stop."""
+    return select(Runner.name, Runner.labels).where(
+        Runner.stopped_at.is_(None), Runner.last_heartbeat_at >= alive_since
+    )
+
+
+def pinned_affinities() -> Select[str | None]:
+    """The runner affinities of the profiles of queued or waiting commands."""
+    return (
+        select(Profile.runner_affinity)
+        .join(Command, Command.profile_id == Profile.id)
+        .where(
+            Command.status.in_((CommandStatus.QUEUED.value, CommandStatus.WAITING.value)),
+            Profile.runner_affinity.is_not(None),
+        )
+        .distinct()
+    )
+
+
+def wait_for_runner(affinity: str, reason: str) -> Update:
+    """Queued commands pinned to this affinity wait with the reason (when it changes)."""
+    pinned = select(Profile.id).where(Profile.runner_affinity == affinity)
+    return (
+        update(Command)
+        .where(
+            Command.status.in_((CommandStatus.QUEUED.value, CommandStatus.WAITING.value)),
+            Command.profile_id.in_(pinned.scalar_subquery()),
+            or_(
+                Command.status != CommandStatus.WAITING.value,
+                Command.wait_reason.is_(None),
+                and_(Command.wait_reason.is_not(None), Command.wait_reason != reason),
+            ),
+        )
+        .values(status=CommandStatus.WAITING.value, wait_reason=reason)
+        .returning(Command.id)
+    )
 
 
 def command_services(command_id: int) -> Select[Service]:

@@ -12,8 +12,8 @@ function of a SQLAlchemy connection.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import Connection
@@ -25,6 +25,7 @@ from server.commands import choose_tokens, own_tokens
 from server.models import LogLine, LogStream, Profile, Proxy, Service, utcnow
 from server.proxies import proxy_chain
 from server.routing import run_routing
+from server.runners import no_runner_reason
 from server.secretbox import SecretBox
 from xray.config import Hop
 from xray.routing import Routing
@@ -73,6 +74,23 @@ class AttemptRows:
     routing: Routing | None
 
 
+@dataclass(frozen=True, slots=True)
+class RunnerInfo:
+    """What a supervisor registers about itself (the runners table)."""
+
+    runner_id: str
+    name: str
+    labels: list[str]
+    version: str
+    max_concurrency: int
+    host: str
+    pid: int
+
+
+# A runner silent this long (stopped, or dead and flagged) leaves the runners table when
+# another registers.
+FORGET_RUNNERS_AFTER = timedelta(days=1)
+
 # What recovery does to one command RUNNING elsewhere: None when it is not orphaned; else it
 # has changed the command (runner/recovery.py) and returns the note for its log.
 Recover = Callable[["Command"], str | None]
@@ -107,6 +125,21 @@ class RunnerStore(Protocol):
 
     async def load_attempt(self, command: ClaimedCommand, box: SecretBox) -> AttemptRows:
         """The profile, proxy chain, routing, services and tokens of a claimed command."""
+
+    async def register_runner(self, info: RunnerInfo, dead_before: datetime) -> None:
+        """Add this runner to the runners table, replacing earlier runs of it that stopped
+        or whose heartbeat ended before `dead_before`, and forgetting any runner silent for
+        FORGET_RUNNERS_AFTER."""
+
+    async def heartbeat(self, runner_id: str, running: int) -> None:
+        """The runner is alive, running this many commands."""
+
+    async def mark_runner_stopped(self, runner_id: str) -> None:
+        """The runner stopped cleanly."""
+
+    async def wait_for_runners(self, alive_since: datetime) -> list[int]:
+        """Queued commands pinned (by profile affinity) to no runner alive since then wait,
+        saying which runner they wait for: the ids whose state or reason changed."""
 
 
 def open_store(
@@ -166,6 +199,45 @@ class SessionOperations:
                 None if proxy is None else await run_routing(session, box, proxy.routing_rules)
             )
         return AttemptRows(profile, proxy, services, set(own), tokens, chain, routing)
+
+    async def register_runner(self, info: RunnerInfo, dead_before: datetime) -> None:
+        now = utcnow()
+        async with self.sessionmaker() as session, session.begin():
+            forget_before = now - FORGET_RUNNERS_AFTER
+            await session.execute(
+                statements.forget_runners(info.name, info.host, dead_before, forget_before)
+            )
+            await session.execute(
+                statements.insert_runner().values(
+                    **asdict(info), running=0, started_at=now, last_heartbeat_at=now
+                )
+            )
+
+    async def heartbeat(self, runner_id: str, running: int) -> None:
+        async with self.sessionmaker() as session, session.begin():
+            await session.execute(statements.runner_heartbeat(runner_id, running, utcnow()))
+
+    async def mark_runner_stopped(self, runner_id: str) -> None:
+        async with self.sessionmaker() as session, session.begin():
+            await session.execute(statements.runner_stopped(runner_id, utcnow()))
+
+    async def wait_for_runners(self, alive_since: datetime) -> list[int]:
+        async with self.sessionmaker() as session, session.begin():
+            pinned = await session.scalars(statements.pinned_affinities())
+            affinities = [affinity for affinity in pinned if affinity]
+            if not affinities:
+                return []
+            alive = [
+                (row.name, row.labels)
+                for row in await session.execute(statements.alive_runners(alive_since))
+            ]
+            changed: list[int] = []
+            for affinity in affinities:
+                reason = no_runner_reason(affinity, alive)
+                if reason is not None:
+                    stmt = statements.wait_for_runner(affinity, reason)
+                    changed += await session.scalars(stmt)
+            return changed
 
     def group_updates(self, shares: Sequence[Share], batch: WriteBatch) -> None:
         """Each share's command values, grouped by column set (one statement a set), and

@@ -170,7 +170,7 @@ async def claim_on_driver(request: ClaimRequest, driver: Any) -> ClaimResult:
     now = utcnow()
     limit = first_window(free)
     for _ in range(CLAIM_ROUNDS):
-        candidates = await driver.fetch(sql.PG_CANDIDATES, now, terms.runner_name, limit)
+        candidates = await driver.fetch(sql.PG_CANDIDATES, now, terms.affinities, limit)
         if not candidates:
             return ClaimResult([])
         busy: dict[int, int] = {}

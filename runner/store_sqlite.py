@@ -122,7 +122,7 @@ def claim_on_sqlite(request: ClaimRequest, raw: Any) -> ClaimResult:
     limit = first_window(free)
     for _ in range(CLAIM_ROUNDS):
         candidates = raw.execute(
-            sql.SQLITE_CANDIDATES, (sqlite_timestamp(now), terms.runner_name, limit)
+            sql.SQLITE_CANDIDATES, (sqlite_timestamp(now), json.dumps(terms.affinities), limit)
         ).fetchall()
         if not candidates:
             return ClaimResult([])

@@ -32,7 +32,9 @@ from runner.redaction import KnownSecrets
 from runner.renderpool import RenderPool
 from runner.sandbox import NONE, Sandbox, check_reachable, choose_sandbox
 from runner.schedules import ProbeSchedule
+from runner.store import RunnerInfo
 from runner.store_errors import retryable_database_error
+from server import __version__
 from server.broker import (
     CANCEL_TOPIC,
     QUEUE_TOPIC,
@@ -48,6 +50,7 @@ from server.models import (
     CommandStatus,
     utcnow,
 )
+from server.runners import alive_window
 from server.secretbox import SecretBox
 from server.settings import Settings
 from server.storage import prepare_workspace
@@ -82,10 +85,12 @@ class Supervisor(AttemptExecution):
         self.broker = broker
         self.metrics = metrics
         self.name = settings.resolved_runner_name
+        self.labels = settings.resolved_runner_labels
         self.host = socket.gethostname()
         self.runner_id = f"{self.host}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.attempts: dict[int, Attempt] = {}
         self._wake = asyncio.Event()
+        self._pins_due = asyncio.Event()  # queued commands to tell if no runner matches
         self._claims: set[asyncio.Task[None]] = set()  # claims out, waiting for the store
         self._claiming = 0  # slots those claims are for
         self._open_claim: ClaimRequest | None = None  # the claim that has not run yet
@@ -105,6 +110,7 @@ class Supervisor(AttemptExecution):
             lease_seconds=settings.lease_seconds,
             hold_on_flagged_proxy=settings.hold_on_flagged_proxy,
             proxy_flag_after=settings.proxy_flag_after,
+            labels=tuple(self.labels),
         )
         self._commands_dir = settings.commands_dir
         self.sandbox = Sandbox(NONE)
@@ -142,13 +148,14 @@ class Supervisor(AttemptExecution):
             self.render_pool = RenderPool.from_settings(self.settings)
         self._files = ThreadPoolExecutor(1, thread_name_prefix="corral-files")
         self.store.start()
+        await self.register()
         await self.recover()
         await self._refresh_secrets()  # the first claim does not pay for decrypting them all
         self._task = asyncio.create_task(self._main(), name=f"supervisor-{self.runner_id}")
         if self.settings.schedules:
             self.proxy_checks.start()
             await self.schedule.start()
-        log_event("runner_started", runner=self.runner_id, name=self.name)
+        log_event("runner_started", runner=self.runner_id, name=self.name, labels=self.labels)
         log_event(
             "protection",
             level="info" if self.sandbox.protected else "warning",
@@ -177,6 +184,8 @@ class Supervisor(AttemptExecution):
         tasks = [a.task for a in self.attempts.values() if a.task is not None]
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):  # a database that is down: it shows as dead
+            await self.gateway.mark_runner_stopped(self.runner_id)
         await self.store.close()
         if self._owns_render_pool:
             await self.render_pool.close()
@@ -196,6 +205,7 @@ class Supervisor(AttemptExecution):
                 asyncio.create_task(self._listen_cancels(cancels)),
                 asyncio.create_task(self._watch_secrets(secret_changes)),
                 asyncio.create_task(self._lease_loop()),
+                asyncio.create_task(self._explain_pinned()),
             ]
             try:
                 while not self._stopping:
@@ -213,6 +223,7 @@ class Supervisor(AttemptExecution):
             await subscription.get()
             subscription.resync()
             self._queue_changed = True
+            self._pins_due.set()
             self._wake.set()
 
     async def _listen_cancels(self, subscription: Any) -> None:
@@ -373,11 +384,54 @@ class Supervisor(AttemptExecution):
             reap_orphans()
             try:
                 await self.renew_leases()
+                await self.heartbeat()
                 await self.recover()
             except Exception as exc:
                 # A database that is down is the log store's to report (once an outage).
                 level = "debug" if retryable_database_error(exc) else "error"
                 log_event("lease_pass_failed", level=level, error=repr(exc))
+
+    async def register(self) -> None:
+        """Add this runner to the runners table (GraphQL `runners`, the panel)."""
+        info = RunnerInfo(
+            runner_id=self.runner_id,
+            name=self.name,
+            labels=self.labels,
+            version=__version__,
+            max_concurrency=self.settings.max_concurrency,
+            host=self.host,
+            pid=os.getpid(),
+        )
+        await self.gateway.register_runner(info, utcnow() - self.alive_window)
+
+    @property
+    def alive_window(self) -> timedelta:
+        """A runner whose last heartbeat is older than this is not alive."""
+        return alive_window(self.settings.lease_seconds)
+
+    async def heartbeat(self) -> None:
+        """Say this runner is alive (with its running count); make the commands pinned to no
+        alive runner wait, saying which one they wait for."""
+        await self.gateway.heartbeat(self.runner_id, len(self.attempts))
+        await self.wait_for_runners()
+
+    async def wait_for_runners(self) -> None:
+        """Commands pinned (by their profile's affinity) to no alive runner wait, saying
+        which runner they wait for."""
+        for command_id in await self.gateway.wait_for_runners(utcnow() - self.alive_window):
+            self.broker.publish_status(command_id, CommandStatus.WAITING.value)
+
+    async def _explain_pinned(self) -> None:
+        """As commands are queued, those pinned to no alive runner hear why at once, not
+        at the next lease pass (at most one look a tick)."""
+        while True:
+            await self._pins_due.wait()
+            self._pins_due.clear()
+            try:
+                await self.wait_for_runners()
+            except Exception as exc:  # the lease pass says it again, and reports outages
+                log_event("pinned_check_failed", level="debug", error=repr(exc))
+            await asyncio.sleep(TICK_SECONDS)
 
     async def renew_leases(self) -> None:
         """Extend this runner's leases; stop the attempts someone asked to cancel."""

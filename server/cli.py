@@ -13,7 +13,7 @@ import secrets
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
@@ -79,13 +79,12 @@ def hide_query_strings() -> None:
         access.addFilter(HideQueryStrings())
 
 
-def load_settings(*, host: str | None = None, port: int | None = None) -> Settings:
-    """Settings from the environment, with command-line overrides; one readable error."""
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from the environment, with command-line overrides (those not None); one
+    readable error."""
     try:
         settings = Settings()
-        updates = {
-            key: value for key, value in (("host", host), ("port", port)) if value is not None
-        }
+        updates = {key: value for key, value in overrides.items() if value is not None}
         if updates:
             settings = Settings.model_validate({**settings.model_dump(), **updates})
     except ValidationError as exc:
@@ -240,8 +239,9 @@ def cmd_migrate(args: argparse.Namespace) -> None:
     print(f"database {_describe_database(settings)} is at revision {revision or 'base (empty)'}")
 
 
-def cmd_runner(_args: argparse.Namespace) -> None:
-    settings = load_settings()
+def cmd_runner(args: argparse.Namespace) -> None:
+    labels = None if args.label is None else ",".join(args.label)
+    settings = load_settings(runner_name=args.name, runner_labels=labels)
     if settings.is_embedded:
         raise CliError(
             "`corral runner` needs a shared PostgreSQL (CORRAL_DATABASE_URL); on the embedded "
@@ -562,9 +562,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
     serve.set_defaults(func=cmd_serve)
 
-    commands.add_parser(
+    runner = commands.add_parser(
         "runner", help="run commands only (no API), beside `corral serve` on a shared PostgreSQL"
-    ).set_defaults(func=cmd_runner)
+    )
+    runner.add_argument("--name", help="this runner's name (default CORRAL_RUNNER_NAME or host)")
+    runner.add_argument(
+        "--label",
+        action="append",
+        metavar="LABEL",
+        help="a label of this runner (repeatable; replaces CORRAL_RUNNER_LABELS)",
+    )
+    runner.set_defaults(func=cmd_runner)
 
     mig = commands.add_parser("migrate", help="migrate the database (to the newest revision)")
     mig.add_argument("revision", nargs="?", default="head", help="revision to upgrade to")

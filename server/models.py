@@ -256,6 +256,26 @@ class ProxyCheck(Base):
     trigger: Mapped[str] = mapped_column(String(16))  # schedule | manual
 
 
+class Runner(Base):
+    """One supervisor process, as it registered: who it is, what it can run, and its last
+    heartbeat (written with each lease pass). A clean stop sets stopped_at."""
+
+    __tablename__ = "runners"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    runner_id: Mapped[str] = mapped_column(String(255), unique=True)  # host:pid:nonce
+    name: Mapped[str] = mapped_column(String(NAME_MAX), index=True)
+    labels: Mapped[list[str]] = mapped_column(default=list)
+    version: Mapped[str] = mapped_column(String(64))
+    max_concurrency: Mapped[int]
+    host: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int]
+    running: Mapped[int] = mapped_column(Integer, default=0)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
+    stopped_at: Mapped[datetime | None]
+
+
 class ProfileProxy(Base):
     """Which proxies a profile may use; at most one is its default."""
 

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from server.errors import ErrorCode, InvalidInput, UserError
 from server.models import NAME_MAX, PATH_MAX, Command, Profile, name_key
+from server.runners import LABEL_PREFIX
 from server.settings import Settings
 from server.storage import profile_dir_problem
 from server.validation import (
@@ -89,6 +90,16 @@ def _locale(value: Any) -> str | None:
     return tag
 
 
+def _runner_affinity(value: Any) -> str | None:
+    affinity: str | None = text_field(NAME_MAX, blank_ok=True, label="runner")(value)
+    if affinity is not None and not affinity.removeprefix(LABEL_PREFIX).strip():
+        raise FieldInvalid(
+            f"runner {affinity!r} names no label: a runner's name (e.g. box-1), or "
+            f"{LABEL_PREFIX}<label> (e.g. {LABEL_PREFIX}gpu)"
+        )
+    return affinity
+
+
 def _user_agent(value: Any) -> str | None:
     agent: str | None = text_field(USER_AGENT_MAX, blank_ok=True, label="userAgent")(value)
     if agent is not None and not all(" " <= char <= "~" for char in agent):
@@ -107,9 +118,7 @@ PROFILE_FIELDS = [
     FieldSpec("headless", "headless", bool_field),
     FieldSpec("tags", "tags", tags_field),
     FieldSpec("notes", "notes", text_field(TEXT_MAX, blank_ok=True, label="notes")),
-    FieldSpec(
-        "runnerAffinity", "runner_affinity", text_field(NAME_MAX, blank_ok=True, label="runner")
-    ),
+    FieldSpec("runnerAffinity", "runner_affinity", _runner_affinity),
 ]
 
 

@@ -12,6 +12,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 SQLITE_FILENAME = "corral.db"
 # Listening on these means "every interface": no one Host name follows from them.
 WILDCARD_ADDRESSES = frozenset({"", "0.0.0.0", "::", "[::]", "*"})  # noqa: S104
+RUNNER_NAME_MAX = 200  # server.models.NAME_MAX: a profile's runner affinity holds it
+RUNNER_LABEL_MAX = RUNNER_NAME_MAX - len("label:")
 SIDECAR_LEVELS = ("debug", "info", "warning", "error", "none")  # xray.config.LOG_LEVELS
 
 
@@ -174,8 +176,14 @@ class Settings(BaseSettings):
     )
     runner_name: str | None = Field(
         default=None,
+        max_length=RUNNER_NAME_MAX,
         description="This runner's name, matched against profiles' runner affinity "
         "(default: the host name).",
+    )
+    runner_labels: str = Field(
+        default="",
+        description="This runner's labels, comma-separated (e.g. `gpu,eu`): a profile whose "
+        "runner affinity is `label:gpu` runs only on runners labelled `gpu`.",
     )
     max_concurrency: int = Field(
         default=4, ge=1, le=256, description="Most commands one runner runs at once."
@@ -394,6 +402,14 @@ class Settings(BaseSettings):
             raise ValueError(f"{value!r} is not one of {', '.join(SIDECAR_LEVELS)}")
         return level
 
+    @field_validator("runner_labels")
+    @classmethod
+    def _runner_labels(cls, value: str) -> str:
+        for label in value.split(","):
+            if len(label.strip()) > RUNNER_LABEL_MAX:
+                raise ValueError(f"a label is at most {RUNNER_LABEL_MAX} characters")
+        return value
+
     @field_validator("proxy_check_interval", mode="before")
     @classmethod
     def _never(cls, value: Any) -> Any:
@@ -430,6 +446,12 @@ class Settings(BaseSettings):
     def resolved_runner_name(self) -> str:
         """The runner's name (the host name unless set)."""
         return self.runner_name or socket.gethostname()
+
+    @property
+    def resolved_runner_labels(self) -> list[str]:
+        """The runner's labels, in the order given, without blanks or repeats."""
+        labels = (part.strip() for part in self.runner_labels.split(","))
+        return list(dict.fromkeys(label for label in labels if label))
 
     @property
     def is_embedded(self) -> bool:

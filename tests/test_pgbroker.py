@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import sys
 import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -41,11 +39,11 @@ from server.messages import LineRun, StoredBatch
 from server.models import Command, CommandStatus, LogLine
 from server.pgbroker import CHANNEL, PAYLOAD_BYTES, PgBroker, connect_arguments, payloads
 from server.settings import Settings
-from tests.conftest import TEST_KEY, GraphQLClient
+from tests.conftest import GraphQLClient
+from tests.fixtures.runners import runner_process
 from tests.fixtures.servers import LiveServer, running_server
 from tests.test_streams import COMMAND_LOGS, GraphQLSocket, log_seqs, pk, sse_events, stream_path
 
-ROOT = Path(__file__).resolve().parent.parent
 POLL = 60.0  # the safety net, out of the way
 ARRIVAL_SECONDS = 1.0  # a line or a cancel crosses processes within this
 ON_POSTGRES = pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
@@ -69,48 +67,6 @@ def test_payloads_stay_under_the_limit_and_keep_every_entry_in_order() -> None:
 
 
 # -- processes -------------------------------------------------------------------------
-
-
-@contextlib.asynccontextmanager
-async def runner_process(settings: Settings, tmp_path: Path) -> AsyncIterator[Any]:
-    """A real `corral runner` on the test's database, until the block ends (then SIGTERM)."""
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("CORRAL_")},
-        "PYTHONPATH": str(ROOT),
-        "CORRAL_DATABASE_URL": str(settings.database_url),
-        "CORRAL_SECRET_KEY": TEST_KEY,
-        "CORRAL_DATA_DIR": str(tmp_path / "runner"),
-        "CORRAL_SANDBOX": "none",
-        "CORRAL_SCHEDULES": "false",
-        "CORRAL_LEASE_SECONDS": "30",  # its lease pass (every 10 s) cannot be what cancels
-    }
-    runner = await asyncio.create_subprocess_exec(
-        *(sys.executable, "-m", "server.cli", "runner"),
-        env=env,
-        cwd=tmp_path,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )
-    output: list[bytes] = []
-    try:
-        assert runner.stdout is not None
-        async with asyncio.timeout(30):
-            while b"is running" not in (line := await runner.stdout.readline()):
-                assert line, b"".join(output).decode()
-                output.append(line)
-        drain = asyncio.create_task(_drain(runner.stdout, output))
-        yield runner
-    finally:
-        if runner.returncode is None:
-            runner.terminate()
-        await asyncio.wait_for(runner.wait(), 30)
-    await drain
-    assert runner.returncode == 0, b"".join(output).decode()
-
-
-async def _drain(stream: asyncio.StreamReader, output: list[bytes]) -> None:
-    while line := await stream.readline():
-        output.append(line)
 
 
 @contextlib.asynccontextmanager

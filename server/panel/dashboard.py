@@ -22,6 +22,7 @@ from server.panel.common import (
     reading,
     render_view,
 )
+from server.runners import list_runners
 
 # --- dashboard -------------------------------------------------------------------------
 FAILED_STATUSES = (CommandStatus.FAILED.value, CommandStatus.TIMED_OUT.value)
@@ -57,8 +58,8 @@ async def tokens_near_limit(session: AsyncSession) -> list[tuple[ServiceUsage, s
 
 
 async def dashboard(request: Request) -> Response:
-    """Counts, what runs now, what waits (oldest first) and why, recent failures, proxies
-    whose last check failed."""
+    """Counts, the runners (flagging those whose heartbeat stopped), what runs now, what
+    waits (oldest first) and why, recent failures, proxies whose last check failed."""
     async with reading(request) as session:
         counts = {
             label: int(await session.scalar(select(func.count()).select_from(model)) or 0)
@@ -105,4 +106,5 @@ async def dashboard(request: Request) -> Response:
             failures=list(failures),
             unhealthy=list(unhealthy),
             near_limit=await tokens_near_limit(session),
+            runners=await list_runners(session, request.app.state.services.settings.lease_seconds),
         )
