@@ -88,11 +88,19 @@ async def wait_line(app: Starlette, run_id: int, text: str, timeout: float = 20.
 # --- the tail --------------------------------------------------------------------------
 
 
+# The rest of its lines wait for the test (a file `go` in its working directory): whatever
+# the machine's load, the page is read while tail-2 and tail-3 are still to come.
+GATED_LINES = (
+    "sh -c 'echo tail-1; while [ ! -e go ]; do sleep 0.05; done;"
+    " for i in 2 3; do echo tail-$i; sleep 0.3; done'"
+)
+
+
 async def test_tail_follows_a_running_command_then_stops(settings: Settings) -> None:
     async with live_admin(settings) as (live, http):
         gql = GraphQLClient(httpx.AsyncClient(base_url=live.base_url, headers=live.headers))
         async with gql.http:
-            command_id = await run(gql, commandString=SLOW_LINES)
+            command_id = await run(gql, commandString=GATED_LINES)
             run_id = pk(command_id)
             await wait_status(gql, command_id, {"RUNNING"})
             page = await http.get(f"/runs/{run_id}")
@@ -100,6 +108,7 @@ async def test_tail_follows_a_running_command_then_stops(settings: Settings) -> 
             assert match is not None, page.text
             after = int(match.group(1))
             assert after < 3
+            (settings.commands_dir / str(run_id) / "go").touch()
             events = await read_tail(http, run_id, after)
         kinds = [event.event for event in events]
         assert kinds[-1] == "end"
