@@ -65,10 +65,15 @@ async def prepare_database(settings: Settings, engine: AsyncEngine) -> SecretBox
     except OSError as exc:
         raise StartupError(f"cannot reach the database: {exc}") from exc
     box = load_secret_box(settings)
-    async with create_sessionmaker(engine)() as session:
-        await verify_secret_box(session, box)
-        await session.commit()
-    return box
+    for _ in range(3):
+        async with create_sessionmaker(engine)() as session:
+            try:
+                await verify_secret_box(session, box)
+                await session.commit()
+                return box
+            except IntegrityError:  # another process wrote the check a moment ago: check ours
+                await session.rollback()
+    raise StartupError("cannot store the secret key's check value in the database")
 
 
 async def prepare_access(engine: AsyncEngine, box: SecretBox) -> TokenHasher:

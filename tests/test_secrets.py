@@ -3,13 +3,17 @@
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import select
+from sqlalchemy import delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from server.db import create_engine, create_sessionmaker
-from server.models import Service
+from server.models import Meta, Service
 from server.secretbox import (
+    CHECK_KEY,
+    CHECK_PLAINTEXT,
     SecretBox,
     SecretKeyError,
     generate_key,
@@ -84,6 +88,46 @@ async def test_wrong_key_is_refused_at_start(settings: Settings) -> None:
                 await verify_secret_box(session, wrong)
     finally:
         await engine.dispose()
+
+
+# On SQLite a session's read already holds the write lock (BEGIN IMMEDIATE): no such race.
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+async def test_processes_starting_at_once_on_a_new_database_agree_on_the_key_check(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two `corral runner`s (or a runner and `corral serve`) starting together on a database
+    without the key's check value: one writes it, the other checks its key against it (it
+    used to die on the primary key with a traceback). The other process's write is made to
+    land between this one's read and its write."""
+    from server.app import prepare_database
+
+    engine, other = create_engine(settings), create_engine(settings)
+    box = load_secret_box(settings)
+    try:
+        async with create_sessionmaker(engine)() as session:
+            await session.execute(delete(Meta).where(Meta.key == CHECK_KEY))
+            await session.commit()
+        read = AsyncSession.scalar
+        raced = []
+
+        async def read_then_race(self: AsyncSession, *args: Any, **kwargs: Any) -> Any:
+            value = await read(self, *args, **kwargs)
+            if not raced:  # the other process writes the check value now
+                raced.append(True)
+                async with create_sessionmaker(other)() as theirs:
+                    theirs.add(Meta(key=CHECK_KEY, value=box.encrypt(CHECK_PLAINTEXT).decode()))
+                    await theirs.commit()
+            return value
+
+        monkeypatch.setattr(AsyncSession, "scalar", read_then_race)
+        await prepare_database(settings, engine)
+        assert raced
+        async with create_sessionmaker(engine)() as session:
+            checks = list(await session.scalars(select(Meta.value).where(Meta.key == CHECK_KEY)))
+        assert len(checks) == 1
+    finally:
+        await engine.dispose()
+        await other.dispose()
 
 
 async def test_token_plaintext_is_never_stored(gql: GraphQLClient, settings: Settings) -> None:
