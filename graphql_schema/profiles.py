@@ -107,7 +107,8 @@ class Profile(Node):
     tags: list[str] = strawberry.field(description="Free labels for finding profiles.")
     notes: str | None = strawberry.field(description="Free text for the admins.")
     runner_affinity: str | None = strawberry.field(
-        description="The runner host that owns this profile's directory (null: any)."
+        description="The runner that may run this profile's commands: a name, or `label:x` "
+        "(null: any)."
     )
     created_at: datetime = strawberry.field(description="When the profile was made.")
     updated_at: datetime = strawberry.field(description="When the profile last changed.")
@@ -187,7 +188,8 @@ class CreateProfileInput:
     tags: list[str] | None = optional_input("Free labels for finding profiles.")
     notes: str | None = optional_input("Free text for the admins.")
     runner_affinity: str | None = optional_input(
-        "The runner host that owns the profile's directory (null: any)."
+        "The runner that may run this profile's commands: a runner name, or `label:x` for "
+        "any runner with that label (null: any)."
     )
 
 
@@ -205,7 +207,8 @@ class UpdateProfileInput:
     tags: list[str] | None = optional_input("Free labels for finding profiles.")
     notes: str | None = optional_input("Free text for the admins.")
     runner_affinity: str | None = optional_input(
-        "The runner host that owns the profile's directory (null: any)."
+        "The runner that may run this profile's commands: a runner name, or `label:x` for "
+        "any runner with that label (null: any)."
     )
 
 
