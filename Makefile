@@ -64,10 +64,6 @@ pytest: setup
 PY313 ?= $(firstword $(wildcard $(HOME)/.pyenv/versions/3.13*/bin/python3) $(shell command -v python3.13 2>/dev/null))
 VENV313 := .venv-3.13
 PY313_TESTS ?= tests/test_process.py tests/test_supervisor.py tests/test_streams.py tests/test_policy.py
-# Known on 3.13 only (its new ResourceWarning for unclosed sqlite3 connections): a runner
-# stopped while its first claim is queued leaves one aiosqlite connection unclosed (a session
-# cancelled as it connects). Runs in the 3.11 leg; to be fixed (see the stop's note).
-PY313_DESELECT ?= --deselect "tests/test_supervisor.py::test_a_claim_that_lands_as_the_runner_stops_is_put_back_unstarted[sqlite]"
 
 pytest-3.13: setup
 	@if [ -z "$(PY313)" ]; then \
@@ -81,7 +77,7 @@ pytest-3.13: setup
 	    touch $(VENV313)/.corral-installed; \
 	  fi; \
 	  echo "Python 3.13 leg: $$($(VENV313)/bin/python --version)"; \
-	  $(VENV313)/bin/pytest -q -p no:cacheprovider $(PY313_DESELECT) $(PY313_TESTS); \
+	  $(VENV313)/bin/pytest -q -p no:cacheprovider $(PY313_TESTS); \
 	fi
 
 schema: setup

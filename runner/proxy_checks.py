@@ -33,8 +33,9 @@ from server.settings import Settings
 MAX_SLEEP_SECONDS = 60.0
 MIN_SLEEP_SECONDS = 0.05
 RETRY_AFTER_ERROR_SECONDS = 5.0
-# A check cancelled in the middle of opening a connection can leave its socket to the
-# garbage collector; a short wait on stop lets the usual, quick check end by itself.
+# A check (or a pass of the loop) cancelled in the middle of opening a connection can leave
+# its socket or database connection to the garbage collector; a short wait on stop lets the
+# usual, quick one end by itself.
 STOP_GRACE_SECONDS = 1.0
 
 
@@ -55,6 +56,7 @@ class ProxyCheckSchedule:
         self.running: dict[int, asyncio.Task[None]] = {}  # proxy id -> its check
         self._slot_freed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._stopping = False
 
     @property
     def enabled(self) -> bool:
@@ -63,14 +65,19 @@ class ProxyCheckSchedule:
     def start(self) -> None:
         """Start the schedule in the background (nothing when the interval is `never`)."""
         if self.enabled and self._task is None:
+            self._stopping = False
             self._task = asyncio.create_task(self._main(), name="proxy-check-schedule")
 
     async def stop(self) -> None:
         """Stop the schedule; the checks under way get a moment to end (most take a few
         milliseconds), then are cancelled (each stops its sidecar and waits for it)."""
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
+        if task is not None:  # a pass under way ends by itself first (see STOP_GRACE_SECONDS)
+            self._stopping = True
+            self._slot_freed.set()
+            _, pending = await asyncio.wait({task}, timeout=STOP_GRACE_SECONDS)
+            if pending:
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         checks = list(self.running.values())
@@ -84,10 +91,13 @@ class ProxyCheckSchedule:
     async def _main(self) -> None:
         async with self.sessionmaker() as session, session.begin():
             await clamp_due_times(session, utcnow(), self.interval)
-        while True:
+        while not self._stopping:
             self._slot_freed.clear()
             try:
-                self._start_due(await self._take_due())
+                due = await self._take_due()
+                if self._stopping:
+                    break
+                self._start_due(due)
                 wait = await self._seconds_to_wait()
             except Exception as exc:
                 level = "warning" if retryable_database_error(exc) else "error"

@@ -25,6 +25,9 @@ from server.settings import Settings
 
 RESCAN_SECONDS = 300.0
 RETRY_SECONDS = 5.0  # after a pass that failed (the database away)
+# Stopping lets a pass under way end by itself first: a task cancelled while its database
+# driver opens a connection can leave that connection to the garbage collector (aiosqlite).
+STOP_GRACE_SECONDS = 2.0
 
 
 class ProbeSchedule:
@@ -45,24 +48,33 @@ class ProbeSchedule:
         self._task: asyncio.Task[None] | None = None
         self._probes: set[asyncio.Task[None]] = set()
         self._failing = False
+        self._stopping = False
 
     async def start(self) -> None:
         """Start the loop in the background."""
+        self._stopping = False
         self._task = asyncio.create_task(self._main(), name="probe-schedule")
 
     async def stop(self) -> None:
-        """Stop the loop and the probes under way (nothing of them is recorded)."""
-        tasks = [task for task in (self._task, *self._probes) if task is not None]
-        for task in tasks:
+        """Stop the loop (a pass under way ends first) and the probes under way (nothing
+        of them is recorded)."""
+        self._stopping = True
+        self._wake.set()
+        main, self._task = self._task, None
+        if main is not None:
+            _, pending = await asyncio.wait({main}, timeout=STOP_GRACE_SECONDS)
+            for task in pending:
+                task.cancel()
+        tasks = [task for task in (main, *self._probes) if task is not None]
+        for task in self._probes:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._task = None
 
     async def _main(self) -> None:
         async with self.broker.subscribe(SCHEDULE_TOPIC) as wakeups:
             listener = asyncio.create_task(self._forward_wakeups(wakeups))
             try:
-                while True:
+                while not self._stopping:
                     self._wake.clear()
                     delay = await self._pass()
                     with contextlib.suppress(TimeoutError):
@@ -98,6 +110,8 @@ class ProbeSchedule:
             await session.connection(execution_options=READ_ONLY)
             due, later = await due_probes(session, now)
         for service_id in due:
+            if self._stopping:
+                break
             async with self.sessionmaker() as session, session.begin():
                 taken = await take_due_probe(session, service_id, now)
             if taken:
