@@ -277,7 +277,7 @@ async def test_services_list_pages(app: Starlette, admin: httpx.AsyncClient) -> 
 async def test_delete_a_service_says_what_happens_to_its_profiles(
     app: Starlette, admin: httpx.AsyncClient
 ) -> None:
-    service_id = await add_service(app, "github", token=SECRET)
+    service_id = await add_service(app, "GitHub", token=SECRET)  # the flash keeps its case
     profile_id = await add_profile(app, "alpha")
     async with app.state.services.sessionmaker() as session:
         session.add(ProfileService(profile_id=profile_id, service_id=service_id))
@@ -288,8 +288,8 @@ async def test_delete_a_service_says_what_happens_to_its_profiles(
     assert answer.status_code == 303
     assert answer.headers["location"] == "/services"
     listing = await admin.get("/services")
-    assert "Service &#39;github&#39; deleted; unlinked from 1 profile(s)." in listing.text
-    assert await service_row(app, "github") is None
+    assert "Service &#39;GitHub&#39; deleted; unlinked from 1 profile(s)." in listing.text
+    assert await service_row(app, "GitHub") is None
     assert (await admin.get(f"/profiles/{profile_id}")).status_code == 200
     [event] = await audit_of(app, "deleteService")
     assert (event.outcome, event.detail) == ("ok", {"fields": ["id"]})

@@ -347,8 +347,10 @@ async def update_object(
 
 
 async def notices_said(notices: list[str]) -> str:
-    """A deletion's notices as one flash message."""
-    return "; ".join(notices).capitalize() + "."
+    """A deletion's notices as one flash message (only its first letter made upper case:
+    the names it quotes keep theirs)."""
+    said = "; ".join(notices)
+    return said[:1].upper() + said[1:] + "."
 
 
 async def delete_object(
