@@ -35,7 +35,7 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -334,6 +334,44 @@ async def pinned_profile(http: httpx.AsyncClient, name: str) -> str:
     return profile_id
 
 
+class ReadClock:
+    """Times the API node's reads of stored lines (server.streams._read_lines, which
+    followers call for a replay and, cross-node, after each notification): the wrapper is
+    the benchmark's instrument, installed in this process only."""
+
+    def __init__(self) -> None:
+        self.reads: list[tuple[float, int]] = []  # (ms, lines)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[ReadClock]:
+        import server.streams
+
+        original = server.streams._read_lines
+
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            batch = await original(*args, **kwargs)
+            lines = sum(len(run.texts) for run in batch.runs)
+            self.reads.append(((time.perf_counter() - started) * 1000, lines))
+            return batch
+
+        server.streams._read_lines = timed  # type: ignore[assignment]
+        try:
+            yield self
+        finally:
+            server.streams._read_lines = original  # type: ignore[assignment]
+
+    def take(self) -> dict[str, Any]:
+        """The reads since the last take: how many, their time (ms), lines each."""
+        reads, self.reads = self.reads, []
+        return {
+            "reads": len(reads),
+            "read_ms": percentiles([ms for ms, _ in reads]),
+            "read_ms_total": round(sum(ms for ms, _ in reads)),
+            "lines_per_read": percentiles([float(n) for _, n in reads], 0),
+        }
+
+
 class NudgeClock:
     """When this process (the API node's) hears each "lines stored up to seq N of command
     C" notification, on a LISTEN connection of its own beside the broker's."""
@@ -404,10 +442,12 @@ async def latency_run(
     timeout: float,
     engine: Any,
     clock: NudgeClock,
+    reads: ReadClock,
 ) -> dict[str, Any]:
     """One paced child's lines, followed by one SSE client in its own process."""
     sse = await Worker.start("sse")
     try:
+        reads.take()
         gid = await run_command(http, commandString=command, profileId=profile_id)
         await sse.send(
             {"url": f"{base_url}/api/commands/{gid}/logs/stream", "mode": "latency", "timeout": 60}
@@ -418,7 +458,8 @@ async def latency_run(
         await sse.close()
     return {
         "latency_ms": result["latency_ms"],
-        "breakdown": await clock.breakdown(engine, decode_command_pk(gid)),
+        "breakdown": await clock.breakdown(engine, decode_command_pk(gid))
+        | {"api_node_reads": reads.take()},
         "lines_delivered": result["lines"],
         "lines_expected": expected,
         "seq_gaps": result["seq_gaps"],
@@ -480,23 +521,25 @@ async def latency(
             runner_processes(settings, workdir, [REMOTE], args.concurrency),
             NudgeClock(settings).listening() as clock,
         ):
-            for round_ in range(1, args.rounds + 1):
-                for mode, runner in (("in_process", EMBEDDED), ("cross_node", REMOTE)):
-                    rate = f"{args.rate:.0f} lines/s for {args.seconds}s"
-                    progress(f"latency round {round_}: {mode}, {rate}")
-                    run = await latency_run(
-                        http,
-                        base_url,
-                        command,
-                        profiles[runner],
-                        lines,
-                        args.timeout,
-                        engine,
-                        clock,
-                    )
-                    progress(f"  {run['latency_ms']}")
-                    progress(f"  {run['breakdown']}")
-                    runs[mode].append(run)
+            with ReadClock().installed() as reads:
+                for round_ in range(1, args.rounds + 1):
+                    for mode, runner in (("in_process", EMBEDDED), ("cross_node", REMOTE)):
+                        rate = f"{args.rate:.0f} lines/s for {args.seconds}s"
+                        progress(f"latency round {round_}: {mode}, {rate}")
+                        run = await latency_run(
+                            http,
+                            base_url,
+                            command,
+                            profiles[runner],
+                            lines,
+                            args.timeout,
+                            engine,
+                            clock,
+                            reads,
+                        )
+                        progress(f"  {run['latency_ms']}")
+                        progress(f"  {run['breakdown']}")
+                        runs[mode].append(run)
     finally:
         await embedded.stop()
     near, far = summary(runs["in_process"]), summary(runs["cross_node"])

@@ -27,14 +27,17 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 from websockets.typing import Subprotocol
 
+from server.broker import CANCEL_TOPIC, QUEUE_TOPIC
+from server.db import create_engine
 from server.models import Command, CommandStatus, LogLine
+from server.pgbroker import PgBroker
 from server.settings import Settings
 from tests.conftest import GraphQLClient
 from tests.fixtures.nodes import ApiNodeProcess, api_node_process
 from tests.fixtures.runners import runner_process
 from tests.fixtures.servers import LiveServer
 from tests.test_pgbroker import api_node, db_value, run, status_of, stored_lines
-from tests.test_streams import GraphQLSocket, SseEvent, pk, sse_events, stream_path
+from tests.test_streams import GraphQLSocket, SseEvent, pk, scrape, sse_events, stream_path
 
 ON_POSTGRES = pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 COMMANDS = 1000
@@ -303,3 +306,35 @@ async def test_live_followers_read_each_statement_without_a_transaction(app: Any
         await asyncio.sleep(0.01)
         second = await session.scalar(text("SELECT now()"))
     assert second > first
+
+
+@ON_POSTGRES
+async def test_metrics_count_the_broker_notifications_and_reconnects(
+    app: Any, client: httpx.AsyncClient, settings: Settings
+) -> None:
+    """/metrics shows what the node's broker sent and heard, and its reconnects."""
+    broker = app.state.services.broker
+    assert isinstance(broker, PgBroker)
+    engine = create_engine(settings)
+    other = PgBroker(engine)  # another process's
+    await other.start()
+    try:
+        broker.publish(QUEUE_TOPIC, None)
+        other.publish(CANCEL_TOPIC, 7)
+        other.publish(CANCEL_TOPIC, 8)
+        await until(
+            lambda: other.notifications_received >= 1 and broker.notifications_received >= 1
+        )
+    finally:
+        await other.close()
+        await engine.dispose()
+    async with app.state.engine.connect() as connection:
+        await connection.execute(
+            text("SELECT pg_terminate_backend(:pid)"), {"pid": broker.backend_pid}
+        )
+    await until(lambda: broker.connections == 2 and broker.listening)
+    _text, samples = await scrape(client)
+    assert samples[("corral_broker_notifications_sent_total", ())] == broker.notifications_sent >= 1
+    received = samples[("corral_broker_notifications_received_total", ())]
+    assert received == broker.notifications_received >= 1
+    assert samples[("corral_broker_reconnects_total", ())] == 1
