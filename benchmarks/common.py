@@ -480,7 +480,7 @@ def _sse_client(job: dict[str, Any]) -> dict[str, Any]:
                 if seq != last_seq + 1:
                     gaps += 1
                 last_seq = seq
-                if line["stream"] != "stdout":
+                if line["stream"].lower() != "stdout":  # spelled STDOUT, as in GraphQL
                     system_lines += 1
                     continue
                 lines += 1

@@ -42,7 +42,7 @@ from server.metrics import Metrics, RequestMetrics
 from server.models import Command, CommandStatus
 from server.panel import panel_routes
 from server.panel.assets import csp_origins
-from server.pgbroker import start_broker
+from server.pgbroker import PgBroker, start_broker
 from server.secretbox import SecretBox, load_secret_box, verify_secret_box
 from server.settings import Settings
 
@@ -192,6 +192,8 @@ def create_app(settings: Settings) -> Starlette:
                 stream_reads=stream_sessions,
             )
             metrics.watch_status_counts(lambda: services.metrics.status_counts)
+            if isinstance(broker, PgBroker):
+                metrics.watch_broker(broker.counters)
             app.state.engine = engine
             app.state.services = services
             app.state.authenticator = authenticator(services)

@@ -138,7 +138,14 @@ class StreamSessions:
 
     def __init__(self, settings: Settings) -> None:
         size = settings.stream_pool_size
-        self.engine = create_engine(settings, pool_size=size, max_overflow=0)
+        # They only read, a statement at a time: on PostgreSQL without BEGIN and ROLLBACK,
+        # two of the three round trips of a follower's read (each statement sees what is
+        # committed, as in a READ COMMITTED transaction). A follower of another process's
+        # lines reads after each notification: on a loaded 2-core machine this took the
+        # read from ~65 to ~15 ms (benchmarks/scale_out.py, issue 14).
+        backend = make_url(settings.resolved_database_url).get_backend_name()
+        autocommit = {"isolation_level": "AUTOCOMMIT"} if backend == "postgresql" else {}
+        self.engine = create_engine(settings, pool_size=size, max_overflow=0, **autocommit)
         self._sessionmaker = create_sessionmaker(self.engine)
         self._slots = asyncio.Semaphore(size)
 

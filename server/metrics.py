@@ -20,7 +20,7 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.registry import Collector
 
@@ -40,6 +40,26 @@ class _Callback(Collector):
         for key, value in sorted(self._read().items()):
             family.add_metric([key], value)
         yield family
+
+
+# The PostgreSQL broker's counters (server/pgbroker.py), as corral_broker_<name>_total.
+BROKER_COUNTERS = {
+    "notifications_sent": "NOTIFY payloads this process sent to the other Corral processes",
+    "notifications_received": "NOTIFY payloads this process heard from the other processes",
+    "reconnects": "Times the broker's LISTEN connection was opened again after a loss",
+}
+
+
+class _Counters(Collector):
+    """Counters kept elsewhere (plain numbers), read at scrape time."""
+
+    def __init__(self, prefix: str, docs: dict[str, str], read: Callable[[], dict[str, float]]):
+        self._prefix, self._docs, self._read = prefix, docs, read
+
+    def collect(self) -> Iterable[CounterMetricFamily]:
+        values = self._read()
+        for name, doc in self._docs.items():
+            yield CounterMetricFamily(f"{self._prefix}{name}", doc, value=values.get(name, 0.0))
 
 
 class _WithoutCreated:
@@ -107,6 +127,10 @@ class Metrics:
     def watch_status_counts(self, read: Callable[[], dict[str, float]]) -> None:
         """Export `corral_commands{status=...}` from `read` (a cached database count)."""
         self.registry.register(_Callback("corral_commands", "Commands by status", "status", read))
+
+    def watch_broker(self, read: Callable[[], dict[str, float]]) -> None:
+        """Export the PostgreSQL broker's counters (BROKER_COUNTERS) from `read`."""
+        self.registry.register(_Counters("corral_broker_", BROKER_COUNTERS, read))
 
     def render(self, accept: str = "") -> tuple[bytes, str]:
         """The exposition and its content type: OpenMetrics when `accept` names it."""

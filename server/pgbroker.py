@@ -129,6 +129,8 @@ class PgBroker(Broker):
         self._task: asyncio.Task[None] | None = None
         self.backend_pid: int | None = None  # the listening connection's server process
         self.connections = 0  # how many times it connected (a reconnect makes it 2)
+        self.notifications_sent = 0  # payloads sent (each carries one or more entries)
+        self.notifications_received = 0  # payloads of other processes heard
         self._failing = False
         self._sent = asyncio.Event()  # set after each flush
 
@@ -157,6 +159,14 @@ class PgBroker(Broker):
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
+
+    def counters(self) -> dict[str, float]:
+        """What /metrics shows of it (server.metrics.BROKER_COUNTERS)."""
+        return {
+            "notifications_sent": self.notifications_sent,
+            "notifications_received": self.notifications_received,
+            "reconnects": max(0, self.connections - 1),
+        }
 
     @property
     def listening(self) -> bool:
@@ -199,6 +209,7 @@ class PgBroker(Broker):
     def _on_notification(self, _connection: Any, pid: int, _channel: str, payload: str) -> None:
         if pid == self.backend_pid:
             return  # this process's own message, delivered here when it was published
+        self.notifications_received += 1
         try:
             entries = json.loads(payload)
             for entry in entries:
@@ -282,16 +293,16 @@ class PgBroker(Broker):
     async def _flush(self, connection: asyncpg.Connection) -> None:
         entries, self._pending, self._pending_lines = self._pending, [], {}
         self._pending_wakeups = set()
+        texts = payloads(entries)
         try:
             # One round trip, atomic: all of them are sent, or none (then again, later).
-            await connection.executemany(
-                "SELECT pg_notify($1, $2)", [(CHANNEL, text) for text in payloads(entries)]
-            )
+            await connection.executemany("SELECT pg_notify($1, $2)", [(CHANNEL, t) for t in texts])
         except BaseException:
             self._pending[:0] = entries
             self._pending_lines = {e[1]: e for e in self._pending if e[0] == "l"}
             self._pending_wakeups = {_wakeup_key(e) for e in self._pending if e[0] in _WAKEUPS}
             raise
+        self.notifications_sent += len(texts)
         self._sent.set()
 
 
