@@ -108,9 +108,14 @@ async def run_standalone_runner(settings: Settings) -> None:
         broker = await start_broker(engine, settings.subscriber_buffer_bytes)
         supervisor = Supervisor(settings, create_sessionmaker(engine), box, broker, Metrics())
         loop = asyncio.get_running_loop()
+        early: list[int] = []  # a signal while it starts: the drain begins once it has
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, early.append, sig)
+        await supervisor.start()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, supervisor.on_shutdown_signal)
-        await supervisor.start()
+        for _ in early:
+            supervisor.on_shutdown_signal()
         print(f"Corral runner {supervisor.runner_id} ({supervisor.name}) is running", flush=True)
         try:
             await supervisor.stopped.wait()

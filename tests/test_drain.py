@@ -17,8 +17,10 @@ from typing import Any
 import httpx
 import pytest
 
+from server.app import create_app
 from server.settings import Settings
 from tests.conftest import TEST_KEY, GraphQLClient
+from tests.fixtures.auth import admin_client
 from tests.fixtures.commands import command, logs_of, run, texts, wait_final
 from tests.fixtures.processes import CORRAL_BIN, free_port, stop, wait_for_http
 from tests.fixtures.runners import ROOT, runner_process
@@ -160,6 +162,34 @@ async def test_draining_an_unknown_runner_is_a_one_line_error(
     assert output.strip().splitlines()[-1] == (
         "corral: error: no runner named 'nobody' is alive (see GraphQL `runners`)"
     )
+
+
+async def test_a_second_signal_stops_the_drain_at_once_and_puts_the_command_back(
+    settings: Settings,
+) -> None:
+    application = create_app(
+        settings.model_copy(update={"embedded_runner": True, "drain_seconds": 600})
+    )
+    async with (
+        application.router.lifespan_context(application),
+        admin_client(application) as http,
+    ):
+        gql = GraphQLClient(http)
+        command_id = await run(gql, commandString="sh -c 'echo begun; sleep 600'")
+        await wait_line(gql, command_id, "begun")
+        supervisor = application.state.supervisor
+        supervisor.on_shutdown_signal()
+
+        async def draining() -> bool:
+            return bool((await runners_of(gql))[supervisor.name]["draining"])
+
+        await eventually(draining)
+        assert (await command(gql, command_id))["status"] == "RUNNING"  # still let run
+        supervisor.on_shutdown_signal()
+        await asyncio.wait_for(supervisor.stopped.wait(), 60)  # not the drain's 600 s
+        node = await command(gql, command_id)
+    assert (node["status"], node["attempts"], node["uncountedAttempts"]) == ("QUEUED", 1, 1)
+    assert "interrupted by a runner shutdown" in node["waitReason"]
 
 
 def test_serve_drains_its_embedded_runner_on_sigterm(tmp_path: Path) -> None:
