@@ -39,6 +39,11 @@ class Runner:
         description="Whether it heartbeat within three leases (CORRAL_LEASE_SECONDS) and did "
         "not stop; false for one that did not stop but whose heartbeat stopped."
     )
+    draining: bool = strawberry.field(
+        description="Whether it was asked to drain (SIGTERM, or `corral runner --drain`) and "
+        "has not stopped yet: it claims nothing more, its running commands finish up to "
+        "its deadline (CORRAL_DRAIN_SECONDS), then it puts back the rest and stops."
+    )
 
     @classmethod
     def from_state(cls, state: RunnerState) -> Runner:
@@ -54,6 +59,7 @@ class Runner:
             stopped_at=row.stopped_at,
             running=row.running,
             alive=state.alive,
+            draining=state.draining,
         )
 
 

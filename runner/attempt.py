@@ -12,7 +12,7 @@ import random
 import shlex
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import IO, Any
 
 from runner import policy
@@ -114,6 +114,9 @@ class AttemptExecution(AttemptSetup):
     _wake: asyncio.Event
 
     def claim_free_slots(self) -> None:
+        raise NotImplementedError
+
+    def announce_requeued(self, command_id: int, not_before: datetime | None) -> None:
         raise NotImplementedError
 
     async def _refresh_secrets(self) -> None:
@@ -334,6 +337,8 @@ class AttemptExecution(AttemptSetup):
             await writer.add(LogStream.SYSTEM, note, command_values=values)
             await writer.close()
             self.broker.publish_status(attempt.command_id, status.value)
+            if status is CommandStatus.QUEUED:
+                self.announce_requeued(attempt.command_id, values.get("next_attempt_at"))
             log_event(
                 "finished" if status.is_final else "requeued",
                 command=attempt.command_id,

@@ -168,11 +168,22 @@ def insert_runner() -> Any:
     return insert(Runner)
 
 
-def runner_heartbeat(runner_id: str, running: int, now: datetime) -> Update:
+def runner_heartbeat(runner_id: str, running: int, now: datetime) -> Any:
+    """The heartbeat; it returns when the runner was asked to drain (null: it was not)."""
     return (
         update(Runner)
         .where(Runner.runner_id == runner_id)
         .values(last_heartbeat_at=now, running=running)
+        .returning(Runner.drain_requested_at)
+    )
+
+
+def runner_draining(runner_id: str, now: datetime) -> Update:
+    """The runner drains (kept from the first request)."""
+    return (
+        update(Runner)
+        .where(Runner.runner_id == runner_id, Runner.drain_requested_at.is_(None))
+        .values(drain_requested_at=now)
     )
 
 
@@ -185,9 +196,12 @@ def runner_stopped(runner_id: str, now: datetime) -> Update:
 
 
 def alive_runners(alive_since: datetime) -> Select[str, list[str]]:
-    """Name and labels of the runners that heartbeat since then and did not stop."""
+    """Name and labels of the runners that heartbeat since then and did not stop (nor
+    drain: a draining runner claims nothing more)."""
     return select(Runner.name, Runner.labels).where(
-        Runner.stopped_at.is_(None), Runner.last_heartbeat_at >= alive_since
+        Runner.stopped_at.is_(None),
+        Runner.drain_requested_at.is_(None),
+        Runner.last_heartbeat_at >= alive_since,
     )
 
 

@@ -131,8 +131,11 @@ class RunnerStore(Protocol):
         or whose heartbeat ended before `dead_before`, and forgetting any runner silent for
         FORGET_RUNNERS_AFTER."""
 
-    async def heartbeat(self, runner_id: str, running: int) -> None:
-        """The runner is alive, running this many commands."""
+    async def heartbeat(self, runner_id: str, running: int) -> bool:
+        """The runner is alive, running this many commands; whether it was asked to drain."""
+
+    async def mark_runner_draining(self, runner_id: str) -> None:
+        """The runner drains: it claims nothing more (pinned commands wait for another)."""
 
     async def mark_runner_stopped(self, runner_id: str) -> None:
         """The runner stopped cleanly."""
@@ -213,9 +216,15 @@ class SessionOperations:
                 )
             )
 
-    async def heartbeat(self, runner_id: str, running: int) -> None:
+    async def heartbeat(self, runner_id: str, running: int) -> bool:
         async with self.sessionmaker() as session, session.begin():
-            await session.execute(statements.runner_heartbeat(runner_id, running, utcnow()))
+            stmt = statements.runner_heartbeat(runner_id, running, utcnow())
+            asked = await session.scalar(stmt)
+        return asked is not None
+
+    async def mark_runner_draining(self, runner_id: str) -> None:
+        async with self.sessionmaker() as session, session.begin():
+            await session.execute(statements.runner_draining(runner_id, utcnow()))
 
     async def mark_runner_stopped(self, runner_id: str) -> None:
         async with self.sessionmaker() as session, session.begin():

@@ -37,6 +37,7 @@ from runner.store_errors import retryable_database_error
 from server import __version__
 from server.broker import (
     CANCEL_TOPIC,
+    DRAIN_TOPIC,
     QUEUE_TOPIC,
     SECRETS_TOPIC,
     USAGE_TOPIC,
@@ -56,7 +57,8 @@ from server.settings import Settings
 from server.storage import prepare_workspace
 from xray.binary import XrayBinary
 
-TICK_SECONDS = 0.5
+TICK_SECONDS = 0.5  # the claim loop's tick on SQLite (and while NOTIFY is not heard)
+CONFLICT_RETRY_SECONDS = 0.5  # a claim that lost a race with another runner tries again
 WORKDIRS_REMEMBERED = 10_000
 GATE_SLACK_SECONDS = 0.05  # a claim at a gate's opening comes just after it, not before
 UNIQUE_VIOLATION = "23505"  # SQLSTATE
@@ -97,6 +99,11 @@ class Supervisor(AttemptExecution):
         self._queue_changed = True  # commands were queued since the last claim
         self._gate_timer: asyncio.TimerHandle | None = None  # when a closed gate opens
         self._stopping = False
+        self._stopped = False
+        self._draining = False
+        self._drain: asyncio.Task[None] | None = None  # the drain, once it began
+        self._hurry = asyncio.Event()  # stop what still runs now, not at the drain's deadline
+        self.stopped = asyncio.Event()  # set once `stop` is done
         self._task: asyncio.Task[None] | None = None
         self._xray: XrayBinary | None = None
         engine: AsyncEngine = sessionmaker.kw["bind"]
@@ -133,7 +140,10 @@ class Supervisor(AttemptExecution):
 
     async def start(self) -> None:
         """Recover what a dead runner left, then start the claim loop in the background."""
-        self._stopping = False
+        self._stopping = self._stopped = self._draining = False
+        self._drain = None
+        self._hurry = asyncio.Event()
+        self.stopped = asyncio.Event()
         self.sandbox = await asyncio.to_thread(runner_sandbox, self.settings)
         await asyncio.to_thread(prepare_workspace, self.settings)
         if self.sandbox.run_as is not None:
@@ -163,8 +173,80 @@ class Supervisor(AttemptExecution):
             detail=self.sandbox.describe(),
         )
 
+    @property
+    def draining(self) -> bool:
+        """It was asked to drain (it claims nothing more), or is stopping."""
+        return self._draining or self._stopping
+
+    def begin_drain(self, seconds: float | None = None) -> asyncio.Task[None]:
+        """Drain in the background: claim nothing more, let the running commands finish
+        for up to `seconds` (CORRAL_DRAIN_SECONDS), then `stop` (what still runs is stopped
+        and put back without the attempt counting). Once begun, the same drain."""
+        if self._drain is None:
+            deadline = self.settings.drain_seconds if seconds is None else seconds
+            self._drain = asyncio.create_task(
+                self._drain_then_stop(deadline), name=f"drain-{self.runner_id}"
+            )
+        return self._drain
+
+    async def drain(self, seconds: float | None = None) -> None:
+        """`begin_drain` (or the drain already begun), and wait until the runner stopped."""
+        if self._stopped and self._drain is None:  # stopped (or stopping) without a drain
+            await self.stopped.wait()
+            return
+        await asyncio.shield(self.begin_drain(seconds))
+
+    def on_shutdown_signal(self) -> None:
+        """SIGTERM or SIGINT: the first begins the drain, the next stops what runs now."""
+        if self._drain is None:
+            self.begin_drain()
+        else:
+            log_event("runner_hurried", runner=self.runner_id, running=len(self.attempts))
+            self._hurry.set()
+
+    async def _drain_then_stop(self, seconds: float) -> None:
+        self._draining = True
+        if self._gate_timer is not None:
+            self._gate_timer.cancel()
+        log_event("runner_draining", runner=self.runner_id, running=len(self.attempts))
+        marking = asyncio.create_task(self.gateway.mark_runner_draining(self.runner_id))
+        hurry = asyncio.create_task(self._hurry.wait())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        try:
+            # The claims already out land too: what they took goes back unstarted.
+            while (self.attempts or self._claims) and not self._hurry.is_set():
+                remaining = deadline - loop.time()
+                if remaining <= 0:
+                    break
+                running = {a.task for a in self.attempts.values() if a.task is not None}
+                await asyncio.wait(
+                    {*running, *self._claims, hurry},
+                    timeout=remaining,
+                    return_when="FIRST_COMPLETED",
+                )
+        finally:
+            hurry.cancel()
+            if not marking.done():  # a database that is away must not hold the drain up
+                marking.cancel()
+            with contextlib.suppress(BaseException):
+                await marking
+        if self.attempts:
+            log_event("drain_deadline", runner=self.runner_id, running=len(self.attempts))
+        await self.stop()
+
     async def stop(self) -> None:
         """Stop claiming; stop every child (TERM, grace, KILL) and put its command back."""
+        if self._stopped:  # stopped, or stopping: its end
+            await self.stopped.wait()
+            return
+        self._stopped = True
+        try:
+            await self._stop()
+        finally:
+            self.stopped.set()
+
+    async def _stop(self) -> None:
         self._stopping = True
         self.store.shutting_down()  # a database that stays down must not hold the stop up
         await self.schedule.stop()
@@ -199,6 +281,7 @@ class Supervisor(AttemptExecution):
             self.broker.subscribe(QUEUE_TOPIC) as queued,
             self.broker.subscribe(CANCEL_TOPIC) as cancels,
             self.broker.subscribe(SECRETS_TOPIC) as secret_changes,
+            self.broker.subscribe(DRAIN_TOPIC) as drain_requests,
         ):
             listeners = [
                 asyncio.create_task(self._forward_wakeups(queued)),
@@ -206,13 +289,14 @@ class Supervisor(AttemptExecution):
                 asyncio.create_task(self._watch_secrets(secret_changes)),
                 asyncio.create_task(self._lease_loop()),
                 asyncio.create_task(self._explain_pinned()),
+                asyncio.create_task(self._listen_drain(drain_requests)),
             ]
             try:
                 while not self._stopping:
                     self._wake.clear()
                     self.claim_free_slots()
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), TICK_SECONDS)
+                        await asyncio.wait_for(self._wake.wait(), self._tick())
             finally:
                 for task in listeners:
                     task.cancel()
@@ -225,6 +309,24 @@ class Supervisor(AttemptExecution):
             self._queue_changed = True
             self._pins_due.set()
             self._wake.set()
+
+    def _tick(self) -> float:
+        """How long the claim loop waits for a wake-up. On PostgreSQL, while the broker
+        listens, every process's queue wake-ups come by NOTIFY: the tick is only a safety
+        net (CORRAL_CLAIM_POLL_SECONDS). On SQLite (one process) and while the broker
+        reconnects, the short tick."""
+        if self.broker.listening:
+            return self.settings.claim_poll_seconds
+        return TICK_SECONDS
+
+    async def _listen_drain(self, subscription: Any) -> None:
+        """Someone asked runners to drain (`corral runner --drain`): is it this one? (The
+        heartbeat reads its row; the next lease pass asks again in any case.)"""
+        while True:
+            await subscription.get()
+            subscription.resync()
+            with contextlib.suppress(Exception):
+                await self.heartbeat()
 
     async def _listen_cancels(self, subscription: Any) -> None:
         while True:
@@ -273,7 +375,7 @@ class Supervisor(AttemptExecution):
         flush join that claim (one claim a flush)."""
         busy = sum(1 for attempt in self.attempts.values() if not attempt.finishing)
         free = self.settings.max_concurrency - busy - self._claiming
-        if self._stopping:
+        if self._stopping or self._draining:
             return
         if free <= 0:
             # No slot: a command queued meanwhile still hears why it waits (one claim of
@@ -296,8 +398,11 @@ class Supervisor(AttemptExecution):
         try:
             outcome = await result
         except IntegrityError:
-            # Another runner took a command of the same profile at the same moment.
+            # Another runner took a command of the same profile at the same moment: look
+            # again soon (on PostgreSQL the tick is slow, and no wake-up follows a race).
             log_event("claim_conflict", runner=self.runner_id)
+            self._queue_changed = True
+            asyncio.get_running_loop().call_later(CONFLICT_RETRY_SECONDS, self._wake.set)
             return
         except Exception as exc:  # keep the runner alive; the next tick claims again
             log_event("claim_failed", level="error", error=repr(exc))
@@ -335,7 +440,7 @@ class Supervisor(AttemptExecution):
                 command.backoff_seconds,
                 command.uncounted_attempts,
             )
-            if self._stopping:  # claimed as the runner stops: it goes back to the queue
+            if self._stopping or self._draining:  # claimed as it stops: back to the queue
                 attempt.request_stop(StopReason.SHUTDOWN)
             self.attempts[command.id] = attempt
             attempt.task = asyncio.create_task(self._run_attempt(attempt, claim))
@@ -410,9 +515,11 @@ class Supervisor(AttemptExecution):
         return alive_window(self.settings.lease_seconds)
 
     async def heartbeat(self) -> None:
-        """Say this runner is alive (with its running count); make the commands pinned to no
-        alive runner wait, saying which one they wait for."""
-        await self.gateway.heartbeat(self.runner_id, len(self.attempts))
+        """Say this runner is alive (with its running count), and drain if someone asked it
+        to; make the commands pinned to no alive runner wait, saying which one they wait for."""
+        if await self.gateway.heartbeat(self.runner_id, len(self.attempts)) and not self.draining:
+            log_event("drain_requested", runner=self.runner_id, name=self.name)
+            self.begin_drain()
         await self.wait_for_runners()
 
     async def wait_for_runners(self) -> None:
@@ -449,8 +556,20 @@ class Supervisor(AttemptExecution):
         orphans = await self.gateway.recover_orphans(self.runner_id, recovery.recover)
         for command_id, status in orphans:
             self.broker.publish_status(command_id, status)
+        if any(status == CommandStatus.QUEUED.value for _, status in orphans):
+            self.broker.publish(QUEUE_TOPIC, None)  # other runners may have the free slots
         if orphans:
             self._wake.set()
+
+    def announce_requeued(self, command_id: int, not_before: datetime | None) -> None:
+        """A command this runner put back in the queue: at once (a drain, a shutdown), every
+        runner hears it; after a backoff, this one looks again then (the others' safety
+        net covers a runner that has stopped by then)."""
+        if not_before is None:
+            self.broker.publish(QUEUE_TOPIC, command_id)
+        elif not self.draining:
+            delay = max((not_before - utcnow()).total_seconds(), 0.0) + GATE_SLACK_SECONDS
+            asyncio.get_running_loop().call_later(delay, self._wake.set)
 
 
 def runner_sandbox(settings: Settings) -> Sandbox:

@@ -98,23 +98,29 @@ def authenticator(services: AppServices) -> Authenticator:
 
 
 async def run_standalone_runner(settings: Settings) -> None:
-    """`corral runner`: a supervisor without the API, until SIGTERM or SIGINT."""
+    """`corral runner`: a supervisor without the API, until it has drained: SIGTERM or
+    SIGINT begins the drain (a second one stops what still runs), and so does a drain
+    request through the database (`corral runner --drain`)."""
     engine = create_engine(settings)
     broker: Broker | None = None
     try:
         box = await prepare_database(settings, engine)
         broker = await start_broker(engine, settings.subscriber_buffer_bytes)
         supervisor = Supervisor(settings, create_sessionmaker(engine), box, broker, Metrics())
-        stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+        early: list[int] = []  # a signal while it starts: the drain begins once it has
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, early.append, sig)
         await supervisor.start()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, supervisor.on_shutdown_signal)
+        for _ in early:
+            supervisor.on_shutdown_signal()
         print(f"Corral runner {supervisor.runner_id} ({supervisor.name}) is running", flush=True)
         try:
-            await stop.wait()
+            await supervisor.stopped.wait()
         finally:
-            await supervisor.stop()
+            await supervisor.drain()  # (done by now, unless this task was cancelled)
     finally:
         if broker is not None:
             await broker.close()
@@ -206,7 +212,8 @@ def create_app(settings: Settings) -> Starlette:
             yield
         finally:
             if supervisor is not None:
-                await supervisor.stop()
+                # A signal to `corral serve` began a drain (server/cli.py): it ends it.
+                await (supervisor.drain() if supervisor.draining else supervisor.stop())
             if broker is not None:
                 await broker.close()
             await render_pool.close()

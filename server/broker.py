@@ -45,6 +45,7 @@ QUEUE_TOPIC = "queue"
 SECRETS_TOPIC = "secrets"  # a committed write changed a stored secret (message: None)
 SCHEDULE_TOPIC = "schedule"  # a committed write made a scheduled check due (message: None)
 USAGE_TOPIC = "usage"  # a committed write recorded what a service's token spent or has left
+DRAIN_TOPIC = "drain"  # a committed write asked runners to drain: each reads its own row
 
 
 @dataclass(frozen=True)
@@ -191,6 +192,12 @@ class Broker:
 
     async def close(self) -> None:
         """Let go of what the broker holds (the in-process one holds nothing)."""
+
+    @property
+    def listening(self) -> bool:
+        """Whether other processes' messages are heard now (never: this broker is one
+        process's; server.pgbroker's is while its LISTEN connection is up)."""
+        return False
 
     @property
     def subscriber_count(self) -> int:

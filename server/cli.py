@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import getpass
 import ipaddress
@@ -40,12 +41,15 @@ from server.auth import (
     set_password,
     token_is_active,
 )
+from server.broker import DRAIN_TOPIC
 from server.db import create_engine, create_sessionmaker
 from server.errors import InvalidInput
 from server.ids import MAX_PK, decode_global_id
 from server.keyrotation import DEFAULT_BATCH_SIZE, rotate_key
 from server.limits import uvicorn_limits
 from server.models import ApiToken, utcnow
+from server.pgbroker import start_broker
+from server.runners import is_alive, request_drain, still_running
 from server.secretbox import SecretKeyError, generate_key, load_secret_box
 from server.settings import WILDCARD_ADDRESSES, Settings
 
@@ -184,6 +188,25 @@ def print_first_admin(password: str) -> None:
     )
 
 
+def draining_server(config: Any, app: Any) -> Any:
+    """uvicorn's server, whose shutdown signals also reach the embedded runner at once: the
+    first begins its drain while the HTTP side winds down (the lifespan's end waits for
+    it), the next stops what still runs."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            super().handle_exit(sig, frame)
+            supervisor = getattr(app.state, "supervisor", None)
+            if supervisor is None:
+                return
+            with contextlib.suppress(RuntimeError):  # no loop runs yet (or any more)
+                loop = asyncio.get_running_loop()
+                loop.call_soon_threadsafe(supervisor.on_shutdown_signal)
+
+    return DrainingServer(config)
+
+
 def cmd_serve(args: argparse.Namespace) -> None:
     import uvicorn
 
@@ -202,7 +225,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         **uvicorn_limits(settings),
     )
     hide_query_strings()
-    server = uvicorn.Server(config)
+    server = draining_server(config, app)
     print(f"Corral {__version__}: database {_describe_database(settings)}", flush=True)
     if settings.embedded_runner:
         print_protection(settings)
@@ -241,7 +264,12 @@ def cmd_migrate(args: argparse.Namespace) -> None:
 
 def cmd_runner(args: argparse.Namespace) -> None:
     labels = None if args.label is None else ",".join(args.label)
-    settings = load_settings(runner_name=args.name, runner_labels=labels)
+    settings = load_settings(
+        runner_name=args.name, runner_labels=labels, drain_seconds=args.drain_seconds
+    )
+    if args.drain:
+        drain_runners(settings, settings.resolved_runner_name)
+        return
     if settings.is_embedded:
         raise CliError(
             "`corral runner` needs a shared PostgreSQL (CORRAL_DATABASE_URL); on the embedded "
@@ -250,6 +278,78 @@ def cmd_runner(args: argparse.Namespace) -> None:
     print_protection(settings)
     freeze_startup_heap()
     asyncio.run(run_standalone_runner(settings))
+
+
+DRAIN_WATCH_SECONDS = 0.5
+
+
+def drain_runners(settings: Settings, name: str) -> None:
+    """`corral runner --drain`: ask the alive runners of this name (on any host) to drain,
+    then wait until each has stopped (a runner that dies meanwhile is said so)."""
+
+    async def ask(session: AsyncSession) -> list[str]:
+        rows = await request_drain(session, name, settings.lease_seconds)
+        if not rows:
+            raise CliError(f"no runner named {name!r} is alive (see GraphQL `runners`)")
+        await record_event(
+            session,
+            principal=CLI,
+            action="drainRunner",
+            outcome="ok",
+            object_type="runner",
+            object_id=name,
+            detail={"runners": ", ".join(row.runner_id for row in rows)},
+        )
+        return [row.runner_id for row in rows]
+
+    async def run() -> None:
+        engine = create_engine(settings)
+        try:
+            await prepare_database(settings, engine)
+            sessions = create_sessionmaker(engine)
+            async with sessions() as session:
+                try:
+                    asked = await ask(session)
+                except InvalidInput as exc:
+                    raise CliError(_describe(exc)) from None
+                await session.commit()
+            await announce_drain(engine, settings)
+            print(
+                f"corral: asked {len(asked)} runner(s) named {name!r} to drain: "
+                f"{', '.join(asked)}; waiting until they stop",
+                flush=True,
+            )
+            await wait_stopped(sessions, asked, settings)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+
+
+async def announce_drain(engine: Any, settings: Settings) -> None:
+    """Wake the runners at once (on PostgreSQL, NOTIFY; elsewhere their heartbeat reads it)."""
+    broker = await start_broker(engine, settings.subscriber_buffer_bytes)
+    try:
+        broker.publish(DRAIN_TOPIC, None)
+    finally:
+        await broker.close()
+
+
+async def wait_stopped(sessions: Any, runner_ids: list[str], settings: Settings) -> None:
+    """Until every one of these runners stopped, or its heartbeat stopped (it died)."""
+    waiting = set(runner_ids)
+    while waiting:
+        async with sessions() as session:
+            rows = {row.runner_id: row for row in await still_running(session, list(waiting))}
+        for runner_id in sorted(waiting - set(rows)):
+            print(f"corral: runner {runner_id} has stopped", flush=True)
+        waiting &= set(rows)
+        for runner_id, row in rows.items():
+            if not is_alive(row, settings.lease_seconds, utcnow()):
+                print(f"corral: runner {runner_id} stopped heartbeating (dead?)", flush=True)
+                waiting.discard(runner_id)
+        if waiting:
+            await asyncio.sleep(DRAIN_WATCH_SECONDS)
 
 
 def cmd_check(_args: argparse.Namespace) -> None:
@@ -571,6 +671,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="LABEL",
         help="a label of this runner (repeatable; replaces CORRAL_RUNNER_LABELS)",
+    )
+    runner.add_argument(
+        "--drain-seconds",
+        type=float,
+        metavar="S",
+        help="when it drains (SIGTERM, SIGINT, --drain), how long its running commands may "
+        "go on (default CORRAL_DRAIN_SECONDS, 30); then they are stopped and put back",
+    )
+    runner.add_argument(
+        "--drain",
+        action="store_true",
+        help="start no runner: ask the running runners named --name (default: this host's "
+        "name), on any host, to drain, and wait until they have stopped",
     )
     runner.set_defaults(func=cmd_runner)
 

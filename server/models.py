@@ -274,6 +274,8 @@ class Runner(Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_heartbeat_at: Mapped[datetime] = mapped_column(default=utcnow)
     stopped_at: Mapped[datetime | None]
+    # Asked to drain (`corral runner --drain`, or a signal): it claims nothing more.
+    drain_requested_at: Mapped[datetime | None]
 
 
 class ProfileProxy(Base):

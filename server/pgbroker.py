@@ -33,6 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from server.broker import (
     CANCEL_TOPIC,
     DEFAULT_MAX_BYTES,
+    DRAIN_TOPIC,
     QUEUE_TOPIC,
     SCHEDULE_TOPIC,
     SECRETS_TOPIC,
@@ -59,10 +60,16 @@ CLOSE_FLUSH_SECONDS = 2.0
 COMMAND_PREFIX = command_topic(0).removesuffix("0")
 
 # Topics whose messages other processes hear, and the tag each goes by on the wire.
-_SIGNALS = {QUEUE_TOPIC: "q", CANCEL_TOPIC: "c", SECRETS_TOPIC: "k", SCHEDULE_TOPIC: "h"}
+_SIGNALS = {
+    QUEUE_TOPIC: "q",
+    CANCEL_TOPIC: "c",
+    SECRETS_TOPIC: "k",
+    SCHEDULE_TOPIC: "h",
+    DRAIN_TOPIC: "d",
+}
 _TOPICS = {tag: topic for topic, tag in _SIGNALS.items()}
 # What these say is "look again" (a cancel names its id, a usage nudge its service).
-_WAKEUPS = frozenset({"q", "k", "h", "u"})
+_WAKEUPS = frozenset({"q", "k", "h", "u", "d"})
 
 
 def _wakeup_key(entry: Entry) -> str | tuple[str, int]:

@@ -2,7 +2,9 @@
 
 A runner is alive while its last heartbeat (written with each lease pass, every third of a
 lease) is within three leases and it has not stopped; one that is neither stopped nor alive
-stopped heartbeating (killed, paused, cut off), and is flagged.
+stopped heartbeating (killed, paused, cut off), and is flagged. A runner asked to drain
+(`corral runner --drain`, or SIGTERM) claims nothing more, lets its commands finish up to its
+deadline (CORRAL_DRAIN_SECONDS), puts back the rest and stops.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import select
+from sqlalchemy import func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from server.models import Runner, utcnow
@@ -31,6 +33,11 @@ class RunnerState:
     def lost(self) -> bool:
         """It did not stop, yet its heartbeat stopped."""
         return not self.alive and self.row.stopped_at is None
+
+    @property
+    def draining(self) -> bool:
+        """It was asked to drain and has not stopped yet."""
+        return self.row.drain_requested_at is not None and self.row.stopped_at is None
 
 
 def alive_window(lease_seconds: float) -> timedelta:
@@ -53,6 +60,40 @@ async def list_runners(
     now = utcnow()
     rows = await session.scalars(stmt)
     return [RunnerState(row, is_alive(row, lease_seconds, now)) for row in rows]
+
+
+async def request_drain(session: AsyncSession, name: str, lease_seconds: float) -> list[Runner]:
+    """Ask the alive runners of this name to drain (those already draining too): the rows
+    asked. Each hears it at its next heartbeat, or at once through a DRAIN_TOPIC wake-up
+    the caller announces after its commit."""
+    now = utcnow()
+    alive_since = now - alive_window(lease_seconds)
+    rows = await session.scalars(
+        update(Runner)
+        .where(
+            Runner.name == name,
+            Runner.stopped_at.is_(None),
+            Runner.last_heartbeat_at >= alive_since,
+        )
+        .values(drain_requested_at=func.coalesce(Runner.drain_requested_at, now))
+        .returning(Runner)
+        .execution_options(synchronize_session=False)
+    )
+    found = list(rows)
+    await session.flush()
+    return found
+
+
+async def still_running(session: AsyncSession, runner_ids: Sequence[str]) -> list[Runner]:
+    """Those of these runners that have not stopped (nor died: their heartbeat goes on)."""
+    if not runner_ids:
+        return []
+    rows = await session.scalars(
+        select(Runner)
+        .where(Runner.runner_id.in_(runner_ids), Runner.stopped_at.is_(None))
+        .execution_options(populate_existing=True)
+    )
+    return list(rows)
 
 
 def runner_affinities(name: str, labels: Sequence[str]) -> list[str]:

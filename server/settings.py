@@ -205,6 +205,23 @@ class Settings(BaseSettings):
         description="How long a runner's claim on a running command lasts without renewal; "
         "after that another runner recovers the command.",
     )
+    drain_seconds: float = Field(
+        default=30.0,
+        ge=0,
+        description="When a runner drains (SIGTERM or SIGINT to `corral runner` or "
+        "`corral serve`, or `corral runner --drain`), how long its running commands may "
+        "go on to finish; then they are stopped (their process groups: TERM, grace, KILL) "
+        "and put back in the queue without the attempt counting. A second signal stops "
+        "them at once.",
+    )
+    claim_poll_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="On PostgreSQL, a runner also looks for queued commands this often: a "
+        "safety net under LISTEN/NOTIFY, whose queue wake-ups bring new and re-queued "
+        "commands to every runner at once (while its broker connection is down, a runner "
+        "looks every 0.5 s). On SQLite: the in-process wake-ups and a 0.5 s tick.",
+    )
     max_runner_losses: int = Field(
         default=2,
         ge=0,
