@@ -23,12 +23,13 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from graphql_schema.context import AppServices, Context
+from graphql_schema.context import Context
 from graphql_schema.schema import build_schema
 from runner.renderpool import RenderPool
 from runner.supervisor import Supervisor
 from server import migrate
 from server.access import AccessControl, Authenticator
+from server.app_services import AppServices
 from server.auth import SessionPolicy, TokenHasher, load_token_hasher
 from server.broker import Broker
 from server.csrf import CsrfProtection

@@ -24,9 +24,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from graphql_schema.context import AppServices, client_key
 from server import access
 from server.access import Authenticator
+from server.app_services import AppServices, client_key
 from server.broker import StatusChange
 from server.db import READ_ONLY
 from server.ids import decode_global_id as decode_id

@@ -12,9 +12,9 @@ from typing import Any
 from sqlalchemy import select
 from starlette.applications import Starlette
 
-from graphql_schema.context import AppServices
 from graphql_schema.relay import decode_id
 from runner.supervisor import Supervisor
+from server.app_services import AppServices
 from server.broker import STATUS_TOPIC, StatusChange
 from server.models import Command, LogLine, ServiceUsage, utcnow
 from server.settings import Settings

@@ -18,8 +18,8 @@ from sqlalchemy import select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.applications import Starlette
 
-from graphql_schema.context import AppServices
 from runner.schedules import RESCAN_SECONDS, ProbeSchedule
+from server.app_services import AppServices
 from server.broker import Broker
 from server.db import create_engine, create_sessionmaker
 from server.models import Profile, ProfileService, Service, ServiceUsage

@@ -19,10 +19,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 
 import runner.logstore as logstore
-from graphql_schema.context import AppServices
 from runner.logstore import LogStore
 from runner.store_errors import ConnectionLost
 from server.app import create_app
+from server.app_services import AppServices
 from server.broker import Broker
 from server.db import create_engine, create_sessionmaker
 from server.models import Command, CommandEvent, LogLine, LogStream, ServiceUsage

@@ -25,8 +25,8 @@ from starlette.applications import Starlette
 from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
 
-from graphql_schema.context import AppServices
 from graphql_schema.schema import build_schema, query_limits
+from server.app_services import AppServices
 from server.models import Profile, ProfileProxy, Proxy
 from server.settings import Settings
 from tests.conftest import GraphQLClient
