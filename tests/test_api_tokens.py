@@ -203,7 +203,7 @@ async def test_without_a_principal_nothing_is_allowed(app: Starlette) -> None:
 
 
 def connection(address: str, principal: Principal | None) -> HTTPConnection:
-    scope = {
+    scope: dict[str, Any] = {
         "type": "http",
         "client": (address, 1234),
         "headers": [],

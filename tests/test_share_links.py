@@ -8,6 +8,7 @@ import json
 import os
 import random
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -35,7 +36,7 @@ def b64url_unpadded(text: str) -> str:
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
-def vmess_link(encode: Any = b64, **fields: Any) -> str:
+def vmess_link(encode: Callable[[str], str] = b64, **fields: Any) -> str:
     data = {
         "v": "2",
         "ps": "VMess 🇩🇪 Frankfurt",

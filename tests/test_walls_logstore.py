@@ -160,7 +160,7 @@ async def test_a_share_the_database_refuses_costs_only_its_own_command(
             )
 
         def claim(connection: Connection) -> int:
-            return int(connection.scalar(select(func.count()).select_from(Command)))
+            return connection.scalar(select(func.count()).select_from(Command)) or 0
 
         results = await asyncio.gather(
             store.submit(claim), *(writer.close() for writer in writers.values())
