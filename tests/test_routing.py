@@ -12,7 +12,8 @@ from tests.conftest import GraphQLClient
 from tests.fixtures.commands import logs_of, run, texts, wait_final
 from tests.fixtures.netfakes import LocalSite, UpstreamHttpProxy
 from tests.fixtures.processes import free_port
-from xray.config import BACKGROUND_DOMAINS, Hop
+from xray.config import BACKGROUND_DOMAINS
+from xray.hops import Hop
 from xray.routing import Routing, Rule, build_routed_config
 
 CREATE = """mutation($input: CreateProxyInput!) { createProxy(input: $input) {

@@ -14,10 +14,11 @@ from typing import Any
 import pytest
 
 from server.models import ProxyProtocol
-from server.proxies import SHADOWSOCKS_METHODS, parse_host
+from server.proxies import parse_host
 from xray.binary import XrayBinary, find_binary, validate
-from xray.config import Hop, build_config, features_used
-from xray.links import ParsedProxy, ShareLinkError, parse_share_link
+from xray.config import build_config, features_used
+from xray.hops import SHADOWSOCKS_METHODS, Hop, ParsedProxy
+from xray.links import ShareLinkError, parse_share_link
 
 UUID = "b831381d-6324-4d53-ad4f-8cda48b30811"
 PUBLIC_KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8"
