@@ -163,7 +163,7 @@ async def metrics_endpoint(request: Request) -> Response:
         rows = await session.execute(select(Command.status, func.count()).group_by(Command.status))
         counts = {status: float(count) for status, count in rows.all()}
     # Every status, zeros included: a series that appears only once non-zero breaks rate().
-    services.metrics.status_counts = {s.value: counts.get(s.value, 0.0) for s in CommandStatus}
+    services.metrics.status_counts = {s.value: counts.get(s, 0.0) for s in CommandStatus}
     body, content_type = services.metrics.render(request.headers.get("accept", ""))
     return Response(body, headers={"content-type": content_type})
 

@@ -191,7 +191,7 @@ def _last_seq(batch: StoredBatch) -> int:
 async def _ended_before(session: AsyncSession, command: Command, after: int) -> bool:
     """The command is final and has no line after `after`: a stream resumed there would
     send nothing new (a client reconnecting after the end)."""
-    if not CommandStatus(command.status).is_final:
+    if not command.status.is_final:
         return False
     newer = select(LogLine.seq).where(LogLine.command_id == command.id, LogLine.seq > after)
     return await session.scalar(newer.limit(1)) is None
