@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from strawberry.scalars import JSON
 
-from graphql_schema.context import Info, client_key
+from graphql_schema.context import Info
 from graphql_schema.enums import CommandStatus, LogStream
 from graphql_schema.limits import CountedList, response_size_error
 from graphql_schema.mutation import perform
@@ -34,6 +34,7 @@ from graphql_schema.relay import (
 from graphql_schema.shared_events import SharedResults
 from server import commands as command_domain
 from server import models
+from server.app_services import client_key
 from server.broker import STATUS_TOPIC, StatusChange, status_topic
 from server.commands import RunRequest
 from server.db import READ_ONLY

@@ -37,7 +37,7 @@ from server.models import (
 from server.secretbox import SecretBox
 from server.settings import Settings
 from xray.binary import XrayBinary, XrayBinaryError, find_binary
-from xray.config import Hop
+from xray.hops import Hop
 from xray.probe import url_target
 from xray.routing import Routing
 from xray.sidecar import SidecarError, SidecarProcess

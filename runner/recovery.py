@@ -58,7 +58,7 @@ class Recovery:
             ),
             limits(self.settings, command.max_attempts, command.backoff_seconds),
         )
-        command.status = decision.status.value
+        command.status = decision.status
         command.runner_losses += 1
         if not decision.counted:
             command.uncounted_attempts += 1

@@ -27,7 +27,7 @@ from server.proxies import proxy_chain
 from server.routing import run_routing
 from server.runners import no_runner_reason
 from server.secretbox import SecretBox
-from xray.config import Hop
+from xray.hops import Hop
 from xray.routing import Routing
 
 if TYPE_CHECKING:
@@ -179,7 +179,7 @@ class SessionOperations:
             return list(await session.scalars(statements.cancel_requested(runner_id)))
 
     async def recover_orphans(self, runner_id: str, recover: Recover) -> list[tuple[int, str]]:
-        recovered = []
+        recovered: list[tuple[int, str]] = []
         async with self.sessionmaker() as session, session.begin():
             stmt = statements.running_elsewhere(runner_id, self.skip_locked)
             for command in list(await session.scalars(stmt)):

@@ -23,12 +23,13 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from graphql_schema.context import AppServices, Context
+from graphql_schema.context import Context
 from graphql_schema.schema import build_schema
 from runner.renderpool import RenderPool
 from runner.supervisor import Supervisor
 from server import migrate
 from server.access import AccessControl, Authenticator
+from server.app_services import AppServices
 from server.auth import SessionPolicy, TokenHasher, load_token_hasher
 from server.broker import Broker
 from server.csrf import CsrfProtection
@@ -168,7 +169,7 @@ async def metrics_endpoint(request: Request) -> Response:
         rows = await session.execute(select(Command.status, func.count()).group_by(Command.status))
         counts = {status: float(count) for status, count in rows.all()}
     # Every status, zeros included: a series that appears only once non-zero breaks rate().
-    services.metrics.status_counts = {s.value: counts.get(s.value, 0.0) for s in CommandStatus}
+    services.metrics.status_counts = {s.value: counts.get(s, 0.0) for s in CommandStatus}
     body, content_type = services.metrics.render(request.headers.get("accept", ""))
     return Response(body, headers={"content-type": content_type})
 

@@ -136,7 +136,7 @@ async def create_user(
     check_password(password)
     if await find_user(session, name) is not None:
         raise InvalidInput.one("name", f"a user {name!r} exists already.", ErrorCode.TAKEN)
-    user = User(name=name, password_hash=hash_password(password), role=user_role.value)
+    user = User(name=name, password_hash=hash_password(password), role=user_role)
     session.add(user)
     await session.flush()
     return user
@@ -161,7 +161,7 @@ async def delete_user(session: AsyncSession, name: str) -> User:
     user = await find_user(session, name)
     if user is None:
         raise InvalidInput.one("name", f"no user {name!r}.", ErrorCode.NOT_FOUND)
-    if user.role == Role.ADMIN.value and await count_admins(session) <= 1:
+    if user.role is Role.ADMIN and await count_admins(session) <= 1:
         raise InvalidInput.one(
             "name",
             f"{user.name!r} is the last admin: make another admin first.",
@@ -190,7 +190,7 @@ async def has_users(session: AsyncSession) -> bool:
 
 async def count_admins(session: AsyncSession) -> int:
     """How many users have the admin role."""
-    return len(list(await session.scalars(select(User.id).where(User.role == Role.ADMIN.value))))
+    return len(list(await session.scalars(select(User.id).where(User.role == Role.ADMIN))))
 
 
 async def check_login(session: AsyncSession, name: str, password: str) -> User | None:
@@ -265,7 +265,7 @@ async def create_api_token(
     plaintext = TOKEN_PREFIX + secrets.token_urlsafe(32)
     token = ApiToken(
         name=name,
-        role=token_role.value,
+        role=token_role,
         token_hash=hasher.digest(plaintext),
         preview=f"{plaintext[:8]}…{plaintext[-4:]}",
         created_by=None if created_by is None else created_by.name,

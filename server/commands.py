@@ -441,7 +441,7 @@ async def create_command(
         proxy_id=composed.proxy.id if composed.proxy else None,
         proxy_name=composed.proxy.name if composed.proxy else None,
         params=composed.params,
-        status=CommandStatus.QUEUED.value,
+        status=CommandStatus.QUEUED,
         priority=request.priority,
         attempts=0,
         max_attempts=composed.max_attempts,
@@ -487,7 +487,7 @@ async def cancel_command(session: AsyncSession, command_id: int) -> Command:
     """Cancel a command: a queued one at once; a running one is flagged, and its runner told
     (once the unit of work commits) to stop its process group."""
     command = await get_command(session, command_id)
-    status = CommandStatus(command.status)
+    status = command.status
     if status.is_final:
         raise InvalidInput.one(
             "id", f"the command has already finished ({status.value})", ErrorCode.INVALID
@@ -499,7 +499,7 @@ async def cancel_command(session: AsyncSession, command_id: int) -> Command:
     # runner may also have finished it meanwhile: then the flag would stay true forever).
     result = await session.execute(
         update(Command)
-        .where(Command.id == command.id, Command.status.in_(["QUEUED", "WAITING", "RUNNING"]))
+        .where(Command.id == command.id, Command.status.in_(NOT_FINAL_STATUSES))
         .values(cancel_requested=True)
         .execution_options(synchronize_session=False)
     )
@@ -512,13 +512,18 @@ async def cancel_command(session: AsyncSession, command_id: int) -> Command:
     return command
 
 
+# What a runner has not claimed yet, and what is not over yet.
+UNCLAIMED_STATUSES = (CommandStatus.QUEUED, CommandStatus.WAITING)
+NOT_FINAL_STATUSES = (*UNCLAIMED_STATUSES, CommandStatus.RUNNING)
+
+
 async def _cancel_unclaimed(session: AsyncSession, command: Command) -> bool:
     """Cancel a command no runner holds; False when a runner claimed it first."""
     result = await session.execute(
         update(Command)
-        .where(Command.id == command.id, Command.status.in_(["QUEUED", "WAITING"]))
+        .where(Command.id == command.id, Command.status.in_(UNCLAIMED_STATUSES))
         .values(
-            status=CommandStatus.CANCELLED.value,
+            status=CommandStatus.CANCELLED,
             finished_at=utcnow(),
             wait_reason=None,
             error="cancelled before it started",
@@ -533,14 +538,14 @@ async def retry_command(session: AsyncSession, command_id: int) -> Command:
     """Queue a finished command once more (its earlier attempts and logs are kept); the
     runners hear of it once the unit of work commits."""
     command = await get_command(session, command_id)
-    status = CommandStatus(command.status)
+    status = command.status
     if not status.is_final:
         raise InvalidInput.one(
             "id",
             f"only a finished command can be retried (it is {status.value})",
             ErrorCode.INVALID,
         )
-    command.status = CommandStatus.QUEUED.value
+    command.status = CommandStatus.QUEUED
     command.max_attempts = command.attempts - command.uncounted_attempts + 1
     command.next_attempt_at = None
     command.finished_at = None

@@ -21,8 +21,8 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Route
 
-from graphql_schema.context import AppServices
 from server.access import SESSION_COOKIE, Authenticator, principal_of
+from server.app_services import AppServices
 from server.audit import Outcome, record_event
 from server.auth import (
     Principal,

@@ -24,9 +24,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import Receive, Scope, Send
 
-from graphql_schema.context import AppServices, client_key
 from server import access
 from server.access import Authenticator
+from server.app_services import AppServices, client_key
 from server.broker import StatusChange
 from server.db import READ_ONLY
 from server.ids import decode_global_id as decode_id
@@ -191,7 +191,7 @@ def _last_seq(batch: StoredBatch) -> int:
 async def _ended_before(session: AsyncSession, command: Command, after: int) -> bool:
     """The command is final and has no line after `after`: a stream resumed there would
     send nothing new (a client reconnecting after the end)."""
-    if not CommandStatus(command.status).is_final:
+    if not command.status.is_final:
         return False
     newer = select(LogLine.seq).where(LogLine.command_id == command.id, LogLine.seq > after)
     return await session.scalar(newer.limit(1)) is None

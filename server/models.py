@@ -21,6 +21,7 @@ from sqlalchemy import (
     JSON,
     Boolean,
     DateTime,
+    Enum,
     Float,
     ForeignKey,
     Index,
@@ -144,6 +145,22 @@ FINAL_STATUSES = frozenset(
 )
 
 
+def enum_column(enum_class: type[enum.StrEnum], length: int) -> Enum:
+    """A column holding `enum_class`'s values, read back as its members.
+
+    Stored as the VARCHAR(length) the column always was (no native ENUM type, no CHECK
+    constraint: no migration), so raw SQL (the runner's statements) reads and writes the
+    same strings as before.
+    """
+    return Enum(
+        enum_class,
+        native_enum=False,
+        create_constraint=False,
+        length=length,
+        values_callable=lambda members: [member.value for member in members],
+    )
+
+
 class LogStream(enum.StrEnum):
     STDOUT = "stdout"
     STDERR = "stderr"
@@ -216,7 +233,7 @@ class Proxy(NamedMixin, TimestampMixin, Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
 
-    protocol: Mapped[str] = mapped_column(String(16))
+    protocol: Mapped[ProxyProtocol] = mapped_column(enum_column(ProxyProtocol, 16))
     host: Mapped[str] = mapped_column(String(HOST_MAX))
     port: Mapped[int]
     # JSON {"username": ..., "password": ...} (or the protocol's id/password), Fernet-encrypted.
@@ -352,7 +369,9 @@ class Command(Base):
     # becomes NULL), the command fails closed instead of running direct.
     proxy_name: Mapped[str | None] = mapped_column(String(NAME_MAX))
     params: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    status: Mapped[str] = mapped_column(String(16), default=CommandStatus.QUEUED.value)
+    status: Mapped[CommandStatus] = mapped_column(
+        enum_column(CommandStatus, 16), default=CommandStatus.QUEUED
+    )
     priority: Mapped[int] = mapped_column(default=0)
     attempts: Mapped[int] = mapped_column(default=0)
     max_attempts: Mapped[int] = mapped_column(default=1)
@@ -458,7 +477,9 @@ class ServiceUsage(TokenRecordMixin, Base):
     token_valid: Mapped[bool | None]
     observed_at: Mapped[datetime] = mapped_column(default=utcnow)
     # Where the figures came from: UsageSource (a run's event, a provider probe, Corral's count).
-    source: Mapped[str] = mapped_column(String(16), default="event")
+    source: Mapped[UsageSource] = mapped_column(
+        enum_column(UsageSource, 16), default=UsageSource.EVENT
+    )
     # The provider's answer when it gave no figures (an error, a timeout); never a secret.
     detail: Mapped[str | None] = mapped_column(Text)
 
@@ -489,7 +510,7 @@ class User(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(NAME_MAX), unique=True)
     password_hash: Mapped[str] = mapped_column(String(255))
-    role: Mapped[str] = mapped_column(String(16), default=Role.ADMIN.value)
+    role: Mapped[Role] = mapped_column(enum_column(Role, 16), default=Role.ADMIN)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     last_login_at: Mapped[datetime | None]
@@ -518,7 +539,7 @@ class ApiToken(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(NAME_MAX))
-    role: Mapped[str] = mapped_column(String(16), default=Role.VIEWER.value)
+    role: Mapped[Role] = mapped_column(enum_column(Role, 16), default=Role.VIEWER)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     preview: Mapped[str] = mapped_column(String(32))
     created_by: Mapped[str | None] = mapped_column(String(NAME_MAX))

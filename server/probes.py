@@ -181,7 +181,7 @@ def record_observations(
             reset_at=found.reset_at,
             token_valid=found.token_valid,
             detail=found.detail,
-            source=UsageSource.PROBE.value,
+            source=UsageSource.PROBE,
             observed_at=observed_at,
         )
         for target, found in results

@@ -16,7 +16,7 @@ from sqlalchemy import Select, delete, false, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from server.errors import ErrorCode, InvalidInput, UserError
-from server.models import NAME_MAX, PATH_MAX, Command, Profile, name_key
+from server.models import NAME_MAX, PATH_MAX, Command, CommandStatus, Profile, name_key
 from server.runners import LABEL_PREFIX
 from server.settings import Settings
 from server.storage import profile_dir_problem
@@ -284,7 +284,7 @@ async def _ensure_not_running(session: AsyncSession, profile: Profile) -> None:
     running = await session.scalar(
         select(func.count())
         .select_from(Command)
-        .where(Command.profile_id == profile.id, Command.status == "RUNNING")
+        .where(Command.profile_id == profile.id, Command.status == CommandStatus.RUNNING)
     )
     if running:
         raise InvalidInput.one(

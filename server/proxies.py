@@ -5,7 +5,6 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-import uuid
 from typing import Any
 
 from sqlalchemy import delete, select, update
@@ -30,34 +29,19 @@ from server.validation import (
     text_field,
 )
 from xray.binary import XrayBinary, XrayBinaryError, find_binary
-from xray.config import ConfigError, Hop, build_config, features_used
+from xray.config import ConfigError, build_config, features_used
 from xray.health import HealthResult, check_chain
+from xray.hops import (
+    MAX_CHAIN_HOPS,
+    Hop,
+    credential_problems,
+    shadowsocks_method,
+    shadowsocks_method_problem,
+)
 from xray.links import ShareLinkError, parse_share_link
 
-MAX_CHAIN_HOPS = 8
 MAX_IMPORT_LINKS = 500
 CREDENTIAL_MAX = 1024
-USERNAME_PROTOCOLS = {ProxyProtocol.HTTP, ProxyProtocol.HTTPS, ProxyProtocol.SOCKS5}
-PASSWORD_REQUIRED = {
-    ProxyProtocol.SHADOWSOCKS,
-    ProxyProtocol.VMESS,
-    ProxyProtocol.VLESS,
-    ProxyProtocol.TROJAN,
-}
-UUID_PROTOCOLS = {ProxyProtocol.VMESS, ProxyProtocol.VLESS}
-SHADOWSOCKS_METHODS = {
-    "aes-128-gcm",
-    "aes-256-gcm",
-    "chacha20-poly1305",
-    "chacha20-ietf-poly1305",
-    "xchacha20-poly1305",
-    "xchacha20-ietf-poly1305",
-    "2022-blake3-aes-128-gcm",
-    "2022-blake3-aes-256-gcm",
-    "2022-blake3-chacha20-poly1305",
-    "none",
-    "plain",
-}
 # Where in `settings` a feature the binary may lack is asked for.
 FEATURE_FIELDS = {
     "reality": ("security",),
@@ -75,12 +59,12 @@ HOSTNAME_RE = re.compile(
 )
 
 
-def parse_protocol(value: Any) -> str:
+def parse_protocol(value: Any) -> ProxyProtocol:
     """A known protocol name, case-insensitively (`SOCKS5`, `socks5`)."""
     if not isinstance(value, str) or value.strip().lower() not in ProxyProtocol._value2member_map_:
         known = ", ".join(p.value for p in ProxyProtocol)
         raise FieldInvalid(f"unknown protocol {value!r}; use one of {known}")
-    return value.strip().lower()
+    return ProxyProtocol(value.strip().lower())
 
 
 def parse_host(value: Any) -> str:
@@ -139,49 +123,22 @@ def _set_credentials(
 def _check_protocol_rules(proxy: Proxy, box: SecretBox, binary: XrayBinary | None) -> None:
     protocol = ProxyProtocol(proxy.protocol)
     credentials = read_credentials(proxy, box)
-    errors: list[UserError] = []
-    if "username" in credentials and protocol not in USERNAME_PROTOCOLS:
-        errors.append(
-            UserError(
-                ("username",), f"{protocol.value} proxies take no username", ErrorCode.INVALID
-            )
+    errors = [
+        UserError(
+            (problem.field,),
+            problem.message,
+            ErrorCode.REQUIRED if problem.missing else ErrorCode.INVALID,
         )
-    password = credentials.get("password")
-    if protocol in PASSWORD_REQUIRED and not password:
-        what = "a UUID" if protocol in UUID_PROTOCOLS else "a password"
-        errors.append(
-            UserError(
-                ("password",), f"{protocol.value} needs {what} in password", ErrorCode.REQUIRED
-            )
+        for problem in credential_problems(
+            protocol.value, credentials.get("username"), credentials.get("password")
         )
-    elif protocol in UUID_PROTOCOLS and password:
-        try:
-            uuid.UUID(password)
-        except ValueError:
-            errors.append(
-                UserError(
-                    ("password",), f"{protocol.value} needs a UUID in password", ErrorCode.INVALID
-                )
-            )
-    if (
-        protocol in USERNAME_PROTOCOLS
-        and credentials.get("password")
-        and not credentials.get("username")
+    ]
+    if protocol is ProxyProtocol.SHADOWSOCKS and not shadowsocks_method(
+        proxy.settings.get("method")
     ):
         errors.append(
-            UserError(("username",), "a password needs a username here", ErrorCode.REQUIRED)
+            UserError(("settings", "method"), shadowsocks_method_problem(), ErrorCode.INVALID)
         )
-    if protocol is ProxyProtocol.SHADOWSOCKS:
-        method = proxy.settings.get("method")
-        if method not in SHADOWSOCKS_METHODS:
-            errors.append(
-                UserError(
-                    ("settings", "method"),
-                    "shadowsocks needs settings.method, one of "
-                    + ", ".join(sorted(SHADOWSOCKS_METHODS)),
-                    ErrorCode.INVALID,
-                )
-            )
     if not errors:
         errors += _config_problems(proxy, credentials, binary)
     if errors:

@@ -17,7 +17,8 @@ from server.proxies import get_proxy, proxy_chain
 from server.secretbox import SecretBox
 from server.settings import Settings
 from xray.binary import XrayBinaryError, find_binary, validate
-from xray.config import ConfigError, Hop
+from xray.config import ConfigError
+from xray.hops import Hop
 from xray.routing import (
     ACTIONS,
     DEFAULT_RULES,

@@ -159,7 +159,7 @@ async def waiting_commands(session: AsyncSession, service_ids: list[int]) -> lis
             Command.id.in_(
                 select(CommandService.command_id).where(CommandService.service_id.in_(service_ids))
             ),
-            Command.status == CommandStatus.WAITING.value,
+            Command.status == CommandStatus.WAITING,
             Command.wait_reason.is_not(None),
         )
         .order_by(Command.created_at, Command.id)

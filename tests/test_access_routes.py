@@ -62,7 +62,7 @@ SCHEMA = build_schema()
 
 def guarded_requests(app: Starlette) -> list[tuple[str, str]]:
     """(method, path) of every HTTP route that needs credentials, its parameters filled."""
-    found = []
+    found: list[tuple[str, str]] = []
     for route in app.routes:
         if not isinstance(route, Route) or is_open_path(route.path):
             continue

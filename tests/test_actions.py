@@ -21,10 +21,11 @@ from server.app import create_app
 from server.auth import Principal, find_live_token, token_principal
 from server.broker import CANCEL_TOPIC, QUEUE_TOPIC, STATUS_TOPIC, StatusChange, Subscription
 from server.commands import RunRequest
+from server.errors import InvalidInput
 from server.models import AuditEvent, Command
 from server.settings import Settings
-from tests.conftest import GraphQLClient, bearer, issue_api_token
-from tests.fixtures.auth import admin_client
+from tests.conftest import GraphQLClient
+from tests.fixtures.auth import admin_client, bearer, issue_api_token
 from tests.fixtures.commands import RUN, run, wait_final, wait_status
 from tests.fixtures.netfakes import LocalSite, UpstreamHttpProxy
 
@@ -231,7 +232,7 @@ async def test_cancel_and_retry_through_the_action_like_graphql(
     await wait_status(gql, command_id, {"RUNNING"})
 
     # An error is audited as one too (a running command cannot be retried), like GraphQL.
-    with pytest.raises(commands.InvalidInput):
+    with pytest.raises(InvalidInput):
         await act(app, admin, "retryCommand", retrying(pk), **what)
     assert (await gql(RETRY, id=command_id))["retryCommand"]["userErrors"][0]["code"] == "INVALID"
 
@@ -345,6 +346,8 @@ async def test_a_cancel_racing_the_command_s_end_leaves_no_flag(
         payload = (await gql(CANCEL, id=command_id))["cancelCommand"]
         assert [error["code"] for error in payload["userErrors"]] == ["INVALID"]
         async with quiet.state.services.sessionmaker() as session:
-            stored = await session.get(Command, decode_id(command_id)[1])
+            decoded = decode_id(command_id)
+            assert decoded is not None
+            stored = await session.get(Command, decoded[1])
             assert stored is not None
             assert stored.cancel_requested is False

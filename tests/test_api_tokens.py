@@ -14,9 +14,10 @@ from sqlalchemy import select, update
 from starlette.applications import Starlette
 from starlette.requests import HTTPConnection
 
-from graphql_schema.context import AppServices, Context, client_key
+from graphql_schema.context import Context
 from graphql_schema.relay import encode_id
 from graphql_schema.schema import build_schema
+from server.app_services import AppServices, client_key
 from server.auth import TOKEN_PREFIX, Principal
 from server.cli import main
 from server.models import ApiToken, Role, utcnow
@@ -202,7 +203,7 @@ async def test_without_a_principal_nothing_is_allowed(app: Starlette) -> None:
 
 
 def connection(address: str, principal: Principal | None) -> HTTPConnection:
-    scope = {
+    scope: dict[str, Any] = {
         "type": "http",
         "client": (address, 1234),
         "headers": [],

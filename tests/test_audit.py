@@ -18,7 +18,8 @@ from starlette.applications import Starlette
 
 from graphql_schema.relay import encode_id
 from server.models import ApiToken, AuditEvent, Profile
-from tests.conftest import GraphQLClient, bearer, issue_api_token
+from tests.conftest import GraphQLClient
+from tests.fixtures.auth import bearer, issue_api_token
 
 TOKEN = "ghp_" + "Au9dT0kN" * 4 + "d4d4"
 

@@ -101,7 +101,7 @@ async def test_profiles_keep_their_own_cookies_behind_the_proxy(
     assert "body=" in await visit(gql, ids, "Q", f"{site.url}/cookies")
     # Every request of the site came through the upstream proxy, with the right credentials.
     assert upstream.connects
-    assert all(c == f"127.0.0.1:{site.server.port}" for c in upstream.connects)
+    assert all(c == f"127.0.0.1:{site.port}" for c in upstream.connects)
     assert upstream.refused == 0
     assert len(site.requests) >= 3
 
@@ -146,7 +146,7 @@ async def test_two_hop_chain_carries_the_browser(gql: GraphQLClient, site: Local
         assert outer.connects
         assert set(outer.connects) == {f"127.0.0.1:{inner.port}"}
         assert inner.connects
-        assert set(inner.connects) == {f"127.0.0.1:{site.server.port}"}
+        assert set(inner.connects) == {f"127.0.0.1:{site.port}"}
     finally:
         inner.stop()
         outer.stop()

@@ -11,8 +11,8 @@ from collections import Counter
 from sqlalchemy import select
 from starlette.applications import Starlette
 
-from graphql_schema.context import AppServices
 from runner.supervisor import Supervisor
+from server.app_services import AppServices
 from server.models import Command, LogLine
 from server.settings import Settings
 from tests.conftest import GraphQLClient

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from starlette.applications import Starlette
 
-from graphql_schema.context import AppServices
+from server.app_services import AppServices
 from server.models import Profile, ProfileProxy, ProfileService, Proxy, Service
 from server.settings import Settings
 from tests.conftest import GraphQLClient, StatementCounter

@@ -206,12 +206,12 @@ async def test_a_follower_behind_merges_the_queued_batches_up_to_a_status_change
     behind.offer(published[0])
     subscription.offer(batch(7, MERGE_LINES))
     held = subscription.held_bytes
-    first = await subscription.get()
+    first = await next_batch(subscription)
     merged = with_queued(first, subscription)
     # Another follower with the same batches queued gets the same merged object; one with
     # fewer queued gets the published batch itself.
-    assert with_queued(await same.get(), same) is merged
-    assert with_queued(await behind.get(), behind) is published[0]
+    assert with_queued(await next_batch(same), same) is merged
+    assert with_queued(await next_batch(behind), behind) is published[0]
     assert [(run.first_seq, run.texts) for run in merged.runs] == [
         (1, ["line 1", "line 2", "line 3"]),
         (4, ["line 4", "line 5"]),
@@ -219,9 +219,16 @@ async def test_a_follower_behind_merges_the_queued_batches_up_to_a_status_change
     ]
     assert subscription.held_bytes == held  # merged, still held until the next get
     assert await subscription.get() == StatusChange(1, "SUCCEEDED")
-    alone = await subscription.get()
+    alone = await next_batch(subscription)
     assert with_queued(alone, subscription) is alone  # nothing queued: the shared object
     assert subscription.held_bytes == alone.nbytes
+
+
+async def next_batch(subscription: Subscription) -> StoredBatch:
+    """The subscription's next message, which the test published as a batch."""
+    message = await subscription.get()
+    assert isinstance(message, StoredBatch), message
+    return message
 
 
 # -- shared replay pages and SSE text ------------------------------------------------------
@@ -240,11 +247,12 @@ async def replay(
     sessionmaker: Sessions, broker: Broker, pages: SharedPages, command_id: int, after: int = 0
 ) -> list[StoredBatch]:
     """What one follower replays: its batches up to the status that ends the replay."""
-    got = []
+    got: list[StoredBatch] = []
     async with asyncio.timeout(30):
         async for item in follow_command(sessionmaker, broker, command_id, after, pages=pages):
             if isinstance(item, StatusChange):
                 return got
+            assert isinstance(item, StoredBatch), item
             got.append(item)
     raise AssertionError("the replay ended without a status")
 

@@ -12,9 +12,9 @@ from typing import Any
 from sqlalchemy import select
 from starlette.applications import Starlette
 
-from graphql_schema.context import AppServices
 from graphql_schema.relay import decode_id
 from runner.supervisor import Supervisor
+from server.app_services import AppServices
 from server.broker import STATUS_TOPIC, StatusChange
 from server.models import Command, LogLine, ServiceUsage, utcnow
 from server.settings import Settings
@@ -54,7 +54,9 @@ async def service(gql: GraphQLClient, name: str, policy: dict[str, Any] | None =
     return str(data["createService"]["service"]["id"])
 
 
-async def observe(app: Starlette, service_id: str, profile_id: str | None = None, **values: Any):
+async def observe(
+    app: Starlette, service_id: str, profile_id: str | None = None, **values: Any
+) -> None:
     """An observation of a token's budget, as a probe or a usage event records it."""
     services: AppServices = app.state.services
     async with services.sessionmaker() as session, session.begin():

@@ -12,8 +12,8 @@ import pytest
 import strawberry
 from starlette.applications import Starlette
 
-from graphql_schema.context import AppServices
 from graphql_schema.schema import ROOT_FIELD_HOOKS, build_schema
+from server.app_services import AppServices
 from server.ids import decode_global_id
 from server.models import Profile, ProfileProxy, ProfileService, Proxy, Service
 from server.settings import Settings

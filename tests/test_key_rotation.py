@@ -123,9 +123,11 @@ async def raw_secrets(settings: Settings) -> dict[str, bytes]:
                 ProfileService.profile_id, ProfileService.service_id, ProfileService.token_encrypted
             )
             for pid, sid, token in await session.execute(links):
-                raw[f"profile_services/{pid},{sid}"] = token
+                if token is not None:
+                    raw[f"profile_services/{pid},{sid}"] = token
             for xid, creds in await session.execute(select(Proxy.id, Proxy.credentials_encrypted)):
-                raw[f"proxies/{xid}"] = creds
+                if creds is not None:
+                    raw[f"proxies/{xid}"] = creds
             for name, value in await session.execute(select(Meta.key, Meta.value)):
                 if name == PLAIN_META[0]:
                     assert value == PLAIN_META[1]  # a plain setting is never touched

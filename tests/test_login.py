@@ -24,7 +24,7 @@ from server.auth import Principal, create_user
 from server.csrf import CsrfProtection
 from server.models import AuditEvent, Role, UserSession, utcnow
 from server.ratelimit import Attempt, LoginLimiter
-from tests.conftest import admin_headers
+from tests.fixtures.auth import admin_headers
 from tests.fixtures.chromium import ROOT
 
 PASSWORD = "correct horse battery"

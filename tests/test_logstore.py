@@ -86,7 +86,9 @@ async def test_a_failing_claim_loses_no_line_and_its_caller_hears(
         raise LookupError("no such thing")
 
     def claim(connection: Connection) -> int:
-        return int(connection.scalar(select(Command.last_seq).where(Command.id == command_id)))
+        last_seq = connection.scalar(select(Command.last_seq).where(Command.id == command_id))
+        assert last_seq is not None
+        return last_seq
 
     await writer.add_lines(LogStream.STDOUT, ["one", "two with s3cret-token"])
     results = await asyncio.gather(
@@ -271,6 +273,7 @@ async def test_a_value_too_long_for_its_column_is_refused_not_cut(engine: AsyncE
     assert write is not None
     async with engine.connect() as connection:
         raw = await connection.get_raw_connection()
+        assert raw.driver_connection is not None
         with pytest.raises(Exception, match="too long"):
             await raw.driver_connection.execute(write[0], *write[1])
     async with engine.connect() as connection:

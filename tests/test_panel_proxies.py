@@ -64,8 +64,18 @@ async def proxy_names(app: Starlette) -> list[str]:
         return list(await session.scalars(select(Proxy.name).order_by(Proxy.id)))
 
 
-async def post(
-    http: httpx.AsyncClient, path: str, htmx: bool = False, **fields: str
+async def post(http: httpx.AsyncClient, path: str, **fields: str) -> httpx.Response:
+    """Submit a panel form as a browser does (a full page comes back)."""
+    return await _post(http, path, fields, htmx=False)
+
+
+async def post_htmx(http: httpx.AsyncClient, path: str, **fields: str) -> httpx.Response:
+    """Submit a panel form as htmx does (the partial to swap comes back)."""
+    return await _post(http, path, fields, htmx=True)
+
+
+async def _post(
+    http: httpx.AsyncClient, path: str, fields: dict[str, str], *, htmx: bool
 ) -> httpx.Response:
     token = csrf_of(await http.get("/proxies"))
     headers = {"HX-Request": "true", "X-CSRF-Token": token} if htmx else {}
@@ -207,10 +217,9 @@ async def test_validation_errors_are_shown_next_to_their_fields(
     unknown_hop = await post(admin, "/proxies", name="n", viaId="424242", **valid)
     assert 'id="viaId-error"' in unknown_hop.text
     # The UUID rule, with htmx: the form alone comes back, to be swapped in place.
-    swap = await post(
+    swap = await post_htmx(
         admin,
         "/proxies",
-        htmx=True,
         name="v",
         protocol="vless",
         host="vl.example.com",
@@ -389,7 +398,7 @@ async def test_import_with_htmx_refreshes_the_table_and_a_clean_paste_redirects(
     app: Starlette,
     admin: httpx.AsyncClient,  # noqa: F811
 ) -> None:
-    swap = await post(admin, "/proxies/import", htmx=True, links=f"{GOOD_SOCKS}\nbroken")
+    swap = await post_htmx(admin, "/proxies/import", links=f"{GOOD_SOCKS}\nbroken")
     assert swap.status_code == 422
     assert swap.text.lstrip().startswith('<form id="proxy-import"')
     assert '<div id="proxies-table" hx-swap-oob="true">' in swap.text
@@ -498,13 +507,13 @@ async def test_check_now_with_and_without_htmx(
     binary = installed_binary(None)  # which binary and version checks use (issue 12, item 4)
     assert binary is not None
     assert f'<span class="proxy-binary">{binary.label}</span>' in page.text
-    assert upstream.connects == [f"127.0.0.1:{site.server.port}"]  # type: ignore[union-attr]
-    row = await post(admin, f"/proxies/{proxy_id}/check", htmx=True, view="row")
+    assert upstream.connects == [f"127.0.0.1:{site.port}"]
+    row = await post_htmx(admin, f"/proxies/{proxy_id}/check", view="row")
     assert row.status_code == 200
     assert row.text.lstrip().startswith(f'<tr id="proxy-{proxy_id}">')
     assert 'status-ok">ok<' in row.text
     assert "exit IP <code>127.0.0.1</code>" in row.text
-    health = await post(admin, f"/proxies/{proxy_id}/check", htmx=True, view="detail")
+    health = await post_htmx(admin, f"/proxies/{proxy_id}/check", view="detail")
     assert health.text.lstrip().startswith('<div id="proxy-health"')
     assert PASSWORD not in row.text + health.text + page.text
     events = await audit_of(app, "checkProxy")

@@ -17,7 +17,7 @@ from tests.fixtures.servers import running_server
 from tests.test_login import PASSWORD as LOGIN_PASSWORD
 from tests.test_login import add_user
 from tests.test_panel import admin, audit_of, viewer  # noqa: F401
-from tests.test_panel_proxies import add_proxy, main_of, post, proxy_named
+from tests.test_panel_proxies import add_proxy, main_of, post, post_htmx, proxy_named
 from xray.config import BACKGROUND_DOMAINS
 
 DEFAULT = [
@@ -143,7 +143,7 @@ async def test_a_bad_pattern_is_shown_next_to_its_rule_with_the_input_kept(
         **row(1, domains="full:ok.test\nregexp:a(b", ips="10.0.0.0/8, 300.1.1.1"),
     }
     for htmx in (False, True):
-        answer = await post(admin, path, htmx=htmx, op="save", **fields)
+        answer = await (post_htmx if htmx else post)(admin, path, op="save", **fields)
         assert answer.status_code == 422
         text = html.unescape(answer.text)
         if htmx:
@@ -167,7 +167,7 @@ async def test_a_bad_pattern_is_shown_next_to_its_rule_with_the_input_kept(
     assert 'id="rules-0-viaProxyId-error"' in via.text
     events = await audit_of(app, "setRoutingRules")
     assert [event.outcome for event in events] == ["error"] * 4
-    success = await post(admin, path, htmx=True, op="save", **row(0, domains="regexp:^a+b$"))
+    success = await post_htmx(admin, path, op="save", **row(0, domains="regexp:^a+b$"))
     assert success.headers["hx-redirect"] == f"/proxies/{proxy_id}"  # a load, not a scroll
     assert await rules_of(app, "main") == [rule(domains=["regexp:^a+b$"])]
 
@@ -257,7 +257,7 @@ async def test_edit_a_rule_in_chromium(settings: Settings, tmp_path: Path, backe
     shots.mkdir(parents=True, exist_ok=True)
     async with running_server(settings) as live:
         await add_user(live.app, "grace", "admin")
-        await add_proxy(live.app, "other hop")
+        other_hop_id = await add_proxy(live.app, "other hop")
         proxy_id = await add_proxy(live.app, "main", routing_rules=DEFAULT)
         found = await run_browser_script(
             script,
@@ -271,11 +271,7 @@ async def test_edit_a_rule_in_chromium(settings: Settings, tmp_path: Path, backe
         )
         assert await rules_of(live.app, "main") == [
             rule(domains=["regexp:^ads[0-9]+\\.example$", "full:tracker.test"], action="BLOCK"),
-            rule(
-                ports="8443",
-                action="VIA",
-                via_proxy_id=(await proxy_named(live.app, "other hop")).id,
-            ),  # type: ignore[union-attr]
+            rule(ports="8443", action="VIA", via_proxy_id=other_hop_id),
         ]
     assert found["before"].startswith("1. domain:accounts.google.com")
     assert found["refusal"].startswith("'regexp:a(b' is not a valid regular expression")

@@ -45,7 +45,7 @@ async def test_check_proxy_records_health_and_exit_ip(
     assert health["ok"] is True, health
     assert health["exitIp"] == "127.0.0.1"
     assert health["latencyMs"] > 0
-    assert upstream.connects == [f"127.0.0.1:{site.server.port}"]  # type: ignore[union-attr]
+    assert upstream.connects == [f"127.0.0.1:{site.port}"]
     assert [r.path for r in site.requests] == ["/ip"]
 
 
@@ -87,7 +87,7 @@ async def test_command_goes_out_through_its_proxy_only(
     assert final["status"] == "SUCCEEDED", lines
     assert texts(lines) == ['{"ip": "127.0.0.1"}']
     assert upstream.auth_seen[-1] is not None
-    assert upstream.connects == [f"127.0.0.1:{site.server.port}"]  # type: ignore[union-attr]
+    assert upstream.connects == [f"127.0.0.1:{site.port}"]
     system = texts(lines, "SYSTEM")
     assert any("proxy sidecar for 'up' listening on socks5://127.0.0.1:" in t for t in system)
     argv = " ".join(final["argv"])
@@ -109,7 +109,7 @@ async def test_child_gets_the_proxy_url_in_its_environment(
         gql, commandString=FETCH_ENV, proxyId=proxy_id, params={"url": f"{site.url}/ip"}
     )
     assert (await wait_final(gql, command_id))["status"] == "SUCCEEDED"
-    assert upstream.connects == [f"127.0.0.1:{site.server.port}"]  # type: ignore[union-attr]
+    assert upstream.connects == [f"127.0.0.1:{site.port}"]
 
 
 async def test_proxy_down_fails_closed(gql: GraphQLClient, site: LocalSite) -> None:
@@ -144,7 +144,7 @@ async def test_two_hop_chain(gql: GraphQLClient, site: LocalSite) -> None:
         assert final["status"] == "SUCCEEDED", await logs_of(gql, command_id)
         # Xray dials the outer hop, asks it for the inner hop, and asks that for the site.
         assert second.connects == [f"127.0.0.1:{first.port}"]
-        assert first.connects == [f"127.0.0.1:{site.server.port}"]  # type: ignore[union-attr]
+        assert first.connects == [f"127.0.0.1:{site.port}"]
     finally:
         first.stop()
         second.stop()

@@ -174,14 +174,14 @@ async def test_routing_trace_shows_each_destination_and_its_outbound(
         proxy_id = await create_proxy(
             gql, name="corp", port=upstream.port, username=USER, password=PASSWORD
         )
-        direct_port = direct_site.server.port  # type: ignore[union-attr]
+        direct_port = direct_site.port
         rules = [
             {"ports": str(direct_port), "action": "DIRECT"},
             {"domains": ["full:localhost"], "action": "PROXY"},
         ]
         saved = await gql(SET_RULES, input={"proxyId": proxy_id, "rules": rules})
         assert saved["setRoutingRules"]["userErrors"] == []
-        port = site.server.port  # type: ignore[union-attr]
+        port = site.port
         params = {
             "a": f"http://127.0.0.1:{direct_port}/ip",
             "b": f"http://localhost:{port}/ip",

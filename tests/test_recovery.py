@@ -75,7 +75,8 @@ class Server:
         )
         body: dict[str, Any] = response.json()
         assert "errors" not in body, body
-        return body["data"]
+        data: dict[str, Any] = body["data"]
+        return data
 
     def node(self, command_id: str) -> dict[str, Any]:
         node: dict[str, Any] = self.gql(NODE, id=command_id)["node"]

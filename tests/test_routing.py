@@ -12,7 +12,8 @@ from tests.conftest import GraphQLClient
 from tests.fixtures.commands import logs_of, run, texts, wait_final
 from tests.fixtures.netfakes import LocalSite, UpstreamHttpProxy
 from tests.fixtures.processes import free_port
-from xray.config import BACKGROUND_DOMAINS, Hop
+from xray.config import BACKGROUND_DOMAINS
+from xray.hops import Hop
 from xray.routing import Routing, Rule, build_routed_config
 
 CREATE = """mutation($input: CreateProxyInput!) { createProxy(input: $input) {
@@ -70,10 +71,10 @@ async def test_rules_send_each_destination_its_own_way(
     try:
         a = await create(gql, "a", up_a.port, "secret-of-a")
         b = await create(gql, "b", up_b.port, "secret-of-b")
-        rules = [
+        rules: list[dict[str, Any]] = [
             {"domains": ["full:localhost"], "action": "VIA", "viaProxyId": b},
             {"domains": ["keyword:blocked", "regexp:^ads[0-9]+\\."], "action": "BLOCK"},
-            {"ports": str(direct_site.server.port), "network": "tcp", "action": "DIRECT"},  # type: ignore[union-attr]
+            {"ports": str(direct_site.port), "network": "tcp", "action": "DIRECT"},
             {"ips": ["10.0.0.0/8", "192.0.2.1"], "ports": "80,8000-8100", "action": "PROXY"},
         ]
         saved = await set_rules(gql, a, rules)
@@ -89,7 +90,7 @@ async def test_rules_send_each_destination_its_own_way(
         assert saved["proxy"]["routingRules"] == expected
         assert (await gql(READ, id=a))["node"]["routingRules"] == expected  # survives a re-read
 
-        port, direct_port = site.server.port, direct_site.server.port  # type: ignore[union-attr]
+        port, direct_port = site.port, direct_site.port
         params = {
             "a": f"http://127.0.0.1:{port}/ip",
             "b": f"http://localhost:{port}/ip",
@@ -129,7 +130,7 @@ async def test_rules_send_each_destination_its_own_way(
         direct_site.stop()
 
 
-BAD_RULES = [
+BAD_RULES: list[tuple[dict[str, Any], list[str], str]] = [
     ({"domains": ["foo:bar"]}, ["rules", "0", "domains", "0"], "unknown matcher 'foo:'"),
     ({"domains": ["regexp:a(b"]}, ["rules", "0", "domains", "0"], "not a valid regular expression"),
     # Python's re takes lookaheads, Go's RE2 does not: the real binary refuses it.

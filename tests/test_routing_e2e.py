@@ -81,7 +81,7 @@ async def test_chromium_goes_each_way_its_rules_say(
             DEFAULT_RULE,
         ]
         assert (await set_rules(gql, a, rules))["userErrors"] == []
-        port_a = sites[0].server.port  # type: ignore[union-attr]
+        port_a = sites[0].port
         urls = [f"{site.url}/ip" for site in sites] + [f"http://{BLOCKED_NAME}:{port_a}/ip"]
         out = await browser_run(gql, a, urls)
         assert [line.split(" ", 2)[:2] for line in out] == [
@@ -93,7 +93,7 @@ async def test_chromium_goes_each_way_its_rules_say(
         ], out
         # Each upstream saw only its own site; the blocked site and name reached nobody.
         assert set(up_a.connects) == {f"127.0.0.2:{port_a}"}
-        assert set(up_b.connects) == {f"127.0.0.3:{sites[1].server.port}"}  # type: ignore[union-attr]
+        assert set(up_b.connects) == {f"127.0.0.3:{sites[1].port}"}
         assert "/ip" in [r.path for r in sites[0].requests]
         assert sites[1].requests
         assert sites[3].requests
@@ -113,7 +113,7 @@ async def test_dropping_the_default_block_list_lets_a_blocked_domain_through(
     up_a.hosts[BLOCKED_NAME] = stand_in.host
     try:
         proxy_id = await create(gql, "a", up_a.port, "secret-of-a")  # the default rules
-        url = f"http://{BLOCKED_NAME}:{stand_in.server.port}/ip"  # type: ignore[union-attr]
+        url = f"http://{BLOCKED_NAME}:{stand_in.port}/ip"
         params = {"a": url, "b": "", "c": "", "d": ""}
 
         async def fetched() -> str:
@@ -128,10 +128,8 @@ async def test_dropping_the_default_block_list_lets_a_blocked_domain_through(
         keep = {"domains": ["keyword:ads"], "action": "BLOCK"}
         assert (await set_rules(gql, proxy_id, [keep]))["userErrors"] == []
         assert await fetched() == '{"ip": "127.0.0.1"}'
-        assert up_a.connects == [f"{BLOCKED_NAME}:{stand_in.server.port}"]  # type: ignore[union-attr]
-        assert [r.headers["host"] for r in stand_in.requests] == [
-            f"{BLOCKED_NAME}:{stand_in.server.port}"  # type: ignore[union-attr]
-        ]
+        assert up_a.connects == [f"{BLOCKED_NAME}:{stand_in.port}"]
+        assert [r.headers["host"] for r in stand_in.requests] == [f"{BLOCKED_NAME}:{stand_in.port}"]
     finally:
         stand_in.stop()
 

@@ -18,10 +18,10 @@ import pytest
 from sqlalchemy import select
 from starlette.applications import Starlette
 
-from graphql_schema.context import AppServices
 from runner.supervisor import Supervisor
 from server import __version__
 from server.app import create_app
+from server.app_services import AppServices
 from server.models import Runner
 from server.runners import no_runner_reason
 from server.settings import Settings

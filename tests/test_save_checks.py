@@ -54,7 +54,7 @@ async def accepted(gql: GraphQLClient, query: str, name: str, **variables: Any) 
     return payload
 
 
-BAD_SETTINGS = [
+BAD_SETTINGS: list[tuple[dict[str, Any], str, str]] = [
     ({"timezone": "Mars/Olympus"}, "timezone", "not an IANA time zone"),
     ({"timezone": "../../etc/passwd"}, "timezone", "not an IANA time zone"),
     ({"locale": "en_US"}, "locale", "did you mean 'en-US'"),

@@ -21,7 +21,8 @@ from starlette.applications import Starlette
 
 from server.db import create_engine
 from server.settings import Settings
-from tests.conftest import GraphQLClient, bearer, issue_api_token
+from tests.conftest import GraphQLClient
+from tests.fixtures.auth import bearer, issue_api_token
 from tests.fixtures.commands import logs_of, run, texts, wait_final
 from tests.test_walls_secrets import printing, record_text
 

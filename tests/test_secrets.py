@@ -108,7 +108,7 @@ async def test_processes_starting_at_once_on_a_new_database_agree_on_the_key_che
             await session.execute(delete(Meta).where(Meta.key == CHECK_KEY))
             await session.commit()
         read = AsyncSession.scalar
-        raced = []
+        raced: list[bool] = []
 
         async def read_then_race(self: AsyncSession, *args: Any, **kwargs: Any) -> Any:
             value = await read(self, *args, **kwargs)

@@ -8,15 +8,17 @@ import json
 import os
 import random
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 
 from server.models import ProxyProtocol
-from server.proxies import SHADOWSOCKS_METHODS, parse_host
+from server.proxies import parse_host
 from xray.binary import XrayBinary, find_binary, validate
-from xray.config import Hop, build_config, features_used
-from xray.links import ParsedProxy, ShareLinkError, parse_share_link
+from xray.config import build_config, features_used
+from xray.hops import SHADOWSOCKS_METHODS, Hop, ParsedProxy
+from xray.links import ShareLinkError, parse_share_link
 
 UUID = "b831381d-6324-4d53-ad4f-8cda48b30811"
 PUBLIC_KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8"
@@ -35,7 +37,7 @@ def b64url_unpadded(text: str) -> str:
     return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
-def vmess_link(encode: Any = b64, **fields: Any) -> str:
+def vmess_link(encode: Callable[[str], str] = b64, **fields: Any) -> str:
     data = {
         "v": "2",
         "ps": "VMess 🇩🇪 Frankfurt",

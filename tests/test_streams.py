@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
@@ -136,7 +136,7 @@ class SseEvent:
         return json.loads(self.data)
 
 
-async def sse_events(response: httpx.Response) -> AsyncIterator[SseEvent]:
+async def sse_events(response: httpx.Response) -> AsyncGenerator[SseEvent]:
     """Events of an SSE body as the EventSource spec frames them (comments skipped)."""
     event, data, event_id = "message", list[str](), None
     async for line in response.aiter_lines():
@@ -254,7 +254,7 @@ class GraphQLSocket:
 
     async def until_complete(self, sub_id: str) -> list[dict[str, Any]]:
         """The `next` payloads' data of subscription `sub_id`, up to its `complete`."""
-        results = []
+        results: list[dict[str, Any]] = []
         while True:
             message = await self.receive()
             assert message.get("id") == sub_id, message
@@ -826,7 +826,7 @@ async def last_event_id_codes(
     for last_event_id in last_event_ids:
         try:
             response = await http.get(
-                stream_path(command_id), headers={"Last-Event-ID": last_event_id.encode("latin-1")}
+                stream_path(command_id), headers={b"Last-Event-ID": last_event_id.encode("latin-1")}
             )
             codes[last_event_id] = response.status_code
         except httpx.TransportError as exc:  # the server broke off the response

@@ -18,9 +18,9 @@ import pytest
 from sqlalchemy import select
 from starlette.applications import Starlette
 
-from graphql_schema.context import AppServices
 from runner.process import RUN_MARKER
 from runner.supervisor import backoff_delay
+from server.app_services import AppServices
 from server.models import CommandEvent, ServiceUsage
 from server.settings import Settings
 from tests.conftest import GraphQLClient

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import select
 from starlette.applications import Starlette
 
-from graphql_schema.context import AppServices
+from server.app_services import AppServices
 from server.models import ServiceUsage
 from tests.conftest import GraphQLClient
 from tests.fixtures.commands import run, wait_final

@@ -47,7 +47,7 @@ async def test_report_usage_turns_rate_limit_headers_into_usage_events(
         if line.startswith(EVENT_PREFIX)
     ]
     reports = [parse_event(p, {"github": 1, "openai": 2}) for p in payloads]
-    usage = [r.usage for r in reports if r is not None]
+    usage = [r.usage for r in reports if r is not None and r.usage is not None]
     github, openai = usage
     assert (github.service_id, github.remaining, github.limit, github.units) == (1, 4321, 5000, 1)
     assert github.reset_at is not None

@@ -84,6 +84,7 @@ def test_user_create_list_set_password_delete(
 
     async def log_in(session: Any) -> None:
         user = await check_login(session, "alice", PASSWORD)
+        assert user is not None
         box = load_secret_box(cli)
         await start_session(session, await load_token_hasher(session, box), user, None)
 

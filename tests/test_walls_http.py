@@ -25,8 +25,9 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.typing import Subprotocol
 
-from graphql_schema.context import AppServices, Context, RequestFinished
+from graphql_schema.context import Context, RequestFinished
 from runner.renderpool import RenderPool
+from server.app_services import AppServices
 from server.auth import TokenHasher
 from server.limits import BodySizeLimit
 from server.secretbox import load_secret_box

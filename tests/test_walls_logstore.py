@@ -19,10 +19,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.applications import Starlette
 
 import runner.logstore as logstore
-from graphql_schema.context import AppServices
 from runner.logstore import LogStore
 from runner.store_errors import ConnectionLost
 from server.app import create_app
+from server.app_services import AppServices
 from server.broker import Broker
 from server.db import create_engine, create_sessionmaker
 from server.models import Command, CommandEvent, LogLine, LogStream, ServiceUsage
@@ -160,7 +160,7 @@ async def test_a_share_the_database_refuses_costs_only_its_own_command(
             )
 
         def claim(connection: Connection) -> int:
-            return int(connection.scalar(select(func.count()).select_from(Command)))
+            return connection.scalar(select(func.count()).select_from(Command)) or 0
 
         results = await asyncio.gather(
             store.submit(claim), *(writer.close() for writer in writers.values())

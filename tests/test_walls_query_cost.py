@@ -25,8 +25,8 @@ from starlette.applications import Starlette
 from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
 
-from graphql_schema.context import AppServices
 from graphql_schema.schema import build_schema, query_limits
+from server.app_services import AppServices
 from server.models import Profile, ProfileProxy, Proxy
 from server.settings import Settings
 from tests.conftest import GraphQLClient
@@ -367,9 +367,12 @@ async def test_a_log_page_stops_reading_once_past_the_response_limit(
 
     converted: list[Any] = []
     from_row = command_types.LogLine.from_row
-    monkeypatch.setattr(
-        command_types.LogLine, "from_row", lambda row: converted.append(row) or from_row(row)
-    )
+
+    def counted_from_row(row: Any) -> command_types.LogLine:
+        converted.append(row)
+        return from_row(row)
+
+    monkeypatch.setattr(command_types.LogLine, "from_row", counted_from_row)
     app = _app(settings.model_copy(update={"graphql_max_response_bytes": 4096}))
     async with app.router.lifespan_context(app), _gql(app) as gql:
         script = "[print(str(i) * 1000) for i in range(40)]"
@@ -415,9 +418,8 @@ async def test_a_subscription_event_over_the_size_limit_is_replaced_by_an_error(
 async def test_each_subscription_event_has_the_whole_budget(settings: Settings) -> None:
     # Events of commands with 3 services each: 3 objects an event, within a budget of 4
     # (the estimate counts lists as 1 item) however many events come.
-    overrides = {"graphql_max_cost": 4, "graphql_cost_list_size": 1}
     async with (
-        running_server(settings, **overrides) as live,
+        running_server(settings, graphql_max_cost=4, graphql_cost_list_size=1) as live,
         httpx.AsyncClient(base_url=live.base_url, headers=live.headers, timeout=30) as http,
     ):
         api = GraphQLClient(http)
@@ -435,7 +437,7 @@ async def test_each_subscription_event_has_the_whole_budget(settings: Settings) 
             await asyncio.sleep(0.5)  # subscribed before the commands run
             for _ in range(2):
                 await run(api, commandString="true", serviceIds=services)
-            events = []
+            events: list[dict[str, Any]] = []
             while len(events) < 4:
                 message = json.loads(await asyncio.wait_for(ws.recv(), 20))
                 assert message["type"] == "next", message

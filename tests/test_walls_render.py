@@ -19,7 +19,6 @@ import pytest
 from sqlalchemy import update
 from starlette.applications import Starlette
 
-from graphql_schema.context import AppServices
 from runner import renderpool
 from runner.compose import (
     MAX_RENDERED,
@@ -31,6 +30,7 @@ from runner.compose import (
 )
 from runner.process import use_pidfd_child_watcher
 from runner.renderpool import RenderPool
+from server.app_services import AppServices
 from server.models import Command
 from server.settings import Settings
 from tests.conftest import GraphQLClient

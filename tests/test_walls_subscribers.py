@@ -22,7 +22,7 @@ from sqlalchemy import select
 from websockets.asyncio.client import connect
 from websockets.typing import Subprotocol
 
-from graphql_schema.context import AppServices
+from server.app_services import AppServices
 from server.broker import Broker, command_topic
 from server.messages import LineRun, StoredBatch
 from server.models import ApiToken, Command, LogLine, utcnow

@@ -28,15 +28,8 @@ from xray.binary import (
     inspect_binary,
     validate,
 )
-from xray.config import (
-    BACKGROUND_DOMAINS,
-    MAX_CHAIN_HOPS,
-    ConfigError,
-    Hop,
-    build_config,
-    features_used,
-    write_config,
-)
+from xray.config import BACKGROUND_DOMAINS, ConfigError, build_config, features_used, write_config
+from xray.hops import MAX_CHAIN_HOPS, PROTOCOLS, Hop, credential_problems
 
 UUID = "b831381d-6324-4d53-ad4f-8cda48b30811"
 PUBLIC_KEY = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8"  # 32 bytes, base64url
@@ -570,6 +563,23 @@ def test_three_hop_chain_links_each_hop_to_the_next() -> None:
     last = config["outbounds"][2]
     assert last["protocol"] == "trojan"
     assert last["streamSettings"]["tlsSettings"] == {"serverName": "third.example.com"}
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_the_config_refuses_exactly_what_saving_refuses(protocol: str) -> None:
+    # One rule set (xray.hops) for server.proxies on save and for the generator on build:
+    # every credential shape is refused by both, with the same words, or by neither.
+    settings = {"method": "aes-256-gcm"} if protocol == "shadowsocks" else {}
+    shapes = [(None, None), ("user", None), (None, "pw"), ("user", "pw"), (None, UUID)]
+    for username, password in [*shapes, ("user", UUID)]:
+        hop = Hop("x", protocol, "h.example.com", 1, username, password, settings)
+        problems = credential_problems(protocol, username, password)
+        if not problems:
+            build_config([hop], 1080)
+            continue
+        with pytest.raises(ConfigError) as refused:
+            build_config([hop], 1080)
+        assert refused.value.message == f"proxy 'x': {problems[0].message}", (username, password)
 
 
 @pytest.mark.parametrize("length", [1, 2, 3, MAX_CHAIN_HOPS])

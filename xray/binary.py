@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from xray.config import ConfigError, Hop, features_used, write_config
+from xray.config import ConfigError, features_used, write_config
+from xray.hops import Hop
 
 Flavor = Literal["xray", "v2ray"]
 VERSION_TIMEOUT = 10.0

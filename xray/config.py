@@ -29,11 +29,18 @@ import re
 import secrets
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-MAX_CHAIN_HOPS = 8
+from xray.hops import (
+    MAX_CHAIN_HOPS,
+    PROTOCOLS,
+    Hop,
+    credential_problems,
+    shadowsocks_method,
+    shadowsocks_method_problem,
+)
+
 PROXY_TAG = "proxy"
 BLOCK_TAG = "block"
 INBOUND_TAG = "socks-in"
@@ -63,7 +70,6 @@ BACKGROUND_DOMAINS: tuple[str, ...] = (
     "domain:android.clients.google.com",
 )
 
-PROTOCOLS = ("http", "https", "socks5", "shadowsocks", "vmess", "vless", "trojan")
 NETWORK_ALIASES = {
     "tcp": "tcp",
     "raw": "tcp",
@@ -92,19 +98,6 @@ class ConfigError(ValueError):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-
-
-@dataclass(frozen=True)
-class Hop:
-    """One upstream proxy, with its credentials decrypted."""
-
-    name: str
-    protocol: str
-    host: str
-    port: int
-    username: str | None = None
-    password: str | None = None
-    settings: Mapping[str, Any] = field(default_factory=dict)
 
 
 def hop_tag(index: int) -> str:
@@ -241,8 +234,11 @@ def _outbound(hop: Hop, tag: str, via: str | None) -> dict[str, Any]:
 
 
 def _protocol_part(hop: Hop) -> dict[str, Any]:
+    if hop.protocol not in PROTOCOLS:
+        raise ConfigError(f"unknown protocol {hop.protocol!r}; use one of {', '.join(PROTOCOLS)}")
     address = _address(hop.host)
     port = _check_port(hop.port, "port")
+    _check_credentials(hop)
     if hop.protocol in ("http", "https"):
         return {"protocol": "http", "settings": {"servers": [_server(hop, address, port)]}}
     if hop.protocol == "socks5":
@@ -253,11 +249,8 @@ def _protocol_part(hop: Hop) -> dict[str, Any]:
         return {"protocol": "vmess", "settings": _vmess(hop, address, port)}
     if hop.protocol == "vless":
         return {"protocol": "vless", "settings": _vless(hop, address, port)}
-    if hop.protocol == "trojan":
-        password = _secret(hop, "a password")
-        server = {"address": address, "port": port, "password": password}
-        return {"protocol": "trojan", "settings": {"servers": [server]}}
-    raise ConfigError(f"unknown protocol {hop.protocol!r}; use one of {', '.join(PROTOCOLS)}")
+    server = {"address": address, "port": port, "password": _secret(hop)}  # trojan
+    return {"protocol": "trojan", "settings": {"servers": [server]}}
 
 
 def _address(host: str) -> str:
@@ -274,39 +267,38 @@ def _address(host: str) -> str:
     return address
 
 
+def _check_credentials(hop: Hop) -> None:
+    """The credential rules `server.proxies` checks on save (`xray.hops`), checked again."""
+    problems = credential_problems(hop.protocol, hop.username, hop.password)
+    if problems:
+        raise ConfigError(problems[0].message)
+
+
 def _server(hop: Hop, address: str, port: int) -> dict[str, Any]:
     """An http/socks server entry, with its user when the proxy has credentials."""
     server: dict[str, Any] = {"address": address, "port": port}
     if hop.username:
         server["users"] = [{"user": hop.username, "pass": hop.password or ""}]
-    elif hop.password:
-        raise ConfigError(f"{hop.protocol} credentials need a username with the password")
     return server
 
 
-def _secret(hop: Hop, what: str) -> str:
-    if hop.username:
-        raise ConfigError(f"{hop.protocol} proxies take no username")
+def _secret(hop: Hop) -> str:
+    """The one secret of a shadowsocks/vmess/vless/trojan hop (`_check_credentials` saw it)."""
     if not hop.password:
-        raise ConfigError(f"{hop.protocol} needs {what} in password")
+        raise ConfigError(f"{hop.protocol} needs a password")
     return hop.password
 
 
 def _uuid(hop: Hop) -> str:
-    value = _secret(hop, "a UUID")
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise ConfigError(f"{hop.protocol} needs a UUID in password") from None
+    return str(uuid.UUID(_secret(hop)))
 
 
 def _shadowsocks(hop: Hop, address: str, port: int) -> dict[str, Any]:
-    method = hop.settings.get("method")
-    if not isinstance(method, str) or not method.strip():
-        raise ConfigError("shadowsocks needs settings.method (e.g. aes-256-gcm)")
-    password = _secret(hop, "a password")
-    server = {"address": address, "port": port, "method": method.strip().lower()}
-    return {"servers": [{**server, "password": password}]}
+    method = shadowsocks_method(hop.settings.get("method"))
+    if method is None:
+        raise ConfigError(shadowsocks_method_problem())
+    server = {"address": address, "port": port, "method": method}
+    return {"servers": [{**server, "password": _secret(hop)}]}
 
 
 def _vmess(hop: Hop, address: str, port: int) -> dict[str, Any]:

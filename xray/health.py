@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import httpx
 
 from xray.binary import XrayBinary
-from xray.config import Hop
+from xray.hops import Hop
 from xray.probe import PROBE_TIMEOUT, url_target
 from xray.sidecar import SidecarError, SidecarProcess
 

@@ -14,11 +14,12 @@ import json
 import re
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
 from xray.config import NETWORK_ALIASES
+from xray.hops import ParsedProxy
 
 HOSTNAME_RE = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.-]*[A-Za-z0-9_])?\.?$")
 LINK_MAX = 8192
@@ -50,19 +51,6 @@ class ShareLinkError(ValueError):
     def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-
-
-@dataclass
-class ParsedProxy:
-    """A proxy read from a share link, shaped like a Proxy row (and like `xray.config.Hop`)."""
-
-    name: str
-    protocol: str
-    host: str
-    port: int
-    username: str | None = None
-    password: str | None = None
-    settings: dict[str, Any] = field(default_factory=dict)
 
 
 def parse_share_link(link: str) -> ParsedProxy:

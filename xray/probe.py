@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from typing import Literal
 from urllib.parse import urlsplit
 
-from xray.config import Hop, server_name
+from xray.config import server_name
+from xray.hops import Hop
 
 ProblemKind = Literal["auth", "refused", "dns", "tls", "timeout", "target", "protocol"]
 PROBE_TIMEOUT = 5.0

@@ -29,11 +29,11 @@ from xray.config import (
     BACKGROUND_DOMAINS,
     BLOCK_TAG,
     PROXY_TAG,
-    Hop,
     build_config,
     chain_outbounds,
     features_used,
 )
+from xray.hops import Hop
 
 ACTIONS = ("PROXY", "VIA", "DIRECT", "BLOCK")
 DOMAIN_PREFIXES = ("full", "domain", "keyword", "regexp", "geosite")

@@ -20,7 +20,8 @@ from typing import Any
 from runner.lines import LineSplitter
 from runner.process import SPAWNED, starting_own_child, stop_group
 from xray.binary import XrayBinary
-from xray.config import ConfigError, Hop, build_config, features_used, write_config
+from xray.config import ConfigError, build_config, features_used, write_config
+from xray.hops import Hop
 from xray.probe import PROBE_TIMEOUT, Problem, probe_hop
 from xray.routing import Routing, asset_env, build_routed_config, features_of
 from xray.sidecar_log import SidecarLog, binary_level

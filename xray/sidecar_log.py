@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from xray.config import BLOCK_TAG, PROXY_TAG, Hop
+from xray.config import BLOCK_TAG, PROXY_TAG
+from xray.hops import Hop
 from xray.probe import Problem, ProblemKind, describe
 from xray.routing import DIRECT_TAG, via_tag
 

@@ -16,9 +16,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 
-from graphql_schema.context import AppServices
 from server.access import principal_of
 from server.actions import Forbidden, perform, refusal
+from server.app_services import AppServices
 from server.audit import FORBIDDEN, raised_entry, write_entry
 from server.db import READ_ONLY
 from server.errors import ErrorCode, InvalidInput, UserError

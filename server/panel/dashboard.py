@@ -25,8 +25,8 @@ from server.panel.common import (
 from server.runners import list_runners
 
 # --- dashboard -------------------------------------------------------------------------
-FAILED_STATUSES = (CommandStatus.FAILED.value, CommandStatus.TIMED_OUT.value)
-WAITING_STATUSES = (CommandStatus.QUEUED.value, CommandStatus.WAITING.value)
+FAILED_STATUSES = (CommandStatus.FAILED, CommandStatus.TIMED_OUT)
+WAITING_STATUSES = (CommandStatus.QUEUED, CommandStatus.WAITING)
 NEAR_LIMIT = 0.1  # a token with at most this share of its budget left is "near its limit"
 # The list page each count links to.
 COUNT_LINKS = {"Profiles": "/profiles", "Services": "/services", "Proxies": "/proxies"}
@@ -72,7 +72,7 @@ async def dashboard(request: Request) -> Response:
         )
         running = await session.scalars(
             select(Command)
-            .where(Command.status == CommandStatus.RUNNING.value)
+            .where(Command.status == CommandStatus.RUNNING)
             .order_by(Command.started_at, Command.id)
             .limit(PAGE_SIZE)
         )
@@ -97,9 +97,7 @@ async def dashboard(request: Request) -> Response:
             "_dashboard.html",
             counts=counts,
             count_links=COUNT_LINKS,
-            runs_by_status=[
-                (status.value, by_status.get(status.value, 0)) for status in CommandStatus
-            ],
+            runs_by_status=[(status.value, by_status.get(status, 0)) for status in CommandStatus],
             running=list(running),
             waiting=list(waiting),
             waiting_total=sum(by_status.get(status, 0) for status in WAITING_STATUSES),

@@ -105,7 +105,7 @@ async def run_list(request: Request) -> Response:
         )
         profiles = await _choices(session, Profile)
         templates = await _choices(session, CommandTemplate)
-    following = [run.id for run in runs if not CommandStatus(run.status).is_final]
+    following = [run.id for run in runs if not run.status.is_final]
     return render_view(
         request,
         "runs.html",
@@ -190,7 +190,7 @@ async def run_page(request: Request) -> Response:
         run_template=template,
         lines=log.lines,
         log=log,
-        final=CommandStatus(command.status).is_final,
+        final=command.status.is_final,
         previous_attempt=log.previous_attempt,
         events=events,
         more_events=more_events,
@@ -253,7 +253,7 @@ async def _run_action(request: Request, action: str) -> Response:
 def _run_action_done(action: str, command: Command) -> str:
     if action == "retryCommand":
         return f"Run #{command.id} is queued again."
-    if command.status == CommandStatus.CANCELLED.value:
+    if command.status is CommandStatus.CANCELLED:
         return f"Run #{command.id} cancelled."
     return f"Cancel requested: run #{command.id} stops in a moment."
 

@@ -23,7 +23,7 @@ from sqlalchemy import exists, select
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
 
-from graphql_schema.context import AppServices, client_key
+from server.app_services import AppServices, client_key
 from server.broker import StatusChange
 from server.db import READ_ONLY
 from server.logstream import CountedStream, after_seq
