@@ -29,7 +29,7 @@ from tests.test_supervisor import alive
 
 ON_POSTGRES = pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 # The runners' safety-net look at the queue is out of reach: only a NOTIFY wakes them.
-NO_POLL = {"claim_poll_seconds": "600"}
+NO_POLL = "600"  # claim_poll_seconds: the runner never polls; NOTIFY alone wakes it
 RUNNERS = """query { runners(includeStopped: true) { name alive draining stoppedAt } }"""
 
 
@@ -76,7 +76,7 @@ async def test_sigterm_lets_a_running_command_finish_and_claims_nothing_more(
     app: Any, gql: GraphQLClient, settings: Settings, tmp_path: Path
 ) -> None:
     async with runner_process(
-        settings, tmp_path, "--name", "drain-a", drain_seconds="30", **NO_POLL
+        settings, tmp_path, "--name", "drain-a", drain_seconds="30", claim_poll_seconds=NO_POLL
     ) as runner:
         first = await run(gql, commandString="sh -c 'echo begun; sleep 3; echo done'")
         await wait_line(gql, first, "begun")
@@ -110,14 +110,14 @@ async def test_a_command_past_the_deadline_is_stopped_and_put_back_uncounted_for
         f"sleep 60 & echo $$ $! > {pids}; echo begun; wait"
     )
     async with runner_process(
-        settings, tmp_path / "a", "--name", "drain-a", drain_seconds="1", **NO_POLL
+        settings, tmp_path / "a", "--name", "drain-a", drain_seconds="1", claim_poll_seconds=NO_POLL
     ) as first_runner:
         command_id = await run(gql, commandString=f"sh -c '{script}'", maxAttempts=1)
         await wait_line(gql, command_id, "begun")
         group = [int(pid) for pid in pids.read_text().split()]
         # Another runner, idle: nothing is queued as it starts, and it never polls.
         async with runner_process(
-            settings, tmp_path / "b", "--name", "drain-b", **NO_POLL
+            settings, tmp_path / "b", "--name", "drain-b", claim_poll_seconds=NO_POLL
         ) as second_runner:
             first_runner.send_signal(signal.SIGTERM)
             await asyncio.wait_for(first_runner.wait(), 30)
@@ -140,7 +140,7 @@ async def test_corral_runner_drain_asks_a_runner_elsewhere_by_name(
     app: Any, gql: GraphQLClient, settings: Settings, tmp_path: Path
 ) -> None:
     async with runner_process(
-        settings, tmp_path, "--name", "drain-c", drain_seconds="30", **NO_POLL
+        settings, tmp_path, "--name", "drain-c", drain_seconds="30", claim_poll_seconds=NO_POLL
     ) as runner:
         command_id = await run(gql, commandString="sh -c 'echo begun; sleep 2; echo done'")
         await wait_line(gql, command_id, "begun")
