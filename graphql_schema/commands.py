@@ -40,7 +40,7 @@ from server.db import READ_ONLY
 from server.errors import InvalidInput
 from server.messages import StoredBatch
 from server.models import FINAL_STATUSES
-from server.streams import FinalStatus, Item, follow_command, pieces
+from server.streams import FinalStatus, Item, follow_command, parts_of, pieces
 from server.subscribers import TooManySubscribers
 
 if TYPE_CHECKING:
@@ -415,6 +415,23 @@ def log_batches(batch: StoredBatch) -> list[LogBatch]:
     return messages
 
 
+# A merge of published batches up to this many lines is sent as one message; a larger one
+# as its batches' messages (see log_batches_of).
+OWN_MERGE_LINES = 256
+
+
+def log_batches_of(batch: StoredBatch) -> list[LogBatch]:
+    """The messages a follower sends for `batch`. A small merge (followers that keep up, at
+    a tick, share it: server.streams.follow_command) is one message; a large one (a follower
+    that fell behind merged its queue: often its own) is sent as the messages of the batches
+    it was merged from, executed and encoded once for every follower (issue 16): executing
+    2,000 lines for one follower cost more than the messages it saved."""
+    parts = parts_of(batch)
+    if len(parts) == 1 or batch.weight <= OWN_MERGE_LINES:
+        return log_batches(batch)
+    return [message for part in parts for message in log_batches(part)]
+
+
 @strawberry.type
 class CommandMutations:
     @strawberry.mutation(description="Compose a command and queue it.")
@@ -520,7 +537,7 @@ class Subscription:
     ) -> AsyncGenerator[LogBatch, None]:
         async for item in _follow_logs(info, command_id, after_seq):
             if isinstance(item, StoredBatch):
-                for message in log_batches(item):
+                for message in log_batches_of(item):
                     yield message
             elif isinstance(item, FinalStatus):
                 yield LogBatch(lines=[], final=True)

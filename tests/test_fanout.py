@@ -19,6 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.datastructures import Headers
 
+from graphql_schema.commands import log_batches, log_batches_of
 from graphql_schema.shared_events import SharedData, SharedResults
 from server import access
 from server.broker import Broker, StatusChange, Subscription, command_topic
@@ -522,3 +523,23 @@ async def test_streams_holding_one_credential_share_its_recheck(
     assert not await credential_holds(authenticator, token)
     assert authenticator.checks == 3
     assert len(_checks[authenticator]) == 1  # the other credential's old check is gone
+
+
+def test_a_large_merge_goes_to_graphql_as_its_batches_shared_messages() -> None:
+    # Before: a follower that fell behind executed its own merge of up to 2,000 lines (a
+    # resolver call per field of every line) for itself alone.
+    small, large = Subscription("command:1"), Subscription("command:1")
+    for first in (1, 11):
+        small.offer(published(first, 10))
+    small_merge = with_queued(small.take_queued(), small)
+    assert len(log_batches_of(small_merge)) == 1  # one message, shared with its tick
+    batches = [published(first, 100) for first in range(1, 1001, 100)]
+    for batch in batches:
+        large.offer(batch)
+    large_merge = with_queued(large.take_queued(), large)
+    messages = log_batches_of(large_merge)
+    assert messages == [message for batch in batches for message in log_batches(batch)]
+    assert all(
+        a is b
+        for a, b in zip(messages, [m for batch in batches for m in log_batches(batch)], strict=True)
+    )
