@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -415,6 +416,7 @@ def log_batches(batch: StoredBatch) -> list[LogBatch]:
     return messages
 
 
+YIELD_EVERY_LINES = 16  # commandLogs lets other tasks run after this many lines
 # A merge of published batches up to this many lines is sent as one message; a larger one
 # as its batches' messages (see log_batches_of).
 OWN_MERGE_LINES = 256
@@ -524,8 +526,13 @@ class Subscription:
             if isinstance(item, StoredBatch):
                 # Built per subscriber, not kept with the batch: a line per event costs a
                 # result each, and results kept for every line would outweigh the saving.
-                for line in _log_lines(item):
+                for index, line in enumerate(_log_lines(item), 1):
                     yield line
+                    if index % YIELD_EVERY_LINES == 0:
+                        # A send that does not block never lets go of the loop: without
+                        # this, a merge of 2,000 lines held it for the whole merge, per
+                        # subscriber (/healthz waited seconds behind them).
+                        await asyncio.sleep(0)
 
     @strawberry.subscription(
         description="A command's log lines after afterSeq (stored ones first), then live, a "
