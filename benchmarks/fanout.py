@@ -188,8 +188,14 @@ async def ws_client(job: dict[str, Any], tally: Tally, connected: asyncio.Event)
     batches = job["mode"] == "batches"
     # Compact JSON, as the server writes it: `lines_in` reads the lines off the bytes.
     query = BATCHES if batches else LINES
+    # No keepalive pings: a pong waits behind all the data queued before it, and clients
+    # starved of CPU on a shared machine fell 20 s behind and closed (1011) mid-run.
     async with connect(
-        ws_url, subprotocols=[Subprotocol("graphql-transport-ws")], max_size=None, open_timeout=30
+        ws_url,
+        subprotocols=[Subprotocol("graphql-transport-ws")],
+        max_size=None,
+        open_timeout=30,
+        ping_interval=None,
     ) as ws:
         init = {"authorization": f"Bearer {job['token']}"}
         await ws.send(json.dumps({"type": "connection_init", "payload": init}))
