@@ -325,7 +325,9 @@ async def sample_rss(peak: list[float]) -> None:
         await asyncio.sleep(0.25)
 
 
-async def run_mode(backend: str, mode: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+async def run_mode(
+    backend: str, mode: str, args: argparse.Namespace, workdir: Path
+) -> dict[str, Any]:
     from server.app import create_app
 
     child = write_child(workdir)
