@@ -544,8 +544,11 @@ class Subscription:
     ) -> AsyncGenerator[LogBatch, None]:
         async for item in _follow_logs(info, command_id, after_seq):
             if isinstance(item, StoredBatch):
-                for message in log_batches_of(item):
+                messages = log_batches_of(item)
+                for index, message in enumerate(messages, 1):
                     yield message
+                    if index < len(messages):
+                        await asyncio.sleep(0)  # as commandLogs: let the loop go between them
             elif isinstance(item, FinalStatus):
                 yield LogBatch(lines=[], final=True)
 
