@@ -196,6 +196,7 @@ async def ws_client(job: dict[str, Any], tally: Tally, connected: asyncio.Event)
         max_size=None,
         open_timeout=30,
         ping_interval=None,
+        compression="deflate" if job.get("deflate", True) else None,
     ) as ws:
         init = {"authorization": f"Bearer {job['token']}"}
         await ws.send(json.dumps({"type": "connection_init", "payload": init}))
@@ -360,6 +361,7 @@ async def run_mode(
             shares[0] += args.clients - sum(shares)
             for worker, share in zip(workers, shares, strict=True):
                 job = {"mode": mode, "url": base_url, "command_id": command_id}
+                job["deflate"] = not args.no_deflate
                 await worker.send(job | {"clients": share, "timeout": args.timeout})
             for worker in workers:
                 await worker.expect("connected", timeout=CONNECT_DELAY)
@@ -436,6 +438,7 @@ async def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> 
             *("--backend", backend, "--one-mode", mode, "--clients", str(args.clients)),
             *("--rate", str(args.rate), "--seconds", str(args.seconds)),
             *("--workers", str(args.workers), "--timeout", str(args.timeout)),
+            *(["--no-deflate"] if args.no_deflate else []),
         ]
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "benchmarks.fanout", *argv,
@@ -481,6 +484,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="how long it prints")
     parser.add_argument("--workers", type=int, default=4, help="client processes")
     parser.add_argument("--timeout", type=float, default=150.0, help="a client's limit (s)")
+    parser.add_argument(
+        "--no-deflate",
+        action="store_true",
+        help="GraphQL clients do not offer permessage-deflate (the server then compresses "
+        "nothing: what compressing each subscriber's messages costs it)",
+    )
     parser.add_argument("--one-mode", help=argparse.SUPPRESS)
     if "--worker" in sys.argv:
         sys.exit(worker_main())
