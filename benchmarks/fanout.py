@@ -360,7 +360,7 @@ async def run_mode(
             shares = [args.clients // args.workers] * args.workers
             shares[0] += args.clients - sum(shares)
             for worker, share in zip(workers, shares, strict=True):
-                job = {"mode": mode, "url": base_url, "command_id": command_id}
+                job: dict[str, Any] = {"mode": mode, "url": base_url, "command_id": command_id}
                 job["deflate"] = not args.no_deflate
                 await worker.send(job | {"clients": share, "timeout": args.timeout})
             for worker in workers:
