@@ -11,10 +11,12 @@ subprocess of this script per mode, so one mode's memory never counts in another
 
 The clients live in `--workers` processes (asyncio, many clients each), not one process a
 client. Each line the child writes starts `t=<time.time()>`; a line's latency is when the
-message that carried it arrived minus that (every 20th line sampled). Per mode: whether
+message that carried it arrived minus that (every 20th seq sampled). Per mode: whether
 every line reached every subscriber (gaps, repeats, short clients), p50/p99 line latency,
 the server's RSS growth (peak over its RSS before the run), and `/healthz` round trips
-probed every 100 ms from another process throughout.
+probed every 100 ms from another process throughout; and the server's CPU seconds and
+wall seconds from the first line printed to the last client done (on a shared machine the
+CPU figure moves far less than the latencies do).
 
     python -m benchmarks.fanout [--backend sqlite|postgresql|both] [--modes sse,batches,lines]
         [--clients 200] [--rate 5000] [--seconds 10] [--workers 4] [--timeout 150]
@@ -27,6 +29,7 @@ import asyncio
 import json
 import os
 import re
+import resource
 import shlex
 import sys
 import time
@@ -49,7 +52,15 @@ from benchmarks.common import (
 from benchmarks.log_ingest import CHILD_PYTHON, write_child
 
 MODES = ("sse", "batches", "lines")
-SHOWN = ("clients_with_every_line", "seq_gaps", "latency_ms", "server_rss_delta_mb", "healthz_ms")
+SHOWN = (
+    "clients_with_every_line",
+    "seq_gaps",
+    "latency_ms",
+    "server_rss_delta_mb",
+    "healthz_ms",
+    "server_cpu_seconds",
+    "delivery_seconds",
+)
 TARGET_P99_MS = 250.0
 TARGET_RSS_MB = 200.0
 TARGET_HEALTHZ_MS = 100.0
@@ -63,11 +74,15 @@ subscription($id: ID!) {
   commandLogBatches(commandId: $id) { lines { seq attempt stream ts text } final }
 }"""
 # One line's JSON, as SSE (", " and ": ") and GraphQL (compact) write it: seq, stream, and
-# the write time its text starts with.
+# the write time its text starts with (sampled: the lines whose seq is a multiple of
+# SAMPLE_EVERY).
 LINE = re.compile(
     rb'"seq": ?(\d+), ?"attempt": ?\d+, ?"stream": ?"(\w+)", '
     rb'?"ts": ?"[^"]*", ?"text": ?"(?:t=([0-9.]+) )?'
 )
+SEQ = re.compile(rb'"seq": ?(\d+)')
+STDOUT = (b'"stream": "STDOUT"', b'"stream":"STDOUT"')
+WRITTEN = re.compile(rb'"t=([0-9.]+) ')
 LINES = """
 subscription($id: ID!) { commandLogs(commandId: $id) { seq attempt stream ts text } }"""
 
@@ -87,7 +102,36 @@ class Tally:
 
     def lines_in(self, raw: bytes, now: float) -> None:
         """Count the lines a message or chunk carries, read off its bytes (no JSON objects:
-        the clients share the machine with the server they measure)."""
+        the clients share the machine with the server they measure). The common case, the
+        next seqs in order, is checked by counting and by the first and last seq (reading
+        every line with a regular expression cost the clients four times the server's CPU
+        and set the pace, issue 16); anything else is read line by line."""
+        count = raw.count(b'"seq":')
+        if not count:
+            return
+        first = SEQ.match(raw, raw.find(b'"seq":'))
+        last = SEQ.match(raw, raw.rfind(b'"seq":'))
+        if (
+            first is None
+            or last is None
+            or int(first[1]) != self.last_seq + 1
+            or int(last[1]) != self.last_seq + count
+        ):
+            self._lines_one_by_one(raw, now)
+            return
+        start, self.last_seq = self.last_seq + 1, self.last_seq + count
+        # The lines whose seq is a multiple of SAMPLE_EVERY, found by their seq: a `find`
+        # every SAMPLE_EVERY lines, not a regular expression every line.
+        seq_field = first[0][: first.start(1) - first.start()]
+        position = 0
+        for seq in range(start + (-start) % SAMPLE_EVERY, self.last_seq + 1, SAMPLE_EVERY):
+            position = raw.find(b"%s%d," % (seq_field, seq), position)
+            written = WRITTEN.search(raw, position, position + 200)
+            if written is not None:
+                self.latencies.append((now - float(written[1])) * 1000)
+        self.lines += sum(map(raw.count, STDOUT))
+
+    def _lines_one_by_one(self, raw: bytes, now: float) -> None:
         for seq_text, stream, written in LINE.findall(raw):
             seq = int(seq_text)
             if seq <= self.last_seq:
@@ -99,7 +143,7 @@ class Tally:
             if stream.lower() != b"stdout":
                 continue
             self.lines += 1
-            if written and self.lines % SAMPLE_EVERY == 0:
+            if written and seq % SAMPLE_EVERY == 0:
                 self.latencies.append((now - float(written)) * 1000)
 
     def result(self) -> dict[str, Any]:
@@ -144,8 +188,15 @@ async def ws_client(job: dict[str, Any], tally: Tally, connected: asyncio.Event)
     batches = job["mode"] == "batches"
     # Compact JSON, as the server writes it: `lines_in` reads the lines off the bytes.
     query = BATCHES if batches else LINES
+    # No keepalive pings: a pong waits behind all the data queued before it, and clients
+    # starved of CPU on a shared machine fell 20 s behind and closed (1011) mid-run.
     async with connect(
-        ws_url, subprotocols=[Subprotocol("graphql-transport-ws")], max_size=None, open_timeout=30
+        ws_url,
+        subprotocols=[Subprotocol("graphql-transport-ws")],
+        max_size=None,
+        open_timeout=30,
+        ping_interval=None,
+        compression="deflate" if job.get("deflate", True) else None,
     ) as ws:
         init = {"authorization": f"Bearer {job['token']}"}
         await ws.send(json.dumps({"type": "connection_init", "payload": init}))
@@ -255,6 +306,13 @@ async def start_worker() -> Worker:
 # -- one mode on one server (a subprocess of the benchmark) --------------------------------
 
 
+def cpu_seconds() -> float:
+    """CPU time this process (the server, its runner included) has used: a figure that the
+    other loads of a shared machine disturb far less than latencies."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def rss_mb() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -268,7 +326,9 @@ async def sample_rss(peak: list[float]) -> None:
         await asyncio.sleep(0.25)
 
 
-async def run_mode(backend: str, mode: str, args: argparse.Namespace, workdir: Path) -> dict:
+async def run_mode(
+    backend: str, mode: str, args: argparse.Namespace, workdir: Path
+) -> dict[str, Any]:
     from server.app import create_app
 
     child = write_child(workdir)
@@ -300,22 +360,29 @@ async def run_mode(backend: str, mode: str, args: argparse.Namespace, workdir: P
             shares = [args.clients // args.workers] * args.workers
             shares[0] += args.clients - sum(shares)
             for worker, share in zip(workers, shares, strict=True):
-                job = {"mode": mode, "url": base_url, "command_id": command_id}
+                job: dict[str, Any] = {"mode": mode, "url": base_url, "command_id": command_id}
+                job["deflate"] = not args.no_deflate
                 await worker.send(job | {"clients": share, "timeout": args.timeout})
             for worker in workers:
                 await worker.expect("connected", timeout=CONNECT_DELAY)
             go.touch()
             connect_seconds = time.monotonic() - started
+            cpu_before, go_at = cpu_seconds(), time.monotonic()
             # Throughout the run: from when it starts to print until after it should end.
             await prober.send({"mode": "healthz", "url": base_url, "seconds": args.seconds + 5})
             progress(f"{backend}/{mode}: {args.clients} clients in after {connect_seconds:.1f}s")
             results = [await w.expect("result", timeout=args.timeout + 60) for w in workers]
+            server = {
+                "server_cpu_seconds": round(cpu_seconds() - cpu_before, 2),
+                "delivery_seconds": round(time.monotonic() - go_at, 2),
+            }
             health = await prober.expect("result", timeout=60)
         finally:
             sampler.cancel()
             for worker in [*workers, prober]:
                 await worker.close()
-    return summarize(mode, total, results, health, peak[0] - rss_before, connect_seconds)
+    summary = summarize(mode, total, results, health, peak[0] - rss_before, connect_seconds)
+    return summary | server
 
 
 def summarize(
@@ -371,6 +438,7 @@ async def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> 
             *("--backend", backend, "--one-mode", mode, "--clients", str(args.clients)),
             *("--rate", str(args.rate), "--seconds", str(args.seconds)),
             *("--workers", str(args.workers), "--timeout", str(args.timeout)),
+            *(["--no-deflate"] if args.no_deflate else []),
         ]
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "benchmarks.fanout", *argv,
@@ -416,6 +484,12 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="how long it prints")
     parser.add_argument("--workers", type=int, default=4, help="client processes")
     parser.add_argument("--timeout", type=float, default=150.0, help="a client's limit (s)")
+    parser.add_argument(
+        "--no-deflate",
+        action="store_true",
+        help="GraphQL clients do not offer permessage-deflate (the server then compresses "
+        "nothing: what compressing each subscriber's messages costs it)",
+    )
     parser.add_argument("--one-mode", help=argparse.SUPPRESS)
     if "--worker" in sys.argv:
         sys.exit(worker_main())

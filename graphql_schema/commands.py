@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -41,7 +42,7 @@ from server.db import READ_ONLY
 from server.errors import InvalidInput
 from server.messages import StoredBatch
 from server.models import FINAL_STATUSES
-from server.streams import FinalStatus, Item, follow_command, pieces
+from server.streams import FinalStatus, Item, follow_command, parts_of, pieces
 from server.subscribers import TooManySubscribers
 
 if TYPE_CHECKING:
@@ -416,6 +417,24 @@ def log_batches(batch: StoredBatch) -> list[LogBatch]:
     return messages
 
 
+YIELD_EVERY_LINES = 16  # commandLogs lets other tasks run after this many lines
+# A merge of published batches up to this many lines is sent as one message; a larger one
+# as its batches' messages (see log_batches_of).
+OWN_MERGE_LINES = 256
+
+
+def log_batches_of(batch: StoredBatch) -> list[LogBatch]:
+    """The messages a follower sends for `batch`. A small merge (followers that keep up, at
+    a tick, share it: server.streams.follow_command) is one message; a large one (a follower
+    that fell behind merged its queue: often its own) is sent as the messages of the batches
+    it was merged from, executed and encoded once for every follower (issue 16): executing
+    2,000 lines for one follower cost more than the messages it saved."""
+    parts = parts_of(batch)
+    if len(parts) == 1 or batch.weight <= OWN_MERGE_LINES:
+        return log_batches(batch)
+    return [message for part in parts for message in log_batches(part)]
+
+
 @strawberry.type
 class CommandMutations:
     @strawberry.mutation(description="Compose a command and queue it.")
@@ -508,8 +527,13 @@ class Subscription:
             if isinstance(item, StoredBatch):
                 # Built per subscriber, not kept with the batch: a line per event costs a
                 # result each, and results kept for every line would outweigh the saving.
-                for line in _log_lines(item):
+                for index, line in enumerate(_log_lines(item), 1):
                     yield line
+                    if index % YIELD_EVERY_LINES == 0:
+                        # A send that does not block never lets go of the loop: without
+                        # this, a merge of 2,000 lines held it for the whole merge, per
+                        # subscriber (/healthz waited seconds behind them).
+                        await asyncio.sleep(0)
 
     @strawberry.subscription(
         description="A command's log lines after afterSeq (stored ones first), then live, a "
@@ -521,8 +545,11 @@ class Subscription:
     ) -> AsyncGenerator[LogBatch, None]:
         async for item in _follow_logs(info, command_id, after_seq):
             if isinstance(item, StoredBatch):
-                for message in log_batches(item):
+                messages = log_batches_of(item)
+                for index, message in enumerate(messages, 1):
                     yield message
+                    if index < len(messages):
+                        await asyncio.sleep(0)  # as commandLogs: let the loop go between them
             elif isinstance(item, FinalStatus):
                 yield LogBatch(lines=[], final=True)
 

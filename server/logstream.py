@@ -7,8 +7,11 @@ command) is answered 204, which a standard EventSource takes as "stop"."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
 import logging
+import time
 import weakref
 from collections.abc import AsyncIterator
 from json.encoder import encode_basestring_ascii
@@ -32,7 +35,7 @@ from server.db import READ_ONLY
 from server.ids import decode_global_id as decode_id
 from server.messages import StoredBatch
 from server.models import Command, CommandStatus, LogLine, LogStream
-from server.streams import FinalStatus, follow_command, pieces
+from server.streams import SEND_CHUNK_BYTES, FinalStatus, follow_command, parts_of, pieces
 from server.subscribers import SubscriberLimits, TooManySubscribers
 
 log = logging.getLogger("corral.streams")
@@ -62,12 +65,35 @@ def encode_log_events(batch: StoredBatch) -> bytes:
 def shared_log_events(batch: StoredBatch) -> list[bytes]:
     """The `log` events of a batch in pieces of bounded size (server.streams.pieces),
     encoded once for every stream it goes to: the broker hands all followers of a command
-    the same batch object, and shared replay pages are one object too (issue 16)."""
+    the same batch object, and shared replay pages are one object too (issue 16). A batch
+    merged from published ones (server.streams.with_queued) is their encodings joined (a
+    copy of bytes, not an encoding per follower whose merge is its own)."""
     encoded = _encoded.get(id(batch))
     if encoded is None:
-        encoded = _encoded[id(batch)] = [encode_log_events(piece) for piece in pieces(batch)]
+        parts = parts_of(batch)
+        if len(parts) == 1:
+            encoded = [encode_log_events(piece) for piece in pieces(batch)]
+        else:
+            encoded = _joined([piece for part in parts for piece in shared_log_events(part)])
+        _encoded[id(batch)] = encoded
         weakref.finalize(batch, _encoded.pop, id(batch), None)
     return encoded
+
+
+def _joined(encoded: list[bytes], max_bytes: int = SEND_CHUNK_BYTES) -> list[bytes]:
+    """Consecutive pieces joined up to about `max_bytes` each: one send apiece."""
+    joined: list[bytes] = []
+    group: list[bytes] = []
+    size = 0
+    for piece in encoded:
+        if group and size + len(piece) > max_bytes:
+            joined.append(b"".join(group))
+            group, size = [], 0
+        group.append(piece)
+        size += len(piece)
+    if group:
+        joined.append(b"".join(group))
+    return joined
 
 
 # id(StoredBatch) -> its encoded pieces, while the batch lives (weakref.finalize drops the
@@ -119,18 +145,49 @@ class CountedStream(EventSourceResponse):
             return
         headers = Headers(scope=scope)
         while True:
-            await anyio.sleep(access.CREDENTIAL_RECHECK_SECONDS)
+            await anyio.sleep(access.CREDENTIAL_RECHECK_SECONDS * (1 - SHARED_CHECK_SHARE))
             try:
-                principal, _refused = await authenticator.from_headers(headers)
+                holds = await credential_holds(authenticator, headers)
             except Exception as exc:  # the database is away a moment: check again next time
                 log.warning(
                     "could not check a log stream's credential again: %s", type(exc).__name__
                 )
                 continue
-            if principal is None:
+            if not holds:
                 log.info("a log stream's credential no longer holds: the stream ends")
                 done.cancel()
                 return
+
+
+# A check of a credential made this share of CREDENTIAL_RECHECK_SECONDS ago or less counts
+# for every stream that holds the credential (streams wait that much less between checks,
+# so a revoked credential still ends each of them within CREDENTIAL_RECHECK_SECONDS).
+SHARED_CHECK_SHARE = 1 / 6
+# authenticator -> digest of a credential -> (when its check began, the check)
+_checks: weakref.WeakKeyDictionary[Authenticator, dict[bytes, tuple[float, asyncio.Future[bool]]]]
+_checks = weakref.WeakKeyDictionary()
+
+
+async def credential_holds(authenticator: Authenticator, headers: Headers) -> bool:
+    """Whether the request's credential still authenticates, checked once for all the
+    streams that hold it (200 followers of a run, one token: one check, not 200)."""
+    digest = hashlib.sha256(
+        f"{headers.get('authorization')}\n{headers.get('cookie')}".encode()
+    ).digest()
+    window = access.CREDENTIAL_RECHECK_SECONDS * SHARED_CHECK_SHARE
+    now = time.monotonic()
+    checks = _checks.setdefault(authenticator, {})
+    known = checks.get(digest)
+    if known is None or now - known[0] > window:
+        for old in [key for key, (began, _) in checks.items() if now - began > window]:
+            del checks[old]
+        known = checks[digest] = (now, asyncio.ensure_future(_check(authenticator, headers)))
+    return await asyncio.shield(known[1])
+
+
+async def _check(authenticator: Authenticator, headers: Headers) -> bool:
+    principal, _refused = await authenticator.from_headers(headers)
+    return principal is not None
 
 
 async def stream_command_logs(request: Request) -> Response:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import weakref
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -41,6 +41,8 @@ SEND_CHUNK_BYTES = 64 * 1024  # a stream writes a batch in pieces of about this 
 MERGE_LINES = 2_000  # most lines a follower that fell behind merges into one message
 SHARED_PAGES_BYTES = 8 * 1024 * 1024  # replay pages kept for followers that read them next
 PAGE_GRID = 128  # shared pages end on a multiple of this seq (see SharedPages)
+RECENT_BYTES = 8 * 1024 * 1024  # published batches kept for followers that lagged (SharedPages)
+TICK_SECONDS = 0.02  # followers that keep up send on this common clock (see follow_command)
 
 
 @dataclass(frozen=True)
@@ -138,14 +140,83 @@ class SharedPages:
     under way when it asks reads again on its own (the read began before it asked, and may
     have missed lines committed meanwhile; an empty page ends a replay), and such pages are
     never kept.
+
+    Followers that lagged mostly need lines published a moment ago: the batches that
+    followers received live are remembered (`remember`, up to `recent_bytes` in all, oldest
+    out first), and a page they hold from its first line on is made of them instead of read
+    from the database (a read of a busy command's page cost more than everything else on a
+    lagged follower's way, issue 16). Such a page is shared and kept as a read one is.
     """
 
-    def __init__(self, max_bytes: int = SHARED_PAGES_BYTES) -> None:
+    def __init__(
+        self, max_bytes: int = SHARED_PAGES_BYTES, recent_bytes: int = RECENT_BYTES
+    ) -> None:
         self.max_bytes = max_bytes
+        self.recent_bytes = recent_bytes
         self._reading: dict[tuple[Any, ...], asyncio.Future[StoredBatch]] = {}
         self._kept: OrderedDict[tuple[Any, ...], tuple[StoredBatch, int]] = OrderedDict()
         self._kept_bytes = 0
+        # (sessionmaker, command id) -> its remembered batches, consecutive seqs in order;
+        # every remembered batch in the order it came (it leaves from there, oldest first).
+        self._recent: dict[tuple[Any, int], deque[StoredBatch]] = {}
+        self._recent_order: deque[tuple[tuple[Any, int], StoredBatch, int]] = deque()
+        self._recent_held = 0
         self.reads = 0  # reads of the database (what the sharing saves shows against asks)
+        self.recent_pages = 0  # pages made of remembered batches instead
+
+    def remember(self, sessionmaker: SessionFactory, batch: StoredBatch) -> None:
+        """Keep a published batch (stored, so the database holds the same lines) for the
+        followers that will ask for its lines; known or older ones are ignored."""
+        if not batch.runs or self.recent_bytes <= 0:
+            return
+        key = (sessionmaker, batch.command_id)
+        batches = self._recent.get(key)
+        if batches is None:
+            batches = self._recent[key] = deque()
+        elif batches:
+            last = batches[-1].runs[-1].last_seq
+            if batch.runs[0].first_seq <= last:
+                return
+            if batch.runs[0].first_seq != last + 1:
+                batches.clear()  # a page is made of consecutive batches only
+        size = batch.nbytes
+        batches.append(batch)
+        self._recent_order.append((key, batch, size))
+        self._recent_held += size
+        while self._recent_held > self.recent_bytes and self._recent_order:
+            old_key, oldest, old_size = self._recent_order.popleft()
+            self._recent_held -= old_size
+            kept = self._recent.get(old_key)
+            if kept and kept[0] is oldest:
+                kept.popleft()
+            if kept is not None and not kept:
+                del self._recent[old_key]
+
+    def _from_recent(self, key: tuple[SessionFactory, int, int, int, int]) -> StoredBatch | None:
+        """The page for `key` made of remembered batches, when they hold its first line."""
+        sessionmaker, command_id, after_seq, limit, max_bytes = key
+        batches = self._recent.get((sessionmaker, command_id))
+        if not batches or not (
+            batches[0].runs[0].first_seq <= after_seq + 1 <= batches[-1].runs[-1].last_seq
+        ):
+            return None
+        runs: list[LineRun] = []
+        lines = size = 0
+        for batch in batches:
+            if batch.runs[-1].last_seq <= after_seq:
+                continue
+            for run in batch.runs:
+                if run.last_seq <= after_seq:
+                    continue
+                if run.first_seq <= after_seq:
+                    run = run.after(after_seq)
+                runs.append(run)
+                lines += len(run.texts)
+                size += sum(map(len, run.texts)) + REPLAY_LINE_COST * len(run.texts)
+            if lines >= limit or size >= max_bytes:
+                break
+        self.recent_pages += 1
+        return StoredBatch(command_id, runs)
 
     async def read(
         self,
@@ -178,9 +249,12 @@ class SharedPages:
     async def _read(self, key: tuple[SessionFactory, int, int, int, int]) -> StoredBatch:
         future: asyncio.Future[StoredBatch] = asyncio.get_running_loop().create_future()
         self._reading[key] = future
-        self.reads += 1
         try:
-            page = _to_grid(await _read_lines(*key), key[2])
+            page = self._from_recent(key)
+            if page is None:
+                self.reads += 1
+                page = await _read_lines(*key)
+            page = _to_grid(page, key[2])
         except BaseException:
             # Those waiting read on their own (an error is theirs to meet, or not).
             future.set_exception(_ReadFailed())
@@ -287,17 +361,48 @@ def with_queued(batch: StoredBatch, subscription: Subscription) -> StoredBatch:
     merged = StoredBatch(batch.command_id, [run for part in constituents for run in part.runs])
     # The entry holds its batches (their ids stay theirs) while the merged one lives.
     _merges[id(batch)] = (tuple(constituents), weakref.ref(merged))
-    weakref.finalize(merged, _merges.pop, id(batch), None)
+    _parts[id(merged)] = tuple(constituents)
+    weakref.finalize(merged, _forget_merge, id(batch), id(merged))
     return merged
 
 
+def parts_of(batch: StoredBatch) -> tuple[StoredBatch, ...]:
+    """The published batches `batch` was merged from (`with_queued`), else `batch` alone:
+    what is encoded once per published batch is then shared by merges too."""
+    return _parts.get(id(batch), (batch,))
+
+
+def _forget_merge(first: int, merged: int) -> None:
+    _merges.pop(first, None)
+    _parts.pop(merged, None)
+
+
 _merges: dict[int, tuple[tuple[StoredBatch, ...], weakref.ref[StoredBatch]]] = {}
+_parts: dict[int, tuple[StoredBatch, ...]] = {}
 
 
 def _utc(value: datetime | str) -> datetime:
     """A timestamp as the driver returns it (SQLite: naive UTC text) -> aware UTC."""
     stamp = datetime.fromisoformat(value) if isinstance(value, str) else value
     return stamp.replace(tzinfo=UTC) if stamp.tzinfo is None else stamp.astimezone(UTC)
+
+
+async def _next_tick(period: float) -> None:
+    """Sleep until the next multiple of `period` on the loop's clock (the same instant for
+    every follower that waits for it: they wake in one pass of the loop)."""
+    loop = asyncio.get_running_loop()
+    woken = loop.create_future()
+    # call_at, not sleep: sleep adds its delay to a later reading of the clock.
+    timer = loop.call_at((loop.time() // period + 1) * period, _wake, woken)
+    try:
+        await woken
+    finally:
+        timer.cancel()
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 async def _status(sessionmaker: SessionFactory, command_id: int) -> str | None:
@@ -382,10 +487,19 @@ async def follow_command(
     metrics: Metrics | None = None,
     poll_seconds: float | None = None,
     pages: SharedPages | None = None,
+    tick_seconds: float = TICK_SECONDS,
 ) -> AsyncIterator[Item]:
     """Line batches after `after_seq` and status changes, ending with FinalStatus once drained.
 
-    `pages`: replay pages shared with the other followers (SharedPages), else read alone.
+    `pages`: replay pages shared with the other followers (SharedPages), else read alone;
+    the batches this follower gets live are remembered there for the others.
+
+    `tick_seconds`: a follower that keeps up (nothing queued behind the batch it got) waits
+    for the next multiple of it on the event loop's clock and takes what came meanwhile as
+    one message. Every such follower of a command wakes at the same tick with the same
+    batches, so they share one merge (with_queued) and its encoding; and a busy command costs
+    a stream a send per tick, not one per stored batch (a send through the middleware and
+    the socket cost more than the lines it carried, issue 16). 0: no waiting.
 
     `poll_seconds`: also re-read the database that often (PostgreSQL's safety net; lines that
     other processes store arrive as LinesStored nudges, read by seq).
@@ -423,7 +537,12 @@ async def follow_command(
                         continue
                     message = StatusChange(command_id, current)
                 if isinstance(message, StoredBatch):
+                    if tick_seconds and next(subscription.waiting(), None) is None:
+                        await _next_tick(tick_seconds)  # keeping up: gather a tick's batches
                     message = with_queued(message, subscription)
+                    if pages is not None:
+                        for part in parts_of(message):
+                            pages.remember(sessionmaker, part)
                     async for lines in follower.live(message, subscription):
                         yield lines
                 elif isinstance(message, StatusChange):

@@ -17,15 +17,34 @@ import pytest
 from graphql import FragmentDefinitionNode, OperationDefinitionNode, parse
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from starlette.datastructures import Headers
 
+from graphql_schema.commands import log_batches, log_batches_of
 from graphql_schema.shared_events import SharedData, SharedResults
-from server.broker import Broker, StatusChange, Subscription
+from server import access
+from server.broker import Broker, StatusChange, Subscription, command_topic
 from server.db import READ_ONLY
-from server.logstream import _encoded, encode_log_events, shared_log_events
+from server.logstream import (
+    SHARED_CHECK_SHARE,
+    _checks,
+    _encoded,
+    credential_holds,
+    encode_log_events,
+    shared_log_events,
+)
 from server.messages import LineRun, StoredBatch
 from server.models import Command, utcnow
 from server.settings import Settings
-from server.streams import MERGE_LINES, PAGE_GRID, SharedPages, follow_command, pieces, with_queued
+from server.streams import (
+    MERGE_LINES,
+    PAGE_GRID,
+    SEND_CHUNK_BYTES,
+    SharedPages,
+    follow_command,
+    parts_of,
+    pieces,
+    with_queued,
+)
 from tests.conftest import GraphQLClient
 from tests.fixtures.commands import FINAL, wait_status
 from tests.fixtures.servers import LiveServer, running_server
@@ -404,3 +423,131 @@ def test_a_batch_s_sse_text_is_encoded_once_for_every_stream_it_goes_to() -> Non
     del batch
     gc.collect()
     assert key not in _encoded
+
+
+# -- write scheduling, remembered batches, merged SSE text, credential checks ---------------
+
+
+def published(first: int, count: int, command_id: int = 1) -> StoredBatch:
+    texts = [f"line {i}" for i in range(first, first + count)]
+    return StoredBatch(command_id, [LineRun(1, "stdout", utcnow(), first, texts)])
+
+
+async def test_followers_that_keep_up_wake_on_one_tick_and_share_its_merge(
+    sessionmaker: Sessions,
+) -> None:
+    # Before: each follower sent every stored batch as it came, one send (through the
+    # middleware and the socket) per batch and per follower; followers that took their
+    # queues at different moments each merged (and encoded) their own.
+    command_id = await running_command(sessionmaker)
+    broker, pages = Broker(), SharedPages()
+    streams = [
+        follow_command(sessionmaker, broker, command_id, pages=pages, tick_seconds=0.2)
+        for _ in range(5)
+    ]
+    for stream in streams:  # replayed nothing; the status
+        assert await anext(stream) == StatusChange(command_id, "RUNNING")
+    nexts = [asyncio.ensure_future(anext(stream)) for stream in streams]
+    await asyncio.sleep(0)
+    batches = [published(1, 3, command_id), published(4, 2, command_id)]
+    for batch in batches:  # published within one tick
+        broker.publish(command_topic(command_id), batch)
+        await asyncio.sleep(0.01)
+    got = await asyncio.gather(*nexts)
+    assert all(item is got[0] for item in got)  # one merge, the same object for all
+    assert seqs_of([got[0]]) == [1, 2, 3, 4, 5]
+    assert parts_of(got[0]) == tuple(batches)
+    for stream in streams:
+        await stream.aclose()
+
+
+async def test_a_follower_that_lagged_replays_the_remembered_batches_not_the_database(
+    sessionmaker: Sessions,
+) -> None:
+    # Before: a follower that lagged re-read what it missed from the database, a page at a
+    # time; those pages (a window query, rows turned into runs) cost more than anything
+    # else on its way while 200 followers lagged in turn.
+    command_id = await running_command(sessionmaker)
+    await store_lines(sessionmaker, command_id, range(1, 401))
+    pages = SharedPages()
+    for first in range(1, 401, 50):  # what followers that kept up got live
+        pages.remember(sessionmaker, published(first, 50, command_id))
+    pages.remember(sessionmaker, published(20, 5, command_id))  # known: ignored
+    got = await replay(sessionmaker, Broker(subscriber_max_bytes=40_000), pages, command_id, 30)
+    assert seqs_of(got) == list(range(31, 401))
+    assert [text for batch in got for text in texts(batch)] == [f"line {i}" for i in range(31, 401)]
+    assert pages.recent_pages >= 1
+    assert pages.reads == 1  # only the empty page that ends the replay
+    # Remembered batches are bounded in bytes, the oldest out first; a gap starts afresh.
+    small = SharedPages(recent_bytes=3 * published(1, 50).nbytes)
+    for first in range(1, 251, 50):
+        small.remember(sessionmaker, published(first, 50))
+    small.remember(sessionmaker, published(400, 50))
+    assert small._recent_held <= small.recent_bytes
+    assert [b.runs[0].first_seq for b in small._recent[(sessionmaker, 1)]] == [400]
+
+
+def test_a_merge_s_sse_text_is_its_batches_text_joined() -> None:
+    subscription, other = Subscription("command:1"), Subscription("command:1")
+    batches = [published(first, 40) for first in range(1, 401, 40)]
+    for batch in batches:
+        subscription.offer(batch)
+    other.offer(batches[0])
+    parts = [shared_log_events(batch) for batch in batches]  # encoded as they came
+    merged = with_queued(subscription.take_queued(), subscription)
+    assert parts_of(merged) == tuple(batches)
+    text = shared_log_events(merged)
+    assert b"".join(text) == b"".join(piece for part in parts for piece in part)
+    assert b"".join(text) == encode_log_events(merged)
+    assert len(text) < len(batches)  # joined: fewer sends than batches
+    assert all(len(piece) <= SEND_CHUNK_BYTES for piece in text)
+    assert parts_of(batches[0]) == (batches[0],)
+
+
+async def test_streams_holding_one_credential_share_its_recheck(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Before: each of 200 SSE followers with the same token checked it against the database
+    # every CREDENTIAL_RECHECK_SECONDS on its own.
+    class Counting:
+        checks = 0
+        holds = True
+
+        async def from_headers(self, headers: Headers) -> tuple[object | None, bool]:
+            self.checks += 1
+            await asyncio.sleep(0.01)
+            return (object() if self.holds else None), False
+
+    monkeypatch.setattr(access, "CREDENTIAL_RECHECK_SECONDS", 0.6)
+    authenticator: Any = Counting()
+    token = Headers({"authorization": "Bearer one"})
+    results = await asyncio.gather(*(credential_holds(authenticator, token) for _ in range(50)))
+    assert all(results)
+    assert authenticator.checks == 1
+    assert await credential_holds(authenticator, Headers({"authorization": "Bearer two"}))
+    assert authenticator.checks == 2
+    authenticator.holds = False  # revoked: a check older than the window is not reused
+    await asyncio.sleep(access.CREDENTIAL_RECHECK_SECONDS * SHARED_CHECK_SHARE + 0.05)
+    assert not await credential_holds(authenticator, token)
+    assert authenticator.checks == 3
+    assert len(_checks[authenticator]) == 1  # the other credential's old check is gone
+
+
+def test_a_large_merge_goes_to_graphql_as_its_batches_shared_messages() -> None:
+    # Before: a follower that fell behind executed its own merge of up to 2,000 lines (a
+    # resolver call per field of every line) for itself alone.
+    small, large = Subscription("command:1"), Subscription("command:1")
+    for first in (1, 11):
+        small.offer(published(first, 10))
+    small_merge = with_queued(small.take_queued(), small)
+    assert len(log_batches_of(small_merge)) == 1  # one message, shared with its tick
+    batches = [published(first, 100) for first in range(1, 1001, 100)]
+    for batch in batches:
+        large.offer(batch)
+    large_merge = with_queued(large.take_queued(), large)
+    messages = log_batches_of(large_merge)
+    assert messages == [message for batch in batches for message in log_batches(batch)]
+    assert all(
+        a is b
+        for a, b in zip(messages, [m for batch in batches for m in log_batches(batch)], strict=True)
+    )
