@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -454,10 +454,13 @@ async def test_followers_that_keep_up_wake_on_one_tick_and_share_its_merge(
         broker.publish(command_topic(command_id), batch)
         await asyncio.sleep(0.01)
     got = await asyncio.gather(*nexts)
-    assert all(item is got[0] for item in got)  # one merge, the same object for all
-    assert seqs_of([got[0]]) == [1, 2, 3, 4, 5]
-    assert parts_of(got[0]) == tuple(batches)
+    merged = got[0]
+    assert isinstance(merged, StoredBatch)
+    assert all(item is merged for item in got)  # one merge, the same object for all
+    assert seqs_of([merged]) == [1, 2, 3, 4, 5]
+    assert parts_of(merged) == tuple(batches)
     for stream in streams:
+        assert isinstance(stream, AsyncGenerator)
         await stream.aclose()
 
 
@@ -487,6 +490,12 @@ async def test_a_follower_that_lagged_replays_the_remembered_batches_not_the_dat
     assert [b.runs[0].first_seq for b in small._recent[(sessionmaker, 1)]] == [400]
 
 
+def queued_of(subscription: Subscription) -> StoredBatch:
+    queued = subscription.take_queued()
+    assert isinstance(queued, StoredBatch)
+    return queued
+
+
 def test_a_merge_s_sse_text_is_its_batches_text_joined() -> None:
     subscription, other = Subscription("command:1"), Subscription("command:1")
     batches = [published(first, 40) for first in range(1, 401, 40)]
@@ -494,7 +503,7 @@ def test_a_merge_s_sse_text_is_its_batches_text_joined() -> None:
         subscription.offer(batch)
     other.offer(batches[0])
     parts = [shared_log_events(batch) for batch in batches]  # encoded as they came
-    merged = with_queued(subscription.take_queued(), subscription)
+    merged = with_queued(queued_of(subscription), subscription)
     assert parts_of(merged) == tuple(batches)
     text = shared_log_events(merged)
     assert b"".join(text) == b"".join(piece for part in parts for piece in part)
@@ -539,12 +548,12 @@ def test_a_large_merge_goes_to_graphql_as_its_batches_shared_messages() -> None:
     small, large = Subscription("command:1"), Subscription("command:1")
     for first in (1, 11):
         small.offer(published(first, 10))
-    small_merge = with_queued(small.take_queued(), small)
+    small_merge = with_queued(queued_of(small), small)
     assert len(log_batches_of(small_merge)) == 1  # one message, shared with its tick
     batches = [published(first, 100) for first in range(1, 1001, 100)]
     for batch in batches:
         large.offer(batch)
-    large_merge = with_queued(large.take_queued(), large)
+    large_merge = with_queued(queued_of(large), large)
     messages = log_batches_of(large_merge)
     assert messages == [message for batch in batches for message in log_batches(batch)]
     assert all(
