@@ -298,12 +298,15 @@ def auth_headers(token: str | None = None) -> dict[str, str]:
 
 
 @asynccontextmanager
-async def serve(app: Any) -> AsyncIterator[str]:
+async def serve(app: Any, settings: Any = None) -> AsyncIterator[str]:
     """Run `app` with uvicorn in this process on a free 127.0.0.1 port; yields its base URL.
-    The heap is settled first, as `corral serve` does."""
+    The heap is settled first and uvicorn gets the limits `corral serve` gives it (from
+    `settings`, default: the environment's)."""
     import uvicorn
 
     from server.cli import freeze_startup_heap
+    from server.limits import uvicorn_limits
+    from server.settings import Settings
 
     freeze_startup_heap()
 
@@ -315,7 +318,13 @@ async def serve(app: Any) -> AsyncIterator[str]:
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, lifespan="on", log_config=None, log_level="info"
+        app,
+        host="127.0.0.1",
+        port=port,
+        lifespan="on",
+        log_config=None,
+        log_level="info",
+        **uvicorn_limits(settings or Settings()),
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve(sockets=[sock]))

@@ -66,6 +66,12 @@ class Settings(BaseSettings):
         description="Largest HTTP request body and WebSocket message, in bytes; a larger "
         "body gets 413 before it is read.",
     )
+    ws_compression: bool = Field(
+        default=False,
+        description="permessage-deflate on GraphQL WebSockets when a client offers it: "
+        "smaller frames for the server's CPU (at fan-out it doubled the CPU a batch costs); "
+        "off by default, for a control plane on its own network.",
+    )
     auto_migrate: bool | None = Field(
         default=None,
         description="Migrate the database when `corral serve` starts. Unset: yes on the "

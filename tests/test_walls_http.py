@@ -154,6 +154,23 @@ async def test_websocket_message_over_the_limit_closes_with_1009(live: LiveServe
     assert closed.value.rcvd.code == 1009
 
 
+async def test_websockets_are_not_compressed_unless_the_setting_asks(
+    live: LiveServer, settings: Settings
+) -> None:
+    # A client offering permessage-deflate gets plain frames: compressing every message cost
+    # more CPU than executing it at fan-out (issue 16). CORRAL_WS_COMPRESSION turns it on.
+    async with connect(live.ws_url, subprotocols=PROTOCOL, compression="deflate") as ws:
+        assert ws.response is not None
+        assert "Sec-WebSocket-Extensions" not in ws.response.headers
+    async with (
+        running_server(settings, ws_compression=True) as compressing,
+        connect(compressing.ws_url, subprotocols=PROTOCOL, compression="deflate") as ws,
+    ):
+        assert ws.response is not None
+        offered = ws.response.headers.get("Sec-WebSocket-Extensions", "")
+        assert offered.startswith("permessage-deflate")
+
+
 async def test_corral_serve_bounds_bodies_and_websocket_messages(tmp_path: Path) -> None:
     """`corral serve` itself: uvicorn refuses a larger WebSocket frame (1009) before it is
     assembled (its default would take 16 MiB), and the app refuses a larger body."""
