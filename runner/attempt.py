@@ -19,19 +19,15 @@ from runner import policy
 from runner.claims import Claimed, ClaimedCommand
 from runner.compose import CompositionError
 from runner.host_cause import HostCause, Seen
-from runner.lines import LineSplitter
 from runner.loading import AttemptSetup, Loaded, Prepared, profile_dir
 from runner.logstore import LogStore
 from runner.logwriter import LogWriter
-from runner.process import (
-    Child,
-    kill_adopted_escapees,
-    leader_exit,
-    pipe_chunks,
-    run_marker,
-    stop_group,
-    sweep_run,
-)
+from runner.markers import run_marker, sweep_run
+from runner.oskit.exits import leader_exit
+from runner.oskit.groups import stop_group
+from runner.oskit.splitter import LineSplitter
+from runner.oskit.subreaper import kill_adopted_escapees
+from runner.process import Child, pipe_chunks
 from runner.recovery import limits
 from runner.redaction import KnownSecrets
 from server.broker import Broker

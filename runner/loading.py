@@ -15,7 +15,7 @@ from pathlib import Path
 from runner.claims import Claimed, ClaimedCommand
 from runner.compose import CompositionError
 from runner.logwriter import LogWriter
-from runner.process import (
+from runner.markers import (
     RUN_MARKER,
     SIDECAR_MARKER,
     run_marker,

@@ -21,11 +21,8 @@ from runner.attempt import Attempt, AttemptExecution, StopReason, jitter
 from runner.claims import ClaimRequest, ClaimResult, ClaimTerms
 from runner.loading import RUNNER_CODE, make_workdirs
 from runner.logstore import LogStore
-from runner.process import (
-    become_subreaper,
-    reap_orphans,
-    use_pidfd_child_watcher,
-)
+from runner.oskit.subreaper import become_subreaper, reap_orphans
+from runner.process import use_pidfd_child_watcher
 from runner.proxy_checks import ProxyCheckSchedule
 from runner.recovery import LIVE_RUNNERS, Recovery
 from runner.redaction import KnownSecrets
@@ -138,7 +135,7 @@ class Supervisor(AttemptExecution):
         await asyncio.to_thread(prepare_workspace, self.settings)
         if self.sandbox.run_as is not None:
             check_reachable(self.settings.commands_dir, self.sandbox.run_as)
-        # What leaves a command's session comes back to this process (see process.py), and
+        # What leaves a command's session comes back to this process (see oskit/subreaper.py), and
         # so does bwrap's PID-namespace init, which its monitor leaves behind unreaped: a
         # zombie of the command's group that the host's init may take seconds to collect.
         become_subreaper()

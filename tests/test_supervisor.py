@@ -19,7 +19,7 @@ from sqlalchemy import select
 from starlette.applications import Starlette
 
 from graphql_schema.context import AppServices
-from runner.process import RUN_MARKER
+from runner.markers import RUN_MARKER
 from runner.supervisor import backoff_delay
 from server.models import CommandEvent, ServiceUsage
 from server.settings import Settings
