@@ -15,17 +15,15 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
-from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from runner.claims import ClaimRequest, ClaimResult
 from runner.lines import Redactor
 from runner.logwriter import FLUSH_LINES, LogWriter, Share, _Chunk
-from runner.store import RunnerStore, StoreJob, WriteBatch, open_store
+from runner.store import FunctionJob, RunnerStore, StoreJob, WriteBatch, open_store
 from runner.store_errors import (
     JobFailed,
     duplicate_key,
@@ -186,7 +184,7 @@ class LogStore:
     @overload
     def submit(self, job: ClaimRequest) -> asyncio.Future[ClaimResult]: ...
     @overload
-    def submit(self, job: Callable[[Connection], T]) -> asyncio.Future[T]: ...
+    def submit(self, job: FunctionJob[T]) -> asyncio.Future[T]: ...
     def submit(self, job: StoreJob) -> asyncio.Future[Any]:
         """Run `job` in the next flush's transaction, after its writes: a `ClaimRequest`
         through the gateway's claim, a function of the SQLAlchemy connection as it is. Its

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 # A job that rides in a flush: the runner's claim, or a function of the transaction's
 # SQLAlchemy connection (tests and tools).
 StoreJob = ClaimRequest | Callable[[Connection], Any]
+T = TypeVar("T")
+FunctionJob = Callable[[Connection], T]  # a function job whose result is a T
 UpdateKey = tuple[tuple[str, ...], bool]  # (columns, guarded by the runner's id)
 
 

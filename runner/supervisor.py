@@ -13,7 +13,6 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from runner import policy
@@ -30,7 +29,7 @@ from runner.renderpool import RenderPool
 from runner.sandbox import NONE, Sandbox, check_reachable, choose_sandbox
 from runner.schedules import ProbeSchedule
 from runner.store import RunnerInfo
-from runner.store_errors import retryable_database_error
+from runner.store_errors import ClaimConflict, retryable_database_error
 from server import __version__
 from server.broker import (
     CANCEL_TOPIC,
@@ -292,7 +291,7 @@ class Supervisor(AttemptExecution):
     async def _start_claimed(self, job: ClaimRequest, result: asyncio.Future[ClaimResult]) -> None:
         try:
             outcome = await result
-        except IntegrityError:
+        except ClaimConflict:
             # Another runner took a command of the same profile at the same moment.
             log_event("claim_conflict", runner=self.runner_id)
             return
