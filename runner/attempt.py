@@ -17,7 +17,6 @@ from typing import IO, Any
 
 from runner import policy
 from runner.claims import Claimed, ClaimedCommand
-from runner.compose import CompositionError
 from runner.host_cause import HostCause, Seen
 from runner.loading import AttemptSetup, Loaded, Prepared, profile_dir
 from runner.logstore import LogStore
@@ -30,6 +29,7 @@ from runner.oskit.subreaper import kill_adopted_escapees
 from runner.process import Child, pipe_chunks
 from runner.recovery import limits
 from runner.redaction import KnownSecrets
+from runner.template_env import CompositionError
 from server.broker import Broker
 from server.events import log_event
 from server.metrics import Metrics

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.claims import Claimed, ClaimedCommand
-from runner.compose import CompositionError
 from runner.logwriter import LogWriter
 from runner.markers import (
     RUN_MARKER,
@@ -23,6 +22,7 @@ from runner.markers import (
 from runner.renderpool import RenderPool
 from runner.sandbox import RunAs, Sandbox
 from runner.store import RunnerStore
+from runner.template_env import CompositionError
 from server.commands import (
     PROXY_URL_ENV,
     browser_settings,

@@ -26,8 +26,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from runner.compose import CompositionError, literal_argv
+from runner.compose import literal_argv
 from runner.oskit.subreaper import SPAWNED, starting_own_child
+from runner.template_env import CompositionError
 from server.settings import Settings
 
 WORKER_MODULE = "runner.renderworker"
