@@ -18,7 +18,7 @@ from typing import IO, Any
 from runner import policy
 from runner.claims import Claimed, ClaimedCommand
 from runner.host_cause import HostCause, Seen
-from runner.loading import AttemptSetup, Loaded, Prepared, profile_dir
+from runner.loading import AttemptSetup, Loaded, Prepared
 from runner.logstore import LogStore
 from runner.logwriter import LogWriter
 from runner.markers import run_marker, sweep_run
@@ -30,6 +30,7 @@ from runner.process import Child, pipe_chunks
 from runner.recovery import limits
 from runner.redaction import KnownSecrets
 from runner.template_env import CompositionError
+from runner.workdirs import profile_dir
 from server.broker import Broker
 from server.events import log_event
 from server.metrics import Metrics

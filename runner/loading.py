@@ -6,7 +6,6 @@ on its own.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ from runner.markers import (
     run_marker,
 )
 from runner.renderpool import RenderPool
-from runner.sandbox import RunAs, Sandbox
+from runner.sandbox import Sandbox
 from runner.store import RunnerStore
 from runner.template_env import CompositionError
 from server.commands import (
@@ -48,7 +47,6 @@ RUNNER_JS = Path(__file__).resolve().parent / "js"
 # (node_modules may be a symlink to elsewhere: its real place is readable too).
 RUNNER_CODE = (RUNNER_BIN, RUNNER_JS, RUNNER_JS / "node_modules")
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
-WORKDIR_MODE = 0o700
 
 
 @dataclass
@@ -193,30 +191,3 @@ class AttemptSetup:
         env.update({str(k): str(v) for k, v in command.env.items()})
         env.update({name: token for name, token in tokens.items() if token is not None})
         return env
-
-
-def profile_dir(path: str, run_as: RunAs | None) -> str:
-    """The profile's user-data-dir, made (0700) if missing and the run-as user's (all of it,
-    when an earlier run left files of another owner)."""
-    os.makedirs(path, WORKDIR_MODE, exist_ok=True)
-    if run_as is not None and os.stat(path).st_uid != run_as.uid:
-        for root, dirs, files in os.walk(path):
-            for name in (root, *(os.path.join(root, entry) for entry in dirs + files)):
-                with contextlib.suppress(FileNotFoundError):
-                    os.chown(name, run_as.uid, run_as.gid, follow_symlinks=False)
-    return path
-
-
-def make_workdirs(commands_dir: Path, command_ids: list[int], run_as: RunAs | None) -> None:
-    """The working directory of each command: `<workspace>/commands/<id>` (0700, the
-    run-as user's when there is one)."""
-    for command_id in command_ids:
-        path = f"{commands_dir}/{command_id}"
-        try:
-            os.mkdir(path, WORKDIR_MODE)
-        except FileExistsError:
-            pass
-        except FileNotFoundError:
-            os.makedirs(path, WORKDIR_MODE, exist_ok=True)
-        if run_as is not None:
-            os.chown(path, run_as.uid, run_as.gid)

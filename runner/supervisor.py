@@ -9,7 +9,6 @@ import contextlib
 import os
 import socket
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -18,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from runner import policy
 from runner.attempt import Attempt, AttemptExecution, StopReason, jitter
 from runner.claims import ClaimRequest, ClaimResult, ClaimTerms
-from runner.loading import RUNNER_CODE, make_workdirs
+from runner.loading import RUNNER_CODE
 from runner.logstore import LogStore
 from runner.oskit.subreaper import become_subreaper, reap_orphans
 from runner.process import use_pidfd_child_watcher
@@ -30,6 +29,7 @@ from runner.sandbox import NONE, Sandbox, check_reachable, choose_sandbox
 from runner.schedules import ProbeSchedule
 from runner.store import RunnerInfo
 from runner.store_errors import ClaimConflict, retryable_database_error
+from runner.workdirs import Workdirs
 from server import __version__
 from server.broker import (
     CANCEL_TOPIC,
@@ -53,7 +53,6 @@ from server.storage import prepare_workspace
 from xray.binary import XrayBinary
 
 TICK_SECONDS = 0.5
-WORKDIRS_REMEMBERED = 10_000
 GATE_SLACK_SECONDS = 0.05  # a claim at a gate's opening comes just after it, not before
 UNIQUE_VIOLATION = "23505"  # SQLSTATE
 
@@ -110,8 +109,7 @@ class Supervisor(AttemptExecution):
         )
         self._commands_dir = settings.commands_dir
         self.sandbox = Sandbox(NONE)
-        self._files: ThreadPoolExecutor | None = None
-        self._workdirs: set[int] = set()  # working directories made ahead of their claim
+        self.workdirs = Workdirs(settings.commands_dir)
         # Templates render in worker processes: the app's pool, else one of its own.
         self._owns_render_pool = render_pool is None
         self.render_pool = render_pool or RenderPool.from_settings(settings)
@@ -142,7 +140,7 @@ class Supervisor(AttemptExecution):
         use_pidfd_child_watcher()
         if self._owns_render_pool and self.render_pool.closed:  # started again after a stop
             self.render_pool = RenderPool.from_settings(self.settings)
-        self._files = ThreadPoolExecutor(1, thread_name_prefix="corral-files")
+        self.workdirs.start()
         self.store.start()
         await self.register()
         await self.recover()
@@ -185,8 +183,7 @@ class Supervisor(AttemptExecution):
         await self.store.close()
         if self._owns_render_pool:
             await self.render_pool.close()
-        if self._files is not None:
-            self._files.shutdown(wait=False)
+        self.workdirs.stop()
         LIVE_RUNNERS.discard(self.runner_id)
         log_event("runner_stopped", runner=self.runner_id)
 
@@ -320,7 +317,7 @@ class Supervisor(AttemptExecution):
                 commands=",".join(str(claim.command.id) for claim in claimed),
                 runner=self.runner_id,
             )
-        self._prepare_workdirs([claim.command.id for claim in claimed], upcoming)
+        self.workdirs.prepare([c.command.id for c in claimed], upcoming, self.sandbox.run_as)
         for claim in claimed:
             command = claim.command
             self.broker.publish_status(command.id, CommandStatus.RUNNING.value)
@@ -349,27 +346,6 @@ class Supervisor(AttemptExecution):
         if timer is not None:
             timer.cancel()
         self._gate_timer = loop.call_at(when, self._wake.set)
-
-    def _prepare_workdirs(self, claimed: list[int], upcoming: list[int]) -> None:
-        """Working directories: the claimed commands' now (unless made ahead), the next
-        ones' ahead of time in a thread (mkdir costs up to a millisecond on a busy disk)."""
-        if len(self._workdirs) > WORKDIRS_REMEMBERED:
-            self._workdirs.clear()
-        missing = [command_id for command_id in claimed if command_id not in self._workdirs]
-        if missing:
-            make_workdirs(self._commands_dir, missing, self.sandbox.run_as)
-        ahead = [command_id for command_id in upcoming if command_id not in self._workdirs]
-        if not ahead or self._files is None:
-            return
-        self._workdirs.update(ahead)
-        made = asyncio.get_running_loop().run_in_executor(
-            self._files, make_workdirs, self._commands_dir, ahead, self.sandbox.run_as
-        )
-        made.add_done_callback(self._workdirs_made)
-
-    def _workdirs_made(self, made: asyncio.Future[None]) -> None:
-        if made.cancelled() or made.exception() is not None:
-            self._workdirs.clear()  # not sure which exist: make them when claimed
 
     # -- leases and recovery -----------------------------------------------------------
 
