@@ -9,7 +9,7 @@ import contextlib
 import os
 import socket
 import uuid
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -17,18 +17,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from runner import policy
 from runner.attempt import Attempt, AttemptExecution, StopReason, jitter
 from runner.claims import ClaimRequest, ClaimResult, ClaimTerms
+from runner.leases import Leases
 from runner.loading import RUNNER_CODE
 from runner.logstore import LogStore
-from runner.oskit.subreaper import become_subreaper, reap_orphans
+from runner.oskit.subreaper import become_subreaper
 from runner.process import use_pidfd_child_watcher
 from runner.proxy_checks import ProxyCheckSchedule
-from runner.recovery import LIVE_RUNNERS, Recovery
+from runner.recovery import LIVE_RUNNERS
 from runner.redaction import KnownSecrets
 from runner.renderpool import RenderPool
 from runner.sandbox import NONE, Sandbox, check_reachable, choose_sandbox
 from runner.schedules import ProbeSchedule
 from runner.store import RunnerInfo
-from runner.store_errors import ClaimConflict, retryable_database_error
+from runner.store_errors import ClaimConflict
 from runner.workdirs import Workdirs
 from server import __version__
 from server.broker import (
@@ -46,7 +47,6 @@ from server.models import (
     CommandStatus,
     utcnow,
 )
-from server.runners import alive_window
 from server.secretbox import SecretBox
 from server.settings import Settings
 from server.storage import prepare_workspace
@@ -97,6 +97,18 @@ class Supervisor(AttemptExecution):
         engine: AsyncEngine = sessionmaker.kw["bind"]
         self.store = LogStore(engine, broker, metrics, self.runner_id, sessionmaker)
         self.gateway = self.store.gateway  # the runner's reads and writes (runner/store.py)
+        identity = RunnerInfo(
+            runner_id=self.runner_id,
+            name=self.name,
+            labels=self.labels,
+            version=__version__,
+            max_concurrency=settings.max_concurrency,
+            host=self.host,
+            pid=os.getpid(),
+        )
+        self.leases = Leases(
+            settings, self.gateway, broker, identity, self.attempts, self._wake, self._pins_due
+        )
         self.claim_terms = ClaimTerms(
             runner_id=self.runner_id,
             host=self.host,
@@ -142,8 +154,8 @@ class Supervisor(AttemptExecution):
             self.render_pool = RenderPool.from_settings(self.settings)
         self.workdirs.start()
         self.store.start()
-        await self.register()
-        await self.recover()
+        await self.leases.register()
+        await self.leases.recover()
         await self._refresh_secrets()  # the first claim does not pay for decrypting them all
         self._task = asyncio.create_task(self._main(), name=f"supervisor-{self.runner_id}")
         if self.settings.schedules:
@@ -197,8 +209,8 @@ class Supervisor(AttemptExecution):
                 asyncio.create_task(self._forward_wakeups(queued)),
                 asyncio.create_task(self._listen_cancels(cancels)),
                 asyncio.create_task(self._watch_secrets(secret_changes)),
-                asyncio.create_task(self._lease_loop()),
-                asyncio.create_task(self._explain_pinned()),
+                asyncio.create_task(self.leases.loop()),
+                asyncio.create_task(self.leases.explain_pinned()),
             ]
             try:
                 while not self._stopping:
@@ -227,7 +239,7 @@ class Supervisor(AttemptExecution):
                 self.attempts[message].request_stop(StopReason.CANCEL)
             elif message is None:  # missed ones (the broker reconnected): the flags say
                 with contextlib.suppress(Exception):  # else the next lease pass does it
-                    await self.renew_leases()
+                    await self.leases.renew()
 
     async def _watch_secrets(self, subscription: Any) -> None:
         """Reload the known secrets when the API changed one, and every refresh interval
@@ -346,83 +358,6 @@ class Supervisor(AttemptExecution):
         if timer is not None:
             timer.cancel()
         self._gate_timer = loop.call_at(when, self._wake.set)
-
-    # -- leases and recovery -----------------------------------------------------------
-
-    async def _lease_loop(self) -> None:
-        interval = max(self.settings.lease_seconds / 3, 0.2)
-        while True:
-            await asyncio.sleep(interval)
-            reap_orphans()
-            try:
-                await self.renew_leases()
-                await self.heartbeat()
-                await self.recover()
-            except Exception as exc:
-                # A database that is down is the log store's to report (once an outage).
-                level = "debug" if retryable_database_error(exc) else "error"
-                log_event("lease_pass_failed", level=level, error=repr(exc))
-
-    async def register(self) -> None:
-        """Add this runner to the runners table (GraphQL `runners`, the panel)."""
-        info = RunnerInfo(
-            runner_id=self.runner_id,
-            name=self.name,
-            labels=self.labels,
-            version=__version__,
-            max_concurrency=self.settings.max_concurrency,
-            host=self.host,
-            pid=os.getpid(),
-        )
-        await self.gateway.register_runner(info, utcnow() - self.alive_window)
-
-    @property
-    def alive_window(self) -> timedelta:
-        """A runner whose last heartbeat is older than this is not alive."""
-        return alive_window(self.settings.lease_seconds)
-
-    async def heartbeat(self) -> None:
-        """Say this runner is alive (with its running count); make the commands pinned to no
-        alive runner wait, saying which one they wait for."""
-        await self.gateway.heartbeat(self.runner_id, len(self.attempts))
-        await self.wait_for_runners()
-
-    async def wait_for_runners(self) -> None:
-        """Commands pinned (by their profile's affinity) to no alive runner wait, saying
-        which runner they wait for."""
-        for command_id in await self.gateway.wait_for_runners(utcnow() - self.alive_window):
-            self.broker.publish_status(command_id, CommandStatus.WAITING.value)
-
-    async def _explain_pinned(self) -> None:
-        """As commands are queued, those pinned to no alive runner hear why at once, not
-        at the next lease pass (at most one look a tick)."""
-        while True:
-            await self._pins_due.wait()
-            self._pins_due.clear()
-            try:
-                await self.wait_for_runners()
-            except Exception as exc:  # the lease pass says it again, and reports outages
-                log_event("pinned_check_failed", level="debug", error=repr(exc))
-            await asyncio.sleep(TICK_SECONDS)
-
-    async def renew_leases(self) -> None:
-        """Extend this runner's leases; stop the attempts someone asked to cancel."""
-        if not self.attempts:
-            return
-        expires = utcnow() + timedelta(seconds=self.settings.lease_seconds)
-        for command_id in await self.gateway.renew_leases(self.runner_id, expires):
-            if command_id in self.attempts:
-                self.attempts[command_id].request_stop(StopReason.CANCEL)
-
-    async def recover(self) -> None:
-        """Re-queue (or fail) commands whose runner died: lease expired, or on this host
-        a runner process that no longer exists. Their leftover processes here are killed."""
-        recovery = Recovery(self.settings, self.runner_id, self.host, utcnow())
-        orphans = await self.gateway.recover_orphans(self.runner_id, recovery.recover)
-        for command_id, status in orphans:
-            self.broker.publish_status(command_id, status)
-        if orphans:
-            self._wake.set()
 
 
 def runner_sandbox(settings: Settings) -> Sandbox:
