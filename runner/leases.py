@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-from runner.attempt import Attempt, StopReason
+from runner.attempt_state import Attempt, StopReason
 from runner.oskit.subreaper import reap_orphans
 from runner.recovery import Recovery
 from runner.store import RunnerInfo, RunnerStore

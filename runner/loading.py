@@ -1,7 +1,6 @@
 """What an attempt needs before its child starts: its rows (through the store gateway),
 secrets decrypted, the proxy sidecar, the rendered argv and the child's environment.
-`AttemptSetup` is a part of the Supervisor (runner/supervisor.py) kept apart to be read
-on its own.
+The supervisor (runner/supervisor.py) holds one `AttemptSetup`; runner/attempt.py uses it.
 """
 
 from __future__ import annotations
@@ -22,6 +21,7 @@ from runner.renderpool import RenderPool
 from runner.sandbox import Sandbox
 from runner.store import RunnerStore
 from runner.template_env import CompositionError
+from runner.workdirs import Workdirs
 from server.commands import (
     PROXY_URL_ENV,
     browser_settings,
@@ -78,18 +78,30 @@ def child_path() -> str:
 
 
 class AttemptSetup:
-    """Loading, the sidecar and rendering of an attempt (a part of the Supervisor)."""
+    """Loading, the sidecar and rendering of an attempt, given the runner's settings, its
+    gateway and secret box, its id, the sandbox commands run in, the pool templates render
+    in and the commands' working directories."""
 
-    settings: Settings
-    gateway: RunnerStore
-    box: SecretBox
-    runner_id: str
-    sandbox: Sandbox
-    render_pool: RenderPool
-    _xray: XrayBinary | None
-    _commands_dir: Path
+    def __init__(
+        self,
+        settings: Settings,
+        gateway: RunnerStore,
+        box: SecretBox,
+        runner_id: str,
+        sandbox: Sandbox,
+        render_pool: RenderPool,
+        workdirs: Workdirs,
+    ) -> None:
+        self.settings = settings
+        self.gateway = gateway
+        self.box = box
+        self.runner_id = runner_id
+        self.sandbox = sandbox
+        self.render_pool = render_pool
+        self.workdirs = workdirs
+        self._xray: XrayBinary | None = None  # found at the first proxied attempt
 
-    def _sidecar(
+    def sidecar(
         self, chain: list[Hop], writer: LogWriter, command_id: int, routing: Routing | None
     ) -> SidecarProcess:
         async def on_line(line: str) -> None:
@@ -117,7 +129,7 @@ class AttemptSetup:
             probe_timeout=self.settings.proxy_probe_timeout,
         )
 
-    async def _load(self, claim: Claimed) -> Loaded:
+    async def load(self, claim: Claimed) -> Loaded:
         """The command's profile, proxy chain and services' tokens (a plain command with
         none of them needs no database at all)."""
         command = claim.command
@@ -158,25 +170,25 @@ class AttemptSetup:
             own_token_services=frozenset(own),
         )
 
-    async def _render(self, loaded: Loaded, proxy_url: str | None) -> Prepared:
+    async def render(self, loaded: Loaded, proxy_url: str | None) -> Prepared:
         """Render the argv (with the sidecar's URL) and build the child's environment."""
         command = loaded.command
         context = command_context(
             self.settings, loaded.profile, loaded.proxy, loaded.services, command.params, proxy_url
         )
         argv = await self.render_pool.render(command.source, context)
-        env = self._child_env(command, loaded.tokens)
+        env = self.child_env(command, loaded.tokens)
         if proxy_url is not None:
             env[PROXY_URL_ENV] = proxy_url
         if loaded.profile is not None:
             env["CORRAL_BROWSER_SETTINGS"] = json.dumps(browser_settings(loaded.profile))
         return Prepared(argv=argv, env=env)
 
-    def _child_env(self, command: ClaimedCommand, tokens: dict[str, str | None]) -> dict[str, str]:
+    def child_env(self, command: ClaimedCommand, tokens: dict[str, str | None]) -> dict[str, str]:
         """A minimal environment: no Corral settings or keys, only what the child needs."""
         home = os.environ.get("HOME", "/tmp")  # noqa: S108 - a fallback HOME only
         if self.sandbox.protected:  # the server's HOME is not the command's to see
-            home = f"{self._commands_dir}/{command.id}"
+            home = self.workdirs.path(command.id)
         env = {
             "PATH": child_path(),
             "HOME": home,

@@ -15,10 +15,11 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from runner import policy
-from runner.attempt import Attempt, AttemptExecution, StopReason, jitter
+from runner.attempt import AttemptExecution
+from runner.attempt_state import Attempt, StopReason, jitter
 from runner.claims import ClaimRequest, ClaimResult, ClaimTerms
 from runner.leases import Leases
-from runner.loading import RUNNER_CODE
+from runner.loading import RUNNER_CODE, AttemptSetup
 from runner.logstore import LogStore
 from runner.oskit.subreaper import become_subreaper
 from runner.process import use_pidfd_child_watcher
@@ -50,7 +51,6 @@ from server.models import (
 from server.secretbox import SecretBox
 from server.settings import Settings
 from server.storage import prepare_workspace
-from xray.binary import XrayBinary
 
 TICK_SECONDS = 0.5
 GATE_SLACK_SECONDS = 0.05  # a claim at a gate's opening comes just after it, not before
@@ -62,7 +62,7 @@ def backoff_delay(base: float, attempt: int, ceiling: float) -> float:
     return policy.backoff_delay(base, attempt, ceiling, jitter())
 
 
-class Supervisor(AttemptExecution):
+class Supervisor:
     """Runs queued commands. One per `corral serve` (embedded) or `corral runner` process."""
 
     def __init__(
@@ -93,7 +93,6 @@ class Supervisor(AttemptExecution):
         self._gate_timer: asyncio.TimerHandle | None = None  # when a closed gate opens
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
-        self._xray: XrayBinary | None = None
         engine: AsyncEngine = sessionmaker.kw["bind"]
         self.store = LogStore(engine, broker, metrics, self.runner_id, sessionmaker)
         self.gateway = self.store.gateway  # the runner's reads and writes (runner/store.py)
@@ -119,7 +118,6 @@ class Supervisor(AttemptExecution):
             proxy_flag_after=settings.proxy_flag_after,
             labels=tuple(self.labels),
         )
-        self._commands_dir = settings.commands_dir
         self.sandbox = Sandbox(NONE)
         self.workdirs = Workdirs(settings.commands_dir)
         # Templates render in worker processes: the app's pool, else one of its own.
@@ -133,6 +131,35 @@ class Supervisor(AttemptExecution):
             secret_box,
             process_secrets(settings, secret_box),
             settings.secrets_refresh_seconds,
+        )
+        self._attempt_parts()
+
+    def _attempt_parts(self) -> None:
+        """What loads and runs attempts, given this runner's sandbox and render pool (both
+        chosen again at each start)."""
+        self.setup = AttemptSetup(
+            self.settings,
+            self.gateway,
+            self.box,
+            self.runner_id,
+            self.sandbox,
+            self.render_pool,
+            self.workdirs,
+        )
+        self.execution = AttemptExecution(
+            self.settings,
+            self.setup,
+            self.store,
+            self.secrets,
+            self.broker,
+            self.metrics,
+            self.runner_id,
+            self.sandbox,
+            self.workdirs,
+            attempts=self.attempts,
+            wake=self._wake,
+            claim_free_slots=self.claim_free_slots,
+            refresh_secrets=self._refresh_secrets,
         )
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -152,6 +179,7 @@ class Supervisor(AttemptExecution):
         use_pidfd_child_watcher()
         if self._owns_render_pool and self.render_pool.closed:  # started again after a stop
             self.render_pool = RenderPool.from_settings(self.settings)
+        self._attempt_parts()
         self.workdirs.start()
         self.store.start()
         await self.leases.register()
@@ -343,7 +371,7 @@ class Supervisor(AttemptExecution):
             if self._stopping:  # claimed as the runner stops: it goes back to the queue
                 attempt.request_stop(StopReason.SHUTDOWN)
             self.attempts[command.id] = attempt
-            attempt.task = asyncio.create_task(self._run_attempt(attempt, claim))
+            attempt.task = asyncio.create_task(self.execution.run(attempt, claim))
         if self.metrics is not None:
             self.metrics.running.set(len(self.attempts))
 
