@@ -145,9 +145,9 @@ async def run_times(engine: Any) -> dict[str, Any]:
 
 async def bare_sandboxed(settings: Any, commands: int, concurrency: int) -> list[float] | None:
     """The bare spawn's runs with /bin/true in the runner's bwrap sandbox (None: no bwrap)."""
-    from runner.process import reap_orphans
+    from runner.loading import runner_sandbox
+    from runner.oskit.subreaper import reap_orphans
     from runner.sandbox import BWRAP
-    from runner.supervisor import runner_sandbox
 
     sandbox = await asyncio.to_thread(runner_sandbox, settings)
     if sandbox.mode != BWRAP:

@@ -1,39 +1,35 @@
 """Running one attempt of a command: its child in a process group with a pump per pipe,
 its end (exit, cancel, shutdown, timeout), the reaping of its group, and its final state
-(runner/policy.decide) queued with the claim for its slot. `AttemptExecution` is a part of
-the Supervisor (runner/supervisor.py) kept apart to be read on its own.
+(runner/attempt_state.final_values) queued with the claim for its slot. The supervisor
+(runner/supervisor.py) holds one `AttemptExecution` and starts `run` for each claim.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import shlex
 import time
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
-from typing import IO, Any
+from collections.abc import Callable
+from datetime import datetime
+from typing import IO
 
-from runner import policy
+from runner.attempt_state import Attempt, Outcome, StopReason, attempt_of, final_values
 from runner.claims import Claimed, ClaimedCommand
-from runner.compose import CompositionError
 from runner.host_cause import HostCause, Seen
-from runner.lines import LineSplitter
-from runner.loading import AttemptSetup, Loaded, Prepared, profile_dir
+from runner.loading import AttemptSetup, Loaded, Prepared
 from runner.logstore import LogStore
 from runner.logwriter import LogWriter
-from runner.process import (
-    Child,
-    kill_adopted_escapees,
-    leader_exit,
-    pipe_chunks,
-    run_marker,
-    stop_group,
-    sweep_run,
-)
-from runner.recovery import limits
+from runner.markers import run_marker, sweep_run
+from runner.oskit.exits import leader_exit
+from runner.oskit.groups import stop_group
+from runner.oskit.splitter import LineSplitter
+from runner.oskit.subreaper import kill_adopted_escapees
+from runner.process import Child, pipe_chunks
 from runner.redaction import KnownSecrets
+from runner.sandbox import Sandbox
+from runner.template_env import CompositionError
+from runner.workdirs import Workdirs, profile_dir
 from server.broker import Broker
 from server.events import log_event
 from server.metrics import Metrics
@@ -43,6 +39,7 @@ from server.models import (
     utcnow,
 )
 from server.profiles import user_data_dir
+from server.settings import Settings
 from server.storage import profile_dir_problem
 from xray.sidecar import SidecarError
 
@@ -50,81 +47,47 @@ READ_CHUNK = 64 * 1024
 PIPES_GRACE_SECONDS = 5.0
 
 
-class StopReason:
-    CANCEL = "cancel"
-    SHUTDOWN = "shutdown"
+class AttemptExecution:
+    """Running, reaping and finishing attempts, given what they need: the runner's settings,
+    its `AttemptSetup`, log store, known secrets, broker and metrics, its id, the sandbox and
+    the working directories; and of the supervisor its running attempts (an attempt leaves
+    them when it ends), the event that wakes its claims, `claim_free_slots` (called as an
+    attempt's slot frees) and `announce_requeued` (an attempt put back in the queue)."""
 
-
-@dataclass
-class Attempt:
-    """One running attempt, as the supervisor tracks it."""
-
-    command_id: int
-    number: int
-    max_attempts: int = 1
-    backoff_seconds: float = 5.0
-    uncounted: int = 0  # earlier attempts not held against max_attempts
-    stop: asyncio.Event = field(default_factory=asyncio.Event)
-    reason: str | None = None
-    task: asyncio.Task[None] | None = None
-    finishing: bool = False  # its final state is on its way to the database: slot is free
-
-    def request_stop(self, reason: str) -> None:
-        if self.reason is None:
-            self.reason = reason
-        self.stop.set()
-
-
-# How an attempt ended, by the status its outcome carries (QUEUED: a runner shutdown).
-_ENDINGS = {
-    CommandStatus.SUCCEEDED: policy.Ending.SUCCEEDED,
-    CommandStatus.FAILED: policy.Ending.FAILED,
-    CommandStatus.TIMED_OUT: policy.Ending.TIMED_OUT,
-    CommandStatus.CANCELLED: policy.Ending.CANCELLED,
-    CommandStatus.QUEUED: policy.Ending.SHUTDOWN,
-}
-
-
-@dataclass
-class Outcome:
-    status: CommandStatus
-    exit_code: int | None = None
-    error: str | None = None
-    retryable: bool = True
-
-
-def _attempt_of(attempt: Attempt) -> str:
-    """`2 of 3`, or with attempts that were not counted `3 of 4 (1 earlier not counted)`."""
-    of = f"{attempt.number} of {attempt.max_attempts + attempt.uncounted}"
-    return of + (f" ({attempt.uncounted} earlier not counted)" if attempt.uncounted else "")
-
-
-def jitter() -> float:
-    return random.random()  # noqa: S311 - jitter, not cryptography
-
-
-class AttemptExecution(AttemptSetup):
-    """Running, reaping and finishing attempts (a part of the Supervisor)."""
-
-    broker: Broker
-    metrics: Metrics | None
-    store: LogStore
-    secrets: KnownSecrets
-    attempts: dict[int, Attempt]
-    _wake: asyncio.Event
-
-    def claim_free_slots(self) -> None:
-        raise NotImplementedError
-
-    def announce_requeued(self, command_id: int, not_before: datetime | None) -> None:
-        raise NotImplementedError
-
-    async def _refresh_secrets(self) -> None:
-        raise NotImplementedError
+    def __init__(
+        self,
+        settings: Settings,
+        setup: AttemptSetup,
+        store: LogStore,
+        secrets: KnownSecrets,
+        broker: Broker,
+        metrics: Metrics | None,
+        runner_id: str,
+        sandbox: Sandbox,
+        workdirs: Workdirs,
+        *,
+        attempts: dict[int, Attempt],
+        wake: asyncio.Event,
+        claim_free_slots: Callable[[], None],
+        announce_requeued: Callable[[int, datetime | None], None],
+    ) -> None:
+        self.settings = settings
+        self.setup = setup
+        self.store = store
+        self.secrets = secrets
+        self.broker = broker
+        self.metrics = metrics
+        self.runner_id = runner_id
+        self.sandbox = sandbox
+        self.workdirs = workdirs
+        self.attempts = attempts
+        self._wake = wake
+        self.claim_free_slots = claim_free_slots
+        self.announce_requeued = announce_requeued
 
     # -- running one attempt -----------------------------------------------------------
 
-    async def _run_attempt(self, attempt: Attempt, claim: Claimed) -> None:
+    async def run(self, attempt: Attempt, claim: Claimed) -> None:
         started = time.monotonic()
         if self.metrics is not None:
             wait = (utcnow() - claim.queued_since).total_seconds()
@@ -144,8 +107,8 @@ class AttemptExecution(AttemptSetup):
             if attempt.reason == StopReason.SHUTDOWN:  # claimed as the runner stopped
                 outcome = Outcome(CommandStatus.QUEUED, error="interrupted by runner shutdown")
                 return
-            loaded = await self._load(claim)
-            await self._refresh_secrets()
+            loaded = await self.setup.load(claim)
+            await self.secrets.refresh_or_keep()
             self.secrets.attach(writer, loaded.secrets)
             writer.service_ids = loaded.service_ids
             writer.own_token_services = loaded.own_token_services
@@ -169,7 +132,7 @@ class AttemptExecution(AttemptSetup):
             proxy_url = None
             if loaded.chain:
                 sidecar = await stack.enter_async_context(
-                    self._sidecar(loaded.chain, writer, loaded.command.id, loaded.routing)
+                    self.setup.sidecar(loaded.chain, writer, loaded.command.id, loaded.routing)
                 )
                 proxy_url = sidecar.url
                 await writer.add(
@@ -177,7 +140,7 @@ class AttemptExecution(AttemptSetup):
                     f"proxy sidecar for {loaded.chain[0].name!r} listening on {sidecar.url} "
                     f"(started in {1000 * (sidecar.started_in or 0):.0f} ms)",
                 )
-            prepared = await self._render(loaded, proxy_url)
+            prepared = await self.setup.render(loaded, proxy_url)
             if loaded.profile is not None:
                 path = user_data_dir(loaded.profile, self.settings)
                 problem = loaded.profile.user_data_dir and profile_dir_problem(path, self.settings)
@@ -196,7 +159,7 @@ class AttemptExecution(AttemptSetup):
     async def _execute(
         self, attempt: Attempt, command: ClaimedCommand, prepared: Prepared, writer: LogWriter
     ) -> Outcome:
-        workdir = f"{self._commands_dir}/{command.id}"
+        workdir = self.workdirs.path(command.id)
         try:
             self.sandbox.check_program(prepared.argv[0], prepared.env["PATH"], workdir)
             process = Child.start(
@@ -222,7 +185,7 @@ class AttemptExecution(AttemptSetup):
         try:
             await writer.add(
                 LogStream.SYSTEM,
-                f"attempt {_attempt_of(attempt)}: {shlex.join(prepared.argv)}",
+                f"attempt {attempt_of(attempt)}: {shlex.join(prepared.argv)}",
                 command_values={"pgid": pgid, "argv": prepared.argv},
             )
             log_event("started", command=command.id, attempt=attempt.number, pid=process.pid)
@@ -329,7 +292,7 @@ class AttemptExecution(AttemptSetup):
         try:
             if outcome.error is not None:  # it may quote a child's or a sidecar's words
                 outcome.error = writer.redactor(outcome.error)
-            status, values, note = self._final_values(attempt, outcome)
+            status, values, note = final_values(attempt, outcome, self.settings)
             # The note and the new state go in one transaction, with the claim that takes
             # this slot: the slot counts as free from now on.
             attempt.finishing = True
@@ -357,43 +320,6 @@ class AttemptExecution(AttemptSetup):
             if self.metrics is not None:
                 self.metrics.running.set(len(self.attempts))
             self._wake.set()
-
-    def _final_values(
-        self, attempt: Attempt, outcome: Outcome
-    ) -> tuple[CommandStatus, dict[str, Any], str]:
-        """The command's next state (runner/policy.decide), as the values to store."""
-        decision = policy.decide(
-            _ENDINGS[outcome.status],
-            policy.AttemptState(attempt.number, attempt.uncounted),
-            limits(self.settings, attempt.max_attempts, attempt.backoff_seconds),
-            retryable=outcome.retryable,
-            error=outcome.error,
-            jitter=jitter(),
-        )
-        values: dict[str, Any] = {
-            "runner_id": None,
-            "lease_expires_at": None,
-            "pgid": None,
-            "status": decision.status.value,
-            "error": outcome.error,
-        }
-        if not decision.counted:
-            values["uncounted_attempts"] = attempt.uncounted + 1
-        if decision.final:
-            values |= {
-                "exit_code": outcome.exit_code,
-                "finished_at": utcnow(),
-                "wait_reason": None,
-                "cancel_requested": False,
-            }
-        else:
-            values["wait_reason"] = decision.reason
-        if decision.delay:
-            values |= {
-                "exit_code": outcome.exit_code,
-                "next_attempt_at": utcnow() + timedelta(seconds=decision.delay),
-            }
-        return decision.status, values, decision.note
 
 
 def _exit_message(code: int) -> str:

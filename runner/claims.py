@@ -11,8 +11,11 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from runner.gate import Gate
+from server.broker import USAGE_TOPIC, Broker, UsageRecorded
+from server.events import log_event
 from server.models import CommandStatus
 from server.runners import runner_affinities
+from server.settings import Settings
 
 # Claim rounds: when busy profiles or closed gates fill the claim's window, it looks again
 # in a window four times as large (so the commands behind them are not blocked).
@@ -60,6 +63,20 @@ class ClaimResult:
     wake_at: datetime | None = None
     spent: list[int] = field(default_factory=list)  # services a started command counts on
 
+    def announce(self, broker: Broker, runner_id: str) -> None:
+        """Tell the subscribers what the claim did (statuses, Corral's count of the tokens
+        moved on), and say it in the runner's log."""
+        for command_id in self.waiting:
+            broker.publish_status(command_id, CommandStatus.WAITING.value)
+        for command_id in self.failed:
+            log_event("failed_at_gate", command=command_id, runner=runner_id)
+            broker.publish_status(command_id, CommandStatus.FAILED.value)
+        for service_id in self.spent:
+            broker.publish(USAGE_TOPIC, UsageRecorded(service_id))
+        if self.claimed:
+            commands = ",".join(str(claim.command.id) for claim in self.claimed)
+            log_event("claimed", commands=commands, runner=runner_id)
+
 
 @dataclass(frozen=True, slots=True)
 class ClaimTerms:
@@ -73,6 +90,19 @@ class ClaimTerms:
     hold_on_flagged_proxy: bool
     proxy_flag_after: int
     labels: tuple[str, ...] = ()
+
+    @classmethod
+    def of_runner(cls, settings: Settings, runner_id: str, host: str, name: str) -> ClaimTerms:
+        return cls(
+            runner_id=runner_id,
+            host=host,
+            runner_name=name,
+            max_concurrency=settings.max_concurrency,
+            lease_seconds=settings.lease_seconds,
+            hold_on_flagged_proxy=settings.hold_on_flagged_proxy,
+            proxy_flag_after=settings.proxy_flag_after,
+            labels=tuple(settings.resolved_runner_labels),
+        )
 
     @property
     def affinities(self) -> list[str]:

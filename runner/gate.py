@@ -10,10 +10,11 @@ after a rate-limit answer (an observation recording a 429, or a 403 that left no
 merely seen at zero waits for its reset instead); it fails at once when the token is known
 to be invalid, saying what the provider answered and when.
 
-The gate does no I/O: `GateReads` is a generator that yields the reads it needs (by name,
-see STATEMENTS) and gets their rows back, so the SQLite and the PostgreSQL claims drive the
-same rules. On PostgreSQL it first takes a transaction-level advisory lock per service, so
-that two runners' claims decide one after the other and never both spend the last unit.
+The gate does no I/O: `gate_reads` is a generator that yields the reads it needs (by name,
+`ReadName`; their statements are the store gateway's, runner/statements.py) and gets their
+rows back, so the SQLite and the PostgreSQL claims drive the same rules. On PostgreSQL it
+first takes a transaction-level advisory lock per service, so that two runners' claims
+decide one after the other and never both spend the last unit.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import json
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from server.policies import ServicePolicy, effective_policy, token_label
 from server.providers.common import answered, is_rate_limit_answer
@@ -31,57 +32,12 @@ from server.providers.common import answered, is_rate_limit_answer
 LOCK_CLASS = 0x436F72  # "Cor"
 MESSAGE_SHOWN = 100  # characters of a provider's message an invalid-token reason quotes
 
-# The gate's reads and writes, with `?` placeholders; `[ids]` stands for a list of ints
-# (json_each on SQLite, = ANY on PostgreSQL). runner/supervisor.py renders them per driver.
-STATEMENTS = {
-    "uses": (
-        "SELECT cs.command_id, s.id, s.name, s.rate_limit_policy, ps.rate_limit_policy,"
-        " ps.token_encrypted IS NOT NULL, c.profile_id, c.profile_name"
-        " FROM command_services cs JOIN services s ON s.id = cs.service_id"
-        " JOIN commands c ON c.id = cs.command_id"
-        " LEFT OUTER JOIN profile_services ps"
-        " ON ps.profile_id = c.profile_id AND ps.service_id = cs.service_id"
-        " WHERE cs.command_id [ids]"
-    ),
-    "lock": "SELECT pg_advisory_xact_lock(?, ?)",
-    # Running commands and their services: bounded by the runners' concurrency.
-    "running": (
-        "SELECT cs.service_id, c.profile_id, ps.token_encrypted IS NOT NULL"
-        " FROM commands c CROSS JOIN command_services cs"
-        " LEFT OUTER JOIN profile_services ps"
-        " ON ps.profile_id = c.profile_id AND ps.service_id = cs.service_id"
-        " WHERE c.status = 'RUNNING' AND cs.command_id = c.id"
-    ),
-    "observed_shared": (
-        'SELECT remaining, "limit", reset_at, token_valid, observed_at, detail FROM service_usage'
-        " WHERE service_id = ? AND profile_id IS NULL ORDER BY observed_at DESC LIMIT 1"
-    ),
-    "observed_own": (
-        'SELECT remaining, "limit", reset_at, token_valid, observed_at, detail FROM service_usage'
-        " WHERE service_id = ? AND profile_id = ? ORDER BY observed_at DESC LIMIT 1"
-    ),
-    "spent_shared": (
-        "SELECT count(*), min(started_at) FROM service_spend"
-        " WHERE service_id = ? AND profile_id IS NULL AND started_at > ?"
-    ),
-    "spent_own": (
-        "SELECT count(*), min(started_at) FROM service_spend"
-        " WHERE service_id = ? AND profile_id = ? AND started_at > ?"
-    ),
-}
-SPEND = (
-    "INSERT INTO service_spend (service_id, profile_id, command_id, started_at) VALUES (?, ?, ?, ?)"
-)
-FAIL = (
-    "UPDATE commands SET status = 'FAILED', error = ?, finished_at = ?, wait_reason = NULL,"
-    " next_attempt_at = NULL, last_seq = last_seq + 1 WHERE id = ? RETURNING id, last_seq, attempts"
-)
-FAIL_LINE = (
-    "INSERT INTO log_lines (command_id, seq, attempt, stream, ts, text)"
-    " VALUES (?, ?, ?, 'system', ?, ?)"
-)
-
-Read = tuple[str, tuple[Any, ...]]
+# The reads the gate asks for, by name; their statements are the store's
+# (runner/statements.py GATE_READS), rendered for each driver.
+ReadName = Literal[
+    "uses", "lock", "running", "observed_shared", "observed_own", "spent_shared", "spent_own"
+]
+Read = tuple[ReadName, tuple[Any, ...]]
 TokenKey = tuple[int, int | None]  # service id, profile id of its own token (None: shared)
 
 
@@ -271,8 +227,9 @@ def _read_token(
 ) -> Generator[Read, Any, None]:
     service_id, profile_id = key
     own = () if profile_id is None else (profile_id,)
-    suffix = "shared" if profile_id is None else "own"
-    found = yield (f"observed_{suffix}", (service_id, *own))
+    observed: ReadName = "observed_shared" if profile_id is None else "observed_own"
+    spent: ReadName = "spent_shared" if profile_id is None else "spent_own"
+    found = yield (observed, (service_id, *own))
     if found:
         remaining, limit, reset_at, valid, observed_at, detail = found[0]
         state.observation = Observation(
@@ -284,11 +241,11 @@ def _read_token(
             detail,
         )
         if state.observation.reset_at is not None and state.observation.reset_at > now:
-            counted = yield (f"spent_{suffix}", (service_id, *own, state.observation.observed_at))
+            counted = yield (spent, (service_id, *own, state.observation.observed_at))
             state.spent_since_observation = int(counted[0][0])
     for window in {policy.budget.window_seconds for policy in policies if policy.budget}:
         since = now - timedelta(seconds=window)
-        counted = yield (f"spent_{suffix}", (service_id, *own, since))
+        counted = yield (spent, (service_id, *own, since))
         count, oldest = counted[0]
         state.windows[window] = (int(count), None if oldest is None else _time(oldest))
 

@@ -1,28 +1,27 @@
 """What an attempt needs before its child starts: its rows (through the store gateway),
 secrets decrypted, the proxy sidecar, the rendered argv and the child's environment.
-`AttemptSetup` is a part of the Supervisor (runner/supervisor.py) kept apart to be read
-on its own.
+The supervisor (runner/supervisor.py) holds one `AttemptSetup`; runner/attempt.py uses it.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from runner.claims import Claimed, ClaimedCommand
-from runner.compose import CompositionError
 from runner.logwriter import LogWriter
-from runner.process import (
+from runner.markers import (
     RUN_MARKER,
     SIDECAR_MARKER,
     run_marker,
 )
 from runner.renderpool import RenderPool
-from runner.sandbox import RunAs, Sandbox
+from runner.sandbox import Sandbox, choose_sandbox
 from runner.store import RunnerStore
+from runner.template_env import CompositionError
+from runner.workdirs import Workdirs
 from server.commands import (
     PROXY_URL_ENV,
     browser_settings,
@@ -47,8 +46,14 @@ RUNNER_JS = Path(__file__).resolve().parent / "js"
 # What a sandboxed command may read of Corral's own code: its tools and the Playwright host
 # (node_modules may be a symlink to elsewhere: its real place is readable too).
 RUNNER_CODE = (RUNNER_BIN, RUNNER_JS, RUNNER_JS / "node_modules")
+
+
+def runner_sandbox(settings: Settings) -> Sandbox:
+    """The protection this host gives commands (bwrap is probed once per process)."""
+    return choose_sandbox(settings, RUNNER_CODE)
+
+
 SYSTEM_PATH = "/usr/local/bin:/usr/bin:/bin"
-WORKDIR_MODE = 0o700
 
 
 @dataclass
@@ -80,18 +85,30 @@ def child_path() -> str:
 
 
 class AttemptSetup:
-    """Loading, the sidecar and rendering of an attempt (a part of the Supervisor)."""
+    """Loading, the sidecar and rendering of an attempt, given the runner's settings, its
+    gateway and secret box, its id, the sandbox commands run in, the pool templates render
+    in and the commands' working directories."""
 
-    settings: Settings
-    gateway: RunnerStore
-    box: SecretBox
-    runner_id: str
-    sandbox: Sandbox
-    render_pool: RenderPool
-    _xray: XrayBinary | None
-    _commands_dir: Path
+    def __init__(
+        self,
+        settings: Settings,
+        gateway: RunnerStore,
+        box: SecretBox,
+        runner_id: str,
+        sandbox: Sandbox,
+        render_pool: RenderPool,
+        workdirs: Workdirs,
+    ) -> None:
+        self.settings = settings
+        self.gateway = gateway
+        self.box = box
+        self.runner_id = runner_id
+        self.sandbox = sandbox
+        self.render_pool = render_pool
+        self.workdirs = workdirs
+        self._xray: XrayBinary | None = None  # found at the first proxied attempt
 
-    def _sidecar(
+    def sidecar(
         self, chain: list[Hop], writer: LogWriter, command_id: int, routing: Routing | None
     ) -> SidecarProcess:
         async def on_line(line: str) -> None:
@@ -119,7 +136,7 @@ class AttemptSetup:
             probe_timeout=self.settings.proxy_probe_timeout,
         )
 
-    async def _load(self, claim: Claimed) -> Loaded:
+    async def load(self, claim: Claimed) -> Loaded:
         """The command's profile, proxy chain and services' tokens (a plain command with
         none of them needs no database at all)."""
         command = claim.command
@@ -160,25 +177,25 @@ class AttemptSetup:
             own_token_services=frozenset(own),
         )
 
-    async def _render(self, loaded: Loaded, proxy_url: str | None) -> Prepared:
+    async def render(self, loaded: Loaded, proxy_url: str | None) -> Prepared:
         """Render the argv (with the sidecar's URL) and build the child's environment."""
         command = loaded.command
         context = command_context(
             self.settings, loaded.profile, loaded.proxy, loaded.services, command.params, proxy_url
         )
         argv = await self.render_pool.render(command.source, context)
-        env = self._child_env(command, loaded.tokens)
+        env = self.child_env(command, loaded.tokens)
         if proxy_url is not None:
             env[PROXY_URL_ENV] = proxy_url
         if loaded.profile is not None:
             env["CORRAL_BROWSER_SETTINGS"] = json.dumps(browser_settings(loaded.profile))
         return Prepared(argv=argv, env=env)
 
-    def _child_env(self, command: ClaimedCommand, tokens: dict[str, str | None]) -> dict[str, str]:
+    def child_env(self, command: ClaimedCommand, tokens: dict[str, str | None]) -> dict[str, str]:
         """A minimal environment: no Corral settings or keys, only what the child needs."""
         home = os.environ.get("HOME", "/tmp")  # noqa: S108 - a fallback HOME only
         if self.sandbox.protected:  # the server's HOME is not the command's to see
-            home = f"{self._commands_dir}/{command.id}"
+            home = self.workdirs.path(command.id)
         env = {
             "PATH": child_path(),
             "HOME": home,
@@ -193,30 +210,3 @@ class AttemptSetup:
         env.update({str(k): str(v) for k, v in command.env.items()})
         env.update({name: token for name, token in tokens.items() if token is not None})
         return env
-
-
-def profile_dir(path: str, run_as: RunAs | None) -> str:
-    """The profile's user-data-dir, made (0700) if missing and the run-as user's (all of it,
-    when an earlier run left files of another owner)."""
-    os.makedirs(path, WORKDIR_MODE, exist_ok=True)
-    if run_as is not None and os.stat(path).st_uid != run_as.uid:
-        for root, dirs, files in os.walk(path):
-            for name in (root, *(os.path.join(root, entry) for entry in dirs + files)):
-                with contextlib.suppress(FileNotFoundError):
-                    os.chown(name, run_as.uid, run_as.gid, follow_symlinks=False)
-    return path
-
-
-def make_workdirs(commands_dir: Path, command_ids: list[int], run_as: RunAs | None) -> None:
-    """The working directory of each command: `<workspace>/commands/<id>` (0700, the
-    run-as user's when there is one)."""
-    for command_id in command_ids:
-        path = f"{commands_dir}/{command_id}"
-        try:
-            os.mkdir(path, WORKDIR_MODE)
-        except FileExistsError:
-            pass
-        except FileNotFoundError:
-            os.makedirs(path, WORKDIR_MODE, exist_ok=True)
-        if run_as is not None:
-            os.chown(path, run_as.uid, run_as.gid)

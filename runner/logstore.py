@@ -6,41 +6,31 @@ the `LogStore` behind all of them flushes whatever is pending (of every command)
 transaction of the store gateway (`RunnerStore.write_batch`, runner/store.py), the runner's
 claim (`ClaimRequest`) included, so a busy runner costs one transaction per flush and not
 one per line, per command or per state change. A flush starts as soon as the previous one
-ends: lines that arrive meanwhile ride along with the next one.
+ends: lines that arrive meanwhile ride along with the next one. Committing a flush (retries,
+outages, refused shares) is runner/commit.py's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, TypeVar, overload
 
-from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from runner.claims import ClaimRequest, ClaimResult
+from runner.commit import Flush, FlushCommitter, Job, describe
 from runner.lines import Redactor
 from runner.logwriter import FLUSH_LINES, LogWriter, Share, _Chunk
-from runner.store import RunnerStore, StoreJob, WriteBatch, open_store
-from runner.store_errors import (
-    JobFailed,
-    duplicate_key,
-    retryable_database_error,
-    summary,
-)
+from runner.store import FunctionJob, RunnerStore, StoreJob, open_store
+from runner.store_errors import summary
 from server.broker import USAGE_TOPIC, Broker, UsageRecorded, command_topic
-from server.messages import LineRun, StoredBatch
+from server.messages import StoredBatch
 from server.metrics import Metrics
-from server.models import LogStream, utcnow
 
 log = logging.getLogger("corral.runner")
 
 T = TypeVar("T")
-_SYSTEM = LogStream.SYSTEM.value
 # Lines waiting to be stored, over all commands, in number and in characters: past either,
 # the pipe readers wait and the children block on write (the flush being committed and the
 # one built meanwhile hold as much again at most).
@@ -51,48 +41,6 @@ MAX_PENDING_CHARS = 64 * 1024 * 1024
 LINGER_SECONDS = 0.004
 # A flush of at least this many lines is built while the one before it commits.
 EARLY_BUILD_LINES = 1_000
-# A database that is down or busy is tried again for as long as the runner lives, waiting
-# longer each time up to this (lines wait meanwhile: nothing is dropped)...
-RETRY_FIRST_SECONDS = 0.2
-RETRY_MAX_SECONDS = 5.0
-# ...and for this long once the runner stops; what is still held then is given up (logged).
-SHUTDOWN_RETRY_SECONDS = 15.0
-# The command columns a share keeps when even its own values cannot be stored: its state.
-STATE_COLUMNS = frozenset(
-    {
-        "status",
-        "exit_code",
-        "finished_at",
-        "next_attempt_at",
-        "max_attempts",
-        "uncounted_attempts",
-        "runner_id",
-        "lease_expires_at",
-        "pgid",
-        "cancel_requested",
-        "last_seq",
-        "lines_lost",
-    }
-)
-
-
-@dataclass
-class _Job:
-    run: StoreJob
-    future: asyncio.Future[Any]
-
-
-class _Unstorable(Exception):
-    """The database refused what a flush (or a share of it) holds: trying it again as it is
-    would never end."""
-
-    def __init__(self, error: Exception) -> None:
-        super().__init__(repr(error))
-        self.error = error
-
-
-class _GaveUp(Exception):
-    """The runner is stopping and the database stayed unreachable."""
 
 
 class LogStore:
@@ -112,13 +60,12 @@ class LogStore:
         self.gateway: RunnerStore = open_store(
             engine, sessionmaker or async_sessionmaker(engine, expire_on_commit=False), runner_id
         )
+        self.committer = FlushCommitter(self.gateway)
         self._dirty: dict[int, LogWriter] = {}
-        self._jobs: list[_Job] = []
+        self._jobs: list[Job] = []
         self._waiters: list[tuple[LogWriter, asyncio.Future[None]]] = []
         self._pending_lines = 0
         self._pending_chars = 0
-        self._give_up_at: float | None = None  # set as the runner stops
-        self._outage_since: float | None = None  # the database has refused to take writes
         self._room = asyncio.Event()
         self._room.set()
         self._wake = asyncio.Event()
@@ -131,14 +78,13 @@ class LogStore:
     def start(self) -> None:
         self.gateway.start()
         self._closing = False
-        self._give_up_at = None
+        self.committer.started()
         self._task = asyncio.create_task(self._run(), name="logstore")
 
     def shutting_down(self) -> None:
-        """The runner is stopping: a database still unreachable SHUTDOWN_RETRY_SECONDS from
-        now is given up on (what is held then is logged as lost), so that stopping ends."""
-        if self._give_up_at is None:
-            self._give_up_at = time.monotonic() + SHUTDOWN_RETRY_SECONDS
+        """The runner is stopping: a database that stays unreachable is given up on after a
+        while (runner/commit.py), so that stopping ends."""
+        self.committer.shutting_down()
 
     async def close(self) -> None:
         """Store everything queued, then stop."""
@@ -186,7 +132,7 @@ class LogStore:
     @overload
     def submit(self, job: ClaimRequest) -> asyncio.Future[ClaimResult]: ...
     @overload
-    def submit(self, job: Callable[[Connection], T]) -> asyncio.Future[T]: ...
+    def submit(self, job: FunctionJob[T]) -> asyncio.Future[T]: ...
     def submit(self, job: StoreJob) -> asyncio.Future[Any]:
         """Run `job` in the next flush's transaction, after its writes: a `ClaimRequest`
         through the gateway's claim, a function of the SQLAlchemy connection as it is. Its
@@ -194,7 +140,7 @@ class LogStore:
         with the writes queued so far (unless their flush is already being built) and those
         queued next."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._jobs.append(_Job(job, future))
+        self._jobs.append(Job(job, future))
         self._wake.set()
         return future
 
@@ -235,13 +181,13 @@ class LogStore:
             if committing is not None:
                 await committing
 
-    def _prepare(self) -> _Flush:
+    def _prepare(self) -> Flush:
         """Take what is pending: lines numbered and redacted, the rows to write, the jobs,
         and the writers waiting for everything they queued to be stored."""
         if self._linger is not None:
             self._linger.cancel()
             self._linger = None
-        flush = _Flush()
+        flush = Flush()
         dirty, self._dirty = self._dirty, {}
         for writer in dirty.values():
             chunks = writer.take()
@@ -264,7 +210,7 @@ class LogStore:
         try:
             flush.payload = self.gateway.build_batch(flush.shares)
         except Exception as exc:  # each share is then built (and stored) apart
-            log.warning("building %s failed: %s", _describe(flush.shares), summary(exc))
+            log.warning("building %s failed: %s", describe(flush.shares), summary(exc))
             flush.payload = None
         return flush
 
@@ -282,11 +228,11 @@ class LogStore:
             writer.seq, writer.events_taken = seq, events_taken
             return writer.unreadable(chunks, exc)
 
-    async def _complete(self, flush: _Flush) -> None:
+    async def _complete(self, flush: Flush) -> None:
         """Commit a flush, then publish its lines and tell its writers and jobs."""
         stored = True
         try:
-            done = await self._commit(flush) if flush.shares or flush.jobs else []
+            done = await self.committer.commit(flush) if flush.shares or flush.jobs else []
         except Exception as exc:  # never die: a dead store would stall every child
             log.exception("log store flush failed: %r", exc)
             done, stored = [], False
@@ -311,186 +257,6 @@ class LogStore:
             if not job.future.done():
                 job.future.set_result(result)
 
-    async def _commit(self, flush: _Flush) -> list[tuple[_Job, Any]]:
-        """One transaction: the lines, events and command values, then the jobs. A failing
-        job is taken out (its caller gets the error) and the rest committed without it; a
-        database that is down or busy is waited for. A flush the database refuses is split:
-        each command's share is stored apart, then the jobs, so one command's share can
-        only cost that command (issue 10)."""
-        shares, jobs = flush.shares, flush.jobs
-        refused: Exception | None = None  # the one share of the flush, refused already
-        if flush.payload is not None:
-            try:
-                return await self._store(flush.payload, jobs, shares)
-            except _GaveUp as exc:
-                self._give_up(shares, jobs, exc)
-                return []
-            except _Unstorable as exc:
-                if len(shares) + bool(jobs) == 1:
-                    refused = exc.error
-                else:
-                    log.warning(
-                        "storing %s failed (%s); storing each command's share apart",
-                        _describe(shares),
-                        summary(exc.error),
-                    )
-        for index, share in enumerate(shares):
-            try:
-                await self._store_share(share, refused)
-            except _GaveUp as exc:
-                self._give_up(shares[index:], jobs, exc)
-                return []
-        if not jobs:
-            return []
-        try:
-            return await self._store(WriteBatch(), jobs, [])
-        except (_GaveUp, _Unstorable) as exc:
-            self._give_up([], jobs, exc)
-            return []
-
-    async def _store(
-        self, payload: WriteBatch, jobs: list[_Job], shares: list[Share]
-    ) -> list[tuple[_Job, Any]]:
-        """Commit `payload` and `jobs`, trying again (with backoff) while the database is
-        unreachable or busy, for as long as the runner lives. Raises _Unstorable when the
-        database refuses the writes themselves, _GaveUp when the runner stops meanwhile."""
-        delay = RETRY_FIRST_SECONDS
-        uncertain = False  # a try failed in a way that may have come after its COMMIT
-        while True:
-            try:
-                results = await self._transact(payload, jobs)
-            except JobFailed as failed:
-                if not retryable_database_error(failed.error):
-                    job = jobs[failed.index]
-                    jobs = [other for other in jobs if other is not job]
-                    if not job.future.done():
-                        job.future.set_exception(failed.error)
-                    continue
-                error: Exception = failed.error
-            except Exception as exc:
-                if uncertain and duplicate_key(exc):
-                    # The connection broke after the server committed an earlier try: its
-                    # lines are stored (a flush is one transaction). Its jobs' outcome is
-                    # unknown to them: they hear so (a claim is made again).
-                    self._outage_over()
-                    lost = RuntimeError("the database connection broke while committing")
-                    for job in jobs:
-                        if not job.future.done():
-                            job.future.set_exception(lost)
-                    return []
-                if not retryable_database_error(exc):
-                    raise _Unstorable(exc) from exc
-                error = exc
-            else:
-                self._outage_over()
-                return list(zip(jobs, results, strict=True))
-            uncertain = True
-            self._outage_begins(error, shares)
-            if self._give_up_at is not None and time.monotonic() >= self._give_up_at:
-                raise _GaveUp(summary(error))
-            await asyncio.sleep(random.uniform(delay / 2, delay))  # noqa: S311 - jitter
-            delay = min(delay * 2, RETRY_MAX_SECONDS)
-
-    def _outage_begins(self, error: Exception, shares: list[Share]) -> None:
-        """One WARNING an outage (not one a try); its end is logged at INFO."""
-        if self._outage_since is not None:
-            log.debug("still cannot store: %s", summary(error))
-            return
-        self._outage_since = time.monotonic()
-        log.warning(
-            "cannot store to the database (%s): holding %s and trying again until it can; "
-            "the children wait meanwhile",
-            summary(error),
-            _describe(shares),
-        )
-
-    def _outage_over(self) -> None:
-        if self._outage_since is not None:
-            log.info(
-                "the database takes writes again after %.1fs: what was held is stored",
-                time.monotonic() - self._outage_since,
-            )
-            self._outage_since = None
-
-    async def _store_share(self, share: Share, refused: Exception | None = None) -> None:
-        """One command's share alone; when the database refuses it (`refused`: it did
-        already), what of it can be stored: a system line in place of its lines with all its
-        values, then with its state only, then its state alone (a final state is never
-        lost)."""
-        error: Exception = refused or RuntimeError("not stored")
-        for reduction in range(1 if refused else 0, 4):
-            try:
-                if reduction:
-                    self._reduce(share, reduction, error)
-                await self._store(self.gateway.build_batch([share]), [], [share])
-                return
-            except _GaveUp:
-                raise
-            except _Unstorable as exc:
-                error = exc.error
-            except Exception as exc:  # its payload could not even be built
-                error = exc
-        log.error(
-            "command %d: not even its state could be stored: %s",
-            share.writer.command_id,
-            summary(error),
-        )
-        share.runs.clear()
-
-    @staticmethod
-    def _reduce(share: Share, reduction: int, error: Exception) -> None:
-        writer = share.writer
-        if reduction == 1:
-            log.warning(
-                "command %d: the database refused its share (%s); storing its state and a "
-                "note in place of its lines",
-                writer.command_id,
-                summary(error),
-            )
-            share.events.clear()
-            if share.runs:
-                first, last = share.runs[0].first_seq, share.runs[-1].last_seq
-                writer.lines_lost += share.lines
-                note = (
-                    f"{share.lines} log line(s) (seq {first} to {last}) could not be stored "
-                    f"and are lost: {summary(error)}"
-                )
-                share.runs = [LineRun(writer.attempt, _SYSTEM, utcnow(), first, [note])]
-                share.lines = 1
-            share.values["lines_lost"] = writer.lines_lost
-        elif reduction == 2:
-            share.values = {k: v for k, v in share.values.items() if k in STATE_COLUMNS}
-        else:
-            share.runs.clear()
-            share.lines = 0
-
-    def _give_up(self, shares: list[Share], jobs: list[_Job], error: Exception) -> None:
-        """The runner stops and the database stayed unreachable: what is held is lost."""
-        if shares:
-            log.error(
-                "the database stayed unreachable as the runner stopped: gave up %s (%s)",
-                _describe(shares),
-                error,
-            )
-        for share in shares:
-            share.writer.lines_lost += share.lines
-            share.runs.clear()
-        failure = RuntimeError(f"the log store could not run it: {error}")
-        for job in jobs:
-            if not job.future.done():
-                job.future.set_exception(failure)
-
-    async def _transact(self, batch: WriteBatch, jobs: list[_Job]) -> list[Any]:
-        return await self.gateway.write_batch(batch, [job.run for job in jobs])
-
-
-@dataclass
-class _Flush:
-    shares: list[Share] = field(default_factory=list)
-    jobs: list[_Job] = field(default_factory=list)
-    waiters: list[asyncio.Future[None]] = field(default_factory=list)
-    payload: WriteBatch | None = field(default_factory=lambda: WriteBatch())
-
 
 def _usage_services(shares: list[Share]) -> set[int]:
     """The services whose budgets the flush's usage events spoke of."""
@@ -500,9 +266,3 @@ def _usage_services(shares: list[Share]) -> set[int]:
         for stored in share.events
         if stored.event.usage is not None
     }
-
-
-def _describe(shares: list[Share]) -> str:
-    lines = sum(share.lines for share in shares)
-    commands = ", ".join(str(share.writer.command_id) for share in shares)
-    return f"{lines} log lines of command(s) {commands or '-'}"

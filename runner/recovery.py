@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from runner import policy
-from runner.process import kill_leftovers, run_marker
+from runner.markers import kill_leftovers, run_marker
 from server.events import log_event
 from server.models import Command, utcnow
 from server.settings import Settings

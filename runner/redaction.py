@@ -18,13 +18,15 @@ import logging
 import math
 import time
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from runner.lines import Redactor, secret_forms
 from runner.logwriter import LogWriter
 from server.db import READ_ONLY
+from server.events import log_event
 from server.known_secrets import plaintexts, stored_ciphertexts
 from server.secretbox import SecretBox, SecretKeyError
 
@@ -57,6 +59,7 @@ class KnownSecrets:
         self._loaded_at = -math.inf
         self._generation = 0  # bumped by `invalidate`: a reload under way may be stale
         self._lock = asyncio.Lock()
+        self._failing = False  # reloading failed (the database away): said once
         self._writers: weakref.WeakKeyDictionary[LogWriter, frozenset[str]] = (
             weakref.WeakKeyDictionary()
         )
@@ -78,6 +81,34 @@ class KnownSecrets:
         async with self._lock:
             if self.stale:
                 await self._reload()
+
+    async def refresh_or_keep(self) -> None:
+        """`refresh`; while the database is away, keep masking what is known (one WARNING
+        when reloading starts failing, one INFO line when it works again)."""
+        try:
+            await self.refresh()
+        except Exception as exc:
+            level = "debug" if self._failing else "warning"
+            self._failing = True
+            log_event("secrets_reload_failed", level=level, error=type(exc).__name__)
+            return
+        if self._failing:
+            self._failing = False
+            log_event("secrets_reloaded")
+
+    async def watch(self, changes: Any, running: Callable[[], bool]) -> None:
+        """Reload when the API announces a changed secret (`changes`, a broker
+        subscription), and every refresh interval while commands run (`running()`), for
+        changes made by other processes. Forever; cancel it."""
+        while True:
+            try:
+                await asyncio.wait_for(changes.get(), self.refresh_seconds)
+                changes.resync()
+                self.invalidate()
+            except TimeoutError:
+                if not running():
+                    continue
+            await self.refresh_or_keep()
 
     def attach(self, writer: LogWriter, own: Iterable[str]) -> None:
         """Mask every known secret and the command's own in this writer's lines, from now

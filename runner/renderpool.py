@@ -26,8 +26,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from runner.compose import CompositionError, literal_argv
-from runner.process import SPAWNED, starting_own_child
+from runner.compose import literal_argv
+from runner.oskit.subreaper import SPAWNED, starting_own_child
+from runner.template_env import CompositionError
 from server.settings import Settings
 
 WORKER_MODULE = "runner.renderworker"
@@ -52,7 +53,7 @@ class _Worker:
     @classmethod
     async def start(cls, memory_bytes: int) -> _Worker:
         # Its own session, like a command's: a subreaper runner must know it started it,
-        # or it would take the worker for a command's escaped process (runner/process.py).
+        # or it would take the worker for a command's escaped process (runner/oskit/subreaper.py).
         with starting_own_child():
             process = await asyncio.create_subprocess_exec(
                 sys.executable,

@@ -19,7 +19,8 @@ import signal
 import sys
 from typing import Any
 
-from runner.compose import CompositionError, render_argv
+from runner.compose import render_argv
+from runner.template_env import CompositionError
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 ERROR_SHOWN = 1000

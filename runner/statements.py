@@ -3,8 +3,8 @@
 Where the two dialects differ (placeholders, `FOR UPDATE ... SKIP LOCKED`, JSON lists as
 `json_each` against arrays as `= ANY`), a statement is written once with `{}` or `?`
 slots and rendered here for each. runner/store_sqlite.py and runner/store_postgres.py run
-them; nothing else in the runner holds SQL text. (The rate-limit gate's reads are named in
-runner/gate.py, next to the rules that read them; they are rendered here too.)
+them; nothing else in the runner holds SQL text (tests/test_layers.py looks for it). The
+rate-limit gate (runner/gate.py) asks for its reads by name: GATE_READS.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql import Select, Update
 
 from runner.claims import ClaimedCommand
-from runner.gate import FAIL, FAIL_LINE, SPEND, STATEMENTS
+from runner.gate import ReadName
 from server.db import sqlite_timestamp
 from server.models import (
     Command,
@@ -83,6 +83,57 @@ SQLITE_CLAIM = _CLAIM.format(
 )
 
 
+# The rate-limit gate's reads (runner/gate.py asks for them by name) and writes, with `?`
+# placeholders; `[ids]` stands for a list of ints (json_each on SQLite, = ANY on PostgreSQL).
+GATE_READS: dict[ReadName, str] = {
+    "uses": (
+        "SELECT cs.command_id, s.id, s.name, s.rate_limit_policy, ps.rate_limit_policy,"
+        " ps.token_encrypted IS NOT NULL, c.profile_id, c.profile_name"
+        " FROM command_services cs JOIN services s ON s.id = cs.service_id"
+        " JOIN commands c ON c.id = cs.command_id"
+        " LEFT OUTER JOIN profile_services ps"
+        " ON ps.profile_id = c.profile_id AND ps.service_id = cs.service_id"
+        " WHERE cs.command_id [ids]"
+    ),
+    "lock": "SELECT pg_advisory_xact_lock(?, ?)",
+    # Running commands and their services: bounded by the runners' concurrency.
+    "running": (
+        "SELECT cs.service_id, c.profile_id, ps.token_encrypted IS NOT NULL"
+        " FROM commands c CROSS JOIN command_services cs"
+        " LEFT OUTER JOIN profile_services ps"
+        " ON ps.profile_id = c.profile_id AND ps.service_id = cs.service_id"
+        " WHERE c.status = 'RUNNING' AND cs.command_id = c.id"
+    ),
+    "observed_shared": (
+        'SELECT remaining, "limit", reset_at, token_valid, observed_at, detail FROM service_usage'
+        " WHERE service_id = ? AND profile_id IS NULL ORDER BY observed_at DESC LIMIT 1"
+    ),
+    "observed_own": (
+        'SELECT remaining, "limit", reset_at, token_valid, observed_at, detail FROM service_usage'
+        " WHERE service_id = ? AND profile_id = ? ORDER BY observed_at DESC LIMIT 1"
+    ),
+    "spent_shared": (
+        "SELECT count(*), min(started_at) FROM service_spend"
+        " WHERE service_id = ? AND profile_id IS NULL AND started_at > ?"
+    ),
+    "spent_own": (
+        "SELECT count(*), min(started_at) FROM service_spend"
+        " WHERE service_id = ? AND profile_id = ? AND started_at > ?"
+    ),
+}
+_SPEND = (
+    "INSERT INTO service_spend (service_id, profile_id, command_id, started_at) VALUES (?, ?, ?, ?)"
+)
+_FAIL_AT_GATE = (
+    "UPDATE commands SET status = 'FAILED', error = ?, finished_at = ?, wait_reason = NULL,"
+    " next_attempt_at = NULL, last_seq = last_seq + 1 WHERE id = ? RETURNING id, last_seq, attempts"
+)
+_FAIL_LINE = (
+    "INSERT INTO log_lines (command_id, seq, attempt, stream, ts, text)"
+    " VALUES (?, ?, ?, 'system', ?, ?)"
+)
+
+
 def pg(statement: str) -> str:
     """A statement with `?` placeholders (and `[ids]`, a list of ints) for asyncpg."""
     statement = statement.replace("[ids]", "= ANY(?::integer[])")
@@ -109,11 +160,11 @@ def sqlite_params(params: tuple[Any, ...]) -> tuple[Any, ...]:
 
 PG_MARK_WAITING = pg(_MARK_WAITING)
 SQLITE_MARK_WAITING = sqlite(_MARK_WAITING)
-PG_GATE = {name: pg(statement) for name, statement in STATEMENTS.items()}
-SQLITE_GATE = {name: sqlite(statement) for name, statement in STATEMENTS.items()}
-PG_SPEND, SQLITE_SPEND = pg(SPEND), sqlite(SPEND)
-PG_FAIL_AT_GATE, SQLITE_FAIL_AT_GATE = pg(FAIL), sqlite(FAIL)
-PG_FAIL_LINE, SQLITE_FAIL_LINE = pg(FAIL_LINE), sqlite(FAIL_LINE)
+PG_GATE = {name: pg(statement) for name, statement in GATE_READS.items()}
+SQLITE_GATE = {name: sqlite(statement) for name, statement in GATE_READS.items()}
+PG_SPEND, SQLITE_SPEND = pg(_SPEND), sqlite(_SPEND)
+PG_FAIL_AT_GATE, SQLITE_FAIL_AT_GATE = pg(_FAIL_AT_GATE), sqlite(_FAIL_AT_GATE)
+PG_FAIL_LINE, SQLITE_FAIL_LINE = pg(_FAIL_LINE), sqlite(_FAIL_LINE)
 CLAIMED_JSON_FIELDS = [
     index
     for index, name in enumerate(ClaimedCommand.__slots__)

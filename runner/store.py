@@ -11,10 +11,11 @@ function of a SQLAlchemy connection.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -27,6 +28,7 @@ from server.proxies import proxy_chain
 from server.routing import run_routing
 from server.runners import no_runner_reason
 from server.secretbox import SecretBox
+from server.settings import Settings
 from xray.hops import Hop
 from xray.routing import Routing
 
@@ -38,6 +40,8 @@ if TYPE_CHECKING:
 # A job that rides in a flush: the runner's claim, or a function of the transaction's
 # SQLAlchemy connection (tests and tools).
 StoreJob = ClaimRequest | Callable[[Connection], Any]
+T = TypeVar("T")
+FunctionJob = Callable[[Connection], T]  # a function job whose result is a T
 UpdateKey = tuple[tuple[str, ...], bool]  # (columns, guarded by the runner's id)
 
 
@@ -85,6 +89,20 @@ class RunnerInfo:
     max_concurrency: int
     host: str
     pid: int
+
+    @classmethod
+    def of_this_process(
+        cls, runner_id: str, host: str, settings: Settings, version: str
+    ) -> RunnerInfo:
+        return cls(
+            runner_id=runner_id,
+            name=settings.resolved_runner_name,
+            labels=settings.resolved_runner_labels,
+            version=version,
+            max_concurrency=settings.max_concurrency,
+            host=host,
+            pid=os.getpid(),
+        )
 
 
 # A runner silent this long (stopped, or dead and flagged) leaves the runners table when

@@ -4,7 +4,7 @@ driver's own error."""
 
 from __future__ import annotations
 
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 # SQLSTATE classes worth another try: connection exception, transaction rollback
 # (serialization failure, deadlock), insufficient resources, operator intervention.
@@ -14,6 +14,9 @@ RETRYABLE_SQLSTATE_CLASSES = frozenset({"08", "40", "53", "57"})
 RETRYABLE_SQLITE_CODES = frozenset({5, 6, 7, 8, 10, 13, 14, 15})
 UNIQUE_VIOLATION = "23505"  # PostgreSQL's SQLSTATE
 SQLITE_DUPLICATE_KEYS = frozenset({1555, 2067})  # SQLITE_CONSTRAINT_PRIMARYKEY, _UNIQUE
+# What a claim raises when another runner took a command of the same profile at the same
+# moment (a unique violation, said as SQLAlchemy says it whatever the driver).
+ClaimConflict = IntegrityError
 
 
 class ConnectionLost(Exception):

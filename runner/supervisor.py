@@ -9,40 +9,36 @@ import contextlib
 import os
 import socket
 import uuid
-from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from runner import policy
-from runner.attempt import Attempt, AttemptExecution, StopReason, jitter
+from runner.attempt import AttemptExecution
+from runner.attempt_state import Attempt, StopReason
 from runner.claims import ClaimRequest, ClaimResult, ClaimTerms
-from runner.loading import RUNNER_CODE, make_workdirs
+from runner.drain import Drain
+from runner.leases import Leases
+from runner.loading import AttemptSetup, runner_sandbox
 from runner.logstore import LogStore
-from runner.process import (
-    become_subreaper,
-    reap_orphans,
-    use_pidfd_child_watcher,
-)
+from runner.oskit.subreaper import become_subreaper
+from runner.process import use_pidfd_child_watcher
 from runner.proxy_checks import ProxyCheckSchedule
-from runner.recovery import LIVE_RUNNERS, Recovery
+from runner.recovery import LIVE_RUNNERS
 from runner.redaction import KnownSecrets
 from runner.renderpool import RenderPool
-from runner.sandbox import NONE, Sandbox, check_reachable, choose_sandbox
+from runner.sandbox import NONE, Sandbox, check_reachable
 from runner.schedules import ProbeSchedule
 from runner.store import RunnerInfo
-from runner.store_errors import retryable_database_error
+from runner.store_errors import ClaimConflict
+from runner.workdirs import Workdirs
 from server import __version__
 from server.broker import (
     CANCEL_TOPIC,
     DRAIN_TOPIC,
     QUEUE_TOPIC,
     SECRETS_TOPIC,
-    USAGE_TOPIC,
     Broker,
-    UsageRecorded,
 )
 from server.events import log_event
 from server.known_secrets import process_secrets
@@ -51,25 +47,16 @@ from server.models import (
     CommandStatus,
     utcnow,
 )
-from server.runners import alive_window
 from server.secretbox import SecretBox
 from server.settings import Settings
 from server.storage import prepare_workspace
-from xray.binary import XrayBinary
 
 TICK_SECONDS = 0.5  # the claim loop's tick on SQLite (and while NOTIFY is not heard)
 CONFLICT_RETRY_SECONDS = 0.5  # a claim that lost a race with another runner tries again
-WORKDIRS_REMEMBERED = 10_000
 GATE_SLACK_SECONDS = 0.05  # a claim at a gate's opening comes just after it, not before
-UNIQUE_VIOLATION = "23505"  # SQLSTATE
 
 
-def backoff_delay(base: float, attempt: int, ceiling: float) -> float:
-    """Exponential backoff with full jitter: uniform in [base, base * 2**(attempt-1)]."""
-    return policy.backoff_delay(base, attempt, ceiling, jitter())
-
-
-class Supervisor(AttemptExecution):
+class Supervisor:
     """Runs queued commands. One per `corral serve` (embedded) or `corral runner` process."""
 
     def __init__(
@@ -100,33 +87,28 @@ class Supervisor(AttemptExecution):
         self._gate_timer: asyncio.TimerHandle | None = None  # when a closed gate opens
         self._stopping = False
         self._stopped = False
-        self._draining = False
-        self._drain: asyncio.Task[None] | None = None  # the drain, once it began
-        self._hurry = asyncio.Event()  # stop what still runs now, not at the drain's deadline
         self.stopped = asyncio.Event()  # set once `stop` is done
         self._task: asyncio.Task[None] | None = None
-        self._xray: XrayBinary | None = None
         engine: AsyncEngine = sessionmaker.kw["bind"]
         self.store = LogStore(engine, broker, metrics, self.runner_id, sessionmaker)
         self.gateway = self.store.gateway  # the runner's reads and writes (runner/store.py)
-        self.claim_terms = ClaimTerms(
-            runner_id=self.runner_id,
-            host=self.host,
-            runner_name=self.name,
-            max_concurrency=settings.max_concurrency,
-            lease_seconds=settings.lease_seconds,
-            hold_on_flagged_proxy=settings.hold_on_flagged_proxy,
-            proxy_flag_after=settings.proxy_flag_after,
-            labels=tuple(self.labels),
+        self.leases = Leases(
+            settings,
+            self.gateway,
+            broker,
+            RunnerInfo.of_this_process(self.runner_id, self.host, settings, __version__),
+            self.attempts,
+            self._wake,
+            self._pins_due,
+            on_drain_requested=self._drain_requested,
         )
-        self._commands_dir = settings.commands_dir
+        self._drain = Drain(self.runner_id, self.gateway, self.attempts, self._claims, self.stop)
+        self.claim_terms = ClaimTerms.of_runner(settings, self.runner_id, self.host, self.name)
         self.sandbox = Sandbox(NONE)
-        self._files: ThreadPoolExecutor | None = None
-        self._workdirs: set[int] = set()  # working directories made ahead of their claim
+        self.workdirs = Workdirs(settings.commands_dir)
         # Templates render in worker processes: the app's pool, else one of its own.
         self._owns_render_pool = render_pool is None
         self.render_pool = render_pool or RenderPool.from_settings(settings)
-        self._secrets_failing = False
         self.proxy_checks = ProxyCheckSchedule(settings, sessionmaker, secret_box)
         self.schedule = ProbeSchedule(settings, sessionmaker, secret_box, broker)
         self.secrets = KnownSecrets(
@@ -135,20 +117,48 @@ class Supervisor(AttemptExecution):
             process_secrets(settings, secret_box),
             settings.secrets_refresh_seconds,
         )
+        self._attempt_parts()
+
+    def _attempt_parts(self) -> None:
+        """What loads and runs attempts, given this runner's sandbox and render pool (both
+        chosen again at each start)."""
+        self.setup = AttemptSetup(
+            self.settings,
+            self.gateway,
+            self.box,
+            self.runner_id,
+            self.sandbox,
+            self.render_pool,
+            self.workdirs,
+        )
+        self.execution = AttemptExecution(
+            self.settings,
+            self.setup,
+            self.store,
+            self.secrets,
+            self.broker,
+            self.metrics,
+            self.runner_id,
+            self.sandbox,
+            self.workdirs,
+            attempts=self.attempts,
+            wake=self._wake,
+            claim_free_slots=self.claim_free_slots,
+            announce_requeued=self.announce_requeued,
+        )
 
     # -- lifecycle ---------------------------------------------------------------------
 
     async def start(self) -> None:
         """Recover what a dead runner left, then start the claim loop in the background."""
-        self._stopping = self._stopped = self._draining = False
-        self._drain = None
-        self._hurry = asyncio.Event()
+        self._stopping = self._stopped = False
         self.stopped = asyncio.Event()
+        self._drain = Drain(self.runner_id, self.gateway, self.attempts, self._claims, self.stop)
         self.sandbox = await asyncio.to_thread(runner_sandbox, self.settings)
         await asyncio.to_thread(prepare_workspace, self.settings)
         if self.sandbox.run_as is not None:
             check_reachable(self.settings.commands_dir, self.sandbox.run_as)
-        # What leaves a command's session comes back to this process (see process.py), and
+        # What leaves a command's session comes back to this process (see oskit/subreaper.py), and
         # so does bwrap's PID-namespace init, which its monitor leaves behind unreaped: a
         # zombie of the command's group that the host's init may take seconds to collect.
         become_subreaper()
@@ -156,11 +166,12 @@ class Supervisor(AttemptExecution):
         use_pidfd_child_watcher()
         if self._owns_render_pool and self.render_pool.closed:  # started again after a stop
             self.render_pool = RenderPool.from_settings(self.settings)
-        self._files = ThreadPoolExecutor(1, thread_name_prefix="corral-files")
+        self._attempt_parts()
+        self.workdirs.start()
         self.store.start()
-        await self.register()
-        await self.recover()
-        await self._refresh_secrets()  # the first claim does not pay for decrypting them all
+        await self.leases.register()
+        await self.leases.recover()
+        await self.secrets.refresh_or_keep()  # the first claim does not pay for decrypting them all
         self._task = asyncio.create_task(self._main(), name=f"supervisor-{self.runner_id}")
         if self.settings.schedules:
             self.proxy_checks.start()
@@ -176,64 +187,33 @@ class Supervisor(AttemptExecution):
     @property
     def draining(self) -> bool:
         """It was asked to drain (it claims nothing more), or is stopping."""
-        return self._draining or self._stopping
+        return self._drain.draining or self._stopping
 
     def begin_drain(self, seconds: float | None = None) -> asyncio.Task[None]:
-        """Drain in the background: claim nothing more, let the running commands finish
-        for up to `seconds` (CORRAL_DRAIN_SECONDS), then `stop` (what still runs is stopped
-        and put back without the attempt counting). Once begun, the same drain."""
-        if self._drain is None:
-            deadline = self.settings.drain_seconds if seconds is None else seconds
-            self._drain = asyncio.create_task(
-                self._drain_then_stop(deadline), name=f"drain-{self.runner_id}"
-            )
-        return self._drain
+        """Drain in the background (runner/drain.py) for up to `seconds`
+        (CORRAL_DRAIN_SECONDS), then `stop`. Once begun, the same drain."""
+        if self._gate_timer is not None:
+            self._gate_timer.cancel()
+        return self._drain.begin(self.settings.drain_seconds if seconds is None else seconds)
 
     async def drain(self, seconds: float | None = None) -> None:
         """`begin_drain` (or the drain already begun), and wait until the runner stopped."""
-        if self._stopped and self._drain is None:  # stopped (or stopping) without a drain
+        if self._stopped and self._drain.task is None:  # stopping without a drain
             await self.stopped.wait()
             return
         await asyncio.shield(self.begin_drain(seconds))
 
     def on_shutdown_signal(self) -> None:
         """SIGTERM or SIGINT: the first begins the drain, the next stops what runs now."""
-        if self._drain is None:
-            self.begin_drain()
-        else:
-            log_event("runner_hurried", runner=self.runner_id, running=len(self.attempts))
-            self._hurry.set()
-
-    async def _drain_then_stop(self, seconds: float) -> None:
-        self._draining = True
         if self._gate_timer is not None:
             self._gate_timer.cancel()
-        log_event("runner_draining", runner=self.runner_id, running=len(self.attempts))
-        marking = asyncio.create_task(self.gateway.mark_runner_draining(self.runner_id))
-        hurry = asyncio.create_task(self._hurry.wait())
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        try:
-            # The claims already out land too: what they took goes back unstarted.
-            while (self.attempts or self._claims) and not self._hurry.is_set():
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    break
-                running = {a.task for a in self.attempts.values() if a.task is not None}
-                await asyncio.wait(
-                    {*running, *self._claims, hurry},
-                    timeout=remaining,
-                    return_when="FIRST_COMPLETED",
-                )
-        finally:
-            hurry.cancel()
-            if not marking.done():  # a database that is away must not hold the drain up
-                marking.cancel()
-            with contextlib.suppress(BaseException):
-                await marking
-        if self.attempts:
-            log_event("drain_deadline", runner=self.runner_id, running=len(self.attempts))
-        await self.stop()
+        self._drain.on_signal(self.settings.drain_seconds)
+
+    def _drain_requested(self) -> None:
+        """`corral runner --drain` named this runner (its heartbeat read the request)."""
+        if not self.draining:
+            log_event("drain_requested", runner=self.runner_id, name=self.name)
+            self.begin_drain()
 
     async def stop(self) -> None:
         """Stop claiming; stop every child (TERM, grace, KILL) and put its command back."""
@@ -271,8 +251,7 @@ class Supervisor(AttemptExecution):
         await self.store.close()
         if self._owns_render_pool:
             await self.render_pool.close()
-        if self._files is not None:
-            self._files.shutdown(wait=False)
+        self.workdirs.stop()
         LIVE_RUNNERS.discard(self.runner_id)
         log_event("runner_stopped", runner=self.runner_id)
 
@@ -285,11 +264,13 @@ class Supervisor(AttemptExecution):
         ):
             listeners = [
                 asyncio.create_task(self._forward_wakeups(queued)),
-                asyncio.create_task(self._listen_cancels(cancels)),
-                asyncio.create_task(self._watch_secrets(secret_changes)),
-                asyncio.create_task(self._lease_loop()),
-                asyncio.create_task(self._explain_pinned()),
-                asyncio.create_task(self._listen_drain(drain_requests)),
+                asyncio.create_task(self.leases.listen_cancels(cancels)),
+                asyncio.create_task(
+                    self.secrets.watch(secret_changes, lambda: bool(self.attempts))
+                ),
+                asyncio.create_task(self.leases.loop()),
+                asyncio.create_task(self.leases.explain_pinned()),
+                asyncio.create_task(self.leases.listen_drain(drain_requests)),
             ]
             try:
                 while not self._stopping:
@@ -311,59 +292,10 @@ class Supervisor(AttemptExecution):
             self._wake.set()
 
     def _tick(self) -> float:
-        """How long the claim loop waits for a wake-up. On PostgreSQL, while the broker
-        listens, every process's queue wake-ups come by NOTIFY: the tick is only a safety
-        net (CORRAL_CLAIM_POLL_SECONDS). On SQLite (one process) and while the broker
-        reconnects, the short tick."""
-        if self.broker.listening:
-            return self.settings.claim_poll_seconds
-        return TICK_SECONDS
-
-    async def _listen_drain(self, subscription: Any) -> None:
-        """Someone asked runners to drain (`corral runner --drain`): is it this one? (The
-        heartbeat reads its row; the next lease pass asks again in any case.)"""
-        while True:
-            await subscription.get()
-            subscription.resync()
-            with contextlib.suppress(Exception):
-                await self.heartbeat()
-
-    async def _listen_cancels(self, subscription: Any) -> None:
-        while True:
-            message = await subscription.get()
-            subscription.resync()
-            if isinstance(message, int) and message in self.attempts:
-                self.attempts[message].request_stop(StopReason.CANCEL)
-            elif message is None:  # missed ones (the broker reconnected): the flags say
-                with contextlib.suppress(Exception):  # else the next lease pass does it
-                    await self.renew_leases()
-
-    async def _watch_secrets(self, subscription: Any) -> None:
-        """Reload the known secrets when the API changed one, and every refresh interval
-        while commands run (for changes made by other processes)."""
-        while True:
-            try:
-                await asyncio.wait_for(subscription.get(), self.secrets.refresh_seconds)
-                subscription.resync()
-                self.secrets.invalidate()
-            except TimeoutError:
-                if not self.attempts:
-                    continue
-            await self._refresh_secrets()
-
-    async def _refresh_secrets(self) -> None:
-        """Reload the known secrets; while the database is away, mask what is known (one
-        WARNING when reloading starts failing, one INFO line when it works again)."""
-        try:
-            await self.secrets.refresh()
-        except Exception as exc:
-            level = "debug" if self._secrets_failing else "warning"
-            self._secrets_failing = True
-            log_event("secrets_reload_failed", level=level, error=type(exc).__name__)
-            return
-        if self._secrets_failing:
-            self._secrets_failing = False
-            log_event("secrets_reloaded")
+        """How long the claim loop waits for a wake-up: on PostgreSQL, while the broker
+        listens, queue wake-ups come by NOTIFY and the tick is a safety net
+        (CORRAL_CLAIM_POLL_SECONDS); on SQLite and while the broker reconnects, short."""
+        return self.settings.claim_poll_seconds if self.broker.listening else TICK_SECONDS
 
     # -- claiming ----------------------------------------------------------------------
 
@@ -375,7 +307,7 @@ class Supervisor(AttemptExecution):
         flush join that claim (one claim a flush)."""
         busy = sum(1 for attempt in self.attempts.values() if not attempt.finishing)
         free = self.settings.max_concurrency - busy - self._claiming
-        if self._stopping or self._draining:
+        if self.draining:
             return
         if free <= 0:
             # No slot: a command queued meanwhile still hears why it waits (one claim of
@@ -397,7 +329,7 @@ class Supervisor(AttemptExecution):
     async def _start_claimed(self, job: ClaimRequest, result: asyncio.Future[ClaimResult]) -> None:
         try:
             outcome = await result
-        except IntegrityError:
+        except ClaimConflict:
             # Another runner took a command of the same profile at the same moment: look
             # again soon (on PostgreSQL the tick is slow, and no wake-up follows a race).
             log_event("claim_conflict", runner=self.runner_id)
@@ -414,22 +346,10 @@ class Supervisor(AttemptExecution):
             if job.claimed_for is not None and job.claimed_for < job.free:
                 self._wake.set()  # slots joined as it ran: they are claimed next
         claimed, upcoming = outcome.claimed, outcome.upcoming
-        for command_id in outcome.waiting:
-            self.broker.publish_status(command_id, CommandStatus.WAITING.value)
-        for command_id in outcome.failed:
-            log_event("failed_at_gate", command=command_id, runner=self.runner_id)
-            self.broker.publish_status(command_id, CommandStatus.FAILED.value)
-        for service_id in outcome.spent:  # Corral's count of the tokens moved on
-            self.broker.publish(USAGE_TOPIC, UsageRecorded(service_id))
+        outcome.announce(self.broker, self.runner_id)
         if outcome.wake_at is not None:
             self._wake_at(outcome.wake_at)
-        if claimed:
-            log_event(
-                "claimed",
-                commands=",".join(str(claim.command.id) for claim in claimed),
-                runner=self.runner_id,
-            )
-        self._prepare_workdirs([claim.command.id for claim in claimed], upcoming)
+        self.workdirs.prepare([c.command.id for c in claimed], upcoming, self.sandbox.run_as)
         for claim in claimed:
             command = claim.command
             self.broker.publish_status(command.id, CommandStatus.RUNNING.value)
@@ -440,10 +360,10 @@ class Supervisor(AttemptExecution):
                 command.backoff_seconds,
                 command.uncounted_attempts,
             )
-            if self._stopping or self._draining:  # claimed as it stops: back to the queue
+            if self.draining:  # claimed as the runner stops: it goes back to the queue
                 attempt.request_stop(StopReason.SHUTDOWN)
             self.attempts[command.id] = attempt
-            attempt.task = asyncio.create_task(self._run_attempt(attempt, claim))
+            attempt.task = asyncio.create_task(self.execution.run(attempt, claim))
         if self.metrics is not None:
             self.metrics.running.set(len(self.attempts))
 
@@ -459,108 +379,6 @@ class Supervisor(AttemptExecution):
             timer.cancel()
         self._gate_timer = loop.call_at(when, self._wake.set)
 
-    def _prepare_workdirs(self, claimed: list[int], upcoming: list[int]) -> None:
-        """Working directories: the claimed commands' now (unless made ahead), the next
-        ones' ahead of time in a thread (mkdir costs up to a millisecond on a busy disk)."""
-        if len(self._workdirs) > WORKDIRS_REMEMBERED:
-            self._workdirs.clear()
-        missing = [command_id for command_id in claimed if command_id not in self._workdirs]
-        if missing:
-            make_workdirs(self._commands_dir, missing, self.sandbox.run_as)
-        ahead = [command_id for command_id in upcoming if command_id not in self._workdirs]
-        if not ahead or self._files is None:
-            return
-        self._workdirs.update(ahead)
-        made = asyncio.get_running_loop().run_in_executor(
-            self._files, make_workdirs, self._commands_dir, ahead, self.sandbox.run_as
-        )
-        made.add_done_callback(self._workdirs_made)
-
-    def _workdirs_made(self, made: asyncio.Future[None]) -> None:
-        if made.cancelled() or made.exception() is not None:
-            self._workdirs.clear()  # not sure which exist: make them when claimed
-
-    # -- leases and recovery -----------------------------------------------------------
-
-    async def _lease_loop(self) -> None:
-        interval = max(self.settings.lease_seconds / 3, 0.2)
-        while True:
-            await asyncio.sleep(interval)
-            reap_orphans()
-            try:
-                await self.renew_leases()
-                await self.heartbeat()
-                await self.recover()
-            except Exception as exc:
-                # A database that is down is the log store's to report (once an outage).
-                level = "debug" if retryable_database_error(exc) else "error"
-                log_event("lease_pass_failed", level=level, error=repr(exc))
-
-    async def register(self) -> None:
-        """Add this runner to the runners table (GraphQL `runners`, the panel)."""
-        info = RunnerInfo(
-            runner_id=self.runner_id,
-            name=self.name,
-            labels=self.labels,
-            version=__version__,
-            max_concurrency=self.settings.max_concurrency,
-            host=self.host,
-            pid=os.getpid(),
-        )
-        await self.gateway.register_runner(info, utcnow() - self.alive_window)
-
-    @property
-    def alive_window(self) -> timedelta:
-        """A runner whose last heartbeat is older than this is not alive."""
-        return alive_window(self.settings.lease_seconds)
-
-    async def heartbeat(self) -> None:
-        """Say this runner is alive (with its running count), and drain if someone asked it
-        to; make the commands pinned to no alive runner wait, saying which one they wait for."""
-        if await self.gateway.heartbeat(self.runner_id, len(self.attempts)) and not self.draining:
-            log_event("drain_requested", runner=self.runner_id, name=self.name)
-            self.begin_drain()
-        await self.wait_for_runners()
-
-    async def wait_for_runners(self) -> None:
-        """Commands pinned (by their profile's affinity) to no alive runner wait, saying
-        which runner they wait for."""
-        for command_id in await self.gateway.wait_for_runners(utcnow() - self.alive_window):
-            self.broker.publish_status(command_id, CommandStatus.WAITING.value)
-
-    async def _explain_pinned(self) -> None:
-        """As commands are queued, those pinned to no alive runner hear why at once, not
-        at the next lease pass (at most one look a tick)."""
-        while True:
-            await self._pins_due.wait()
-            self._pins_due.clear()
-            try:
-                await self.wait_for_runners()
-            except Exception as exc:  # the lease pass says it again, and reports outages
-                log_event("pinned_check_failed", level="debug", error=repr(exc))
-            await asyncio.sleep(TICK_SECONDS)
-
-    async def renew_leases(self) -> None:
-        """Extend this runner's leases; stop the attempts someone asked to cancel."""
-        if not self.attempts:
-            return
-        expires = utcnow() + timedelta(seconds=self.settings.lease_seconds)
-        for command_id in await self.gateway.renew_leases(self.runner_id, expires):
-            if command_id in self.attempts:
-                self.attempts[command_id].request_stop(StopReason.CANCEL)
-
-    async def recover(self) -> None:
-        """Re-queue (or fail) commands whose runner died: lease expired, or on this host
-        a runner process that no longer exists. Their leftover processes here are killed."""
-        recovery = Recovery(self.settings, self.runner_id, self.host, utcnow())
-        orphans = await self.gateway.recover_orphans(self.runner_id, recovery.recover)
-        for command_id, status in orphans:
-            self.broker.publish_status(command_id, status)
-        if any(status == CommandStatus.QUEUED.value for _, status in orphans):
-            self.broker.publish(QUEUE_TOPIC, None)  # other runners may have the free slots
-        if orphans:
-            self._wake.set()
-
     def announce_requeued(self, command_id: int, not_before: datetime | None) -> None:
         """A command this runner put back in the queue: at once (a drain, a shutdown), every
         runner hears it; after a backoff, this one looks again then (the others' safety
@@ -570,8 +388,3 @@ class Supervisor(AttemptExecution):
         elif not self.draining:
             delay = max((not_before - utcnow()).total_seconds(), 0.0) + GATE_SLACK_SECONDS
             asyncio.get_running_loop().call_later(delay, self._wake.set)
-
-
-def runner_sandbox(settings: Settings) -> Sandbox:
-    """The protection this host gives commands (bwrap is probed once per process)."""
-    return choose_sandbox(settings, RUNNER_CODE)

@@ -20,8 +20,8 @@ from pydantic import ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from runner.loading import runner_sandbox
 from runner.sandbox import SandboxError
-from runner.supervisor import runner_sandbox
 from server import __version__, migrate
 from server.app import StartupError, create_app, prepare_database, run_standalone_runner
 from server.audit import record_event

@@ -9,8 +9,9 @@ from typing import Any
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from runner.compose import CompositionError, check_params
 from runner.renderpool import RenderPool
+from runner.template_env import CompositionError
+from runner.template_params import check_params
 from server.broker import CANCEL_TOPIC, QUEUE_TOPIC
 from server.errors import ErrorCode, InvalidInput, UserError
 from server.models import (

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import delete
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from runner.compose import template_problem, template_save_problems
+from runner.template_checks import template_problem, template_save_problems
 from server.errors import ErrorCode, InvalidInput, UserError
 from server.models import BACKOFF_SECONDS_DEFAULT, NAME_MAX, CommandTemplate
 from server.profiles import is_known_timezone

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import update
 from starlette.applications import Starlette
 
-from runner.process import SIDECAR_MARKER
+from runner.markers import SIDECAR_MARKER
 from server.models import Profile
 from server.settings import Settings
 from tests.conftest import GraphQLClient

@@ -7,7 +7,9 @@ from typing import Any
 
 import pytest
 
-from runner.compose import CompositionError, check_params, render_argv
+from runner.compose import render_argv
+from runner.template_env import CompositionError
+from runner.template_params import check_params
 from tests.conftest import GraphQLClient
 
 HOSTILE = [

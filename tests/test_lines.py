@@ -1,6 +1,7 @@
 """Splitting a child's output into lines, and masking secrets in them."""
 
-from runner.lines import MASK, LineSplitter, Redactor
+from runner.lines import MASK, Redactor
+from runner.oskit.splitter import LineSplitter
 
 
 def split(chunks: list[bytes], max_bytes: int = 1024) -> list[str]:

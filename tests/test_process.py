@@ -10,18 +10,15 @@ import time
 import uuid
 from pathlib import Path
 
-from runner.process import (
+from runner.oskit.exits import leader_exit, wait_exits
+from runner.oskit.groups import group_alive, stop_group
+from runner.oskit.subreaper import (
     CLOCK_TICKS,
-    Child,
     become_subreaper,
-    group_alive,
     kill_adopted_escapees,
-    leader_exit,
-    pipe_chunks,
     proc_stat,
-    stop_group,
-    wait_exits,
 )
+from runner.process import Child, pipe_chunks
 
 ENV = {"PATH": "/usr/bin:/bin"}
 

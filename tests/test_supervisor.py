@@ -18,8 +18,8 @@ import pytest
 from sqlalchemy import select
 from starlette.applications import Starlette
 
-from runner.process import RUN_MARKER
-from runner.supervisor import backoff_delay
+from runner.attempt_state import backoff_delay
+from runner.markers import RUN_MARKER
 from server.app_services import AppServices
 from server.models import CommandEvent, ServiceUsage
 from server.settings import Settings

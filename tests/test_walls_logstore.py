@@ -450,7 +450,7 @@ async def test_a_commit_whose_answer_was_lost_is_not_stored_twice(
     lost): the next try finds its lines there already (a unique violation). They are
     stored, once; nothing is counted lost and no command's share is split off."""
     store = LogStore(engine, Broker(), runner_id="runner-1")
-    real = store._transact
+    real = store.committer._transact
     broke: list[bool] = []
 
     async def commit_then_break(*args: object) -> list[object]:
@@ -460,7 +460,7 @@ async def test_a_commit_whose_answer_was_lost_is_not_stored_twice(
             raise ConnectionLost("the answer to COMMIT was lost")
         return results
 
-    monkeypatch.setattr(store, "_transact", commit_then_break)
+    monkeypatch.setattr(store.committer, "_transact", commit_then_break)
     store.start()
     try:
         command_id = await new_command(engine)

@@ -20,16 +20,11 @@ from sqlalchemy import update
 from starlette.applications import Starlette
 
 from runner import renderpool
-from runner.compose import (
-    MAX_RENDERED,
-    SAFE_FORM,
-    CompositionError,
-    literal_argv,
-    quoted_placeholder_problem,
-    render_argv,
-)
+from runner.compose import literal_argv, render_argv
 from runner.process import use_pidfd_child_watcher
 from runner.renderpool import RenderPool
+from runner.template_checks import SAFE_FORM, quoted_placeholder_problem
+from runner.template_env import MAX_RENDERED, CompositionError
 from server.app_services import AppServices
 from server.models import Command
 from server.settings import Settings

@@ -17,8 +17,9 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from runner.lines import LineSplitter
-from runner.process import SPAWNED, starting_own_child, stop_group
+from runner.oskit.groups import stop_group
+from runner.oskit.splitter import LineSplitter
+from runner.oskit.subreaper import SPAWNED, starting_own_child
 from xray.binary import XrayBinary
 from xray.config import ConfigError, build_config, features_used, write_config
 from xray.hops import Hop
