@@ -68,10 +68,19 @@ class Attempt:
     reason: str | None = None
     task: asyncio.Task[None] | None = None
     finishing: bool = False  # its final state is on its way to the database: slot is free
+    fence: int | None = None  # its fence token (from the claim)
+    writer: LogWriter | None = None
+    # Its fence was refused (by a flush or a lease renewal): recovered elsewhere, it is no
+    # longer this runner's. Its group is killed and nothing more of it is written.
+    lost: bool = False
 
     def request_stop(self, reason: str) -> None:
         if self.reason is None:
             self.reason = reason
+        self.stop.set()
+
+    def lose(self) -> None:
+        self.lost = True
         self.stop.set()
 
 
@@ -135,7 +144,10 @@ class AttemptExecution(AttemptSetup):
             command.last_seq,
             self.secrets.redactor,
             profile_id=command.profile_id,
+            fence=command.fence,
         )
+        writer.on_lost = attempt.lose
+        attempt.writer = writer
         outcome = Outcome(CommandStatus.FAILED, error="the runner failed unexpectedly")
         try:
             if attempt.reason == StopReason.SHUTDOWN:  # claimed as the runner stopped
@@ -194,6 +206,8 @@ class AttemptExecution(AttemptSetup):
         self, attempt: Attempt, command: ClaimedCommand, prepared: Prepared, writer: LogWriter
     ) -> Outcome:
         workdir = f"{self._commands_dir}/{command.id}"
+        if attempt.lost:  # lost while loading: no child to start
+            return Outcome(CommandStatus.QUEUED, error="lost its fence")
         try:
             self.sandbox.check_program(prepared.argv[0], prepared.env["PATH"], workdir)
             process = Child.start(
@@ -225,7 +239,7 @@ class AttemptExecution(AttemptSetup):
             log_event("started", command=command.id, attempt=attempt.number, pid=process.pid)
             outcome = await self._wait(attempt, command, process, writer)
         finally:
-            await asyncio.shield(self._reap(command.id, pgid, process, pumps))
+            await asyncio.shield(self._reap(command.id, pgid, process, pumps, attempt.lost))
         if outcome.exit_code and outcome.error:  # the pumps have read all of stderr by now
             outcome.error = cause.explain(outcome.error, writer.redactor)
         return outcome
@@ -236,9 +250,16 @@ class AttemptExecution(AttemptSetup):
         pgid: int,
         process: Child,
         pumps: list[asyncio.Task[None]],
+        lost: bool = False,
     ) -> None:
+        # A lost attempt's group is killed at once: a newer attempt runs elsewhere (maybe
+        # on the same profile), and nothing this one prints is stored any more.
+        grace = 0.0 if lost else self.settings.kill_grace_seconds
+        if lost:
+            for pump in pumps:
+                pump.cancel()
         try:
-            gone = await stop_group(pgid, process, self.settings.kill_grace_seconds)
+            gone = await stop_group(pgid, process, grace)
         finally:
             process.release()
         escaped = 0
@@ -283,6 +304,8 @@ class AttemptExecution(AttemptSetup):
                 return Outcome(CommandStatus.SUCCEEDED, exit_code=0)
             return Outcome(CommandStatus.FAILED, exit_code=code, error=_exit_message(code))
         exited.cancel()
+        if attempt.lost:  # nothing is written for it: _finish says so in the runner's log
+            return Outcome(CommandStatus.QUEUED, error="lost its fence")
         if attempt.reason == StopReason.CANCEL:
             await writer.add(LogStream.SYSTEM, "cancelled: stopping the process group")
             return Outcome(CommandStatus.CANCELLED, error="cancelled", retryable=False)
@@ -324,6 +347,9 @@ class AttemptExecution(AttemptSetup):
         self, attempt: Attempt, outcome: Outcome, writer: LogWriter, elapsed: float
     ) -> None:
         try:
+            if attempt.lost or writer.lost:
+                self._lost(attempt, writer)
+                return
             if outcome.error is not None:  # it may quote a child's or a sidecar's words
                 outcome.error = writer.redactor(outcome.error)
             status, values, note = self._final_values(attempt, outcome)
@@ -333,6 +359,9 @@ class AttemptExecution(AttemptSetup):
             self.claim_free_slots()
             await writer.add(LogStream.SYSTEM, note, command_values=values)
             await writer.close()
+            if writer.lost:  # the final state itself was refused: the row is another's
+                self._lost(attempt, writer)
+                return
             self.broker.publish_status(attempt.command_id, status.value)
             log_event(
                 "finished" if status.is_final else "requeued",
@@ -348,10 +377,28 @@ class AttemptExecution(AttemptSetup):
         except Exception as exc:
             log_event("finish_failed", level="error", command=attempt.command_id, error=repr(exc))
         finally:
-            self.attempts.pop(attempt.command_id, None)
+            if self.attempts.get(attempt.command_id) is attempt:  # (a newer claim of it stays)
+                del self.attempts[attempt.command_id]
             if self.metrics is not None:
                 self.metrics.running.set(len(self.attempts))
             self._wake.set()
+
+    def _lost(self, attempt: Attempt, writer: LogWriter) -> None:
+        """An attempt whose fence was refused: its group is gone (reaped), nothing of it is
+        written; one warning, and its slot is free."""
+        self.store.lose(writer)
+        attempt.finishing = True
+        log_event(
+            "attempt_lost",
+            level="warning",
+            command=attempt.command_id,
+            attempt=attempt.number,
+            fence=attempt.fence,
+            reason="its fence token was refused: the command was recovered by another runner",
+        )
+        if self.metrics is not None:
+            self.metrics.attempts.labels("lost").inc()
+        self.claim_free_slots()
 
     def _final_values(
         self, attempt: Attempt, outcome: Outcome

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from runner.claims import ClaimRequest, ClaimResult
 from runner.lines import Redactor
 from runner.logwriter import FLUSH_LINES, LogWriter, Share, _Chunk
-from runner.store import RunnerStore, StoreJob, WriteBatch, open_store
+from runner.store import RunnerStore, StoreJob, WriteBatch, Written, open_store
 from runner.store_errors import (
     JobFailed,
     duplicate_key,
@@ -160,13 +160,18 @@ class LogStore:
         redactor: Redactor | None = None,
         service_ids: dict[str, int] | None = None,
         profile_id: int | None = None,
+        fence: int | None = None,
     ) -> LogWriter:
-        return LogWriter(self, command_id, attempt, last_seq, redactor, service_ids, profile_id)
+        return LogWriter(
+            self, command_id, attempt, last_seq, redactor, service_ids, profile_id, fence
+        )
 
     async def enqueue(self, writer: LogWriter, chunk: _Chunk) -> None:
-        while self._full() and self._task is not None:
+        while self._full() and self._task is not None and not writer.lost:
             self._room.clear()
             await self._room.wait()
+        if writer.lost:  # its fence was refused: nothing more of it is written
+            return
         writer.chunks.append(chunk)
         self._pending_lines += len(chunk.lines)
         self._pending_chars += chunk.size
@@ -358,7 +363,7 @@ class LogStore:
         uncertain = False  # a try failed in a way that may have come after its COMMIT
         while True:
             try:
-                results = await self._transact(payload, jobs)
+                written = await self._transact(payload, jobs)
             except JobFailed as failed:
                 if not retryable_database_error(failed.error):
                     job = jobs[failed.index]
@@ -383,7 +388,8 @@ class LogStore:
                 error = exc
             else:
                 self._outage_over()
-                return list(zip(jobs, results, strict=True))
+                self._fenced_out(written.refused, shares)
+                return list(zip(jobs, written.results, strict=True))
             uncertain = True
             self._outage_begins(error, shares)
             if self._give_up_at is not None and time.monotonic() >= self._give_up_at:
@@ -480,8 +486,36 @@ class LogStore:
             if not job.future.done():
                 job.future.set_exception(failure)
 
-    async def _transact(self, batch: WriteBatch, jobs: list[_Job]) -> list[Any]:
+    async def _transact(self, batch: WriteBatch, jobs: list[_Job]) -> Written:
         return await self.gateway.write_batch(batch, [job.run for job in jobs])
+
+    def _fenced_out(self, refused: list[int], shares: list[Share]) -> None:
+        """The shares the database refused for their fence token: nothing of them was
+        written, nothing is published, and their writers are lost."""
+        if not refused:
+            return
+        for share in shares:
+            if share.writer.command_id in refused:
+                share.runs.clear()
+                share.events.clear()
+                share.lines = 0
+                self.lose(share.writer)
+
+    def lose(self, writer: LogWriter) -> None:
+        """The writer's attempt is lost (its fence was refused, by a flush or a lease
+        renewal): what it still holds is dropped, it takes nothing more, and its `on_lost`
+        is called (once)."""
+        if writer.lost:
+            return
+        writer.lost = True
+        chunks, writer.chunks = writer.chunks, []
+        self._pending_lines -= sum(len(chunk.lines) for chunk in chunks)
+        self._pending_chars -= sum(chunk.size for chunk in chunks)
+        if self._dirty.get(writer.command_id) is writer:
+            del self._dirty[writer.command_id]
+        self._room.set()  # a pump of it may wait for room: it returns at once now
+        if writer.on_lost is not None:
+            writer.on_lost()
 
 
 @dataclass

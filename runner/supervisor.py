@@ -334,6 +334,7 @@ class Supervisor(AttemptExecution):
                 command.max_attempts,
                 command.backoff_seconds,
                 command.uncounted_attempts,
+                fence=command.fence,
             )
             if self._stopping:  # claimed as the runner stops: it goes back to the queue
                 attempt.request_stop(StopReason.SHUTDOWN)
@@ -434,13 +435,29 @@ class Supervisor(AttemptExecution):
             await asyncio.sleep(TICK_SECONDS)
 
     async def renew_leases(self) -> None:
-        """Extend this runner's leases; stop the attempts someone asked to cancel."""
-        if not self.attempts:
+        """Extend this runner's leases; stop the attempts someone asked to cancel; kill
+        those whose fence was refused (recovered elsewhere: lost)."""
+        fences = {
+            command_id: attempt.fence
+            for command_id, attempt in self.attempts.items()
+            if attempt.fence is not None and not attempt.finishing
+        }
+        if not fences:
             return
         expires = utcnow() + timedelta(seconds=self.settings.lease_seconds)
-        for command_id in await self.gateway.renew_leases(self.runner_id, expires):
+        renewal = await self.gateway.renew_leases(self.runner_id, fences, expires)
+        for command_id in renewal.cancel:
             if command_id in self.attempts:
                 self.attempts[command_id].request_stop(StopReason.CANCEL)
+        for command_id in renewal.lost:
+            attempt = self.attempts.get(command_id)
+            # One that began finishing meanwhile wrote its final state: not lost.
+            if attempt is None or attempt.finishing or attempt.fence != fences[command_id]:
+                continue
+            if attempt.writer is not None:
+                self.store.lose(attempt.writer)  # calls attempt.lose
+            else:
+                attempt.lose()
 
     async def recover(self) -> None:
         """Re-queue (or fail) commands whose runner died: lease expired, or on this host
