@@ -10,6 +10,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -28,9 +29,9 @@ from server.db import create_engine, create_sessionmaker
 from server.models import Command, CommandEvent, LogLine, LogStream, utcnow
 from server.settings import Settings
 from tests.conftest import GraphQLClient
-from tests.fixtures.commands import run
+from tests.fixtures.commands import logs_of, run, texts, wait_final
 from tests.fixtures.runners import runner_process
-from tests.test_supervisor import alive, pk
+from tests.test_supervisor import alive, pk, wait_processes
 
 RUNNER = "runner-1"
 LEASE = 1.0  # renewed every third of it; recovered within a second or two
@@ -376,3 +377,73 @@ async def _second_attempt_ticks(engine: AsyncEngine, command_id: int) -> int:
             return len(lines)
         await asyncio.sleep(0.025)
     raise AssertionError(f"no second attempt: {await _lines(engine, command_id)}")
+
+
+# Runs about 2 s: a shell and two sleeps (three processes with the run's marker).
+TWO_SLEEPS = "sh -c 'sleep 2 & sleep 2; wait; echo done'"
+
+
+@ON_POSTGRES
+async def test_a_runner_killed_9_has_its_commands_finish_elsewhere_within_the_lease(
+    app: Starlette, gql: GraphQLClient, settings: Settings, tmp_path: Path
+) -> None:
+    # Two commands run on the runner process `doomed` (their profiles are pinned to it);
+    # it is killed with SIGKILL; the app's embedded runner (label `fenced`) recovers them
+    # once their lease expires, stops the processes they left (this host), runs them again.
+    profiles = [
+        (await gql(PINNED, name=f"doomed-{n}", affinity="doomed"))["createProfile"]["profile"]["id"]
+        for n in range(2)
+    ]
+    async with runner_process(
+        settings,
+        tmp_path,
+        "--name",
+        "doomed",
+        exits=(-signal.SIGKILL,),
+        lease_seconds=str(LEASE),
+        max_concurrency="2",
+    ) as doomed:
+        commands = [
+            await run(gql, commandString=TWO_SLEEPS, profileId=profile) for profile in profiles
+        ]
+        orphans = [
+            pid
+            for command in commands
+            for pid in await wait_processes(command, runner_pid=doomed.pid)
+        ]
+        doomed.kill()
+        await doomed.wait()
+        killed_at = time.monotonic()
+        for profile in profiles:
+            await gql(REPIN, id=profile, affinity="label:fenced")
+        finals = [await wait_final(gql, command) for command in commands]
+        for command in commands:
+            recovered_in = await _recovered_after(engine_of(app), pk(command), killed_at)
+            assert recovered_in < LEASE + 3, recovered_in
+        assert [pid for pid in orphans if alive(pid)] == []
+    for command, final in zip(commands, finals, strict=True):
+        assert (final["status"], final["attempts"], final["uncountedAttempts"]) == (
+            "SUCCEEDED",
+            2,
+            1,
+        )
+        lines = await logs_of(gql, command)
+        assert "done" in texts(lines)
+        assert any("stopped renewing its lease" in line["text"] for line in lines)
+
+
+def engine_of(app: Starlette) -> AsyncEngine:
+    engine: AsyncEngine = app.state.engine
+    return engine
+
+
+async def _recovered_after(engine: AsyncEngine, command_id: int, since: float) -> float:
+    """Seconds from `since` (monotonic) to the recovery note (its stored timestamp)."""
+    async with engine.connect() as connection:
+        noted = await connection.scalar(
+            select(LogLine.ts).where(
+                LogLine.command_id == command_id, LogLine.text.like("%stopped renewing%")
+            )
+        )
+    assert noted is not None
+    return (noted - utcnow()).total_seconds() + (time.monotonic() - since)
