@@ -239,7 +239,11 @@ class AttemptExecution(AttemptSetup):
             log_event("started", command=command.id, attempt=attempt.number, pid=process.pid)
             outcome = await self._wait(attempt, command, process, writer)
         finally:
-            await asyncio.shield(self._reap(command.id, pgid, process, pumps, attempt.lost))
+            # A lost attempt whose command this runner claimed again shares its run marker
+            # with the newer attempt: no sweep by the marker (it would find the newer one's).
+            newer = self.attempts.get(command.id) not in (None, attempt)
+            reap = self._reap(command.id, pgid, process, pumps, attempt.lost, sweep=not newer)
+            await asyncio.shield(reap)
         if outcome.exit_code and outcome.error:  # the pumps have read all of stderr by now
             outcome.error = cause.explain(outcome.error, writer.redactor)
         return outcome
@@ -251,6 +255,7 @@ class AttemptExecution(AttemptSetup):
         process: Child,
         pumps: list[asyncio.Task[None]],
         lost: bool = False,
+        sweep: bool = True,
     ) -> None:
         # A lost attempt's group is killed at once: a newer attempt runs elsewhere (maybe
         # on the same profile), and nothing this one prints is stored any more.
@@ -266,7 +271,7 @@ class AttemptExecution(AttemptSetup):
         # A sandbox's PID namespace died with the group: no process of the run is left to
         # look for by its marker (a look at every younger PID's environment: 1.4 ms p50,
         # 14 ms p90 of each command's end on a busy host).
-        if not (gone and self.sandbox.contains_processes):
+        if sweep and not (gone and self.sandbox.contains_processes):
             escaped = await sweep_run(run_marker(self.runner_id, command_id), pgid)
         escaped += await kill_adopted_escapees(process.started_at)
         if escaped:

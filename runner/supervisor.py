@@ -338,6 +338,11 @@ class Supervisor(AttemptExecution):
             )
             if self._stopping:  # claimed as the runner stops: it goes back to the queue
                 attempt.request_stop(StopReason.SHUTDOWN)
+            earlier = self.attempts.get(command.id)
+            # Recovered while this runner was away, and claimed by it again: the earlier
+            # attempt is lost. (One that is finishing wrote its state: its own retry.)
+            if earlier is not None and not earlier.finishing:
+                self._lose(earlier)
             self.attempts[command.id] = attempt
             attempt.task = asyncio.create_task(self._run_attempt(attempt, claim))
         if self.metrics is not None:
@@ -454,10 +459,14 @@ class Supervisor(AttemptExecution):
             # One that began finishing meanwhile wrote its final state: not lost.
             if attempt is None or attempt.finishing or attempt.fence != fences[command_id]:
                 continue
-            if attempt.writer is not None:
-                self.store.lose(attempt.writer)  # calls attempt.lose
-            else:
-                attempt.lose()
+            self._lose(attempt)
+
+    def _lose(self, attempt: Attempt) -> None:
+        """The attempt's fence was refused: its writer takes nothing more, it stops."""
+        if attempt.writer is not None:
+            self.store.lose(attempt.writer)  # calls attempt.lose
+        else:
+            attempt.lose()
 
     async def recover(self) -> None:
         """Re-queue (or fail) commands whose runner died: lease expired, or on this host

@@ -305,6 +305,45 @@ async def test_the_runner_kills_an_attempt_whose_fence_was_raised_and_writes_not
     assert app.state.supervisor.attempts == {}  # its slot is free
 
 
+SILENT = f"{sys.executable} -u -c 'import os, time; print(\"pid\", os.getpid()); time.sleep(60)'"
+
+
+async def test_a_runner_that_claims_again_what_was_recovered_from_it_kills_the_earlier_attempt(
+    app: Starlette, gql: GraphQLClient
+) -> None:
+    # A silent child: no write of the earlier attempt would hear of the fence, and its
+    # lease is no longer renewed (the runner renews the new attempt's): the claim tells.
+    engine: AsyncEngine = app.state.engine
+    command_id = pk(await run(gql, commandString=SILENT))
+    first = await child_pid(engine, command_id)
+    async with engine.begin() as connection:  # a recovery by another runner
+        await connection.execute(
+            update(Command)
+            .where(Command.id == command_id)
+            .values(
+                fence=Command.fence + 1,
+                status="QUEUED",
+                runner_id=None,
+                lease_expires_at=None,
+                last_seq=Command.last_seq + 1,
+            )
+        )
+    assert await gone(first), "the earlier attempt's child still runs"
+    for _ in range(800):  # (generous: a loaded machine)
+        pids = [text for _, text in await stdout_of(engine, command_id) if text.startswith("pid")]
+        if len(pids) == 2:
+            break
+        await asyncio.sleep(0.025)
+    assert len(pids) == 2, pids
+    after = await row(engine, command_id)
+    assert (after.status, after.attempts, after.runner_id) == (
+        "RUNNING",
+        2,
+        app.state.supervisor.runner_id,
+    )
+    assert list(app.state.supervisor.attempts) == [command_id]
+
+
 # -- a real runner process (PostgreSQL) -------------------------------------------------------
 
 PINNED = """mutation($name: String!, $affinity: String!) {
