@@ -95,18 +95,21 @@ class PostgresStore(SessionOperations):
             # One transaction of the driver's own; lines and command values go through the
             # driver itself (SQLAlchemy's share of a short command's flush was most of it).
             # SQLAlchemy runs the events and jobs in that same transaction: with AUTOCOMMIT
-            # it begins none of its own.
-            if not (batch.pg_copy or batch.events or jobs):
-                write = pg_write(batch, batch.fences)  # the fence check rides in it
-                if write is not None:  # one statement: its own transaction
-                    refused = await driver.fetchval(write[0], *write[1])
-                    return Written([], list(refused) if batch.fences else [])
+            # it begins none of its own. The fence check rides in the statement of lines and
+            # values (no round trip of its own), unless a COPY or events are written too:
+            # then it is a statement of its own, first.
+            apart = bool(batch.fences) and bool(batch.pg_copy or batch.events)
+            write = pg_write(batch, None if apart else batch.fences)
+            if write is not None and not (batch.pg_copy or batch.events or jobs):
+                refused = await driver.fetchval(write[0], *write[1])  # its own transaction
+                return Written([], list(refused) if batch.fences else [])
             async with driver.transaction():
                 refused = []
-                if batch.fences:
+                if apart:
                     refused = await _refused_fences(driver, batch.fences)
                     if refused:
                         batch = batch.without(refused)
+                        write = pg_write(batch)
                 if batch.pg_copy:  # COPY: the fastest way in (foreign key checks included)
                     text = "".join(copy for _, copy in batch.pg_copy)
                     await driver.copy_to_table(
@@ -115,9 +118,10 @@ class PostgresStore(SessionOperations):
                         columns=sql.LINE_COLUMNS,
                         format="text",
                     )
-                write = pg_write(batch)
                 if write is not None:
-                    await driver.execute(write[0], *write[1])
+                    found = await driver.fetchval(write[0], *write[1])
+                    if batch.fences and not apart:
+                        refused = list(found)
                 if batch.events:
                     await connection.run_sync(write_events, batch.events)
                 results = [

@@ -123,17 +123,17 @@ def share(command_id: int, fence: int, lines: int, event: bool = False) -> Share
 
 
 @pytest.mark.parametrize(
-    ("lines", "job"),
-    [(3, False), (300, False), (3, True)],
-    ids=["one-statement", "copy", "with-a-job"],
+    ("lines", "job", "event"),
+    [(3, False, False), (3, True, False), (3, False, True), (300, False, True)],
+    ids=["one-statement", "with-a-job", "with-events", "copy"],
 )
 async def test_a_share_under_a_raised_fence_writes_nothing_and_is_named(
-    engine: AsyncEngine, gateway: RunnerStore, lines: int, job: bool
+    engine: AsyncEngine, gateway: RunnerStore, lines: int, job: bool, event: bool
 ) -> None:
     current, stale = await running(engine), await running(engine)
     await recover(engine, stale, runner="runner-2")
     batch = gateway.build_batch(
-        [share(current, 1, lines, event=True), share(stale, 1, lines, event=True)]
+        [share(current, 1, lines, event=event), share(stale, 1, lines, event=event)]
     )
     jobs = [lambda connection: "ran"] if job else []
 
@@ -142,7 +142,7 @@ async def test_a_share_under_a_raised_fence_writes_nothing_and_is_named(
     assert written.refused == [stale]
     assert written.results == (["ran"] if job else [])
     assert await count(engine, LogLine, current) == lines
-    assert await count(engine, CommandEvent, current) == 1
+    assert await count(engine, CommandEvent, current) == int(event)
     assert (await row(engine, current)).pgid == 4242
     assert await count(engine, LogLine, stale) == 0
     assert await count(engine, CommandEvent, stale) == 0
