@@ -241,8 +241,9 @@ class AttemptExecution(AttemptSetup):
         finally:
             # A lost attempt whose command this runner claimed again shares its run marker
             # with the newer attempt: no sweep by the marker (it would find the newer one's).
-            newer = self.attempts.get(command.id) not in (None, attempt)
-            reap = self._reap(command.id, pgid, process, pumps, attempt.lost, sweep=not newer)
+            newer = self.attempts.get(command.id)
+            sweep = newer is None or newer is attempt
+            reap = self._reap(command.id, pgid, process, pumps, attempt.lost, sweep=sweep)
             await asyncio.shield(reap)
         if outcome.exit_code and outcome.error:  # the pumps have read all of stderr by now
             outcome.error = cause.explain(outcome.error, writer.redactor)
