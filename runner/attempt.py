@@ -383,6 +383,9 @@ class AttemptExecution(AttemptSetup):
         except Exception as exc:
             log_event("finish_failed", level="error", command=attempt.command_id, error=repr(exc))
         finally:
+            # No cycle outlives the attempt (attempt -> writer -> on_lost -> attempt): the
+            # cyclic collector's work would grow with every command run.
+            writer.on_lost, attempt.writer = None, None
             if self.attempts.get(attempt.command_id) is attempt:  # (a newer claim of it stays)
                 del self.attempts[attempt.command_id]
             if self.metrics is not None:
