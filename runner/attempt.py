@@ -403,7 +403,7 @@ class AttemptExecution(AttemptSetup):
             command=attempt.command_id,
             attempt=attempt.number,
             fence=attempt.fence,
-            reason="its fence token was refused: the command was recovered by another runner",
+            reason="its fence token was refused: the command was recovered after its lease",
         )
         if self.metrics is not None:
             self.metrics.attempts.labels("lost").inc()
