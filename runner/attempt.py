@@ -101,7 +101,10 @@ class AttemptExecution:
             command.last_seq,
             self.secrets.redactor,
             profile_id=command.profile_id,
+            fence=command.fence,
         )
+        writer.on_lost = attempt.lose
+        attempt.writer = writer
         outcome = Outcome(CommandStatus.FAILED, error="the runner failed unexpectedly")
         try:
             if attempt.reason == StopReason.SHUTDOWN:  # claimed as the runner stopped
@@ -160,6 +163,8 @@ class AttemptExecution:
         self, attempt: Attempt, command: ClaimedCommand, prepared: Prepared, writer: LogWriter
     ) -> Outcome:
         workdir = self.workdirs.path(command.id)
+        if attempt.lost:  # lost while loading: no child to start
+            return Outcome(CommandStatus.QUEUED, error="lost its fence")
         try:
             self.sandbox.check_program(prepared.argv[0], prepared.env["PATH"], workdir)
             process = Child.start(
@@ -191,7 +196,12 @@ class AttemptExecution:
             log_event("started", command=command.id, attempt=attempt.number, pid=process.pid)
             outcome = await self._wait(attempt, command, process, writer)
         finally:
-            await asyncio.shield(self._reap(command.id, pgid, process, pumps))
+            # A lost attempt whose command this runner claimed again shares its run marker
+            # with the newer attempt: no sweep by the marker (it would find the newer one's).
+            newer = self.attempts.get(command.id)
+            sweep = newer is None or newer is attempt
+            reap = self._reap(command.id, pgid, process, pumps, attempt.lost, sweep=sweep)
+            await asyncio.shield(reap)
         if outcome.exit_code and outcome.error:  # the pumps have read all of stderr by now
             outcome.error = cause.explain(outcome.error, writer.redactor)
         return outcome
@@ -202,16 +212,24 @@ class AttemptExecution:
         pgid: int,
         process: Child,
         pumps: list[asyncio.Task[None]],
+        lost: bool = False,
+        sweep: bool = True,
     ) -> None:
+        # A lost attempt's group is killed at once: a newer attempt runs elsewhere (maybe
+        # on the same profile), and nothing this one prints is stored any more.
+        grace = 0.0 if lost else self.settings.kill_grace_seconds
+        if lost:
+            for pump in pumps:
+                pump.cancel()
         try:
-            gone = await stop_group(pgid, process, self.settings.kill_grace_seconds)
+            gone = await stop_group(pgid, process, grace)
         finally:
             process.release()
         escaped = 0
         # A sandbox's PID namespace died with the group: no process of the run is left to
         # look for by its marker (a look at every younger PID's environment: 1.4 ms p50,
         # 14 ms p90 of each command's end on a busy host).
-        if not (gone and self.sandbox.contains_processes):
+        if sweep and not (gone and self.sandbox.contains_processes):
             escaped = await sweep_run(run_marker(self.runner_id, command_id), pgid)
         escaped += await kill_adopted_escapees(process.started_at)
         if escaped:
@@ -249,6 +267,8 @@ class AttemptExecution:
                 return Outcome(CommandStatus.SUCCEEDED, exit_code=0)
             return Outcome(CommandStatus.FAILED, exit_code=code, error=_exit_message(code))
         exited.cancel()
+        if attempt.lost:  # nothing is written for it: _finish says so in the runner's log
+            return Outcome(CommandStatus.QUEUED, error="lost its fence")
         if attempt.reason == StopReason.CANCEL:
             await writer.add(LogStream.SYSTEM, "cancelled: stopping the process group")
             return Outcome(CommandStatus.CANCELLED, error="cancelled", retryable=False)
@@ -290,6 +310,9 @@ class AttemptExecution:
         self, attempt: Attempt, outcome: Outcome, writer: LogWriter, elapsed: float
     ) -> None:
         try:
+            if attempt.lost or writer.lost:
+                self._lost(attempt, writer)
+                return
             if outcome.error is not None:  # it may quote a child's or a sidecar's words
                 outcome.error = writer.redactor(outcome.error)
             status, values, note = final_values(attempt, outcome, self.settings)
@@ -299,6 +322,9 @@ class AttemptExecution:
             self.claim_free_slots()
             await writer.add(LogStream.SYSTEM, note, command_values=values)
             await writer.close()
+            if writer.lost:  # the final state itself was refused: the row is another's
+                self._lost(attempt, writer)
+                return
             self.broker.publish_status(attempt.command_id, status.value)
             if status is CommandStatus.QUEUED:
                 self.announce_requeued(attempt.command_id, values.get("next_attempt_at"))
@@ -316,10 +342,38 @@ class AttemptExecution:
         except Exception as exc:
             log_event("finish_failed", level="error", command=attempt.command_id, error=repr(exc))
         finally:
-            self.attempts.pop(attempt.command_id, None)
+            # No cycle outlives the attempt (attempt -> writer -> on_lost -> attempt): the
+            # cyclic collector's work would grow with every command run.
+            writer.on_lost, attempt.writer = None, None
+            if self.attempts.get(attempt.command_id) is attempt:  # (a newer claim of it stays)
+                del self.attempts[attempt.command_id]
             if self.metrics is not None:
                 self.metrics.running.set(len(self.attempts))
             self._wake.set()
+
+    def lose(self, attempt: Attempt) -> None:
+        """The attempt's fence was refused: its writer takes nothing more, it stops."""
+        if attempt.writer is not None:
+            self.store.lose(attempt.writer)  # calls attempt.lose
+        else:
+            attempt.lose()
+
+    def _lost(self, attempt: Attempt, writer: LogWriter) -> None:
+        """An attempt whose fence was refused: its group is gone (reaped), nothing of it is
+        written; one warning, and its slot is free."""
+        self.store.lose(writer)
+        attempt.finishing = True
+        log_event(
+            "attempt_lost",
+            level="warning",
+            command=attempt.command_id,
+            attempt=attempt.number,
+            fence=attempt.fence,
+            reason="its fence token was refused: the command was recovered after its lease",
+        )
+        if self.metrics is not None:
+            self.metrics.attempts.labels("lost").inc()
+        self.claim_free_slots()
 
 
 def _exit_message(code: int) -> str:

@@ -9,12 +9,15 @@ import asyncio
 import random
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runner import policy
 from runner.recovery import limits
 from server.models import CommandStatus, utcnow
 from server.settings import Settings
+
+if TYPE_CHECKING:
+    from runner.logwriter import LogWriter
 
 
 class StopReason:
@@ -35,10 +38,19 @@ class Attempt:
     reason: str | None = None
     task: asyncio.Task[None] | None = None
     finishing: bool = False  # its final state is on its way to the database: slot is free
+    fence: int | None = None  # its fence token (from the claim)
+    writer: LogWriter | None = None
+    # Its fence was refused (by a flush or a lease renewal): recovered elsewhere, it is no
+    # longer this runner's. Its group is killed and nothing more of it is written.
+    lost: bool = False
 
     def request_stop(self, reason: str) -> None:
         if self.reason is None:
             self.reason = reason
+        self.stop.set()
+
+    def lose(self) -> None:
+        self.lost = True
         self.stop.set()
 
 

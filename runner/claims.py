@@ -40,6 +40,7 @@ class ClaimedCommand:
     backoff_seconds: float
     last_seq: int
     uncounted_attempts: int
+    fence: int  # the attempt's fence token (raised by this claim): its writes carry it
 
 
 @dataclass

@@ -10,11 +10,12 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from runner.logwriter import Share
-from runner.store import RunnerStore, StoreJob, WriteBatch
+from runner.logwriter import LogWriter, Share
+from runner.store import RunnerStore, StoreJob, WriteBatch, Written
 from runner.store_errors import (
     JobFailed,
     duplicate_key,
@@ -87,8 +88,9 @@ class _GaveUp(Exception):
 class FlushCommitter:
     """Commits the log store's flushes through the gateway, through outages and refusals."""
 
-    def __init__(self, gateway: RunnerStore) -> None:
+    def __init__(self, gateway: RunnerStore, lose: Callable[[LogWriter], None]) -> None:
         self.gateway = gateway
+        self.lose = lose  # a writer whose share was refused for its fence token
         self._give_up_at: float | None = None  # set as the runner stops
         self._outage_since: float | None = None  # the database has refused to take writes
 
@@ -149,7 +151,7 @@ class FlushCommitter:
         uncertain = False  # a try failed in a way that may have come after its COMMIT
         while True:
             try:
-                results = await self._transact(payload, jobs)
+                written = await self._transact(payload, jobs)
             except JobFailed as failed:
                 if not retryable_database_error(failed.error):
                     job = jobs[failed.index]
@@ -174,7 +176,8 @@ class FlushCommitter:
                 error = exc
             else:
                 self._outage_over()
-                return list(zip(jobs, results, strict=True))
+                self._fenced_out(written.refused, shares)
+                return list(zip(jobs, written.results, strict=True))
             uncertain = True
             self._outage_begins(error, shares)
             if self._give_up_at is not None and time.monotonic() >= self._give_up_at:
@@ -271,8 +274,20 @@ class FlushCommitter:
             if not job.future.done():
                 job.future.set_exception(failure)
 
-    async def _transact(self, batch: WriteBatch, jobs: list[Job]) -> list[Any]:
+    async def _transact(self, batch: WriteBatch, jobs: list[Job]) -> Written:
         return await self.gateway.write_batch(batch, [job.run for job in jobs])
+
+    def _fenced_out(self, refused: list[int], shares: list[Share]) -> None:
+        """The shares the database refused for their fence token: nothing of them was
+        written, nothing is published, and their writers are lost."""
+        if not refused:
+            return
+        for share in shares:
+            if share.writer.command_id in refused:
+                share.runs.clear()
+                share.events.clear()
+                share.lines = 0
+                self.lose(share.writer)
 
 
 def describe(shares: list[Share]) -> str:

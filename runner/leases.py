@@ -41,6 +41,7 @@ class Leases:
         pins_due: asyncio.Event,
         *,
         on_drain_requested: Callable[[], None],
+        lose: Callable[[Attempt], None],
     ) -> None:
         self.settings = settings
         self.gateway = gateway
@@ -52,6 +53,7 @@ class Leases:
         self.wake = wake  # set when recovery put commands back
         self.pins_due = pins_due  # set when commands were queued
         self.on_drain_requested = on_drain_requested  # `corral runner --drain` named it
+        self.lose = lose  # an attempt whose fence a renewal found refused
 
     async def loop(self) -> None:
         """Every third of a lease: renew, heartbeat, recover (forever; cancel it)."""
@@ -123,13 +125,26 @@ class Leases:
                 await self.heartbeat()
 
     async def renew(self) -> None:
-        """Extend this runner's leases; stop the attempts someone asked to cancel."""
-        if not self.attempts:
+        """Extend this runner's leases; stop the attempts someone asked to cancel; lose
+        those whose fence was refused (recovered elsewhere)."""
+        fences = {
+            command_id: attempt.fence
+            for command_id, attempt in self.attempts.items()
+            if attempt.fence is not None and not attempt.finishing
+        }
+        if not fences:
             return
         expires = utcnow() + timedelta(seconds=self.settings.lease_seconds)
-        for command_id in await self.gateway.renew_leases(self.runner_id, expires):
+        renewal = await self.gateway.renew_leases(self.runner_id, fences, expires)
+        for command_id in renewal.cancel:
             if command_id in self.attempts:
                 self.attempts[command_id].request_stop(StopReason.CANCEL)
+        for command_id in renewal.lost:
+            attempt = self.attempts.get(command_id)
+            # One that began finishing meanwhile wrote its final state: not lost.
+            if attempt is None or attempt.finishing or attempt.fence != fences[command_id]:
+                continue
+            self.lose(attempt)
 
     async def recover(self) -> None:
         """Re-queue (or fail) commands whose runner died: lease expired, or on this host

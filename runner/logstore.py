@@ -60,7 +60,7 @@ class LogStore:
         self.gateway: RunnerStore = open_store(
             engine, sessionmaker or async_sessionmaker(engine, expire_on_commit=False), runner_id
         )
-        self.committer = FlushCommitter(self.gateway)
+        self.committer = FlushCommitter(self.gateway, self.lose)
         self._dirty: dict[int, LogWriter] = {}
         self._jobs: list[Job] = []
         self._waiters: list[tuple[LogWriter, asyncio.Future[None]]] = []
@@ -106,13 +106,18 @@ class LogStore:
         redactor: Redactor | None = None,
         service_ids: dict[str, int] | None = None,
         profile_id: int | None = None,
+        fence: int | None = None,
     ) -> LogWriter:
-        return LogWriter(self, command_id, attempt, last_seq, redactor, service_ids, profile_id)
+        return LogWriter(
+            self, command_id, attempt, last_seq, redactor, service_ids, profile_id, fence
+        )
 
     async def enqueue(self, writer: LogWriter, chunk: _Chunk) -> None:
-        while self._full() and self._task is not None:
+        while self._full() and self._task is not None and not writer.lost:
             self._room.clear()
             await self._room.wait()
+        if writer.lost:  # its fence was refused: nothing more of it is written
+            return
         writer.chunks.append(chunk)
         self._pending_lines += len(chunk.lines)
         self._pending_chars += chunk.size
@@ -121,6 +126,22 @@ class LogStore:
             self._wake.set()
         elif self._linger is None:
             self._linger = asyncio.get_running_loop().call_later(LINGER_SECONDS, self._wake.set)
+
+    def lose(self, writer: LogWriter) -> None:
+        """The writer's attempt is lost (its fence was refused, by a flush or a lease
+        renewal): what it still holds is dropped, it takes nothing more, and its `on_lost`
+        is called (once)."""
+        if writer.lost:
+            return
+        writer.lost = True
+        chunks, writer.chunks = writer.chunks, []
+        self._pending_lines -= sum(len(chunk.lines) for chunk in chunks)
+        self._pending_chars -= sum(chunk.size for chunk in chunks)
+        if self._dirty.get(writer.command_id) is writer:
+            del self._dirty[writer.command_id]
+        self._room.set()  # a pump of it may wait for room: it returns at once now
+        if writer.on_lost is not None:
+            writer.on_lost()
 
     async def stored(self, writer: LogWriter) -> None:
         """Return once everything `writer` queued so far is committed."""

@@ -7,6 +7,7 @@ one transaction per flush and then publishes them (`StoredBatch`).
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -73,6 +74,7 @@ class LogWriter:
         redactor: Redactor | None = None,
         service_ids: dict[str, int] | None = None,
         profile_id: int | None = None,
+        fence: int | None = None,
     ) -> None:
         self._store = store
         self.command_id = command_id
@@ -87,6 +89,12 @@ class LogWriter:
         self.chunks: list[_Chunk] = []
         self.events_taken = 0
         self.lines_lost = 0  # given up (unstorable): the command row counts them too
+        # The attempt's fence token (from its claim): every flush of its share carries it.
+        # Once the database refuses it, the attempt is lost: nothing more of it is queued
+        # or written, and `on_lost` is called (once).
+        self.fence = fence
+        self.lost = False
+        self.on_lost: Callable[[], None] | None = None
 
     async def add(
         self, stream: LogStream, text: str, *, command_values: dict[str, Any] | None = None

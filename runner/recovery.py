@@ -72,6 +72,7 @@ class Recovery:
         command.lease_expires_at = None
         command.pgid = None
         command.last_seq += 1
+        command.fence += 1  # the lost attempt's late writes are refused from now on
         log_event("recovered", command=command.id, previous_runner=previous, status=command.status)
         return note
 

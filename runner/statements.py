@@ -15,7 +15,7 @@ import re
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, and_, bindparam, delete, insert, or_, select, update
+from sqlalchemy import JSON, and_, bindparam, delete, insert, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql import Select, Update
 
@@ -71,7 +71,7 @@ VIA_LINKS = "SELECT id, via_id FROM proxies WHERE via_id IS NOT NULL"
 _CLAIM = (
     "UPDATE commands SET status = 'RUNNING', attempts = attempts + 1, runner_id = {runner},"  # noqa: S608
     " runner_host = {host}, lease_expires_at = {lease}, started_at = {now}, wait_reason = NULL,"
-    " next_attempt_at = NULL, pgid = NULL WHERE id {chosen} RETURNING "
+    " next_attempt_at = NULL, pgid = NULL, fence = fence + 1 WHERE id {chosen} RETURNING "
     + ", ".join(ClaimedCommand.__slots__)
     + ", EXISTS (SELECT 1 FROM command_services s WHERE s.command_id = commands.id)"
 )
@@ -158,6 +158,12 @@ def sqlite_params(params: tuple[Any, ...]) -> tuple[Any, ...]:
     )
 
 
+# A flush's fence check: the tokens its commands hold now. On PostgreSQL the rows stay
+# locked until the flush commits, so a recovery cannot raise a token between the check and
+# the writes (it skips locked rows and looks again at its next pass).
+_FENCES = "SELECT id, fence FROM commands WHERE id [ids] ORDER BY id"
+PG_FENCES = pg(_FENCES) + " FOR NO KEY UPDATE"
+SQLITE_FENCES = sqlite(_FENCES)
 PG_MARK_WAITING = pg(_MARK_WAITING)
 SQLITE_MARK_WAITING = sqlite(_MARK_WAITING)
 PG_GATE = {name: pg(statement) for name, statement in GATE_READS.items()}
@@ -174,11 +180,18 @@ CLAIMED_JSON_FIELDS = [
 # -- leases and recovery -------------------------------------------------------------------
 
 
-def renew_leases(runner_id: str, expires: datetime) -> Update:
+def renew_leases(runner_id: str, fences: dict[int, int], expires: datetime) -> Update:
+    """Extend the leases of the runner's attempts whose fence token still matches; returns
+    the ids of those it extended (the others are lost)."""
     return (
         update(Command)
-        .where(Command.runner_id == runner_id, Command.status == CommandStatus.RUNNING.value)
+        .where(
+            Command.runner_id == runner_id,
+            Command.status == CommandStatus.RUNNING.value,
+            tuple_(Command.id, Command.fence).in_(list(fences.items())),
+        )
         .values(lease_expires_at=expires)
+        .returning(Command.id)
     )
 
 
@@ -333,12 +346,17 @@ def insert_usage() -> Any:
 def pg_lines_and_updates(
     line_arrays: list[list[Any]] | None,
     updates: dict[tuple[tuple[str, ...], bool], list[dict[str, Any]]],
+    fences: dict[int, int] | None = None,
 ) -> tuple[str, list[Any]] | None:
     """A flush's few lines and all its command updates as one PostgreSQL statement (a
     statement a round trip, and a flush of this statement alone needs no BEGIN/COMMIT of
     its own): an INSERT of the lines from arrays, and one UPDATE from arrays per column set,
     as data-modifying CTEs. None when there is nothing of the kind. (A command is in one
-    column set only: a flush holds one share per command.)"""
+    column set only: a flush holds one share per command.)
+
+    With `fences` (command id -> token) the statement first locks those commands' rows
+    whose token matches; the others' lines and values are left out, and the statement
+    returns their ids (an array). Without, it returns 1."""
     args: list[Any] = []
 
     def param(value: Any, sql_type: str) -> str:
@@ -346,11 +364,25 @@ def pg_lines_and_updates(
         return f"${len(args)}::{sql_type}"
 
     parts = []
+    keep = ""  # the condition on a command's id that leaves refused shares out
+    if fences:
+        ids, tokens = param(list(fences), "integer[]"), param(list(fences.values()), "integer[]")
+        parts.append(
+            "held AS (SELECT c.id FROM commands AS c JOIN unnest("  # noqa: S608
+            f"{ids}, {tokens}) AS f(id, fence) ON c.id = f.id AND c.fence = f.fence "
+            "ORDER BY c.id FOR NO KEY UPDATE OF c)"
+        )
+        parts.append(
+            f"refused AS (SELECT r.id FROM unnest({ids}) AS r(id) "  # noqa: S608
+            "WHERE r.id NOT IN (SELECT id FROM held))"
+        )
+        keep = " NOT IN (SELECT id FROM refused)"
     if line_arrays:
         columns = ", ".join(map(param, line_arrays, _LINE_ARRAY_TYPES))
+        where = f" WHERE v.command_id{keep}" if keep else ""
         parts.append(
             f"lines AS (INSERT INTO log_lines ({', '.join(LINE_COLUMNS)}) "  # noqa: S608
-            f"SELECT * FROM unnest({columns}))"
+            f"SELECT * FROM unnest({columns}) AS v({', '.join(LINE_COLUMNS)}){where})"
         )
     # Column sets in a fixed order: the same sets make the same text (the driver caches
     # prepared statements by their text).
@@ -365,13 +397,16 @@ def pg_lines_and_updates(
         where = "c.id = v._id"
         if guarded:
             where += f" AND c.runner_id = {param(rows[0]['_runner'], 'text')}"
+        if keep:
+            where += f" AND c.id{keep}"
         parts.append(
             f"u{index} AS (UPDATE commands AS c SET {assignments} "  # noqa: S608 - checked names
             f"FROM unnest({', '.join(sources)}) AS v(_id, {', '.join(names)}) WHERE {where})"
         )
     if not parts:
         return None
-    return f"WITH {', '.join(parts)} SELECT 1", args
+    result = "ARRAY(SELECT id FROM refused)" if fences else "1"
+    return f"WITH {', '.join(parts)} SELECT {result}", args
 
 
 _LINE_ARRAY_TYPES = ("integer[]", "integer[]", "integer[]", "varchar[]", "timestamptz[]", "text[]")

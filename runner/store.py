@@ -7,12 +7,19 @@ A flush of the log store is one `write_batch`: its lines, command values (an att
 start, argv and final state ride here) and events, then its jobs in the same transaction.
 A job is a `ClaimRequest` (the runner's claim: `claim` runs it) or, for tests and tools, a
 function of a SQLAlchemy connection.
+
+Fencing (issue 14): a share of a flush carries its attempt's fence token (`LogWriter.fence`,
+from the claim). The flush locks the rows of its fenced commands and compares their tokens
+first; a share whose token no longer matches (the attempt was recovered, maybe claimed
+again) writes nothing (no line, value or event) and `write_batch` names its command in
+`Written.refused`. A lease renewal likewise names the attempts it no longer holds
+(`Renewal.lost`). Whoever hears it treats the attempt as lost (runner/attempt.py).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -58,10 +65,45 @@ class WriteBatch:
     """What one flush writes, built for its database (`RunnerStore.build_batch`)."""
 
     sqlite_chunks: list[list[Any]] = field(default_factory=list)
-    pg_copy: list[str] = field(default_factory=list)
+    pg_copy: list[tuple[int, str]] = field(default_factory=list)  # (command id, COPY text)
     pg_rows: list[tuple[int, LineRun]] = field(default_factory=list)
     updates: dict[UpdateKey, list[dict[str, Any]]] = field(default_factory=dict)
     events: list[EventRow] = field(default_factory=list)
+    fences: dict[int, int] = field(default_factory=dict)  # command id -> its share's token
+
+    def without(self, refused: Collection[int]) -> WriteBatch:
+        """The batch less the shares of these commands (their fence was refused)."""
+        updates = {
+            key: kept
+            for key, rows in self.updates.items()
+            if (kept := [row for row in rows if row["_id"] not in refused])
+        }
+        return WriteBatch(
+            [chunk for chunk in self.sqlite_chunks if chunk[0] not in refused],
+            [copy for copy in self.pg_copy if copy[0] not in refused],
+            [row for row in self.pg_rows if row[0] not in refused],
+            updates,
+            [row for row in self.events if row.event["command_id"] not in refused],
+            {key: fence for key, fence in self.fences.items() if key not in refused},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What `write_batch` did: each job's result, in order, and the commands whose shares
+    it refused (their fence token no longer matched: nothing of theirs was written)."""
+
+    results: list[Any]
+    refused: list[int] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Renewal:
+    """What a lease renewal found: the attempts someone asked to cancel, and those whose
+    fence no longer matches (recovered elsewhere: this runner has lost them)."""
+
+    cancel: list[int]
+    lost: list[int]
 
 
 @dataclass
@@ -128,15 +170,19 @@ class RunnerStore(Protocol):
     def build_batch(self, shares: Sequence[Share]) -> WriteBatch:
         """The rows of a flush, in the form its database takes fastest."""
 
-    async def write_batch(self, batch: WriteBatch, jobs: Sequence[StoreJob]) -> list[Any]:
+    async def write_batch(self, batch: WriteBatch, jobs: Sequence[StoreJob]) -> Written:
         """One transaction: the batch's lines, command values and events, then the jobs
-        (each one's result, in order). A failing job raises JobFailed (rolled back)."""
+        (each one's result, in order), less the shares whose fence is refused (named in the
+        result). A failing job raises JobFailed (rolled back)."""
 
     async def claim(self, request: ClaimRequest) -> ClaimResult:
         """A claim in a transaction of its own."""
 
-    async def renew_leases(self, runner_id: str, expires: datetime) -> list[int]:
-        """Extend the runner's leases; the ids of its commands someone asked to cancel."""
+    async def renew_leases(
+        self, runner_id: str, fences: dict[int, int], expires: datetime
+    ) -> Renewal:
+        """Extend the leases of the runner's attempts (command id -> fence token): those
+        someone asked to cancel, and those whose token no longer matches (lost)."""
 
     async def recover_orphans(self, runner_id: str, recover: Recover) -> list[tuple[int, str]]:
         """Put back (or fail) what dead runners left: (id, new status) of each."""
@@ -191,10 +237,17 @@ class SessionOperations:
         self.sessionmaker = sessionmaker
         self.runner_id = runner_id  # command values are written only while it holds them
 
-    async def renew_leases(self, runner_id: str, expires: datetime) -> list[int]:
+    async def renew_leases(
+        self, runner_id: str, fences: dict[int, int], expires: datetime
+    ) -> Renewal:
+        if not fences:
+            return Renewal([], [])
         async with self.sessionmaker() as session, session.begin():
-            await session.execute(statements.renew_leases(runner_id, expires))
-            return list(await session.scalars(statements.cancel_requested(runner_id)))
+            stmt = statements.renew_leases(runner_id, fences, expires)
+            renewed = set(await session.scalars(stmt))
+            cancel = list(await session.scalars(statements.cancel_requested(runner_id)))
+        lost = sorted(set(fences) - renewed)
+        return Renewal([command_id for command_id in cancel if command_id in renewed], lost)
 
     async def recover_orphans(self, runner_id: str, recover: Recover) -> list[tuple[int, str]]:
         recovered: list[tuple[int, str]] = []
@@ -267,11 +320,13 @@ class SessionOperations:
             return changed
 
     def group_updates(self, shares: Sequence[Share], batch: WriteBatch) -> None:
-        """Each share's command values, grouped by column set (one statement a set), and
-        its events as rows."""
+        """Each share's command values, grouped by column set (one statement a set), its
+        events as rows, and its fence token."""
         guarded = self.runner_id is not None
         for share in shares:
             writer = share.writer
+            if writer.fence is not None:
+                batch.fences[writer.command_id] = writer.fence
             if share.values:
                 key = (tuple(sorted(share.values)), guarded)
                 batch.updates.setdefault(key, []).append(
@@ -279,6 +334,14 @@ class SessionOperations:
                 )
             for stored in share.events:
                 batch.events.append(_event_row(writer, stored))
+
+
+def refused_fences(fences: dict[int, int], held: dict[int, int]) -> list[int]:
+    """The commands whose share's token (`fences`) is not the one their row holds now
+    (`held`; a row that is gone holds none)."""
+    return sorted(
+        command_id for command_id, fence in fences.items() if held.get(command_id) != fence
+    )
 
 
 def write_events(connection: Connection, events: list[EventRow]) -> None:

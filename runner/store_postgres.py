@@ -32,7 +32,15 @@ from runner.claims import (
     needs_held,
 )
 from runner.gate import Gate, Read, gate_reads, spend_rows
-from runner.store import SessionOperations, StoreJob, WriteBatch, run_function_job, write_events
+from runner.store import (
+    SessionOperations,
+    StoreJob,
+    WriteBatch,
+    Written,
+    refused_fences,
+    run_function_job,
+    write_events,
+)
 from runner.store_errors import UNIQUE_VIOLATION, ConnectionLost, JobFailed
 from server.models import utcnow
 from server.proxy_health import FlaggedProxy, held_proxies
@@ -72,43 +80,55 @@ class PostgresStore(SessionOperations):
             for attempt, stream, ts, first, texts in share.runs:
                 # COPY's text format, written here: cheaper than asyncpg's per-row encoder.
                 row = f"{command_id}\t{{}}\t{attempt}\t{stream}\t{ts.isoformat()}\t{{}}\n"
-                batch.pg_copy.append(
-                    "".join(map(row.format, range(first, first + len(texts)), _copy_escape(texts)))
-                )
+                rows = map(row.format, range(first, first + len(texts)), _copy_escape(texts))
+                batch.pg_copy.append((command_id, "".join(rows)))
         return batch
 
     async def claim(self, request: ClaimRequest) -> ClaimResult:
-        results = await self.write_batch(WriteBatch(), [request])
-        result: ClaimResult = results[0]
+        written = await self.write_batch(WriteBatch(), [request])
+        result: ClaimResult = written.results[0]
         return result
 
-    async def write_batch(self, batch: WriteBatch, jobs: Sequence[StoreJob]) -> list[Any]:
+    async def write_batch(self, batch: WriteBatch, jobs: Sequence[StoreJob]) -> Written:
         connection, driver = await self._pg_connection()
         try:
             # One transaction of the driver's own; lines and command values go through the
             # driver itself (SQLAlchemy's share of a short command's flush was most of it).
             # SQLAlchemy runs the events and jobs in that same transaction: with AUTOCOMMIT
-            # it begins none of its own.
-            write = pg_write(batch)
+            # it begins none of its own. The fence check rides in the statement of lines and
+            # values (no round trip of its own), unless a COPY or events are written too:
+            # then it is a statement of its own, first.
+            apart = bool(batch.fences) and bool(batch.pg_copy or batch.events)
+            write = pg_write(batch, None if apart else batch.fences)
             if write is not None and not (batch.pg_copy or batch.events or jobs):
-                await driver.execute(write[0], *write[1])  # one statement: its own transaction
-                return []
+                refused = await driver.fetchval(write[0], *write[1])  # its own transaction
+                return Written([], list(refused) if batch.fences else [])
             async with driver.transaction():
+                refused = []
+                if apart:
+                    refused = await _refused_fences(driver, batch.fences)
+                    if refused:
+                        batch = batch.without(refused)
+                        write = pg_write(batch)
                 if batch.pg_copy:  # COPY: the fastest way in (foreign key checks included)
+                    text = "".join(copy for _, copy in batch.pg_copy)
                     await driver.copy_to_table(
                         "log_lines",
-                        source=_one_chunk("".join(batch.pg_copy).encode()),
+                        source=_one_chunk(text.encode()),
                         columns=sql.LINE_COLUMNS,
                         format="text",
                     )
                 if write is not None:
-                    await driver.execute(write[0], *write[1])
+                    found = await driver.fetchval(write[0], *write[1])
+                    if batch.fences and not apart:
+                        refused = list(found)
                 if batch.events:
                     await connection.run_sync(write_events, batch.events)
-                return [
+                results = [
                     await self._run_job(index, job, connection, driver)
                     for index, job in enumerate(jobs)
                 ]
+                return Written(results, refused)
         except JobFailed as failed:
             if driver.is_closed():  # the connection broke during the job
                 await self._drop_connection(broken=True)
@@ -229,10 +249,20 @@ async def _fail_at_gate(driver: Any, command_id: int, error: str, now: datetime)
         await driver.execute(sql.PG_FAIL_LINE, *line)
 
 
-def pg_write(batch: WriteBatch) -> tuple[str, list[Any]] | None:
-    """The batch's few lines and all its command updates as one statement, or None."""
+def pg_write(
+    batch: WriteBatch, fences: dict[int, int] | None = None
+) -> tuple[str, list[Any]] | None:
+    """The batch's few lines and all its command updates as one statement, or None; with
+    `fences`, the statement checks them first (see statements.pg_lines_and_updates)."""
     arrays = _pg_arrays(batch.pg_rows) if batch.pg_rows else None
-    return sql.pg_lines_and_updates(arrays, batch.updates)
+    return sql.pg_lines_and_updates(arrays, batch.updates, fences)
+
+
+async def _refused_fences(driver: Any, fences: dict[int, int]) -> list[int]:
+    """The commands whose token is not the one their share carries (rows locked till the
+    transaction ends)."""
+    held = dict(await driver.fetch(sql.PG_FENCES, list(fences)))
+    return refused_fences(fences, held)
 
 
 def _pg_arrays(rows: list[tuple[int, LineRun]]) -> list[list[Any]]:

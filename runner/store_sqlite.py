@@ -37,6 +37,8 @@ from runner.store import (
     SessionOperations,
     StoreJob,
     WriteBatch,
+    Written,
+    refused_fences,
     run_function_job,
     write_events,
 )
@@ -79,20 +81,26 @@ class SqliteStore(SessionOperations):
             )
         return batch
 
-    async def write_batch(self, batch: WriteBatch, jobs: Sequence[StoreJob]) -> list[Any]:
+    async def write_batch(self, batch: WriteBatch, jobs: Sequence[StoreJob]) -> Written:
         assert self._executor is not None
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self._transact, batch, jobs)
 
     async def claim(self, request: ClaimRequest) -> ClaimResult:
-        results = await self.write_batch(WriteBatch(), [request])
-        result: ClaimResult = results[0]
+        written = await self.write_batch(WriteBatch(), [request])
+        result: ClaimResult = written.results[0]
         return result
 
-    def _transact(self, batch: WriteBatch, jobs: Sequence[StoreJob]) -> list[Any]:
-        """The whole flush, in the store's thread."""
+    def _transact(self, batch: WriteBatch, jobs: Sequence[StoreJob]) -> Written:
+        """The whole flush, in the store's thread (BEGIN IMMEDIATE: the fence check and the
+        writes see the same rows)."""
         assert self._sync_engine is not None
         with self._sync_engine.begin() as connection:
+            refused = []
+            if batch.fences:
+                refused = _refused_fences(connection.connection.driver_connection, batch.fences)
+                if refused:
+                    batch = batch.without(refused)
             if batch.sqlite_chunks:
                 text = json.dumps(batch.sqlite_chunks, ensure_ascii=False, separators=(",", ":"))
                 connection.exec_driver_sql(sql.SQLITE_INSERT_LINES, (text,))
@@ -105,7 +113,7 @@ class SqliteStore(SessionOperations):
                     results.append(self._run_job(job, connection))
                 except Exception as exc:
                     raise JobFailed(index, exc) from exc
-            return results
+            return Written(results, refused)
 
     def _run_job(self, job: StoreJob, connection: Connection) -> Any:
         if isinstance(job, ClaimRequest):
@@ -173,6 +181,12 @@ def claim_on_sqlite(request: ClaimRequest, raw: Any) -> ClaimResult:
         spends = spend_rows(choice.gate, [row[0] for row in rows], now)
         raw.executemany(sql.SQLITE_SPEND, [sql.sqlite_params(row) for row in spends])
     return choice.result([_decode_json_columns(row) for row in rows])
+
+
+def _refused_fences(raw: Any, fences: dict[int, int]) -> list[int]:
+    """The commands whose token is not the one their share carries."""
+    held = dict(raw.execute(sql.SQLITE_FENCES, (json.dumps(list(fences)),)).fetchall())
+    return refused_fences(fences, held)
 
 
 def _drive_gate(raw: Any, reads: Generator[Read, Any, Gate]) -> Gate:

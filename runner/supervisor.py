@@ -101,6 +101,7 @@ class Supervisor:
             self._wake,
             self._pins_due,
             on_drain_requested=self._drain_requested,
+            lose=lambda attempt: self.execution.lose(attempt),
         )
         self._drain = Drain(self.runner_id, self.gateway, self.attempts, self._claims, self.stop)
         self.claim_terms = ClaimTerms.of_runner(settings, self.runner_id, self.host, self.name)
@@ -359,9 +360,15 @@ class Supervisor:
                 command.max_attempts,
                 command.backoff_seconds,
                 command.uncounted_attempts,
+                fence=command.fence,
             )
             if self.draining:  # claimed as the runner stops: it goes back to the queue
                 attempt.request_stop(StopReason.SHUTDOWN)
+            earlier = self.attempts.get(command.id)
+            # Recovered while this runner was away, and claimed by it again: the earlier
+            # attempt is lost. (One that is finishing wrote its state: its own retry.)
+            if earlier is not None and not earlier.finishing:
+                self.execution.lose(earlier)
             self.attempts[command.id] = attempt
             attempt.task = asyncio.create_task(self.execution.run(attempt, claim))
         if self.metrics is not None:

@@ -388,6 +388,11 @@ class Command(Base):
     # Where the attempt's process group lives, so a restarted runner can stop survivors.
     runner_host: Mapped[str | None] = mapped_column(String(HOST_MAX))
     pgid: Mapped[int | None]
+    # The attempt's fence token (issue 14): raised by every claim and every recovery. Each
+    # write a runner makes for an attempt carries the token it was claimed with and is
+    # refused once the row holds another, so a runner that comes back after its lease
+    # (paused, partitioned) can neither change the newer attempt's state nor add lines.
+    fence: Mapped[int] = mapped_column(default=0, server_default="0")
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     lease_expires_at: Mapped[datetime | None] = mapped_column(index=True)
     next_attempt_at: Mapped[datetime | None]

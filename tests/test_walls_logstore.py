@@ -20,6 +20,7 @@ from starlette.applications import Starlette
 
 import runner.logstore as logstore
 from runner.logstore import LogStore
+from runner.store import Written
 from runner.store_errors import ConnectionLost
 from server.app import create_app
 from server.app_services import AppServices
@@ -453,7 +454,7 @@ async def test_a_commit_whose_answer_was_lost_is_not_stored_twice(
     real = store.committer._transact
     broke: list[bool] = []
 
-    async def commit_then_break(*args: object) -> list[object]:
+    async def commit_then_break(*args: object) -> Written:
         results = await real(*args)  # type: ignore[arg-type]
         if not broke:
             broke.append(True)
