@@ -55,8 +55,12 @@ lint: setup
 typecheck: setup
 	$(BIN)/mypy
 
+# Two pytest-xdist workers (the machine's two cores): each worker has its own PostgreSQL
+# database, temp dirs and child processes; `loadgroup` spreads tests one by one (as `load`)
+# except those marked xdist_group, which stay on one worker. PYTEST_WORKERS=0 runs serially.
+PYTEST_WORKERS ?= 2
 pytest: setup
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(PYTEST_WORKERS) --dist loadgroup
 
 # The runner, stream and process tests again on Python 3.13 (Debian 13's), in their own venv:
 # asyncio's child handling and the drivers differ there. pyenv's 3.13 or a python3.13 on PATH;
@@ -77,7 +81,7 @@ pytest-3.13: setup
 	    touch $(VENV313)/.corral-installed; \
 	  fi; \
 	  echo "Python 3.13 leg: $$($(VENV313)/bin/python --version)"; \
-	  $(VENV313)/bin/pytest -q -p no:cacheprovider $(PY313_TESTS); \
+	  $(VENV313)/bin/pytest -q -p no:cacheprovider -n $(PYTEST_WORKERS) --dist loadgroup $(PY313_TESTS); \
 	fi
 
 schema: setup

@@ -8,6 +8,7 @@ working directory, on a temp profile dir.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import html
 import json
 import os
@@ -246,17 +247,24 @@ def socks_proxy(site: Site) -> Iterator[Socks]:
 
 
 @pytest.fixture(scope="session", autouse=True)
-def node_modules() -> None:
-    """The host needs runner/js/node_modules: install it from the lockfile when missing."""
+def node_modules(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The host needs runner/js/node_modules: install it from the lockfile when missing.
+    Under pytest-xdist every worker comes here: a lock in the run's shared temp root lets
+    one of them install while the others wait for it (two `npm ci` in one folder collide)."""
     if (JS_DIR / "node_modules" / "playwright-core").is_dir():
         return
-    subprocess.run(
-        ["npm", "ci", "--no-audit", "--no-fund"],
-        cwd=JS_DIR,
-        check=True,
-        timeout=300,
-        capture_output=True,
-    )
+    shared = tmp_path_factory.getbasetemp().parent  # the run's root, under xdist too
+    with (shared / "npm-ci.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (JS_DIR / "node_modules" / "playwright-core").is_dir():
+            return
+        subprocess.run(
+            ["npm", "ci", "--no-audit", "--no-fund"],
+            cwd=JS_DIR,
+            check=True,
+            timeout=300,
+            capture_output=True,
+        )
 
 
 def host_env(**extra: str) -> dict[str, str]:
