@@ -163,8 +163,9 @@ async def test_a_concurrency_cap_of_one_runs_them_one_after_the_other(
 ) -> None:
     github = await service(gql, "github", {"concurrency": 1})
     openai = await service(gql, "openai")
-    # The other service's command is long enough to see both of github's start.
-    other = await run(gql, commandString=SPAN.replace("0.6", "3"), serviceIds=[openai])
+    # The other service's command is long enough to see both of github's start (with room
+    # for a loaded machine: github's second start came 2.3 s after its first end once).
+    other = await run(gql, commandString=SPAN.replace("0.6", "5"), serviceIds=[openai])
     first = await run(gql, commandString=SPAN, serviceIds=[github])
     second = await run(gql, commandString=SPAN, serviceIds=[github])
     waiting = await wait_status(gql, second, {"WAITING"})
