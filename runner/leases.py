@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -24,6 +25,19 @@ from server.runners import alive_window
 from server.settings import Settings
 
 PINNED_LOOK_SECONDS = 0.5  # at most one look for pinned commands a supervisor tick
+
+
+def runner_identity(runner_id: str, host: str, settings: Settings, version: str) -> RunnerInfo:
+    """What this runner process registers about itself."""
+    return RunnerInfo(
+        runner_id=runner_id,
+        name=settings.resolved_runner_name,
+        labels=settings.resolved_runner_labels,
+        version=version,
+        max_concurrency=settings.max_concurrency,
+        host=host,
+        pid=os.getpid(),
+    )
 
 
 class Leases:

@@ -15,7 +15,7 @@ import re
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, and_, bindparam, delete, insert, or_, select, tuple_, update
+from sqlalchemy import JSON, bindparam, insert, or_, select, tuple_, update
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.sql import Select, Update
 
@@ -27,8 +27,6 @@ from server.models import (
     CommandEvent,
     CommandService,
     CommandStatus,
-    Profile,
-    Runner,
     Service,
     ServiceUsage,
     UsageSource,
@@ -208,97 +206,6 @@ def running_elsewhere(runner_id: str, skip_locked: bool) -> Select[Command]:
         or_(Command.runner_id.is_(None), Command.runner_id != runner_id),
     )
     return stmt.with_for_update(skip_locked=True) if skip_locked else stmt
-
-
-# -- the runners table -----------------------------------------------------------------------
-
-
-def forget_runners(name: str, host: str, dead_before: datetime, forget_before: datetime) -> Any:
-    """Rows of earlier runs of this runner (same name, same host) that stopped, cleanly or
-    by dying (a restart replaces them), and of any runner silent since `forget_before`."""
-    return delete(Runner).where(
-        or_(
-            and_(
-                Runner.name == name,
-                Runner.host == host,
-                or_(Runner.stopped_at.is_not(None), Runner.last_heartbeat_at < dead_before),
-            ),
-            Runner.last_heartbeat_at < forget_before,
-        )
-    )
-
-
-def insert_runner() -> Any:
-    return insert(Runner)
-
-
-def runner_heartbeat(runner_id: str, running: int, now: datetime) -> Any:
-    """The heartbeat; it returns when the runner was asked to drain (null: it was not)."""
-    return (
-        update(Runner)
-        .where(Runner.runner_id == runner_id)
-        .values(last_heartbeat_at=now, running=running)
-        .returning(Runner.drain_requested_at)
-    )
-
-
-def runner_draining(runner_id: str, now: datetime) -> Update:
-    """The runner drains (kept from the first request)."""
-    return (
-        update(Runner)
-        .where(Runner.runner_id == runner_id, Runner.drain_requested_at.is_(None))
-        .values(drain_requested_at=now)
-    )
-
-
-def runner_stopped(runner_id: str, now: datetime) -> Update:
-    return (
-        update(Runner)
-        .where(Runner.runner_id == runner_id)
-        .values(stopped_at=now, last_heartbeat_at=now, running=0)
-    )
-
-
-def alive_runners(alive_since: datetime) -> Select[str, list[str]]:
-    """Name and labels of the runners that heartbeat since then and did not stop (nor
-    drain: a draining runner claims nothing more)."""
-    return select(Runner.name, Runner.labels).where(
-        Runner.stopped_at.is_(None),
-        Runner.drain_requested_at.is_(None),
-        Runner.last_heartbeat_at >= alive_since,
-    )
-
-
-def pinned_affinities() -> Select[str | None]:
-    """The runner affinities of the profiles of queued or waiting commands."""
-    return (
-        select(Profile.runner_affinity)
-        .join(Command, Command.profile_id == Profile.id)
-        .where(
-            Command.status.in_((CommandStatus.QUEUED.value, CommandStatus.WAITING.value)),
-            Profile.runner_affinity.is_not(None),
-        )
-        .distinct()
-    )
-
-
-def wait_for_runner(affinity: str, reason: str) -> Update:
-    """Queued commands pinned to this affinity wait with the reason (when it changes)."""
-    pinned = select(Profile.id).where(Profile.runner_affinity == affinity)
-    return (
-        update(Command)
-        .where(
-            Command.status.in_((CommandStatus.QUEUED.value, CommandStatus.WAITING.value)),
-            Command.profile_id.in_(pinned.scalar_subquery()),
-            or_(
-                Command.status != CommandStatus.WAITING.value,
-                Command.wait_reason.is_(None),
-                and_(Command.wait_reason.is_not(None), Command.wait_reason != reason),
-            ),
-        )
-        .values(status=CommandStatus.WAITING.value, wait_reason=reason)
-        .returning(Command.id)
-    )
 
 
 def command_services(command_id: int) -> Select[Service]:

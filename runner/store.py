@@ -18,7 +18,6 @@ again) writes nothing (no line, value or event) and `write_batch` names its comm
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timedelta
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 from sqlalchemy import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from runner import statements
+from runner import statements, statements_runners
 from runner.claims import ClaimedCommand, ClaimRequest, ClaimResult
 from server.commands import choose_tokens, own_tokens
 from server.models import LogLine, LogStream, Profile, Proxy, Service, utcnow
@@ -35,7 +34,6 @@ from server.proxies import proxy_chain
 from server.routing import run_routing
 from server.runners import no_runner_reason
 from server.secretbox import SecretBox
-from server.settings import Settings
 from xray.hops import Hop
 from xray.routing import Routing
 
@@ -131,20 +129,6 @@ class RunnerInfo:
     max_concurrency: int
     host: str
     pid: int
-
-    @classmethod
-    def of_this_process(
-        cls, runner_id: str, host: str, settings: Settings, version: str
-    ) -> RunnerInfo:
-        return cls(
-            runner_id=runner_id,
-            name=settings.resolved_runner_name,
-            labels=settings.resolved_runner_labels,
-            version=version,
-            max_concurrency=settings.max_concurrency,
-            host=host,
-            pid=os.getpid(),
-        )
 
 
 # A runner silent this long (stopped, or dead and flagged) leaves the runners table when
@@ -279,43 +263,43 @@ class SessionOperations:
         async with self.sessionmaker() as session, session.begin():
             forget_before = now - FORGET_RUNNERS_AFTER
             await session.execute(
-                statements.forget_runners(info.name, info.host, dead_before, forget_before)
+                statements_runners.forget_runners(info.name, info.host, dead_before, forget_before)
             )
             await session.execute(
-                statements.insert_runner().values(
+                statements_runners.insert_runner().values(
                     **asdict(info), running=0, started_at=now, last_heartbeat_at=now
                 )
             )
 
     async def heartbeat(self, runner_id: str, running: int) -> bool:
         async with self.sessionmaker() as session, session.begin():
-            stmt = statements.runner_heartbeat(runner_id, running, utcnow())
+            stmt = statements_runners.runner_heartbeat(runner_id, running, utcnow())
             asked = await session.scalar(stmt)
         return asked is not None
 
     async def mark_runner_draining(self, runner_id: str) -> None:
         async with self.sessionmaker() as session, session.begin():
-            await session.execute(statements.runner_draining(runner_id, utcnow()))
+            await session.execute(statements_runners.runner_draining(runner_id, utcnow()))
 
     async def mark_runner_stopped(self, runner_id: str) -> None:
         async with self.sessionmaker() as session, session.begin():
-            await session.execute(statements.runner_stopped(runner_id, utcnow()))
+            await session.execute(statements_runners.runner_stopped(runner_id, utcnow()))
 
     async def wait_for_runners(self, alive_since: datetime) -> list[int]:
         async with self.sessionmaker() as session, session.begin():
-            pinned = await session.scalars(statements.pinned_affinities())
+            pinned = await session.scalars(statements_runners.pinned_affinities())
             affinities = [affinity for affinity in pinned if affinity]
             if not affinities:
                 return []
             alive = [
                 (row.name, row.labels)
-                for row in await session.execute(statements.alive_runners(alive_since))
+                for row in await session.execute(statements_runners.alive_runners(alive_since))
             ]
             changed: list[int] = []
             for affinity in affinities:
                 reason = no_runner_reason(affinity, alive)
                 if reason is not None:
-                    stmt = statements.wait_for_runner(affinity, reason)
+                    stmt = statements_runners.wait_for_runner(affinity, reason)
                     changed += await session.scalars(stmt)
             return changed
 

@@ -18,7 +18,7 @@ from runner.attempt import AttemptExecution
 from runner.attempt_state import Attempt, StopReason
 from runner.claims import ClaimRequest, ClaimResult, ClaimTerms
 from runner.drain import Drain
-from runner.leases import Leases
+from runner.leases import Leases, runner_identity
 from runner.loading import AttemptSetup, runner_sandbox
 from runner.logstore import LogStore
 from runner.oskit.subreaper import become_subreaper
@@ -29,7 +29,6 @@ from runner.redaction import KnownSecrets
 from runner.renderpool import RenderPool
 from runner.sandbox import NONE, Sandbox, check_reachable
 from runner.schedules import ProbeSchedule
-from runner.store import RunnerInfo
 from runner.store_errors import ClaimConflict
 from runner.workdirs import Workdirs
 from server import __version__
@@ -96,7 +95,7 @@ class Supervisor:
             settings,
             self.gateway,
             broker,
-            RunnerInfo.of_this_process(self.runner_id, self.host, settings, __version__),
+            runner_identity(self.runner_id, self.host, settings, __version__),
             self.attempts,
             self._wake,
             self._pins_due,
