@@ -14,8 +14,9 @@ from datetime import timedelta
 from typing import Any
 
 from runner.attempt_state import Attempt, StopReason
+from runner.markers import kill_runs_of
 from runner.oskit.subreaper import reap_orphans
-from runner.recovery import Recovery
+from runner.recovery import LIVE_RUNNERS, Recovery
 from runner.store import RunnerInfo, RunnerStore
 from runner.store_errors import retryable_database_error
 from server.broker import QUEUE_TOPIC, Broker
@@ -68,6 +69,7 @@ class Leases:
         self.pins_due = pins_due  # set when commands were queued
         self.on_drain_requested = on_drain_requested  # `corral runner --drain` named it
         self.lose = lose  # an attempt whose fence a renewal found refused
+        self.earlier: list[tuple[str, int]] = []  # earlier runs of it that died (id, pid)
 
     async def loop(self) -> None:
         """Every third of a lease: renew, heartbeat, recover (forever; cancel it)."""
@@ -85,8 +87,10 @@ class Leases:
                 log_event("lease_pass_failed", level=level, error=repr(exc))
 
     async def register(self) -> None:
-        """Add this runner to the runners table (GraphQL `runners`, the panel)."""
-        await self.gateway.register_runner(self.identity, utcnow() - self.alive_window)
+        """Add this runner to the runners table (GraphQL `runners`, the panel); its earlier
+        runs on this host that died are swept after the first recovery."""
+        earlier = await self.gateway.register_runner(self.identity, utcnow() - self.alive_window)
+        self.earlier = [(runner_id, pid) for runner_id, pid in earlier if _gone(runner_id, pid)]
 
     @property
     def alive_window(self) -> timedelta:
@@ -171,3 +175,23 @@ class Leases:
             self.broker.publish(QUEUE_TOPIC, None)  # other runners may have the free slots
         if orphans:
             self.wake.set()
+        earlier, self.earlier = self.earlier, []
+        for runner_id in (runner_id for runner_id, _ in earlier):
+            # Its commands may have been recovered and finished by a runner on another host
+            # (which cannot reach these processes): whatever of its runs is left here goes.
+            if killed := await asyncio.to_thread(kill_runs_of, runner_id):
+                log_event("leftovers_killed", previous_runner=runner_id, processes=killed)
+
+
+def _gone(runner_id: str, pid: int) -> bool:
+    """Whether the runner process of an earlier run is gone (a runner of this process: not
+    among those running in it)."""
+    if pid == os.getpid():
+        return runner_id not in LIVE_RUNNERS
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False

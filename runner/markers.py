@@ -131,3 +131,13 @@ def kill_leftovers(marker: str) -> int:
     pids = marked_processes(RUN_MARKER, marker) + marked_processes(SIDECAR_MARKER, marker)
     kill_all(pids)
     return len(pids)
+
+
+def kill_runs_of(runner_id: str) -> int:
+    """SIGKILL every process of every run (and sidecar) of a runner that is gone: what a
+    runner killed outright left, found by its run markers."""
+    prefixes = tuple(f"{name}={runner_id}/".encode() for name in (RUN_MARKER, SIDECAR_MARKER))
+    environs = _environs(candidate_pids())
+    pids = [pid for pid, env in environs.items() if any(e.startswith(prefixes) for e in env)]
+    kill_all(pids)
+    return len(pids)

@@ -13,6 +13,12 @@ from sqlalchemy.sql import Select, Update
 from server.models import Command, CommandStatus, Profile, Runner
 
 
+def earlier_runs(name: str, host: str) -> Select[str, int]:
+    """Earlier runs of this runner (same name, same host) still in the table: the runner id
+    (its run markers begin with it) and pid of each."""
+    return select(Runner.runner_id, Runner.pid).where(Runner.name == name, Runner.host == host)
+
+
 def forget_runners(name: str, host: str, dead_before: datetime, forget_before: datetime) -> Any:
     """Rows of earlier runs of this runner (same name, same host) that stopped, cleanly or
     by dying (a restart replaces them), and of any runner silent since `forget_before`."""

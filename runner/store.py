@@ -174,10 +174,12 @@ class RunnerStore(Protocol):
     async def load_attempt(self, command: ClaimedCommand, box: SecretBox) -> AttemptRows:
         """The profile, proxy chain, routing, services and tokens of a claimed command."""
 
-    async def register_runner(self, info: RunnerInfo, dead_before: datetime) -> None:
+    async def register_runner(
+        self, info: RunnerInfo, dead_before: datetime
+    ) -> list[tuple[str, int]]:
         """Add this runner to the runners table, replacing earlier runs of it that stopped
         or whose heartbeat ended before `dead_before`, and forgetting any runner silent for
-        FORGET_RUNNERS_AFTER."""
+        FORGET_RUNNERS_AFTER; the earlier runs of it still in the table (runner id, pid)."""
 
     async def heartbeat(self, runner_id: str, running: int) -> bool:
         """The runner is alive, running this many commands; whether it was asked to drain."""
@@ -258,9 +260,13 @@ class SessionOperations:
             )
         return AttemptRows(profile, proxy, services, set(own), tokens, chain, routing)
 
-    async def register_runner(self, info: RunnerInfo, dead_before: datetime) -> None:
+    async def register_runner(
+        self, info: RunnerInfo, dead_before: datetime
+    ) -> list[tuple[str, int]]:
         now = utcnow()
         async with self.sessionmaker() as session, session.begin():
+            stmt = statements_runners.earlier_runs(info.name, info.host)
+            earlier = [(row.runner_id, row.pid) for row in await session.execute(stmt)]
             forget_before = now - FORGET_RUNNERS_AFTER
             await session.execute(
                 statements_runners.forget_runners(info.name, info.host, dead_before, forget_before)
@@ -270,6 +276,7 @@ class SessionOperations:
                     **asdict(info), running=0, started_at=now, last_heartbeat_at=now
                 )
             )
+        return earlier
 
     async def heartbeat(self, runner_id: str, running: int) -> bool:
         async with self.sessionmaker() as session, session.begin():

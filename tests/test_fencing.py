@@ -486,3 +486,44 @@ async def _recovered_after(engine: AsyncEngine, command_id: int, since: float) -
         )
     assert noted is not None
     return (noted - utcnow()).total_seconds() + (time.monotonic() - since)
+
+
+@ON_POSTGRES
+async def test_a_restarted_runner_stops_what_its_killed_run_left_once_finished_elsewhere(
+    settings: Settings, tmp_path: Path
+) -> None:
+    # The command of a runner killed with SIGKILL is recovered and run to its end by a
+    # runner on another host (written here as such a runner writes it: no runner of this
+    # host recovers it, the app has none). Its processes here are no command's any more;
+    # the killed runner, restarted, stops them.
+    from server.app import create_app
+    from tests.fixtures.auth import admin_client
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    application = create_app(settings.model_copy(update={"embedded_runner": False}))
+    async with application.router.lifespan_context(application), admin_client(application) as http:
+        gql = GraphQLClient(http)
+        async with runner_process(
+            settings, tmp_path / "a", "--name", "phoenix", exits=(-signal.SIGKILL,)
+        ) as first:
+            command_id = await run(gql, commandString="sh -c 'sleep 300 & sleep 300; wait'")
+            orphans = await wait_processes(command_id, runner_pid=first.pid)
+            first.kill()
+            await first.wait()
+        assert all(alive(pid) for pid in orphans)
+        async with engine_of(application).begin() as connection:
+            await connection.execute(
+                update(Command)
+                .where(Command.id == pk(command_id))
+                .values(status="SUCCEEDED", runner_id=None, lease_expires_at=None, pgid=None)
+            )
+        async with runner_process(settings, tmp_path / "b", "--name", "phoenix") as second:
+            for _ in range(300):  # up to 30 s for a start on a loaded machine
+                if not any(alive(pid) for pid in orphans):
+                    break
+                await asyncio.sleep(0.1)
+            assert [pid for pid in orphans if alive(pid)] == []
+            assert second.returncode is None
+        output = b"".join(getattr(second, "output", [])).decode()
+        assert "leftovers_killed" in output, output
