@@ -16,6 +16,7 @@ import contextlib
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from runner.store_errors import retryable_database_error
+from server.broker import QUEUE_TOPIC, Broker
 from server.errors import InvalidInput
 from server.events import log_event
 from server.models import utcnow
@@ -47,8 +48,10 @@ class ProxyCheckSchedule:
         settings: Settings,
         sessionmaker: async_sessionmaker[AsyncSession],
         secret_box: SecretBox,
+        broker: Broker | None = None,
     ) -> None:
         self.settings = settings
+        self.broker = broker  # a passing check wakes the claims held for a flagged proxy
         self.sessionmaker = sessionmaker
         self.box = secret_box
         self.interval = float(settings.proxy_check_interval)
@@ -154,6 +157,10 @@ class ProxyCheckSchedule:
                 )
                 ok, failures = proxy.health_ok, proxy.health_failures
             log_event("proxy_checked", proxy=proxy_id, ok=ok, failures=failures)
+            if ok and self.settings.hold_on_flagged_proxy and self.broker is not None:
+                # Commands held for this proxy may go now: every runner looks (on
+                # PostgreSQL the claim loop waits for wake-ups, not a short tick).
+                self.broker.publish(QUEUE_TOPIC, None)
         except InvalidInput as exc:  # deleted meanwhile, or no Xray binary on this host
             message = "; ".join(error.message for error in exc.errors)
             log_event("proxy_check_skipped", proxy=proxy_id, reason=message)

@@ -109,7 +109,7 @@ class Supervisor:
         # Templates render in worker processes: the app's pool, else one of its own.
         self._owns_render_pool = render_pool is None
         self.render_pool = render_pool or RenderPool.from_settings(settings)
-        self.proxy_checks = ProxyCheckSchedule(settings, sessionmaker, secret_box)
+        self.proxy_checks = ProxyCheckSchedule(settings, sessionmaker, secret_box, broker)
         self.schedule = ProbeSchedule(settings, sessionmaker, secret_box, broker)
         self.secrets = KnownSecrets(
             sessionmaker,

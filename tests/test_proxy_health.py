@@ -177,7 +177,13 @@ def test_hold_reasons_follow_chains() -> None:
     assert held_proxies([], [(2, 1)]) == {}
 
 
-HOLD = {"hold_on_flagged_proxy": True, "proxy_flag_after": 2, "proxy_check_interval": 0.5}
+HOLD = {
+    "hold_on_flagged_proxy": True,
+    "proxy_flag_after": 2,
+    "proxy_check_interval": 0.5,
+    # On PostgreSQL the runner never looks by itself: the passing check must wake it.
+    "claim_poll_seconds": 600.0,
+}
 
 
 @pytest.mark.parametrize("settings_update", [HOLD], ids=["hold"])
