@@ -166,7 +166,8 @@ async def test_a_concurrency_cap_of_one_runs_them_one_after_the_other(
     # The other service's command is long enough to see both of github's start (with room
     # for a loaded machine: github's second start came 2.3 s after its first end once).
     other = await run(gql, commandString=SPAN.replace("0.6", "5"), serviceIds=[openai])
-    first = await run(gql, commandString=SPAN, serviceIds=[github])
+    # The first runs 2 s: long enough for the second's WAITING to be seen on a loaded machine.
+    first = await run(gql, commandString=SPAN.replace("0.6", "2"), serviceIds=[github])
     second = await run(gql, commandString=SPAN, serviceIds=[github])
     waiting = await wait_status(gql, second, {"WAITING"})
     assert waiting["waitReason"] == "github: 1 of 1 running (concurrency cap)"

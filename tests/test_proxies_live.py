@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,9 @@ from tests.fixtures.commands import logs_of, run, texts, wait_final
 from tests.fixtures.netfakes import LocalSite, UpstreamHttpProxy
 from tests.fixtures.processes import free_port
 
-USER, PASSWORD = "alice", "pr0xy-Pa55word-XYZ"
+# Unique to this test process: the leftover-config check globs /tmp, which another pytest
+# worker's sidecars share.
+USER, PASSWORD = "alice", f"pr0xy-Pa55word-{uuid.uuid4().hex[:12]}"
 CREATE_PROXY = """mutation($input: CreateProxyInput!) { createProxy(input: $input) {
   proxy { id name } userErrors { field message code } } }"""
 CHECK = """mutation($id: ID!) { checkProxy(id: $id) {
