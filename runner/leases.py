@@ -16,7 +16,7 @@ from typing import Any
 from runner.attempt_state import Attempt, StopReason
 from runner.markers import kill_runs_of
 from runner.oskit.subreaper import reap_orphans
-from runner.recovery import LIVE_RUNNERS, Recovery
+from runner.recovery import Recovery, runner_process_gone
 from runner.store import RunnerInfo, RunnerStore
 from runner.store_errors import retryable_database_error
 from server.broker import QUEUE_TOPIC, Broker
@@ -90,7 +90,7 @@ class Leases:
         """Add this runner to the runners table (GraphQL `runners`, the panel); its earlier
         runs on this host that died are swept after the first recovery."""
         earlier = await self.gateway.register_runner(self.identity, utcnow() - self.alive_window)
-        self.earlier = [(runner_id, pid) for runner_id, pid in earlier if _gone(runner_id, pid)]
+        self.earlier = [(rid, pid) for rid, pid in earlier if runner_process_gone(rid, pid)]
 
     @property
     def alive_window(self) -> timedelta:
@@ -181,17 +181,3 @@ class Leases:
             # (which cannot reach these processes): whatever of its runs is left here goes.
             if killed := await asyncio.to_thread(kill_runs_of, runner_id):
                 log_event("leftovers_killed", previous_runner=runner_id, processes=killed)
-
-
-def _gone(runner_id: str, pid: int) -> bool:
-    """Whether the runner process of an earlier run is gone (a runner of this process: not
-    among those running in it)."""
-    if pid == os.getpid():
-        return runner_id not in LIVE_RUNNERS
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False

@@ -83,16 +83,22 @@ class Recovery:
             pid = int(command.runner_id.split(":")[1])
         except (IndexError, ValueError):
             return False
-        if pid == os.getpid():
-            return command.runner_id not in LIVE_RUNNERS  # this process: is that runner alive?
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        except PermissionError:
-            return False
-        return False
+        return runner_process_gone(command.runner_id, pid)
 
 
 def _lease_expired(command: Command, now: datetime) -> bool:
     return command.lease_expires_at is None or command.lease_expires_at < now
+
+
+def runner_process_gone(runner_id: str, pid: int) -> bool:
+    """Whether the process of a runner of this host is gone (a runner of this process: not
+    among those running in it)."""
+    if pid == os.getpid():
+        return runner_id not in LIVE_RUNNERS
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
