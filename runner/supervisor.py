@@ -291,6 +291,10 @@ class Supervisor:
             self._pins_due.set()
             self._wake.set()
 
+    def _look_again(self) -> None:
+        self._queue_changed = True
+        self._wake.set()
+
     def _tick(self) -> float:
         """How long the claim loop waits for a wake-up: on PostgreSQL, while the broker
         listens, queue wake-ups come by NOTIFY and the tick is a safety net
@@ -333,8 +337,7 @@ class Supervisor:
             # Another runner took a command of the same profile at the same moment: look
             # again soon (on PostgreSQL the tick is slow, and no wake-up follows a race).
             log_event("claim_conflict", runner=self.runner_id)
-            self._queue_changed = True
-            asyncio.get_running_loop().call_later(CONFLICT_RETRY_SECONDS, self._wake.set)
+            asyncio.get_running_loop().call_later(CONFLICT_RETRY_SECONDS, self._look_again)
             return
         except Exception as exc:  # keep the runner alive; the next tick claims again
             log_event("claim_failed", level="error", error=repr(exc))
@@ -343,8 +346,9 @@ class Supervisor:
             self._claiming -= job.free
             if self._open_claim is job:
                 self._open_claim = None
-            if job.claimed_for is not None and job.claimed_for < job.free:
-                self._wake.set()  # slots joined as it ran: they are claimed next
+            if self._queue_changed or (job.claimed_for is not None and job.claimed_for < job.free):
+                # Slots joined as it ran, or commands queued as it ran were not seen: next.
+                self._wake.set()
         claimed, upcoming = outcome.claimed, outcome.upcoming
         outcome.announce(self.broker, self.runner_id)
         if outcome.wake_at is not None:
