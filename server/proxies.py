@@ -10,6 +10,7 @@ from typing import Any
 from sqlalchemy import delete, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from server.broker import QUEUE_TOPIC
 from server.db import READ_ONLY
 from server.errors import ErrorCode, InvalidInput, UserError
 from server.known_secrets import mark_secrets_changed
@@ -18,6 +19,7 @@ from server.profiles import delete_link, get_profile
 from server.proxy_health import CheckTrigger, add_check
 from server.secretbox import SecretBox
 from server.settings import Settings
+from server.unit_of_work import announce
 from server.validation import (
     FieldInvalid,
     FieldSpec,
@@ -420,7 +422,11 @@ def _without(secrets: list[str], message: str) -> str:
 async def record_health(
     session: AsyncSession, proxy: Proxy, result: HealthResult, trigger: str = CheckTrigger.MANUAL
 ) -> Proxy:
-    """Store the outcome of a health check on the proxy and in its history."""
+    """Store the outcome of a health check on the proxy and in its history. A passing check
+    of a proxy that was failing wakes the runners once it commits: commands held for it
+    (CORRAL_HOLD_ON_FLAGGED_PROXY) may start now, not at the claim loop's safety net."""
+    if result.ok and (proxy.health_failures or 0) > 0:
+        announce(session, QUEUE_TOPIC, None)
     proxy.health_ok = result.ok
     proxy.health_latency_ms = result.latency_ms
     proxy.health_error = result.error

@@ -220,6 +220,32 @@ async def test_hold_policy_waits_on_a_flagged_proxy_then_runs(
     assert recovered["checks"][0]["ok"] is True
 
 
+HOLD_MANUAL = {**HOLD, "proxy_check_interval": 3600.0}  # no scheduled check in the test
+
+
+@pytest.mark.parametrize("settings_update", [HOLD_MANUAL], ids=["hold-manual"])
+async def test_a_passing_manual_check_starts_what_was_held(
+    gql: GraphQLClient, upstream: UpstreamHttpProxy, site: LocalSite
+) -> None:
+    """`checkProxy` from the API (no schedule) wakes the runners too: on PostgreSQL, with
+    the claim loop's safety net at 600 s, the held command starts within seconds."""
+    dead = free_port()
+    proxy_id = await create_proxy(gql, name="manual", port=dead, username=USER, password=PASSWORD)
+    for _ in range(HOLD["proxy_flag_after"]):
+        assert (await gql(CHECK, id=proxy_id))["checkProxy"]["userErrors"] == []
+    assert (await health(gql, proxy_id))["flagged"] is True
+    held_id = await run(
+        gql, commandString=FETCH, proxyId=proxy_id, params={"url": f"{site.url}/ip"}
+    )
+    assert (await wait_status(gql, held_id, {"WAITING"}))["attempts"] == 0
+    answer = await gql(UPDATE_PROXY, input={"id": proxy_id, "port": upstream.port})
+    assert answer["updateProxy"]["userErrors"] == []
+    assert (await command(gql, held_id))["status"] == "WAITING"  # nothing checked it yet
+    assert (await gql(CHECK, id=proxy_id))["checkProxy"]["userErrors"] == []
+    final = await wait_final(gql, held_id, timeout=20)
+    assert final["status"] == "SUCCEEDED", final
+
+
 # --- the schedule itself, without the app: two runners on one database ---------------------
 
 
