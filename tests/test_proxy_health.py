@@ -231,7 +231,7 @@ async def test_a_passing_manual_check_starts_what_was_held(
     the claim loop's safety net at 600 s, the held command starts within seconds."""
     dead = free_port()
     proxy_id = await create_proxy(gql, name="manual", port=dead, username=USER, password=PASSWORD)
-    for _ in range(HOLD["proxy_flag_after"]):
+    for _ in range(2):  # proxy_flag_after
         assert (await gql(CHECK, id=proxy_id))["checkProxy"]["userErrors"] == []
     assert (await health(gql, proxy_id))["flagged"] is True
     held_id = await run(
