@@ -154,9 +154,12 @@ def response_size_error(size: int, limit: int) -> GraphQLError:
 
 def response_size(data: Any) -> int:
     """Bytes of the result's data as JSON (ASCII-escaped, as the HTTP view sends it); of
-    data shared by subscribers, its JSON as encoded once for all of them."""
+    `SharedData`, its JSON as encoded once for the response (or for all subscribers)."""
     if isinstance(data, SharedData):
-        return len(data.json())
+        try:
+            return len(data.json())
+        except (TypeError, ValueError):  # not JSON as it is: the view's encoding fails too
+            pass
     return len(json.dumps(data, default=str))
 
 
@@ -240,6 +243,9 @@ class QueryLimits(SchemaExtension):
             return
         if result.data is None:
             return
+        if type(result.data) is dict:
+            # Encoded once: the view writes this JSON as it is (graphql_http.encode_json).
+            result.data = SharedData(result.data)
         size = response_size(result.data)
         if size > self.limits.max_response_bytes:
             result.data = None

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple
 
-from sqlalchemy import Row, Select, and_, func, select
+from sqlalchemy import Row, Select, and_, bindparam, func, select
 from sqlalchemy.orm import aliased
 from strawberry.dataloader import DataLoader
 from strawberry.scalars import JSON
@@ -47,7 +47,7 @@ class ProxyUse:
 
 
 def _each_target_once(
-    link_columns: list[Any], target_id: Any, target: type[Service] | type[Proxy], ids: list[int]
+    link_columns: list[Any], target_id: Any, target: type[Service] | type[Proxy], ids: Any
 ) -> Select[Any]:
     """The links of the profiles `ids` (`link_columns`, then `target_id`), ordered by their
     target's name, each with its target row on the first of its links only (None on the
@@ -72,6 +72,25 @@ def _each_target_once(
         .outerjoin(target, and_(target.id == linked_id, numbered.c.nth == 1))
         .order_by(names.name)
     )
+
+
+# The profiles' links, built once (with the profile ids as an expanding parameter): a page
+# built these statements' subquery, aliases and joins anew each time (issue 16).
+_LINK_COLUMNS = [
+    ProfileService.profile_id,
+    ProfileService.token_encrypted,
+    ProfileService.rate_limit_policy,
+    ProfileService.created_at,
+]
+_LINKS_TO_SERVICES = _each_target_once(
+    _LINK_COLUMNS, ProfileService.service_id, Service, bindparam("ids", expanding=True)
+)
+_PROXY_USES = _each_target_once(
+    [ProfileProxy.profile_id, ProfileProxy.is_default],
+    ProfileProxy.proxy_id,
+    Proxy,
+    bindparam("ids", expanding=True),
+)
 
 
 class Loaders:
@@ -115,9 +134,11 @@ class Loaders:
             node = self._proxies[row.id] = ProxyNode.from_row(row)
         return node
 
-    async def _rows(self, stmt: Select[*Ts]) -> Sequence[Row[*Ts]]:
+    async def _rows(
+        self, stmt: Select[*Ts], params: dict[str, Any] | None = None
+    ) -> Sequence[Row[*Ts]]:
         async with self._context.reading() as session:
-            return (await session.execute(stmt)).all()
+            return (await session.execute(stmt, params)).all()
 
     def _by_id(self, model: type[M]) -> Any:
         async def load(ids: list[int]) -> list[M | None]:
@@ -142,11 +163,7 @@ class Loaders:
         `profile_services`; a page calls it directly, without a future per profile)."""
         from graphql_schema.profiles import ProfileServiceLink
 
-        link = ProfileService
-        columns = [link.profile_id, link.token_encrypted, link.rate_limit_policy, link.created_at]
-        rows: Sequence[Any] = await self._rows(
-            _each_target_once(columns, link.service_id, Service, ids)
-        )
+        rows: Sequence[Any] = await self._rows(_LINKS_TO_SERVICES, {"ids": ids})
         nodes = {row[-1].id: self.service_node(row[-1]) for row in rows if row[-1] is not None}
         groups: dict[int, list[ProfileServiceLink]] = defaultdict(list)
         for profile_id, token, policy, created_at, service_id, _service in rows:
@@ -165,10 +182,7 @@ class Loaders:
     async def proxy_uses(self, ids: list[int]) -> list[ProxyUse]:
         """The proxies of each profile of `ids`, in one statement (also the batch of
         `profile_proxies`)."""
-        columns = [ProfileProxy.profile_id, ProfileProxy.is_default]
-        rows: Sequence[Any] = await self._rows(
-            _each_target_once(columns, ProfileProxy.proxy_id, Proxy, ids)
-        )
+        rows: Sequence[Any] = await self._rows(_PROXY_USES, {"ids": ids})
         nodes = {row[-1].id: self.proxy_node(row[-1]) for row in rows if row[-1] is not None}
         proxies: dict[int, list[proxy_types.Proxy]] = defaultdict(list)
         defaults: dict[int, proxy_types.Proxy] = {}

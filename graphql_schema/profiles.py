@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 import strawberry
 from sqlalchemy import select
@@ -92,6 +92,40 @@ class ProfileServiceLink:
         return None if row is None else ServiceUsage.from_row(row)
 
 
+class ProfileRecord(Protocol):
+    """What a Profile node reads of its row: an ORM `models.Profile`, or (a page's) Core
+    row of the profiles table, whose columns are named as the model's attributes."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def user_data_dir(self) -> str | None: ...
+    @property
+    def user_agent(self) -> str | None: ...
+    @property
+    def locale(self) -> str | None: ...
+    @property
+    def timezone(self) -> str | None: ...
+    @property
+    def viewport_width(self) -> int | None: ...
+    @property
+    def viewport_height(self) -> int | None: ...
+    @property
+    def headless(self) -> bool: ...
+    @property
+    def tags(self) -> list[str]: ...
+    @property
+    def notes(self) -> str | None: ...
+    @property
+    def runner_affinity(self) -> str | None: ...
+    @property
+    def created_at(self) -> datetime: ...
+    @property
+    def updated_at(self) -> datetime: ...
+
+
 @strawberry.type(description="A Chrome profile: a user-data-dir with its browser settings.")
 class Profile(Node):
     id: strawberry.ID = strawberry.field(description="The profile's global ID.")
@@ -112,13 +146,13 @@ class Profile(Node):
     )
     created_at: datetime = strawberry.field(description="When the profile was made.")
     updated_at: datetime = strawberry.field(description="When the profile last changed.")
-    row: strawberry.Private[models.Profile]
+    row: strawberry.Private[ProfileRecord]
     # Set by `prefetch_links` for the profiles of a page; otherwise loaded per profile.
     service_links: strawberry.Private[list[ProfileServiceLink] | None] = None
     proxy_use: strawberry.Private[ProxyUse | None] = None
 
     @classmethod
-    def from_row(cls, row: models.Profile) -> Profile:
+    def from_row(cls, row: ProfileRecord) -> Profile:
         return cls(
             id=encode_id("Profile", row.id),
             name=row.name,
@@ -231,7 +265,9 @@ async def resolve_profiles(
 ) -> Connection[Profile]:
     """Profiles by creation order; `search` matches names (case-insensitive substring)."""
     stmt = profile_service.name_search(select(models.Profile), search)
-    page = await paginate(info, stmt, models.Profile.id, Profile.from_row, first, after)
+    page = await paginate(
+        info, stmt, models.Profile.id, Profile.from_row, first, after, plain_rows=True
+    )
     await prefetch_links(info, [edge.node for edge in page.edges])
     return page
 

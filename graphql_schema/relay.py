@@ -159,9 +159,12 @@ async def paginate(
     after: str | None,
     *,
     descending: bool = False,
+    plain_rows: bool = False,
 ) -> Connection[T]:
     """Keyset pagination by primary key (stable under inserts), `first` items after `after`
-    (newest first when `descending`)."""
+    (newest first when `descending`). With `plain_rows`, `convert` is given the statement's
+    rows as Core reads them (the columns by name, their types' values), not ORM objects: a
+    page of 500 profiles as ORM objects cost twice the hand-written query (issue 16)."""
     limit = DEFAULT_PAGE_SIZE if first is None else first
     maximum = info.context.settings.page_size_max
     if not 0 <= limit <= maximum:
@@ -171,7 +174,11 @@ async def paginate(
         cursor = decode_cursor(after)
         page_stmt = page_stmt.where(id_column < cursor if descending else id_column > cursor)
     async with info.context.reading() as session:
-        rows: Sequence[Any] = (await session.scalars(page_stmt)).all()
+        rows: Sequence[Any]
+        if plain_rows:
+            rows = (await (await session.connection()).execute(page_stmt)).all()
+        else:
+            rows = (await session.scalars(page_stmt)).all()
 
     async def count() -> int:
         async with info.context.reading() as session:

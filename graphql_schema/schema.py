@@ -16,7 +16,6 @@ from strawberry.extensions import (
     ValidationCache,
 )
 from strawberry.schema.config import StrawberryConfig
-from strawberry.schema.schema import StrawberryGraphQLCoreExecutionContext
 
 from graphql_schema.access import AccessMutations, ApiToken, Me, resolve_api_tokens, resolve_me
 from graphql_schema.audit import AuditEvent, MutationAudit, load_audit_event, resolve_audit_events
@@ -31,7 +30,7 @@ from graphql_schema.commands import (
 )
 from graphql_schema.context import Info
 from graphql_schema.cost import CostModel, ListBound
-from graphql_schema.direct import install_direct_resolvers
+from graphql_schema.direct import DirectLeaves, install_direct_resolvers
 from graphql_schema.errors import CorralSchema, is_unexpected
 from graphql_schema.limits import Limits, QueryLimits
 from graphql_schema.permissions import RoleGuard
@@ -166,8 +165,9 @@ def query_limits(settings: Settings) -> Limits:
 ROOT_FIELD_HOOKS: tuple[type, ...] = (RoleGuard, MutationAudit)
 
 
-class CorralExecutionContext(StrawberryGraphQLCoreExecutionContext):
-    """graphql-core's executor, with two changes.
+class CorralExecutionContext(DirectLeaves):
+    """graphql-core's executor, with three changes (the third: plain scalar fields answered
+    in place where no middleware runs, see `DirectLeaves`).
 
     Root-field middleware: our schema extensions' `resolve` hooks (RoleGuard,
     MutationAudit; `ROOT_FIELD_HOOKS`) act on root fields only and pass every other field

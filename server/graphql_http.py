@@ -476,6 +476,13 @@ class StrictGraphQL(GraphQL[Context, None]):
     def encode_json(self, data: object) -> str | bytes:
         """As Strawberry's; a `next` message whose data is shared by subscribers writes the
         data's JSON encoded once (graphql_schema.shared_events) inside its own envelope."""
+        if isinstance(data, dict) and data.keys() == {"data"}:
+            # A query's answer: its data's JSON was encoded once already, for the response
+            # size limit (graphql_schema.limits), and is written as it is.
+            shared = data["data"]
+            if isinstance(shared, SharedData):
+                with contextlib.suppress(TypeError, ValueError):
+                    return f'{{"data":{shared.json()}}}'
         if isinstance(data, dict) and data.get("type") == "next":
             payload = data.get("payload")
             if isinstance(payload, dict) and payload.keys() == {"data"}:

@@ -10,7 +10,7 @@ import shutil
 import zoneinfo
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import Select, delete, false, func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -122,7 +122,17 @@ PROFILE_FIELDS = [
 ]
 
 
-def user_data_dir(profile: Profile, settings: Settings) -> str:
+class ProfileLocation(Protocol):
+    """What `user_data_dir` reads of a profile: a row, or a page's plain record of one."""
+
+    @property
+    def id(self) -> int: ...
+
+    @property
+    def user_data_dir(self) -> str | None: ...
+
+
+def user_data_dir(profile: ProfileLocation, settings: Settings) -> str:
     """The profile's user-data-dir: its own, else `<data_dir>/profiles/<id>`."""
     return profile.user_data_dir or str(settings.profiles_dir / str(profile.id))
 

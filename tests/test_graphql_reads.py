@@ -4,6 +4,7 @@ whichever way a profile is reached (a page, a fragment, `nodes`, a node, a servi
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
 from typing import Any
 
@@ -241,3 +242,72 @@ def test_a_field_answered_at_once_keeps_its_checks_or_the_schema_refuses_it() ->
 
     with pytest.raises(TypeError, match="answer_at_once"):
         install_direct_resolvers(strawberry.Schema(query=Query))
+
+
+@strawberry.enum
+class LeafColor(enum.Enum):
+    RED = "red"
+
+
+@strawberry.type
+class LeafItem:
+    id: strawberry.ID
+    count: int
+    color: LeafColor
+    label: str | None
+    must: str
+
+
+class BrokenLeafItem:
+    """Not a LeafItem's values: graphql-core must word each error, as without DirectLeaves."""
+
+    id = "b"
+    count = "many"  # not an Int
+    color = LeafColor.RED
+    label = None
+
+    @property
+    def must(self) -> str:
+        raise RuntimeError("no must here")
+
+
+@strawberry.type
+class LeafQuery:
+    @strawberry.field
+    def items(self) -> list[LeafItem | None]:
+        good = LeafItem(id=strawberry.ID("a"), count=2, color=LeafColor.RED, label=None, must="m")
+        nulled = LeafItem(id=strawberry.ID("n"), count=3, color=LeafColor.RED, label="x", must="")
+        nulled.must = None  # type: ignore[assignment]
+        return [good, nulled, BrokenLeafItem()]  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize("fields", ["id count color label", "id must", "label"])
+def test_plain_leaves_answered_in_place_keep_graphql_cores_answers_and_errors(fields: str) -> None:
+    # DirectLeaves answers plain scalar and enum fields itself: the same values, and a value
+    # it cannot answer (a null for a non-null field, one its type cannot represent, an
+    # attribute that raises) gets graphql-core's own error at the same path.
+    from graphql_schema.direct import install_direct_resolvers
+    from graphql_schema.schema import CorralExecutionContext
+
+    ours = strawberry.Schema(query=LeafQuery, execution_context_class=CorralExecutionContext)
+    install_direct_resolvers(ours)
+    query = f"{{ items {{ {fields} }} }}"
+    mine, theirs = ours.execute_sync(query), strawberry.Schema(query=LeafQuery).execute_sync(query)
+    assert mine.data == theirs.data
+    assert [(e.message, e.path) for e in mine.errors or []] == [
+        (e.message, e.path) for e in theirs.errors or []
+    ]
+    assert mine.data is not None
+    items = mine.data["items"]
+    if fields == "label":
+        assert items == [{"label": None}, {"label": "x"}, {"label": None}]
+    elif fields == "id must":
+        assert items == [{"id": "a", "must": "m"}, None, None]
+        assert [e.path for e in mine.errors or []] == [["items", 1, "must"], ["items", 2, "must"]]
+    else:
+        assert items == [
+            {"id": "a", "count": 2, "color": "RED", "label": None},
+            {"id": "n", "count": 3, "color": "RED", "label": "x"},
+            None,
+        ]
+        assert [e.path for e in mine.errors or []] == [["items", 2, "count"]]
