@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict, deque
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,6 +146,7 @@ class Broker:
 
     def __init__(self, subscriber_max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self._subscribers: dict[str, set[Subscription]] = defaultdict(set)
+        self._taps: dict[str, list[Callable[[Any], None]]] = defaultdict(list)
         self.subscriber_max_bytes = subscriber_max_bytes
 
     def publish(self, topic: str, message: Any) -> None:
@@ -154,6 +155,10 @@ class Broker:
 
     def deliver(self, topic: str, message: Any) -> None:
         """Hand `message` to this process's subscribers of `topic` only; never blocks."""
+        listeners = self._taps.get(topic)
+        if listeners:
+            for listener in tuple(listeners):
+                listener(message)
         subscribers = self._subscribers.get(topic)
         if not subscribers:
             return
@@ -173,6 +178,20 @@ class Broker:
                 subscribers.discard(subscription)
                 if not subscribers:
                     del self._subscribers[topic]
+
+    @contextmanager
+    def tap(self, topic: str, listener: Callable[[Any], None]) -> Iterator[None]:
+        """Call `listener` with every message delivered on `topic` in this process while
+        the block runs, as it is delivered. Not a subscriber: it has no queue and never
+        lags; it must not block, and it bounds what it keeps itself."""
+        listeners = self._taps[topic]
+        listeners.append(listener)
+        try:
+            yield
+        finally:
+            listeners.remove(listener)
+            if not listeners and self._taps.get(topic) is listeners:
+                del self._taps[topic]
 
     def publish_status(self, command_id: int, status: str) -> None:
         """Announce a committed status change to the command's and the global topic."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 from typing import NamedTuple
 
 
@@ -45,7 +46,7 @@ class StoredBatch:
         """What it costs a subscriber's bounded queue: its number of lines."""
         return sum(len(run.texts) for run in self.runs)
 
-    @property
+    @cached_property  # asked by the broker and by SharedPages: its runs never change
     def nbytes(self) -> int:
         """Memory its lines hold: what it costs a subscriber's queue (bounded in bytes)."""
         # A run: its tuple and list (~150 bytes); a line: its str and its slot in the list.

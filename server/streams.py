@@ -11,6 +11,7 @@ batch, not per line.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Iterator
@@ -161,8 +162,39 @@ class SharedPages:
         self._recent: dict[tuple[Any, int], deque[StoredBatch]] = {}
         self._recent_order: deque[tuple[tuple[Any, int], StoredBatch, int]] = deque()
         self._recent_held = 0
+        # (sessionmaker, command id) -> [its broker listener, followers in `following`]
+        self._taps: dict[tuple[Any, int], list[Any]] = {}
         self.reads = 0  # reads of the database (what the sharing saves shows against asks)
         self.recent_pages = 0  # pages made of remembered batches instead
+
+    @contextlib.contextmanager
+    def following(
+        self, broker: Broker, sessionmaker: SessionFactory, command_id: int
+    ) -> Iterator[None]:
+        """While a follower of the command is in the block, every batch of it published
+        here is remembered as it is published, whether or not a follower's queue takes it:
+        a follower that lagged (a busy command outruns its client) then catches up from
+        memory rather than reading the lines back from the database (issue 15). One
+        listener per command, however many follow it."""
+        key = (sessionmaker, command_id)
+        taps = self._taps.get(key)
+        if taps is None:
+            stack = contextlib.ExitStack()
+
+            def listen(message: Any) -> None:
+                if isinstance(message, StoredBatch):
+                    self.remember(sessionmaker, message)
+
+            stack.enter_context(broker.tap(command_topic(command_id), listen))
+            taps = self._taps[key] = [stack, 0]
+        taps[1] += 1
+        try:
+            yield
+        finally:
+            taps[1] -= 1
+            if taps[1] == 0 and self._taps.get(key) is taps:
+                del self._taps[key]
+                taps[0].close()
 
     def remember(self, sessionmaker: SessionFactory, batch: StoredBatch) -> None:
         """Keep a published batch (stored, so the database holds the same lines) for the
@@ -507,7 +539,12 @@ async def follow_command(
     if metrics is not None:
         metrics.subscribers.inc()
     try:
-        async with broker.subscribe(command_topic(command_id)) as subscription:
+        async with contextlib.AsyncExitStack() as stack:
+            if pages is not None:  # before the subscription: it remembers what it misses
+                stack.enter_context(pages.following(broker, sessionmaker, command_id))
+            subscription = await stack.enter_async_context(
+                broker.subscribe(command_topic(command_id))
+            )
             # A page is read while the queue may fill up: both together stay near the bound.
             follower = _Follower(
                 sessionmaker, command_id, after_seq, subscription.max_bytes // 4, pages

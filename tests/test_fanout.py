@@ -489,6 +489,50 @@ async def test_a_follower_that_lagged_replays_the_remembered_batches_not_the_dat
     assert [b.runs[0].first_seq for b in small._recent[(sessionmaker, 1)]] == [400]
 
 
+async def test_a_follower_that_lagged_finds_what_its_queue_dropped_in_memory(
+    sessionmaker: Sessions,
+) -> None:
+    # Issue 15: batches were remembered only once a follower took them from its queue; a
+    # busy command outran its follower's queue, which dropped them, and the follower read
+    # every line back from the database (its reads competed with the writer's).
+    command_id = await running_command(sessionmaker)
+    broker = Broker(subscriber_max_bytes=2 * published(1, 50, command_id).nbytes)
+    pages = SharedPages()
+    stream = follow_command(sessionmaker, broker, command_id, pages=pages, tick_seconds=0)
+    assert await anext(stream) == StatusChange(command_id, "RUNNING")
+    await store_lines(sessionmaker, command_id, range(1, 401))
+    for first in range(1, 401, 50):  # more than its queue holds: it lags
+        broker.publish(command_topic(command_id), published(first, 50, command_id))
+    got: list[StoredBatch] = []
+    async with asyncio.timeout(30):
+        while seqs_of(got)[-1:] != [400]:
+            item = await anext(stream)
+            assert isinstance(item, StoredBatch), item
+            got.append(item)
+    assert seqs_of(got) == list(range(1, 401))
+    assert [text for batch in got for text in texts(batch)] == [f"line {i}" for i in range(1, 401)]
+    assert pages.recent_pages >= 1
+    assert pages.reads <= 1  # at most the empty page that ends a replay
+    assert isinstance(stream, AsyncGenerator)
+    await stream.aclose()
+    # The last follower gone, nothing listens for the command any more.
+    assert not broker._taps
+    assert not pages._taps
+
+
+def test_a_tap_hears_every_message_and_never_lags() -> None:
+    broker = Broker(subscriber_max_bytes=1)
+    heard: list[Any] = []
+    with broker.tap("command:1", heard.append):
+        for i in range(3):
+            broker.publish("command:1", published(i * 10 + 1, 10))
+        broker.publish("command:2", published(1, 10))  # another topic: not heard
+    broker.publish("command:1", published(31, 10))  # after the block: not heard
+    assert [batch.runs[0].first_seq for batch in heard] == [1, 11, 21]
+    assert not broker._taps
+    assert not broker._subscribers
+
+
 def queued_of(subscription: Subscription) -> StoredBatch:
     queued = subscription.take_queued()
     assert isinstance(queued, StoredBatch)
