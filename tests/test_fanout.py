@@ -489,6 +489,35 @@ async def test_a_follower_that_lagged_replays_the_remembered_batches_not_the_dat
     assert [b.runs[0].first_seq for b in small._recent[(sessionmaker, 1)]] == [400]
 
 
+async def test_a_page_of_remembered_batches_is_those_batches_and_shares_their_text(
+    sessionmaker: Sessions,
+) -> None:
+    # Before: a page made of remembered batches was new runs, cut to the page grid; every
+    # lagged follower's page was encoded again (SSE text, GraphQL messages): 200 followers
+    # lagging in turn spent most of the server's CPU encoding the same lines (issue 16).
+    pages = SharedPages()
+    batches = [published(first, 50) for first in range(1, 401, 50)]
+    for batch in batches:
+        pages.remember(sessionmaker, batch)
+    texts_of = {id(batch): shared_log_events(batch) for batch in batches}  # sent live
+    page = await pages.read(sessionmaker, 1, 100, 1_000, 1 << 20)  # at a batch's end
+    parts = parts_of(page)
+    assert parts == tuple(batches[2:])  # the very objects, up to a batch's end
+    assert seqs_of([page]) == list(range(101, 401))
+    text = shared_log_events(page)
+    assert b"".join(text) == b"".join(p for part in parts for p in texts_of[id(part)])
+    assert b"".join(text) == encode_log_events(page)
+    # Inside a batch: that batch from the next line on, then the others as they are.
+    inside = await pages.read(sessionmaker, 1, 120, 1_000, 1 << 20)
+    assert seqs_of([inside]) == list(range(121, 401))
+    assert parts_of(inside)[1:] == tuple(batches[3:])
+    # A page ends where a batch ends, once its byte budget is spent.
+    small = await pages.read(sessionmaker, 1, 0, 1_000, 2 * batches[0].nbytes)
+    assert seqs_of([small])[-1] % 50 == 0
+    assert pages.reads == 0
+    assert await pages.read(sessionmaker, 1, 100, 1_000, 1 << 20) is page  # kept, shared
+
+
 def queued_of(subscription: Subscription) -> StoredBatch:
     queued = subscription.take_queued()
     assert isinstance(queued, StoredBatch)
