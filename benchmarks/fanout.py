@@ -130,7 +130,9 @@ class Tally:
             written = WRITTEN.search(raw, position, position + 200)
             if written is not None:
                 self.latencies.append((now - float(written[1])) * 1000)
-        self.lines += sum(map(raw.count, STDOUT))
+        # One pass, not one per spelling: SSE (events end in CRLF) writes one, GraphQL
+        # (a JSON message, no raw CRLF) the other.
+        self.lines += raw.count(STDOUT[0] if raw.find(b"\r\n", 0, 64) >= 0 else STDOUT[1])
 
     def _lines_one_by_one(self, raw: bytes, now: float) -> None:
         for seq_text, stream, written in LINE.findall(raw):
