@@ -100,6 +100,7 @@ class Tally:
         self.final = False
         self.error: str | None = None
         self.latencies: list[float] = []
+        self.sampled: list[int] = []  # the seq of each latency sample
 
     def lines_in(self, raw: bytes, now: float) -> None:
         """Count the lines a message or chunk carries, read off its bytes (no JSON objects:
@@ -130,6 +131,7 @@ class Tally:
             written = WRITTEN.search(raw, position, position + 200)
             if written is not None:
                 self.latencies.append((now - float(written[1])) * 1000)
+                self.sampled.append(seq)
         # One pass, not one per spelling: SSE (events end in CRLF) writes one, GraphQL
         # (a JSON message, no raw CRLF) the other.
         self.lines += raw.count(STDOUT[0] if raw.find(b"\r\n", 0, 64) >= 0 else STDOUT[1])
@@ -148,6 +150,7 @@ class Tally:
             self.lines += 1
             if written and seq % SAMPLE_EVERY == 0:
                 self.latencies.append((now - float(written)) * 1000)
+                self.sampled.append(seq)
 
     def result(self) -> dict[str, Any]:
         return {
@@ -470,6 +473,8 @@ async def run_clients(job: dict[str, Any]) -> dict[str, Any]:
     return {
         "clients": [t.result() for t in tallies],
         "latencies_ms": [round(x, 2) for t in tallies for x in t.latencies],
+        # The second of the run each sample's line was written in (its seq at the rate).
+        "latency_seconds": [int(seq / job["rate"]) for t in tallies for seq in t.sampled],
         "client_cpu_seconds": round(time.process_time(), 2),
     }
 
@@ -566,6 +571,7 @@ async def run_mode(
             for worker, share in zip(workers, shares, strict=True):
                 job: dict[str, Any] = {"mode": mode, "url": base_url, "command_id": command_id}
                 job["deflate"] = args.deflate
+                job["rate"] = args.rate
                 await worker.send(job | {"clients": share, "timeout": args.timeout})
             for worker in workers:
                 await worker.expect("connected", timeout=CONNECT_DELAY)
@@ -599,6 +605,10 @@ def summarize(
 ) -> dict[str, Any]:
     clients = [c for r in results for c in r["clients"]]
     latencies = [x for r in results for x in r["latencies_ms"]]
+    by_second: dict[int, list[float]] = {}
+    for r in results:
+        for second, latency in zip(r["latency_seconds"], r["latencies_ms"], strict=True):
+            by_second.setdefault(second, []).append(latency)
     complete = sum(c["lines"] == total and c["final"] for c in clients)
     summary = {
         "mode": mode,
@@ -614,6 +624,11 @@ def summarize(
         "client_errors": [c["error"] for c in clients if c["error"]][:5],
         "client_error_count": sum(bool(c["error"]) for c in clients),
         "latency_ms": percentiles(latencies),
+        # Where the tail is: the start (a burst), the end (a backlog) or throughout.
+        "latency_ms_by_second_written": {
+            second: {k: percentiles(by_second[second])[k] for k in ("p50", "p99", "max")}
+            for second in sorted(by_second)
+        },
         "server_rss_delta_mb": round(rss_delta, 1),
         "healthz_ms": health["healthz_ms"],
         "healthz_failures": health["healthz_failures"],
