@@ -329,13 +329,20 @@ def pieces(batch: StoredBatch, max_bytes: int = SEND_CHUNK_BYTES) -> Iterator[St
         yield StoredBatch(batch.command_id, runs)
 
 
-def with_queued(batch: StoredBatch, subscription: Subscription) -> StoredBatch:
+def with_queued(
+    batch: StoredBatch, subscription: Subscription, at_tick: bool = False
+) -> StoredBatch:
     """`batch` and the batches queued behind it, as one (up to about MERGE_LINES lines): a
     subscriber that fell behind catches up in fewer, larger messages, and a message costs
     its subscriber far more than a line (issue 16). The first follower to merge from a
     batch decides the merge; the others that have the same batches queued take that very
     object (so its GraphQL result is shared, see graphql_schema.shared_events), and one
-    with fewer queued gets `batch` alone, the object every subscriber gets."""
+    with fewer queued gets `batch` alone, the object every subscriber gets.
+
+    `at_tick`: the follower kept up and waited for the common tick (follow_command), so
+    the followers that keep up will take this merge too (made_at_tick): shown to GraphQL
+    as one message, executed once for all of them. A merge made by a follower behind is
+    mostly its own: shown as its batches' messages, shared (log_batches_of)."""
     known = _merges.get(id(batch))
     shared = None if known is None else known[1]()
     if known is not None and shared is not None:
@@ -361,7 +368,16 @@ def with_queued(batch: StoredBatch, subscription: Subscription) -> StoredBatch:
     # The entry holds its batches (their ids stay theirs) while the merged one lives.
     _merges[id(batch)] = (tuple(constituents), weakref.ref(joined))
     weakref.finalize(joined, _merges.pop, id(batch), None)
+    if at_tick:
+        _tick_merges.add(id(joined))
+        weakref.finalize(joined, _tick_merges.discard, id(joined))
     return joined
+
+
+def made_at_tick(batch: StoredBatch) -> bool:
+    """Whether `batch` is a merge made at the common tick by a follower that kept up (the
+    others that keep up take the same object, see with_queued)."""
+    return id(batch) in _tick_merges
 
 
 def merged(parts: list[StoredBatch]) -> StoredBatch:
@@ -384,6 +400,7 @@ def parts_of(batch: StoredBatch) -> tuple[StoredBatch, ...]:
 
 _merges: dict[int, tuple[tuple[StoredBatch, ...], weakref.ref[StoredBatch]]] = {}
 _parts: dict[int, tuple[StoredBatch, ...]] = {}
+_tick_merges: set[int] = set()
 
 
 def _utc(value: datetime | str) -> datetime:
@@ -542,9 +559,10 @@ async def follow_command(
                         continue
                     message = StatusChange(command_id, current)
                 if isinstance(message, StoredBatch):
-                    if tick_seconds and next(subscription.waiting(), None) is None:
+                    at_tick = bool(tick_seconds) and next(subscription.waiting(), None) is None
+                    if at_tick:
                         await _next_tick(tick_seconds)  # keeping up: gather a tick's batches
-                    message = with_queued(message, subscription)
+                    message = with_queued(message, subscription, at_tick)
                     if pages is not None:
                         for part in parts_of(message):
                             pages.remember(sessionmaker, part)

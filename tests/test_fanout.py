@@ -41,6 +41,7 @@ from server.streams import (
     SEND_CHUNK_BYTES,
     SharedPages,
     follow_command,
+    made_at_tick,
     parts_of,
     pieces,
     with_queued,
@@ -570,13 +571,33 @@ async def test_streams_holding_one_credential_share_its_recheck(
     assert len(_checks[authenticator]) == 1  # the other credential's old check is gone
 
 
+def test_a_small_merge_of_a_follower_behind_goes_to_graphql_as_its_batches_messages() -> None:
+    # Before: a follower behind (it took its queue without waiting for the tick) executed
+    # its own merge of up to 256 lines for itself alone; at 200 subscribers, executing such
+    # merges took more of the server's CPU than the sends.
+    behind = Subscription("command:1")
+    batches = [published(first, 50) for first in (1, 51, 101)]
+    for batch in batches:
+        behind.offer(batch)
+    merge = with_queued(queued_of(behind), behind)
+    assert parts_of(merge) == tuple(batches)
+    assert not made_at_tick(merge)
+    messages = log_batches_of(merge)
+    assert all(
+        a is b
+        for a, b in zip(messages, [m for batch in batches for m in log_batches(batch)], strict=True)
+    )
+    assert len(messages) == len(batches)
+
+
 def test_a_large_merge_goes_to_graphql_as_its_batches_shared_messages() -> None:
     # Before: a follower that fell behind executed its own merge of up to 2,000 lines (a
     # resolver call per field of every line) for itself alone.
     small, large = Subscription("command:1"), Subscription("command:1")
     for first in (1, 11):
         small.offer(published(first, 10))
-    small_merge = with_queued(queued_of(small), small)
+    small_merge = with_queued(queued_of(small), small, at_tick=True)
+    assert made_at_tick(small_merge)
     assert len(log_batches_of(small_merge)) == 1  # one message, shared with its tick
     batches = [published(first, 100) for first in range(1, 1001, 100)]
     for batch in batches:
