@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import os
 import re
@@ -99,6 +100,7 @@ class Tally:
         self.final = False
         self.error: str | None = None
         self.latencies: list[float] = []
+        self.sampled: list[int] = []  # the seq of each latency sample
 
     def lines_in(self, raw: bytes, now: float) -> None:
         """Count the lines a message or chunk carries, read off its bytes (no JSON objects:
@@ -129,7 +131,10 @@ class Tally:
             written = WRITTEN.search(raw, position, position + 200)
             if written is not None:
                 self.latencies.append((now - float(written[1])) * 1000)
-        self.lines += sum(map(raw.count, STDOUT))
+                self.sampled.append(seq)
+        # One pass, not one per spelling: SSE (events end in CRLF) writes one, GraphQL
+        # (a JSON message, no raw CRLF) the other.
+        self.lines += raw.count(STDOUT[0] if raw.find(b"\r\n", 0, 64) >= 0 else STDOUT[1])
 
     def _lines_one_by_one(self, raw: bytes, now: float) -> None:
         for seq_text, stream, written in LINE.findall(raw):
@@ -145,6 +150,7 @@ class Tally:
             self.lines += 1
             if written and seq % SAMPLE_EVERY == 0:
                 self.latencies.append((now - float(written)) * 1000)
+                self.sampled.append(seq)
 
     def result(self) -> dict[str, Any]:
         return {
@@ -156,31 +162,232 @@ class Tally:
         }
 
 
+class ChunkedBody:
+    """The body of a chunked HTTP/1.1 response, from the bytes as they arrive (the SSE
+    clients read the socket themselves: httpx and h11 cost the clients more CPU than the
+    server spent on them, on the same two cores, issue 16)."""
+
+    def __init__(self) -> None:
+        self.pending = b""  # the start of a chunk's size line, not complete yet
+        self.left = 0  # bytes of the current chunk's data still to come
+        self.skip = 0  # bytes of the CRLF after a chunk's data still to come
+        self.ended = False  # the last (empty) chunk came
+
+    def feed(self, data: bytes, body: bytearray) -> None:
+        """Append the data `data` carries to `body`."""
+        if self.pending:
+            data, self.pending = self.pending + data, b""
+        position, size = 0, len(data)
+        while position < size and not self.ended:
+            if self.left:
+                take = min(self.left, size - position)
+                body += data[position : position + take]
+                position += take
+                self.left -= take
+                self.skip = 0 if self.left else 2
+            elif self.skip:
+                take = min(self.skip, size - position)
+                position += take
+                self.skip -= take
+            else:
+                end = data.find(b"\r\n", position)
+                if end < 0:
+                    self.pending = data[position:]
+                    return
+                self.left = int(data[position:end].split(b";", 1)[0], 16)
+                self.ended = self.left == 0
+                position = end + 2
+
+
 async def sse_client(job: dict[str, Any], tally: Tally, connected: asyncio.Event) -> None:
-    url = f"{job['url']}/api/commands/{job['command_id']}/logs/stream"
-    headers = {"accept": "text/event-stream", **auth_headers(job["token"])}
-    async with (
-        httpx.AsyncClient(timeout=httpx.Timeout(job["timeout"], connect=30)) as client,
-        client.stream("GET", url, headers=headers) as response,
-    ):
+    """One SSE subscriber on a plain asyncio stream: HTTP/1.1 request and chunked body by
+    hand, events counted off the bytes (Tally.lines_in), as few copies as it takes."""
+    url = httpx.URL(job["url"])
+    path = f"/api/commands/{job['command_id']}/logs/stream"
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(url.host, url.port, limit=1 << 20), 30
+    )
+    try:
+        request = (
+            f"GET {path} HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n"
+            f"Accept: text/event-stream\r\nAuthorization: Bearer {job['token']}\r\n\r\n"
+        )
+        writer.write(request.encode())
+        head = await reader.readuntil(b"\r\n\r\n")
         connected.set()
-        if response.status_code != 200:
-            raise RuntimeError(f"SSE answered {response.status_code}")
-        buffer = b""
-        async for chunk in response.aiter_raw():
+        status = int(head.split(b" ", 2)[1])
+        if status != 200:
+            raise RuntimeError(f"SSE answered {status}")
+        if b"transfer-encoding: chunked" not in head.lower():
+            raise RuntimeError(f"not a chunked response: {head[:300]!r}")
+        chunked = ChunkedBody()
+        body = bytearray()
+        while not chunked.ended:
+            data = await reader.read(1 << 20)
+            if not data:
+                raise RuntimeError("the server closed the stream before its final status")
             now = time.time()
-            buffer += chunk
-            end = buffer.rfind(b"\r\n\r\n")
+            chunked.feed(data, body)
+            end = body.rfind(b"\r\n\r\n")
             if end < 0:
                 continue
-            events, buffer = buffer[:end], buffer[end + 4 :]
+            events = bytes(body[:end])
+            del body[: end + 4]
             tally.lines_in(events, now)
             if b"event: status" in events and b'"final": true' in events:
                 tally.final = True
                 return
+        raise RuntimeError("the stream ended without a final status")
+    finally:
+        writer.close()
+
+
+class WebSocketFrames:
+    """The messages of a WebSocket's server-to-client frames (unmasked), from the bytes as
+    they arrive: whole messages, fragments joined; control frames apart."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.fragments: list[bytes] = []
+
+    def feed(self, data: bytes) -> list[tuple[int, bytes]]:
+        """(opcode, payload) of each message or control frame complete now."""
+        buffer = self.buffer
+        buffer += data
+        out: list[tuple[int, bytes]] = []
+        position = 0
+        while len(buffer) - position >= 2:
+            first, second = buffer[position], buffer[position + 1]
+            if second & 0x80:
+                raise RuntimeError("a masked frame from the server")
+            length, header = second & 0x7F, 2
+            if length == 126:
+                header = 4
+                if len(buffer) - position < header:
+                    break
+                length = int.from_bytes(buffer[position + 2 : position + 4], "big")
+            elif length == 127:
+                header = 10
+                if len(buffer) - position < header:
+                    break
+                length = int.from_bytes(buffer[position + 2 : position + 10], "big")
+            if len(buffer) - position < header + length:
+                break
+            payload = bytes(buffer[position + header : position + header + length])
+            position += header + length
+            opcode = first & 0x0F
+            if opcode >= 8:  # control frames may come between fragments
+                out.append((opcode, payload))
+                continue
+            self.fragments.append(payload)
+            if opcode and len(self.fragments) > 1:
+                raise RuntimeError("a new message inside a fragmented one")
+            if first & 0x80:  # FIN
+                first_opcode = opcode or self._opcode
+                out.append((first_opcode, b"".join(self.fragments)))
+                self.fragments = []
+            elif opcode:
+                self._opcode = opcode
+        del buffer[:position]
+        return out
+
+    _opcode = 1
+
+
+def ws_frame(opcode: int, payload: bytes) -> bytes:
+    """A client's frame (FIN, masked, as RFC 6455 asks of clients)."""
+    mask = os.urandom(4)
+    length = len(payload)
+    if length < 126:
+        header = bytes([0x80 | opcode, 0x80 | length])
+    elif length < 1 << 16:
+        header = bytes([0x80 | opcode, 0x80 | 126]) + length.to_bytes(2, "big")
+    else:
+        header = bytes([0x80 | opcode, 0x80 | 127]) + length.to_bytes(8, "big")
+    repeated = (mask * (length // 4 + 1))[:length]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(
+        length, "big"
+    )
+    return header + mask + masked
 
 
 async def ws_client(job: dict[str, Any], tally: Tally, connected: asyncio.Event) -> None:
+    """One graphql-transport-ws subscriber on a plain asyncio stream: the handshake and the
+    frames by hand (the websockets library cost the clients as much CPU as the server spent
+    on them, on the same two cores, issue 16); `--deflate` uses the library instead."""
+    if job.get("deflate"):
+        await ws_library_client(job, tally, connected)
+        return
+    url = httpx.URL(job["url"])
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(url.host, url.port, limit=1 << 20), 30
+    )
+    try:
+        key = base64.b64encode(os.urandom(16)).decode()
+        writer.write(
+            (
+                f"GET /graphql HTTP/1.1\r\nHost: {url.host}:{url.port}\r\n"
+                "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+                f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+                "Sec-WebSocket-Protocol: graphql-transport-ws\r\n\r\n"
+            ).encode()
+        )
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+        if not head.startswith(b"HTTP/1.1 101"):
+            raise RuntimeError(f"no WebSocket: {head[:300]!r}")
+        frames = WebSocketFrames()
+        init = {"authorization": f"Bearer {job['token']}"}
+        message = {"type": "connection_init", "payload": init}
+        writer.write(ws_frame(1, json.dumps(message).encode()))
+        await ws_messages(job, tally, connected, reader, writer, frames)
+    finally:
+        writer.close()
+
+
+async def ws_messages(
+    job: dict[str, Any],
+    tally: Tally,
+    connected: asyncio.Event,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    frames: WebSocketFrames,
+) -> None:
+    batches = job["mode"] == "batches"
+    while True:
+        data = await reader.read(1 << 20)
+        if not data:
+            raise RuntimeError("the socket closed before `complete`")
+        now = time.time()
+        for opcode, raw in frames.feed(data):
+            if opcode == 9:  # ping
+                writer.write(ws_frame(10, raw))
+                continue
+            if opcode == 8:
+                raise RuntimeError(f"the server closed the socket: {raw[:200]!r}")
+            if opcode != 1:
+                continue
+            if raw.startswith(b'{"id":"1","type":"next","payload":{"data":{'):
+                tally.lines_in(raw, now)
+                if batches and raw.endswith(b'"final":true}}}}'):
+                    tally.final = True
+                continue
+            kind = json.loads(raw)["type"]
+            if kind == "connection_ack":
+                query = BATCHES if batches else LINES
+                payload = {"query": query, "variables": {"id": job["command_id"]}}
+                subscribe = {"id": "1", "type": "subscribe", "payload": payload}
+                writer.write(ws_frame(1, json.dumps(subscribe).encode()))
+                connected.set()
+            elif kind == "ping":
+                writer.write(ws_frame(1, b'{"type":"pong"}'))
+            elif kind == "complete":
+                tally.final = tally.final or not batches
+                return
+            else:
+                raise RuntimeError(f"unexpected message: {raw[:300]!r}")
+
+
+async def ws_library_client(job: dict[str, Any], tally: Tally, connected: asyncio.Event) -> None:
     from websockets.asyncio.client import connect
     from websockets.typing import Subprotocol
 
@@ -263,9 +470,12 @@ async def run_clients(job: dict[str, Any]) -> dict[str, Any]:
     await asyncio.gather(*(e.wait() for e in events))
     _emit({"event": "connected"})
     await asyncio.gather(*tasks)
+    _emit({"event": "done"})  # before the (large) result: not counted in the server's CPU
     return {
         "clients": [t.result() for t in tallies],
         "latencies_ms": [round(x, 2) for t in tallies for x in t.latencies],
+        # The second of the run each sample's line was written in (its seq at the rate).
+        "latency_seconds": [int(seq / job["rate"]) for t in tallies for seq in t.sampled],
         "client_cpu_seconds": round(time.process_time(), 2),
     }
 
@@ -361,7 +571,8 @@ async def run_mode(
             shares[0] += args.clients - sum(shares)
             for worker, share in zip(workers, shares, strict=True):
                 job: dict[str, Any] = {"mode": mode, "url": base_url, "command_id": command_id}
-                job["deflate"] = not args.no_deflate
+                job["deflate"] = args.deflate
+                job["rate"] = args.rate
                 await worker.send(job | {"clients": share, "timeout": args.timeout})
             for worker in workers:
                 await worker.expect("connected", timeout=CONNECT_DELAY)
@@ -371,11 +582,15 @@ async def run_mode(
             # Throughout the run: from when it starts to print until after it should end.
             await prober.send({"mode": "healthz", "url": base_url, "seconds": args.seconds + 5})
             progress(f"{backend}/{mode}: {args.clients} clients in after {connect_seconds:.1f}s")
-            results = [await w.expect("result", timeout=args.timeout + 60) for w in workers]
+            for worker in workers:
+                await worker.expect("done", timeout=args.timeout + 60)
             server = {
                 "server_cpu_seconds": round(cpu_seconds() - cpu_before, 2),
                 "delivery_seconds": round(time.monotonic() - go_at, 2),
             }
+            # Decoding the workers' samples (hundreds of thousands) is the benchmark's work,
+            # not the server's: after the CPU reading.
+            results = [await w.expect("result", timeout=60) for w in workers]
             health = await prober.expect("result", timeout=60)
         finally:
             sampler.cancel()
@@ -395,6 +610,10 @@ def summarize(
 ) -> dict[str, Any]:
     clients = [c for r in results for c in r["clients"]]
     latencies = [x for r in results for x in r["latencies_ms"]]
+    by_second: dict[int, list[float]] = {}
+    for r in results:
+        for second, latency in zip(r["latency_seconds"], r["latencies_ms"], strict=True):
+            by_second.setdefault(second, []).append(latency)
     complete = sum(c["lines"] == total and c["final"] for c in clients)
     summary = {
         "mode": mode,
@@ -410,6 +629,11 @@ def summarize(
         "client_errors": [c["error"] for c in clients if c["error"]][:5],
         "client_error_count": sum(bool(c["error"]) for c in clients),
         "latency_ms": percentiles(latencies),
+        # Where the tail is: the start (a burst), the end (a backlog) or throughout.
+        "latency_ms_by_second_written": {
+            second: {k: percentiles(by_second[second])[k] for k in ("p50", "p99", "max")}
+            for second in sorted(by_second)
+        },
         "server_rss_delta_mb": round(rss_delta, 1),
         "healthz_ms": health["healthz_ms"],
         "healthz_failures": health["healthz_failures"],
@@ -438,7 +662,7 @@ async def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> 
             *("--backend", backend, "--one-mode", mode, "--clients", str(args.clients)),
             *("--rate", str(args.rate), "--seconds", str(args.seconds)),
             *("--workers", str(args.workers), "--timeout", str(args.timeout)),
-            *(["--no-deflate"] if args.no_deflate else []),
+            *(["--deflate"] if args.deflate else []),
         ]
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "benchmarks.fanout", *argv,
@@ -485,10 +709,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4, help="client processes")
     parser.add_argument("--timeout", type=float, default=150.0, help="a client's limit (s)")
     parser.add_argument(
-        "--no-deflate",
+        "--deflate",
         action="store_true",
-        help="GraphQL clients do not offer permessage-deflate (the server then compresses "
-        "nothing: what compressing each subscriber's messages costs it)",
+        help="GraphQL clients use the websockets library and offer permessage-deflate (what "
+        "compressing each subscriber's messages costs the server, with CORRAL_WS_COMPRESSION);"
+        " by default they speak the protocol by hand, offering none",
     )
     parser.add_argument("--one-mode", help=argparse.SUPPRESS)
     if "--worker" in sys.argv:

@@ -42,7 +42,7 @@ from server.db import READ_ONLY
 from server.errors import InvalidInput
 from server.messages import StoredBatch
 from server.models import FINAL_STATUSES
-from server.streams import FinalStatus, Item, follow_command, parts_of, pieces
+from server.streams import FinalStatus, Item, follow_command, made_at_tick, parts_of, pieces
 from server.subscribers import TooManySubscribers
 
 if TYPE_CHECKING:
@@ -424,13 +424,14 @@ OWN_MERGE_LINES = 256
 
 
 def log_batches_of(batch: StoredBatch) -> list[LogBatch]:
-    """The messages a follower sends for `batch`. A small merge (followers that keep up, at
-    a tick, share it: server.streams.follow_command) is one message; a large one (a follower
-    that fell behind merged its queue: often its own) is sent as the messages of the batches
-    it was merged from, executed and encoded once for every follower (issue 16): executing
-    2,000 lines for one follower cost more than the messages it saved."""
+    """The messages a follower sends for `batch`. A small merge made at the tick (followers
+    that keep up share it: server.streams.follow_command) is one message; any other (a
+    follower that fell behind merged its queue, a replay page made of remembered batches:
+    mostly its own) is sent as the messages of the batches it was made of, executed and
+    encoded once for every follower (issue 16): executing a merge for one follower cost
+    more than the messages it saved, from a hundred lines up."""
     parts = parts_of(batch)
-    if len(parts) == 1 or batch.weight <= OWN_MERGE_LINES:
+    if len(parts) == 1 or (batch.weight <= OWN_MERGE_LINES and made_at_tick(batch)):
         return log_batches(batch)
     return [message for part in parts for message in log_batches(part)]
 

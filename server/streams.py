@@ -225,30 +225,30 @@ class SharedPages:
                 del self._recent[old_key]
 
     def _from_recent(self, key: tuple[SessionFactory, int, int, int, int]) -> StoredBatch | None:
-        """The page for `key` made of remembered batches, when they hold its first line."""
+        """The page for `key` made of remembered batches, when they hold its first line. It
+        is those very batches (the first one from the line after `after_seq` on), up to a
+        batch's end: their SSE text and GraphQL messages, made once for the followers that
+        got them live, are the page's too (parts_of). Making them again for every lagged
+        follower's page cost more than all else on the way (issue 16)."""
         sessionmaker, command_id, after_seq, limit, max_bytes = key
         batches = self._recent.get((sessionmaker, command_id))
         if not batches or not (
             batches[0].runs[0].first_seq <= after_seq + 1 <= batches[-1].runs[-1].last_seq
         ):
             return None
-        runs: list[LineRun] = []
+        parts: list[StoredBatch] = []
         lines = size = 0
         for batch in batches:
             if batch.runs[-1].last_seq <= after_seq:
                 continue
-            for run in batch.runs:
-                if run.last_seq <= after_seq:
-                    continue
-                if run.first_seq <= after_seq:
-                    run = run.after(after_seq)
-                runs.append(run)
-                lines += len(run.texts)
-                size += sum(map(len, run.texts)) + REPLAY_LINE_COST * len(run.texts)
+            part = batch if batch.runs[0].first_seq > after_seq else batch.after(after_seq)
+            parts.append(part)
+            lines += part.weight
+            size += part.nbytes + REPLAY_LINE_COST * part.weight
             if lines >= limit or size >= max_bytes:
                 break
         self.recent_pages += 1
-        return StoredBatch(command_id, runs)
+        return merged(parts)
 
     async def read(
         self,
@@ -282,11 +282,10 @@ class SharedPages:
         future: asyncio.Future[StoredBatch] = asyncio.get_running_loop().create_future()
         self._reading[key] = future
         try:
-            page = self._from_recent(key)
+            page = self._from_recent(key)  # ends where a published batch ends
             if page is None:
                 self.reads += 1
-                page = await _read_lines(*key)
-            page = _to_grid(page, key[2])
+                page = _to_grid(await _read_lines(*key), key[2])
         except BaseException:
             # Those waiting read on their own (an error is theirs to meet, or not).
             future.set_exception(_ReadFailed())
@@ -362,23 +361,30 @@ def pieces(batch: StoredBatch, max_bytes: int = SEND_CHUNK_BYTES) -> Iterator[St
         yield StoredBatch(batch.command_id, runs)
 
 
-def with_queued(batch: StoredBatch, subscription: Subscription) -> StoredBatch:
+def with_queued(
+    batch: StoredBatch, subscription: Subscription, at_tick: bool = False
+) -> StoredBatch:
     """`batch` and the batches queued behind it, as one (up to about MERGE_LINES lines): a
     subscriber that fell behind catches up in fewer, larger messages, and a message costs
     its subscriber far more than a line (issue 16). The first follower to merge from a
     batch decides the merge; the others that have the same batches queued take that very
     object (so its GraphQL result is shared, see graphql_schema.shared_events), and one
-    with fewer queued gets `batch` alone, the object every subscriber gets."""
+    with fewer queued gets `batch` alone, the object every subscriber gets.
+
+    `at_tick`: the follower kept up and waited for the common tick (follow_command), so
+    the followers that keep up will take this merge too (made_at_tick): shown to GraphQL
+    as one message, executed once for all of them. A merge made by a follower behind is
+    mostly its own: shown as its batches' messages, shared (log_batches_of)."""
     known = _merges.get(id(batch))
-    merged = None if known is None else known[1]()
-    if known is not None and merged is not None:
+    shared = None if known is None else known[1]()
+    if known is not None and shared is not None:
         rest = known[0][1:]
         ahead = tuple(islice(subscription.waiting(), len(rest)))
         if len(ahead) < len(rest) or any(a is not b for a, b in zip(ahead, rest, strict=True)):
             return batch
         for _ in rest:
             subscription.take_queued()
-        return merged
+        return shared
     constituents = [batch]
     lines = batch.weight
     while lines < MERGE_LINES:
@@ -390,27 +396,43 @@ def with_queued(batch: StoredBatch, subscription: Subscription) -> StoredBatch:
         lines += queued.weight
     if len(constituents) == 1:
         return batch
-    merged = StoredBatch(batch.command_id, [run for part in constituents for run in part.runs])
+    joined = merged(constituents)
     # The entry holds its batches (their ids stay theirs) while the merged one lives.
-    _merges[id(batch)] = (tuple(constituents), weakref.ref(merged))
-    _parts[id(merged)] = tuple(constituents)
-    weakref.finalize(merged, _forget_merge, id(batch), id(merged))
-    return merged
+    _merges[id(batch)] = (tuple(constituents), weakref.ref(joined))
+    weakref.finalize(joined, _merges.pop, id(batch), None)
+    if at_tick:
+        _tick_merges.add(id(joined))
+        weakref.finalize(joined, _tick_merges.discard, id(joined))
+    return joined
+
+
+def made_at_tick(batch: StoredBatch) -> bool:
+    """Whether `batch` is a merge made at the common tick by a follower that kept up (the
+    others that keep up take the same object, see with_queued)."""
+    return id(batch) in _tick_merges
+
+
+def merged(parts: list[StoredBatch]) -> StoredBatch:
+    """One batch of the lines of `parts` (consecutive, in order), which parts_of tells
+    apart again while it lives; a single part is itself."""
+    if len(parts) == 1:
+        return parts[0]
+    joined = StoredBatch(parts[0].command_id, [run for part in parts for run in part.runs])
+    _parts[id(joined)] = tuple(parts)  # held (their ids stay theirs) while `joined` lives
+    weakref.finalize(joined, _parts.pop, id(joined), None)
+    return joined
 
 
 def parts_of(batch: StoredBatch) -> tuple[StoredBatch, ...]:
-    """The published batches `batch` was merged from (`with_queued`), else `batch` alone:
-    what is encoded once per published batch is then shared by merges too."""
+    """The batches `batch` was merged from (`with_queued`, a replay page made of remembered
+    batches), else `batch` alone: what is encoded once per published batch is then shared
+    by merges and such pages too."""
     return _parts.get(id(batch), (batch,))
-
-
-def _forget_merge(first: int, merged: int) -> None:
-    _merges.pop(first, None)
-    _parts.pop(merged, None)
 
 
 _merges: dict[int, tuple[tuple[StoredBatch, ...], weakref.ref[StoredBatch]]] = {}
 _parts: dict[int, tuple[StoredBatch, ...]] = {}
+_tick_merges: set[int] = set()
 
 
 def _utc(value: datetime | str) -> datetime:
@@ -574,9 +596,10 @@ async def follow_command(
                         continue
                     message = StatusChange(command_id, current)
                 if isinstance(message, StoredBatch):
-                    if tick_seconds and next(subscription.waiting(), None) is None:
+                    at_tick = bool(tick_seconds) and next(subscription.waiting(), None) is None
+                    if at_tick:
                         await _next_tick(tick_seconds)  # keeping up: gather a tick's batches
-                    message = with_queued(message, subscription)
+                    message = with_queued(message, subscription, at_tick)
                     if pages is not None:
                         for part in parts_of(message):
                             pages.remember(sessionmaker, part)

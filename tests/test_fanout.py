@@ -41,6 +41,7 @@ from server.streams import (
     SEND_CHUNK_BYTES,
     SharedPages,
     follow_command,
+    made_at_tick,
     parts_of,
     pieces,
     with_queued,
@@ -533,6 +534,35 @@ def test_a_tap_hears_every_message_and_never_lags() -> None:
     assert not broker._subscribers
 
 
+async def test_a_page_of_remembered_batches_is_those_batches_and_shares_their_text(
+    sessionmaker: Sessions,
+) -> None:
+    # Before: a page made of remembered batches was new runs, cut to the page grid; every
+    # lagged follower's page was encoded again (SSE text, GraphQL messages): 200 followers
+    # lagging in turn spent most of the server's CPU encoding the same lines (issue 16).
+    pages = SharedPages()
+    batches = [published(first, 50) for first in range(1, 401, 50)]
+    for batch in batches:
+        pages.remember(sessionmaker, batch)
+    texts_of = {id(batch): shared_log_events(batch) for batch in batches}  # sent live
+    page = await pages.read(sessionmaker, 1, 100, 1_000, 1 << 20)  # at a batch's end
+    parts = parts_of(page)
+    assert parts == tuple(batches[2:])  # the very objects, up to a batch's end
+    assert seqs_of([page]) == list(range(101, 401))
+    text = shared_log_events(page)
+    assert b"".join(text) == b"".join(p for part in parts for p in texts_of[id(part)])
+    assert b"".join(text) == encode_log_events(page)
+    # Inside a batch: that batch from the next line on, then the others as they are.
+    inside = await pages.read(sessionmaker, 1, 120, 1_000, 1 << 20)
+    assert seqs_of([inside]) == list(range(121, 401))
+    assert parts_of(inside)[1:] == tuple(batches[3:])
+    # A page ends where a batch ends, once its byte budget is spent.
+    small = await pages.read(sessionmaker, 1, 0, 1_000, 2 * batches[0].nbytes)
+    assert seqs_of([small])[-1] % 50 == 0
+    assert pages.reads == 0
+    assert await pages.read(sessionmaker, 1, 100, 1_000, 1 << 20) is page  # kept, shared
+
+
 def queued_of(subscription: Subscription) -> StoredBatch:
     queued = subscription.take_queued()
     assert isinstance(queued, StoredBatch)
@@ -585,13 +615,33 @@ async def test_streams_holding_one_credential_share_its_recheck(
     assert len(_checks[authenticator]) == 1  # the other credential's old check is gone
 
 
+def test_a_small_merge_of_a_follower_behind_goes_to_graphql_as_its_batches_messages() -> None:
+    # Before: a follower behind (it took its queue without waiting for the tick) executed
+    # its own merge of up to 256 lines for itself alone; at 200 subscribers, executing such
+    # merges took more of the server's CPU than the sends.
+    behind = Subscription("command:1")
+    batches = [published(first, 50) for first in (1, 51, 101)]
+    for batch in batches:
+        behind.offer(batch)
+    merge = with_queued(queued_of(behind), behind)
+    assert parts_of(merge) == tuple(batches)
+    assert not made_at_tick(merge)
+    messages = log_batches_of(merge)
+    assert all(
+        a is b
+        for a, b in zip(messages, [m for batch in batches for m in log_batches(batch)], strict=True)
+    )
+    assert len(messages) == len(batches)
+
+
 def test_a_large_merge_goes_to_graphql_as_its_batches_shared_messages() -> None:
     # Before: a follower that fell behind executed its own merge of up to 2,000 lines (a
     # resolver call per field of every line) for itself alone.
     small, large = Subscription("command:1"), Subscription("command:1")
     for first in (1, 11):
         small.offer(published(first, 10))
-    small_merge = with_queued(queued_of(small), small)
+    small_merge = with_queued(queued_of(small), small, at_tick=True)
+    assert made_at_tick(small_merge)
     assert len(log_batches_of(small_merge)) == 1  # one message, shared with its tick
     batches = [published(first, 100) for first in range(1, 1001, 100)]
     for batch in batches:
