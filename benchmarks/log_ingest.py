@@ -266,6 +266,17 @@ async def _stored_checks(engine: Any, pk: int, lines: int, token: str) -> dict[s
     }
 
 
+async def command_progress(engine: Any, pk: int) -> tuple[int, str]:
+    """The command's last stored seq and its status."""
+    async with engine.connect() as connection:
+        row = (
+            await connection.execute(
+                text("SELECT last_seq, status FROM commands WHERE id = :id"), {"id": pk}
+            )
+        ).one()
+    return int(row[0]), str(row[1])
+
+
 async def corral_bulk(
     http: httpx.AsyncClient,
     base_url: str,
@@ -283,14 +294,8 @@ async def corral_bulk(
         gid = await run_command(http, commandString=command, serviceIds=[service_id])
         pk = decode_command_pk(gid)
 
-        async def progress_of_command() -> tuple[int, str]:
-            async with engine.connect() as connection:
-                row = (
-                    await connection.execute(
-                        text("SELECT last_seq, status FROM commands WHERE id = :id"), {"id": pk}
-                    )
-                ).one()
-            return int(row[0]), str(row[1])
+        def progress_of_command() -> Any:
+            return command_progress(engine, pk)
 
         def ended(value: tuple[int, str]) -> bool:
             return value[1] in FINAL_STATUSES
@@ -377,14 +382,8 @@ async def corral_bulk_alone(
     gid = await run_command(http, commandString=command, serviceIds=[service_id])
     pk = decode_command_pk(gid)
 
-    async def progress_of_command() -> tuple[int, str]:
-        async with engine.connect() as connection:
-            row = (
-                await connection.execute(
-                    text("SELECT last_seq, status FROM commands WHERE id = :id"), {"id": pk}
-                )
-            ).one()
-        return int(row[0]), str(row[1])
+    def progress_of_command() -> Any:
+        return command_progress(engine, pk)
 
     stored_at, (seq, status) = await wait_for_value(
         progress_of_command,
