@@ -23,6 +23,12 @@ from graphql import FieldNode, OperationDefinitionNode, VariableNode, Visitor, v
 from graphql.language.visitor import SKIP
 
 _RELEVANT_CACHE_SIZE = 1024
+# Most selections whose result one event keeps. An event lives as long as its batch, and
+# batches are remembered for lagged followers (server.streams.SharedPages, ~16 MB in all):
+# each selection kept adds about that much again, so without a cap a client subscribing
+# with a new alias each time grew the server by ~10 MB a selection, even after leaving.
+# Followers beyond the cap are shown the event on their own (as before issue 16).
+SHARED_SELECTIONS = 4
 
 
 class SharedData(dict[str, Any]):
@@ -66,9 +72,12 @@ class SharedResults:
         variables: dict[str, Any],
         data: dict[str, Any],
     ) -> SharedData:
-        """Keep `data` as this selection's result; the shared object."""
+        """Keep `data` as this selection's result (unless SHARED_SELECTIONS are kept
+        already); the shared object."""
         shared = SharedData(data)
-        self._results.append((operation, selection_key(operation, fragments, variables), shared))
+        if len(self._results) < SHARED_SELECTIONS:
+            key = selection_key(operation, fragments, variables)
+            self._results.append((operation, key, shared))
         return shared
 
 

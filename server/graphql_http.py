@@ -33,6 +33,7 @@ from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import MissingQueryError
 from strawberry.http import GraphQLHTTPResponse
+from strawberry.http.exceptions import WebSocketDisconnected
 from strawberry.http.websocket_origin import is_same_origin
 from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOperationTypeError
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
@@ -353,6 +354,14 @@ class StrictTransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
                 await self.websocket.close(code=WS_UNAUTHORIZED, reason="Unauthorized")
                 return
             self.context.principal = principal  # a changed role applies from now on
+
+    async def handle_task_exception(self, error: Exception) -> None:
+        """Strawberry logs an operation that failed at ERROR with its traceback; a client
+        that hung up while its subscription was being sent is its own doing (INFO)."""
+        if isinstance(error, WebSocketDisconnected):
+            log.info("a WebSocket client went away while a subscription was sent to it")
+            return
+        await super().handle_task_exception(error)
 
     async def shutdown(self) -> None:
         if self._watch is not None:

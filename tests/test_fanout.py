@@ -10,7 +10,7 @@ import asyncio
 import gc
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.datastructures import Headers
 
 from graphql_schema.commands import log_batches, log_batches_of
-from graphql_schema.shared_events import SharedData, SharedResults
+from graphql_schema.shared_events import SHARED_SELECTIONS, SharedData, SharedResults
 from server import access
 from server.broker import Broker, StatusChange, Subscription, command_topic
 from server.db import READ_ONLY
@@ -211,6 +211,24 @@ def test_a_shared_result_is_keyed_by_what_the_selection_depends_on(
     assert results.get(operation, fragments, variables) is data
     assert (results.get(operation, fragments, other) is data) is shared
     assert results.get(parse(query).definitions[0], fragments, variables) is None  # type: ignore[arg-type]
+
+
+def test_an_event_keeps_the_results_of_a_few_selections_only() -> None:
+    # An event lives as long as its batch is remembered for lagged followers: a client
+    # subscribing with a new alias each time made every remembered batch keep one more
+    # result (~10 MB a selection over a flood's remembered batches, kept after it left).
+    results = SharedResults()
+    operations = [
+        cast(
+            OperationDefinitionNode,
+            parse(f"subscription {{ s{n}: commandLogBatches }}").definitions[0],
+        )
+        for n in range(SHARED_SELECTIONS + 20)
+    ]
+    shown = [results.put(op, {}, {}, {"n": n}) for n, op in enumerate(operations)]
+    kept = [results.get(op, {}, {}) for op in operations]
+    assert kept == [*shown[:SHARED_SELECTIONS], *[None] * 20]
+    assert shown[-1] == {"n": SHARED_SELECTIONS + 19}  # shown all the same, on its own
 
 
 async def test_a_follower_behind_merges_the_queued_batches_up_to_a_status_change() -> None:
