@@ -597,7 +597,10 @@ async def follow_command(
             yield StatusChange(command_id, status)
             while not CommandStatus(status).is_final:
                 try:
-                    message = await asyncio.wait_for(subscription.get(), poll_seconds)
+                    # Not wait_for: on 3.11 it makes a task of every get, one a message for
+                    # every follower of a busy command (issue 16).
+                    async with asyncio.timeout(poll_seconds):
+                        message = await subscription.get()
                 except TimeoutError:
                     message = None
                 if isinstance(message, LinesStored):  # stored by another process: read them
