@@ -550,9 +550,11 @@ async def run_mode(
     }
     async with (
         backend_settings(backend, workdir, **overrides) as settings,
-        serve(create_app(settings)) as base_url,
+        serve(app := create_app(settings)) as base_url,
         httpx.AsyncClient(base_url=base_url, timeout=60, headers=auth_headers()) as http,
     ):
+        broker = app.state.services.broker
+        subscribed_before = broker.subscriber_count
         workers = [await start_worker() for _ in range(args.workers)]
         prober = await start_worker()
         rss_before = rss_mb()
@@ -576,6 +578,13 @@ async def run_mode(
                 await worker.send(job | {"clients": share, "timeout": args.timeout})
             for worker in workers:
                 await worker.expect("connected", timeout=CONNECT_DELAY)
+            # A client is "connected" once its request or `subscribe` is sent: the run starts
+            # once the server has subscribed every follower too, or the setup of 200
+            # subscriptions (their replay and status reads) counts as the first lines' latency.
+            while broker.subscriber_count < subscribed_before + args.clients:
+                if time.monotonic() - started > CONNECT_DELAY:
+                    break
+                await asyncio.sleep(0.05)
             go.touch()
             connect_seconds = time.monotonic() - started
             cpu_before, go_at = cpu_seconds(), time.monotonic()

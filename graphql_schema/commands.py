@@ -42,7 +42,15 @@ from server.db import READ_ONLY
 from server.errors import InvalidInput
 from server.messages import StoredBatch
 from server.models import FINAL_STATUSES
-from server.streams import FinalStatus, Item, follow_command, made_at_tick, parts_of, pieces
+from server.streams import (
+    FinalStatus,
+    Item,
+    follow_command,
+    made_at_tick,
+    parts_of,
+    pieces,
+    slice_of,
+)
 from server.subscribers import TooManySubscribers
 
 if TYPE_CHECKING:
@@ -388,6 +396,10 @@ class LogBatch:
     # Published batches are shown to every subscriber of the command: their result for one
     # selection is computed and encoded once (graphql_schema.shared_events).
     shared_results: strawberry.Private[SharedResults | None] = None
+    # Made of other messages' lines (a merge of published batches, a follower's slice of
+    # one): those messages, each with the lines it skips, whose results its result joins
+    # (CorralExecutionContext), so that a line is executed once whatever message it is in.
+    parts: strawberry.Private[tuple[tuple[LogBatch, int], ...]] = ()
 
 
 def _log_lines(batch: StoredBatch) -> list[LogLine]:
@@ -409,12 +421,37 @@ def log_batches(batch: StoredBatch) -> list[LogBatch]:
     once for all the subscribers it is published to."""
     messages = _published.get(id(batch))
     if messages is None:
-        messages = _published[id(batch)] = [
-            LogBatch(lines=_log_lines(piece), final=False, shared_results=SharedResults())
-            for piece in pieces(batch)
-        ]
+        cut = slice_of(batch)
+        messages = _published[id(batch)] = (
+            [
+                LogBatch(lines=_log_lines(piece), final=False, shared_results=SharedResults())
+                for piece in pieces(batch)
+            ]
+            if cut is None
+            else _cut(log_batches(cut[0]), cut[1])
+        )
         weakref.finalize(batch, _published.pop, id(batch), None)
     return messages
+
+
+def _cut(messages: list[LogBatch], skipped: int) -> list[LogBatch]:
+    """The messages of a batch's lines after its first `skipped`, made of its `messages`."""
+    cut: list[LogBatch] = []
+    for message in messages:
+        if skipped >= len(message.lines):
+            skipped -= len(message.lines)
+        elif skipped:
+            cut.append(_made_of([(message, skipped)]))
+            skipped = 0
+        else:
+            cut.append(message)
+    return cut
+
+
+def _made_of(parts: list[tuple[LogBatch, int]]) -> LogBatch:
+    """A message of the lines of `parts` (each message past the lines it skips), in order."""
+    lines = [line for message, skipped in parts for line in message.lines[skipped:]]
+    return LogBatch(lines=lines, final=False, shared_results=SharedResults(), parts=tuple(parts))
 
 
 YIELD_EVERY_LINES = 16  # commandLogs lets other tasks run after this many lines
@@ -431,9 +468,22 @@ def log_batches_of(batch: StoredBatch) -> list[LogBatch]:
     encoded once for every follower (issue 16): executing a merge for one follower cost
     more than the messages it saved, from a hundred lines up."""
     parts = parts_of(batch)
-    if len(parts) == 1 or (batch.weight <= OWN_MERGE_LINES and made_at_tick(batch)):
+    if len(parts) == 1:
         return log_batches(batch)
-    return [message for part in parts for message in log_batches(part)]
+    messages = [message for part in parts for message in log_batches(part)]
+    if batch.weight <= OWN_MERGE_LINES and made_at_tick(batch):
+        return _joined_message(batch, messages)
+    return messages
+
+
+def _joined_message(batch: StoredBatch, messages: list[LogBatch]) -> list[LogBatch]:
+    """A merge's one message, made of its batches' `messages` (whose results it joins), once
+    for all the followers that take the merge."""
+    joined = _published.get(id(batch))
+    if joined is None:
+        joined = _published[id(batch)] = [_made_of([(message, 0) for message in messages])]
+        weakref.finalize(batch, _published.pop, id(batch), None)
+    return joined
 
 
 @strawberry.type

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Any
 
 import strawberry
@@ -44,7 +44,7 @@ from graphql_schema.proxies import (
 from graphql_schema.relay import DEFAULT_PAGE_SIZE, Connection, Node, decode_id
 from graphql_schema.runners import Runner, resolve_runners
 from graphql_schema.services import Service, ServiceMutations, resolve_services
-from graphql_schema.shared_events import SharedResults
+from graphql_schema.shared_events import SharedResults, joined_data
 from graphql_schema.templates import (
     CommandTemplate,
     CommandTemplateMutations,
@@ -227,10 +227,45 @@ class CorralExecutionContext(DirectLeaves):
         data = shared.get(self.operation, self.fragments, self.variable_values.coerced)
         if data is not None:
             return GraphQLExecutionResult(data, None)
+        parts = getattr(self.root_value, "parts", ())
+        if parts:
+            return self._joined(parts, shared, serially)
         result = super().execute_operation(serially)
         if self.is_awaitable(result):
             return self._keep_shared(result, shared)
         return self._share(result, shared)
+
+    def _joined(self, parts: Sequence[Any], shared: SharedResults, serially: bool | None) -> Any:
+        """An event made of other events (`parts`, each shared: a merge of published log
+        batches) is their results joined, not executed again: each line is executed once
+        per selection, however many followers' merges it is part of (issue 16)."""
+        skipped = [skip for _part, skip in parts]
+        results = [
+            self.build_per_event_executor(part).execute_operation(serially)
+            for part, _skipped in parts
+        ]
+        if any(self.is_awaitable(result) for result in results):
+            return self._join_later(results, skipped, shared, serially)
+        return self._join(results, skipped, shared, serially)
+
+    async def _join_later(
+        self, results: list[Any], skipped: list[int], shared: SharedResults, serially: bool | None
+    ) -> Any:
+        done = [await result if self.is_awaitable(result) else result for result in results]
+        joined = self._join(done, skipped, shared, serially)
+        return await joined if self.is_awaitable(joined) else joined
+
+    def _join(
+        self, results: list[Any], skipped: list[int], shared: SharedResults, serially: bool | None
+    ) -> Any:
+        data = joined_data([getattr(result, "data", None) for result in results], skipped)
+        if data is None or any(getattr(result, "errors", None) for result in results):
+            # A part met an error: the event is executed as a whole (its errors its own).
+            result = super().execute_operation(serially)
+            if self.is_awaitable(result):
+                return self._keep_shared(result, shared)
+            return self._share(result, shared)
+        return self._share(GraphQLExecutionResult(data, None), shared)
 
     async def _keep_shared(self, result: Awaitable[Any], shared: SharedResults) -> Any:
         return self._share(await result, shared)

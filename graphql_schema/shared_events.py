@@ -81,6 +81,33 @@ class SharedResults:
         return shared
 
 
+def joined_data(parts: list[Any], skipped: list[int]) -> dict[str, Any] | None:
+    """The data of an event made of the events whose data are `parts`, in order, each past
+    its first `skipped` items: of its one root field, each list (the items the events
+    carry) joined, every other value as all the parts have it. None when the parts are not
+    of that shape (the event is executed)."""
+    if not parts or not all(isinstance(part, dict) and len(part) == 1 for part in parts):
+        return None
+    root = next(iter(parts[0]))
+    fields = [part.get(root) for part in parts]
+    first = fields[0]
+    if not all(isinstance(field, dict) and field.keys() == first.keys() for field in fields):
+        return None
+    joined: dict[str, Any] = {}
+    for key, value in first.items():
+        if isinstance(value, list):
+            joined[key] = [
+                item
+                for field, skip in zip(fields, skipped, strict=True)
+                for item in field[key][skip:]
+            ]
+        elif all(field[key] == value for field in fields):
+            joined[key] = value
+        else:
+            return None
+    return {root: joined}
+
+
 def selection_key(
     operation: OperationDefinitionNode, fragments: Any, variables: dict[str, Any]
 ) -> tuple[Any, ...]:

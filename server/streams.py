@@ -241,7 +241,7 @@ class SharedPages:
         for batch in batches:
             if batch.runs[-1].last_seq <= after_seq:
                 continue
-            part = batch if batch.runs[0].first_seq > after_seq else batch.after(after_seq)
+            part = batch if batch.runs[0].first_seq > after_seq else sliced(batch, after_seq)
             parts.append(part)
             lines += part.weight
             size += part.nbytes + REPLAY_LINE_COST * part.weight
@@ -430,8 +430,26 @@ def parts_of(batch: StoredBatch) -> tuple[StoredBatch, ...]:
     return _parts.get(id(batch), (batch,))
 
 
+def sliced(batch: StoredBatch, seq: int) -> StoredBatch:
+    """The lines of `batch` past `seq`, which slice_of tells apart again while they live: a
+    follower resuming inside a published batch (a lagged one, each at its own seq) gets its
+    messages cut from the batch's own, not made again for it alone (issue 16)."""
+    part = batch.after(seq)
+    skipped = batch.weight - part.weight
+    if skipped and part.runs:
+        _slices[id(part)] = (batch, skipped)  # held (its id stays its own) while `part` lives
+        weakref.finalize(part, _slices.pop, id(part), None)
+    return part
+
+
+def slice_of(batch: StoredBatch) -> tuple[StoredBatch, int] | None:
+    """The batch `batch` was cut from (sliced) and the lines it skipped, if it was."""
+    return _slices.get(id(batch))
+
+
 _merges: dict[int, tuple[tuple[StoredBatch, ...], weakref.ref[StoredBatch]]] = {}
 _parts: dict[int, tuple[StoredBatch, ...]] = {}
+_slices: dict[int, tuple[StoredBatch, int]] = {}
 _tick_merges: set[int] = set()
 
 
@@ -522,7 +540,7 @@ class _Follower:
         """A published batch: the part not yet delivered; a gap is filled from the database."""
         if not batch.runs:
             return
-        fresh = batch if batch.runs[0].first_seq > self.last else batch.after(self.last)
+        fresh = batch if batch.runs[0].first_seq > self.last else sliced(batch, self.last)
         if not fresh.runs:
             return
         if fresh.runs[0].first_seq != self.last + 1:
@@ -579,7 +597,10 @@ async def follow_command(
             yield StatusChange(command_id, status)
             while not CommandStatus(status).is_final:
                 try:
-                    message = await asyncio.wait_for(subscription.get(), poll_seconds)
+                    # Not wait_for: on 3.11 it makes a task of every get, one a message for
+                    # every follower of a busy command (issue 16).
+                    async with asyncio.timeout(poll_seconds):
+                        message = await subscription.get()
                 except TimeoutError:
                     message = None
                 if isinstance(message, LinesStored):  # stored by another process: read them
