@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
 from typing import Any, TypeVar, overload
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
@@ -25,7 +26,7 @@ from runner.logwriter import FLUSH_LINES, LogWriter, Share, _Chunk
 from runner.store import FunctionJob, RunnerStore, StoreJob, open_store
 from runner.store_errors import summary
 from server.broker import USAGE_TOPIC, Broker, UsageRecorded, command_topic
-from server.messages import StoredBatch
+from server.messages import LineRun, StoredBatch
 from server.metrics import Metrics
 
 log = logging.getLogger("corral.runner")
@@ -211,7 +212,7 @@ class LogStore:
         flush = Flush()
         dirty, self._dirty = self._dirty, {}
         for writer in dirty.values():
-            chunks = writer.take()
+            chunks = writer.take(self.gateway.flush_lines)
             self._pending_lines -= sum(len(chunk.lines) for chunk in chunks)
             self._pending_chars -= sum(chunk.size for chunk in chunks)
             flush.shares.append(self._number(writer, chunks))
@@ -265,8 +266,9 @@ class LogStore:
                 self._broker.publish(USAGE_TOPIC, UsageRecorded(service_id))
         for share in flush.shares:
             if share.runs:
-                batch = StoredBatch(share.writer.command_id, share.runs)
-                self._broker.publish(command_topic(batch.command_id), batch)
+                topic = command_topic(share.writer.command_id)
+                for batch in published_batches(share.writer.command_id, share.runs):
+                    self._broker.publish(topic, batch)
                 if self._metrics is not None:
                     self._metrics.log_lines.inc(share.lines)
         for future in flush.waiters:
@@ -277,6 +279,29 @@ class LogStore:
         for job, result in done:
             if not job.future.done():
                 job.future.set_result(result)
+
+
+def published_batches(command_id: int, runs: list[LineRun]) -> Iterator[StoredBatch]:
+    """A share's lines as the batches they are published in: FLUSH_LINES lines at most
+    each (a flush on PostgreSQL holds more), so that a subscriber's message stays small."""
+    batch: list[LineRun] = []
+    room = FLUSH_LINES
+    for run in runs:
+        start = 0
+        while start < len(run.texts):
+            if not room:
+                yield StoredBatch(command_id, batch)
+                batch, room = [], FLUSH_LINES
+            take = min(room, len(run.texts) - start)
+            if take == len(run.texts):
+                batch.append(run)
+            else:
+                part = run.texts[start : start + take]
+                batch.append(run._replace(first_seq=run.first_seq + start, texts=part))
+            start += take
+            room -= take
+    if batch:
+        yield StoredBatch(command_id, batch)
 
 
 def _usage_services(shares: list[Share]) -> set[int]:

@@ -29,7 +29,9 @@ if TYPE_CHECKING:
 
 _EVENT_PREFIXES = itertools.repeat(EVENT_PREFIX)
 _STDOUT, _SYSTEM = LogStream.STDOUT.value, LogStream.SYSTEM.value
-FLUSH_LINES = 10_000  # lines of one command per flush (a published batch stays small)
+# Lines of one command per published batch (it stays small), and per flush unless the
+# store takes more at once (RunnerStore.flush_lines).
+FLUSH_LINES = 10_000
 
 
 @dataclass(slots=True)
@@ -114,12 +116,12 @@ class LogWriter:
         """Wait until everything queued so far is stored."""
         await self._store.stored(self)
 
-    def take(self) -> list[_Chunk]:
-        """The chunks of the next flush: all of them, or the first FLUSH_LINES lines' worth."""
+    def take(self, limit: int = FLUSH_LINES) -> list[_Chunk]:
+        """The chunks of the next flush: all of them, or the first `limit` lines' worth."""
         taken = 0
         for index, chunk in enumerate(self.chunks):
             taken += len(chunk.lines)
-            if taken >= FLUSH_LINES:
+            if taken >= limit:
                 batch, self.chunks = self.chunks[: index + 1], self.chunks[index + 1 :]
                 return batch
         batch, self.chunks = self.chunks, []

@@ -144,6 +144,7 @@ class RunnerStore(Protocol):
     """The runner's database, one implementation per dialect."""
 
     dialect: str
+    flush_lines: int  # most lines of one command a flush takes (see LogWriter.take)
 
     def start(self) -> None:
         """Open what the store keeps for itself (a connection, a thread)."""

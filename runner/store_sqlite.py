@@ -33,6 +33,7 @@ from runner.claims import (
     needs_held,
 )
 from runner.gate import Gate, Read, gate_reads, spend_rows
+from runner.logwriter import FLUSH_LINES
 from runner.store import (
     SessionOperations,
     StoreJob,
@@ -55,6 +56,9 @@ class SqliteStore(SessionOperations):
     """RunnerStore on SQLite."""
 
     dialect = "sqlite"
+    # The JSON text of a flush is made in the store's thread, holding the GIL (and the event
+    # loop) meanwhile, and the flush holds SQLite's one write lock: flushes stay small.
+    flush_lines = FLUSH_LINES
     _sync_engine: Engine | None = None
     _executor: ThreadPoolExecutor | None = None
 
