@@ -44,7 +44,7 @@ from benchmarks.common import (
     wait_for_value,
 )
 
-TARGET_RATIO_MAX = 3.0
+TARGET_RATIO_MAX = 2.0
 BARE_RUNS = 3
 COMMAND = "/bin/true"
 FINAL_SQL = (

@@ -24,7 +24,7 @@ from runner.markers import run_marker, sweep_run
 from runner.oskit.exits import leader_exit
 from runner.oskit.groups import stop_group
 from runner.oskit.splitter import LineSplitter
-from runner.oskit.subreaper import kill_adopted_escapees
+from runner.oskit.subreaper import is_subreaper, kill_adopted_escapees
 from runner.process import Child, pipe_chunks
 from runner.redaction import KnownSecrets
 from runner.sandbox import Sandbox
@@ -226,10 +226,13 @@ class AttemptExecution:
         finally:
             process.release()
         escaped = 0
-        # A sandbox's PID namespace died with the group: no process of the run is left to
-        # look for by its marker (a look at every younger PID's environment: 1.4 ms p50,
-        # 14 ms p90 of each command's end on a busy host).
-        if sweep and not (gone and self.sandbox.contains_processes):
+        # Once the group is gone, no process of the run is left to look for by its marker (a
+        # look at every younger PID's environment: 1.4 ms p50, 14 ms p90 of each command's
+        # end on a busy host) when a sandbox's PID namespace died with the group, or when
+        # this process is a subreaper: then the oldest living process of every subtree the
+        # run left has lost its parent and came to this process, where the adopted ones are
+        # killed just below (their children come up in turn).
+        if sweep and not (gone and (self.sandbox.contains_processes or is_subreaper())):
             escaped = await sweep_run(run_marker(self.runner_id, command_id), pgid)
         escaped += await kill_adopted_escapees(process.started_at)
         if escaped:

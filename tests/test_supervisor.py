@@ -223,6 +223,27 @@ async def test_a_process_that_left_the_group_is_swept(
     assert workdir == str(settings.commands_dir / str(pk(command_id)))
 
 
+async def test_without_a_sandbox_a_subreaper_stops_what_left_the_group_without_a_sweep(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The oldest escapee lost its parent and came to the runner: no look at every younger
+    # PID's environment is needed to find it (issue 15: that look cost each command ~1 ms).
+    from server.app import create_app
+
+    monkeypatch.setattr("runner.attempt.sweep_run", _no_sweep)
+    app = create_app(settings.model_copy(update={"sandbox": "none"}))
+    async with app.router.lifespan_context(app), admin_client(app) as http:
+        gql = GraphQLClient(http)
+        script = "setsid sh -c 'sleep 300 & sleep 301' & echo $!"
+        command_id = await run(gql, commandString=f"sh -c {shlex.quote(script)}")
+        assert (await wait_final(gql, command_id))["status"] == "SUCCEEDED"
+    assert run_processes(pk(command_id), f"{socket.gethostname()}:{os.getpid()}:") == []
+
+
+async def _no_sweep(marker: str, leader_pid: int = 0, timeout: float = 2.0) -> int:
+    raise AssertionError(f"swept {marker} by its marker")
+
+
 async def test_cancel_kills_a_running_command(gql: GraphQLClient) -> None:
     command_id = await run(gql, commandString=SLEEPERS)
     pids = await wait_processes(command_id)
