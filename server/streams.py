@@ -197,9 +197,22 @@ class SharedPages:
         def listen(message: Any) -> None:
             if isinstance(message, StoredBatch):
                 self.remember(sessionmaker, message)
+                if message.runs:
+                    tap.newest = max(tap.newest, message.runs[-1].last_seq)
+            elif isinstance(message, StatusChange):
+                tap.status_changes += 1
 
         tap.stack.enter_context(broker.tap(command_topic(command_id), listen))
         return tap
+
+    def heard(self, sessionmaker: SessionFactory, command_id: int) -> tuple[int, int] | None:
+        """The newest seq of the command heard published and the status changes heard, while
+        a follower of it is `following` (else None). On a broker of one process, where every
+        message is published, a follower that has delivered that seq knows from memory that
+        nothing newer was published before now: what is published from now on reaches its
+        queue (see follow_command)."""
+        tap = self._taps.get((sessionmaker, command_id))
+        return None if tap is None else (tap.newest, tap.status_changes)
 
     def remember(self, sessionmaker: SessionFactory, batch: StoredBatch) -> None:
         """Keep a published batch (stored, so the database holds the same lines) for the
@@ -323,6 +336,8 @@ class _Tap:
 
     stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     followers: int = 0
+    newest: int = 0  # the newest seq heard published
+    status_changes: int = 0  # heard since the tap began
 
 
 def _has_lines(page: StoredBatch) -> bool:
@@ -484,7 +499,7 @@ async def _status(sessionmaker: SessionFactory, command_id: int) -> str | None:
 
 
 class _Follower:
-    """The state of one follower: the last seq delivered."""
+    """The state of one follower: the last seq delivered, what its status read heard."""
 
     def __init__(
         self,
@@ -499,6 +514,7 @@ class _Follower:
         self.command_id = command_id
         self.last = after_seq
         self.page_bytes = page_bytes
+        self.changes_read: int | None = None  # status changes heard when it was last read
         # Lines the next page asks for: twice what the last one held when its bytes ended
         # it (the database measures no more lines than that), else twice as many.
         self.page_lines = REPLAY_FIRST_LINES
@@ -516,17 +532,31 @@ class _Follower:
 
     async def read_status(self) -> str | None:
         """The command's status, read after this call (shared with the others asking)."""
+        heard = None if self.pages is None else self.pages.heard(self.sessionmaker, self.command_id)
+        self.changes_read = None if heard is None else heard[1]
         if self.pages is None:
             return await _status(self.sessionmaker, self.command_id)
         return await self.pages.status(self.sessionmaker, self.command_id)
 
+    def heard_since(self) -> tuple[bool, bool]:
+        """Whether the newest seq heard published is delivered, and whether no status change
+        was heard since the status was last read (both False when nothing is heard)."""
+        heard = None if self.pages is None else self.pages.heard(self.sessionmaker, self.command_id)
+        if heard is None:
+            return False, False
+        return heard[0] <= self.last, heard[1] == self.changes_read
+
     async def catch_up(
-        self, subscription: Subscription | None = None
+        self, subscription: Subscription | None = None, heard: bool = False
     ) -> AsyncIterator[StoredBatch]:
         """Everything stored after the last delivered seq, from the database; stops early
         once `subscription` holds the next line already (live delivery takes over there,
-        instead of chasing a busy writer through the database)."""
+        instead of chasing a busy writer through the database). `heard`: every line
+        published before now was heard (SharedPages.heard), so it stops at the newest
+        heard instead of reading an empty page to learn that nothing is newer."""
         while not (subscription is not None and self._queued_next(subscription)):
+            if heard and self.heard_since()[0]:
+                return
             batch = await self._next_page()
             if not batch.runs:
                 return
@@ -614,9 +644,15 @@ async def follow_command(
                             yield lines
                     continue
                 if message is None:  # lagged (or a poll): re-read what was missed
+                    # A lag on a broker of one process lost nothing the tap did not hear
+                    # (issue 16: SQLite followers that lagged read an empty page and the
+                    # status after each lag, on threads that slowed the loop). A poll reads.
+                    heard = broker.single_process and subscription.lagged
                     subscription.resync()
-                    async for lines in follower.catch_up(subscription):
+                    async for lines in follower.catch_up(subscription, heard):
                         yield lines
+                    if heard and follower.heard_since()[1]:
+                        continue
                     current = await follower.read_status() or status
                     if current == status:
                         continue

@@ -1,22 +1,23 @@
-"""Reads shared by followers that join together (issue 16).
+"""Reads shared by followers that join together, and lags answered from memory (issue 16).
 
 Before: each of 200 followers joining a command read its own (empty) first page and its
-own status.
+own status; on SQLite each follower that lagged read an empty page and the status again.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncGenerator
+from typing import Any
 
 from sqlalchemy import update
 
-from server.broker import Broker, StatusChange
+from server.broker import Broker, StatusChange, command_topic
 from server.fresh_reads import FreshReads
 from server.messages import StoredBatch
 from server.models import Command
-from server.streams import SharedPages, follow_command
-from tests.test_fanout import FirstSessionHeld, Sessions, running_command, seqs_of
+from server.streams import FinalStatus, SharedPages, follow_command
+from tests.test_fanout import FirstSessionHeld, Sessions, published, running_command, seqs_of
 from tests.test_streams import store_lines
 
 
@@ -101,3 +102,64 @@ async def test_followers_joining_together_share_their_first_page_and_status_read
     for stream in streams:
         assert isinstance(stream, AsyncGenerator)
         await stream.aclose()
+
+
+class OtherProcesses(Broker):
+    """A broker that also carries other processes' messages (as server.pgbroker's does)."""
+
+    single_process = False
+
+
+async def lag_twice(sessionmaker_: Sessions, broker: Broker) -> tuple[int, int, list[Any]]:
+    """A follower that lags twice, the second time past a status change it does not see
+    in its queue: (sessions opened once it joined, once it ended, its items)."""
+    command_id = await running_command(sessionmaker_)
+    sessions, pages = FirstSessionHeld(sessionmaker_, "never"), SharedPages()
+    stream = follow_command(sessions, broker, command_id, pages=pages, tick_seconds=0)
+    items: list[Any] = [await anext(stream)]
+    joined = sessions.calls
+
+    async def until(seq: int) -> None:
+        async with asyncio.timeout(30):
+            while seqs_of([i for i in items if isinstance(i, StoredBatch)])[-1:] != [seq]:
+                items.append(await anext(stream))
+
+    await store_lines(sessionmaker_, command_id, range(1, 401))
+    for first in range(1, 401, 50):  # more than its queue holds: it lags
+        broker.publish(command_topic(command_id), published(first, 50, command_id))
+    await until(400)
+
+    async def next_item() -> Any:
+        return await anext(stream)
+
+    pending = asyncio.create_task(next_item())
+    await asyncio.sleep(0.1)  # it is through with its first lag, waiting for its queue
+    await store_lines(sessionmaker_, command_id, range(401, 801))
+    for first in range(401, 801, 50):
+        broker.publish(command_topic(command_id), published(first, 50, command_id))
+    async with sessionmaker_() as session, session.begin():
+        await session.execute(
+            update(Command).where(Command.id == command_id).values(status="SUCCEEDED")
+        )
+    broker.publish_status(command_id, "SUCCEEDED")  # dropped: the follower is lagged
+    async with asyncio.timeout(30):
+        items.append(await pending)
+        items.extend([item async for item in stream])
+    return joined, sessions.calls, items
+
+
+async def test_a_lag_on_one_process_s_broker_reads_nothing_unless_a_status_changed(
+    sessionmaker: Sessions,
+) -> None:
+    # One process: every batch was heard, so the database has nothing newer: the status is
+    # read after the second lag only (a change was heard), then the page ending the stream.
+    # Else each lag reads an empty page and the status again.
+    for broker, reads in ((Broker(), 2), (OtherProcesses(), 5)):
+        broker.subscriber_max_bytes = 2 * published(1, 50).nbytes
+        joined, ended, items = await lag_twice(sessionmaker, broker)
+        assert ended - joined == reads
+        batches = [item for item in items if isinstance(item, StoredBatch)]
+        assert seqs_of(batches) == list(range(1, 801))
+        command_id = batches[0].command_id
+        assert items[0] == StatusChange(command_id, "RUNNING")
+        assert items[-2:] == [StatusChange(command_id, "SUCCEEDED"), FinalStatus("SUCCEEDED")]
