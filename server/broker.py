@@ -144,6 +144,10 @@ class Subscription:
 class Broker:
     """In-process publish/subscribe by topic name."""
 
+    # Every message of its topics is published in this process, so a tap hears them all
+    # (server.streams answers "nothing newer" after a lag from what its tap heard).
+    single_process = True
+
     def __init__(self, subscriber_max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         self._subscribers: dict[str, set[Subscription]] = defaultdict(set)
         self._taps: dict[str, list[Callable[[Any], None]]] = defaultdict(list)

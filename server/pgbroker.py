@@ -125,6 +125,8 @@ def connect_arguments(engine: AsyncEngine) -> dict[str, Any]:
 class PgBroker(Broker):
     """The in-process broker, and the same messages to and from other processes."""
 
+    single_process = False  # other processes' lines arrive as nudges, or not at all (a drop)
+
     def __init__(self, engine: AsyncEngine, subscriber_max_bytes: int = DEFAULT_MAX_BYTES) -> None:
         super().__init__(subscriber_max_bytes)
         self._connect_args = connect_arguments(engine)

@@ -15,7 +15,7 @@ import contextlib
 import weakref
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
 from typing import Any
@@ -31,6 +31,7 @@ from server.broker import (
     command_topic,
 )
 from server.db import READ_ONLY, SessionFactory
+from server.fresh_reads import FreshReads
 from server.messages import LineRun, StoredBatch
 from server.metrics import Metrics
 from server.models import Command, CommandStatus
@@ -138,9 +139,10 @@ class SharedPages:
     Stored lines never change, so a page with lines is right whenever it was read: the
     follower goes on reading after its last line. A page with *no* line only says that
     nothing was stored after its seq when its read began: a follower that finds such a read
-    under way when it asks reads again on its own (the read began before it asked, and may
-    have missed lines committed meanwhile; an empty page ends a replay), and such pages are
-    never kept.
+    under way when it asks takes part in the next one instead (the read began before it
+    asked, and may have missed lines committed meanwhile; an empty page ends a replay), and
+    such pages are never kept. The followers that join a command together share their
+    empty first page and their status read that way (FreshReads).
 
     Followers that lagged mostly need lines published a moment ago: the batches that
     followers received live are remembered (`remember`, up to `recent_bytes` in all, oldest
@@ -154,7 +156,8 @@ class SharedPages:
     ) -> None:
         self.max_bytes = max_bytes
         self.recent_bytes = recent_bytes
-        self._reading: dict[tuple[Any, ...], asyncio.Future[StoredBatch]] = {}
+        self._reading: FreshReads[StoredBatch] = FreshReads()
+        self._status_reads: FreshReads[str | None] = FreshReads()
         self._kept: OrderedDict[tuple[Any, ...], tuple[StoredBatch, int]] = OrderedDict()
         self._kept_bytes = 0
         # (sessionmaker, command id) -> its remembered batches, consecutive seqs in order;
@@ -162,8 +165,7 @@ class SharedPages:
         self._recent: dict[tuple[Any, int], deque[StoredBatch]] = {}
         self._recent_order: deque[tuple[tuple[Any, int], StoredBatch, int]] = deque()
         self._recent_held = 0
-        # (sessionmaker, command id) -> [its broker listener, followers in `following`]
-        self._taps: dict[tuple[Any, int], list[Any]] = {}
+        self._taps: dict[tuple[Any, int], _Tap] = {}  # (sessionmaker, command id) -> its tap
         self.reads = 0  # reads of the database (what the sharing saves shows against asks)
         self.recent_pages = 0  # pages made of remembered batches instead
 
@@ -177,24 +179,40 @@ class SharedPages:
         memory rather than reading the lines back from the database (issue 15). One
         listener per command, however many follow it."""
         key = (sessionmaker, command_id)
-        taps = self._taps.get(key)
-        if taps is None:
-            stack = contextlib.ExitStack()
-
-            def listen(message: Any) -> None:
-                if isinstance(message, StoredBatch):
-                    self.remember(sessionmaker, message)
-
-            stack.enter_context(broker.tap(command_topic(command_id), listen))
-            taps = self._taps[key] = [stack, 0]
-        taps[1] += 1
+        tap = self._taps.get(key)
+        if tap is None:
+            tap = self._taps[key] = self._tap(broker, sessionmaker, command_id)
+        tap.followers += 1
         try:
             yield
         finally:
-            taps[1] -= 1
-            if taps[1] == 0 and self._taps.get(key) is taps:
+            tap.followers -= 1
+            if tap.followers == 0 and self._taps.get(key) is tap:
                 del self._taps[key]
-                taps[0].close()
+                tap.stack.close()
+
+    def _tap(self, broker: Broker, sessionmaker: SessionFactory, command_id: int) -> _Tap:
+        tap = _Tap()
+
+        def listen(message: Any) -> None:
+            if isinstance(message, StoredBatch):
+                self.remember(sessionmaker, message)
+                if message.runs:
+                    tap.newest = max(tap.newest, message.runs[-1].last_seq)
+            elif isinstance(message, StatusChange):
+                tap.status_changes += 1
+
+        tap.stack.enter_context(broker.tap(command_topic(command_id), listen))
+        return tap
+
+    def heard(self, sessionmaker: SessionFactory, command_id: int) -> tuple[int, int] | None:
+        """The newest seq of the command heard published and the status changes heard, while
+        a follower of it is `following` (else None). On a broker of one process, where every
+        message is published, a follower that has delivered that seq knows from memory that
+        nothing newer was published before now: what is published from now on reaches its
+        queue (see follow_command)."""
+        tap = self._taps.get((sessionmaker, command_id))
+        return None if tap is None else (tap.newest, tap.status_changes)
 
     def remember(self, sessionmaker: SessionFactory, batch: StoredBatch) -> None:
         """Keep a published batch (stored, so the database holds the same lines) for the
@@ -267,34 +285,20 @@ class SharedPages:
         if kept is not None:
             self._kept.move_to_end(key)
             return kept[0]
-        reading = self._reading.get(key)
-        if reading is not None:
-            try:
-                page = await asyncio.shield(reading)
-            except _ReadFailed:  # that read's follower went away or met an error: read here
-                pass
-            else:
-                if page.runs:  # an empty one began before this follower asked: read again
-                    return page
-        return await self._read(key)
+        return await self._reading.read(key, lambda: self._read(key), _has_lines)
+
+    async def status(self, sessionmaker: SessionFactory, command_id: int) -> str | None:
+        """The command's status, read after this call began: the followers that join a
+        command together share a read or two instead of one each (FreshReads)."""
+        return await self._status_reads.read(
+            (sessionmaker, command_id), lambda: _status(sessionmaker, command_id)
+        )
 
     async def _read(self, key: tuple[SessionFactory, int, int, int, int]) -> StoredBatch:
-        future: asyncio.Future[StoredBatch] = asyncio.get_running_loop().create_future()
-        self._reading[key] = future
-        try:
-            page = self._from_recent(key)  # ends where a published batch ends
-            if page is None:
-                self.reads += 1
-                page = _to_grid(await _read_lines(*key), key[2])
-        except BaseException:
-            # Those waiting read on their own (an error is theirs to meet, or not).
-            future.set_exception(_ReadFailed())
-            future.exception()  # retrieved, whether anybody waits or not
-            raise
-        finally:
-            if self._reading.get(key) is future:
-                del self._reading[key]
-        future.set_result(page)
+        page = self._from_recent(key)  # ends where a published batch ends
+        if page is None:
+            self.reads += 1
+            page = _to_grid(await _read_lines(*key), key[2])
         if page.runs:
             self._keep(key, page)
         return page
@@ -326,8 +330,19 @@ def _to_grid(page: StoredBatch, after_seq: int) -> StoredBatch:
     return StoredBatch(page.command_id, runs)
 
 
-class _ReadFailed(Exception):
-    """A shared page read did not finish (its reader was cancelled or met an error)."""
+@dataclass(eq=False)
+class _Tap:
+    """The listener of a command's messages for its followers (SharedPages.following)."""
+
+    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    followers: int = 0
+    newest: int = 0  # the newest seq heard published
+    status_changes: int = 0  # heard since the tap began
+
+
+def _has_lines(page: StoredBatch) -> bool:
+    """Whether a page is right whenever it was read (stored lines never change)."""
+    return bool(page.runs)
 
 
 def pieces(batch: StoredBatch, max_bytes: int = SEND_CHUNK_BYTES) -> Iterator[StoredBatch]:
@@ -484,7 +499,7 @@ async def _status(sessionmaker: SessionFactory, command_id: int) -> str | None:
 
 
 class _Follower:
-    """The state of one follower: the last seq delivered and the last status seen."""
+    """The state of one follower: the last seq delivered, what its status read heard."""
 
     def __init__(
         self,
@@ -498,8 +513,8 @@ class _Follower:
         self.pages = pages
         self.command_id = command_id
         self.last = after_seq
-        self.status: str | None = None
         self.page_bytes = page_bytes
+        self.changes_read: int | None = None  # status changes heard when it was last read
         # Lines the next page asks for: twice what the last one held when its bytes ended
         # it (the database measures no more lines than that), else twice as many.
         self.page_lines = REPLAY_FIRST_LINES
@@ -515,13 +530,33 @@ class _Follower:
         )
         return batch
 
+    async def read_status(self) -> str | None:
+        """The command's status, read after this call (shared with the others asking)."""
+        heard = None if self.pages is None else self.pages.heard(self.sessionmaker, self.command_id)
+        self.changes_read = None if heard is None else heard[1]
+        if self.pages is None:
+            return await _status(self.sessionmaker, self.command_id)
+        return await self.pages.status(self.sessionmaker, self.command_id)
+
+    def heard_since(self) -> tuple[bool, bool]:
+        """Whether the newest seq heard published is delivered, and whether no status change
+        was heard since the status was last read (both False when nothing is heard)."""
+        heard = None if self.pages is None else self.pages.heard(self.sessionmaker, self.command_id)
+        if heard is None:
+            return False, False
+        return heard[0] <= self.last, heard[1] == self.changes_read
+
     async def catch_up(
-        self, subscription: Subscription | None = None
+        self, subscription: Subscription | None = None, heard: bool = False
     ) -> AsyncIterator[StoredBatch]:
         """Everything stored after the last delivered seq, from the database; stops early
         once `subscription` holds the next line already (live delivery takes over there,
-        instead of chasing a busy writer through the database)."""
+        instead of chasing a busy writer through the database). `heard`: every line
+        published before now was heard (SharedPages.heard), so it stops at the newest
+        heard instead of reading an empty page to learn that nothing is newer."""
         while not (subscription is not None and self._queued_next(subscription)):
+            if heard and self.heard_since()[0]:
+                return
             batch = await self._next_page()
             if not batch.runs:
                 return
@@ -591,7 +626,7 @@ async def follow_command(
             )
             async for lines in follower.catch_up(subscription):
                 yield lines
-            status = await _status(sessionmaker, command_id)
+            status = await follower.read_status()
             if status is None:
                 return
             yield StatusChange(command_id, status)
@@ -609,10 +644,16 @@ async def follow_command(
                             yield lines
                     continue
                 if message is None:  # lagged (or a poll): re-read what was missed
+                    # A lag on a broker of one process lost nothing the tap did not hear
+                    # (issue 16: SQLite followers that lagged read an empty page and the
+                    # status after each lag, on threads that slowed the loop). A poll reads.
+                    heard = broker.single_process and subscription.lagged
                     subscription.resync()
-                    async for lines in follower.catch_up(subscription):
+                    async for lines in follower.catch_up(subscription, heard):
                         yield lines
-                    current = await _status(sessionmaker, command_id) or status
+                    if heard and follower.heard_since()[1]:
+                        continue
+                    current = await follower.read_status() or status
                     if current == status:
                         continue
                     message = StatusChange(command_id, current)
