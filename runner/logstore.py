@@ -13,6 +13,7 @@ outages, refused shares) is runner/commit.py's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Iterator
 from typing import Any, TypeVar, overload
@@ -176,6 +177,8 @@ class LogStore:
         so that what is queued meanwhile (the claim for a slot that frees, the final state
         of the command that leaves it) still goes with it rather than a flush later."""
         committing: asyncio.Task[None] | None = None
+        with contextlib.suppress(Exception):  # unreachable: the first flush retries, reports
+            await self.gateway.connect()
         try:
             while True:
                 await self._wake.wait()

@@ -149,6 +149,10 @@ class RunnerStore(Protocol):
     def start(self) -> None:
         """Open what the store keeps for itself (a connection, a thread)."""
 
+    async def connect(self) -> None:
+        """Open the store's connection now rather than at the first flush: a starting
+        runner does it while it registers and recovers, not in its first claim."""
+
     async def close(self) -> None:
         """Close it."""
 

@@ -70,7 +70,10 @@ class PostgresStore(SessionOperations):
     _connected_at = 0.0
 
     def start(self) -> None:
-        pass  # connected at the first flush
+        pass  # connected by `connect`, else at the first flush
+
+    async def connect(self) -> None:
+        await self._pg_connection()
 
     async def close(self) -> None:
         await self._drop_connection(broken=False)

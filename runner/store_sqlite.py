@@ -66,6 +66,14 @@ class SqliteStore(SessionOperations):
         self._sync_engine = create_sync_engine(self.engine.url)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="corral-logstore")
 
+    async def connect(self) -> None:
+        assert self._executor is not None
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._connect)
+
+    def _connect(self) -> None:
+        assert self._sync_engine is not None
+        self._sync_engine.connect().close()  # the pool keeps it (its one connection)
+
     async def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=True)

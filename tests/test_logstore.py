@@ -372,3 +372,17 @@ def test_the_same_column_sets_make_the_same_statement_whatever_their_order() -> 
     assert second is not None
     assert first[0] == second[0]
     assert first[1] == second[1]
+
+
+async def test_the_store_connects_before_its_first_flush(store: LogStore) -> None:
+    """A starting runner's store opens its connection while the runner registers and
+    recovers: the first claim's flush does not wait for it."""
+    gateway: Any = store.gateway
+    deadline = time.monotonic() + 5
+    while not (
+        gateway._sync_engine.pool.checkedin() == 1
+        if gateway.dialect == "sqlite"
+        else gateway._connection is not None
+    ):
+        assert time.monotonic() < deadline, "nothing was flushed, and no connection opened"
+        await asyncio.sleep(0.01)
