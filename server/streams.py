@@ -532,19 +532,25 @@ class _Follower:
 
     async def read_status(self) -> str | None:
         """The command's status, read after this call (shared with the others asking)."""
-        heard = None if self.pages is None else self.pages.heard(self.sessionmaker, self.command_id)
+        heard = self._heard()
         self.changes_read = None if heard is None else heard[1]
         if self.pages is None:
             return await _status(self.sessionmaker, self.command_id)
         return await self.pages.status(self.sessionmaker, self.command_id)
 
-    def heard_since(self) -> tuple[bool, bool]:
-        """Whether the newest seq heard published is delivered, and whether no status change
-        was heard since the status was last read (both False when nothing is heard)."""
-        heard = None if self.pages is None else self.pages.heard(self.sessionmaker, self.command_id)
-        if heard is None:
-            return False, False
-        return heard[0] <= self.last, heard[1] == self.changes_read
+    def _heard(self) -> tuple[int, int] | None:
+        return None if self.pages is None else self.pages.heard(self.sessionmaker, self.command_id)
+
+    def delivered_newest_heard(self) -> bool:
+        """Whether the newest seq heard published is delivered (False: nothing is heard)."""
+        heard = self._heard()
+        return heard is not None and heard[0] <= self.last
+
+    def status_unchanged_since_read(self) -> bool:
+        """Whether no status change was heard since the status was last read (False:
+        nothing is heard)."""
+        heard = self._heard()
+        return heard is not None and heard[1] == self.changes_read
 
     async def catch_up(
         self, subscription: Subscription | None = None, heard: bool = False
@@ -555,7 +561,7 @@ class _Follower:
         published before now was heard (SharedPages.heard), so it stops at the newest
         heard instead of reading an empty page to learn that nothing is newer."""
         while not (subscription is not None and self._queued_next(subscription)):
-            if heard and self.heard_since()[0]:
+            if heard and self.delivered_newest_heard():
                 return
             batch = await self._next_page()
             if not batch.runs:
@@ -651,7 +657,7 @@ async def follow_command(
                     subscription.resync()
                     async for lines in follower.catch_up(subscription, heard):
                         yield lines
-                    if heard and follower.heard_since()[1]:
+                    if heard and follower.status_unchanged_since_read():
                         continue
                     current = await follower.read_status() or status
                     if current == status:
