@@ -50,6 +50,7 @@ auth.set_password_cost(time_cost=1, memory_kib=1024, parallelism=1)
 pytest_plugins = [
     "tests.fixtures.netfakes",  # the `site` and `upstream` fixtures
     "tests.fixtures.fake_providers",  # `fake_providers`: fake GitHub and OpenAI-style APIs
+    "tests.fixtures.heap",  # `steady_heap`: no full collection of the worker's heap mid-test
 ]
 
 PG_ENV = "CORRAL_TEST_POSTGRES_URL"

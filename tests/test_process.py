@@ -10,6 +10,8 @@ import time
 import uuid
 from pathlib import Path
 
+import pytest
+
 from runner.oskit.exits import leader_exit, wait_exits
 from runner.oskit.groups import group_alive, stop_group
 from runner.oskit.subreaper import (
@@ -30,6 +32,7 @@ CHATTY = (
 )
 
 
+@pytest.mark.usefixtures("steady_heap")
 async def test_a_child_writing_without_a_pause_does_not_stall_the_loop(tmp_path: Path) -> None:
     # Many small writes keep the pipe readable but never fill a chunk: the reader must
     # still let the loop run between reads (the loop serves requests, leases, timeouts).

@@ -359,6 +359,7 @@ async def _probe_healthz(http: httpx.AsyncClient, work: Awaitable[Any]) -> tuple
     return task.result(), slowest
 
 
+@pytest.mark.usefixtures("steady_heap")
 @pytest.mark.parametrize("bomb", list(BOMBS))
 async def test_render_bomb_is_refused_while_healthz_stays_fast(
     settings: Settings, bomb: str
@@ -386,6 +387,7 @@ async def test_render_bomb_is_refused_while_healthz_stays_fast(
         assert composed["composeCommand"]["argv"] == ["echo", "42"]
 
 
+@pytest.mark.usefixtures("steady_heap")
 async def test_a_runner_stops_a_bomb_at_claim_time_while_healthz_stays_fast(
     settings: Settings,
 ) -> None:
