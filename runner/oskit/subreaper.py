@@ -60,9 +60,7 @@ def _unsure(every_thread: bool) -> bool:
     every thread's when asked, or when the main thread is gone (_adoptive_threads)."""
     if _starting:
         return True
-    return bool(_starting_in_threads) and (
-        every_thread or not threading.main_thread().is_alive()
-    )
+    return bool(_starting_in_threads) and (every_thread or not threading.main_thread().is_alive())
 
 
 _subreaper = False
