@@ -24,11 +24,11 @@ SPAWN_THREADS = 2
 class Child:
     """A command's process, started without asyncio's subprocess transports.
 
-    `subprocess.Popen` forks (vfork) and execs right here (or in a `Spawner` thread); the pipes are read through the
-    loop's reader callbacks (`pipe_chunks`), the exit is seen through a pidfd. asyncio's
-    `create_subprocess_exec` takes several rounds of the event loop to connect its pipe
-    transports before it returns: on a busy runner of short commands that was a third of
-    each slot's cycle (4 ms of 13).
+    `subprocess.Popen` forks (vfork) and execs right here (or in a `Spawner` thread); the
+    pipes are read through the loop's reader callbacks (`pipe_chunks`), the exit is seen
+    through a pidfd. asyncio's `create_subprocess_exec` takes several rounds of the event
+    loop to connect its pipe transports before it returns: on a busy runner of short
+    commands that was a third of each slot's cycle (4 ms of 13).
     """
 
     def __init__(self, popen: subprocess.Popen[bytes], started_at: int) -> None:
