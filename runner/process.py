@@ -19,6 +19,7 @@ from runner.oskit.subreaper import SPAWNED, boot_ticks, starting_in_thread
 # Threads that start children: a start holds its thread until the child has exec'd (vfork),
 # 1-4 ms of a loaded host for bwrap, and the threads start that many at once.
 SPAWN_THREADS = 2
+UNWANTED_WAIT_SECONDS = 1.0
 
 
 class Child:
@@ -119,8 +120,8 @@ class Spawner:
 
 
 def _kill_unwanted(started: asyncio.Future[tuple[subprocess.Popen[bytes], int]]) -> None:
-    """A child started for a caller that was cancelled meanwhile: its group is killed (it
-    is reaped as subprocess reaps the Popen objects it was left with)."""
+    """A child started for a caller that was cancelled meanwhile: its group is killed and
+    it is reaped (at once: SIGKILL is not waited for long)."""
     if started.cancelled() or started.exception() is not None:
         return
     popen, _ = started.result()
@@ -129,6 +130,8 @@ def _kill_unwanted(started: asyncio.Future[tuple[subprocess.Popen[bytes], int]])
     for pipe in (popen.stdout, popen.stderr):
         if pipe is not None:
             pipe.close()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        popen.wait(UNWANTED_WAIT_SECONDS)
 
 
 async def pipe_chunks(pipe: IO[bytes], size: int) -> AsyncGenerator[bytes, None]:

@@ -4,6 +4,7 @@ event loop from everything else; what a child leaves behind comes back to a subr
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
 import sys
 import threading
@@ -228,3 +229,29 @@ def test_a_child_being_started_in_a_thread_keeps_its_exit_status_from_the_orphan
     reap_orphans()  # nothing being started: a zombie not in SPAWNED is an orphan's
     assert proc_stat(orphan.pid) is None
     orphan.returncode = 0  # (reaped above: no ResourceWarning for it)
+
+
+async def test_a_child_whose_start_was_given_up_on_is_killed(tmp_path: Path) -> None:
+    # The caller of a start is cancelled while its thread is still busy: the child that
+    # thread starts next belongs to nobody, and must not live on.
+    tag = f"300.{uuid.uuid4().int % 10**6}"
+    spawner = Spawner(threads=1)
+    spawner.start()
+    busy = threading.Event()
+    try:
+        assert spawner._threads is not None
+        spawner._threads.submit(busy.wait, 30)  # the one thread is taken meanwhile
+        start = asyncio.create_task(spawner.child(["sleep", tag], ENV, str(tmp_path)))
+        await asyncio.sleep(0.05)
+        start.cancel()
+        busy.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await start
+        assert start.cancelled()
+        deadline = time.monotonic() + 10
+        while _sleeping(tag):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+    finally:
+        busy.set()
+        spawner.stop()
