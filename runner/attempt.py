@@ -25,7 +25,7 @@ from runner.oskit.exits import leader_exit
 from runner.oskit.groups import stop_group
 from runner.oskit.splitter import LineSplitter
 from runner.oskit.subreaper import is_subreaper, kill_adopted_escapees
-from runner.process import Child, pipe_chunks
+from runner.process import Child, Spawner, pipe_chunks
 from runner.redaction import KnownSecrets
 from runner.sandbox import Sandbox
 from runner.template_env import CompositionError
@@ -70,6 +70,7 @@ class AttemptExecution:
         wake: asyncio.Event,
         claim_free_slots: Callable[[], None],
         announce_requeued: Callable[[int, datetime | None], None],
+        spawner: Spawner | None = None,
     ) -> None:
         self.settings = settings
         self.setup = setup
@@ -84,6 +85,7 @@ class AttemptExecution:
         self._wake = wake
         self.claim_free_slots = claim_free_slots
         self.announce_requeued = announce_requeued
+        self.spawner = spawner or Spawner()  # (not started: children start in the loop)
 
     # -- running one attempt -----------------------------------------------------------
 
@@ -167,7 +169,7 @@ class AttemptExecution:
             return Outcome(CommandStatus.QUEUED, error="lost its fence")
         try:
             self.sandbox.check_program(prepared.argv[0], prepared.env["PATH"], workdir)
-            process = Child.start(
+            process = await self.spawner.child(
                 self.sandbox.wrap(prepared.argv, workdir, prepared.writable),
                 prepared.env,
                 workdir,

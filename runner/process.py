@@ -4,24 +4,32 @@ runner/oskit/groups.py), its pipes read through the event loop, its exit seen by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncGenerator, Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import IO, Any
 
 from runner.oskit.exits import wait_readable
-from runner.oskit.subreaper import SPAWNED, boot_ticks
+from runner.oskit.subreaper import SPAWNED, boot_ticks, starting_in_thread
+
+# Threads that start children: a start holds its thread until the child has exec'd (vfork),
+# 1-4 ms of a loaded host for bwrap, and the threads start that many at once.
+SPAWN_THREADS = 2
+UNWANTED_WAIT_SECONDS = 1.0
 
 
 class Child:
     """A command's process, started without asyncio's subprocess transports.
 
-    `subprocess.Popen` forks (vfork) and execs right here; the pipes are read through the
-    loop's reader callbacks (`pipe_chunks`), the exit is seen through a pidfd. asyncio's
-    `create_subprocess_exec` takes several rounds of the event loop to connect its pipe
-    transports before it returns: on a busy runner of short commands that was a third of
-    each slot's cycle (4 ms of 13).
+    `subprocess.Popen` forks (vfork) and execs right here (or in a `Spawner` thread); the
+    pipes are read through the loop's reader callbacks (`pipe_chunks`), the exit is seen
+    through a pidfd. asyncio's `create_subprocess_exec` takes several rounds of the event
+    loop to connect its pipe transports before it returns: on a busy runner of short
+    commands that was a third of each slot's cycle (4 ms of 13).
     """
 
     def __init__(self, popen: subprocess.Popen[bytes], started_at: int) -> None:
@@ -38,22 +46,7 @@ class Child:
         """Start `argv` in a session (and process group) of its own; stdin is /dev/null.
         `options` go to Popen (e.g. user, group). Raises OSError when it cannot be started
         (nothing is left behind then)."""
-        # Read before the fork, not from the child's /proc/<pid>/stat after it: that read
-        # waits while the child execs (0.3 ms on average, 1 ms at p90 on a busy host).
-        started_at = boot_ticks()
-        return cls(
-            subprocess.Popen(  # an argv list, no shell
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                env=env,
-                cwd=cwd,
-                start_new_session=True,
-                **options,
-            ),
-            started_at,
-        )
+        return cls(*_popen(argv, env, cwd, options))
 
     @property
     def pid(self) -> int:
@@ -71,6 +64,74 @@ class Child:
         namespace init say, is being stopped then, and another command's end took it for
         escaped, killed it and waited for it.)"""
         SPAWNED.discard(self._popen.pid)
+
+
+def _popen(
+    argv: list[str], env: dict[str, str], cwd: str, options: dict[str, Any]
+) -> tuple[subprocess.Popen[bytes], int]:
+    # Read before the fork, not from the child's /proc/<pid>/stat after it: that read
+    # waits while the child execs (0.3 ms on average, 1 ms at p90 on a busy host).
+    started_at = boot_ticks()
+    popen = subprocess.Popen(  # an argv list, no shell
+        argv,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        cwd=cwd,
+        start_new_session=True,
+        **options,
+    )
+    return popen, started_at
+
+
+class Spawner:
+    """Starts children as `Child.start` does, in threads of its own: the thread that forks
+    waits until the child has exec'd (the GIL released), and on a loaded host that wait
+    (for bwrap, 3.5 ms a command) was a third of the event loop's time on a runner of
+    short commands, none of it work."""
+
+    def __init__(self, threads: int = SPAWN_THREADS) -> None:
+        self._size = threads
+        self._threads: ThreadPoolExecutor | None = None
+
+    def start(self) -> None:
+        self._threads = ThreadPoolExecutor(self._size, thread_name_prefix="corral-spawn")
+
+    def stop(self) -> None:
+        """Once no start is under way (the children it started live on)."""
+        if self._threads is not None:
+            self._threads.shutdown(wait=True)
+            self._threads = None
+
+    async def child(self, argv: list[str], env: dict[str, str], cwd: str, **options: Any) -> Child:
+        """`Child.start(argv, env, cwd, **options)` in a thread (at once when not started)."""
+        if self._threads is None:
+            return Child.start(argv, env, cwd, **options)
+        loop = asyncio.get_running_loop()
+        with starting_in_thread():  # until SPAWNED holds it
+            started = loop.run_in_executor(self._threads, _popen, argv, env, cwd, options)
+            try:
+                popen, started_at = await asyncio.shield(started)
+            except asyncio.CancelledError:
+                started.add_done_callback(_kill_unwanted)  # nobody will stop it otherwise
+                raise
+            return Child(popen, started_at)
+
+
+def _kill_unwanted(started: asyncio.Future[tuple[subprocess.Popen[bytes], int]]) -> None:
+    """A child started for a caller that was cancelled meanwhile: its group is killed and
+    it is reaped (at once: SIGKILL is not waited for long)."""
+    if started.cancelled() or started.exception() is not None:
+        return
+    popen, _ = started.result()
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(popen.pid, signal.SIGKILL)
+    for pipe in (popen.stdout, popen.stderr):
+        if pipe is not None:
+            pipe.close()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        popen.wait(UNWANTED_WAIT_SECONDS)
 
 
 async def pipe_chunks(pipe: IO[bytes], size: int) -> AsyncGenerator[bytes, None]:

@@ -22,7 +22,7 @@ from runner.leases import Leases, runner_identity
 from runner.loading import AttemptSetup, runner_sandbox
 from runner.logstore import LogStore
 from runner.oskit.subreaper import become_subreaper
-from runner.process import use_pidfd_child_watcher
+from runner.process import Spawner, use_pidfd_child_watcher
 from runner.proxy_checks import ProxyCheckSchedule
 from runner.recovery import LIVE_RUNNERS
 from runner.redaction import KnownSecrets
@@ -106,6 +106,7 @@ class Supervisor:
         self.claim_terms = ClaimTerms.of_runner(settings, self.runner_id, self.host, self.name)
         self.sandbox = Sandbox(NONE)
         self.workdirs = Workdirs(settings.commands_dir)
+        self.spawner = Spawner()
         # Templates render in worker processes: the app's pool, else one of its own.
         self._owns_render_pool = render_pool is None
         self.render_pool = render_pool or RenderPool.from_settings(settings)
@@ -145,6 +146,7 @@ class Supervisor:
             wake=self._wake,
             claim_free_slots=self.claim_free_slots,
             announce_requeued=self.announce_requeued,
+            spawner=self.spawner,
         )
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -168,6 +170,7 @@ class Supervisor:
             self.render_pool = RenderPool.from_settings(self.settings)
         self._attempt_parts()
         self.workdirs.start()
+        self.spawner.start()
         self.store.start()
         await self.leases.register()
         await self.leases.recover()
@@ -252,6 +255,7 @@ class Supervisor:
         if self._owns_render_pool:
             await self.render_pool.close()
         self.workdirs.stop()
+        self.spawner.stop()
         LIVE_RUNNERS.discard(self.runner_id)
         log_event("runner_stopped", runner=self.runner_id)
 

@@ -4,6 +4,8 @@ event loop from everything else; what a child leaves behind comes back to a subr
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import subprocess
 import sys
 import threading
 import time
@@ -19,8 +21,10 @@ from runner.oskit.subreaper import (
     become_subreaper,
     kill_adopted_escapees,
     proc_stat,
+    reap_orphans,
+    starting_in_thread,
 )
-from runner.process import Child, pipe_chunks
+from runner.process import Child, Spawner, pipe_chunks
 
 ENV = {"PATH": "/usr/bin:/bin"}
 
@@ -177,3 +181,80 @@ async def test_a_group_being_stopped_is_not_taken_for_another_commands_escapee(
     assert await stop_group(second.pid, second, 0.5)
     second.release()
     assert await kill_adopted_escapees(second.started_at) == 0
+
+
+async def test_a_child_a_spawner_thread_started_is_reaped_here_and_its_escapee_killed(
+    tmp_path: Path,
+) -> None:
+    # The child is the spawner thread's; what it leaves comes to the main thread all the
+    # same, and its end is seen (and reaped) from the loop.
+    assert become_subreaper()
+    tag = f"300.{uuid.uuid4().int % 10**6}"
+    script = f"setsid env -i sleep {tag} </dev/null >/dev/null 2>&1 & exit 3"
+    spawner = Spawner()
+    spawner.start()
+    try:
+        child = await spawner.child(["sh", "-c", script], ENV, str(tmp_path))
+        assert await _exited(child) == 3
+        child.release()
+        assert await kill_adopted_escapees(child.started_at) == 1
+        assert _sleeping(tag) == []
+    finally:
+        spawner.stop()
+
+
+def test_a_child_being_started_in_a_thread_keeps_its_exit_status_from_the_orphan_reaper(
+    tmp_path: Path,
+) -> None:
+    # Between its fork and SPAWNED.add, a spawner thread's child that already exited is a
+    # zombie of unknown kind: the reaper of orphans must leave it (its status is the
+    # command's), and may reap it once the start is over and it is still nobody's.
+    assert become_subreaper()
+    popens: list[subprocess.Popen[bytes]] = []
+    with starting_in_thread():
+        thread = threading.Thread(
+            target=lambda: popens.append(
+                subprocess.Popen(["sh", "-c", "exit 7"], start_new_session=True)
+            )
+        )
+        thread.start()
+        thread.join(30)
+        (popen,) = popens
+        deadline = time.monotonic() + 10
+        while (stat := proc_stat(popen.pid)) is not None and stat.state != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        reap_orphans()
+        assert popen.poll() == 7
+    orphan = subprocess.Popen(["sh", "-c", "exit 7"], start_new_session=True)
+    while (stat := proc_stat(orphan.pid)) is not None and stat.state != "Z":
+        time.sleep(0.01)
+    reap_orphans()  # nothing being started: a zombie not in SPAWNED is an orphan's
+    assert proc_stat(orphan.pid) is None
+    orphan.returncode = 0  # (reaped above: no ResourceWarning for it)
+
+
+async def test_a_child_whose_start_was_given_up_on_is_killed(tmp_path: Path) -> None:
+    # The caller of a start is cancelled while its thread is still busy: the child that
+    # thread starts next belongs to nobody, and must not live on.
+    tag = f"300.{uuid.uuid4().int % 10**6}"
+    spawner = Spawner(threads=1)
+    spawner.start()
+    busy = threading.Event()
+    try:
+        assert spawner._threads is not None
+        spawner._threads.submit(busy.wait, 30)  # the one thread is taken meanwhile
+        start = asyncio.create_task(spawner.child(["sleep", tag], ENV, str(tmp_path)))
+        await asyncio.sleep(0.05)
+        start.cancel()
+        busy.set()
+        with contextlib.suppress(asyncio.CancelledError):
+            await start
+        assert start.cancelled()
+        deadline = time.monotonic() + 10
+        while _sleeping(tag):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.02)
+    finally:
+        busy.set()
+        spawner.stop()

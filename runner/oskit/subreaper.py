@@ -25,6 +25,7 @@ PR_SET_CHILD_SUBREAPER = 36
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SPAWNED: set[int] = set()  # session leaders this process started and will reap itself
 _starting = 0  # children in a session of their own being started, not yet in SPAWNED
+_starting_in_threads = 0  # the same, started by another thread (runner/process.Spawner)
 
 
 @contextlib.contextmanager
@@ -38,6 +39,28 @@ def starting_own_child() -> Iterator[None]:
         yield
     finally:
         _starting -= 1
+
+
+@contextlib.contextmanager
+def starting_in_thread() -> Iterator[None]:
+    """The same for a child that another thread starts (a command's, by
+    runner/process.Spawner). It is that thread's child, not one of the threads' that
+    orphans come to: only a look at every thread's children could meet it, and only those
+    wait for it (an end's sweep of escapees goes on meanwhile)."""
+    global _starting_in_threads
+    _starting_in_threads += 1
+    try:
+        yield
+    finally:
+        _starting_in_threads -= 1
+
+
+def _unsure(every_thread: bool) -> bool:
+    """Whether a child being started may show among the children looked at: they are
+    every thread's when asked, or when the main thread is gone (_adoptive_threads)."""
+    if _starting:
+        return True
+    return bool(_starting_in_threads) and (every_thread or not threading.main_thread().is_alive())
 
 
 _subreaper = False
@@ -137,7 +160,7 @@ def reap_adopted(belongs: Callable[[ProcStat], bool], every_thread: bool = False
 def reap_orphans() -> None:
     """Reap the adopted zombies nobody waits for: a subreaper inherits every orphan below
     it (a browser's helpers whose parent died, say), not only a command's escaped ones."""
-    if _subreaper and not _starting:
+    if _subreaper and not _unsure(every_thread=True):
         reap_adopted(lambda _stat: True, every_thread=True)
 
 
@@ -154,7 +177,7 @@ async def kill_adopted_escapees(started_at: int, timeout: float = 2.0) -> int:
     killed: set[int] = set()
     deadline = asyncio.get_running_loop().time() + timeout
     while asyncio.get_running_loop().time() < deadline:
-        if _starting:  # an own child is being started: not yet told apart
+        if _unsure(every_thread=False):  # an own child is being started: not yet told apart
             await asyncio.sleep(0.01)
             continue
         alive = reap_adopted(escaped)
