@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import strawberry
 from graphql import ExecutionResult as GraphQLExecutionResult
@@ -217,7 +217,7 @@ class CorralExecutionContext(DirectLeaves):
     _per_event = False
 
     def build_per_event_executor(self, payload: Any) -> Any:
-        executor = super().build_per_event_executor(payload)
+        executor = cast("CorralExecutionContext", super().build_per_event_executor(payload))
         executor._relevant_sub_fields = {}
         executor._per_event = True
         return executor

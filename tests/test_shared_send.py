@@ -14,6 +14,8 @@ from typing import Any
 
 import httpx
 import pytest
+from strawberry.asgi import ASGIWebSocketAdapter
+from strawberry.http.exceptions import WebSocketDisconnected
 
 from graphql_schema.shared_events import SharedData
 from server.graphql_http import StrictTransportWSHandler
@@ -22,6 +24,7 @@ from tests.conftest import GraphQLClient
 from tests.fixtures.servers import LiveServer, running_server
 from tests.test_fanout import BATCH_SEQS, BATCHES, PRINTS
 from tests.test_streams import STREAM_TIMEOUT, GraphQLSocket, run_command, stored_logs
+from tests.test_ws_drops import errors_logged
 
 
 def compact(message: Any) -> str:
@@ -157,3 +160,59 @@ async def test_shared_data_over_the_response_limit_is_an_error_for_every_subscri
             for p in payloads
             if not p.get("errors")
         )
+
+
+async def test_a_direct_send_to_a_client_gone_ends_its_subscription_quietly(
+    live: LiveServer, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A hang-up is noticed by the send or by the socket's reader, a race (test_ws_drops):
+    # here the send of subscription "gone" fails as Starlette's does for a client gone,
+    # whenever its event is sent directly.
+    direct: set[str] = set()
+    failed: list[BaseException] = []
+    send_shared = StrictTransportWSHandler._send_shared
+    send_json = ASGIWebSocketAdapter.send_json
+
+    async def sent_directly(operation: Any, data: SharedData) -> None:
+        direct.add(operation.id)
+        try:
+            await send_shared(operation, data)
+        except BaseException as exc:
+            failed.append(exc)
+            raise
+        finally:
+            direct.discard(operation.id)
+
+    async def send(adapter: ASGIWebSocketAdapter, message: Any) -> None:
+        if message.get("id") == "gone" and "gone" in direct:
+            raise WebSocketDisconnected
+        await send_json(adapter, message)
+
+    monkeypatch.setattr(StrictTransportWSHandler, "_send_shared", staticmethod(sent_directly))
+    monkeypatch.setattr(ASGIWebSocketAdapter, "send_json", send)
+    async with httpx.AsyncClient(
+        base_url=live.base_url, headers=live.headers, timeout=STREAM_TIMEOUT
+    ) as http:
+        api = GraphQLClient(http)
+        command_id = await run_command(api, PRINTS)
+        subscriptions = {
+            "kept": (BATCHES, {"id": command_id}),
+            "gone": (BATCHES, {"id": command_id}),
+        }
+        got = await follow(live, subscriptions)
+        stored = await stored_logs(api, command_id)
+    assert failed  # a direct send failed...
+    # ...and ended its subscription as a failed `next` does: no error message, no `next`
+    # after it (its `complete` is sent, as ever), and no ERROR logged.
+    gone = [json.loads(text) for text in got["gone"]]
+    assert gone[-1] == {"id": "gone", "type": "complete"}
+    assert all(
+        message["type"] == "next" and "errors" not in message["payload"] for message in gone[:-1]
+    )
+    assert errors_logged(caplog) == []
+    # The other subscription of the socket goes on to the end.
+    kept = [json.loads(text)["payload"]["data"]["commandLogBatches"] for text in got["kept"][:-1]]
+    assert [line["seq"] for batch in kept for line in batch["lines"]] == [
+        line["seq"] for line in stored
+    ]
+    assert kept[-1]["final"]
