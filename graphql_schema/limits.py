@@ -247,6 +247,9 @@ class QueryLimits(SchemaExtension):
             # Encoded once: the view writes this JSON as it is (graphql_http.encode_json).
             result.data = SharedData(result.data)
         size = response_size(result.data)
+        if isinstance(result.data, SharedData):
+            # Other subscribers of this data are sent it without this check (shared_events).
+            result.data.fits_response = size <= self.limits.max_response_bytes
         if size > self.limits.max_response_bytes:
             result.data = None
             result.errors = [response_size_error(size, self.limits.max_response_bytes)]

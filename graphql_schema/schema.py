@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, cast
 
 import strawberry
 from graphql import ExecutionResult as GraphQLExecutionResult
+from graphql import OperationType
 from strawberry.extensions import (
     AddValidationRules,
     DisableIntrospection,
@@ -44,7 +45,7 @@ from graphql_schema.proxies import (
 from graphql_schema.relay import DEFAULT_PAGE_SIZE, Connection, Node, decode_id
 from graphql_schema.runners import Runner, resolve_runners
 from graphql_schema.services import Service, ServiceMutations, resolve_services
-from graphql_schema.shared_events import SharedResults, joined_data
+from graphql_schema.shared_events import SharedResults, joined_data, sent_directly, shared_send
 from graphql_schema.templates import (
     CommandTemplate,
     CommandTemplateMutations,
@@ -213,10 +214,25 @@ class CorralExecutionContext(DirectLeaves):
         finally:
             self.middleware_manager = None
 
+    _per_event = False
+
     def build_per_event_executor(self, payload: Any) -> Any:
-        executor = super().build_per_event_executor(payload)
+        executor = cast("CorralExecutionContext", super().build_per_event_executor(payload))
         executor._relevant_sub_fields = {}
+        executor._per_event = True
         return executor
+
+    def cancellable_iterable(self, iterable: Any) -> Any:
+        """graphql-core's; a subscription's event stream (what its resolver returned) is
+        given over WebSocket with events whose shared data the transport sends itself
+        taken out (shared_events.sent_directly)."""
+        events = super().cancellable_iterable(iterable)
+        send = shared_send.get()
+        subscription = self.operation.operation == OperationType.SUBSCRIPTION
+        if send is None or self._per_event or not subscription:
+            return events  # not a subscription's event stream (a field's list, say)
+        variables = self.variable_values.coerced
+        return sent_directly(events, self.operation, self.fragments, variables, send)
 
     def execute_operation(self, serially: bool | None = None) -> Any:
         """As graphql-core's; an event shared by subscribers (graphql_schema.shared_events)

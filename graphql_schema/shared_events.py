@@ -12,11 +12,20 @@ inside each subscriber's own `next` message (graphql_http.StrictGraphQL.encode_j
 cache, so subscribers sending the same text share one) and the same values of the
 variables the result can depend on: those used anywhere but in the root field's own
 arguments (which choose the event stream, not how an event is shown).
+
+Even an event whose data is shared cost each subscriber graphql-core's per-event executor
+and Strawberry's result handling and extension hooks, most of the event loop's time with
+200 subscribers. Where the transport can write a shared event itself (`shared_send`, set
+by the WebSocket's operation task), an event whose data for the selection exists and
+passed the response limit skips all that (`sent_directly`): the transport writes the very
+message the full path would have written.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any
 
 from graphql import FieldNode, OperationDefinitionNode, VariableNode, Visitor, visit
@@ -32,13 +41,17 @@ SHARED_SELECTIONS = 4
 
 
 class SharedData(dict[str, Any]):
-    """A subscription event's data shared by subscribers, with its JSON encoded once."""
+    """A subscription event's data shared by subscribers, with its JSON encoded once.
 
-    __slots__ = ("_json",)
+    `fits_response`: True once the response limit (graphql_schema.limits) let it pass,
+    False once it did not, None until it was checked."""
+
+    __slots__ = ("_json", "fits_response")
 
     def __init__(self, data: dict[str, Any]) -> None:
         super().__init__(data)
         self._json: str | None = None
+        self.fits_response: bool | None = None
 
     def json(self) -> str:
         """The data as compact JSON (as the GraphQL view encodes messages), encoded once."""
@@ -79,6 +92,44 @@ class SharedResults:
             key = selection_key(operation, fragments, variables)
             self._results.append((operation, key, shared))
         return shared
+
+
+SharedSend = Callable[[SharedData], Awaitable[None]]
+
+# How the operation running in this task sends an event's shared data as its next message,
+# when its transport can (server.graphql_http); None: every event takes the full path.
+shared_send: ContextVar[SharedSend | None] = ContextVar("corral_shared_send", default=None)
+
+
+async def sent_directly(
+    events: AsyncIterable[Any],
+    operation: OperationDefinitionNode,
+    fragments: Any,
+    variables: dict[str, Any],
+    send: SharedSend,
+) -> AsyncIterator[Any]:
+    """The events of a subscription, less those whose data for its selection is shared
+    already and within the response limit: those are handed to `send` here, in order.
+
+    Such an event's full path ends in the same message: its execution returns the shared
+    data as it is (CorralExecutionContext.execute_operation), without errors, and our
+    extensions add no `extensions` to a result; the response limit is the one check
+    left, and it passed for this very data. An event that was not checked yet, or
+    failed it, goes the full path (and meets the same limit there)."""
+    iterator = aiter(events)
+    try:
+        async for event in iterator:
+            shared = getattr(event, "shared_results", None)
+            if isinstance(shared, SharedResults):
+                data = shared.get(operation, fragments, variables)
+                if data is not None and data.fits_response:
+                    await send(data)
+                    continue
+            yield event
+    finally:
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:  # the resolver's own cleanup (limits, metrics) runs now
+            await aclose()
 
 
 def joined_data(parts: list[Any], skipped: list[int]) -> dict[str, Any] | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import html
 import json
 import logging
@@ -39,6 +40,7 @@ from strawberry.schema.exceptions import CannotGetOperationTypeError, InvalidOpe
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import (
     BaseGraphQLTransportWSHandler,
+    Operation,
 )
 from strawberry.subscriptions.protocols.graphql_transport_ws.types import (
     ConnectionInitMessage,
@@ -50,7 +52,7 @@ from strawberry.types.graphql import OperationType
 from strawberry.types.unset import UNSET
 
 from graphql_schema.context import Context
-from graphql_schema.shared_events import SharedData
+from graphql_schema.shared_events import SharedData, shared_send
 from server import access
 from server.access import Authenticator, bearer_token, principal_of
 from server.auth import Principal
@@ -298,6 +300,16 @@ def connection_init_token(payload: dict[str, Any]) -> str | None:
 Recheck = Callable[[], Awaitable[Principal | None]]
 
 
+class _SharedSendFailed(BaseException):
+    """A send of shared data failed (its error carried). It is raised inside Strawberry's
+    result stream, which would take an Exception for the operation's own error (logged
+    as unexpected, sent as a result); past it, the error is raised as itself."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
+
+
 class StrictTransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
     """graphql-transport-ws, with every message's shape checked before Strawberry reads it:
     a malformed one closes the socket with 4400 and the reason (the protocol's answer).
@@ -369,6 +381,29 @@ class StrictTransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watch
         await super().shutdown()
+
+    async def run_operation(self, operation: Operation[Context, None]) -> None:
+        # In the operation's own task: its subscription's shared events are sent from here.
+        shared_send.set(functools.partial(self._send_shared, operation))
+        await super().run_operation(operation)
+
+    @staticmethod
+    async def _send_shared(operation: Operation[Context, None], data: SharedData) -> None:
+        """The `next` message of an event whose data is shared: what `send_next` sends for
+        a result of that data alone (encoded as encode_json writes shared data)."""
+        try:
+            await operation.send_operation_message(
+                {"id": operation.id, "type": "next", "payload": {"data": data}}
+            )
+        except Exception as exc:
+            raise _SharedSendFailed(exc) from None
+
+    async def _send_result_stream(self, operation: Operation[Context, None], results: Any) -> None:
+        try:
+            await super()._send_result_stream(operation, results)
+        except _SharedSendFailed as failed:
+            # As a send of a `next` fails (a client gone): the operation ends with it.
+            raise failed.error from None
 
     async def handle_subscribe(self, message: SubscribeMessage) -> None:
         if self.connection_acknowledged and self._recheck is not None:
