@@ -126,7 +126,9 @@ async def test_batches_replay_then_live_once_each_shared_by_subscribers_of_a_sel
     assert [line for m in same for line in m["lines"]] == [
         {key: line[key] for key in ("seq", "attempt", "stream", "text")} for line in stored
     ]
-    assert len(same) > 5  # several batches, not one line a message nor one message
+    # Batches, not a line a message. (How many depends on when the subscribers got in: on
+    # a host at load 18 they joined after the command's first second, and replayed it.)
+    assert 2 <= len(same) <= len(stored) // 4
     # The two subscribers of one selection (afterSeq aside) shared each live message's
     # encoding: fewer encodings than the messages the three subscribers got.
     assert 0 < encodes < len(same) + len(other) + len(seqs_only) - len(same) // 2

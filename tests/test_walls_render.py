@@ -273,7 +273,7 @@ def test_workers_die_with_a_server_that_is_killed(tmp_path: Path) -> None:
         "LOOP = '{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}'\n"
         "async def main():\n"
         "    pool = RenderPool(1, 600.0, 256 * 1024 * 1024)\n"
-        "    await pool.render('echo x', {})\n"
+        "    await pool.render('echo {{ 1 }}', {})  # a warm worker: a literal source starts none\n"
         "    busy = asyncio.create_task(pool.render(LOOP, {}))  # the worker reads no EOF now\n"
         "    await asyncio.sleep(0.5)\n"
         "    print(*pool.pids, flush=True)\n"
