@@ -45,9 +45,11 @@ from server.models import FINAL_STATUSES
 from server.streams import (
     FinalStatus,
     Item,
+    StreamUnavailable,
     follow_command,
     made_at_tick,
     parts_of,
+    patiently,
     pieces,
     slice_of,
 )
@@ -547,23 +549,27 @@ async def _follow_logs(
     """A subscriber's view of a command's log (server.streams.follow_command), counted
     against the subscriber limits while it lasts."""
     pk = _command_pk(command_id)
-    if await _load_command(info, pk) is None:
-        raise GraphQLError("no such command", extensions={"code": "NOT_FOUND"})
-    app = info.context.app
-    client = _admit_subscriber(info)
     try:
-        async for item in follow_command(
-            app.stream_sessions,
-            app.broker,
-            pk,
-            after_seq or 0,
-            app.metrics,
-            app.follow_poll_seconds,
-            pages=app.replay_pages,
-        ):
-            yield item
-    finally:
-        app.subscriber_limits.release(client)
+        if await patiently(lambda: _load_command(info, pk), after_seq or 0) is None:
+            raise GraphQLError("no such command", extensions={"code": "NOT_FOUND"})
+        app = info.context.app
+        client = _admit_subscriber(info)
+        try:
+            async for item in follow_command(
+                app.stream_sessions,
+                app.broker,
+                pk,
+                after_seq or 0,
+                app.metrics,
+                app.follow_poll_seconds,
+                pages=app.replay_pages,
+            ):
+                yield item
+        finally:
+            app.subscriber_limits.release(client)
+    except StreamUnavailable as exc:
+        # Said to the client as it is, logged at INFO (process_errors), no traceback.
+        raise GraphQLError(str(exc), extensions={"code": "UNAVAILABLE"}) from exc
 
 
 @strawberry.type(description="Live streams, over `graphql-transport-ws`.")

@@ -23,6 +23,7 @@ from starlette.requests import cookie_parser
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from runner.store_errors import retryable_database_error
 from server.auth import (
     Principal,
     SessionPolicy,
@@ -197,6 +198,25 @@ def unauthorised(scope: Scope, headers: Headers, refused: bool) -> Response:
     return PlainTextResponse(reason, 401, challenge)
 
 
+UNAVAILABLE = "the database is unreachable for a moment: try again shortly"
+
+
+async def refuse_unavailable(scope: Scope, receive: Receive, send: Send) -> None:
+    """503 (a GraphQL-shaped body on /graphql), or a WebSocket closed 1013 (try again
+    later): who the request acts as cannot be told while the database is away."""
+    if scope["type"] == "websocket":
+        await send({"type": "websocket.close", "code": 1013, "reason": UNAVAILABLE})
+        return
+    retry = {"Retry-After": "5"}
+    response: Response = PlainTextResponse(UNAVAILABLE, 503, retry)
+    if scope["path"] == "/graphql":
+        body = json.dumps(
+            {"errors": [{"message": UNAVAILABLE, "extensions": {"code": "UNAVAILABLE"}}]}
+        )
+        response = Response(body, 503, retry, media_type="application/json")
+    await response(scope, receive, send)
+
+
 class AccessControl:
     """Pure ASGI (streams and WebSockets pass through untouched once let in)."""
 
@@ -216,7 +236,20 @@ class AccessControl:
         headers = Headers(scope=scope)
         principal, refused = (None, False)
         if authenticator is not None:
-            principal, refused = await authenticator.from_headers(headers)
+            try:
+                principal, refused = await authenticator.from_headers(headers)
+            except Exception as exc:
+                # A database that is away is no bug of ours: no traceback a request (an
+                # outage of a few seconds logged one per request, each a 500).
+                if not retryable_database_error(exc):
+                    raise
+                log.info(
+                    "%s refused: the database is unreachable (%s)",
+                    scope["path"],
+                    type(exc).__name__,
+                )
+                await refuse_unavailable(scope, receive, send)
+                return
         scope[PRINCIPAL_SCOPE_KEY] = principal
         if scope["type"] == "websocket" or is_open_path(scope["path"]) or principal is not None:
             await self.app(scope, receive, send)

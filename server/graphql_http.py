@@ -53,8 +53,9 @@ from strawberry.types.unset import UNSET
 
 from graphql_schema.context import Context
 from graphql_schema.shared_events import SharedData, shared_send
+from runner.store_errors import retryable_database_error
 from server import access
-from server.access import Authenticator, bearer_token, principal_of
+from server.access import UNAVAILABLE, Authenticator, bearer_token, principal_of
 from server.auth import Principal
 
 log = logging.getLogger("corral.graphql")
@@ -67,6 +68,7 @@ WS_ID_MAX = 256
 _JSON_KINDS = {str: "a string", int: "a number", float: "a number", bool: "a boolean"}
 # graphql-transport-ws's close for no or bad credentials.
 WS_UNAUTHORIZED = 4401
+WS_TRY_AGAIN_LATER = 1013  # RFC 6455: the database is away, the credential cannot be checked
 # An open WebSocket's credential is checked again every access.CREDENTIAL_RECHECK_SECONDS:
 # a token revoked or expired, a session logged out or ended, a user deleted, closes it
 # (4401) within that time, even if it only listens to a subscription.
@@ -340,15 +342,29 @@ class StrictTransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
         payload = message.get("payload", {})
         first = not (self.connection_init_received or self.connection_timed_out)
         # Not a first init with an object payload: Strawberry closes it (4400 / 4429).
-        if first and isinstance(payload, dict) and not await self._authenticate(payload):
-            self.connection_init_received = True
-            if self.connection_init_timeout_task:
-                self.connection_init_timeout_task.cancel()
-            await self.websocket.close(code=WS_UNAUTHORIZED, reason="Unauthorized")
-            return
+        if first and isinstance(payload, dict):
+            try:
+                known = await self._authenticate(payload)
+            except Exception as exc:
+                if not retryable_database_error(exc):
+                    raise
+                log.info(
+                    "a WebSocket is refused: the database is unreachable (%s)", type(exc).__name__
+                )
+                await self._refuse(WS_TRY_AGAIN_LATER, UNAVAILABLE)
+                return
+            if not known:
+                await self._refuse(WS_UNAUTHORIZED, "Unauthorized")
+                return
         await super().handle_connection_init(message)
         if self.connection_acknowledged and self._recheck is not None and self._watch is None:
             self._watch = asyncio.create_task(self._watch_credential(self._recheck))
+
+    async def _refuse(self, code: int, reason: str) -> None:
+        self.connection_init_received = True
+        if self.connection_init_timeout_task:
+            self.connection_init_timeout_task.cancel()
+        await self.websocket.close(code=code, reason=reason)
 
     async def _watch_credential(self, recheck: Recheck) -> None:
         """Close the connection (4401) once its credential no longer authenticates."""
@@ -407,7 +423,16 @@ class StrictTransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
 
     async def handle_subscribe(self, message: SubscribeMessage) -> None:
         if self.connection_acknowledged and self._recheck is not None:
-            principal = await self._recheck()
+            try:
+                principal = await self._recheck()
+            except Exception as exc:
+                if not retryable_database_error(exc):
+                    raise
+                # As the periodic check does: the credential held when last checked, and a
+                # database that is away says nothing against it (the subscription waits
+                # for it). This used to end the whole connection with an error.
+                log.info("a credential could not be checked again: %s", type(exc).__name__)
+                principal = self.context.principal
             if principal is None:
                 await self.websocket.close(code=WS_UNAUTHORIZED, reason="Unauthorized")
                 return

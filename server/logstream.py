@@ -15,7 +15,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator
 from json.encoder import encode_basestring_ascii
-from typing import Any
+from typing import Any, Literal
 
 import anyio
 from anyio import CancelScope
@@ -35,12 +35,22 @@ from server.db import READ_ONLY
 from server.ids import decode_global_id as decode_id
 from server.messages import StoredBatch
 from server.models import Command, CommandStatus, LogLine, LogStream
-from server.streams import SEND_CHUNK_BYTES, FinalStatus, follow_command, parts_of, pieces
+from server.streams import (
+    SEND_CHUNK_BYTES,
+    FinalStatus,
+    Item,
+    StreamUnavailable,
+    follow_command,
+    parts_of,
+    patiently,
+    pieces,
+)
 from server.subscribers import SubscriberLimits, TooManySubscribers
 
 log = logging.getLogger("corral.streams")
 MAX_SEQ = 2**31 - 1  # seq is a 32-bit integer column
 RETRY_MS = 3000  # how long a standard EventSource waits before it reconnects
+RETRY_AFTER = {"Retry-After": "5"}  # a stream refused while the database is away
 
 
 def encode_log_events(batch: StoredBatch) -> bytes:
@@ -199,13 +209,16 @@ async def stream_command_logs(request: Request) -> Response:
     after = after_seq(request)
     if after is None:
         return JSONResponse({"error": "Last-Event-ID must be a log seq"}, status_code=400)
-    async with services.stream_sessions() as session:
-        await session.connection(execution_options=READ_ONLY)  # SQLite: no write lock
-        command = await session.get(Command, decoded[1])
-        if command is None:
-            return JSONResponse({"error": "no such command"}, status_code=404)
-        if "last-event-id" in request.headers and await _ended_before(session, command, after):
-            return Response(status_code=204)
+    resumed = "last-event-id" in request.headers
+    try:
+        found = await patiently(lambda: _stream_start(services, decoded[1], after, resumed), after)
+    except StreamUnavailable as exc:
+        log.info("a log stream is refused: %s", exc)
+        return JSONResponse({"error": str(exc)}, status_code=503, headers=RETRY_AFTER)
+    if found is None:
+        return JSONResponse({"error": "no such command"}, status_code=404)
+    if found == "ended":
+        return Response(status_code=204)
     client = client_key(request)
     try:
         services.subscriber_limits.acquire(client)
@@ -215,7 +228,7 @@ async def stream_command_logs(request: Request) -> Response:
     async def events() -> AsyncIterator[bytes | dict[str, Any]]:
         yield f"retry: {RETRY_MS}\r\n\r\n".encode()
         last_seq = after
-        async for item in follow_command(
+        following = follow_command(
             services.stream_sessions,
             services.broker,
             decoded[1],
@@ -223,7 +236,8 @@ async def stream_command_logs(request: Request) -> Response:
             services.metrics,
             services.follow_poll_seconds,
             pages=services.replay_pages,
-        ):
+        )
+        async for item in until_unavailable(following):
             if isinstance(item, StoredBatch):
                 for events in shared_log_events(item):
                     yield events
@@ -239,6 +253,32 @@ async def stream_command_logs(request: Request) -> Response:
                 }
 
     return CountedStream(events(), services.subscriber_limits, client, ping=15)
+
+
+async def until_unavailable(items: AsyncIterator[Item]) -> AsyncIterator[Item]:
+    """A follower's items, ending quietly when the database stays away: the stream ends
+    without its final status, and the client reconnects with Last-Event-ID after `retry:`
+    (an unexpected error here cost a traceback per stream, and a chunk cut in half)."""
+    try:
+        async for item in items:
+            yield item
+    except StreamUnavailable as exc:
+        log.info("a log stream ends: %s", exc)
+
+
+async def _stream_start(
+    services: AppServices, command_id: int, after: int, resumed: bool
+) -> Literal["follow", "ended"] | None:
+    """Whether to follow the command (None: no such command; "ended": a reconnect after
+    its end, answered 204)."""
+    async with services.stream_sessions() as session:
+        await session.connection(execution_options=READ_ONLY)  # SQLite: no write lock
+        command = await session.get(Command, command_id)
+        if command is None:
+            return None
+        if resumed and await _ended_before(session, command, after):
+            return "ended"
+    return "follow"
 
 
 def _last_seq(batch: StoredBatch) -> int:

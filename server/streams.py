@@ -14,14 +14,15 @@ import asyncio
 import contextlib
 import weakref
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from itertools import islice
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select, text
 
+from runner.store_errors import retryable_database_error
 from server.broker import (
     DEFAULT_MAX_BYTES,
     Broker,
@@ -45,6 +46,43 @@ SHARED_PAGES_BYTES = 8 * 1024 * 1024  # replay pages kept for followers that rea
 PAGE_GRID = 128  # shared pages end on a multiple of this seq (see SharedPages)
 RECENT_BYTES = 8 * 1024 * 1024  # published batches kept for followers that lagged (SharedPages)
 TICK_SECONDS = 0.02  # followers that keep up send on this common clock (see follow_command)
+# A follower waits this long for a database that went away (a restart, a failover, a cut
+# network) before its stream ends with StreamUnavailable; it tries again in the meantime.
+OUTAGE_SECONDS = 30.0
+OUTAGE_RETRY_SECONDS = (0.25, 2.0)  # the first wait between two tries, and the longest
+
+T = TypeVar("T")
+
+
+class StreamUnavailable(Exception):
+    """The database stayed unreachable for OUTAGE_SECONDS: the stream ends, resumable
+    after `last_seq` (afterSeq, Last-Event-ID) once the database is back."""
+
+    def __init__(self, last_seq: int) -> None:
+        super().__init__(
+            "the database is unreachable: this log stream ends; subscribe again after "
+            f"seq {last_seq} (afterSeq, Last-Event-ID) to resume"
+        )
+        self.last_seq = last_seq
+
+
+async def patiently(read: Callable[[], Awaitable[T]], last_seq: int = 0) -> T:
+    """What `read` returns, tried again while the database is away (for OUTAGE_SECONDS,
+    then StreamUnavailable). Without it, a cut of a few seconds ended every follower with
+    an unexpected error each, logged with its traceback (54 followers: 54 ERRORs)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + OUTAGE_SECONDS
+    wait, longest = OUTAGE_RETRY_SECONDS
+    while True:
+        try:
+            return await read()
+        except Exception as exc:
+            if not retryable_database_error(exc):
+                raise
+            if loop.time() + wait > deadline:
+                raise StreamUnavailable(last_seq) from exc
+        await asyncio.sleep(wait)
+        wait = min(2 * wait, longest)
 
 
 @dataclass(frozen=True)
@@ -521,8 +559,11 @@ class _Follower:
 
     async def _next_page(self) -> StoredBatch:
         read = _read_lines if self.pages is None else self.pages.read
-        batch = await read(
-            self.sessionmaker, self.command_id, self.last, self.page_lines, self.page_bytes
+        batch = await patiently(
+            lambda: read(
+                self.sessionmaker, self.command_id, self.last, self.page_lines, self.page_bytes
+            ),
+            self.last,
         )
         lines = sum(len(run.texts) for run in batch.runs)
         self.page_lines = max(
@@ -534,9 +575,10 @@ class _Follower:
         """The command's status, read after this call (shared with the others asking)."""
         heard = self._heard()
         self.changes_read = None if heard is None else heard[1]
-        if self.pages is None:
-            return await _status(self.sessionmaker, self.command_id)
-        return await self.pages.status(self.sessionmaker, self.command_id)
+        pages = self.pages
+        if pages is None:
+            return await patiently(lambda: _status(self.sessionmaker, self.command_id), self.last)
+        return await patiently(lambda: pages.status(self.sessionmaker, self.command_id), self.last)
 
     def _heard(self) -> tuple[int, int] | None:
         return None if self.pages is None else self.pages.heard(self.sessionmaker, self.command_id)
@@ -602,7 +644,8 @@ async def follow_command(
     pages: SharedPages | None = None,
     tick_seconds: float = TICK_SECONDS,
 ) -> AsyncIterator[Item]:
-    """Line batches after `after_seq` and status changes, ending with FinalStatus once drained.
+    """Line batches after `after_seq` and status changes, ending with FinalStatus once drained
+    (or StreamUnavailable when the database stays away: see `patiently`).
 
     `pages`: replay pages shared with the other followers (SharedPages), else read alone;
     the batches this follower gets live are remembered there for the others.

@@ -26,11 +26,11 @@ from starlette.responses import PlainTextResponse, Response
 from server.app_services import AppServices, client_key
 from server.broker import StatusChange
 from server.db import READ_ONLY
-from server.logstream import CountedStream, after_seq
+from server.logstream import RETRY_AFTER, CountedStream, after_seq, until_unavailable
 from server.messages import StoredBatch
 from server.models import Command, CommandStatus, LogLine
 from server.pages import page_environment
-from server.streams import FinalStatus, follow_command, pieces
+from server.streams import FinalStatus, StreamUnavailable, follow_command, patiently, pieces
 from server.subscribers import TooManySubscribers
 
 PING_SECONDS = 15
@@ -98,7 +98,10 @@ async def run_tail(request: Request) -> Response:
         return PlainTextResponse("There is no such run.", status_code=404)
     if after is None:
         return PlainTextResponse("after (or Last-Event-ID) must be a log seq.", status_code=400)
-    start = await _start(services, command_id, after)
+    try:
+        start = await patiently(lambda: _start(services, command_id, after), after)
+    except StreamUnavailable as exc:
+        return PlainTextResponse(str(exc), status_code=503, headers=RETRY_AFTER)
     if start is None:
         return PlainTextResponse("There is no such run.", status_code=404)
     reconnect = "last-event-id" in request.headers
@@ -116,7 +119,7 @@ async def run_tail(request: Request) -> Response:
 async def _tail_events(
     services: AppServices, command_id: int, after: int, attempt: int
 ) -> AsyncIterator[dict[str, Any]]:
-    async for item in follow_command(
+    following = follow_command(
         services.stream_sessions,
         services.broker,
         command_id,
@@ -124,7 +127,8 @@ async def _tail_events(
         services.metrics,
         services.follow_poll_seconds,
         pages=services.replay_pages,
-    ):
+    )
+    async for item in until_unavailable(following):
         if isinstance(item, StoredBatch):
             for piece in pieces(item):
                 lines = list(tail_lines(piece))
