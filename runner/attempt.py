@@ -180,6 +180,8 @@ class AttemptExecution:
                 f"attempt {attempt.number}: cannot start {prepared.argv[0]!r}: "
                 f"{exc.strerror or exc}"
             )
+            if exc.filename and exc.filename != prepared.argv[0]:  # its working directory
+                message += f" ({exc.filename})"
             await writer.add(LogStream.SYSTEM, message)
             return Outcome(CommandStatus.FAILED, error=message, retryable=False)
         pgid = process.pid

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,6 +24,7 @@ class Workdirs:
         self.commands_dir = commands_dir
         self._files: ThreadPoolExecutor | None = None
         self._made: set[int] = set()  # working directories made ahead of their claim
+        self._making: set[int] = set()  # the thread's still to make (or making)
 
     def start(self) -> None:
         self._files = ThreadPoolExecutor(1, thread_name_prefix="corral-files")
@@ -40,21 +42,29 @@ class Workdirs:
         ones' ahead of time in a thread (mkdir costs up to a millisecond on a busy disk)."""
         if len(self._made) > WORKDIRS_REMEMBERED:
             self._made.clear()
+        # One the thread has not made yet is made here too (mkdir takes an existing one): on
+        # a loaded host the thread can lag a claim, and a child cannot start in a missing
+        # directory (its command failed as if its program were missing).
         missing = [command_id for command_id in claimed if command_id not in self._made]
         if missing:
             make_workdirs(self.commands_dir, missing, run_as)
-        ahead = [command_id for command_id in upcoming if command_id not in self._made]
+        ahead = [
+            command_id
+            for command_id in upcoming
+            if command_id not in self._made and command_id not in self._making
+        ]
         if not ahead or self._files is None:
             return
-        self._made.update(ahead)
+        self._making.update(ahead)
         made = asyncio.get_running_loop().run_in_executor(
             self._files, make_workdirs, self.commands_dir, ahead, run_as
         )
-        made.add_done_callback(self._made_ahead)
+        made.add_done_callback(functools.partial(self._made_ahead, ahead))
 
-    def _made_ahead(self, made: asyncio.Future[None]) -> None:
-        if made.cancelled() or made.exception() is not None:
-            self._made.clear()  # not sure which exist: make them when claimed
+    def _made_ahead(self, ahead: list[int], made: asyncio.Future[None]) -> None:
+        self._making.difference_update(ahead)
+        if not made.cancelled() and made.exception() is None:  # else made when claimed
+            self._made.update(ahead)
 
 
 def profile_dir(path: str, run_as: RunAs | None) -> str:

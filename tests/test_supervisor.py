@@ -9,6 +9,7 @@ import os
 import shlex
 import socket
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -496,6 +497,31 @@ async def test_child_output_does_not_block_when_huge(gql: GraphQLClient) -> None
     assert out[0].startswith("x" * 1000)
     assert out[0].endswith(f"[line cut: {3_000_000 - 1024 * 1024} more bytes]")
     assert out[1] == "tail"
+
+
+async def test_a_command_claimed_while_its_workdir_is_still_being_made_ahead_runs(
+    app: Starlette, gql: GraphQLClient
+) -> None:
+    # A loaded host: the thread that makes the next commands' working directories ahead has
+    # not got to this one yet when it is claimed (1 of 1000 FAILED in CI's scale-out test).
+    supervisor = app.state.supervisor
+    supervisor.settings = supervisor.settings.model_copy(update={"max_concurrency": 1})
+    blocker = await run(gql, commandString=SLEEPERS)
+    await wait_status(gql, blocker, {"RUNNING"})
+    busy = threading.Event()
+    supervisor.workdirs._files.submit(busy.wait, 20)  # what the thread does next waits
+    try:
+        later = await run(gql, commandString="pwd")
+        deadline = time.monotonic() + 10
+        while not ((await command(gql, later))["waitReason"] or "").startswith("waiting for"):
+            assert time.monotonic() < deadline  # (a claim saw it next in line: made ahead)
+            await asyncio.sleep(0.05)
+        await gql(CANCEL, id=blocker)
+        final = await wait_final(gql, later)
+    finally:
+        busy.set()
+    assert (final["status"], final["error"]) == ("SUCCEEDED", None), final["error"]
+    assert texts(await logs_of(gql, later)) == [supervisor.workdirs.path(pk(later))]
 
 
 def test_no_stray_processes_from_this_module() -> None:
