@@ -182,8 +182,8 @@ class AttemptExecution:
         except OSError as exc:
             start = f"attempt {attempt.number}: cannot start {prepared.argv[0]!r}"
             if exc.errno in HOST_SHORTAGES:  # not the command's fault: it may start later
+                # (Its log line is the policy's note: the error and when it is tried again.)
                 message = f"{start}: the host is out of resources ({exc.strerror or exc})"
-                await writer.add(LogStream.SYSTEM, message)
                 return Outcome(CommandStatus.FAILED, error=message, host_short=True)
             message = f"{start}: {exc.strerror or exc}"
             if exc.filename and exc.filename != prepared.argv[0]:  # its working directory
