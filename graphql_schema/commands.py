@@ -109,7 +109,8 @@ class Command(Node):
     max_attempts: int = strawberry.field(description="How many attempts it may make.")
     uncounted_attempts: int = strawberry.field(
         description="Attempts not held against maxAttempts: cut short by a runner shutdown, "
-        "or lost with a runner that died (a bounded number of times)."
+        "lost with a runner that died, or not started because the host was short of "
+        "resources (the last two a bounded number of times)."
     )
     timeout_seconds: int | None = strawberry.field(
         description="Each attempt's time limit in seconds (null: none)."

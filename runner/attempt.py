@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import shlex
 import time
 from collections.abc import Callable
@@ -44,6 +45,9 @@ from server.storage import profile_dir_problem
 from xray.sidecar import SidecarError
 
 READ_CHUNK = 64 * 1024
+# Errors starting a child that say the host is short (of processes, memory, descriptors),
+# not that the command is wrong: fork's EAGAIN, ENOMEM, EMFILE/ENFILE from its pipes.
+HOST_SHORTAGES = frozenset({errno.EAGAIN, errno.ENOMEM, errno.EMFILE, errno.ENFILE})
 PIPES_GRACE_SECONDS = 5.0
 
 
@@ -176,10 +180,12 @@ class AttemptExecution:
                 **self.sandbox.popen_options(),
             )
         except OSError as exc:
-            message = (
-                f"attempt {attempt.number}: cannot start {prepared.argv[0]!r}: "
-                f"{exc.strerror or exc}"
-            )
+            start = f"attempt {attempt.number}: cannot start {prepared.argv[0]!r}"
+            if exc.errno in HOST_SHORTAGES:  # not the command's fault: it may start later
+                # (Its log line is the policy's note: the error and when it is tried again.)
+                message = f"{start}: the host is out of resources ({exc.strerror or exc})"
+                return Outcome(CommandStatus.FAILED, error=message, host_short=True)
+            message = f"{start}: {exc.strerror or exc}"
             if exc.filename and exc.filename != prepared.argv[0]:  # its working directory
                 message += f" ({exc.filename})"
             await writer.add(LogStream.SYSTEM, message)

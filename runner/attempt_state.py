@@ -70,6 +70,7 @@ class Outcome:
     exit_code: int | None = None
     error: str | None = None
     retryable: bool = True
+    host_short: bool = False  # not started: the host was short (policy.Ending.HOST_SHORT)
 
 
 def attempt_of(attempt: Attempt) -> str:
@@ -92,7 +93,7 @@ def final_values(
 ) -> tuple[CommandStatus, dict[str, Any], str]:
     """The command's next state (runner/policy.decide), as the values to store."""
     decision = policy.decide(
-        _ENDINGS[outcome.status],
+        policy.Ending.HOST_SHORT if outcome.host_short else _ENDINGS[outcome.status],
         policy.AttemptState(attempt.number, attempt.uncounted),
         limits(settings, attempt.max_attempts, attempt.backoff_seconds),
         retryable=outcome.retryable,

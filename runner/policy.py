@@ -6,10 +6,12 @@ held against it — depends only on how it ended, which attempt it was, and the 
 limits. Nothing here reads a clock, a database or a random source: the jitter of the
 backoff comes in as a number.
 
-Two endings are not the command's fault and are not counted against `maxAttempts`:
-a runner shutdown (the operator's act) and the loss of the runner (killed, host gone).
-The second is bounded (`Limits.max_runner_losses`), so that a command that kills its own
-runner cannot loop forever.
+Three endings are not the command's fault and are not counted against `maxAttempts`:
+a runner shutdown (the operator's act), the loss of the runner (killed, host gone), and a
+child that could not start because the host was short of processes, memory or file
+descriptors. The last two are bounded (`Limits.max_runner_losses`,
+`Limits.max_host_shortages`), so that a command that kills its own runner, or a host that
+stays broken, cannot loop forever.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ class Ending(enum.Enum):
     CANCELLED = "cancelled"
     SHUTDOWN = "shutdown"  # the runner stopped (drain, SIGTERM) before the attempt finished
     RUNNER_LOST = "runner lost"  # its runner stopped renewing its lease
+    HOST_SHORT = "host short"  # not started: EAGAIN, ENOMEM, EMFILE, ENFILE from the host
 
 
 _FINAL_STATUS = {
@@ -46,6 +49,9 @@ class Limits:
     backoff_seconds: float = BACKOFF_SECONDS_DEFAULT
     backoff_ceiling: float = 600.0
     max_runner_losses: int = 2
+    # Host shortages are not counted while the command has fewer uncounted attempts (of
+    # any kind: the row keeps no separate count of them) than this.
+    max_host_shortages: int = 5
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,23 @@ def decide(
             f"(at most {limits.max_runner_losses} are not counted) and no attempts are left"
         )
         return Decision(CommandStatus.FAILED, reason=message, note=f"{message}: failed")
+    if ending is Ending.HOST_SHORT:
+        if attempt.uncounted < limits.max_host_shortages:
+            # Backed off by the shortages so far: a host that stays short is asked less often.
+            delay = backoff_delay(
+                limits.backoff_seconds, attempt.uncounted + 1, limits.backoff_ceiling, jitter
+            )
+            return Decision(
+                CommandStatus.QUEUED,
+                counted=False,
+                delay=delay,
+                reason=f"the host was out of resources; trying again in {delay:.1f}s, "
+                "not counted against it",
+                note=f"{error or 'the host is out of resources'}; tried again in {delay:.1f}s "
+                f"(not counted against the command: {attempt.uncounted + 1} of "
+                f"{limits.max_host_shortages} uncounted attempts allowed)",
+            )
+        ending = Ending.FAILED  # the host stays short: from now on it costs an attempt
     if (
         ending in (Ending.FAILED, Ending.TIMED_OUT)
         and retryable

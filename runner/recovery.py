@@ -21,12 +21,14 @@ LIVE_RUNNERS: set[str] = set()
 
 
 def limits(settings: Settings, max_attempts: int, backoff_seconds: float) -> policy.Limits:
-    """A command's retry limits, with the runner's backoff ceiling and loss limit."""
+    """A command's retry limits, with the runner's backoff ceiling, loss and shortage
+    limits."""
     return policy.Limits(
         max_attempts=max_attempts,
         backoff_seconds=backoff_seconds,
         backoff_ceiling=settings.backoff_max_seconds,
         max_runner_losses=settings.max_runner_losses,
+        max_host_shortages=settings.max_host_shortages,
     )
 
 

@@ -375,8 +375,9 @@ class Command(Base):
     priority: Mapped[int] = mapped_column(default=0)
     attempts: Mapped[int] = mapped_column(default=0)
     max_attempts: Mapped[int] = mapped_column(default=1)
-    # Attempts not held against max_attempts: cut short by a runner shutdown, or lost with
-    # their runner (of which runner_losses; bounded by the max_runner_losses setting).
+    # Attempts not held against max_attempts: cut short by a runner shutdown, lost with
+    # their runner (of which runner_losses; bounded by the max_runner_losses setting), or
+    # not started for want of host resources (bounded by max_host_shortages).
     uncounted_attempts: Mapped[int] = mapped_column(default=0, server_default="0")
     runner_losses: Mapped[int] = mapped_column(default=0, server_default="0")
     timeout_seconds: Mapped[int | None]

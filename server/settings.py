@@ -236,6 +236,16 @@ class Settings(BaseSettings):
         "attempt counting against its maxAttempts (a command that kills its runner cannot "
         "loop: after these, a lost attempt counts).",
     )
+    max_host_shortages: int = Field(
+        default=5,
+        ge=0,
+        le=100,
+        description="How many times a command whose child could not start because the host "
+        "was short of processes, memory or file descriptors (EAGAIN, ENOMEM, EMFILE, ENFILE) "
+        "is queued again after a backoff without the attempt counting against its "
+        "maxAttempts, while it has fewer uncounted attempts than this (a host that stays "
+        "short cannot loop: after these, such an attempt counts as a failed one).",
+    )
     backoff_max_seconds: float = Field(
         default=600.0, ge=0, description="Longest wait between two attempts of a command."
     )

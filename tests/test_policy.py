@@ -12,6 +12,7 @@ QUEUED, FAILED = CommandStatus.QUEUED, CommandStatus.FAILED
 THREE = Limits(max_attempts=3, backoff_seconds=2.0, backoff_ceiling=600.0, max_runner_losses=2)
 ONE = Limits(max_attempts=1, max_runner_losses=2)
 NO_LOSSES = Limits(max_attempts=1, max_runner_losses=0)
+NO_SHORTAGES = Limits(max_attempts=1, max_host_shortages=0)
 
 
 @pytest.mark.parametrize(
@@ -39,6 +40,13 @@ NO_LOSSES = Limits(max_attempts=1, max_runner_losses=0)
         (Ending.RUNNER_LOST, AttemptState(3, 2, 2), ONE, True, FAILED, True, False),
         (Ending.RUNNER_LOST, AttemptState(3, 2, 2), THREE, True, QUEUED, True, False),
         (Ending.RUNNER_LOST, AttemptState(1), NO_LOSSES, True, FAILED, True, False),
+        # the host short of resources at the start: not counted, after a backoff, while
+        # fewer than max_host_shortages attempts were uncounted; then a failed attempt
+        (Ending.HOST_SHORT, AttemptState(1), ONE, True, QUEUED, False, True),
+        (Ending.HOST_SHORT, AttemptState(5, uncounted=4), ONE, True, QUEUED, False, True),
+        (Ending.HOST_SHORT, AttemptState(6, uncounted=5), ONE, True, FAILED, True, False),
+        (Ending.HOST_SHORT, AttemptState(6, uncounted=5), THREE, True, QUEUED, True, True),
+        (Ending.HOST_SHORT, AttemptState(1), NO_SHORTAGES, True, FAILED, True, False),
     ],
 )
 def test_decision_table(
@@ -74,6 +82,27 @@ def test_a_runner_that_keeps_dying_stops_the_loop() -> None:
     assert decision.reason == (
         "its runner died 3 times (at most 2 are not counted) and no attempts are left"
     )
+
+
+def test_a_short_host_is_named_and_backed_off() -> None:
+    error = "attempt 2: cannot start 'x': the host is out of resources (Too many open files)"
+    first = decide(Ending.HOST_SHORT, AttemptState(1), THREE, error=error, jitter=1.0)
+    later = decide(Ending.HOST_SHORT, AttemptState(4, 3), THREE, error=error, jitter=1.0)
+    assert (first.delay, later.delay) == (2.0, 16.0)  # base * 2**uncounted
+    assert later.note == (
+        f"{error}; tried again in 16.0s "
+        "(not counted against the command: 4 of 5 uncounted attempts allowed)"
+    )
+    assert later.reason == (
+        "the host was out of resources; trying again in 16.0s, not counted against it"
+    )
+
+
+def test_a_host_that_stays_short_ends_the_loop() -> None:
+    error = "cannot start 'x': the host is out of resources (Cannot allocate memory)"
+    decision = decide(Ending.HOST_SHORT, AttemptState(6, 5), ONE, error=error)
+    assert decision.reason == error
+    assert decision.note == f"finished: FAILED ({error})"
 
 
 @pytest.mark.parametrize(
