@@ -110,9 +110,10 @@ async def write_entry(
             )
             await session.commit()
     except Exception as exc:
-        # The row holds names and ids only, so the exception's text may be logged as is; a
-        # database that is away is no bug of ours (one line, no traceback).
-        away = retryable_database_error(exc)
+        # The row holds names and ids only, so the exception's text may be logged as is. An
+        # action that failed as the database went away left nothing to audit: one line, no
+        # traceback (an outage logged one per request). One that took effect stays an ERROR.
+        away = retryable_database_error(exc) and entry.outcome != "ok"
         log.log(
             logging.WARNING if away else logging.ERROR,
             "could not record the audit event %s (%s) by %s on %s%s",
