@@ -86,11 +86,11 @@ async def first_event(ws: ClientConnection, command_id: str) -> dict[str, Any]:
 async def once_back(http: httpx.AsyncClient, query: str) -> dict[str, Any]:
     """The query's data once the database is back, asked again after a 503 (as a client
     told Retry-After would: a pooled connection from before the cut may fail once)."""
-    for _ in range(5):
+    for _ in range(10):
         response = await http.post("/graphql", json={"query": query})
         if response.status_code != 503:
             break
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.3)
     assert response.status_code == 200, response.text
     data: dict[str, Any] = response.json()["data"]
     return data
@@ -159,6 +159,7 @@ async def test_requests_met_by_an_outage_say_so_and_log_no_error(
             forwarder.cut()
             impatient_end = await asyncio.wait_for(first_event(impatient, command_id), 20)
             forwarder.restore()
+            await once_back(http, PROFILES)
             await patient.close()
             await impatient.close()
             stop_ticker(live, command_id)
