@@ -23,7 +23,7 @@ from graphql import GraphQLError, GraphQLSyntaxError, StringValueNode
 from graphql.language import Visitor, visit
 from strawberry.types import ExecutionContext
 
-from runner.store_errors import retryable_database_error
+from runner.store_errors import database_unreachable
 from server.access import UNAVAILABLE
 from server.streams import StreamUnavailable
 
@@ -68,7 +68,7 @@ def unavailable_message(original: BaseException) -> str | None:
     stream's own message says where to resume."""
     if isinstance(original, StreamUnavailable):
         return str(original)
-    return UNAVAILABLE if retryable_database_error(original) else None
+    return UNAVAILABLE if database_unreachable(original) else None
 
 
 def without_values(error: GraphQLError) -> str:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from runner.store_errors import retryable_database_error
+from runner.store_errors import database_unreachable
 from server.auth import Principal
 from server.ids import decode_global_id
 from server.models import AuditEvent
@@ -113,7 +113,7 @@ async def write_entry(
         # The row holds names and ids only, so the exception's text may be logged as is. An
         # action that failed as the database went away left nothing to audit: one line, no
         # traceback (an outage logged one per request). One that took effect stays an ERROR.
-        away = retryable_database_error(exc) and entry.outcome != "ok"
+        away = database_unreachable(exc) and entry.outcome != "ok"
         log.log(
             logging.WARNING if away else logging.ERROR,
             "could not record the audit event %s (%s) by %s on %s%s",

@@ -12,7 +12,7 @@ import logging
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from runner.store_errors import retryable_database_error
+from runner.store_errors import database_unreachable
 from server.access import UNAVAILABLE, refuse_unavailable
 from server.panel.common import error_page
 
@@ -41,7 +41,7 @@ class DatabaseOutage:
         try:
             await self.app(scope, receive, watched_send)
         except Exception as exc:
-            if started or not retryable_database_error(exc):
+            if started or not database_unreachable(exc):
                 raise
             # Its type only: a driver's message may quote the statement's parameters.
             log.info(
