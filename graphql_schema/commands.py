@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import weakref
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from datetime import datetime
@@ -534,6 +535,15 @@ async def _load_command(info: Info, pk: int) -> models.Command | None:
         return await session.get(models.Command, pk)
 
 
+async def _load_patiently(info: Info, pk: int) -> models.Command | None:
+    """The command, read again while the database is away (`patiently`), else UNAVAILABLE."""
+    try:
+        return await patiently(functools.partial(_load_command, info, pk))
+    except StreamUnavailable as exc:
+        message = "the database is unreachable: these events end; subscribe again once it is back."
+        raise GraphQLError(message, extensions={"code": "UNAVAILABLE"}) from exc
+
+
 def _admit_subscriber(info: Info) -> str:
     """Count one more live subscriber of this client (an error past the limits); its key."""
     client = client_key(info.context.request, info.context.principal)
@@ -550,27 +560,25 @@ async def _follow_logs(
     """A subscriber's view of a command's log (server.streams.follow_command), counted
     against the subscriber limits while it lasts."""
     pk = _command_pk(command_id)
+    # A StreamUnavailable is said to the client as it is (code UNAVAILABLE) and logged at
+    # INFO, no traceback: graphql_schema.errors.
+    if await patiently(lambda: _load_command(info, pk), after_seq or 0) is None:
+        raise GraphQLError("no such command", extensions={"code": "NOT_FOUND"})
+    app = info.context.app
+    client = _admit_subscriber(info)
     try:
-        if await patiently(lambda: _load_command(info, pk), after_seq or 0) is None:
-            raise GraphQLError("no such command", extensions={"code": "NOT_FOUND"})
-        app = info.context.app
-        client = _admit_subscriber(info)
-        try:
-            async for item in follow_command(
-                app.stream_sessions,
-                app.broker,
-                pk,
-                after_seq or 0,
-                app.metrics,
-                app.follow_poll_seconds,
-                pages=app.replay_pages,
-            ):
-                yield item
-        finally:
-            app.subscriber_limits.release(client)
-    except StreamUnavailable as exc:
-        # Said to the client as it is, logged at INFO (process_errors), no traceback.
-        raise GraphQLError(str(exc), extensions={"code": "UNAVAILABLE"}) from exc
+        async for item in follow_command(
+            app.stream_sessions,
+            app.broker,
+            pk,
+            after_seq or 0,
+            app.metrics,
+            app.follow_poll_seconds,
+            pages=app.replay_pages,
+        ):
+            yield item
+    finally:
+        app.subscriber_limits.release(client)
 
 
 @strawberry.type(description="Live streams, over `graphql-transport-ws`.")
@@ -657,7 +665,7 @@ class Subscription:
         try:
             async with app.broker.subscribe(topic) as subscription:
                 if pk is not None:  # subscribed first: no change between read and listen lost
-                    current = await _load_command(info, pk)
+                    current = await _load_patiently(info, pk)
                     if current is None:
                         raise GraphQLError("no such command", extensions={"code": "NOT_FOUND"})
                     last = current.status
@@ -672,7 +680,7 @@ class Subscription:
                         subscription.resync()
                         if pk is None:
                             continue
-                        current = await _load_command(info, pk)
+                        current = await _load_patiently(info, pk)
                         if current is None or current.status == last:
                             continue
                         message = StatusChange(pk, current.status)
@@ -681,7 +689,7 @@ class Subscription:
                     if pk is not None and message.status == last:
                         continue  # the status already sent first
                     last = message.status
-                    row = await _load_command(info, message.command_id)
+                    row = await _load_patiently(info, message.command_id)
                     if row is not None:
                         yield CommandEvent(
                             command=Command.from_row(row), status=CommandStatus(message.status)

@@ -108,8 +108,12 @@ class Context:
         async with self.lock:
             try:
                 yield self.session
-            finally:
-                await self.session.commit()
+            except BaseException:
+                # Not a commit: after a lost connection it raised PendingRollbackError,
+                # which hid the error that says the database is away.
+                await self.session.rollback()
+                raise
+            await self.session.commit()
 
     @asynccontextmanager
     async def writing(self) -> AsyncIterator[AsyncSession]:

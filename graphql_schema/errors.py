@@ -6,7 +6,8 @@ stumbled on, and Strawberry logs each error at ERROR with the query's source lin
 Here every client mistake (syntax, validation, coercion) is rewritten to say where and
 why without the value, logged at INFO without values or query text; an unexpected
 exception is masked for the client (MaskErrors) and logged with its type, path and
-traceback, the request's values blotted out.
+traceback, the request's values blotted out. A database that is away is no bug: its error
+says so (code UNAVAILABLE), logged at INFO in one line.
 """
 
 from __future__ import annotations
@@ -21,6 +22,10 @@ import strawberry
 from graphql import GraphQLError, GraphQLSyntaxError, StringValueNode
 from graphql.language import Visitor, visit
 from strawberry.types import ExecutionContext
+
+from runner.store_errors import database_unreachable
+from server.access import UNAVAILABLE
+from server.streams import StreamUnavailable
 
 log = logging.getLogger("corral.graphql")
 
@@ -51,7 +56,19 @@ _SYNTAX_TOKEN = re.compile(
 def is_unexpected(error: GraphQLError) -> bool:
     """An error we did not raise on purpose: masked for the client, logged as ERROR."""
     original = error.original_error
-    return original is not None and not isinstance(original, GraphQLError)
+    return (
+        original is not None
+        and not isinstance(original, GraphQLError)
+        and unavailable_message(original) is None
+    )
+
+
+def unavailable_message(original: BaseException) -> str | None:
+    """What to tell the client when `original` says the database is away (else None): a
+    stream's own message says where to resume."""
+    if isinstance(original, StreamUnavailable):
+        return str(original)
+    return UNAVAILABLE if database_unreachable(original) else None
 
 
 def without_values(error: GraphQLError) -> str:
@@ -132,6 +149,24 @@ def _log_unexpected(error: GraphQLError, values: list[str]) -> None:
     )
 
 
+def _said_unavailable(error: GraphQLError) -> bool:
+    """Worded as UNAVAILABLE if the database was away: an outage of a few seconds used to
+    log a traceback per request ("Unexpected error." to the client)."""
+    assert error.original_error is not None
+    message = unavailable_message(error.original_error)
+    if message is None:
+        return False
+    error.message = message
+    error.extensions = {**(error.extensions or {}), "code": "UNAVAILABLE"}
+    # Its type only: a driver's message may quote the statement's parameters.
+    log.info(
+        "GraphQL %s failed: the database is unreachable (%s)",
+        _path(error),
+        type(error.original_error).__name__,
+    )
+    return True
+
+
 class CorralSchema(strawberry.Schema):
     """Strawberry's schema, with errors worded and logged without the client's values."""
 
@@ -142,6 +177,8 @@ class CorralSchema(strawberry.Schema):
         # same objects it returns: a message changed here is the one the client gets.
         values = request_values(execution_context)
         for error in errors:
+            if error.original_error is not None and _said_unavailable(error):
+                continue
             if is_unexpected(error):
                 _log_unexpected(error, values)
                 continue

@@ -77,3 +77,33 @@ def summary(error: BaseException) -> str:
     lines = str(error).strip().splitlines()
     text = f"{type(error).__name__}: {lines[0][:200] if lines else ''}"
     return text.encode("ascii", "backslashreplace").decode("ascii")
+
+
+# Where a database error comes from: SQLAlchemy and the drivers (an OSError raised in one of
+# these is the database's socket or file, not ours).
+DATABASE_PACKAGES = frozenset({"sqlalchemy", "asyncpg", "aiosqlite", "sqlite3"})
+
+
+def raised_by_database(exc: BaseException) -> bool:
+    """Whether `exc`, or an error it wraps, was raised inside SQLAlchemy or a driver."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, DBAPIError):
+            return True
+        frame = current.__traceback__
+        while frame is not None:
+            module = frame.tb_frame.f_globals.get("__name__", "")
+            if module.partition(".")[0] in DATABASE_PACKAGES:
+                return True
+            frame = frame.tb_next
+        current = getattr(current, "orig", None) or current.__cause__
+    return False
+
+
+def database_unreachable(exc: BaseException) -> bool:
+    """`retryable_database_error` for code that does more than database work (a resolver, a
+    page, a credential check): an OSError or a timeout counts only when the database stack
+    raised it (a missing file or a proxy that does not answer is not a database outage)."""
+    return retryable_database_error(exc) and raised_by_database(exc)

@@ -23,7 +23,7 @@ from starlette.requests import cookie_parser
 from starlette.responses import PlainTextResponse, RedirectResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from runner.store_errors import retryable_database_error
+from runner.store_errors import database_unreachable
 from server.auth import (
     Principal,
     SessionPolicy,
@@ -241,7 +241,7 @@ class AccessControl:
             except Exception as exc:
                 # A database that is away is no bug of ours: no traceback a request (an
                 # outage of a few seconds logged one per request, each a 500).
-                if not retryable_database_error(exc):
+                if not database_unreachable(exc):
                     raise
                 log.info(
                     "%s refused: the database is unreachable (%s)",

@@ -41,6 +41,7 @@ from server.login import login_routes
 from server.logstream import stream_command_logs
 from server.metrics import Metrics, RequestMetrics
 from server.models import Command, CommandStatus
+from server.outage import DatabaseOutage
 from server.panel import panel_routes
 from server.panel.assets import csp_origins
 from server.pgbroker import PgBroker, start_broker
@@ -49,6 +50,7 @@ from server.settings import Settings
 
 log = logging.getLogger("corral.app")
 CONTEXT_SCOPE_KEY = "corral.graphql_context"
+READY_TIMEOUT_SECONDS = 3.0  # /readyz answers 503 after this long without the database
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
 
@@ -153,12 +155,15 @@ async def healthz(_request: Request) -> Response:
 async def readyz(request: Request) -> Response:
     engine: AsyncEngine = request.app.state.engine
     try:
-        async with engine.connect() as connection:
-            await connection.execute(text("SELECT 1"))
-        if not await migrate.is_up_to_date(engine):
-            return PlainTextResponse("database not migrated", status_code=503)
+        # Bounded: a database behind a network that drops packets would hang the probe
+        # (and the orchestrator asking it) for the driver's connect timeout or longer.
+        async with asyncio.timeout(READY_TIMEOUT_SECONDS):
+            async with engine.connect() as connection:
+                await connection.execute(text("SELECT 1"))
+            if not await migrate.is_up_to_date(engine):
+                return PlainTextResponse("database not migrated", status_code=503)
     except Exception as exc:
-        log.warning("readiness check failed: %s", exc)
+        log.warning("readiness check failed: %s %s", type(exc).__name__, exc)
         return PlainTextResponse("database unreachable", status_code=503)
     return PlainTextResponse("ready")
 
@@ -245,6 +250,7 @@ def create_app(settings: Settings) -> Starlette:
         Middleware(SecurityHeaders, html_policy=policy),
         *request_walls(settings),
         Middleware(AccessControl, metrics_allow=settings.metrics_allow),
+        Middleware(DatabaseOutage),
         Middleware(CsrfProtection),
     ]
     return Starlette(routes=routes, lifespan=lifespan, middleware=middleware)

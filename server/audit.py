@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from runner.store_errors import database_unreachable
 from server.auth import Principal
 from server.ids import decode_global_id
 from server.models import AuditEvent
@@ -108,12 +109,18 @@ async def write_entry(
                 client_address=client_address,
             )
             await session.commit()
-    except Exception:
-        # The row holds names and ids only, so the exception's text may be logged as is.
-        log.exception(
-            "could not record the audit event %s (%s) by %s on %s",
+    except Exception as exc:
+        # The row holds names and ids only, so the exception's text may be logged as is. An
+        # action that failed as the database went away left nothing to audit: one line, no
+        # traceback (an outage logged one per request). One that took effect stays an ERROR.
+        away = database_unreachable(exc) and entry.outcome != "ok"
+        log.log(
+            logging.WARNING if away else logging.ERROR,
+            "could not record the audit event %s (%s) by %s on %s%s",
             entry.action,
             entry.outcome,
             None if principal is None else principal.name,
             entry.object_id,
+            f": the database is unreachable ({type(exc).__name__})" if away else "",
+            exc_info=not away,
         )

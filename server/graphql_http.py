@@ -53,7 +53,7 @@ from strawberry.types.unset import UNSET
 
 from graphql_schema.context import Context
 from graphql_schema.shared_events import SharedData, shared_send
-from runner.store_errors import retryable_database_error
+from runner.store_errors import database_unreachable
 from server import access
 from server.access import UNAVAILABLE, Authenticator, bearer_token, principal_of
 from server.auth import Principal
@@ -346,7 +346,7 @@ class StrictTransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
             try:
                 known = await self._authenticate(payload)
             except Exception as exc:
-                if not retryable_database_error(exc):
+                if not database_unreachable(exc):
                     raise
                 log.info(
                     "a WebSocket is refused: the database is unreachable (%s)", type(exc).__name__
@@ -426,7 +426,7 @@ class StrictTransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
             try:
                 principal = await self._recheck()
             except Exception as exc:
-                if not retryable_database_error(exc):
+                if not database_unreachable(exc):
                     raise
                 # As the periodic check does: the credential held when last checked, and a
                 # database that is away says nothing against it (the subscription waits

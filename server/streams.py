@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from sqlalchemy import select, text
 
-from runner.store_errors import retryable_database_error
+from runner.store_errors import database_unreachable
 from server.broker import (
     DEFAULT_MAX_BYTES,
     Broker,
@@ -77,7 +77,7 @@ async def patiently(read: Callable[[], Awaitable[T]], last_seq: int = 0) -> T:
         try:
             return await read()
         except Exception as exc:
-            if not retryable_database_error(exc):
+            if not database_unreachable(exc):
                 raise
             if loop.time() + wait > deadline:
                 raise StreamUnavailable(last_seq) from exc
