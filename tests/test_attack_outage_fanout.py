@@ -9,6 +9,7 @@ and the command finishes with nothing lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -197,19 +198,31 @@ def proxied_settings(settings: Settings, forwarder: Forwarder) -> Settings:
     )
 
 
+@contextlib.asynccontextmanager
+async def fanned_out(
+    settings: Settings, forwarder: Forwarder
+) -> AsyncIterator[
+    tuple[LiveServer, httpx.AsyncClient, str, list[tuple[Follower, asyncio.Task[None]]]]
+]:
+    """A server whose database is behind `forwarder`, running the ticker, every follower
+    reading it: (the server, a client of it, the command, the followers)."""
+    async with (
+        running_server(proxied_settings(settings, forwarder)) as live,
+        httpx.AsyncClient(base_url=live.base_url, headers=live.headers, timeout=30) as http,
+    ):
+        command_id = await run_ticker(GraphQLClient(http))
+        followers = start_followers(live, command_id)
+        await until_all_read(followers)
+        yield live, http, command_id, followers
+
+
 @ON_POSTGRES
 async def test_followers_ride_out_a_database_outage_during_fan_out(
     settings: Settings, forwarder: Forwarder, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="corral")
-    async with (
-        running_server(proxied_settings(settings, forwarder)) as live,
-        httpx.AsyncClient(base_url=live.base_url, headers=live.headers, timeout=30) as http,
-    ):
+    async with fanned_out(settings, forwarder) as (live, http, command_id, followers):
         api = GraphQLClient(http)
-        command_id = await run_ticker(api)
-        followers = start_followers(live, command_id)
-        await until_all_read(followers)
 
         done = asyncio.Event()
         health = asyncio.create_task(healthz_latencies(live, done))
@@ -266,14 +279,8 @@ async def test_an_outage_longer_than_followers_wait_ends_them_with_a_clear_error
     and resumes without gap or duplicate); a stream asked for meanwhile is a 503."""
     monkeypatch.setattr(streams, "OUTAGE_SECONDS", 1.0)
     caplog.set_level(logging.INFO, logger="corral")
-    async with (
-        running_server(proxied_settings(settings, forwarder)) as live,
-        httpx.AsyncClient(base_url=live.base_url, headers=live.headers, timeout=30) as http,
-    ):
+    async with fanned_out(settings, forwarder) as (live, http, command_id, followers):
         api = GraphQLClient(http)
-        command_id = await run_ticker(api)
-        followers = start_followers(live, command_id)
-        await until_all_read(followers)
         forwarder.cut()
         async with asyncio.timeout(FOLLOW_TIMEOUT):
             await asyncio.gather(*(task for _, task in followers))

@@ -24,10 +24,10 @@ from tests.conftest import GraphQLClient
 from tests.fixtures.auth import connection_init
 from tests.fixtures.commands import FINAL, wait_status
 from tests.fixtures.servers import LiveServer, running_server
-from tests.fixtures.stalled import StalledClient, stalled_event_stream, stalled_subscription
+from tests.fixtures.stalled import StalledClient
 from tests.test_streams import run_command, sse_events, stream_path
 from tests.test_walls_logstore import pk
-from tests.test_walls_subscribers import NO_PINGS, port, services
+from tests.test_walls_subscribers import NO_PINGS, services, stalled_follower
 
 STALLED = 40
 READERS = 8
@@ -142,15 +142,7 @@ async def test_readers_joining_beside_stalled_followers_catch_up_and_get_every_l
         tasks: list[asyncio.Task[None]] = []
         try:
             for i in range(STALLED):
-                if i % 2:
-                    client = await stalled_event_stream(
-                        port(live), stream_path(command_id), live.headers
-                    )
-                else:
-                    client = await stalled_subscription(
-                        port(live), connection_init(live.app), LOGS, id=command_id
-                    )
-                stalled.append(client)
+                stalled.append(await stalled_follower(live, command_id, bool(i % 2), LOGS))
             await asyncio.sleep(2)  # they replay until their sockets are full, then stall
             readers = [Reader(("sse", "logs", "batches")[i % 3]) for i in range(READERS)]
             for reader in readers:

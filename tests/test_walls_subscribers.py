@@ -74,6 +74,15 @@ def port(live: LiveServer) -> int:
     return int(live.base_url.rsplit(":", 1)[1])
 
 
+async def stalled_follower(
+    live: LiveServer, command_id: str, sse: bool, query: str
+) -> StalledClient:
+    """A follower of the command that never reads: an SSE stream, else a subscription."""
+    if sse:
+        return await stalled_event_stream(port(live), stream_path(command_id), live.headers)
+    return await stalled_subscription(port(live), connection_init(live.app), query, id=command_id)
+
+
 async def wait_for(condition: Any, what: str, within: float = STREAM_TIMEOUT) -> None:
     deadline = time.monotonic() + within
     while not condition():
@@ -142,15 +151,8 @@ async def test_fifty_stalled_subscribers_stay_within_the_memory_bound_and_reader
             ws_reader = asyncio.create_task(read_subscription(live, command_id))
             readers.extend((sse_reader, ws_reader))
             for i in range(STALLED):
-                if i % STALLED_SOCKETS_EVERY:
-                    client = await stalled_event_stream(
-                        port(live), stream_path(command_id), live.headers
-                    )
-                else:
-                    client = await stalled_subscription(
-                        port(live), connection_init(live.app), COMMAND_LOGS, id=command_id
-                    )
-                stalled.append(client)
+                sse = bool(i % STALLED_SOCKETS_EVERY)
+                stalled.append(await stalled_follower(live, command_id, sse, COMMAND_LOGS))
                 await asyncio.sleep(0.05)  # they join all along the flood
             async with asyncio.timeout(READ_TIMEOUT):
                 events, lines = await sse_reader, await ws_reader
