@@ -56,7 +56,10 @@ from benchmarks.common import (
 
 # The interpreter itself (not the venv's link to it), for a sandboxed child.
 CHILD_PYTHON = os.path.realpath(sys.executable)
-STORED_RATIO_MIN = 0.5
+# Issue 15: stored >= 0.8x the raw driver's bulk insert of the same lines. The baseline has
+# no subscriber: the figure to hold against it is the ingest with none; the followed one
+# (an SSE client in its own process on the same two cores) is judged too, and reported.
+STORED_RATIO_MIN = 0.8
 P99_MS_MAX = 50.0
 SECRET_EVERY = 10
 MASK = "[redacted]"
@@ -518,14 +521,16 @@ async def run_backend(backend: str, args: argparse.Namespace, workdir: Path) -> 
         "stored_lines_per_s": bulk["stored_lines_per_s"],
         "stored_ratio": round(ratio, 3),
         "sse_lines_per_s": bulk["sse_lines_per_s"],
-        # The same ingest with no subscriber (the baseline has none): next to the figure
-        # above, not in its place; the target is the one above.
+        # The same ingest with no subscriber (the baseline has none), next to the figure
+        # above; both are held to the target.
         "stored_lines_per_s_no_subscriber": alone["stored_lines_per_s"],
         "stored_ratio_no_subscriber": round(alone["stored_lines_per_s"] / base["lines_per_s"], 3),
         "latency_ms": paced["latency_ms"],
         "targets": {"stored_ratio_min": STORED_RATIO_MIN, "p99_ms_max": P99_MS_MAX},
         "meets_targets": {
             "stored_ratio": ratio >= STORED_RATIO_MIN,
+            "stored_ratio_no_subscriber": alone["stored_lines_per_s"] / base["lines_per_s"]
+            >= STORED_RATIO_MIN,
             "p99_ms": p99 is not None and p99 <= P99_MS_MAX,
         },
         "correct": correct,

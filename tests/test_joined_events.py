@@ -4,17 +4,20 @@ line is executed once per selection, whatever messages it goes out in."""
 
 from __future__ import annotations
 
+import gc
 from typing import Any
 
 import pytest
 from graphql import parse
 
-from graphql_schema.commands import LogBatch, log_batches, log_batches_of
+from graphql_schema.commands import LogBatch, LogLine, log_batches, log_batches_of
 from graphql_schema.direct import DirectLeaves
 from graphql_schema.schema import CorralExecutionContext, build_schema
 from graphql_schema.shared_events import joined_data
 from server.broker import Subscription
 from server.ids import encode_global_id
+from server.messages import LineRun, StoredBatch
+from server.models import utcnow
 from server.streams import made_at_tick, sliced, with_queued
 from tests.test_fanout import published, queued_of
 
@@ -89,3 +92,37 @@ def test_parts_of_another_shape_are_not_joined() -> None:
     assert joined_data([{"a": {"final": False}}, {"a": {"final": True}}], [0, 0]) is None
     assert joined_data([{"a": {"lines": []}}, {"b": {"lines": []}}], [0, 0]) is None
     assert joined_data([None], [0]) is None
+
+
+def test_published_messages_keep_no_line_objects() -> None:
+    # Before: a published message held a LogLine object per line for as long as its batch
+    # was remembered: a quarter of the objects the garbage collector tracked in a
+    # 200-follower fan-out (each full collection walked them, the loop stopped meanwhile).
+    batch = StoredBatch(
+        1,
+        [
+            LineRun(1, "stdout", utcnow(), 1, [f"line {i}" for i in range(1, 501)]),
+            LineRun(2, "stderr", utcnow(), 501, [f"line {i}" for i in range(501, 1001)]),
+        ],
+    )
+    gc.collect()
+    before = live_log_lines()
+    messages = log_batches(batch)
+    cut = log_batches(sliced(batch, 700))
+    assert live_log_lines() == before
+    assert sum(len(message.lines) for message in messages) == 1000
+    assert sum(len(message.lines) for message in cut) == 300
+
+    executor = subscriber()
+    data = [result_of(executor, message) for message in messages]
+    assert [seq for part in data for seq in seqs(part)] == list(range(1, 1001))
+    assert [seq for message in cut for seq in seqs(result_of(executor, message))] == list(
+        range(701, 1001)
+    )
+    assert live_log_lines() == before  # made for the execution, then let go
+    stderr_line = next(line for message in cut for line in message.lines)
+    assert (stderr_line.seq, stderr_line.attempt, stderr_line.stream.name) == (701, 2, "STDERR")
+
+
+def live_log_lines() -> int:
+    return sum(1 for thing in gc.get_objects() if isinstance(thing, LogLine))
