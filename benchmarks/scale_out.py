@@ -335,7 +335,7 @@ async def pinned_profile(http: httpx.AsyncClient, name: str) -> str:
 
 
 class ReadClock:
-    """Times the API node's reads of stored lines (server.streams._read_lines, which
+    """Times the API node's reads of stored lines (server.stream_pages.read_lines, which
     followers call for a replay and, cross-node, after each notification): the wrapper is
     the benchmark's instrument, installed in this process only."""
 
@@ -344,9 +344,9 @@ class ReadClock:
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[ReadClock]:
-        import server.streams
+        import server.stream_pages
 
-        original = server.streams._read_lines
+        original = server.stream_pages.read_lines
 
         async def timed(*args: Any, **kwargs: Any) -> Any:
             started = time.perf_counter()
@@ -355,11 +355,11 @@ class ReadClock:
             self.reads.append(((time.perf_counter() - started) * 1000, lines))
             return batch
 
-        server.streams._read_lines = timed  # type: ignore[assignment]
+        server.stream_pages.read_lines = timed  # type: ignore[assignment]
         try:
             yield self
         finally:
-            server.streams._read_lines = original  # type: ignore[assignment]
+            server.stream_pages.read_lines = original  # type: ignore[assignment]
 
     def take(self) -> dict[str, Any]:
         """The reads since the last take: how many, their time (ms), lines each."""

@@ -20,12 +20,12 @@ from strawberry.schema.config import StrawberryConfig
 
 from graphql_schema.access import AccessMutations, ApiToken, Me, resolve_api_tokens, resolve_me
 from graphql_schema.audit import AuditEvent, MutationAudit, load_audit_event, resolve_audit_events
+from graphql_schema.command_streams import Subscription
 from graphql_schema.commands import (
     LOG_PAGE_MAX,
     Command,
     CommandMutations,
     ComposedCommand,
-    Subscription,
     resolve_commands,
     resolve_compose_command,
 )

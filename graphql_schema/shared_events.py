@@ -33,7 +33,7 @@ from graphql.language.visitor import SKIP
 
 _RELEVANT_CACHE_SIZE = 1024
 # Most selections whose result one event keeps. An event lives as long as its batch, and
-# batches are remembered for lagged followers (server.streams.SharedPages, ~16 MB in all):
+# batches are remembered for lagged followers (server.stream_pages.SharedPages, ~16 MB in all):
 # each selection kept adds about that much again, so without a cap a client subscribing
 # with a new alias each time grew the server by ~10 MB a selection, even after leaving.
 # Followers beyond the cap are shown the event on their own (as before issue 16).

@@ -16,7 +16,7 @@ from server.db import SessionFactory
 from server.metrics import Metrics
 from server.secretbox import SecretBox
 from server.settings import Settings
-from server.streams import SharedPages
+from server.stream_pages import SharedPages
 from server.subscribers import SubscriberLimits
 
 

@@ -35,16 +35,8 @@ from server.db import READ_ONLY
 from server.ids import decode_global_id as decode_id
 from server.messages import StoredBatch
 from server.models import Command, CommandStatus, LogLine, LogStream
-from server.streams import (
-    SEND_CHUNK_BYTES,
-    FinalStatus,
-    Item,
-    StreamUnavailable,
-    follow_command,
-    parts_of,
-    patiently,
-    pieces,
-)
+from server.stream_batches import SEND_CHUNK_BYTES, parts_of, pieces
+from server.streams import FinalStatus, Item, StreamUnavailable, follow_command, patiently
 from server.subscribers import SubscriberLimits, TooManySubscribers
 
 log = logging.getLogger("corral.streams")
@@ -73,10 +65,10 @@ def encode_log_events(batch: StoredBatch) -> bytes:
 
 
 def shared_log_events(batch: StoredBatch) -> list[bytes]:
-    """The `log` events of a batch in pieces of bounded size (server.streams.pieces),
+    """The `log` events of a batch in pieces of bounded size (server.stream_batches.pieces),
     encoded once for every stream it goes to: the broker hands all followers of a command
     the same batch object, and shared replay pages are one object too (issue 16). A batch
-    merged from published ones (server.streams.with_queued) is their encodings joined (a
+    merged from published ones (server.stream_batches.with_queued) is their encodings joined (a
     copy of bytes, not an encoding per follower whose merge is its own)."""
     encoded = _encoded.get(id(batch))
     if encoded is None:
@@ -107,7 +99,7 @@ def _joined(encoded: list[bytes], max_bytes: int = SEND_CHUNK_BYTES) -> list[byt
 
 
 # id(StoredBatch) -> its encoded pieces, while the batch lives (weakref.finalize drops the
-# entry); as graphql_schema.commands.log_batches does for GraphQL messages.
+# entry); as graphql_schema.log_messages.log_batches does for GraphQL messages.
 _encoded: dict[int, list[bytes]] = {}
 _EVENT_ID = "event: log\r\nid: "
 _DATA_SEQ = '\r\ndata: {"seq": '

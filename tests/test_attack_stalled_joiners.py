@@ -19,7 +19,7 @@ from websockets.typing import Subprotocol
 
 from server.broker import Broker, command_topic
 from server.settings import Settings
-from server.streams import SharedPages
+from server.stream_pages import SharedPages
 from tests.conftest import GraphQLClient
 from tests.fixtures.auth import connection_init
 from tests.fixtures.commands import FINAL, wait_status

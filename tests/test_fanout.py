@@ -19,7 +19,7 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from starlette.datastructures import Headers
 
-from graphql_schema.commands import log_batches, log_batches_of
+from graphql_schema.log_messages import log_batches, log_batches_of
 from graphql_schema.shared_events import SHARED_SELECTIONS, SharedData, SharedResults
 from server import access
 from server.broker import Broker, StatusChange, Subscription, command_topic
@@ -35,17 +35,16 @@ from server.logstream import (
 from server.messages import LineRun, StoredBatch
 from server.models import Command, utcnow
 from server.settings import Settings
-from server.streams import (
+from server.stream_batches import (
     MERGE_LINES,
-    PAGE_GRID,
     SEND_CHUNK_BYTES,
-    SharedPages,
-    follow_command,
     made_at_tick,
     parts_of,
     pieces,
     with_queued,
 )
+from server.stream_pages import PAGE_GRID, SharedPages
+from server.streams import follow_command
 from tests.conftest import GraphQLClient
 from tests.fixtures.commands import FINAL, wait_status
 from tests.fixtures.servers import LiveServer, running_server

@@ -16,7 +16,8 @@ from server.broker import Broker, StatusChange, command_topic
 from server.fresh_reads import FreshReads
 from server.messages import StoredBatch
 from server.models import Command
-from server.streams import FinalStatus, SharedPages, follow_command
+from server.stream_pages import SharedPages
+from server.streams import FinalStatus, follow_command
 from tests.test_fanout import FirstSessionHeld, Sessions, published, running_command, seqs_of
 from tests.test_streams import store_lines
 

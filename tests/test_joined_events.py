@@ -10,15 +10,15 @@ from typing import Any
 import pytest
 from graphql import parse
 
-from graphql_schema.commands import LogBatch, LogLine, log_batches, log_batches_of
 from graphql_schema.direct import DirectLeaves
+from graphql_schema.log_messages import LogBatch, LogLine, log_batches, log_batches_of
 from graphql_schema.schema import CorralExecutionContext, build_schema
 from graphql_schema.shared_events import joined_data
 from server.broker import Subscription
 from server.ids import encode_global_id
 from server.messages import LineRun, StoredBatch
 from server.models import utcnow
-from server.streams import made_at_tick, sliced, with_queued
+from server.stream_batches import made_at_tick, sliced, with_queued
 from tests.test_fanout import published, queued_of
 
 BATCHES = """

@@ -363,7 +363,7 @@ async def test_a_response_over_the_size_limit_is_replaced_by_an_error(settings: 
 async def test_a_log_page_stops_reading_once_past_the_response_limit(
     settings: Settings, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from graphql_schema import commands as command_types
+    from graphql_schema import log_messages as command_types
 
     converted: list[Any] = []
     from_row = command_types.LogLine.from_row

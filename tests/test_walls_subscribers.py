@@ -27,7 +27,8 @@ from server.broker import Broker, command_topic
 from server.messages import LineRun, StoredBatch
 from server.models import ApiToken, Command, LogLine, utcnow
 from server.settings import Settings
-from server.streams import _read_lines, pieces
+from server.stream_batches import pieces
+from server.stream_pages import read_lines
 from tests.conftest import GraphQLClient
 from tests.fixtures.auth import bearer, connection_init, issue_api_token
 from tests.fixtures.commands import FINAL, wait_status
@@ -250,14 +251,14 @@ async def test_replay_pages_are_bounded_in_bytes_whatever_the_lines_length(
         budget = 256 * 1024
         pages: list[list[int]] = []
         after = 0
-        while (page := await _read_lines(sessionmaker, row.id, after, 20_000, budget)).runs:
+        while (page := await read_lines(sessionmaker, row.id, after, 20_000, budget)).runs:
             texts = [text for run in page.runs for text in run.texts]
             # What a page holds before its last line stays within the budget.
             assert sum(len(text.encode()) for text in texts[:-1]) < budget
             pages.append([len(text.encode()) for text in texts])
             after = page.runs[-1].last_seq
         assert pages == [[100_000] * 3, [100_000] * 2 + [10] * 3 + [900_000]]
-        page = await _read_lines(sessionmaker, row.id, 0, 2, budget)
+        page = await read_lines(sessionmaker, row.id, 0, 2, budget)
         assert sum(len(run.texts) for run in page.runs) == 2  # the line limit still holds
 
 

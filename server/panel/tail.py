@@ -30,7 +30,8 @@ from server.logstream import RETRY_AFTER, CountedStream, after_seq, until_unavai
 from server.messages import StoredBatch
 from server.models import Command, CommandStatus, LogLine
 from server.pages import page_environment
-from server.streams import FinalStatus, StreamUnavailable, follow_command, patiently, pieces
+from server.stream_batches import pieces
+from server.streams import FinalStatus, StreamUnavailable, follow_command, patiently
 from server.subscribers import TooManySubscribers
 
 PING_SECONDS = 15
