@@ -61,11 +61,11 @@ class LogBatch:
 class _Lines:
     """The lines of a published message, made as they are read: by the one execution of the
     message per selection (graphql_schema.shared_events), then let go. A message lives as
-    long as its batch is remembered for followers that fall behind (server.streams): kept
-    with it, a LogLine object per line was a quarter of the objects the garbage collector
-    tracked in a 200-follower fan-out (24k of 106k), each full collection walked them, and
-    the ones arriving every second brought the next one on: 45-70 ms with the event loop
-    stopped, twice in a 10 s run (issue 16). The texts are the batch's own (no copy)."""
+    long as its batch is remembered for followers that fall behind
+    (server.stream_pages.SharedPages): kept with it, a LogLine object per line was a quarter
+    of the objects the garbage collector tracked in a 200-follower fan-out (24k of 106k),
+    walked by every full collection (30-70 ms with the event loop stopped), and ~8 MB of
+    the server's memory there (issue 16). The texts are the batch's own (no copy)."""
 
     __slots__ = ("_count", "runs")
 

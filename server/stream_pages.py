@@ -261,7 +261,7 @@ class SharedPages:
         """The command's status, read after this call began: the followers that join a
         command together share a read or two instead of one each (FreshReads)."""
         return await self._status_reads.read(
-            (sessionmaker, command_id), lambda: read_status(sessionmaker, command_id)
+            (sessionmaker, command_id), lambda: read_command_status(sessionmaker, command_id)
         )
 
     async def _read(self, key: tuple[SessionFactory, int, int, int, int]) -> StoredBatch:
@@ -321,7 +321,8 @@ def _utc(value: datetime | str) -> datetime:
     return stamp.replace(tzinfo=UTC) if stamp.tzinfo is None else stamp.astimezone(UTC)
 
 
-async def read_status(sessionmaker: SessionFactory, command_id: int) -> str | None:
+async def read_command_status(sessionmaker: SessionFactory, command_id: int) -> str | None:
+    """The command's stored status (None: no such command), read on its own."""
     async with sessionmaker() as session:
         connection = await session.connection(execution_options=READ_ONLY)
         return await connection.scalar(select(Command.status).where(Command.id == command_id))

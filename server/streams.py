@@ -30,7 +30,7 @@ from server.messages import StoredBatch
 from server.metrics import Metrics
 from server.models import CommandStatus
 from server.stream_batches import parts_of, sliced, with_queued
-from server.stream_pages import REPLAY_FIRST_LINES, REPLAY_LINES, SharedPages, read_status
+from server.stream_pages import REPLAY_FIRST_LINES, REPLAY_LINES, SharedPages, read_command_status
 
 TICK_SECONDS = 0.02  # followers that keep up send on this common clock (see follow_command)
 # A follower waits this long for a database that went away (a restart, a failover, a cut
@@ -142,7 +142,7 @@ class _Follower:
         pages = self.pages
         if pages is None:
             return await patiently(
-                lambda: read_status(self.sessionmaker, self.command_id), self.last
+                lambda: read_command_status(self.sessionmaker, self.command_id), self.last
             )
         return await patiently(lambda: pages.status(self.sessionmaker, self.command_id), self.last)
 
