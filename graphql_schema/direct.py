@@ -144,6 +144,82 @@ class DirectLeaves(StrawberryGraphQLCoreExecutionContext):
             return results
         return _gathered(results, awaitable_fields)
 
+    def complete_iterable_value(
+        self,
+        item_type: Any,
+        field_details_list: Any,
+        info: Any,
+        path: Path,
+        items: Any,
+        position_context: Any,
+    ) -> Any:
+        """graphql-core's; a list of objects whose selected fields are all plain leaves (a
+        page of log lines, say) is made row by row here, each row as `execute_fields` would
+        answer it, without completing each item through graphql-core (a third of the cost
+        of executing a log batch). Anything else, or any item not answered at once, takes
+        graphql-core's own path, which words and places the error as before."""
+        if self.middleware_manager is None:
+            if not isinstance(items, list | tuple):
+                items = list(items)  # made once: graphql-core's path may need them again
+            rows = self._leaf_rows(item_type, field_details_list, info, path, items)
+            if rows is not None:
+                return rows
+        return super().complete_iterable_value(
+            item_type, field_details_list, info, path, items, position_context
+        )
+
+    def _leaf_rows(
+        self, item_type: Any, field_details_list: Any, info: Any, path: Path, items: Any
+    ) -> list[Any] | None:
+        non_null = isinstance(item_type, GraphQLNonNull)
+        object_type = item_type.of_type if non_null else item_type
+        if not isinstance(object_type, GraphQLObjectType):
+            return None
+        if self.get_stream_usage(field_details_list, path) is not None:
+            return None
+        grouped_field_set, new_defer_usages, _forbidden = self.collect_subfields(
+            object_type, field_details_list
+        )
+        if new_defer_usages:
+            return None
+        plan: list[tuple[str, str, Callable[[Any], Any], bool]] = []
+        fields = object_type.fields
+        for response_name, details in grouped_field_set.items():
+            node = details[0].node
+            field = fields.get(node.name.value)
+            leaf: _Leaf | None = None if field is None else getattr(field.resolve, _LEAF, None)
+            if leaf is None or node.arguments:
+                return None
+            plan.append((response_name, leaf.attribute, leaf.coerce, leaf.non_null))
+        is_type_of = object_type.is_type_of
+        is_awaitable = self.is_awaitable
+        rows: list[Any] = []
+        try:
+            for item in items:
+                if item is None:
+                    if non_null:
+                        return None
+                    rows.append(None)
+                    continue
+                if is_awaitable(item) or (is_type_of and is_type_of(item, info) is not True):
+                    return None
+                row: dict[str, Any] = {}
+                for response_name, attribute, coerce, leaf_non_null in plan:
+                    value = getattr(item, attribute)
+                    if value is None:
+                        if leaf_non_null:
+                            return None
+                        row[response_name] = None
+                        continue
+                    coerced = coerce(value)
+                    if coerced is None:
+                        return None
+                    row[response_name] = coerced
+                rows.append(row)
+        except Exception:  # graphql-core's path makes the located error
+            return None
+        return rows
+
 
 def _leaf_value(fields: Any, source: Any, field_details_list: Any) -> Any:
     """The completed value of a plain leaf field, or Undefined: not such a field, or not a

@@ -174,8 +174,8 @@ class CorralExecutionContext(DirectLeaves):
     MutationAudit; `ROOT_FIELD_HOOKS`) act on root fields only and pass every other field
     straight through, but graphql-core wraps every field in them: two calls more for each
     of the 12,500 fields of a page of 500 profiles, a fifth of its time (issue 16). Here
-    a query's or a subscription event's root fields run through the middleware, and the
-    rest of their fields not (a mutation's all do: it is small, and run serially).
+    the root fields of a query, a mutation or a subscription event run through the
+    middleware, and none of the fields below them.
 
     Per-event memo: each event of a subscription collects its subfields afresh.
     graphql-core 3.3 copies a subscription's executor for every event, but the copies
@@ -197,22 +197,47 @@ class CorralExecutionContext(DirectLeaves):
         serially: bool,
         position_context: Any,
     ) -> Any:
-        self.middleware_manager = self.root_middleware
-        if serially:
-            # A mutation: its root fields run one after another, the later ones after the
-            # first has been awaited, so every field of it keeps the middleware (as
-            # graphql-core does; the hooks pass the non-root ones through).
-            return super().execute_root_grouped_field_set(
-                root_type, root_value, grouped_field_set, serially, position_context
-            )
-        # The root fields' resolvers run before this returns; their subfields that
-        # complete at once see the middleware too (harmlessly), the rest never do.
         try:
             return super().execute_root_grouped_field_set(
                 root_type, root_value, grouped_field_set, serially, position_context
             )
         finally:
             self.middleware_manager = None
+
+    def execute_field(
+        self,
+        parent_type: Any,
+        source: Any,
+        field_details_list: Any,
+        path: Any,
+        position_context: Any,
+    ) -> Any:
+        """graphql-core's; a root field's resolver is wrapped in the middleware (graphql-core
+        takes it from `middleware_manager` as the field starts)."""
+        if path.prev is None:
+            self.middleware_manager = self.root_middleware
+        return super().execute_field(
+            parent_type, source, field_details_list, path, position_context
+        )
+
+    def complete_value(
+        self,
+        return_type: Any,
+        field_details_list: Any,
+        info: Any,
+        path: Any,
+        result: Any,
+        position_context: Any,
+    ) -> Any:
+        """graphql-core's; a root field's value is completed without the middleware: its
+        subfields, however soon they run, are not wrapped. (Before, the subfields of a root
+        value at hand, such as a subscription event's log lines, all went through the
+        hooks: two calls more a field, and no direct leaves.)"""
+        if path.prev is None:
+            self.middleware_manager = None
+        return super().complete_value(
+            return_type, field_details_list, info, path, result, position_context
+        )
 
     _per_event = False
 
