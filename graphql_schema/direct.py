@@ -82,6 +82,8 @@ class _Leaf(NamedTuple):
 
 
 _LEAF = "corral_leaf"
+# A list item's selected fields, each (response name, attribute, output coercion, non-null).
+_RowPlan = list[tuple[str, str, Callable[[Any], Any], bool]]
 
 
 def _attribute_of(name: str, graphql_field: GraphQLField) -> Callable[..., Any]:
@@ -158,21 +160,22 @@ class DirectLeaves(StrawberryGraphQLCoreExecutionContext):
         answer it, without completing each item through graphql-core (a third of the cost
         of executing a log batch). Anything else, or any item not answered at once, takes
         graphql-core's own path, which words and places the error as before."""
-        if self.middleware_manager is None:
+        plan = self._row_plan(item_type, field_details_list, path)
+        if plan is not None:
             if not isinstance(items, list | tuple):
                 items = list(items)  # made once: graphql-core's path may need them again
-            rows = self._leaf_rows(item_type, field_details_list, info, path, items)
+            rows = self._leaf_rows(item_type, plan, info, items)
             if rows is not None:
                 return rows
         return super().complete_iterable_value(
             item_type, field_details_list, info, path, items, position_context
         )
 
-    def _leaf_rows(
-        self, item_type: Any, field_details_list: Any, info: Any, path: Path, items: Any
-    ) -> list[Any] | None:
-        non_null = isinstance(item_type, GraphQLNonNull)
-        object_type = item_type.of_type if non_null else item_type
+    def _row_plan(self, item_type: Any, field_details_list: Any, path: Path) -> _RowPlan | None:
+        """How to answer each item of a list of `item_type` in place, if it can be."""
+        if self.middleware_manager is not None:
+            return None
+        object_type = item_type.of_type if isinstance(item_type, GraphQLNonNull) else item_type
         if not isinstance(object_type, GraphQLObjectType):
             return None
         if self.get_stream_usage(field_details_list, path) is not None:
@@ -182,7 +185,7 @@ class DirectLeaves(StrawberryGraphQLCoreExecutionContext):
         )
         if new_defer_usages:
             return None
-        plan: list[tuple[str, str, Callable[[Any], Any], bool]] = []
+        plan: _RowPlan = []
         fields = object_type.fields
         for response_name, details in grouped_field_set.items():
             node = details[0].node
@@ -191,6 +194,12 @@ class DirectLeaves(StrawberryGraphQLCoreExecutionContext):
             if leaf is None or node.arguments:
                 return None
             plan.append((response_name, leaf.attribute, leaf.coerce, leaf.non_null))
+        return plan
+
+    def _leaf_rows(self, item_type: Any, plan: _RowPlan, info: Any, items: Any) -> list[Any] | None:
+        """The items answered by `plan`, or None if one of them is not answered at once."""
+        non_null = isinstance(item_type, GraphQLNonNull)
+        object_type = item_type.of_type if non_null else item_type
         is_type_of = object_type.is_type_of
         is_awaitable = self.is_awaitable
         rows: list[Any] = []
