@@ -213,31 +213,24 @@ class CorralExecutionContext(DirectLeaves):
         position_context: Any,
     ) -> Any:
         """graphql-core's; a root field's resolver is wrapped in the middleware (graphql-core
-        takes it from `middleware_manager` as the field starts)."""
+        takes it from `middleware_manager` as the field starts: see build_resolve_info)."""
         if path.prev is None:
             self.middleware_manager = self.root_middleware
         return super().execute_field(
             parent_type, source, field_details_list, path, position_context
         )
 
-    def complete_value(
-        self,
-        return_type: Any,
-        field_details_list: Any,
-        info: Any,
-        path: Any,
-        result: Any,
-        position_context: Any,
+    def build_resolve_info(
+        self, field_def: Any, field_nodes: Any, parent_type: Any, path: Any
     ) -> Any:
-        """graphql-core's; a root field's value is completed without the middleware: its
-        subfields, however soon they run, are not wrapped. (Before, the subfields of a root
-        value at hand, such as a subscription event's log lines, all went through the
-        hooks: two calls more a field, and no direct leaves.)"""
+        """graphql-core's (Strawberry's); a root field's resolver was wrapped in the
+        middleware just before: what runs from here on (its resolver, its value's
+        subfields, however soon) is not. Before, the subfields of a root value at hand,
+        such as a subscription event's log lines, all went through the hooks: two calls
+        more a field, and no direct leaves."""
         if path.prev is None:
             self.middleware_manager = None
-        return super().complete_value(
-            return_type, field_details_list, info, path, result, position_context
-        )
+        return super().build_resolve_info(field_def, field_nodes, parent_type, path)
 
     _per_event = False
 

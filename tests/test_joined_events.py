@@ -8,7 +8,7 @@ import gc
 from typing import Any
 
 import pytest
-from graphql import parse
+from graphql import MiddlewareManager, parse
 
 from graphql_schema.direct import DirectLeaves
 from graphql_schema.log_messages import LogBatch, LogLine, log_batches, log_batches_of
@@ -126,3 +126,27 @@ def test_published_messages_keep_no_line_objects() -> None:
 
 def live_log_lines() -> int:
     return sum(1 for thing in gc.get_objects() if isinstance(thing, LogLine))
+
+
+def test_only_the_root_field_of_an_event_goes_through_the_middleware() -> None:
+    # Before: an event's batch is at hand when its root field resolves, so every field of
+    # every line was completed with the root's middleware still on (our schema's resolve
+    # hooks, RoleGuard and MutationAudit: two calls more a field, and no direct leaves).
+    seen: list[list[Any]] = []
+
+    class Recorder:
+        def resolve(self, next_: Any, root: Any, info: Any, **kwargs: Any) -> Any:
+            seen.append(info.path.as_list())
+            return next_(root, info, **kwargs)
+
+    executor = CorralExecutionContext.build(
+        build_schema()._schema,
+        parse(BATCHES),
+        raw_variable_values={"id": encode_global_id("Command", 1)},
+        middleware=MiddlewareManager(Recorder()),
+    )
+    assert isinstance(executor, CorralExecutionContext)
+    for first in (1, 11):
+        (message,) = log_batches(published(first, 10))
+        assert seqs(result_of(executor, message)) == list(range(first, first + 10))
+    assert seen == [["commandLogBatches"]] * 2
