@@ -119,7 +119,8 @@ class DirectLeaves(StrawberryGraphQLCoreExecutionContext):
         is_awaitable = self.is_awaitable
         awaitable_fields: list[str] = []
         fields = parent_type.fields
-        direct = self.middleware_manager is None
+        # Root fields always go through execute_field (and its middleware: CorralExecutionContext).
+        direct = self.middleware_manager is None and path is not None
         try:
             for response_name, field_details_list in grouped_field_set.items():
                 if direct:
