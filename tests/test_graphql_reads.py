@@ -355,10 +355,10 @@ class RowQuery:
 
     @strawberry.field
     def impostor(self) -> list[LeafRow]:  # not a LeafRow: its is_type_of says no
-        return [
-            *leaf_rows(1),
-            LeafItem(id=strawberry.ID("x"), count=1, color=LeafColor.RED, label=None, must="m"),
-        ]  # type: ignore[list-item]
+        other: Any = LeafItem(
+            id=strawberry.ID("x"), count=1, color=LeafColor.RED, label=None, must="m"
+        )
+        return [*leaf_rows(1), other]
 
     @strawberry.field
     def nodes(self) -> list[LeafNode]:
