@@ -5,7 +5,7 @@ messages of commandLogBatches, made of stored batches once for all their followe
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from datetime import datetime
 from typing import cast
 
@@ -14,7 +14,7 @@ import strawberry
 from graphql_schema.enums import LogStream
 from graphql_schema.shared_events import SharedResults
 from server import models
-from server.messages import LineRun, StoredBatch
+from server.messages import StoredBatch
 from server.stream_batches import made_at_tick, parts_of, pieces, slice_of
 
 
@@ -67,30 +67,23 @@ class _Lines:
     walked by every full collection (30-70 ms with the event loop stopped), and ~8 MB of
     the server's memory there (issue 16). The texts are the batch's own (no copy)."""
 
-    __slots__ = ("_count", "runs")
+    __slots__ = ("batch",)
 
-    def __init__(self, runs: Iterable[LineRun]) -> None:
-        self.runs = tuple(runs)
-        self._count = sum(len(run.texts) for run in self.runs)
+    def __init__(self, batch: StoredBatch) -> None:
+        self.batch = batch
 
     def __len__(self) -> int:
-        return self._count
+        return self.batch.weight
 
     def __iter__(self) -> Iterator[LogLine]:
-        return _lines_of(self.runs)
+        return each_log_line(self.batch)
 
     def after(self, skipped: int) -> _Lines:
-        """The lines after the first `skipped`."""
-        runs: list[LineRun] = []
-        for run in self.runs:
-            if skipped >= len(run.texts):
-                skipped -= len(run.texts)
-                continue
-            if skipped:
-                run = run._replace(first_seq=run.first_seq + skipped, texts=run.texts[skipped:])
-                skipped = 0
-            runs.append(run)
-        return _Lines(runs)
+        """The lines after the first `skipped` (a message's seqs follow one another)."""
+        runs = self.batch.runs
+        if not skipped or not runs:
+            return self
+        return _Lines(self.batch.after(runs[0].first_seq + skipped - 1))
 
 
 def _message(lines: _Lines, parts: tuple[tuple[LogBatch, int], ...] = ()) -> LogBatch:
@@ -107,11 +100,7 @@ def _published_lines(message: LogBatch) -> _Lines:
 
 
 def each_log_line(batch: StoredBatch) -> Iterator[LogLine]:
-    return _lines_of(batch.runs)
-
-
-def _lines_of(runs: Iterable[LineRun]) -> Iterator[LogLine]:
-    for run in runs:
+    for run in batch.runs:
         stream = LogStream(run.stream)
         for seq, text in enumerate(run.texts, run.first_seq):
             yield LogLine(seq=seq, attempt=run.attempt, stream=stream, ts=run.ts, text=text)
@@ -129,7 +118,7 @@ def log_batches(batch: StoredBatch) -> list[LogBatch]:
     if messages is None:
         cut = slice_of(batch)
         messages = _published[id(batch)] = (
-            [_message(_Lines(piece.runs)) for piece in pieces(batch)]
+            [_message(_Lines(piece)) for piece in pieces(batch)]
             if cut is None
             else _cut(log_batches(cut[0]), cut[1])
         )
@@ -153,10 +142,9 @@ def _cut(messages: list[LogBatch], skipped: int) -> list[LogBatch]:
 
 def _made_of(parts: list[tuple[LogBatch, int]]) -> LogBatch:
     """A message of the lines of `parts` (each message past the lines it skips), in order."""
-    runs = [
-        run for message, skipped in parts for run in _published_lines(message).after(skipped).runs
-    ]
-    return _message(_Lines(runs), tuple(parts))
+    cut = [_published_lines(message).after(skipped).batch for message, skipped in parts]
+    joined = StoredBatch(cut[0].command_id, [run for batch in cut for run in batch.runs])
+    return _message(_Lines(joined), tuple(parts))
 
 
 # A merge of published batches up to this many lines is sent as one message; a larger one

@@ -28,6 +28,21 @@ WS_POLICY_VIOLATION = 1008
 DRAIN_MAX_BYTES = 16 * 1024 * 1024
 
 
+class StartWatch:
+    """An ASGI `send` that notes whether the response has started (after which a middleware
+    can no longer answer in its place)."""
+
+    __slots__ = ("send", "started")
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.started = False
+
+    async def __call__(self, message: Message) -> None:
+        self.started = self.started or message["type"] == "http.response.start"
+        await self.send(message)
+
+
 class BodyTooLarge(Exception):
     """The request body passed the limit while it was read."""
 
@@ -62,7 +77,6 @@ class BodySizeLimit:
                 drained = int(declared) <= DRAIN_MAX_BYTES and await _drain(receive)
                 await self._refuse(scope, receive, send, close=not drained)
                 return
-        started = False
         received = 0
 
         async def counting_receive() -> Message:
@@ -74,15 +88,11 @@ class BodySizeLimit:
                     raise BodyTooLarge
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        tracking_send = StartWatch(send)
         try:
             await self.app(scope, counting_receive, tracking_send)
         except BodyTooLarge:
-            if started:  # too late for a 413: end the connection (the server logs it)
+            if tracking_send.started:  # too late for a 413: end the connection (the server logs it)
                 raise
             drained = await _drain(receive, DRAIN_MAX_BYTES - received)
             await self._refuse(scope, receive, send, close=not drained)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 
 from starlette.requests import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from runner.store_errors import database_unreachable
 from server.access import UNAVAILABLE, refuse_unavailable
+from server.limits import StartWatch
 from server.panel.common import error_page
 
 log = logging.getLogger("corral.access")
@@ -31,17 +32,11 @@ class DatabaseOutage:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started = False
-
-        async def watched_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
+        watched_send = StartWatch(send)
         try:
             await self.app(scope, receive, watched_send)
         except Exception as exc:
-            if started or not database_unreachable(exc):
+            if watched_send.started or not database_unreachable(exc):
                 raise
             # Its type only: a driver's message may quote the statement's parameters.
             log.info(
