@@ -76,6 +76,11 @@ async def test_a_drain_during_a_database_outage_stops_in_time_and_loses_nothing(
                 assert time.monotonic() < deadline, "the child never started"
                 await asyncio.sleep(0.05)
             assert running_with(marker)
+            # Its line stored before the cut, as the check below assumes (cutting as soon as
+            # the pid file showed, the line was sometimes still in the store's next flush).
+            while "first attempt" not in texts(await logs_of(gql, command_id)):
+                assert time.monotonic() < deadline, "the child's line was never stored"
+                await asyncio.sleep(0.05)
             forwarder.cut()
             stopping = time.monotonic()
         stopped_in = time.monotonic() - stopping  # the lifespan's end: the runner's drain
